@@ -1,0 +1,176 @@
+"""Balance losses, the aux-loss-free bias, the Imbalance Score and routing statistics.
+
+Legend: T tokens, E experts, K experts per token, M groups, B sequences, L sequence
+length, N devices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+
+def expert_load(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """Token-slots per expert. expert_ids [T, K] (any shape) -> [E] int64."""
+    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
+
+
+# --- balance losses (Eq. 8 of the paper, without its coefficient alpha) -------------
+
+
+def balance_loss_from_counts(scores_TE: Tensor, counts_E: Tensor, num_tokens: int, top_k: int) -> Tensor:
+    """sum_i f_i * p_i with f_i = E / (K * num_tokens) * counts_i, p_i = mean_t scores[t, i].
+
+    `counts_E` and `num_tokens` may span more tokens than `scores_TE` (global batch).
+    f carries no gradient (counts are integers); the gradient reaches the router
+    through p. Returns a 0-dim float32 tensor; 0 when there are no tokens.
+    """
+    if scores_TE.shape[0] == 0 or num_tokens == 0:
+        return scores_TE.new_zeros(())
+    E = scores_TE.shape[1]
+    f_E = counts_E.to(torch.float32) * (E / (top_k * num_tokens))
+    p_E = scores_TE.float().mean(dim=0)
+    return (f_E * p_E).sum()
+
+
+def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
+    """Batch-level balance loss (Eq. 8 without alpha); 1.0 at perfect balance.
+
+    scores [T, E] (full softmax, before selection), expert_ids [T, K] (the selection
+    dispatch used: grouped for MoGE) -> 0-dim tensor.
+    """
+    if scores.dim() != 2 or scores.shape[1] != num_experts:
+        raise ValueError(f"scores: expected [tokens, {num_experts}], got {tuple(scores.shape)}")
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"expert_ids: expected [{scores.shape[0]}, top_k] to match scores, got {tuple(expert_ids.shape)}"
+        )
+    T, K = expert_ids.shape
+    return balance_loss_from_counts(scores, expert_load(expert_ids, num_experts), T, K)
+
+
+def sequence_load_balancing_loss(scores_BLE: Tensor, ids_BLK: Tensor, num_experts: int) -> Tensor:
+    """Sequence-level variant: Eq. 8 inside every sequence, averaged over sequences.
+
+    scores_BLE [B, L, E], ids_BLK [B, L, K] -> 0-dim tensor.
+    """
+    B, L, K = ids_BLK.shape
+    if B == 0 or L == 0:
+        return scores_BLE.new_zeros((), dtype=torch.float32)
+    # Per-sequence counts with one scatter: offset each sequence's ids by b * E.
+    offsets_B11 = torch.arange(B, device=ids_BLK.device).view(B, 1, 1) * num_experts
+    counts_BE = torch.bincount((ids_BLK + offsets_B11).reshape(-1), minlength=B * num_experts)
+    f_BE = counts_BE.view(B, num_experts).float() * (num_experts / (K * L))
+    p_BE = scores_BLE.float().mean(dim=1)
+    return (f_BE * p_BE).sum(dim=1).mean()
+
+
+def router_z_loss(logits_TE: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2, keeps logits small. -> 0-dim."""
+    if logits_TE.shape[0] == 0:
+        return logits_TE.new_zeros((), dtype=torch.float32)
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+# --- aux-loss-free balancing (DeepSeek-V3) -------------------------------------------
+
+
+def update_balance_bias(bias_E: Tensor, load_E: Tensor, rate: float) -> Tensor:
+    """One sign-rule step: bias_i += rate * sign(mean_load - load_i), then centred.
+
+    The bias only shifts selection. Under the grouped router every group holds the
+    same number of slots, so the global mean is also each group's mean: the rule then
+    balances experts inside each group. Centring (mean 0) keeps the bias from drifting
+    and changes no selection. Returns a new float32 [E] tensor.
+    """
+    load_E = load_E.to(torch.float32)
+    step_E = torch.sign(load_E.mean() - load_E) * rate
+    new_E = bias_E.to(torch.float32) + step_E
+    return new_E - new_E.mean()
+
+
+# --- Imbalance Score (Eq. 3) and statistics -------------------------------------------
+
+
+def device_load(expert_ids: Tensor, num_experts: int, num_devices: int) -> Tensor:
+    """Token-slots per device, experts placed on devices in contiguous blocks. -> [N]."""
+    if num_devices < 1 or num_experts % num_devices:
+        raise ValueError(f"num_devices: {num_devices} does not divide num_experts={num_experts}")
+    load_E = expert_load(expert_ids, num_experts)
+    return load_E.view(num_devices, num_experts // num_devices).sum(dim=1)
+
+
+def imbalance_score(expert_ids: Tensor, num_experts: int, num_devices: int) -> float:
+    """IS = (max_i T_i - min_i T_i) / |X| (Eq. 3), T_i the slots on device i, |X| the tokens.
+
+    expert_ids [T, K]. 0.0 for an empty batch.
+    """
+    T = expert_ids.shape[0]
+    if T == 0:
+        return 0.0
+    load_N = device_load(expert_ids, num_experts, num_devices)
+    return float(load_N.max() - load_N.min()) / T
+
+
+@dataclass
+class RoutingStats:
+    """Load statistics of one routing decision (plain Python values and CPU tensors)."""
+
+    expert_load: Tensor  # [E] int64 token-slots per expert
+    group_load: Tensor  # [M] int64 token-slots per group
+    imbalance_score: float  # Eq. 3 across groups (one group per device)
+    max_over_mean: float  # max expert load / mean expert load (1.0 = perfect)
+    cv: float  # coefficient of variation of the expert load
+    load_entropy: float  # entropy (nats) of the slot distribution; log(E) = uniform
+    score_entropy: Optional[float]  # mean per-token entropy (nats) of the scores, if given
+    dead_experts: int  # experts that received no slot
+
+    def as_dict(self) -> dict:
+        return {
+            "expert_load": self.expert_load.tolist(),
+            "group_load": self.group_load.tolist(),
+            "imbalance_score": self.imbalance_score,
+            "max_over_mean": self.max_over_mean,
+            "cv": self.cv,
+            "load_entropy": self.load_entropy,
+            "score_entropy": self.score_entropy,
+            "dead_experts": self.dead_experts,
+        }
+
+
+def _score_entropy(scores_TE: Tensor) -> float:
+    # Renormalise first so sigmoid scores give a distribution too.
+    p_TE = scores_TE.float() / scores_TE.float().sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return float(-(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean())
+
+
+@torch.no_grad()
+def routing_stats(
+    expert_ids: Tensor, num_experts: int, num_groups: int, scores: Optional[Tensor] = None
+) -> RoutingStats:
+    """Per-expert and per-group load, IS, max/mean, CV, entropies and dead experts.
+
+    expert_ids [T, K], scores [T, E] (optional, for the score entropy).
+    """
+    load_E = expert_load(expert_ids, num_experts).cpu()
+    group_M = rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1)
+    mean = load_E.double().mean().item()
+    total = int(load_E.sum())
+    frac_E = load_E.double() / max(total, 1)
+    entropy = float(-(frac_E * frac_E.clamp_min(1e-300).log()).sum())
+    has_scores = scores is not None and scores.shape[0] > 0
+    return RoutingStats(
+        expert_load=load_E,
+        group_load=group_M,
+        imbalance_score=imbalance_score(expert_ids, num_experts, num_groups),
+        max_over_mean=float(load_E.max()) / mean if mean > 0 else math.nan,
+        cv=float(load_E.double().std(unbiased=False)) / mean if mean > 0 else math.nan,
+        load_entropy=entropy,
+        score_entropy=_score_entropy(scores) if has_scores else None,
+        dead_experts=int((load_E == 0).sum()),
+    )

@@ -1,0 +1,387 @@
+"""Run configuration: one small dataclass per concern, composed into `RunConfig`.
+
+The `moe` section is `moge.layer.MoGEConfig` without `d_model` (taken from `model`).
+Loading from YAML, dotted overrides and error messages live below the dataclasses.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+from moge._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+    check_optional_str,
+)
+from moge.layer import MoGEConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    """The decoder around the MoGE layers (defaults: a tiny byte-level model)."""
+
+    vocab_size: int = 256  # 256: raw bytes, no tokenizer
+    d_model: int = 128  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
+    head_dim: Optional[int] = None  # None: d_model // n_heads
+    qkv_bias: bool = False  # biases on the q, k, v projections (Pangu Pro MoE: true)
+    o_bias: bool = False  # bias on the attention output projection (released Pangu code: true)
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    max_seq_len: int = 256  # longest sequence the RoPE tables cover
+    tie_embeddings: bool = False  # share the token embedding with the LM head
+    dense_hidden: Optional[int] = None  # width of dense SwiGLU layers; None: 4 * d_model
+    first_dense_layers: int = 0  # the first N blocks use a dense FFN
+    moe_every: int = 1  # after those, every N-th block is MoE, the rest dense
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "moe_every"):
+            check_int(f"model.{name}", getattr(self, name), minimum=1)
+        check_optional_int("model.head_dim", self.head_dim, minimum=1)
+        check_optional_int("model.dense_hidden", self.dense_hidden, minimum=1)
+        check_int("model.first_dense_layers", self.first_dense_layers, minimum=0)
+        check_bool("model.qkv_bias", self.qkv_bias)
+        check_bool("model.o_bias", self.o_bias)
+        check_bool("model.tie_embeddings", self.tie_embeddings)
+        check_float("model.rope_theta", self.rope_theta, minimum=0.0, strict_min=True)
+        check_float("model.norm_eps", self.norm_eps, minimum=0.0, strict_min=True)
+        check_float("model.init_std", self.init_std, minimum=0.0, strict_min=True)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}"
+            )
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.n_heads: {self.n_heads} does not divide d_model={self.d_model} "
+                "(set model.head_dim to decouple them)"
+            )
+        if self.resolved_head_dim % 2:
+            raise ValueError(f"model.head_dim: RoPE needs an even head size, got {self.resolved_head_dim}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def resolved_dense_hidden(self) -> int:
+        return self.dense_hidden or 4 * self.d_model
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block `index` (0-based) uses a MoGE FFN."""
+        if index < self.first_dense_layers:
+            return False
+        return (index - self.first_dense_layers) % self.moe_every == 0
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. path None: the built-in offline corpus (pydoc_data)."""
+
+    path: Optional[str] = None  # a text file, a folder of text files, or a uint16 .bin
+    seq_len: int = 128  # tokens per training sequence; <= model.max_seq_len
+    val_fraction: float = 0.1  # tail of the corpus held out for validation, in (0, 0.5]
+    seed: int = 0  # seed of the batch sampler
+
+    def __post_init__(self) -> None:
+        check_optional_str("data.path", self.path)
+        check_int("data.seq_len", self.seq_len, minimum=1)
+        check_float("data.val_fraction", self.val_fraction, minimum=0.0, maximum=0.5, strict_min=True)
+        check_int("data.seed", self.seed, minimum=0)
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and bookkeeping of `moge train`."""
+
+    steps: int = 600  # optimiser steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr: float = 3e-4  # floor of the learning-rate decay after warm-up
+    warmup_steps: int = 50  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # 0 disables clipping
+    dtype: str = "float32"  # autocast dtype for the forward pass
+    seed: int = 1337  # torch seed set before the model is built (parameter init)
+    log_every: int = 25  # steps between log lines
+    eval_every: int = 200  # 0: only at the end
+    eval_batches: int = 8  # validation batches per periodic evaluation
+    save_every: int = 200  # 0: only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    out_dir: Optional[str] = None  # None: runs/<config name>
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    device: str = "cpu"  # cpu or cuda
+    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last"):
+            check_int(f"train.{name}", getattr(self, name), minimum=1)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "threads"):
+            check_int(f"train.{name}", getattr(self, name), minimum=0)
+        check_float("train.lr", self.lr, minimum=0.0, strict_min=True)
+        check_float("train.min_lr", self.min_lr, minimum=0.0)
+        check_float("train.weight_decay", self.weight_decay, minimum=0.0)
+        check_float("train.beta1", self.beta1, minimum=0.0, maximum=0.999999)
+        check_float("train.beta2", self.beta2, minimum=0.0, maximum=0.999999)
+        check_float("train.grad_clip", self.grad_clip, minimum=0.0)
+        check_choice("train.dtype", self.dtype, DTYPES)
+        check_optional_str("train.out_dir", self.out_dir)
+        check_bool("train.resume", self.resume)
+        check_choice("train.device", self.device, ("cpu", "cuda"))
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr: {self.min_lr} is above train.lr={self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    """What `moge eval` measures."""
+
+    batches: int = 32  # validation batches measured
+    batch_size: int = 16  # sequences per batch
+    plots: bool = True  # also draw plots (matplotlib) of what was measured
+
+    def __post_init__(self) -> None:
+        check_int("eval.batches", self.batches, minimum=1)
+        check_int("eval.batch_size", self.batch_size, minimum=1)
+        check_bool("eval.plots", self.plots)
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; `moe` is a full MoGEConfig (d_model from `model`)."""
+
+    name: str  # run name; default out_dir is runs/<name>
+    model: ModelConfig  # the decoder
+    moe: MoGEConfig  # every MoE block's FFN (fields: see moge.layer.MoGEConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the token stream
+    train: TrainConfig = field(default_factory=TrainConfig)  # `moge train`
+    eval: EvalConfig = field(default_factory=EvalConfig)  # `moge eval`
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
+        if self.moe.d_model != self.model.d_model:
+            raise ValueError(
+                f"moe.d_model: {self.moe.d_model} differs from model.d_model={self.model.d_model}"
+            )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        if self.moe.router == "random" and self.moe.rre_vocab_size not in (None, self.model.vocab_size):
+            raise ValueError(
+                f"moe.rre_vocab_size: {self.moe.rre_vocab_size} differs from model.vocab_size="
+                f"{self.model.vocab_size}"
+            )
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: YAML file -> raw dict -> (overrides) -> validated RunConfig.
+#
+# Rules (the README repeats them):
+# - Unknown keys are errors at every level (a typo must not silently fall back to a default).
+# - A section left empty (`train:` with nothing under it) means "all defaults".
+# - Float fields accept ints (`rope_theta: 10000`) and numeric strings: PyYAML follows YAML
+#   1.1, where `1e-3` and `3e-4` are strings (a float needs a dot and a signed exponent).
+# - `moe.d_model` is filled from `model.d_model`. Writing it anyway is accepted when it
+#   equals model.d_model (so `dataclasses.asdict(cfg)` loads back) and an error otherwise.
+# - The random (RRE) router's `moe.rre_vocab_size` defaults to `model.vocab_size`.
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "moe": MoGEConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+TOP_LEVEL_KEYS = ("name", *SECTIONS)
+
+
+def _keys(section: str) -> tuple[str, ...]:
+    """Keys a section accepts, sorted, as listed in error messages."""
+    names = (f.name for f in dataclasses.fields(SECTIONS[section]))
+    return tuple(sorted(n for n in names if not (section == "moe" and n == "d_model")))
+
+
+_FLOAT_TYPES = (float, Optional[float], "float", "Optional[float]", "float | None")
+
+
+@functools.cache
+def _float_fields(cls: type) -> frozenset[str]:
+    # Annotations are strings under `from __future__ import annotations`; compare them as
+    # written rather than evaluating them (typing.get_type_hints needs every name importable).
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.type in _FLOAT_TYPES)
+
+
+def _required(cls: type) -> list[str]:
+    missing = dataclasses.MISSING
+    return [f.name for f in dataclasses.fields(cls) if f.default is missing and f.default_factory is missing]
+
+
+def _coerce_float(value: Any) -> Any:
+    """int -> float, numeric string -> float; anything else is left for the validator."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _unknown_key(dotted: str, valid: Sequence[str]) -> str:
+    return f"{dotted}: unknown key; valid keys: {', '.join(valid)}"
+
+
+def _section_dict(raw: Mapping[str, Any], section: str, source: str) -> dict[str, Any]:
+    value = raw.get(section)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{section}: expected a mapping of keys, got {type(value).__name__} {value!r} (in {source})"
+        )
+    valid = _keys(section)
+    extra = ("d_model",) if section == "moe" else ()
+    for key in value:
+        if key not in valid and key not in extra:
+            raise ValueError(f"{_unknown_key(f'{section}.{key}', valid)} (in {source})")
+    return dict(value)
+
+
+def _build(section: str, kwargs: dict[str, Any], source: str) -> Any:
+    """Construct one section's dataclass, naming the dotted field in every error."""
+    cls = SECTIONS[section]
+    floats = _float_fields(cls)
+    kwargs = {k: _coerce_float(v) if k in floats else v for k, v in kwargs.items()}
+    for name in _required(cls):
+        if name not in kwargs:
+            raise ValueError(f"{section}.{name}: required key is missing (in {source})")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        # MoGEConfig (moge.layer) names bare fields; the others already say "model.x: ...".
+        message = f"moe.{err}" if section == "moe" else str(err)
+        raise ValueError(f"{message} (in {source})") from err
+
+
+def config_from_dict(d: Any, source: str = "<dict>") -> RunConfig:
+    """Validate a raw mapping (parsed YAML, or a checkpoint's saved config) into a RunConfig.
+
+    `source` names where `d` came from in every error message. `d` is not modified.
+    """
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: expected a mapping of sections ({', '.join(TOP_LEVEL_KEYS)}), "
+                         f"got {type(d).__name__}")
+    for key in d:
+        if key not in TOP_LEVEL_KEYS:
+            raise ValueError(f"{_unknown_key(str(key), sorted(TOP_LEVEL_KEYS))} (in {source})")
+    if "name" not in d:
+        raise ValueError(f"name: required key is missing (in {source})")
+    model = _build("model", _section_dict(d, "model", source), source)
+    moe_kwargs = {"d_model": model.d_model, **_section_dict(d, "moe", source)}
+    if moe_kwargs.get("router") == "random" and moe_kwargs.get("rre_vocab_size") is None:
+        moe_kwargs["rre_vocab_size"] = model.vocab_size
+    moe = _build("moe", moe_kwargs, source)
+    data, train, eval_ = (_build(s, _section_dict(d, s, source), source) for s in ("data", "train", "eval"))
+    try:
+        return RunConfig(name=d["name"], model=model, moe=moe, data=data, train=train, eval=eval_)
+    except ValueError as err:
+        raise ValueError(f"{err} (in {source})") from err
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], '3e-4'): the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {text!r}: expected KEY=VALUE, e.g. train.steps=50")
+    path = key.split(".")
+    if path != ["name"]:
+        if path[0] not in SECTIONS or len(path) != 2:
+            shapes = ", ".join(f"{s}.KEY" for s in SECTIONS)
+            raise ValueError(f"override {text!r}: {key}: not a field; expected name or {shapes}")
+        if key == "moe.d_model":
+            raise ValueError(f"override {text!r}: moe.d_model: follows model.d_model; override that")
+        if path[1] not in _keys(path[0]):
+            raise ValueError(f"override {text!r}: {_unknown_key(key, _keys(path[0]))}")
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: the value is not valid YAML: {err}") from err
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of raw config `d` with dotted KEY=VALUE overrides applied (later ones win)."""
+    out = copy.deepcopy(dict(d))
+    for text in overrides:
+        path, value = _parse_override(text)
+        if len(path) == 1:
+            out["name"] = value
+            continue
+        section = out.get(path[0])
+        if section is None:
+            section = out[path[0]] = {}
+        if isinstance(section, dict):  # else config_from_dict reports the broken section
+            section[path[1]] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        raise ValueError(f"{path}: the config file is empty")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(TOP_LEVEL_KEYS)}), "
+                         f"got a YAML {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate. `name` defaults to the file stem."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    raw.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain dict of every resolved field (moe without d_model); config_from_dict inverts it."""
+    out: dict[str, Any] = {"name": cfg.name}
+    for section in SECTIONS:
+        out[section] = dataclasses.asdict(getattr(cfg, section))
+    del out["moe"]["d_model"]
+    return out
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML that `load_config` reads back to an equal RunConfig."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    path.write_text(text, encoding="utf-8")

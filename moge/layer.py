@@ -1,0 +1,264 @@
+"""The MoGE layer: router + grouped experts + shared experts + balance losses.
+
+Legend: T tokens, D d_model, E routed experts, M groups, K experts per token,
+F expert hidden, B batch, L sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F_
+from einops import rearrange
+from torch import Tensor, nn
+
+from moge import balance
+from moge._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+)
+from moge.experts import GroupedExperts, SwiGLU
+from moge.routing import RouterSettings, compute_scores, make_random_routing_table, route
+
+ROUTERS = ("grouped", "global", "group_limited", "random")
+SCORE_FUNCS = ("softmax", "sigmoid")
+AUX_LOSS_TYPES = ("batch", "sequence", "global_batch")
+GROUP_SCORES = ("top2_sum", "max")
+EXPERT_IMPLS = ("auto", "fused", "grouped_mm", "loop")
+
+
+@dataclass
+class MoGEConfig:
+    """Settings of one MoGE layer. Defaults follow Pangu Pro MoE where it says.
+
+    router: "grouped" (MoGE, K/M experts from every group), "global" (plain top-k),
+        "group_limited" (DeepSeek-V3: best `topk_groups` groups, then top-k inside),
+        "random" (PanGu-Sigma RRE: fixed random token-id -> experts map per group).
+    aux_loss_type: "batch" (the paper's Eq. 8 over all tokens of the call),
+        "sequence" (Eq. 8 per sequence, averaged), "global_batch" (f_i accumulated over
+        gradient-accumulation micro-batches until `MoGELayer.end_step()`).
+    bias_update_rate: > 0 turns on DeepSeek-V3's aux-loss-free balancing bias.
+    expert_impl: how routed experts are computed; "auto" picks the fastest correct one
+        for the device.
+    """
+
+    d_model: int
+    num_experts: int
+    num_groups: int
+    top_k: int
+    expert_hidden: int
+    num_shared_experts: int = 0
+    shared_hidden: Optional[int] = None
+    router: str = "grouped"
+    score_func: str = "softmax"
+    normalize_weights: bool = False
+    route_scale: float = 1.0
+    learned_expert_scale: bool = False
+    aux_loss_coef: float = 0.001
+    aux_loss_type: str = "batch"
+    z_loss_coef: float = 0.0
+    bias_update_rate: float = 0.0
+    topk_groups: Optional[int] = None
+    group_score: str = "top2_sum"
+    rre_vocab_size: Optional[int] = None
+    rre_seed: int = 0
+    expert_impl: str = "auto"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_relations()
+
+    def _check_types(self) -> None:
+        for name in ("d_model", "num_experts", "num_groups", "top_k", "expert_hidden"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("num_shared_experts", self.num_shared_experts, minimum=0)
+        check_optional_int("shared_hidden", self.shared_hidden, minimum=1)
+        check_choice("router", self.router, ROUTERS)
+        check_choice("score_func", self.score_func, SCORE_FUNCS)
+        check_bool("normalize_weights", self.normalize_weights)
+        check_float("route_scale", self.route_scale, minimum=0.0, strict_min=True)
+        check_bool("learned_expert_scale", self.learned_expert_scale)
+        check_float("aux_loss_coef", self.aux_loss_coef, minimum=0.0)
+        check_choice("aux_loss_type", self.aux_loss_type, AUX_LOSS_TYPES)
+        check_float("z_loss_coef", self.z_loss_coef, minimum=0.0)
+        check_float("bias_update_rate", self.bias_update_rate, minimum=0.0)
+        check_optional_int("topk_groups", self.topk_groups, minimum=1)
+        check_choice("group_score", self.group_score, GROUP_SCORES)
+        check_optional_int("rre_vocab_size", self.rre_vocab_size, minimum=1)
+        check_int("rre_seed", self.rre_seed, minimum=0)
+        check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        check_float("init_std", self.init_std, minimum=0.0, strict_min=True)
+
+    def _check_relations(self) -> None:
+        E, M, K = self.num_experts, self.num_groups, self.top_k
+        if E % M:
+            raise ValueError(f"num_groups: {M} groups do not divide num_experts={E}")
+        if K > E:
+            raise ValueError(f"top_k: {K} is larger than num_experts={E}")
+        if self.router in ("grouped", "random"):
+            if K % M:
+                raise ValueError(
+                    f"top_k: the {self.router} router takes top_k/num_groups experts from "
+                    f"every group, so top_k={K} must be a multiple of num_groups={M}"
+                )
+        if self.router == "group_limited":
+            if self.topk_groups is None:
+                raise ValueError("topk_groups: the group_limited router needs topk_groups")
+            if self.topk_groups > M:
+                raise ValueError(f"topk_groups: {self.topk_groups} > num_groups={M}")
+            if self.topk_groups * (E // M) < K:
+                raise ValueError(
+                    f"topk_groups: {self.topk_groups} groups of {E // M} experts hold "
+                    f"fewer than top_k={K} experts"
+                )
+            if self.group_score == "top2_sum" and E // M < 2:
+                raise ValueError("group_score: top2_sum needs at least 2 experts per group")
+        if self.router == "random" and self.rre_vocab_size is None:
+            raise ValueError("rre_vocab_size: the random router maps token ids, so it needs the vocabulary size")
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.num_groups
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the merged shared SwiGLU (0 when there is none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_hidden or self.num_shared_experts * self.expert_hidden
+
+
+@dataclass
+class MoGEOutput:
+    """What one MoGE layer call returns; losses are 0-dim float32 tensors."""
+
+    hidden: Tensor  # x's shape: routed experts + shared experts
+    aux_loss: Tensor  # aux_loss_coef * lb_loss + z_loss_coef * z_loss (what to add to the loss)
+    expert_ids: Tensor  # [T, K] int64, the selection dispatch used
+    weights: Tensor  # [T, K] float32 gates (after renormalisation, scales)
+    load: Tensor  # [E] int64 token-slots per expert in this call
+    scores: Tensor  # [T, E] float32 router scores (softmax or sigmoid), before any bias
+    lb_loss: Tensor  # balance loss of the configured aux_loss_type, unweighted
+    z_loss: Tensor  # router z-loss, unweighted
+
+
+class MoGELayer(nn.Module):
+    """Router + E routed SwiGLU experts + an optional merged shared SwiGLU.
+
+    `layer(x, token_ids=None)` with x [..., D] returns a MoGEOutput. token_ids (the
+    input's token ids, x's leading shape) are needed only by router="random".
+    Call `end_step()` once per optimizer step: it applies the aux-loss-free bias update
+    and resets the global-batch statistics.
+    """
+
+    def __init__(self, config: MoGEConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.settings = RouterSettings(
+            router=c.router, top_k=c.top_k, num_groups=c.num_groups, topk_groups=c.topk_groups,
+            group_score=c.group_score, normalize_weights=c.normalize_weights, route_scale=c.route_scale,
+        )  # fmt: skip
+        self.router = nn.Linear(c.d_model, c.num_experts, bias=False)
+        self.experts = GroupedExperts(c.num_experts, c.d_model, c.expert_hidden, c.expert_impl)
+        self.shared = SwiGLU(c.d_model, c.shared_width) if c.shared_width else None
+        self.expert_scale_E = nn.Parameter(torch.ones(c.num_experts)) if c.learned_expert_scale else None
+        if c.bias_update_rate > 0:
+            self.register_buffer("balance_bias_E", torch.zeros(c.num_experts, dtype=torch.float32))
+        else:
+            self.balance_bias_E = None
+        # Slots per expert since the last end_step(): feeds the bias rule and the
+        # global-batch loss. Not saved: checkpoints are taken between steps.
+        self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
+        if c.router == "random":
+            table = make_random_routing_table(c.rre_vocab_size, c.num_experts, c.num_groups, c.top_k, c.rre_seed)
+            self.register_buffer("rre_table_VK", table, persistent=False)
+        else:
+            self.rre_table_VK = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.config.init_std
+        nn.init.normal_(self.router.weight, std=std)
+        self.experts.reset_parameters(std)
+        if self.shared is not None:
+            nn.init.normal_(self.shared.w_gate_up.weight, std=std)
+            nn.init.normal_(self.shared.w_down.weight, std=std)
+        if self.expert_scale_E is not None:
+            nn.init.ones_(self.expert_scale_E)
+
+    # -- forward pieces ------------------------------------------------------------
+
+    def _check_input(self, x: Tensor, token_ids: Optional[Tensor]) -> None:
+        D = self.config.d_model
+        if not torch.is_floating_point(x):
+            raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != D:
+            raise ValueError(f"d_model: x's last dimension is {tuple(x.shape)[-1:]} but d_model={D}")
+        if token_ids is not None and token_ids.shape != x.shape[:-1]:
+            raise ValueError(f"token_ids: expected shape {tuple(x.shape[:-1])} (x without d_model), got {tuple(token_ids.shape)}")
+
+    def _router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and scores [T, E] in float32 whatever the input or autocast dtype."""
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F_.linear(x_TD.float(), self.router.weight.float())
+        return logits_TE, compute_scores(logits_TE, self.config.score_func)
+
+    def _balance_loss(self, scores_TE: Tensor, ids_TK: Tensor, load_E: Tensor, lead: tuple) -> Tensor:
+        c = self.config
+        if c.aux_loss_type == "sequence" and len(lead) >= 2:
+            L = lead[-1]
+            return balance.sequence_load_balancing_loss(
+                rearrange(scores_TE, "(b l) e -> b l e", l=L), rearrange(ids_TK, "(b l) k -> b l k", l=L), c.num_experts
+            )
+        if c.aux_loss_type == "global_batch" and self.training:
+            tokens = int(self.load_accum_E.sum()) // c.top_k
+            return balance.balance_loss_from_counts(scores_TE, self.load_accum_E, tokens, c.top_k)
+        return balance.balance_loss_from_counts(scores_TE, load_E, ids_TK.shape[0], c.top_k)
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> MoGEOutput:
+        """x [..., D] (token_ids [...] for router="random") -> MoGEOutput."""
+        self._check_input(x, token_ids)
+        c = self.config
+        lead = tuple(x.shape[:-1])
+        x_TD = x.reshape(-1, c.d_model)
+        logits_TE, scores_TE = self._router_scores(x_TD)
+        tokens_T = token_ids.reshape(-1) if token_ids is not None else None
+        weights_TK, ids_TK = route(
+            scores_TE, self.settings, bias=self.balance_bias_E, token_ids=tokens_T, table_VK=self.rre_table_VK
+        )
+        if self.expert_scale_E is not None:
+            weights_TK = weights_TK * self.expert_scale_E.float()[ids_TK]
+        load_E = balance.expert_load(ids_TK, c.num_experts)
+        if self.training:
+            self.load_accum_E += load_E
+        lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead)
+        z_loss = balance.router_z_loss(logits_TE)
+        dtype = self._compute_dtype(x)
+        y_TD = self.experts(x_TD, ids_TK, weights_TK, dtype)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD.to(dtype))
+        return MoGEOutput(
+            hidden=y_TD.reshape(*lead, c.d_model),
+            aux_loss=c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss,
+            expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE,
+            lb_loss=lb_loss, z_loss=z_loss,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def end_step(self) -> None:
+        """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
+        if self.balance_bias_E is not None and int(self.load_accum_E.sum()) > 0:
+            new_E = balance.update_balance_bias(self.balance_bias_E, self.load_accum_E, self.config.bias_update_rate)
+            self.balance_bias_E.copy_(new_E)
+        self.load_accum_E.zero_()

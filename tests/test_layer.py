@@ -1,0 +1,292 @@
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import reference_experts
+from torch.testing import assert_close
+
+import moge
+from moge import MoGEConfig, MoGELayer
+from moge.balance import load_balancing_loss, router_z_loss
+from moge.routing import global_topk, group_limited_topk, grouped_topk
+from moge.testing import assert_group_quota
+
+BASE = dict(d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=12)
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    return MoGELayer(MoGEConfig(**{**BASE, **kw}))
+
+
+def reference_layer(layer, x, token_ids=None):
+    """The whole layer written the plain way, from the layer's own parameters."""
+    c = layer.config
+    x_TD = x.reshape(-1, c.d_model)
+    logits = x_TD.float() @ layer.router.weight.float().T
+    scores = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
+    sel = scores if layer.balance_bias_E is None else scores + layer.balance_bias_E
+    if c.router == "grouped":
+        ids = grouped_topk(sel, c.top_k, c.num_groups)[1]
+    elif c.router == "global":
+        ids = global_topk(sel, c.top_k)[1]
+    elif c.router == "group_limited":
+        ids = group_limited_topk(sel, c.top_k, c.num_groups, c.topk_groups, c.group_score)[1]
+    else:
+        ids = layer.rre_table_VK[token_ids.reshape(-1)]
+    w = scores.gather(1, ids)
+    if c.normalize_weights:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * c.route_scale
+    if layer.expert_scale_E is not None:
+        w = w * layer.expert_scale_E[ids]
+    y = reference_experts(x_TD, ids, w, layer.experts.w_gate_up_EDH, layer.experts.w_down_EFD)
+    if layer.shared is not None:
+        s = layer.shared
+        g, u = (x_TD @ s.w_gate_up.weight.T).chunk(2, -1)
+        y = y + (F.silu(g) * u) @ s.w_down.weight.T
+    return y.reshape(x.shape), ids
+
+
+def _all_grads(layer, x, fn):
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    y = fn(x)
+    gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype)
+    (y * gy).sum().backward()
+    return [y.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
+# --- public API -----------------------------------------------------------------------
+
+
+def test_public_names_and_config_fields():
+    assert moge.MoGEConfig is MoGEConfig and moge.MoGELayer is MoGELayer
+    names = {f.name for f in dataclasses.fields(MoGEConfig)}
+    for field in ("d_model", "num_experts", "num_groups", "top_k", "expert_hidden", "num_shared_experts",
+                  "shared_hidden", "router", "score_func", "normalize_weights", "route_scale",
+                  "learned_expert_scale", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):  # fmt: skip
+        assert field in names
+    c = MoGEConfig(**BASE)
+    assert (c.num_shared_experts, c.shared_hidden, c.router, c.score_func) == (0, None, "grouped", "softmax")
+    assert (c.normalize_weights, c.route_scale, c.learned_expert_scale) == (False, 1.0, False)
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(num_groups=3), "num_groups"),
+        (dict(top_k=6), "top_k"),
+        (dict(top_k=12, num_groups=1), "top_k"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(d_model=-1), "d_model"),
+        (dict(expert_hidden=2.5), "expert_hidden"),
+        (dict(router="hash"), "router"),
+        (dict(score_func="relu"), "score_func"),
+        (dict(route_scale=0.0), "route_scale"),
+        (dict(aux_loss_coef=-1.0), "aux_loss_coef"),
+        (dict(aux_loss_type="token"), "aux_loss_type"),
+        (dict(router="group_limited"), "topk_groups"),
+        (dict(router="group_limited", topk_groups=5), "topk_groups"),
+        (dict(router="random"), "rre_vocab_size"),
+        (dict(normalize_weights="yes"), "normalize_weights"),
+        (dict(num_shared_experts=-1), "num_shared_experts"),
+        (dict(expert_impl="cuda"), "expert_impl"),
+    ],
+)
+def test_bad_settings_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        MoGEConfig(**{**BASE, **kw})
+
+
+def test_wrong_input_width_names_d_model():
+    with pytest.raises(ValueError, match="d_model"):
+        make()(torch.randn(3, 15))
+    with pytest.raises(ValueError, match="floating"):
+        make()(torch.ones(3, 16, dtype=torch.long))
+
+
+def test_output_fields_and_shapes():
+    out = make()(torch.randn(2, 5, 16))
+    assert isinstance(out, moge.MoGEOutput)
+    assert out.hidden.shape == (2, 5, 16)
+    assert out.expert_ids.shape == out.weights.shape == (10, 4)
+    assert out.expert_ids.dtype == torch.int64 and out.weights.dtype == torch.float32
+    assert out.load.shape == (8,) and out.load.sum() == 40
+    assert out.scores.shape == (10, 8) and out.aux_loss.dim() == 0
+    assert_group_quota(out.expert_ids, 8, 4, 4)
+
+
+# --- the fast path against the plain reference --------------------------------------------
+
+
+CASES = [
+    dict(),
+    dict(num_shared_experts=2, learned_expert_scale=True),
+    dict(router="global", normalize_weights=True, route_scale=2.5),
+    dict(router="group_limited", topk_groups=2, score_func="sigmoid", normalize_weights=True),
+    dict(shared_hidden=20, num_shared_experts=1, expert_impl="grouped_mm"),
+    dict(top_k=8, num_groups=8),
+]
+
+
+@pytest.mark.parametrize("kw", CASES)
+def test_layer_matches_reference_forward_and_backward_float32(kw):
+    layer = make(**kw)
+    if layer.expert_scale_E is not None:
+        with torch.no_grad():
+            layer.expert_scale_E.uniform_(0.5, 1.5)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    fast = _all_grads(layer, x, lambda x: layer(x).hidden)
+    ref = _all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
+    assert len(fast) == len(ref)
+    for a, b in zip(fast, ref):
+        assert_close(a, b)
+
+
+def test_layer_matches_reference_bfloat16():
+    layer = make(num_shared_experts=1, learned_expert_scale=True).to(torch.bfloat16)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)).bfloat16()
+    out = layer(x)
+    assert out.hidden.dtype == torch.bfloat16 and out.scores.dtype == torch.float32
+    ref, ref_ids = reference_layer(layer, x)
+    torch.testing.assert_close(out.expert_ids, ref_ids)
+    assert_close(out.hidden.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    fast = _all_grads(layer, x, lambda x: layer(x).hidden)
+    slow = _all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
+    for a, b in zip(fast, slow):
+        scale = b.float().abs().max().item()
+        assert_close(a.float(), b.float(), atol=0.03 * scale, rtol=0.03)
+
+
+def test_random_router_uses_token_ids():
+    layer = make(router="random", rre_vocab_size=50, rre_seed=3)
+    x = torch.randn(2, 6, 16)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = layer(x, token_ids=tokens)
+    torch.testing.assert_close(out.expert_ids, layer.rre_table_VK[tokens.reshape(-1)])
+    assert_close(out.hidden, reference_layer(layer, x, tokens)[0])
+    with pytest.raises(ValueError, match="token_ids"):
+        layer(x)
+    with pytest.raises(ValueError, match="token_ids"):
+        layer(x, token_ids=tokens[:, :3])
+
+
+# --- router precision, autocast ------------------------------------------------------------
+
+
+def test_router_in_float32_under_autocast():
+    layer = make()
+    x = torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.scores.dtype == torch.float32 and out.hidden.dtype == torch.bfloat16
+    assert_close(out.scores, (x @ layer.router.weight.T).softmax(-1))
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def test_aux_loss_is_weighted_sum():
+    layer = make(aux_loss_coef=0.01, z_loss_coef=0.001)
+    out = layer(torch.randn(20, 16))
+    assert_close(out.lb_loss, load_balancing_loss(out.scores, out.expert_ids, 8))
+    assert_close(out.aux_loss, 0.01 * out.lb_loss + 0.001 * out.z_loss)
+    x = torch.randn(20, 16)
+    assert_close(layer(x).z_loss, router_z_loss(x @ layer.router.weight.T))
+
+
+def test_aux_loss_trains_the_router_toward_balance():
+    layer = make(aux_loss_coef=1.0, router="global")
+    with torch.no_grad():
+        layer.router.weight[0] += 0.5  # a router biased toward expert 0
+    opt = torch.optim.SGD([layer.router.weight], lr=0.5)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) + 1.0  # shared direction
+    first = layer(x).lb_loss.item()
+    for _ in range(50):
+        opt.zero_grad()
+        layer(x).aux_loss.backward()
+        opt.step()
+    assert layer(x).lb_loss.item() < first - 0.05
+
+
+def test_sequence_aux_loss_uses_sequences():
+    layer = make(aux_loss_type="sequence")
+    x = torch.randn(3, 5, 16)
+    out = layer(x)
+    per_seq = torch.stack(
+        [load_balancing_loss(out.scores.view(3, 5, 8)[b], out.expert_ids.view(3, 5, 4)[b], 8) for b in range(3)]
+    )
+    assert_close(out.lb_loss, per_seq.mean())
+
+
+def test_global_batch_loss_accumulates_until_end_step():
+    layer = make(aux_loss_type="global_batch")
+    x1, x2 = torch.randn(10, 16), torch.randn(10, 16)
+    out1 = layer(x1)
+    assert_close(out1.lb_loss, load_balancing_loss(out1.scores, out1.expert_ids, 8))
+    out2 = layer(x2)
+    ids = torch.cat([out1.expert_ids, out2.expert_ids])
+    counts = torch.bincount(ids.flatten(), minlength=8).float()
+    expected = (counts * 8 / (4 * 20) * out2.scores.mean(0)).sum()
+    assert_close(out2.lb_loss, expected)
+    layer.end_step()
+    out3 = layer(x2)
+    assert_close(out3.lb_loss, load_balancing_loss(out3.scores, out3.expert_ids, 8))
+    layer.eval()  # evaluation never accumulates
+    assert_close(layer(x1).lb_loss, out1.lb_loss)
+
+
+def test_expert_scale_is_learned():
+    layer = make(learned_expert_scale=True)
+    out = layer(torch.randn(10, 16))
+    out.hidden.pow(2).sum().backward()
+    assert layer.expert_scale_E.grad is not None and layer.expert_scale_E.grad.abs().sum() > 0
+    assert_close(layer.expert_scale_E.detach(), torch.ones(8))
+
+
+def test_shared_expert_added_unweighted():
+    layer = make(num_shared_experts=2)
+    assert layer.shared.hidden == 24  # 2 x expert_hidden
+    x = torch.randn(6, 16)
+    out = layer(x)
+    routed = layer.experts(x, out.expert_ids, out.weights)
+    assert_close(out.hidden, routed + layer.shared(x))
+
+
+# --- aux-loss-free bias ---------------------------------------------------------------------------
+
+
+def test_bias_shifts_selection_not_weights_and_updates_once_per_step():
+    layer = make(bias_update_rate=0.1)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(4))
+    out = layer(x)
+    assert_close(layer.balance_bias_E, torch.zeros(8))
+    layer(x)  # second micro-batch of the same step
+    layer.end_step()
+    load = 2 * out.load.float()
+    expected = torch.sign(load.mean() - load) * 0.1
+    assert_close(layer.balance_bias_E, expected - expected.mean())
+    out2 = layer(x)
+    assert_close(out2.weights, out2.scores.gather(1, out2.expert_ids))  # gates stay unbiased
+    assert_group_quota(out2.expert_ids, 8, 4, 4)
+    assert "balance_bias_E" in layer.state_dict() and "load_accum_E" not in layer.state_dict()
+
+
+def test_end_step_without_forward_keeps_bias():
+    layer = make(bias_update_rate=0.1)
+    layer.end_step()
+    assert_close(layer.balance_bias_E, torch.zeros(8))
+
+
+# --- edge cases ----------------------------------------------------------------------------------
+
+
+def test_zero_tokens():
+    layer = make(num_shared_experts=1)
+    x = torch.zeros(0, 16, requires_grad=True)
+    out = layer(x)
+    assert out.hidden.shape == (0, 16) and out.expert_ids.shape == (0, 4)
+    assert out.aux_loss.item() == 0.0 and out.load.sum() == 0
+    (out.hidden.sum() + out.aux_loss).backward()
