@@ -1,0 +1,155 @@
+"""`moge` command line: a thin argparse layer over the library.
+
+    moge train CONFIG [KEY=VALUE ...]        train (e.g. train.steps=50 moe.router=global)
+    moge params CONFIG [KEY=VALUE ...]       total and activated parameters (meta device)
+    moge eval RUN_DIR [RUN_DIR ...]          report / comparison (moge.evaluate)
+    moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
+
+Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
+override, path, checkpoint, or an OS error such as a full disk), printed as one line
+"error: ..." without a traceback; 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _UsageError(Exception):
+    """argparse found bad arguments (reported like any other user error)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage and exit itself
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+# ---------------------------------------------------------------- handlers
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moge.config import load_config
+    from moge.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, progress=True)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    print(f"done: step {result.step}, train loss {loss}, val loss {val}, "
+          f"{result.tokens_per_s:,.0f} tok/s -> {result.out_dir}")  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    from moge.config import load_config
+    from moge.model import count_parameters, format_params
+
+    cfg = load_config(args.config, args.overrides)
+    count = count_parameters(cfg.model, cfg.moe)
+    print(f"{cfg.name}: total {format_params(count.total)} ({count.total:,}), "
+          f"activated {format_params(count.activated)} ({count.activated:,}) per token")  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from moge.evaluate import eval_command
+
+    eval_command(args.run_dirs, batches=args.batches, out=args.out)
+    return EXIT_OK
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from moge.checkpoint import load_run
+    from moge.data import decode, encode
+
+    if not args.prompt:
+        raise ValueError("--prompt: must not be empty")
+    model, cfg, _ = load_run(args.run_dir)
+    prompt_L = encode(args.prompt)
+    limit = cfg.model.max_seq_len
+    if prompt_L.numel() + args.tokens > limit:
+        raise ValueError(
+            f"--tokens: the prompt ({prompt_L.numel()} bytes) + {args.tokens} new tokens exceed "
+            f"model.max_seq_len={limit} of {args.run_dir}"
+        )
+    gen = torch.Generator().manual_seed(args.seed)
+    out_BL = model.generate(prompt_L[None], args.tokens, args.temperature, args.top_k, generator=gen)
+    print(decode(out_BL[0]))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moge", description="Mixture of Grouped Experts (Pangu Pro MoE) toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    for name, handler, help_ in (("train", _cmd_train, "train a model"),
+                                 ("params", _cmd_params, "count total and activated parameters")):  # fmt: skip
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("config", help="YAML run config, e.g. configs/tiny-moge.yaml")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50 moe.router=global")
+        p.set_defaults(handler=handler)
+
+    p = sub.add_parser("eval", help="evaluate and compare trained runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--batches", type=_positive_int, default=None,
+                   help="validation batches (default: eval.batches)")
+    p.add_argument("--out", default=None, help="folder for report.json and plots")
+    p.set_defaults(handler=_cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--tokens", type=_non_negative_int, default=64, help="new bytes to sample (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=_positive_int, default=None, dest="top_k")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one subcommand; returns the exit code (see the module docstring)."""
+    from moge.train import NonFiniteLossError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted (a training run continues with train.resume=true)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (_UsageError, ValueError, OSError) as err:  # OSError: FileNotFoundError, IsADirectoryError, ...
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_DIVERGED

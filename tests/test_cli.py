@@ -1,0 +1,148 @@
+"""Tests of moge/cli.py: the subcommands, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import moge.train
+from moge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+    "moe": {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 16},
+    "data": {"seq_len": 32},
+    "train": {"steps": 50, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1,
+              "eval_every": 0, "eval_batches": 1, "save_every": 0, "threads": 1},
+}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # train.threads=1 in TINY; 2 threads on a busy 2-core machine are many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 3-step run trained through the CLI (shared by the generate tests)."""
+    folder = tmp_path_factory.mktemp("cli")
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    n = torch.get_num_threads()
+    code = main(["train", str(config), "train.steps=3", "moe.router=global", f"train.out_dir={folder / 'run'}"])
+    torch.set_num_threads(n)
+    assert code == 0
+    return folder / "run"
+
+
+def assert_one_error_line(capsys, code: int, *fragments: str) -> None:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+def test_params_of_pangu_pro_moe(capsys):
+    assert main(["params", str(ROOT / "configs" / "pangu-pro-moe-72b.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "71.99B" in out and "16.50B" in out
+
+
+def test_params_applies_overrides(capsys):
+    main(["params", str(ROOT / "configs" / "tiny-moge.yaml")])
+    base = capsys.readouterr().out
+    main(["params", str(ROOT / "configs" / "tiny-moge.yaml"), "moe.num_experts=32"])
+    assert capsys.readouterr().out != base
+
+
+def test_train_with_overrides_writes_the_run(trained_run, capsys):
+    cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert cfg["train"]["steps"] == 3 and cfg["moe"]["router"] == "global"
+    assert (trained_run / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+
+
+def test_generate_prints_prompt_and_sample(trained_run, capsys):
+    args = ["generate", str(trained_run), "--prompt", "Hello", "--tokens", "12", "--seed", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    assert out.startswith("Hello") and len(out) > len("Hello")
+    main(args)
+    assert capsys.readouterr().out.rstrip("\n") == out, "a fixed --seed repeats the sample"
+
+
+def test_generate_too_long_is_a_user_error(trained_run, capsys):
+    code = main(["generate", str(trained_run), "--prompt", "Hi", "--tokens", "100"])
+    assert_one_error_line(capsys, code, "--tokens", "max_seq_len=64")
+
+
+def test_eval_calls_evaluate(monkeypatch):
+    calls = []
+    fake = types.ModuleType("moge.evaluate")
+    fake.eval_command = lambda run_dirs, batches=None, out=None: calls.append((run_dirs, batches, out))
+    monkeypatch.setitem(sys.modules, "moge.evaluate", fake)
+    assert main(["eval", "runs/a", "runs/b", "--batches", "4", "--out", "cmp"]) == 0
+    assert calls == [(["runs/a", "runs/b"], 4, "cmp")]
+
+
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["params", "missing.yaml"], ["config file not found: missing.yaml"]),
+        (["params", "{tiny}", "train.stepz=3"], ["train.stepz: unknown key"]),
+        (["params", "{tiny}", "model.d_model=abc"], ["model.d_model: expected an integer"]),
+        (["params", "{bad_yaml}"], ["not valid YAML"]),
+        (["train", "{tiny}", "data.path={tmp}/nope.txt"], ["data.path", "does not exist"]),
+        (["generate", "{tmp}/no-run", "--prompt", "x"], ["no-run", "no such run"]),
+        (["params"], ["the following arguments are required: config"]),
+        (["generate", "{tmp}", "--tokens", "-1", "--prompt", "x"], ["--tokens"]),
+    ],
+)
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, argv, fragments):
+    tiny, bad_yaml = tmp_path / "tiny.yaml", tmp_path / "bad.yaml"
+    tiny.write_text(yaml.safe_dump(TINY))
+    bad_yaml.write_text("model: [unclosed\n  d_model: 3\n")
+    fill = {"tiny": str(tiny), "bad_yaml": str(bad_yaml), "tmp": str(tmp_path)}
+    code = main([a.format(**fill) for a in argv])
+    assert_one_error_line(capsys, code, *(f.format(**fill) for f in fragments))
+
+
+def test_interrupt_and_divergence_exit_codes(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+
+    def interrupted(cfg, progress=True):
+        raise KeyboardInterrupt
+
+    def diverged(cfg, progress=True):
+        raise moge.train.NonFiniteLossError("step 7: the loss is nan at layer 0 (MoE): non-finite router scores")
+
+    monkeypatch.setattr(moge.train, "train", interrupted)
+    assert main(["train", str(config)]) == 130
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    monkeypatch.setattr(moge.train, "train", diverged)
+    assert main(["train", str(config)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: step 7: the loss is nan at layer 0 (MoE): non-finite router scores"
+    )
+
+
+def test_python_dash_m_moge(monkeypatch, capsys):
+    # In-process (runpy) rather than a subprocess: the same __main__ code, without a
+    # second torch import.
+    monkeypatch.setattr(sys, "argv", ["moge", "params", str(ROOT / "configs" / "tiny-moge.yaml")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("moge", run_name="__main__")
+    assert exit_.value.code == 0 and "activated" in capsys.readouterr().out
