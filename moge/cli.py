@@ -4,6 +4,7 @@
     moge params CONFIG [KEY=VALUE ...]       total and activated parameters (meta device)
     moge eval RUN_DIR [RUN_DIR ...]          report / comparison (moge.evaluate)
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
+    moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
@@ -89,6 +90,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from moge.simulate import simulate_command
+
+    simulate_command(
+        args.config, args.devices, args.tokens, args.routers, args.trials, args.tflops,
+        args.bandwidth_gbs, args.trace, args.out,
+        overrides=args.overrides, seed=args.seed, sigma=args.sigma, training=args.training,
+    )  # fmt: skip
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -132,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=None, dest="top_k")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_cmd_generate)
+
+    p = sub.add_parser("simulate", help="Monte-Carlo routing on N devices: balance, all-to-all, step time")
+    p.add_argument("config", help="YAML run config, e.g. configs/pangu-pro-moe-72b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--devices", type=_positive_int, nargs="+", required=True)
+    p.add_argument("--tokens", type=_positive_int, nargs="+", required=True, help="tokens per batch")
+    p.add_argument("--routers", default="grouped,global,group_limited",
+                   help="comma-separated: grouped, global, group_limited, grouped_per_device")
+    p.add_argument("--trials", type=_positive_int, default=None, help="default: fewer for larger batches")
+    p.add_argument("--tflops", type=float, default=300.0, help="per-device throughput, TFLOP/s")
+    p.add_argument("--bandwidth-gbs", type=float, default=50.0, dest="bandwidth_gbs",
+                   help="per-device all-to-all bandwidth, GB/s")
+    p.add_argument("--trace", default=None, help="RUN_DIR/routing_trace.safetensors from `moge eval`")
+    p.add_argument("--out", default=None, help="folder for simulation.json/png (default runs/<name>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
+    p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
+    p.set_defaults(handler=_cmd_simulate)
     return parser
 
 

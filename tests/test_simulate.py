@@ -211,3 +211,17 @@ def test_table_plot_and_command(tiny, tmp_path, capsys):
     assert report["tflops"] == 300.0 and report["bytes_per_element"] == 2
     assert (tmp_path / "run" / "simulation.png").read_bytes()[:4] == b"\x89PNG"
     assert "| grouped" in capsys.readouterr().out
+
+
+def test_cli_simulate(tmp_path, capsys):
+    from moge.cli import main
+
+    out = tmp_path / "sim"
+    assert main(["simulate", "configs/tiny-moge.yaml", "--devices", "4", "--tokens", "16", "--trials", "8",
+                 "--out", str(out)]) == 0  # fmt: skip
+    table = capsys.readouterr().out
+    assert "| grouped " in table and "| global " in table
+    assert (out / "simulation.json").exists() and (out / "simulation.png").exists()
+    assert main(["simulate", "configs/tiny-moge.yaml", "--devices", "3", "--tokens", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --devices")
