@@ -201,11 +201,11 @@ def _remove_stale_temps(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg) -> None:
+def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg, extra_rng=None) -> None:
     _save_tensors(model.state_dict(), folder / FILES[0])
     opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
     _save_tensors(opt_tensors, folder / FILES[1], metadata=opt_meta)
-    rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state()}
+    rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state(), **(extra_rng or {})}
     _save_tensors(rng, folder / FILES[2])
     files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES}
     state = {
@@ -229,11 +229,13 @@ def save_checkpoint(
     data_gen: torch.Generator,
     cfg: RunConfig,
     keep_last: int,
+    extra_rng: Optional[dict[str, torch.Tensor]] = None,
 ) -> Path:
     """Write checkpoints/step_<step>/ atomically, point LATEST at it, keep the newest keep_last.
 
-    Returns the checkpoint folder. On any error the temporary folder is removed and the
-    previous checkpoints and LATEST are untouched.
+    extra_rng: more RNG state tensors for rng.safetensors (a distributed run stores every
+    rank's torch RNG as torch_cpu_rank<r>). Returns the checkpoint folder. On any error the
+    temporary folder is removed and the previous checkpoints and LATEST are untouched.
     """
     if keep_last < 1:
         raise ValueError(f"train.keep_last: must be >= 1, got {keep_last}")
@@ -244,7 +246,7 @@ def save_checkpoint(
     tmp = _unique(root, final.name)
     tmp.mkdir()
     try:
-        _write_checkpoint_files(tmp, step, model, optimizer, data_gen, cfg)
+        _write_checkpoint_files(tmp, step, model, optimizer, data_gen, cfg, extra_rng)
         if final.exists():  # the same step saved again: os.replace cannot overwrite a folder
             os.replace(final, _unique(root, "old"))
         os.replace(tmp, final)
@@ -350,10 +352,12 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: Optional[torch.optim.Optimizer] = None,
     data_gen: Optional[torch.Generator] = None,
+    rng_key: str = "torch_cpu",
 ) -> int:
     """Load model (and optimizer, torch CPU RNG + data generator if given); return the step.
 
     Accepts a checkpoint folder, a run dir, or a run's checkpoints/ folder (then LATEST).
+    rng_key: the saved torch RNG state to restore (e.g. torch_cpu_rank1); torch_cpu when absent.
     """
     folder = find_checkpoint(path_or_run_dir)
     state = _read_state(folder)
@@ -372,7 +376,7 @@ def load_checkpoint(
         missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
         if missing:
             raise ValueError(f"{rng_file}: missing keys: {_list(missing)}")
-        torch.set_rng_state(rng["torch_cpu"])
+        torch.set_rng_state(rng.get(rng_key, rng["torch_cpu"]))
         data_gen.set_state(rng["data_gen"])
     return int(state["step"])
 

@@ -8,12 +8,14 @@
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
-"error: ..." without a traceback; 130 interrupted (Ctrl-C).
+"error: ..." without a traceback; 130 interrupted (Ctrl-C). Under torchrun every rank
+runs this; messages are printed once (see _should_print).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -34,6 +36,20 @@ def _one_line(err: BaseException) -> str:
     return "; ".join(lines) or type(err).__name__
 
 
+def _should_print(err: Optional[BaseException] = None) -> bool:
+    """Under torchrun most errors hit every rank: rank 0 prints them. Errors the ranks
+    agreed on carry `moge_report` (moge.distributed_train): the one failing rank prints."""
+    report = getattr(err, "moge_report", None)
+    return report if report is not None else os.environ.get("RANK", "0") == "0"
+
+
+def _print_error(err: BaseException) -> None:
+    if _should_print(err):
+        rank = os.environ.get("RANK", "0")
+        where = f" (rank {rank})" if rank != "0" else ""
+        print(f"error{where}: {_one_line(err)}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------- handlers
 
 
@@ -43,6 +59,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, progress=True)
+    if not _should_print():
+        return EXIT_OK
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
     print(f"done: step {result.step}, train loss {loss}, val loss {val}, "
@@ -167,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one subcommand; returns the exit code (see the module docstring)."""
+    from moge.distributed_train import PeerError
     from moge.train import NonFiniteLossError
 
     try:
@@ -175,11 +194,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
     except KeyboardInterrupt:
-        print("interrupted (a training run continues with train.resume=true)", file=sys.stderr)
+        if _should_print():
+            print("interrupted (a training run continues with train.resume=true)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (_UsageError, ValueError, OSError) as err:  # OSError: FileNotFoundError, IsADirectoryError, ...
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        _print_error(err)
         return EXIT_USAGE
     except NonFiniteLossError as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        _print_error(err)
         return EXIT_DIVERGED
+    except PeerError as err:  # another rank failed and printed why
+        _print_error(err)
+        return EXIT_USAGE if err.usage else EXIT_DIVERGED

@@ -26,6 +26,8 @@ from moge._validate import (
 from moge.layer import MoGEConfig
 
 DTYPES = ("float32", "bfloat16")
+BACKENDS = ("gloo", "nccl")
+QUOTA_ROUTERS = ("grouped", "random")  # a per-group quota: static expert-parallel splits
 
 
 @dataclass
@@ -94,7 +96,7 @@ class DataConfig:
 
     path: Optional[str] = None  # a text file, a folder of text files, or a uint16 .bin
     seq_len: int = 128  # tokens per training sequence; <= model.max_seq_len
-    val_fraction: float = 0.1  # tail of the corpus held out for validation, in (0, 0.5]
+    val_fraction: float = 0.1  # share of the corpus (seeded random chunks) held out for validation, in (0, 0.5]
     seed: int = 0  # seed of the batch sampler
 
     def __post_init__(self) -> None:
@@ -164,6 +166,26 @@ class EvalConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Expert parallelism of `moge train` under torchrun (see docs/distributed.md).
+
+    The world (torchrun's WORLD_SIZE) is split into expert-parallel groups of
+    expert_parallel ranks; ranks holding the same experts are data-parallel replicas.
+    """
+
+    expert_parallel: int = 1  # ranks that share out the routed experts; 1: every rank holds all
+    backend: Optional[str] = None  # gloo or nccl; None: nccl with train.device=cuda, else gloo
+    static_splits: Optional[bool] = None  # None: on for the quota routers (grouped, random)
+
+    def __post_init__(self) -> None:
+        check_int("parallel.expert_parallel", self.expert_parallel, minimum=1)
+        if self.backend is not None:
+            check_choice("parallel.backend", self.backend, BACKENDS)
+        if self.static_splits is not None:
+            check_bool("parallel.static_splits", self.static_splits)
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; `moe` is a full MoGEConfig (d_model from `model`)."""
 
@@ -173,6 +195,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)  # the token stream
     train: TrainConfig = field(default_factory=TrainConfig)  # `moge train`
     eval: EvalConfig = field(default_factory=EvalConfig)  # `moge eval`
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun / expert parallel
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -189,6 +212,25 @@ class RunConfig:
             raise ValueError(
                 f"moe.rre_vocab_size: {self.moe.rre_vocab_size} differs from model.vocab_size="
                 f"{self.model.vocab_size}"
+            )
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        p, W = self.parallel, self.parallel.expert_parallel
+        if self.moe.num_groups % W:
+            raise ValueError(
+                f"parallel.expert_parallel: {W} ranks do not divide moe.num_groups={self.moe.num_groups}; "
+                "every rank must hold the same number of whole groups"
+            )
+        if p.backend is not None and (p.backend == "nccl") != (self.train.device == "cuda"):
+            raise ValueError(
+                f"parallel.backend: {p.backend} does not fit train.device={self.train.device} "
+                "(nccl is for cuda, gloo for cpu; leave it null to choose automatically)"
+            )
+        if p.static_splits and self.moe.router not in QUOTA_ROUTERS:
+            raise ValueError(
+                f"parallel.static_splits: the {self.moe.router} router gives no per-group quota, so its "
+                f"splits vary (static splits need moe.router {' or '.join(QUOTA_ROUTERS)})"
             )
 
 
@@ -210,6 +252,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "parallel": ParallelConfig,
 }
 TOP_LEVEL_KEYS = ("name", *SECTIONS)
 
@@ -303,9 +346,10 @@ def config_from_dict(d: Any, source: str = "<dict>") -> RunConfig:
     if moe_kwargs.get("router") == "random" and moe_kwargs.get("rre_vocab_size") is None:
         moe_kwargs["rre_vocab_size"] = model.vocab_size
     moe = _build("moe", moe_kwargs, source)
-    data, train, eval_ = (_build(s, _section_dict(d, s, source), source) for s in ("data", "train", "eval"))
+    sections = ("data", "train", "eval", "parallel")
+    data, train, eval_, parallel = (_build(s, _section_dict(d, s, source), source) for s in sections)
     try:
-        return RunConfig(name=d["name"], model=model, moe=moe, data=data, train=train, eval=eval_)
+        return RunConfig(name=d["name"], model=model, moe=moe, data=data, train=train, eval=eval_, parallel=parallel)
     except ValueError as err:
         raise ValueError(f"{err} (in {source})") from err
 

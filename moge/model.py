@@ -134,6 +134,20 @@ class Attention(nn.Module):
         return self.o_proj(rearrange(out_BHLC, "b h l c -> b l (h c)"))
 
 
+def _check_finite(where: str, t: torch.Tensor) -> None:
+    """Debug check (MoGETransformer.check_finite): raise if `t` holds NaN/Inf, naming `where`.
+
+    Costs a reduction and a host sync per call, which is why it is off by default.
+    """
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        n_nan = int(torch.isnan(t).sum())
+        raise ValueError(
+            f"{where}: {int(bad.sum())} non-finite values ({n_nan} NaN) in an output of shape "
+            f"{tuple(t.shape)}; the first non-finite activations of this forward (check_finite=True)"
+        )
+
+
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is MoGE or dense."""
 
@@ -155,13 +169,29 @@ class Block(nn.Module):
         tokens_BL: torch.Tensor,
         rope: RotaryEmbedding,
         cache: Optional[KVCache],
+        check_finite: bool = False,
     ) -> tuple[torch.Tensor, Optional[MoGEOutput]]:
-        x_BLD = x_BLD + self.attn(self.attn_norm(x_BLD), rope, cache, self.index)
+        """check_finite: raise ValueError at the first sub-module whose output holds NaN/Inf."""
+        i = self.index
+        a_BLD = self.attn_norm(x_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{i}.attn_norm", a_BLD)
+        x_BLD = x_BLD + self.attn(a_BLD, rope, cache, i)
+        if check_finite:
+            _check_finite(f"blocks.{i}.attn", x_BLD)
         h_BLD = self.ffn_norm(x_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{i}.ffn_norm", h_BLD)
         if isinstance(self.ffn, MoGELayer):
             routed = self.ffn(h_BLD, token_ids=tokens_BL)  # token ids: for the random router
+            if check_finite:
+                _check_finite(f"blocks.{i}.ffn.router (scores)", routed.scores)
+                _check_finite(f"blocks.{i}.ffn (routed + shared experts)", routed.hidden)
             return x_BLD + routed.hidden, routed
-        return x_BLD + self.ffn(h_BLD), None
+        y_BLD = self.ffn(h_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{i}.ffn (dense)", y_BLD)
+        return x_BLD + y_BLD, None
 
 
 @dataclass
@@ -214,6 +244,10 @@ class MoGETransformer(nn.Module):
         self.lm_head = None
         if not model_cfg.tie_embeddings:
             self.lm_head = nn.Linear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
+        # Debug switch: forward raises ValueError naming the first sub-module (embed,
+        # blocks.i.attn, blocks.i.ffn.router, ...) whose output holds NaN/Inf. Off by
+        # default: every check is a reduction plus a host sync.
+        self.check_finite = False
         self.init_weights()
 
     @torch.no_grad()
@@ -274,11 +308,14 @@ class MoGETransformer(nn.Module):
     ) -> ModelOutput:
         """Logits for tokens [B, L]; with a cache, the tokens continue the cached prefix."""
         self._check_inputs(tokens_BL, targets_BL, cache)
+        check = self.check_finite
         x_BLD = self.embed(tokens_BL)
+        if check:
+            _check_finite("embed", x_BLD)
         aux_loss = torch.zeros((), device=x_BLD.device)
         routing: list[MoGEOutput] = []
         for block in self.blocks:
-            x_BLD, routed = block(x_BLD, tokens_BL, self.rope, cache)
+            x_BLD, routed = block(x_BLD, tokens_BL, self.rope, cache, check_finite=check)
             if routed is not None:
                 routing.append(routed)
                 aux_loss = aux_loss + routed.aux_loss
@@ -287,6 +324,9 @@ class MoGETransformer(nn.Module):
         h_BLD = self.norm(x_BLD)
         head_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits_BLV = F.linear(h_BLD, head_VD)
+        if check:
+            _check_finite("norm", h_BLD)
+            _check_finite("lm_head (logits)", logits_BLV)
         lm_loss = loss = None
         if targets_BL is not None:
             lm_loss = F.cross_entropy(
@@ -367,9 +407,21 @@ def count_parameters(model_cfg: ModelConfig, moe_cfg: MoGEConfig) -> ParamCount:
 
     activated: what one token uses, so each MoE layer drops (num_experts - top_k)
     routed experts; embedding and LM head are counted in both.
+    Sizes whose tensors torch cannot represent (over 2**63 bytes) raise ValueError.
     """
-    with torch.device("meta"):
-        model = MoGETransformer(model_cfg, moe_cfg)
+    try:
+        with torch.device("meta"):
+            model = MoGETransformer(model_cfg, moe_cfg)
+    except (RuntimeError, TypeError, OverflowError) as err:
+        # torch reports these as "Storage size calculation overflowed" (RuntimeError) or
+        # "Overflow when unpacking long long" (TypeError); anything else is a real bug.
+        if "overflow" not in str(err).lower():
+            raise
+        raise ValueError(
+            "model: a weight of this configuration has more elements than torch can represent; "
+            "lower model.vocab_size, model.d_model, model.head_dim, model.dense_hidden or "
+            "moe.num_experts, moe.expert_hidden, moe.shared_hidden"
+        ) from err
     total = sum(p.numel() for p in model.parameters())
     skipped = 0
     for layer in model.moe_layers():

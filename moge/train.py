@@ -340,10 +340,16 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_at: Optional[int] = Non
 
     stop_at: save a checkpoint and return after this many steps (the LR schedule still
     follows train.steps), so tests can interrupt a run and resume it.
+    Under torchrun (WORLD_SIZE > 1) or with parallel.expert_parallel > 1 this runs
+    moge.distributed_train.train_distributed on every rank instead.
     """
     tc = cfg.train
     if stop_at is not None and not 1 <= stop_at <= tc.steps:
         raise ValueError(f"stop_at: expected 1..train.steps={tc.steps}, got {stop_at}")
+    from moge.distributed_train import distributed_requested, train_distributed  # it imports this module
+
+    if distributed_requested(cfg):
+        return train_distributed(cfg, progress=progress, stop_at=stop_at)
     out_dir = Path(tc.out_dir) if tc.out_dir is not None else Path("runs") / cfg.name
     device, dataset, ckpt, model, optimizer, data_gen = _setup(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

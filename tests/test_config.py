@@ -68,7 +68,7 @@ def _edited(edits: dict) -> dict:
         *parents, last = dotted.split(".")
         target = raw
         for key in parents:
-            target = target[key]
+            target = target.setdefault(key, {})
         if value is DELETE:
             del target[last]
         else:
@@ -207,6 +207,14 @@ def test_moe_d_model_is_accepted_when_it_equals_model_d_model(tmp_path):
     assert cfg.moe.d_model == 32
 
 
+def test_parallel_section_defaults_and_overrides():
+    cfg = load_config(CONFIGS / "tiny-moge.yaml")
+    assert (cfg.parallel.expert_parallel, cfg.parallel.backend, cfg.parallel.static_splits) == (1, None, None)
+    cfg = load_config(CONFIGS / "tiny-moge.yaml", ["parallel.expert_parallel=4", "parallel.backend=gloo"])
+    assert (cfg.parallel.expert_parallel, cfg.parallel.backend) == (4, "gloo")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
 def test_random_router_takes_rre_vocab_size_from_the_model():
     cfg = load_config(CONFIGS / "tiny-moge.yaml", ["moe.router=random", "model.vocab_size=300"])
     assert cfg.moe.rre_vocab_size == 300
@@ -275,7 +283,15 @@ FIELD_ERRORS = [
     ({"train.steps": 0}, [], "train.steps"),
     ({"eval.foo": 1}, [], "eval.foo: unknown key"),
     ({"eval.plots": "no"}, [], "eval.plots"),
-    ({"optimizer": {}}, [], "optimizer: unknown key; valid keys: data, eval, model, moe, name, train"),
+    ({"optimizer": {}}, [], "optimizer: unknown key; valid keys: data, eval, model, moe, name, parallel, train"),
+    ({"parallel.expert_parallel": 0}, [], "parallel.expert_parallel: must be >= 1"),
+    ({"parallel.expert_parallel": 3}, [], "parallel.expert_parallel: 3 ranks do not divide moe.num_groups=4"),
+    ({"parallel.backend": "mpi"}, [], "parallel.backend: expected one of gloo, nccl"),
+    ({"parallel.backend": "nccl"}, [], "parallel.backend: nccl does not fit train.device=cpu"),
+    ({"parallel.static_splits": True, "moe.router": "global"}, [], "parallel.static_splits: the global router"),
+    ({"parallel.static_splits": "yes"}, [], "parallel.static_splits: expected true or false"),
+    ({"parallel.ranks": 2}, [], "parallel.ranks: unknown key; valid keys: backend, expert_parallel, static_splits"),
+    ({}, ["parallel.expert_parallel=8"], "parallel.expert_parallel: 8 ranks"),
     ({"name": 5}, [], "name"),
     ({"model": [1, 2]}, [], "model: expected a mapping"),
     ({"moe": "grouped"}, [], "moe: expected a mapping"),
