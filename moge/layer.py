@@ -47,28 +47,28 @@ class MoGEConfig:
         for the device.
     """
 
-    d_model: int
-    num_experts: int
-    num_groups: int
-    top_k: int
-    expert_hidden: int
-    num_shared_experts: int = 0
-    shared_hidden: Optional[int] = None
-    router: str = "grouped"
-    score_func: str = "softmax"
-    normalize_weights: bool = False
-    route_scale: float = 1.0
-    learned_expert_scale: bool = False
-    aux_loss_coef: float = 0.001
-    aux_loss_type: str = "batch"
-    z_loss_coef: float = 0.0
-    bias_update_rate: float = 0.0
-    topk_groups: Optional[int] = None
-    group_score: str = "top2_sum"
-    rre_vocab_size: Optional[int] = None
-    rre_seed: int = 0
-    expert_impl: str = "auto"
-    init_std: float = 0.02
+    d_model: int  # input/output width (in a run config: taken from model.d_model)
+    num_experts: int  # routed experts E, split into num_groups contiguous groups
+    num_groups: int  # groups M, one per device; must divide num_experts
+    top_k: int  # experts per token K; grouped/random routers take K/M from every group
+    expert_hidden: int  # hidden width F of each routed SwiGLU expert
+    num_shared_experts: int = 0  # shared experts, merged into one SwiGLU added unweighted
+    shared_hidden: Optional[int] = None  # merged shared width; None: num_shared_experts * expert_hidden
+    router: str = "grouped"  # grouped (MoGE), global (top-k), group_limited (DeepSeek-V3), random (PanGu-Sigma RRE)
+    score_func: str = "softmax"  # softmax over all experts (the paper) or sigmoid
+    normalize_weights: bool = False  # renormalise the K selected gates to sum to 1 (the paper: no)
+    route_scale: float = 1.0  # constant multiplier of every gate (DeepSeek-V3: 2.5)
+    learned_expert_scale: bool = False  # learned per-expert gate scale, init 1 (released Pangu code)
+    aux_loss_coef: float = 0.001  # alpha of the balance loss, Eq. 8 (released Pangu value); 0: off
+    aux_loss_type: str = "batch"  # batch (Eq. 8 over the call), sequence, or global_batch (over micro-batches)
+    z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss; 0: off
+    bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) sign-rule rate; 0: off
+    topk_groups: Optional[int] = None  # group_limited: groups kept per token
+    group_score: str = "top2_sum"  # group_limited: rank groups by top2_sum or max of their scores
+    rre_vocab_size: Optional[int] = None  # random: size of the token-id table (run config: model.vocab_size)
+    rre_seed: int = 0  # random: seed of the fixed token-id -> experts table
+    expert_impl: str = "auto"  # expert kernel: auto, fused, grouped_mm or loop
+    init_std: float = 0.02  # std of the layer's own init (a model re-initialises with model.init_std)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -160,12 +160,18 @@ class MoGELayer(nn.Module):
     def __init__(self, config: MoGEConfig) -> None:
         super().__init__()
         c = self.config = config
+        # Debug: raise at a NaN/Inf input. Off by default: the check costs a reduction
+        # and a host sync per call.
+        self.check_finite = False
         self.settings = RouterSettings(
             router=c.router, top_k=c.top_k, num_groups=c.num_groups, topk_groups=c.topk_groups,
             group_score=c.group_score, normalize_weights=c.normalize_weights, route_scale=c.route_scale,
         )  # fmt: skip
         self.router = nn.Linear(c.d_model, c.num_experts, bias=False)
         self.experts = GroupedExperts(c.num_experts, c.d_model, c.expert_hidden, c.expert_impl)
+        # One group per chunk of the fused path: under the grouped router every chunk
+        # then holds exactly T*K/M slots, so its buffers have the same size every call.
+        self.experts.experts_per_chunk = c.experts_per_group
         self.shared = SwiGLU(c.d_model, c.shared_width) if c.shared_width else None
         self.expert_scale_E = nn.Parameter(torch.ones(c.num_experts)) if c.learned_expert_scale else None
         if c.bias_update_rate > 0:
@@ -202,6 +208,13 @@ class MoGELayer(nn.Module):
             raise ValueError(f"d_model: x's last dimension is {tuple(x.shape)[-1:]} but d_model={D}")
         if token_ids is not None and token_ids.shape != x.shape[:-1]:
             raise ValueError(f"token_ids: expected shape {tuple(x.shape[:-1])} (x without d_model), got {tuple(token_ids.shape)}")
+        w = self.router.weight.dtype
+        if x.dtype == torch.float64 and w != torch.float64:
+            raise ValueError(f"x: dtype {x.dtype} is wider than the layer's parameters ({w}); cast x or the layer")
+        if self.check_finite:
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):
+                raise ValueError(f"x: {int(bad.sum())} non-finite values (NaN/Inf) in the input of shape {tuple(x.shape)}")
 
     def _router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and scores [T, E] in float32 whatever the input or autocast dtype."""
@@ -226,12 +239,13 @@ class MoGELayer(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> MoGEOutput:
-        """x [..., D] (token_ids [...] for router="random") -> MoGEOutput."""
-        self._check_input(x, token_ids)
+    def route_tokens(self, x_TD: Tensor, token_ids: Optional[Tensor], lead: tuple) -> MoGEOutput:
+        """The router half of forward: logits, scores, selection, gates, load, losses.
+
+        x_TD [T, D], token_ids [...] or None, lead = x's leading shape. Returns a
+        MoGEOutput whose `hidden` is x_TD itself (the experts have not run yet).
+        """
         c = self.config
-        lead = tuple(x.shape[:-1])
-        x_TD = x.reshape(-1, c.d_model)
         logits_TE, scores_TE = self._router_scores(x_TD)
         tokens_T = token_ids.reshape(-1) if token_ids is not None else None
         weights_TK, ids_TK = route(
@@ -244,16 +258,24 @@ class MoGELayer(nn.Module):
             self.load_accum_E += load_E
         lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead)
         z_loss = balance.router_z_loss(logits_TE)
+        return MoGEOutput(
+            hidden=x_TD, aux_loss=c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss,
+            expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE, lb_loss=lb_loss, z_loss=z_loss,
+        )  # fmt: skip
+
+    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> MoGEOutput:
+        """x [..., D] (token_ids [...] for router="random") -> MoGEOutput."""
+        self._check_input(x, token_ids)
+        c = self.config
+        lead = tuple(x.shape[:-1])
+        x_TD = x.reshape(-1, c.d_model)
+        out = self.route_tokens(x_TD, token_ids, lead)
         dtype = self._compute_dtype(x)
-        y_TD = self.experts(x_TD, ids_TK, weights_TK, dtype)
+        y_TD = self.experts(x_TD, out.expert_ids, out.weights, dtype)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD.to(dtype))
-        return MoGEOutput(
-            hidden=y_TD.reshape(*lead, c.d_model),
-            aux_loss=c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss,
-            expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE,
-            lb_loss=lb_loss, z_loss=z_loss,
-        )  # fmt: skip
+        out.hidden = y_TD.reshape(*lead, c.d_model)
+        return out
 
     @torch.no_grad()
     def end_step(self) -> None:

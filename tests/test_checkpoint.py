@@ -24,15 +24,6 @@ BASE = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 threads on a busy 2-core machine are many times slower than 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cfg(d_model: int = 32, bias: bool = True):
     raw = json.loads(json.dumps(BASE))
     raw["model"]["d_model"] = d_model

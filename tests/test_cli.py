@@ -24,15 +24,6 @@ TINY = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # train.threads=1 in TINY; 2 threads on a busy 2-core machine are many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 3-step run trained through the CLI (shared by the generate tests)."""

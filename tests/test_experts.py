@@ -113,3 +113,206 @@ def test_resolve_impl():
     assert resolve_impl("loop", cpu, torch.float32) == "loop"
     with pytest.raises(ValueError, match="expert_impl"):
         resolve_impl("magic", cpu, torch.float32)
+
+
+# --- the fused path's layouts: chunks of experts, one bmm per chunk, padded rows ----------
+
+from moge import experts as experts_mod  # noqa: E402
+from moge.experts import _loop_experts, _Plan, default_pad_rows, matmul_dtype, run_experts  # noqa: E402
+
+# (pad_rows, experts_per_chunk, max_pad_waste): per-expert mm; chunks of 3 experts run
+# one mm each; chunks forced to one bmm (any waste accepted); the same padded to 8 rows.
+LAYOUTS = [(1, 1, 0.0), (1, 3, 0.0), (1, 6, 100.0), (8, 3, 0.0), (8, 6, 100.0), (8, 2, 100.0)]
+
+
+def _layout(experts, pad, chunk, waste):
+    experts.pad_rows, experts.experts_per_chunk, experts.max_pad_waste = pad, chunk, waste
+    return experts
+
+
+@pytest.mark.parametrize("pad,chunk,waste", LAYOUTS)
+@pytest.mark.parametrize("skip", [None, 2])
+def test_fused_layouts_match_reference_float32(pad, chunk, waste, skip):
+    x, ids, w, experts = _case(skip_expert=skip)
+    _layout(experts, pad, chunk, waste)
+    fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    ref = _grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
+    )
+    for a, b in zip(fast, ref):
+        assert_close(a, b)
+    if skip is not None:
+        assert fast[3][skip].abs().sum() == 0 and fast[4][skip].abs().sum() == 0
+
+
+def test_plan_uses_one_bmm_per_balanced_chunk_and_pads_rows():
+    counts = [5, 7, 0, 6, 3, 3]
+    uniform = _Plan(counts, 1, 3, 100.0, torch.device("cpu"))
+    assert [c.cap for c in uniform.chunks] == [7, 6]  # the largest count of each chunk
+    assert uniform.num_rows == 3 * 7 + 3 * 6 and uniform.pad_P.numel() == uniform.num_rows - sum(counts)
+    # Every real row holds its own sorted slot, each slot exactly once.
+    real = uniform.slot_P[uniform.real_P]
+    assert torch.equal(real.sort().values, torch.arange(sum(counts)))
+    ragged = _Plan(counts, 4, 3, 0.0, torch.device("cpu"))
+    assert [c.cap for c in ragged.chunks] == [None, None]
+    assert ragged.num_rows == 8 + 8 + 8 + 4 + 4
+    exact = _Plan(counts, 1, 2, 0.0, torch.device("cpu"))
+    assert exact.slot_P is None and exact.num_rows == sum(counts)  # no copies, no padding
+    # A balanced chunk goes to bmm under the default waste bound, a lopsided one does not.
+    assert _Plan([10, 11, 1, 30], 1, 2, 0.25, torch.device("cpu")).chunks[0].cap == 11
+    assert _Plan([10, 11, 1, 30], 1, 2, 0.25, torch.device("cpu")).chunks[1].cap is None
+
+
+@pytest.mark.parametrize("pad,chunk,waste", LAYOUTS)
+def test_run_experts_fused_layouts_match_loop(monkeypatch, pad, chunk, waste):
+    monkeypatch.setattr(experts_mod, "MAX_PAD_WASTE", waste)
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([4, 0, 9, 5, 1, 7])
+    S, D, Fh = int(counts.sum()), 10, 6
+    x = torch.randn(S, D, generator=gen)
+    w1 = torch.randn(6, D, 2 * Fh, generator=gen) * 0.3
+    w2 = torch.randn(6, Fh, D, generator=gen) * 0.3
+    gy = torch.randn(S, D, generator=gen)
+
+    def grads(fn):
+        xs, a, b = (t.clone().requires_grad_() for t in (x, w1, w2))
+        y = fn(xs, a, b)
+        (y * gy).sum().backward()
+        return y.detach(), xs.grad, a.grad, b.grad
+
+    fused = grads(lambda x, a, b: run_experts(x, a, b, counts, "fused", pad, chunk))
+    loop = grads(lambda x, a, b: _loop_experts(x, a, b, counts.tolist()))
+    for p, q in zip(fused, loop):
+        assert_close(p, q)
+    assert fused[2][1].abs().sum() == 0  # expert 1 got no slot
+
+
+@pytest.mark.parametrize("pad,chunk,waste", [(1, 2, 0.0), (1, 8, 100.0), (16, 4, 100.0), (16, 2, 0.0)])
+def test_fused_layouts_bfloat16_within_bf16_error(pad, chunk, waste):
+    """Same criterion as test_fast_paths_match_reference_bfloat16, for every layout."""
+    x, ids, w, experts = _case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
+    _layout(experts, pad, chunk, waste)
+    fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    ref = _grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
+    )
+    experts.float()
+    exact = _grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD),
+        x.float(), w, experts,
+    )  # fmt: skip
+    for name, a, b, c in zip(("y", "dx", "dw", "dw1", "dw2"), fast, ref, exact):
+        assert a.dtype == b.dtype
+        err_fast = (a.float() - c).abs().max().item()
+        err_ref = (b.float() - c).abs().max().item()
+        assert err_fast <= 2 * err_ref + 1e-3, (name, err_fast, err_ref)
+
+
+def test_bfloat16_products_run_in_native_dtype_when_the_cpu_has_it(monkeypatch):
+    """With native bf16 products the fused path must still match (rows padded to 128)."""
+    monkeypatch.setattr(experts_mod, "_cpu_has_native", lambda dtype: True)
+    cpu = torch.device("cpu")
+    assert matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
+    assert default_pad_rows(cpu, torch.bfloat16) == experts_mod.PAD_ROWS_NATIVE_LOW_PRECISION
+    x, ids, w, experts = _case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
+    y = experts(x, ids, w)
+    ref = reference_experts(x.float(), ids, w, experts.w_gate_up_EDH.float(), experts.w_down_EFD.float())
+    assert y.dtype == torch.bfloat16
+    assert_close(y.float(), ref, atol=0.03 * ref.abs().max().item(), rtol=0.03)
+
+
+def test_matmul_dtype_upcasts_only_low_precision_without_native_support(monkeypatch):
+    cpu = torch.device("cpu")
+    assert matmul_dtype(cpu, torch.float32) == torch.float32
+    assert matmul_dtype(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
+    monkeypatch.setattr(experts_mod, "_cpu_has_native", lambda dtype: False)
+    assert matmul_dtype(cpu, torch.bfloat16) == torch.float32
+    assert default_pad_rows(cpu, torch.bfloat16) == 1 and default_pad_rows(cpu, torch.float32) == 1
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_swiglu_bfloat16_and_autocast_close_to_float32(monkeypatch, native):
+    monkeypatch.setattr(experts_mod, "_cpu_has_native", lambda dtype: native)
+    torch.manual_seed(0)
+    m = SwiGLU(16, 24)
+    x = torch.randn(10, 16)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = m(x)
+    low = m.to(torch.bfloat16)(x.bfloat16())
+    for y in (auto, low):
+        assert y.dtype == torch.bfloat16
+        assert_close(y.float(), ref, atol=0.02 * ref.abs().max().item(), rtol=0.03)
+
+
+@pytest.mark.parametrize("pad,chunk,waste", LAYOUTS[2:4])
+def test_fused_layouts_zero_tokens_and_frozen_weights(pad, chunk, waste):
+    x, ids, w, experts = _case()
+    _layout(experts, pad, chunk, waste)
+    empty = torch.zeros(0, 12, requires_grad=True)
+    y = experts(empty, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
+    assert y.shape == (0, 12)
+    y.sum().backward()
+    assert experts.w_down_EFD.grad.abs().sum() == 0
+    experts.zero_grad(set_to_none=True)
+    experts.w_down_EFD.requires_grad_(False)
+    x = x.requires_grad_()
+    experts(x, ids, w).sum().backward()
+    assert experts.w_down_EFD.grad is None and experts.w_gate_up_EDH.grad is not None and x.grad is not None
+
+
+def _grouped_ids(T, E, M, K, gen):
+    """ids [T, K] as MoGE's router makes them: K/M distinct experts of group g in
+    columns g*K/M..(g+1)*K/M."""
+    G, per = E // M, K // M
+    cols = [torch.stack([torch.randperm(G, generator=gen)[:per] for _ in range(T)]) + g * G for g in range(M)]
+    return torch.cat(cols, dim=1)
+
+
+@pytest.mark.parametrize("pad,waste", [(1, 0.0), (1, 100.0), (8, 0.0), (8, 100.0)])
+@pytest.mark.parametrize("K", [2, 4])
+def test_group_aligned_combine_matches_reference(pad, waste, K):
+    """Chunks equal to MoGE groups combine by gathers (no scatter); K/M = 1 and 2."""
+    gen = torch.Generator().manual_seed(5)
+    T, D, Fh, E, M = 37, 12, 8, 8, 2
+    x = torch.randn(T, D, generator=gen)
+    ids = _grouped_ids(T, E, M, K, gen)
+    w = torch.rand(T, K, generator=gen)
+    torch.manual_seed(0)
+    experts = _layout(GroupedExperts(E, D, Fh), pad, E // M, waste)
+    experts.reset_parameters(0.3)
+    assert experts_mod._columns_per_chunk(ids, E // M, E) == K // M
+    fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    ref = _grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
+    )
+    for a, b in zip(fast, ref):
+        assert_close(a, b)
+
+
+def test_columns_per_chunk_only_for_group_aligned_ids():
+    gen = torch.Generator().manual_seed(0)
+    ids = _grouped_ids(20, 8, 4, 4, gen)
+    assert experts_mod._columns_per_chunk(ids, 2, 8) == 1
+    assert experts_mod._columns_per_chunk(ids, 4, 8) == 2  # two groups per chunk
+    assert experts_mod._columns_per_chunk(ids, 3, 8) is None  # chunks cut across groups
+    assert experts_mod._columns_per_chunk(ids[:, [1, 0, 2, 3]], 2, 8) is None  # columns out of group order
+
+
+@pytest.mark.slow  # torch.compile takes tens of seconds on two cores
+def test_compiled_elementwise_matches_reference():
+    x, ids, w, experts = _case()
+    experts.compile_elementwise = True
+    _layout(experts, 1, 3, 100.0)
+    fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    ref = _grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
+    )
+    for a, b in zip(fast, ref):
+        assert_close(a, b)
+    # The eager helpers and the compiled ones compute the same thing.
+    h, ga, gate = torch.randn(9, 8), torch.randn(9, 4), torch.rand(9, 1)
+    buf = experts_mod._Scratch(9, torch.float32, torch.device("cpu"))
+    eager = experts_mod._act_grads_eager(h, ga.clone(), gate, buf)
+    for a, b in zip(eager, experts_mod._act_grads_pure(h, ga, gate)):
+        assert_close(a, b)

@@ -290,3 +290,30 @@ def test_zero_tokens():
     assert out.hidden.shape == (0, 16) and out.expert_ids.shape == (0, 4)
     assert out.aux_loss.item() == 0.0 and out.load.sum() == 0
     (out.hidden.sum() + out.aux_loss).backward()
+
+
+# --- the fused path's chunks are the groups ------------------------------------------------------
+
+
+def test_fused_chunks_are_groups_and_combine_by_gather():
+    from moge import experts as experts_mod
+
+    layer = make(num_experts=8, num_groups=2, top_k=4)
+    assert layer.experts.experts_per_chunk == 4
+    x = torch.randn(33, 16, generator=torch.Generator().manual_seed(7))
+    out = layer.route_tokens(x, None, (33,))
+    # Grouped routing fills columns group by group, so chunks combine with gathers.
+    assert experts_mod._columns_per_chunk(out.expert_ids, 4, 8) == 2
+    fast = _all_grads(layer, x, lambda x: layer(x).hidden)
+    ref = _all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
+    for a, b in zip(fast, ref):
+        assert_close(a, b)
+
+
+def test_route_tokens_is_forward_without_experts():
+    layer = make(num_shared_experts=1)
+    x = torch.randn(2, 9, 16)
+    full = layer(x)
+    routed = layer.route_tokens(x.reshape(-1, 16), None, (2, 9))
+    for name in ("expert_ids", "weights", "load", "scores", "lb_loss", "z_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(routed, name), getattr(full, name))

@@ -50,14 +50,12 @@ def test_layer_rejects_token_ids_of_the_wrong_shape():
         layer(torch.randn(2, 5, 16), token_ids=torch.zeros(2, 4, dtype=torch.long))
 
 
-@pytest.mark.xfail(strict=True, reason="awaiting a dtype check in MoGELayer._check_input (moge/layer.py)")
 def test_layer_rejects_float64_input_into_a_float32_layer():
     # Today: RuntimeError "expected m1 and m2 to have the same dtype" from inside the experts.
     with pytest.raises(ValueError, match="^x: .*float64"):
         make_layer()(torch.randn(2, 5, 16, dtype=torch.float64))
 
 
-@pytest.mark.xfail(strict=True, reason="awaiting the MoGELayer.check_finite debug flag (moge/layer.py)")
 def test_layer_check_finite_names_the_input():
     layer = make_layer()
     layer.check_finite = True
