@@ -350,6 +350,7 @@ class Result:
     fb_s: list = field(default_factory=list)
     peak_bytes: Optional[int] = None
     skipped: str = ""
+    optional: bool = False
 
     @staticmethod
     def _quartiles(v: list) -> tuple[float, float, float]:
@@ -367,7 +368,8 @@ class Result:
         return statistics.median(self.fwd_s) if self.fwd_s else math.nan
 
     def summary(self) -> dict:
-        d = {"name": self.name, "kind": self.kind, "dtype": self.dtype, "tokens": self.tokens, "samples": len(self.fb_s)}
+        d = {"name": self.name, "kind": self.kind, "optional": self.optional, "dtype": self.dtype,
+             "tokens": self.tokens, "samples": len(self.fb_s)}  # fmt: skip
         if self.skipped:
             d["skipped"] = self.skipped
             return d
@@ -401,7 +403,7 @@ def time_cases(
     Every other case runs every round.
     """
     name = next(k for k, v in DTYPES.items() if v == dtype)
-    results = [Result(c.name, c.kind, name, shape.tokens) for c in cases]
+    results = [Result(c.name, c.kind, name, shape.tokens, optional=c.optional) for c in cases]
     live, rounds = [], {}
     for c, r in zip(cases, results):
         if not c.optional:  # the limit and the layer always get every round

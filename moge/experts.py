@@ -30,6 +30,8 @@ PAD_ROWS_NATIVE_LOW_PRECISION = 128
 # A chunk's experts run as one bmm when equalising their row counts adds at most this
 # fraction of extra rows (see _Plan).
 MAX_PAD_WASTE = 0.25
+# Token blocks keep one chunk's float32 work buffers [rows, max(D, 2F)] near this size.
+CHUNK_BYTES = 16 * 2**20
 
 
 # --- which dtype the matrix products run in ------------------------------------------
@@ -105,17 +107,18 @@ def _padded(n: int, pad: int) -> int:
 
 
 class _Chunk:
-    """A run of consecutive experts e0..e1 whose gather, elementwise and scatter work
-    runs as one op each.
+    """Consecutive experts e0..e1 (over one block of tokens) whose gather, elementwise
+    and combine work runs as one op each.
 
-    rows: the chunk's range of padded rows; experts: (e, local row slice, slot count)
-    for each expert with rows; cap: rows per expert when every expert of the chunk
-    gets the same number (the products are then one bmm), else None (one mm each);
-    pad_local: chunk-local indices of padding rows (None: no padding).
+    rows: the chunk's range of rows in the layout; block: its token block; experts:
+    (e, local row slice, slot count) for each expert with rows; cap: rows per expert
+    when every expert of the chunk gets the same number (the products are then one
+    bmm), else None (one mm each); pad_local / real_local: chunk-local indices of the
+    padding rows and of the others (None when the layout has no padding).
     """
 
-    def __init__(self, e0: int, e1: int, rows: slice, experts: list, cap: Optional[int]) -> None:
-        self.e0, self.e1, self.rows, self.experts, self.cap = e0, e1, rows, experts, cap
+    def __init__(self, e0: int, e1: int, block: int, rows: slice, experts: list, cap: Optional[int]) -> None:
+        self.e0, self.e1, self.block, self.rows, self.experts, self.cap = e0, e1, block, rows, experts, cap
         self.pad_local: Optional[Tensor] = None
         self.real_local: Optional[Tensor] = None
 
@@ -127,33 +130,41 @@ class _Chunk:
 class _Plan:
     """How one call's sorted slots become chunks of rows for the products.
 
-    Experts are taken `per_chunk` at a time (MoGELayer: one group, which holds
-    exactly T*K/M slots). In a chunk, if giving every expert the largest expert's row
-    count (rounded up to `pad`) adds at most `max_waste` of extra rows, all its experts'
-    products run as one bmm each: a few large ops instead of E small ones, which
-    matters most when other processes share the cores (every parallel op can stall on
-    a descheduled thread). Otherwise each expert's rows are rounded up to `pad` and run
-    as one mm each. Padding rows are zero in every buffer and are never written back.
+    The slots arrive sorted by piece: (chunk of `per_chunk` experts, token block,
+    expert), tokens in order within a piece; counts[p] is piece p's slot count and
+    `blocks` the number of token blocks (1: a piece is an expert). MoGELayer's chunk
+    is one group, whose slots number exactly T*K/M; token blocks keep a chunk's buffers
+    about the same size at any T, so they stay in cache and time stays linear in T.
 
-    slot_P [P]: the sorted slot each row holds (0 for padding rows); pad_P: the padding
-    rows (None when there are none).
+    In a chunk, if giving every expert the largest expert's row count (rounded up to
+    `pad`) adds at most `max_waste` of extra rows, its products run as one bmm each: a
+    few large ops instead of E small ones, which matters most when other processes
+    share the cores (every parallel op can stall on a descheduled thread). Otherwise
+    each expert's rows are rounded up to `pad` and run as one mm each. Padding rows are
+    zero in every buffer and never written back.
+
+    slot_P [P]: the sorted slot each row holds (0 for padding rows, None when rows are
+    the sorted slots themselves); pad_P, real_P: padding rows and the others.
     """
 
     def __init__(
-        self, counts: list[int], pad: int, per_chunk: int, max_waste: float, device: torch.device, compiled: bool = False
-    ) -> None:
-        self.counts, self.pad, self.per_chunk, self.num_slots = counts, pad, per_chunk, sum(counts)
+        self, counts: list[int], num_experts: int, pad: int, per_chunk: int, max_waste: float,
+        device: torch.device, compiled: bool = False, blocks: int = 1, block_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        self.pad, self.per_chunk, self.num_slots = pad, per_chunk, sum(counts)
+        self.blocks, self.block_tokens = blocks, block_tokens
         self.compiled = compiled  # elementwise work through torch.compile (see _compiled)
         self.chunks: list[_Chunk] = []
         pieces: list[tuple[int, int, int]] = []  # (row, slot, count) of every expert with rows
         s = p = 0
-        for e0 in range(0, len(counts), per_chunk):
-            part = counts[e0 : e0 + per_chunk]
-            total = sum(part)
-            if total == 0:
+        for c0 in range(0, len(counts), per_chunk):
+            group, block = divmod(c0 // per_chunk, blocks)
+            e0 = group * per_chunk
+            part = counts[c0 : c0 + min(per_chunk, num_experts - e0)]  # the last chunk may be short
+            if sum(part) == 0:
                 continue
             cap = _padded(max(part), pad)
-            uniform = len(part) > 1 and cap * len(part) <= (1 + max_waste) * total
+            uniform = len(part) > 1 and cap * len(part) <= (1 + max_waste) * sum(part)
             experts, r = [], 0
             for i, n in enumerate(part):
                 width = cap if uniform else _padded(n, pad)
@@ -161,11 +172,11 @@ class _Plan:
                     experts.append((e0 + i, slice(r, r + width), n))
                     pieces.append((p + r, s, n))
                 r, s = r + width, s + n
-            self.chunks.append(_Chunk(e0, e0 + len(part), slice(p, p + r), experts, cap if uniform else None))
+            self.chunks.append(_Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None))
             p += r
         self.num_rows = p
         self.max_rows = max((c.n_rows for c in self.chunks), default=0)
-        self.slot_P: Optional[Tensor] = None  # None: rows are the sorted slots themselves
+        self.slot_P: Optional[Tensor] = None
         self.pad_P: Optional[Tensor] = None
         if p != self.num_slots:
             self._index_padding(pieces, device)
@@ -186,6 +197,29 @@ class _Plan:
     def rows_of(self, by_slot: Tensor) -> Tensor:
         """A per-slot vector [S, ...] laid out by row [P, ...] (padding rows: slot 0's)."""
         return by_slot if self.slot_P is None else by_slot.index_select(0, self.slot_P)
+
+
+def _token_blocks(T: int, rows_per_token: float, width: int, budget_bytes: int) -> tuple[int, int]:
+    """(tokens per block, blocks) so that a chunk's [rows, width] float32 buffers stay
+    near budget_bytes, a chunk holding rows_per_token slots per token on average."""
+    tokens = max(1, int(budget_bytes / (4 * width * max(rows_per_token, 1e-9))))
+    tokens = min(tokens, max(T, 1))
+    return tokens, max(1, -(-T // tokens))
+
+
+def _sort_pieces(ids_TK: Tensor, num_experts: int, per_chunk: int, block_tokens: int, blocks: int) -> tuple:
+    """Slots sorted by (chunk of experts, token block, expert), stable (token order
+    within a piece). -> (order_S [S] flat slot indices, counts per piece: list)."""
+    T, K = ids_TK.shape
+    flat_S = ids_TK.reshape(-1)
+    if blocks == 1:
+        key_S = flat_S
+    else:
+        block_S = torch.arange(T * K, device=ids_TK.device) // (K * block_tokens)
+        key_S = ((flat_S // per_chunk) * blocks + block_S) * per_chunk + flat_S % per_chunk
+    chunks = -(-num_experts // per_chunk)
+    counts = torch.bincount(key_S, minlength=chunks * blocks * per_chunk)
+    return key_S.argsort(stable=True), counts.tolist()
 
 
 class _Scratch:
@@ -248,21 +282,15 @@ def _products(a: Tensor, w: Tensor, out: Tensor, chunk: _Chunk, dtype, mm, trans
 
 
 def _weight_grads(a: Tensor, b: Tensor, dw: Tensor, chunk: _Chunk) -> None:
-    """dw[e] = a[rows of e].T @ b[rows of e] for every expert of the chunk."""
+    """dw[e] += a[rows of e].T @ b[rows of e] for every expert of the chunk (an expert's
+    token blocks add up; dw is a zeroed accumulator in a's dtype)."""
     if chunk.cap is not None:
         n, cap = chunk.e1 - chunk.e0, chunk.cap
         a3, b3 = a.view(n, cap, a.shape[1]).transpose(1, 2), b.view(n, cap, b.shape[1])
-        target = dw[chunk.e0 : chunk.e1]
-        if target.dtype == a.dtype:
-            torch.bmm(a3, b3, out=target)
-        else:
-            target.copy_(torch.bmm(a3, b3))
+        dw[chunk.e0 : chunk.e1].baddbmm_(a3, b3)
         return
     for e, rows, _ in chunk.experts:
-        if dw.dtype == a.dtype:
-            torch.mm(a[rows].T, b[rows], out=dw[e])
-        else:
-            dw[e].copy_(a[rows].T @ b[rows])
+        dw[e].addmm_(a[rows].T, b[rows])
 
 
 # --- the elementwise work of a chunk: eager in-place ops, or one compiled kernel each --------
@@ -369,11 +397,14 @@ def _chunk_backward(dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1
     return dx, dgate
 
 
-def _grad_buffer(w: Tensor, counts: list[int], needed: bool) -> Optional[Tensor]:
-    if not needed:
-        return None
-    # Experts that got no slots need an exact zero gradient; the others are overwritten.
-    return torch.zeros_like(w) if 0 in counts else torch.empty_like(w)
+def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool) -> Optional[Tensor]:
+    """A zeroed weight-gradient accumulator in the product dtype (experts that got no
+    slot keep an exact zero)."""
+    return torch.zeros(w.shape, dtype=mm, device=w.device) if needed else None
+
+
+def _as_param(g: Optional[Tensor], w: Tensor) -> Optional[Tensor]:
+    return None if g is None else g.to(w.dtype)
 
 
 def _accumulator(like: Tensor, mm: torch.dtype) -> Tensor:
@@ -417,7 +448,7 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         dy_SD = dy_SD.contiguous()
         dx_SD = torch.empty_like(x_SD) if need_x else None
-        dw1, dw2 = _grad_buffer(w1, plan.counts, need_w1), _grad_buffer(w2, plan.counts, need_w2)
+        dw1, dw2 = _grad_buffer(w1, mm, need_w1), _grad_buffer(w2, mm, need_w2)
         buf = _Scratch(plan.max_rows, mm, x_SD.device)
         for c in plan.chunks:
             dy_RD = _gather(buf.get("dy", D, c.n_rows), dy_SD, plan.slot_P, c)
@@ -428,7 +459,7 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
             )
             if need_x:
                 _to_slots(dx_SD, dx_RD, c, plan)
-        return dx_SD, dw1, dw2, None
+        return dx_SD, _as_param(dw1, w1), _as_param(dw2, w2), None
 
 
 def _to_slots(dst_SD: Tensor, src_RD: Tensor, chunk: _Chunk, plan: _Plan) -> None:
@@ -446,46 +477,50 @@ def _to_slots(dst_SD: Tensor, src_RD: Tensor, chunk: _Chunk, plan: _Plan) -> Non
 class _Combine:
     """Sums each chunk's rows into a [T, D] float32 accumulator, by token.
 
-    With `cols` (MoGE's grouped router, one group per chunk) chunk g holds exactly the
-    slots of columns g*cols..(g+1)*cols of ids [T, K], each token once per column, so
-    adding its rows is `cols` plain gathers (index_select) by a row-of-slot map. Else
-    index_add_, whose scatter kernel is much more exposed to other processes on the
-    cores (measured 1 ms or 80 ms for the same call, depending on the load).
+    With `cols` (MoGE's grouped router, one group per chunk) the chunk of group g and
+    token block b holds exactly the slots of columns g*cols..(g+1)*cols of ids [T, K]
+    for the block's tokens, each token once per column, so adding its rows is `cols`
+    plain gathers (index_select) by a row-of-slot map. Else index_add_, whose scatter
+    kernel is much more exposed to other processes on the cores (measured 1 ms or 80
+    ms for the same call, depending on the load).
     """
 
     def __init__(self, T: int, D: int, K: int, flat_P: Tensor, plan: _Plan, mm: torch.dtype, cols: Optional[int]) -> None:
         self.T, self.D, self.K, self.plan, self.cols = T, D, K, plan, cols
+        self.block_tokens = plan.block_tokens if plan.blocks > 1 else max(T, 1)
         self.dtype = torch.float64 if mm == torch.float64 else torch.float32
         self.device = flat_P.device
-        self.acc: Optional[Tensor] = None
-        self.tmp: Optional[Tensor] = None  # one reused [T, D] buffer for the gathers
+        self.tmp: Optional[Tensor] = None  # one reused [block tokens, D] buffer for the gathers
         if cols:
+            self.acc = torch.empty(T, D, dtype=self.dtype, device=self.device)  # group 0 writes every row first
             rows_P = torch.arange(plan.num_rows, device=self.device)
             if plan.pad_P is not None:
                 flat_P, rows_P = flat_P.index_select(0, plan.real_P), plan.real_P
             self.rows_TK = torch.empty(T * K, dtype=torch.long, device=self.device).index_copy_(0, flat_P, rows_P).view(T, K)
         else:
+            self.acc = torch.zeros(T, D, dtype=self.dtype, device=self.device)
             self.tok_P = flat_P // K
 
     def add(self, y_RD: Tensor, chunk: _Chunk) -> None:
         if not self.cols:
-            if self.acc is None:
-                self.acc = torch.zeros(self.T, self.D, dtype=self.dtype, device=self.device)
             self.acc.index_add_(0, self.tok_P[chunk.rows], y_RD.to(self.dtype))  # padding rows add 0
             return
         g = chunk.e0 // self.plan.per_chunk
+        t0 = chunk.block * self.block_tokens
+        t1 = min(self.T, t0 + self.block_tokens)
+        acc = self.acc[t0:t1]
         for k in range(g * self.cols, (g + 1) * self.cols):
-            rows_T = self.rows_TK[:, k] - chunk.rows.start
-            if self.acc is None:
-                self.acc = y_RD.index_select(0, rows_T).to(self.dtype)
+            rows = self.rows_TK[t0:t1, k] - chunk.rows.start
+            if k == 0 and y_RD.dtype == acc.dtype:
+                torch.index_select(y_RD, 0, rows, out=acc)
+            elif k == 0:
+                acc.copy_(y_RD.index_select(0, rows))
             else:
                 if self.tmp is None or self.tmp.dtype != y_RD.dtype:
-                    self.tmp = torch.empty(self.T, self.D, dtype=y_RD.dtype, device=self.device)
-                self.acc.add_(torch.index_select(y_RD, 0, rows_T, out=self.tmp))
+                    self.tmp = torch.empty(self.block_tokens, self.D, dtype=y_RD.dtype, device=self.device)
+                acc.add_(torch.index_select(y_RD, 0, rows, out=self.tmp[: t1 - t0]))
 
     def result(self, dtype: torch.dtype) -> Tensor:
-        if self.acc is None:  # no slots at all
-            return torch.zeros(self.T, self.D, dtype=dtype, device=self.device)
         return self.acc.to(dtype)
 
 
@@ -529,7 +564,7 @@ class _FusedMoE(torch.autograd.Function):
         gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
         dx = _Combine(T, D, K, flat_P, plan, mm, ctx.cols) if need_x else None
         dgate_P = torch.empty(plan.num_rows, dtype=mm, device=x_TD.device)
-        dw1, dw2 = _grad_buffer(w1, plan.counts, need_w1), _grad_buffer(w2, plan.counts, need_w2)
+        dw1, dw2 = _grad_buffer(w1, mm, need_w1), _grad_buffer(w2, mm, need_w2)
         buf = _Scratch(plan.max_rows, mm, x_TD.device)
         for c in plan.chunks:
             # One [R, D] buffer holds dy, then x (after dy's last read), then dx.
@@ -547,7 +582,7 @@ class _FusedMoE(torch.autograd.Function):
                 flat_P, dgate_P = flat_P.index_select(0, plan.real_P), dgate_P.index_select(0, plan.real_P)
             dweights_TK = torch.empty_like(dgate_P).index_copy_(0, flat_P, dgate_P)
             dweights_TK = dweights_TK.view(weights_TK.shape).to(weights_TK.dtype)
-        return dx.result(dtype) if need_x else None, dweights_TK, dw1, dw2, None, None, None
+        return dx.result(dtype) if need_x else None, dweights_TK, _as_param(dw1, w1), _as_param(dw2, w2), None, None, None
 
 
 def _row_gates(weights_TK: Tensor, flat_P: Tensor, plan: _Plan, mm: torch.dtype) -> Tensor:
@@ -617,7 +652,7 @@ def run_experts(
     if impl == "loop":
         return _loop_experts(x_SD, w1, w2, counts)
     pad = pad_rows or default_pad_rows(x_SD.device, x_SD.dtype)
-    plan = _Plan(counts, pad, experts_per_chunk or _default_chunk(len(counts)), MAX_PAD_WASTE, x_SD.device)
+    plan = _Plan(counts, len(counts), pad, experts_per_chunk or _default_chunk(len(counts)), MAX_PAD_WASTE, x_SD.device)
     return _FusedSwiGLUExperts.apply(x_SD, w1, w2, plan)
 
 
@@ -661,6 +696,7 @@ class GroupedExperts(nn.Module):
       elementwise and combine work (None: E // 4; MoGELayer sets one group's experts);
     - max_pad_waste: a chunk runs as one bmm per product when equalising its experts'
       row counts adds at most this fraction of rows (0: always one mm per expert);
+    - chunk_bytes: token blocks keep a chunk's float32 work buffers near this size;
     - compile_elementwise: run the SwiGLU's elementwise work through torch.compile
       (one fused kernel each way; the first call compiles for tens of seconds).
     """
@@ -672,6 +708,7 @@ class GroupedExperts(nn.Module):
         self.pad_rows: Optional[int] = None
         self.experts_per_chunk: Optional[int] = None
         self.max_pad_waste = MAX_PAD_WASTE
+        self.chunk_bytes = CHUNK_BYTES
         self.compile_elementwise = False
         self.w_gate_up_EDH = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
@@ -684,10 +721,17 @@ class GroupedExperts(nn.Module):
     def params_per_expert(self) -> int:
         return 3 * self.d_model * self.hidden
 
-    def _plan(self, counts_E: Tensor, device: torch.device, dtype: torch.dtype) -> _Plan:
+    def _fused_plan(self, ids_TK: Tensor, D: int, device: torch.device, dtype: torch.dtype) -> tuple:
+        """(order_S, plan, cols) of the fused path for this call's routing."""
+        E = self.num_experts
+        per_chunk = self.experts_per_chunk or _default_chunk(E)
+        T, K = ids_TK.shape
+        width = max(D, 2 * self.hidden)
+        block_tokens, blocks = _token_blocks(T, K * per_chunk / E, width, self.chunk_bytes)
+        order_S, counts = _sort_pieces(ids_TK, E, per_chunk, block_tokens, blocks)
         pad = self.pad_rows or default_pad_rows(device, dtype)
-        per_chunk = self.experts_per_chunk or _default_chunk(self.num_experts)
-        return _Plan(counts_E.tolist(), pad, per_chunk, self.max_pad_waste, device, self.compile_elementwise)
+        plan = _Plan(counts, E, pad, per_chunk, self.max_pad_waste, device, self.compile_elementwise, blocks, block_tokens)
+        return order_S, plan, _columns_per_chunk(ids_TK, per_chunk, E)
 
     def _sorted_path(self, x_TD: Tensor, order_S: Tensor, counts_E: Tensor, weights_TK: Tensor, impl: str) -> Tensor:
         """Gather sorted slots, run_experts, gather back to token order, weighted sum."""
@@ -712,11 +756,10 @@ class GroupedExperts(nn.Module):
         """
         dtype = dtype or x_TD.dtype
         x_TD = x_TD.to(dtype)
-        order_S, counts_E = sort_slots(ids_TK, self.num_experts)
         impl = resolve_impl(self.impl, x_TD.device, dtype)
         if impl != "fused":
+            order_S, counts_E = sort_slots(ids_TK, self.num_experts)
             return self._sorted_path(x_TD, order_S, counts_E, weights_TK, impl)
-        plan = self._plan(counts_E, x_TD.device, dtype)
-        cols = _columns_per_chunk(ids_TK, plan.per_chunk, self.num_experts)
+        order_S, plan, cols = self._fused_plan(ids_TK, x_TD.shape[1], x_TD.device, dtype)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return _FusedMoE.apply(x_TD, weights_TK, self.w_gate_up_EDH, self.w_down_EFD, order_S, plan, cols)

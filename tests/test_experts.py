@@ -123,18 +123,22 @@ from moge.experts import _loop_experts, _Plan, default_pad_rows, matmul_dtype, r
 # (pad_rows, experts_per_chunk, max_pad_waste): per-expert mm; chunks of 3 experts run
 # one mm each; chunks forced to one bmm (any waste accepted); the same padded to 8 rows.
 LAYOUTS = [(1, 1, 0.0), (1, 3, 0.0), (1, 6, 100.0), (8, 3, 0.0), (8, 6, 100.0), (8, 2, 100.0)]
+# The same cut into token blocks of a few tokens (tiny chunk_bytes), and a short last chunk.
+BLOCKED = [(1, 3, 0.0, 768), (1, 6, 100.0, 768), (8, 3, 100.0, 768), (1, 4, 0.0, 768), (8, 4, 100.0, 512)]
 
 
-def _layout(experts, pad, chunk, waste):
+def _layout(experts, pad, chunk, waste, chunk_bytes=None):
     experts.pad_rows, experts.experts_per_chunk, experts.max_pad_waste = pad, chunk, waste
+    if chunk_bytes is not None:
+        experts.chunk_bytes = chunk_bytes
     return experts
 
 
-@pytest.mark.parametrize("pad,chunk,waste", LAYOUTS)
+@pytest.mark.parametrize("pad,chunk,waste,chunk_bytes", [(*lay, None) for lay in LAYOUTS] + BLOCKED)
 @pytest.mark.parametrize("skip", [None, 2])
-def test_fused_layouts_match_reference_float32(pad, chunk, waste, skip):
+def test_fused_layouts_match_reference_float32(pad, chunk, waste, chunk_bytes, skip):
     x, ids, w, experts = _case(skip_expert=skip)
-    _layout(experts, pad, chunk, waste)
+    _layout(experts, pad, chunk, waste, chunk_bytes)
     fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
     ref = _grads(
         lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
@@ -147,20 +151,20 @@ def test_fused_layouts_match_reference_float32(pad, chunk, waste, skip):
 
 def test_plan_uses_one_bmm_per_balanced_chunk_and_pads_rows():
     counts = [5, 7, 0, 6, 3, 3]
-    uniform = _Plan(counts, 1, 3, 100.0, torch.device("cpu"))
+    uniform = _Plan(counts, 6, 1, 3, 100.0, torch.device("cpu"))
     assert [c.cap for c in uniform.chunks] == [7, 6]  # the largest count of each chunk
     assert uniform.num_rows == 3 * 7 + 3 * 6 and uniform.pad_P.numel() == uniform.num_rows - sum(counts)
     # Every real row holds its own sorted slot, each slot exactly once.
     real = uniform.slot_P[uniform.real_P]
     assert torch.equal(real.sort().values, torch.arange(sum(counts)))
-    ragged = _Plan(counts, 4, 3, 0.0, torch.device("cpu"))
+    ragged = _Plan(counts, 6, 4, 3, 0.0, torch.device("cpu"))
     assert [c.cap for c in ragged.chunks] == [None, None]
     assert ragged.num_rows == 8 + 8 + 8 + 4 + 4
-    exact = _Plan(counts, 1, 2, 0.0, torch.device("cpu"))
+    exact = _Plan(counts, 6, 1, 2, 0.0, torch.device("cpu"))
     assert exact.slot_P is None and exact.num_rows == sum(counts)  # no copies, no padding
     # A balanced chunk goes to bmm under the default waste bound, a lopsided one does not.
-    assert _Plan([10, 11, 1, 30], 1, 2, 0.25, torch.device("cpu")).chunks[0].cap == 11
-    assert _Plan([10, 11, 1, 30], 1, 2, 0.25, torch.device("cpu")).chunks[1].cap is None
+    assert _Plan([10, 11, 1, 30], 4, 1, 2, 0.25, torch.device("cpu")).chunks[0].cap == 11
+    assert _Plan([10, 11, 1, 30], 4, 1, 2, 0.25, torch.device("cpu")).chunks[1].cap is None
 
 
 @pytest.mark.parametrize("pad,chunk,waste", LAYOUTS)
@@ -187,11 +191,13 @@ def test_run_experts_fused_layouts_match_loop(monkeypatch, pad, chunk, waste):
     assert fused[2][1].abs().sum() == 0  # expert 1 got no slot
 
 
-@pytest.mark.parametrize("pad,chunk,waste", [(1, 2, 0.0), (1, 8, 100.0), (16, 4, 100.0), (16, 2, 0.0)])
-def test_fused_layouts_bfloat16_within_bf16_error(pad, chunk, waste):
+@pytest.mark.parametrize(
+    "pad,chunk,waste,chunk_bytes", [(1, 2, 0.0, None), (1, 8, 100.0, None), (16, 4, 100.0, None), (16, 2, 0.0, 2048)]
+)
+def test_fused_layouts_bfloat16_within_bf16_error(pad, chunk, waste, chunk_bytes):
     """Same criterion as test_fast_paths_match_reference_bfloat16, for every layout."""
     x, ids, w, experts = _case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
-    _layout(experts, pad, chunk, waste)
+    _layout(experts, pad, chunk, waste, chunk_bytes)
     fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
     ref = _grads(
         lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
@@ -245,10 +251,10 @@ def test_swiglu_bfloat16_and_autocast_close_to_float32(monkeypatch, native):
         assert_close(y.float(), ref, atol=0.02 * ref.abs().max().item(), rtol=0.03)
 
 
-@pytest.mark.parametrize("pad,chunk,waste", LAYOUTS[2:4])
-def test_fused_layouts_zero_tokens_and_frozen_weights(pad, chunk, waste):
+@pytest.mark.parametrize("pad,chunk,waste,chunk_bytes", [(*LAYOUTS[2], None), (*LAYOUTS[3], None), BLOCKED[2]])
+def test_fused_layouts_zero_tokens_and_frozen_weights(pad, chunk, waste, chunk_bytes):
     x, ids, w, experts = _case()
-    _layout(experts, pad, chunk, waste)
+    _layout(experts, pad, chunk, waste, chunk_bytes)
     empty = torch.zeros(0, 12, requires_grad=True)
     y = experts(empty, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
     assert y.shape == (0, 12)
@@ -269,9 +275,9 @@ def _grouped_ids(T, E, M, K, gen):
     return torch.cat(cols, dim=1)
 
 
-@pytest.mark.parametrize("pad,waste", [(1, 0.0), (1, 100.0), (8, 0.0), (8, 100.0)])
+@pytest.mark.parametrize("pad,waste,chunk_bytes", [(1, 0.0, None), (1, 100.0, None), (8, 0.0, 600), (8, 100.0, 600)])
 @pytest.mark.parametrize("K", [2, 4])
-def test_group_aligned_combine_matches_reference(pad, waste, K):
+def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K):
     """Chunks equal to MoGE groups combine by gathers (no scatter); K/M = 1 and 2."""
     gen = torch.Generator().manual_seed(5)
     T, D, Fh, E, M = 37, 12, 8, 8, 2
@@ -279,9 +285,11 @@ def test_group_aligned_combine_matches_reference(pad, waste, K):
     ids = _grouped_ids(T, E, M, K, gen)
     w = torch.rand(T, K, generator=gen)
     torch.manual_seed(0)
-    experts = _layout(GroupedExperts(E, D, Fh), pad, E // M, waste)
+    experts = _layout(GroupedExperts(E, D, Fh), pad, E // M, waste, chunk_bytes)
     experts.reset_parameters(0.3)
     assert experts_mod._columns_per_chunk(ids, E // M, E) == K // M
+    if chunk_bytes is not None:  # several token blocks per group
+        assert experts._fused_plan(ids, D, x.device, x.dtype)[1].blocks > 2
     fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
     ref = _grads(
         lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
