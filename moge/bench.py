@@ -552,6 +552,25 @@ def _ms(d: Optional[dict]) -> str:
     return f"{d['median']:9.1f} [{d['q1']:.0f}-{d['q3']:.0f}]"
 
 
+def _headline(dtype: str, rows: list[dict]) -> str:
+    """The issue's targets for one dtype, from the table's own rows."""
+    timed = [r for r in rows if "fwd_bwd_ms" in r]
+    layer = next((r for r in timed if r["kind"] == "moge"), None)
+    if layer is None:
+        return f"{dtype}: the MoGE layer was not timed"
+    parts = [f"{dtype}: MoGE layer {layer['x_limit']:.2f}x the dense limit"]
+    hf = [r for r in timed if r["name"].startswith("transformers")]
+    if hf:
+        best = min(hf, key=lambda r: r["fwd_bwd_ms"]["median"])
+        parts.append(f"fastest transformers block, {best['name'][len('transformers '):]}, takes {best['x_moge']:.2f}x its time")
+    router = next((r for r in timed if r["kind"] == "part"), None)
+    if router is not None:
+        parts.append(f"router {100 * router['x_moge']:.1f}% of the layer")
+    if layer.get("peak_x_limit") is not None:
+        parts.append(f"peak memory {layer['peak_x_limit']:.2f}x the limit's")
+    return "; ".join(parts)
+
+
 def format_report(report: dict) -> str:
     """The report as plain-text tables (one per dtype, then the sweep)."""
     m, s = report["machine"], BenchShape(**report["shape"])
@@ -579,6 +598,7 @@ def format_report(report: dict) -> str:
                 f"{d:5} {r['name']:58} {_ms(r['fwd_ms']):>20} {_ms(r['fwd_bwd_ms']):>22} {r['samples']:3d} "
                 f"{r['tokens_per_s']:7.0f} {peak:>8} {r['x_limit']:7.2f} {px:>6}"
             )
+        lines.append(_headline(d, rows))
     for d, sweep in report.get("sweep", {}).items():
         lines += ["", f"token sweep ({d}): forward+backward median ms, and ms per 1k tokens"]
         lines.append(f"{'T':>7} {'dense limit ms':>15} {'MoGE ms':>10} {'MoGE ms/1k tok':>15} {'x limit':>8}")

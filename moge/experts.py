@@ -141,10 +141,14 @@ class _Plan:
     few large ops instead of E small ones, which matters most when other processes
     share the cores (every parallel op can stall on a descheduled thread). Otherwise
     each expert's rows are rounded up to `pad` and run as one mm each. Padding rows are
-    zero in every buffer and never written back.
+    never written back. A padding row repeats one of its expert's own slots and has gate
+    0, so everything it adds is an exact 0 (as long as that slot's values are finite;
+    a non-finite slot makes its expert's results non-finite anyway); where there are no
+    gates (run_experts) padding rows are zeroed instead.
 
-    slot_P [P]: the sorted slot each row holds (0 for padding rows, None when rows are
-    the sorted slots themselves); pad_P, real_P: padding rows and the others.
+    slot_P [P]: the sorted slot each row holds (for padding rows: the repeated one;
+    None when rows are the sorted slots themselves); pad_P, real_P: padding rows and
+    the others.
     """
 
     def __init__(
@@ -153,9 +157,10 @@ class _Plan:
     ) -> None:  # fmt: skip
         self.pad, self.per_chunk, self.num_slots = pad, per_chunk, sum(counts)
         self.blocks, self.block_tokens = blocks, block_tokens
+        self.empty_experts = blocks == 1 and 0 in counts[:num_experts]  # (only needed for one block)
         self.compiled = compiled  # elementwise work through torch.compile (see _compiled)
         self.chunks: list[_Chunk] = []
-        pieces: list[tuple[int, int, int]] = []  # (row, slot, count) of every expert with rows
+        pieces: list[tuple[int, int, int, int]] = []  # (row, slot, count, rows) of every expert with rows
         s = p = 0
         for c0 in range(0, len(counts), per_chunk):
             group, block = divmod(c0 // per_chunk, blocks)
@@ -164,13 +169,14 @@ class _Plan:
             if sum(part) == 0:
                 continue
             cap = _padded(max(part), pad)
-            uniform = len(part) > 1 and cap * len(part) <= (1 + max_waste) * sum(part)
+            # Every expert of a bmm chunk needs a slot of its own to repeat in its padding.
+            uniform = len(part) > 1 and min(part) > 0 and cap * len(part) <= (1 + max_waste) * sum(part)
             experts, r = [], 0
             for i, n in enumerate(part):
-                width = cap if uniform else _padded(n, pad)
-                if n or uniform:
+                width = _padded(n, pad) if not uniform else cap
+                if n:
                     experts.append((e0 + i, slice(r, r + width), n))
-                    pieces.append((p + r, s, n))
+                    pieces.append((p + r, s, n, width))
                 r, s = r + width, s + n
             self.chunks.append(_Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None))
             p += r
@@ -184,9 +190,10 @@ class _Plan:
     def _index_padding(self, pieces: list, device: torch.device) -> None:
         real_P = torch.zeros(self.num_rows, dtype=torch.bool)
         slot_P = torch.zeros(self.num_rows, dtype=torch.long)
-        for row, slot, n in pieces:
+        for row, slot, n, width in pieces:
             real_P[row : row + n] = True
             slot_P[row : row + n] = torch.arange(slot, slot + n)
+            slot_P[row + n : row + width] = slot  # padding repeats one of the expert's own slots
         self.slot_P, self.pad_P = slot_P.to(device), (~real_P).nonzero().squeeze(1).to(device)
         self.real_P = real_P.nonzero().squeeze(1).to(device)
         for c in self.chunks:
@@ -242,9 +249,10 @@ class _Scratch:
         return buf[:rows]
 
 
-def _gather(buf: Tensor, src: Tensor, index_P: Optional[Tensor], chunk: _Chunk) -> Tensor:
+def _gather(buf: Tensor, src: Tensor, index_P: Optional[Tensor], chunk: _Chunk, zero_pads: bool = False) -> Tensor:
     """The chunk's rows of src in buf's dtype: src[index_P[row]] (index None: src is
-    already laid out by row), padding rows zeroed. A view of src when no copy is needed.
+    already laid out by row), padding rows zeroed if zero_pads. A view of src when no
+    copy is needed.
     """
     if index_P is None:
         part = src[chunk.rows]
@@ -255,7 +263,7 @@ def _gather(buf: Tensor, src: Tensor, index_P: Optional[Tensor], chunk: _Chunk) 
         torch.index_select(src, 0, index_P[chunk.rows], out=buf)
     else:
         buf.copy_(src.index_select(0, index_P[chunk.rows]))
-    if chunk.pad_local is not None and chunk.pad_local.numel():
+    if zero_pads and chunk.pad_local is not None and chunk.pad_local.numel():
         buf.index_fill_(0, chunk.pad_local, 0)
     return buf
 
@@ -281,16 +289,33 @@ def _products(a: Tensor, w: Tensor, out: Tensor, chunk: _Chunk, dtype, mm, trans
     return out
 
 
-def _weight_grads(a: Tensor, b: Tensor, dw: Tensor, chunk: _Chunk) -> None:
-    """dw[e] += a[rows of e].T @ b[rows of e] for every expert of the chunk (an expert's
-    token blocks add up; dw is a zeroed accumulator in a's dtype)."""
+def _weight_grads(a: Tensor, b: Tensor, dw: Tensor, chunk: _Chunk, add: bool) -> None:
+    """dw[e] = a[rows of e].T @ b[rows of e] for every expert of the chunk, or += when
+    `add` (an expert's token blocks add up in a zeroed accumulator; see _grad_buffer)."""
+    same = dw.dtype == a.dtype
     if chunk.cap is not None:
         n, cap = chunk.e1 - chunk.e0, chunk.cap
         a3, b3 = a.view(n, cap, a.shape[1]).transpose(1, 2), b.view(n, cap, b.shape[1])
-        dw[chunk.e0 : chunk.e1].baddbmm_(a3, b3)
+        target = dw[chunk.e0 : chunk.e1]
+        if add and same:
+            target.baddbmm_(a3, b3)
+        elif same:
+            torch.bmm(a3, b3, out=target)
+        elif add:
+            target.add_(torch.bmm(a3, b3))
+        else:
+            target.copy_(torch.bmm(a3, b3))
         return
     for e, rows, _ in chunk.experts:
-        dw[e].addmm_(a[rows].T, b[rows])
+        a_e, b_e = a[rows].T, b[rows]
+        if add and same:
+            dw[e].addmm_(a_e, b_e)
+        elif same:
+            torch.mm(a_e, b_e, out=dw[e])
+        elif add:
+            dw[e].add_(a_e @ b_e)
+        else:
+            dw[e].copy_(a_e @ b_e)
 
 
 # --- the elementwise work of a chunk: eager in-place ops, or one compiled kernel each --------
@@ -363,7 +388,7 @@ def _compiled() -> tuple:
 def _chunk_forward(x_RD, h_RH, chunk, w1, w2, gate_R1, buf, dtype, y_out, compiled) -> Tensor:
     """Every expert of the chunk: (silu(gate) * up) * g @ w2, [gate | up] = x @ w1.
 
-    x_RD [R, D] the chunk's rows (padding rows zero), h_RH [R, 2F] receives the
+    x_RD [R, D] the chunk's rows (padding rows: zero, or repeats with gate 0), h_RH [R, 2F] receives the
     pre-activations (saved for backward, storage dtype), gate_R1 [R, 1] or None,
     y_out [R, D] receives the result (may be x_RD's buffer: x is read first).
     """
@@ -377,7 +402,7 @@ def _chunk_forward(x_RD, h_RH, chunk, w1, w2, gate_R1, buf, dtype, y_out, compil
 
 
 def _chunk_backward(dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1, dw2, dx_out, compiled) -> tuple:
-    """Gradients of _chunk_forward. dy_RD [R, D] (padding rows zero), h_RH [R, 2F] saved
+    """Gradients of _chunk_forward. dy_RD [R, D] (padding rows as x's), h_RH [R, 2F] saved
     (any float dtype), load_x() -> the chunk's inputs [R, D] (called only for dw1, after
     the last read of dy); dw1 [E, D, 2F] and dw2 [E, F, D] receive the chunk's experts'
     slices (or are None); dx_out [R, D] receives dx (may be dy's or x's buffer; None:
@@ -389,18 +414,25 @@ def _chunk_backward(dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1
         a, dh, dgate = _compiled()[1](h_RH, ga, gate_R1)
     else:
         a, dh, dgate = _act_grads_eager(h_RH, ga, gate_R1, buf)
+    add = chunk.block > 0  # an expert's first token block writes its slice, later ones add
     if dw2 is not None:
-        _weight_grads(a, dy_RD, dw2, chunk)
+        _weight_grads(a, dy_RD, dw2, chunk, add)
     if dw1 is not None:
-        _weight_grads(load_x(), dh, dw1, chunk)
+        _weight_grads(load_x(), dh, dw1, chunk, add)
     dx = None if dx_out is None else _products(dh, w1, dx_out, chunk, dtype, mm, transpose=True)
     return dx, dgate
 
 
-def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool) -> Optional[Tensor]:
-    """A zeroed weight-gradient accumulator in the product dtype (experts that got no
-    slot keep an exact zero)."""
-    return torch.zeros(w.shape, dtype=mm, device=w.device) if needed else None
+def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool, plan: _Plan) -> Optional[Tensor]:
+    """The weight gradient's buffer. One token block: in w's dtype, each expert's slice
+    written once (zeroed first only if some expert got no slot: its gradient is an
+    exact 0). Several: a zeroed accumulator in the product dtype, so bf16 weights do
+    not sum their blocks in bf16."""
+    if not needed:
+        return None
+    if plan.blocks == 1:
+        return torch.zeros_like(w) if plan.empty_experts else torch.empty_like(w)
+    return torch.zeros(w.shape, dtype=mm, device=w.device)
 
 
 def _as_param(g: Optional[Tensor], w: Tensor) -> Optional[Tensor]:
@@ -432,7 +464,7 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
         h_PH = x_SD.new_empty(plan.num_rows, 2 * F)
         buf = _Scratch(plan.max_rows, mm, x_SD.device)
         for c in plan.chunks:
-            x_RD = _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c)
+            x_RD = _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, zero_pads=True)
             y_RD = _chunk_forward(x_RD, h_PH[c.rows], c, w1, w2, None, buf, dtype, buf.get("y", D, c.n_rows), plan.compiled)
             _to_slots(y_SD, y_RD, c, plan)
         ctx.save_for_backward(x_SD, w1, w2, h_PH)
@@ -448,11 +480,11 @@ class _FusedSwiGLUExperts(torch.autograd.Function):
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         dy_SD = dy_SD.contiguous()
         dx_SD = torch.empty_like(x_SD) if need_x else None
-        dw1, dw2 = _grad_buffer(w1, mm, need_w1), _grad_buffer(w2, mm, need_w2)
+        dw1, dw2 = _grad_buffer(w1, mm, need_w1, plan), _grad_buffer(w2, mm, need_w2, plan)
         buf = _Scratch(plan.max_rows, mm, x_SD.device)
         for c in plan.chunks:
-            dy_RD = _gather(buf.get("dy", D, c.n_rows), dy_SD, plan.slot_P, c)
-            load_x = lambda c=c: _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c)  # noqa: E731
+            dy_RD = _gather(buf.get("dy", D, c.n_rows), dy_SD, plan.slot_P, c, zero_pads=True)
+            load_x = lambda c=c: _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, zero_pads=True)  # noqa: E731
             dx_out = buf.get("y", D, c.n_rows) if need_x else None
             dx_RD, _ = _chunk_backward(
                 dy_RD, h_PH[c.rows], load_x, c, w1, w2, None, buf, dtype, dw1, dw2, dx_out, plan.compiled
@@ -564,7 +596,7 @@ class _FusedMoE(torch.autograd.Function):
         gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
         dx = _Combine(T, D, K, flat_P, plan, mm, ctx.cols) if need_x else None
         dgate_P = torch.empty(plan.num_rows, dtype=mm, device=x_TD.device)
-        dw1, dw2 = _grad_buffer(w1, mm, need_w1), _grad_buffer(w2, mm, need_w2)
+        dw1, dw2 = _grad_buffer(w1, mm, need_w1, plan), _grad_buffer(w2, mm, need_w2, plan)
         buf = _Scratch(plan.max_rows, mm, x_TD.device)
         for c in plan.chunks:
             # One [R, D] buffer holds dy, then x (after dy's last read), then dx.

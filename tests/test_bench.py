@@ -70,6 +70,7 @@ def test_report_rows_ratios_and_table(monkeypatch):
     text = format_report(report)
     assert "moge MoGELayer (fused, default)" in text and "naive per-expert loop" in text
     assert "token sweep (fp32)" in text and "transformers peers skipped" in text
+    assert "fp32: MoGE layer" in text and "router" in text and "peak memory" in text
     json.dumps(report)  # the --json output
 
 

@@ -139,6 +139,8 @@ def _layout(experts, pad, chunk, waste, chunk_bytes=None):
 def test_fused_layouts_match_reference_float32(pad, chunk, waste, chunk_bytes, skip):
     x, ids, w, experts = _case(skip_expert=skip)
     _layout(experts, pad, chunk, waste, chunk_bytes)
+    if chunk_bytes is not None:
+        assert experts._fused_plan(ids, 12, x.device, x.dtype)[1].blocks > 2
     fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
     ref = _grads(
         lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
@@ -150,21 +152,25 @@ def test_fused_layouts_match_reference_float32(pad, chunk, waste, chunk_bytes, s
 
 
 def test_plan_uses_one_bmm_per_balanced_chunk_and_pads_rows():
-    counts = [5, 7, 0, 6, 3, 3]
+    counts = [5, 7, 2, 6, 3, 3]
     uniform = _Plan(counts, 6, 1, 3, 100.0, torch.device("cpu"))
     assert [c.cap for c in uniform.chunks] == [7, 6]  # the largest count of each chunk
     assert uniform.num_rows == 3 * 7 + 3 * 6 and uniform.pad_P.numel() == uniform.num_rows - sum(counts)
-    # Every real row holds its own sorted slot, each slot exactly once.
+    # Every real row holds its own sorted slot, each slot exactly once; padding rows
+    # repeat a slot of their own expert (expert 2: rows 14..20, slots 12..13).
     real = uniform.slot_P[uniform.real_P]
     assert torch.equal(real.sort().values, torch.arange(sum(counts)))
+    assert set(uniform.slot_P[14:21].tolist()) == {12, 13}
     ragged = _Plan(counts, 6, 4, 3, 0.0, torch.device("cpu"))
     assert [c.cap for c in ragged.chunks] == [None, None]
-    assert ragged.num_rows == 8 + 8 + 8 + 4 + 4
+    assert ragged.num_rows == 8 + 8 + 4 + 8 + 4 + 4
     exact = _Plan(counts, 6, 1, 2, 0.0, torch.device("cpu"))
     assert exact.slot_P is None and exact.num_rows == sum(counts)  # no copies, no padding
-    # A balanced chunk goes to bmm under the default waste bound, a lopsided one does not.
+    # A balanced chunk goes to bmm under the default waste bound; a lopsided one, or one
+    # with an expert that got no slot, does not.
     assert _Plan([10, 11, 1, 30], 4, 1, 2, 0.25, torch.device("cpu")).chunks[0].cap == 11
     assert _Plan([10, 11, 1, 30], 4, 1, 2, 0.25, torch.device("cpu")).chunks[1].cap is None
+    assert _Plan([10, 0, 9, 9], 4, 1, 2, 100.0, torch.device("cpu")).chunks[0].cap is None
 
 
 @pytest.mark.parametrize("pad,chunk,waste", LAYOUTS)
@@ -324,3 +330,19 @@ def test_compiled_elementwise_matches_reference():
     eager = experts_mod._act_grads_eager(h, ga.clone(), gate, buf)
     for a, b in zip(eager, experts_mod._act_grads_pure(h, ga, gate)):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("pad,chunk,waste,chunk_bytes", [(8, 6, 100.0, None), (1, 3, 100.0, 768), (8, 2, 0.0, None)])
+def test_padding_keeps_a_non_finite_token_inside_its_own_experts(pad, chunk, waste, chunk_bytes):
+    """Padding rows repeat a slot of their own expert: a NaN token must not reach the
+    outputs of other tokens or the gradients of experts it did not choose."""
+    x, ids, w, experts = _case()
+    _layout(experts, pad, chunk, waste, chunk_bytes)
+    x[3] = float("nan")
+    fast = _grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    ref = _grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
+    )
+    for a, b in zip(fast, ref):
+        assert_close(a, b, equal_nan=True)
+    assert fast[0][torch.arange(29) != 3].isfinite().all()
