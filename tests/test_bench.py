@@ -91,14 +91,14 @@ def test_slow_peers_are_skipped_or_sampled_less_but_never_the_layer(monkeypatch)
 
 
 def test_bfloat16_adds_the_fp32_products_limit_when_the_cpu_lacks_bf16(monkeypatch):
-    from moge import experts
+    from moge import precision
 
-    monkeypatch.setattr(experts, "_cpu_has_native", lambda dtype: False)
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: False)
     cases = bench.dense_cases(TINY, torch.bfloat16)
     assert len(cases) == 2 and "fp32 products" in cases[1].name
     assert cases[0].optional and not cases[1].optional  # torch's bf16 matmul may be skipped
     assert [c.name for c in bench.dense_cases(TINY, torch.bfloat16, fastest_only=True)] == [cases[1].name]
-    monkeypatch.setattr(experts, "_cpu_has_native", lambda dtype: True)
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
     assert len(bench.dense_cases(TINY, torch.bfloat16)) == 1
 
 

@@ -296,14 +296,14 @@ def test_zero_tokens():
 
 
 def test_fused_chunks_are_groups_and_combine_by_gather():
-    from moge import experts as experts_mod
+    from moge.fused_plan import columns_per_chunk
 
     layer = make(num_experts=8, num_groups=2, top_k=4)
     assert layer.experts.experts_per_chunk == 4
     x = torch.randn(33, 16, generator=torch.Generator().manual_seed(7))
     out = layer.route_tokens(x, None, (33,))
     # Grouped routing fills columns group by group, so chunks combine with gathers.
-    assert experts_mod._columns_per_chunk(out.expert_ids, 4, 8) == 2
+    assert columns_per_chunk(out.expert_ids, 4, 8) == 2
     fast = _all_grads(layer, x, lambda x: layer(x).hidden)
     ref = _all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
     for a, b in zip(fast, ref):
