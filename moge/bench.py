@@ -349,6 +349,7 @@ class Result:
     fwd_s: list = field(default_factory=list)
     fb_s: list = field(default_factory=list)
     peak_bytes: Optional[int] = None
+    grad_bytes: int = 0  # the weight gradients inside peak_bytes (a MoE has E/K times the limit's)
     skipped: str = ""
     optional: bool = False
 
@@ -378,6 +379,7 @@ class Result:
             d[f"{key}_ms"] = {"median": med * 1e3, "q1": q1 * 1e3, "q3": q3 * 1e3, "min": min(v) * 1e3, "max": max(v) * 1e3}
         d["tokens_per_s"] = self.tokens / self.fb_median
         d["peak_mb"] = None if self.peak_bytes is None else self.peak_bytes / 2**20
+        d["grad_mb"] = self.grad_bytes / 2**20
         return d
 
 
@@ -435,6 +437,7 @@ def time_cases(
         for c, r in live:
             _reset(c)
             r.peak_bytes = peak_memory_bytes(lambda: _call(c, xs[0], gys[0]))
+            r.grad_bytes = sum(p.numel() * p.element_size() for p in c.module.parameters() if p.requires_grad)
     return results
 
 
@@ -516,7 +519,8 @@ def _with_ratios(results: list[Result]) -> list[dict]:
     limit = _limit(results)
     layer = next((r.fb_median for r in results if r.kind == "moge" and r.fb_s), math.nan)
     # Memory is compared with the same row as time: the fastest dense variant.
-    dense_peak = next((r.peak_bytes for r in results if r.kind == "limit" and r.fb_median == limit), None)
+    dense = next((r for r in results if r.kind == "limit" and r.fb_median == limit), None)
+    dense_peak = None if dense is None else dense.peak_bytes
     rows = []
     for r in results:
         row = r.summary()
@@ -525,6 +529,9 @@ def _with_ratios(results: list[Result]) -> list[dict]:
             row["fwd_x_limit"] = r.fwd_median / next(x.fwd_median for x in results if x.kind == "limit" and x.fb_median == limit)
             row["x_moge"] = r.fb_median / layer
             row["peak_x_limit"] = None if not (dense_peak and r.peak_bytes) else r.peak_bytes / dense_peak
+            # The same without the weight gradients: what the dispatch and activations need.
+            act = None if not (dense_peak and r.peak_bytes) else (r.peak_bytes - r.grad_bytes) / (dense_peak - dense.grad_bytes)
+            row["act_peak_x_limit"] = act
         rows.append(row)
     return rows
 
@@ -567,7 +574,7 @@ def _headline(dtype: str, rows: list[dict]) -> str:
     if router is not None:
         parts.append(f"router {100 * router['x_moge']:.1f}% of the layer")
     if layer.get("peak_x_limit") is not None:
-        parts.append(f"peak memory {layer['peak_x_limit']:.2f}x the limit's")
+        parts.append(f"peak memory {layer['peak_x_limit']:.2f}x the limit's ({layer['act_peak_x_limit']:.2f}x without weight gradients)")
     return "; ".join(parts)
 
 
@@ -581,10 +588,12 @@ def format_report(report: dict) -> str:
         f"load average (1, 5, 15 min) at start: {m['load_average']}, at end: {report.get('load_average_end')}",
         f"median [IQR] over {report['iters']} rounds (round-robin, after {report['warmup']} warm-up); "
         "x limit = forward+backward / fastest dense SwiGLU of width K*f in the same dtype",
+        "peak MB: allocator peak of one forward+backward, weight gradients (grads MB) included; "
+        "peak x: that / the limit's; -grads: the same without the weight gradients on both sides",
     ]
     head = (
         f"{'dtype':5} {'implementation':58} {'fwd ms [IQR]':>20} {'fwd+bwd ms [IQR]':>22} {'n':>3} "
-        f"{'tok/s':>7} {'peak MB':>8} {'x limit':>7} {'peak x':>6}"
+        f"{'tok/s':>7} {'peak MB':>8} {'grads':>6} {'x limit':>7} {'peak x':>6} {'-grads':>6}"
     )
     for d, rows in report["tables"].items():
         lines += ["", head, "-" * len(head)]
@@ -594,9 +603,10 @@ def format_report(report: dict) -> str:
                 continue
             peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
             px = "-" if r.get("peak_x_limit") is None else f"{r['peak_x_limit']:.2f}"
+            ax = "-" if r.get("act_peak_x_limit") is None else f"{r['act_peak_x_limit']:.2f}"
             lines.append(
                 f"{d:5} {r['name']:58} {_ms(r['fwd_ms']):>20} {_ms(r['fwd_bwd_ms']):>22} {r['samples']:3d} "
-                f"{r['tokens_per_s']:7.0f} {peak:>8} {r['x_limit']:7.2f} {px:>6}"
+                f"{r['tokens_per_s']:7.0f} {peak:>8} {r['grad_mb']:6.1f} {r['x_limit']:7.2f} {px:>6} {ax:>6}"
             )
         lines.append(_headline(d, rows))
     for d, sweep in report.get("sweep", {}).items():

@@ -68,6 +68,8 @@ def _weights(w: Tensor, chunk: Chunk, e: Optional[int], dtype: torch.dtype, mm: 
     """Expert e's weight (e None: the chunk's experts stacked), rounded to the compute
     dtype, in the product dtype."""
     part = w[chunk.e0 : chunk.e1] if e is None else w[e]
+    if part.dtype == dtype == mm:  # (the common case: skip two no-op calls per expert)
+        return part
     return part.to(dtype).to(mm)
 
 

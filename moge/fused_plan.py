@@ -15,8 +15,11 @@ import torch
 from torch import Tensor
 
 # A chunk's experts run as one bmm when equalising their row counts adds at most this
-# fraction of extra rows (see Plan).
-MAX_PAD_WASTE = 0.25
+# fraction of extra rows (see Plan). 0: only when the counts are already equal. On the
+# AVX2 machine of docs/performance.md one mm per expert (no padding) was 4-8% faster
+# for the whole layer than a bmm padded by the ~3% a balanced group needs, at both the
+# small and the large benchmark shape, in fp32 and bf16 (fp32 products).
+MAX_PAD_WASTE = 0.0
 # Token blocks keep one chunk's float32 work buffers [rows, max(D, 2F)] near this size.
 CHUNK_BYTES = 16 * 2**20
 
@@ -57,10 +60,10 @@ class Plan:
 
     In a chunk, if giving every expert the largest expert's row count (rounded up to
     `pad`) adds at most `max_waste` of extra rows, its products run as one bmm each: a
-    few large ops instead of E small ones, which matters most when other processes
-    share the cores (every parallel op can stall on a descheduled thread). Otherwise
-    each expert's rows are rounded up to `pad` and run as one mm each. Padding rows are
-    never written back. A padding row repeats one of its expert's own slots and has gate
+    few large ops instead of E small ones (fewer chances to stall on a descheduled
+    thread when other processes share the cores). Otherwise each expert's rows are
+    rounded up to `pad` and run as one mm each (the default: see MAX_PAD_WASTE).
+    Padding rows are never written back. A padding row repeats one of its expert's own slots and has gate
     0, so everything it adds is an exact 0 (as long as that slot's values are finite;
     a non-finite slot makes its expert's results non-finite anyway); where there are no
     gates (run_experts) padding rows are zeroed instead.

@@ -65,6 +65,12 @@ def test_report_rows_ratios_and_table(monkeypatch):
     layer = rows["moge MoGELayer (fused, default)"]
     assert layer["fwd_bwd_ms"]["median"] >= layer["fwd_ms"]["median"] > 0
     assert layer["x_moge"] == pytest.approx(1.0) and layer["peak_mb"] > 0
+    # Weight gradients: E experts of 3*d*f, router d*E (float32), all kept in .grad.
+    E, d, f = TINY.experts, TINY.d_model, TINY.hidden
+    assert layer["grad_mb"] * 2**20 == 4 * (E * 3 * d * f + d * E)
+    assert layer["grad_mb"] < layer["peak_mb"]
+    expected = (layer["peak_mb"] - layer["grad_mb"]) / (limit["peak_mb"] - limit["grad_mb"])
+    assert layer["act_peak_x_limit"] == pytest.approx(expected)
     assert any("transformers peers skipped" in n for n in report["notes"])
     assert [p["tokens"] for p in report["sweep"]["fp32"]] == [32, 64]
     text = format_report(report)
