@@ -2,21 +2,12 @@ import json
 
 import pytest
 import torch
-from torch.testing import assert_close
 
-from moge import bench
-from moge.bench import BenchShape, DenseSwiGLU, NaiveLoopMoE, format_report, peak_memory_bytes, run_layer_benchmark
+from moge import bench, bench_cases
+from moge.bench import format_report, peak_memory_bytes, project_seconds, run_layer_benchmark
+from moge.bench_cases import BenchShape
 
 TINY = BenchShape(tokens=64, d_model=16, hidden=8, experts=4, groups=2, top_k=2)
-
-
-@pytest.mark.parametrize(
-    "kw,field",
-    [(dict(tokens=0), "tokens"), (dict(groups=3), "groups"), (dict(top_k=3), "groups"), (dict(d_model=-2), "d_model")],
-)
-def test_bench_shape_validation_names_the_field(kw, field):
-    with pytest.raises(ValueError, match=f"^{field}:"):
-        BenchShape(**{**TINY.__dict__, **kw})
 
 
 def test_peak_memory_counts_live_bytes_not_total_allocations():
@@ -38,26 +29,8 @@ def test_peak_memory_counts_live_bytes_not_total_allocations():
     assert peak_memory_bytes(overlapping) == 2_000_000
 
 
-def test_naive_loop_matches_the_layer():
-    layer = bench._layer(TINY, "fused", torch.float32, seed=0)
-    x = torch.randn(TINY.tokens, TINY.d_model, generator=torch.Generator().manual_seed(0))
-    assert_close(NaiveLoopMoE(layer)(x), layer(x).hidden)
-
-
-def test_dense_fp32_products_close_to_plain_bf16():
-    torch.manual_seed(0)
-    dense = DenseSwiGLU(16, 32)
-    x = torch.randn(8, 16)
-    ref = dense(x)
-    fast = DenseSwiGLU(16, 32, products_fp32=True)
-    fast.load_state_dict(dense.state_dict())
-    y = fast.to(torch.bfloat16)(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    assert_close(y.float(), ref, atol=0.02 * ref.abs().max().item(), rtol=0.03)
-
-
 def test_report_rows_ratios_and_table(monkeypatch):
-    monkeypatch.setattr(bench, "_transformers_version", lambda: None)
+    monkeypatch.setattr(bench_cases, "transformers_version", lambda: None)
     report = run_layer_benchmark(TINY, ("fp32",), iters=2, warmup=0, peers=True, sweep_tokens=(32, 64))
     rows = {r["name"]: r for r in report["tables"]["fp32"]}
     limit = next(r for r in rows.values() if r["kind"] == "limit")
@@ -81,7 +54,7 @@ def test_report_rows_ratios_and_table(monkeypatch):
 
 
 def test_slow_peers_are_skipped_or_sampled_less_but_never_the_layer(monkeypatch):
-    monkeypatch.setattr(bench, "_transformers_version", lambda: None)
+    monkeypatch.setattr(bench_cases, "transformers_version", lambda: None)
     monkeypatch.setattr(bench, "_probe", lambda case, shape, dtype, seed: 1e4)
     report = run_layer_benchmark(TINY, ("fp32",), iters=4, warmup=0, peers=True, max_call_seconds=50.0)
     rows = report["tables"]["fp32"]
@@ -96,32 +69,6 @@ def test_slow_peers_are_skipped_or_sampled_less_but_never_the_layer(monkeypatch)
     assert all(r["samples"] == (3 if r["optional"] else 4) for r in report["tables"]["fp32"])
 
 
-def test_bfloat16_adds_the_fp32_products_limit_when_the_cpu_lacks_bf16(monkeypatch):
-    from moge import precision
-
-    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: False)
-    cases = bench.dense_cases(TINY, torch.bfloat16)
-    assert len(cases) == 2 and "fp32 products" in cases[1].name
-    assert cases[0].optional and not cases[1].optional  # torch's bf16 matmul may be skipped
-    assert [c.name for c in bench.dense_cases(TINY, torch.bfloat16, fastest_only=True)] == [cases[1].name]
-    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
-    assert len(bench.dense_cases(TINY, torch.bfloat16)) == 1
-
-
-def test_transformers_blocks_eager_and_grouped_mm_agree():
-    transformers = pytest.importorskip("transformers")
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("needs transformers >= 5")
-    cases = bench._hf_cases(TINY, torch.float32, seed=0)
-    assert len(cases) == 6
-    x = torch.randn(TINY.tokens, TINY.d_model, generator=torch.Generator().manual_seed(1))
-    for eager, grouped in zip(cases[::2], cases[1::2]):
-        assert "eager" in eager.name and "grouped_mm" in grouped.name
-        y_eager, y_grouped = eager.step(x)[0], grouped.step(x)[0]
-        assert y_eager.shape == x.shape and y_eager.abs().sum() > 0
-        assert_close(y_eager, y_grouped, atol=1e-5, rtol=1e-4)
-
-
 def test_main_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = ["--tokens", "32", "--d-model", "16", "--hidden", "8", "--experts", "4", "--groups", "2",
@@ -132,3 +79,10 @@ def test_main_prints_table_and_writes_json(tmp_path, capsys):
     assert json.loads(out.read_text())["shape"]["tokens"] == 32
     assert bench.main(["--dtype", "fp16", "--quiet"]) == 2
     assert "dtype" in capsys.readouterr().err
+
+
+def test_projection_keeps_fixed_costs_fixed():
+    # t(T) = 2 s fixed + 16 s per T: 3 s at T/16, 4 s at T/8 -> 18 s at T (not 4 * 8 = 32).
+    assert project_seconds(3.0, 4.0) == pytest.approx(18.0)
+    assert project_seconds(4.0, 4.0) == 4.0  # all fixed cost
+    assert project_seconds(5.0, 4.0) == 4.0  # noise: never below the T/8 call

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from moge.bench_train import build_train_cases, format_train_report, main, qwen3_config, run_train_benchmark
 from moge.config import config_from_dict
