@@ -145,7 +145,8 @@ class GroupedExperts(nn.Module):
     - experts_per_chunk: how many consecutive experts share one pass of the gather,
       elementwise and combine work (None: E // 4; MoGELayer sets one group's experts);
     - max_pad_waste: a chunk runs as one bmm per product when equalising its experts'
-      row counts adds at most this fraction of rows (0: always one mm per expert);
+      row counts adds at most this fraction of rows (default 0: one mm per expert
+      unless the counts are equal; measured faster, see docs/performance.md);
     - chunk_bytes: token blocks keep a chunk's float32 work buffers near this size;
     - compile_elementwise: run the SwiGLU's elementwise work through torch.compile
       (one fused kernel each way; the first call compiles for tens of seconds).
