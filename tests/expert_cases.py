@@ -3,6 +3,7 @@
 import torch
 
 from moge.experts import GroupedExperts
+from reference import reference_experts
 
 # (pad_rows, experts_per_chunk, max_pad_waste): per-expert mm; chunks of 3 experts run
 # one mm each; chunks forced to one bmm (any waste accepted); the same padded to 8 rows.
@@ -53,3 +54,22 @@ def set_layout(experts, pad, chunk, waste, chunk_bytes=None):
     if chunk_bytes is not None:
         experts.chunk_bytes = chunk_bytes
     return experts
+
+
+def assert_within_bf16_error(x, ids, w, experts):
+    """bf16 rounding differs between any two orderings of the same maths, so (as in
+    FlashAttention's tests) the fast path's error against a float32 run of the reference
+    must stay within twice the bf16 reference's own error, for the output and every
+    gradient. `experts` (bf16) is turned to float32 on the way."""
+    fast = grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    ref = grads(lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts)
+    experts.float()
+    exact = grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x.float(), w, experts
+    )
+    for name, a, b, c in zip(("y", "dx", "dw", "dw1", "dw2"), fast, ref, exact):
+        assert a.dtype == b.dtype == torch.bfloat16 or name == "dw", (name, a.dtype, b.dtype)
+        err_fast = (a.float() - c).abs().max().item()
+        err_ref = (b.float() - c).abs().max().item()
+        assert err_fast <= 2 * err_ref + 1e-3, (name, err_fast, err_ref)
+    return fast, exact

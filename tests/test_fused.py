@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from expert_cases import BLOCKED, LAYOUTS, case, grads, grouped_ids, set_layout
+from expert_cases import BLOCKED, LAYOUTS, assert_within_bf16_error, case, grads, grouped_ids, set_layout
 from moge import fused, precision
 from moge.experts import GroupedExperts
 from moge.fused_plan import columns_per_chunk
@@ -34,20 +34,7 @@ def test_fused_layouts_bfloat16_within_bf16_error(pad, chunk, waste, chunk_bytes
     """Same criterion as test_fast_paths_match_reference_bfloat16, for every layout."""
     x, ids, w, experts = case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
     set_layout(experts, pad, chunk, waste, chunk_bytes)
-    fast = grads(lambda x, w: experts(x, ids, w), x, w, experts)
-    ref = grads(
-        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
-    )
-    experts.float()
-    exact = grads(
-        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD),
-        x.float(), w, experts,
-    )  # fmt: skip
-    for name, a, b, c in zip(("y", "dx", "dw", "dw1", "dw2"), fast, ref, exact):
-        assert a.dtype == b.dtype
-        err_fast = (a.float() - c).abs().max().item()
-        err_ref = (b.float() - c).abs().max().item()
-        assert err_fast <= 2 * err_ref + 1e-3, (name, err_fast, err_ref)
+    assert_within_bf16_error(x, ids, w, experts)
 
 
 def test_bfloat16_products_run_in_native_dtype_when_the_cpu_has_it(monkeypatch):
