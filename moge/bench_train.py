@@ -45,6 +45,7 @@ class TrainCase:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    after_step: Callable[[], None] = lambda: None  # once per optimiser step, after AdamW
     step_ms: list[float] = field(default_factory=list)
     lm_losses: list[float] = field(default_factory=list)
     aux_losses: list[float] = field(default_factory=list)
@@ -64,6 +65,7 @@ class TrainCase:
             nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.after_step()
         elapsed = time.perf_counter() - start
         if record:
             self.step_ms.append(1e3 * elapsed)
@@ -77,11 +79,13 @@ def moge_case(cfg: RunConfig, name: str, seed: int) -> TrainCase:
 
     def loss_fn(x_BL: Tensor, y_BL: Tensor):
         out = model(x_BL, y_BL)
-        for layer in model.moe_layers():
-            layer.end_step()  # as the trainer does once per optimiser step
         return out.lm_loss, out.aux_loss
 
-    return TrainCase(name, model, build_optimizer(model, cfg.train), loss_fn)
+    def after_step() -> None:
+        for layer in model.moe_layers():
+            layer.end_step()  # as the trainer does: bias update, load counts reset
+
+    return TrainCase(name, model, build_optimizer(model, cfg.train), loss_fn, after_step=after_step)
 
 
 def qwen3_config(cfg: RunConfig):

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from moge.bench_train import build_train_cases, format_train_report, main, qwen3_config, run_train_benchmark
 from moge.config import config_from_dict
@@ -58,3 +59,12 @@ def test_qwen3_peer_has_the_same_shape_and_loss_scale():
     for r in report["rows"]:
         assert 4.0 < r["lm_loss_first"] < 7.0, r
     assert "x the tokens/s of transformers" in format_train_report(report, "tiny")
+
+
+def test_moge_load_counts_reset_after_every_step():
+    cfg = config_from_dict(TINY)
+    case = build_train_cases(cfg, seed=0, peers=False)[0][0]
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    case.step(x, x.roll(-1, 1), lr=1e-3, grad_clip=1.0, record=True)
+    assert all(int(layer.load_accum_E.sum()) == 0 for layer in case.model.moe_layers())
+    assert len(case.step_ms) == 1 and len(case.lm_losses) == 1
