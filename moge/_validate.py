@@ -6,7 +6,8 @@ mistyped a YAML value is told which field is wrong and why.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 def _type_name(value: Any) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from einops import rearrange
@@ -127,7 +126,7 @@ class RoutingStats:
     max_over_mean: float  # max expert load / mean expert load (1.0 = perfect)
     cv: float  # coefficient of variation of the expert load
     load_entropy: float  # entropy (nats) of the slot distribution; log(E) = uniform
-    score_entropy: Optional[float]  # mean per-token entropy (nats) of the scores, if given
+    score_entropy: float | None  # mean per-token entropy (nats) of the scores, if given
     dead_experts: int  # experts that received no slot
 
     def as_dict(self) -> dict:
@@ -151,7 +150,7 @@ def _score_entropy(scores_TE: Tensor) -> float:
 
 @torch.no_grad()
 def routing_stats(
-    expert_ids: Tensor, num_experts: int, num_groups: int, scores: Optional[Tensor] = None
+    expert_ids: Tensor, num_experts: int, num_groups: int, scores: Tensor | None = None
 ) -> RoutingStats:
     """Per-expert and per-group load, IS, max/mean, CV, entropies and dead experts.
 

@@ -33,19 +33,29 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from moge.bench_cases import DTYPES, SHAPES, BenchShape, Case, build_cases, dense_cases, layer_for, moge_case, transformers_version
+from moge.bench_cases import (
+    DTYPES,
+    SHAPES,
+    BenchShape,
+    Case,
+    build_cases,
+    dense_cases,
+    layer_for,
+    moge_case,
+    transformers_version,
+)
 from moge.precision import matmul_dtype
 
 # --- measuring -------------------------------------------------------------------------------------
 
 
-def _inputs(shape: BenchShape, dtype: torch.dtype, count: int, seed: int, tokens: Optional[int] = None):
+def _inputs(shape: BenchShape, dtype: torch.dtype, count: int, seed: int, tokens: int | None = None):
     gen = torch.Generator().manual_seed(seed + 1)
     T = tokens or shape.tokens
     xs = [torch.randn(T, shape.d_model, generator=gen).to(dtype) for _ in range(count)]
@@ -103,7 +113,7 @@ class Result:
     tokens: int
     fwd_s: list = field(default_factory=list)
     fb_s: list = field(default_factory=list)
-    peak_bytes: Optional[int] = None
+    peak_bytes: int | None = None
     grad_bytes: int = 0  # the weight gradients inside peak_bytes (a MoE has E/K times the limit's)
     skipped: str = ""
     optional: bool = False
@@ -131,7 +141,13 @@ class Result:
             return d
         for key, v in (("fwd", self.fwd_s), ("fwd_bwd", self.fb_s)):
             q1, med, q3 = self._quartiles(v)
-            d[f"{key}_ms"] = {"median": med * 1e3, "q1": q1 * 1e3, "q3": q3 * 1e3, "min": min(v) * 1e3, "max": max(v) * 1e3}
+            d[f"{key}_ms"] = {
+                "median": med * 1e3,
+                "q1": q1 * 1e3,
+                "q3": q3 * 1e3,
+                "min": min(v) * 1e3,
+                "max": max(v) * 1e3,
+            }
         d["tokens_per_s"] = self.tokens / self.fb_median
         d["peak_mb"] = None if self.peak_bytes is None else self.peak_bytes / 2**20
         d["grad_mb"] = self.grad_bytes / 2**20
@@ -202,9 +218,11 @@ def time_cases(
     if memory:
         for c, r in live:
             _reset(c)
-            r.peak_bytes = peak_memory_bytes(lambda: _call(c, xs[0], gys[0]))
+            r.peak_bytes = peak_memory_bytes(lambda c=c: _call(c, xs[0], gys[0]))
             # The weight gradients that call left (the router-only row leaves the experts' None).
-            r.grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in c.module.parameters() if p.grad is not None)
+            r.grad_bytes = sum(
+                p.grad.numel() * p.grad.element_size() for p in c.module.parameters() if p.grad is not None
+            )
     return results
 
 
@@ -225,14 +243,16 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_products": "native" if matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16 else "fp32 (no bf16 matrix instructions)",
+        "bf16_products": "native"
+        if matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
+        else "fp32 (no bf16 matrix instructions)",
         "transformers": transformers_version(),
         "python": platform.python_version(),
         "load_average": _load_average(),
     }
 
 
-def _load_average() -> Optional[str]:
+def _load_average() -> str | None:
     """1, 5 and 15 minute load averages: other processes on the cores skew every timing."""
     try:
         with open("/proc/loadavg") as f:
@@ -293,23 +313,39 @@ def _with_ratios(results: list[Result]) -> list[dict]:
         row = r.summary()
         if r.fb_s:
             row["x_limit"] = r.fb_median / limit
-            row["fwd_x_limit"] = r.fwd_median / next(x.fwd_median for x in results if x.kind == "limit" and x.fb_median == limit)
+            row["fwd_x_limit"] = r.fwd_median / next(
+                x.fwd_median for x in results if x.kind == "limit" and x.fb_median == limit
+            )
             row["x_moge"] = r.fb_median / layer
             row["peak_x_limit"] = None if not (dense_peak and r.peak_bytes) else r.peak_bytes / dense_peak
             # The same without the weight gradients: what the dispatch and activations need.
-            act = None if not (dense_peak and r.peak_bytes) else (r.peak_bytes - r.grad_bytes) / (dense_peak - dense.grad_bytes)
+            act = (
+                None
+                if not (dense_peak and r.peak_bytes)
+                else (r.peak_bytes - r.grad_bytes) / (dense_peak - dense.grad_bytes)
+            )
             row["act_peak_x_limit"] = act
         rows.append(row)
     return rows
 
 
-def _sweep(shape: BenchShape, dtype: torch.dtype, tokens: tuple[int, ...], iters: int, max_call: float, seed: int, log) -> list[dict]:
+def _sweep(
+    shape: BenchShape,
+    dtype: torch.dtype,
+    tokens: tuple[int, ...],
+    iters: int,
+    max_call: float,
+    seed: int,
+    log,
+) -> list[dict]:
     """Dense limit(s) and the MoGE layer at every T: time per call and per 1k tokens."""
     rows = []
     for T in tokens:
         s = BenchShape(T, shape.d_model, shape.hidden, shape.experts, shape.groups, shape.top_k)
         layer = layer_for(s, "fused", dtype, seed)
-        cases = dense_cases(s, dtype, seed, fastest_only=True) + [moge_case("moge MoGELayer (fused, default)", layer)]
+        cases = dense_cases(s, dtype, seed, fastest_only=True) + [
+            moge_case("moge MoGELayer (fused, default)", layer)
+        ]
         n = max(3, min(iters, iters * 4096 // T))
         log(f"sweep T={T}: {n} rounds")
         results = time_cases(cases, s, dtype, n, 1, max_call, seed, log=log)
@@ -320,7 +356,7 @@ def _sweep(shape: BenchShape, dtype: torch.dtype, tokens: tuple[int, ...], iters
 # --- printing ----------------------------------------------------------------------------------
 
 
-def _ms(d: Optional[dict]) -> str:
+def _ms(d: dict | None) -> str:
     if not d:
         return "-"
     return f"{d['median']:9.1f} [{d['q1']:.0f}-{d['q3']:.0f}]"
@@ -336,12 +372,16 @@ def _headline(dtype: str, rows: list[dict]) -> str:
     hf = [r for r in timed if r["name"].startswith("transformers")]
     if hf:
         best = min(hf, key=lambda r: r["fwd_bwd_ms"]["median"])
-        parts.append(f"fastest transformers block, {best['name'][len('transformers '):]}, takes {best['x_moge']:.2f}x its time")
+        parts.append(
+            f"fastest transformers block, {best['name'][len('transformers ') :]}, takes {best['x_moge']:.2f}x its time"
+        )
     router = next((r for r in timed if r["kind"] == "part"), None)
     if router is not None:
         parts.append(f"router {100 * router['x_moge']:.1f}% of the layer")
     if layer.get("peak_x_limit") is not None:
-        parts.append(f"peak memory {layer['peak_x_limit']:.2f}x the limit's ({layer['act_peak_x_limit']:.2f}x without weight gradients)")
+        parts.append(
+            f"peak memory {layer['peak_x_limit']:.2f}x the limit's ({layer['act_peak_x_limit']:.2f}x without weight gradients)"
+        )
     return "; ".join(parts)
 
 
@@ -381,13 +421,18 @@ def format_report(report: dict) -> str:
         lines.append(f"{'T':>7} {'dense limit ms':>15} {'MoGE ms':>10} {'MoGE ms/1k tok':>15} {'x limit':>8}")
         for point in sweep:
             rows = point["rows"]
-            dense = min((r["fwd_bwd_ms"]["median"] for r in rows if r["kind"] == "limit" and "fwd_bwd_ms" in r), default=math.nan)
+            dense = min(
+                (r["fwd_bwd_ms"]["median"] for r in rows if r["kind"] == "limit" and "fwd_bwd_ms" in r),
+                default=math.nan,
+            )
             moge = next((r for r in rows if r["kind"] == "moge"), None)
             if moge is None or "fwd_bwd_ms" not in moge:
                 lines.append(f"{point['tokens']:>7} {dense:15.1f} {'skipped':>10}")
                 continue
             mm = moge["fwd_bwd_ms"]["median"]
-            lines.append(f"{point['tokens']:>7} {dense:15.1f} {mm:10.1f} {mm / point['tokens'] * 1e3:15.2f} {mm / dense:8.2f}")
+            lines.append(
+                f"{point['tokens']:>7} {dense:15.1f} {mm:10.1f} {mm / point['tokens'] * 1e3:15.2f} {mm / dense:8.2f}"
+            )
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -401,25 +446,40 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def build_parser(prog: str = "bench_layer.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Time the MoGE layer against the dense SwiGLU limit and MoE peers (CPU).")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="small", help="preset sizes (large: E=64 M=8 K=8 d=1024 f=512)")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Time the MoGE layer against the dense SwiGLU limit and MoE peers (CPU)."
+    )
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="small",
+        help="preset sizes (large: E=64 M=8 K=8 d=1024 f=512)",
+    )
     for flag, key in (("--tokens", "tokens"), ("--d-model", "d_model"), ("--hidden", "hidden"),
                       ("--experts", "experts"), ("--groups", "groups"), ("--top-k", "top_k")):  # fmt: skip
         p.add_argument(flag, type=int, default=None, help=f"override the preset's {key}")
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--iters", type=int, default=10, help="timed rounds (each runs every implementation once)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--no-peers", action="store_true", help="only the dense limit, the MoGE layer and its router")
-    p.add_argument("--compiled", action="store_true", help="also the layer with torch.compile'd elementwise work")
-    p.add_argument("--sweep-tokens", type=_ints, default=(), help="e.g. 1024,4096,16384,65536: linearity curve")
-    p.add_argument("--max-call-seconds", type=float, default=120.0, help="skip rows whose one call is projected slower")
+    p.add_argument(
+        "--no-peers", action="store_true", help="only the dense limit, the MoGE layer and its router"
+    )
+    p.add_argument(
+        "--compiled", action="store_true", help="also the layer with torch.compile'd elementwise work"
+    )
+    p.add_argument(
+        "--sweep-tokens", type=_ints, default=(), help="e.g. 1024,4096,16384,65536: linearity curve"
+    )
+    p.add_argument(
+        "--max-call-seconds", type=float, default=120.0, help="skip rows whose one call is projected slower"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the full report here")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
-def main(argv: Optional[list[str]] = None, prog: str = "bench_layer.py") -> int:
+def main(argv: list[str] | None = None, prog: str = "bench_layer.py") -> int:
     """Parse options, run the benchmark, print the table. Returns the exit status."""
     import sys
 

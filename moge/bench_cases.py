@@ -9,8 +9,8 @@ moge/bench.py times them.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F_
@@ -38,7 +38,9 @@ class BenchShape:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.experts % self.groups or self.top_k % self.groups:
-            raise ValueError(f"groups: {self.groups} must divide experts={self.experts} and top_k={self.top_k}")
+            raise ValueError(
+                f"groups: {self.groups} must divide experts={self.experts} and top_k={self.top_k}"
+            )
 
     def describe(self) -> str:
         s = self
@@ -61,7 +63,7 @@ class Case:
     name: str
     kind: str  # "limit", "moge", "peer" or "part"
     module: nn.Module
-    step: Callable[[Tensor], tuple[Tensor, Optional[Tensor]]]
+    step: Callable[[Tensor], tuple[Tensor, Tensor | None]]
     optional: bool = False  # may be skipped, or sampled less, when one call is slow
 
 
@@ -142,7 +144,7 @@ def _router_case(layer: MoGELayer) -> Case:
 # --- transformers peers ------------------------------------------------------------------------
 
 
-def transformers_version() -> Optional[str]:
+def transformers_version() -> str | None:
     try:
         import transformers
     except ImportError:
@@ -218,7 +220,9 @@ def layer_for(shape: BenchShape, impl: str, dtype: torch.dtype, seed: int) -> Mo
     return MoGELayer(cfg).to(dtype)
 
 
-def dense_cases(shape: BenchShape, dtype: torch.dtype, seed: int = 0, fastest_only: bool = False) -> list[Case]:
+def dense_cases(
+    shape: BenchShape, dtype: torch.dtype, seed: int = 0, fastest_only: bool = False
+) -> list[Case]:
     """The dense limit. In a dtype the CPU has no matrix instructions for, the fp32
     products variant is the limit and torch's own (slow) matmul an optional row."""
     width = shape.top_k * shape.hidden
@@ -229,7 +233,9 @@ def dense_cases(shape: BenchShape, dtype: torch.dtype, seed: int = 0, fastest_on
     cases = []
     for fp32, name in variants:
         dense = init_(DenseSwiGLU(shape.d_model, width, fp32), seed=seed).to(dtype)
-        cases.append(Case(name, "limit", dense, lambda x, m=dense: (m(x), None), optional=upcast and not fp32))
+        cases.append(
+            Case(name, "limit", dense, lambda x, m=dense: (m(x), None), optional=upcast and not fp32)
+        )
     return cases
 
 
@@ -248,13 +254,22 @@ def build_cases(
         cases.append(moge_case("moge MoGELayer (fused, torch.compile elementwise)", layer))
     if peers:
         # The layer's other expert paths use torch's own matmul: slow in bf16 without bf16 instructions.
-        for name, impl in (("sort + torch._grouped_mm", "grouped_mm"), ("sort + per-expert autograd", "loop")):
-            cases.append(moge_case(f"moge MoGELayer ({name})", layer_for(shape, impl, dtype, seed), optional=True))
+        for name, impl in (
+            ("sort + torch._grouped_mm", "grouped_mm"),
+            ("sort + per-expert autograd", "loop"),
+        ):
+            cases.append(
+                moge_case(f"moge MoGELayer ({name})", layer_for(shape, impl, dtype, seed), optional=True)
+            )
         naive = NaiveLoopMoE(layer_for(shape, "fused", dtype, seed))
-        cases.append(Case("naive per-expert loop (MoGE router)", "peer", naive, lambda x, m=naive: (m(x), None), True))
+        cases.append(
+            Case("naive per-expert loop (MoGE router)", "peer", naive, lambda x, m=naive: (m(x), None), True)
+        )
         version = transformers_version()
         if version is None:
-            notes.append("transformers peers skipped: transformers is not installed (pip install 'moge[bench]')")
+            notes.append(
+                "transformers peers skipped: transformers is not installed (pip install 'moge[bench]')"
+            )
         elif int(version.split(".")[0]) < 5:
             notes.append(f"transformers peers skipped: transformers {version} < 5")
         else:

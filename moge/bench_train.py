@@ -22,8 +22,8 @@ import dataclasses
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F_
@@ -122,7 +122,9 @@ def qwen3_case(cfg: RunConfig, impl: str, seed: int) -> TrainCase:
         # Our batches are already shifted (y = x moved by one), so the loss is taken
         # here rather than through `labels`, which would shift once more.
         out = model(input_ids=x_BL)
-        lm = F_.cross_entropy(rearrange(out.logits.float(), "b l v -> (b l) v"), rearrange(y_BL, "b l -> (b l)"))
+        lm = F_.cross_entropy(
+            rearrange(out.logits.float(), "b l v -> (b l) v"), rearrange(y_BL, "b l -> (b l)")
+        )
         return lm, coef * out.aux_loss
 
     return TrainCase(f"transformers Qwen3-MoE ({impl})", model, build_optimizer(model, cfg.train), loss_fn)
@@ -150,7 +152,12 @@ def build_train_cases(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[Trai
 
 
 def run_train_benchmark(
-    cfg: RunConfig, steps: int, warmup: int, seed: int = 0, peers: bool = True, log: Callable[[str], None] = print
+    cfg: RunConfig,
+    steps: int,
+    warmup: int,
+    seed: int = 0,
+    peers: bool = True,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Train every case for warmup + steps optimiser steps on the same batches."""
     if steps < 1 or warmup < 0:
@@ -169,7 +176,14 @@ def run_train_benchmark(
             log(f"  step {i + 1}/{warmup + steps} done")
     tokens = tc.batch_size * cfg.data.seq_len
     rows = [_row(case, tokens) for case in cases]
-    return {"machine": machine_info(), "tokens_per_step": tokens, "steps": steps, "warmup": warmup, "rows": rows, "notes": notes}
+    return {
+        "machine": machine_info(),
+        "tokens_per_step": tokens,
+        "steps": steps,
+        "warmup": warmup,
+        "rows": rows,
+        "notes": notes,
+    }
 
 
 def _row(case: TrainCase, tokens: int) -> dict:
@@ -195,31 +209,45 @@ def format_train_report(report: dict, title: str) -> str:
     for r in report["rows"]:
         step = f"{r['median_ms']:.0f} [{r['q1_ms']:.0f}-{r['q3_ms']:.0f}]"
         loss = f"{r['lm_loss_first']:.3f} -> {r['lm_loss_last']:.3f}"
-        lines.append(f"{r['name']:58} {r['params']:>11,} {step:>20} {r['tokens_per_s']:>9.0f} {loss:>20} {r['aux_last']:>9.5f}")
-        if r["name"].startswith("transformers") and (fastest_peer is None or r["median_ms"] < fastest_peer["median_ms"]):
+        lines.append(
+            f"{r['name']:58} {r['params']:>11,} {step:>20} {r['tokens_per_s']:>9.0f} {loss:>20} {r['aux_last']:>9.5f}"
+        )
+        if r["name"].startswith("transformers") and (
+            fastest_peer is None or r["median_ms"] < fastest_peer["median_ms"]
+        ):
             fastest_peer = r
     lines += report["notes"]
     if fastest_peer is not None:
         for r in report["rows"]:
             if r["name"].startswith("moge"):
-                lines.append(f"{r['name']}: {fastest_peer['median_ms'] / r['median_ms']:.2f}x the tokens/s of {fastest_peer['name']}")
+                lines.append(
+                    f"{r['name']}: {fastest_peer['median_ms'] / r['median_ms']:.2f}x the tokens/s of {fastest_peer['name']}"
+                )
     return "\n".join(lines)
 
 
 def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Training tokens/s: moge vs transformers Qwen3-MoE (CPU).")
+    p = argparse.ArgumentParser(
+        prog=prog, description="Training tokens/s: moge vs transformers Qwen3-MoE (CPU)."
+    )
     p.add_argument("configs", nargs="*", default=["configs/tiny-moge.yaml", "configs/small-moge.yaml"])
     p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-peers", action="store_true", help="moge models only")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.batch_size=8")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. train.batch_size=8",
+    )
     p.add_argument("--quiet", action="store_true")
     return p
 
 
-def main(argv: Optional[list[str]] = None, prog: str = "bench_train.py") -> int:
+def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
     import sys
 
     args = build_parser(prog).parse_args(argv)

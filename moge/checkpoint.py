@@ -23,7 +23,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -147,9 +147,9 @@ def _restore_optimizer(
     used = set()
     for name, i in index.items():
         prefix = f"state.{name}."
-        entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         used.update(prefix + k for k in entry)
-        entry.update({k[len(name) + 1:]: v for k, v in scalars.items() if k.startswith(name + ".")})
+        entry.update({k[len(name) + 1 :]: v for k, v in scalars.items() if k.startswith(name + ".")})
         if entry:
             state[i] = entry
     extra = sorted(set(tensors) - used)
@@ -172,7 +172,7 @@ def _list(keys: list[str]) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     _fsync_path(path)
 
@@ -207,7 +207,9 @@ def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg,
     _save_tensors(opt_tensors, folder / FILES[1], metadata=opt_meta)
     rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state(), **(extra_rng or {})}
     _save_tensors(rng, folder / FILES[2])
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES}
+    files = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES
+    }
     state = {
         "step": step,
         "config": config_to_dict(cfg),
@@ -229,7 +231,7 @@ def save_checkpoint(
     data_gen: torch.Generator,
     cfg: RunConfig,
     keep_last: int,
-    extra_rng: Optional[dict[str, torch.Tensor]] = None,
+    extra_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoints/step_<step>/ atomically, point LATEST at it, keep the newest keep_last.
 
@@ -273,7 +275,9 @@ def find_checkpoint(path: str | Path) -> Path:
     root = path if (path / LATEST).exists() else path / CHECKPOINTS
     latest_file = root / LATEST
     if not latest_file.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint found (neither {path / 'state.json'} nor {latest_file})")
+        raise FileNotFoundError(
+            f"{path}: no checkpoint found (neither {path / 'state.json'} nor {latest_file})"
+        )
     name = latest_file.read_text(encoding="utf-8").strip()
     if not _STEP_DIR.match(name):
         raise ValueError(f"{latest_file}: expected a checkpoint folder name like step_00000600, got {name!r}")
@@ -283,7 +287,7 @@ def find_checkpoint(path: str | Path) -> Path:
     return folder
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The folder LATEST names in run_dir/checkpoints, or None when there is none."""
     if not (Path(run_dir) / CHECKPOINTS / LATEST).exists():
         return None
@@ -310,13 +314,17 @@ def _verify_file(folder: Path, name: str, state: dict) -> Path:
     if expected is not None:
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise ValueError(f"{file}: truncated or corrupted: {size} bytes, state.json says {expected['bytes']}")
+            raise ValueError(
+                f"{file}: truncated or corrupted: {size} bytes, state.json says {expected['bytes']}"
+            )
         if _sha256(file) != expected["sha256"]:
             raise ValueError(f"{file}: corrupted: its sha256 differs from the one in state.json")
     return file
 
 
-def _load_tensors(file: Path, device: str | torch.device = "cpu", metadata: bool = False) -> tuple[dict, dict]:
+def _load_tensors(
+    file: Path, device: str | torch.device = "cpu", metadata: bool = False
+) -> tuple[dict, dict]:
     """(tensors, metadata if asked) of a safetensors file; a decoding problem -> ValueError naming it."""
     try:
         tensors = load_file(str(file), device=str(device))
@@ -350,8 +358,8 @@ def _check_state_dict(file: Path, saved: dict, model: nn.Module) -> None:
 def load_checkpoint(
     path_or_run_dir: str | Path,
     model: nn.Module,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    data_gen: Optional[torch.Generator] = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    data_gen: torch.Generator | None = None,
     rng_key: str = "torch_cpu",
 ) -> int:
     """Load model (and optimizer, torch CPU RNG + data generator if given); return the step.
@@ -387,7 +395,9 @@ def checkpoint_config(path_or_run_dir: str | Path) -> RunConfig:
     return config_from_dict(_read_state(folder)["config"], source=str(folder / "state.json"))
 
 
-def load_run(run_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig, int]:
+def load_run(
+    run_dir: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, RunConfig, int]:
     """(model in eval mode, its config, step) of a run's newest checkpoint."""
     from moge.model import MoGETransformer  # model imports config only; keep this module light
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -37,7 +37,7 @@ def _one_line(err: BaseException) -> str:
     return "; ".join(lines) or type(err).__name__
 
 
-def _should_print(err: Optional[BaseException] = None) -> bool:
+def _should_print(err: BaseException | None = None) -> bool:
     """Under torchrun most errors hit every rank: rank 0 prints them. Errors the ranks
     agreed on carry `moge_report` (moge.distributed_train): the one failing rank prints."""
     report = getattr(err, "moge_report", None)
@@ -145,13 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  ("params", _cmd_params, "count total and activated parameters")):  # fmt: skip
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", help="YAML run config, e.g. configs/tiny-moge.yaml")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50 moe.router=global")
+        p.add_argument(
+            "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50 moe.router=global"
+        )
         p.set_defaults(handler=handler)
 
     p = sub.add_parser("eval", help="evaluate and compare trained runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--batches", type=_positive_int, default=None,
-                   help="validation batches (default: eval.batches)")
+    p.add_argument(
+        "--batches", type=_positive_int, default=None, help="validation batches (default: eval.batches)"
+    )
     p.add_argument("--out", default=None, help="folder for report.json and plots")
     p.set_defaults(handler=_cmd_eval)
 
@@ -169,12 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--devices", type=_positive_int, nargs="+", required=True)
     p.add_argument("--tokens", type=_positive_int, nargs="+", required=True, help="tokens per batch")
-    p.add_argument("--routers", default="grouped,global,group_limited",
-                   help="comma-separated: grouped, global, group_limited, grouped_per_device")
+    p.add_argument(
+        "--routers",
+        default="grouped,global,group_limited",
+        help="comma-separated: grouped, global, group_limited, grouped_per_device",
+    )
     p.add_argument("--trials", type=_positive_int, default=None, help="default: fewer for larger batches")
     p.add_argument("--tflops", type=float, default=300.0, help="per-device throughput, TFLOP/s")
-    p.add_argument("--bandwidth-gbs", type=float, default=50.0, dest="bandwidth_gbs",
-                   help="per-device all-to-all bandwidth, GB/s")
+    p.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=50.0,
+        dest="bandwidth_gbs",
+        help="per-device all-to-all bandwidth, GB/s",
+    )
     p.add_argument("--trace", default=None, help="RUN_DIR/routing_trace.safetensors from `moge eval`")
     p.add_argument("--out", default=None, help="folder for simulation.json/png (default runs/<name>)")
     p.add_argument("--seed", type=int, default=0)
@@ -187,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (see the module docstring)."""
     from moge.distributed_train import PeerError
     from moge.train import NonFiniteLossError

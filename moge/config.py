@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import yaml
 
@@ -39,20 +40,28 @@ class ModelConfig:
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # query heads
     n_kv_heads: int = 2  # key/value heads (grouped-query attention); divides n_heads
-    head_dim: Optional[int] = None  # None: d_model // n_heads
+    head_dim: int | None = None  # None: d_model // n_heads
     qkv_bias: bool = False  # biases on the q, k, v projections (Pangu Pro MoE: true)
     o_bias: bool = False  # bias on the attention output projection (released Pangu code: true)
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-5  # RMSNorm epsilon
     max_seq_len: int = 256  # longest sequence the RoPE tables cover
     tie_embeddings: bool = False  # share the token embedding with the LM head
-    dense_hidden: Optional[int] = None  # width of dense SwiGLU layers; None: 4 * d_model
+    dense_hidden: int | None = None  # width of dense SwiGLU layers; None: 4 * d_model
     first_dense_layers: int = 0  # the first N blocks use a dense FFN
     moe_every: int = 1  # after those, every N-th block is MoE, the rest dense
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "moe_every"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "max_seq_len",
+            "moe_every",
+        ):
             check_int(f"model.{name}", getattr(self, name), minimum=1)
         check_optional_int("model.head_dim", self.head_dim, minimum=1)
         check_optional_int("model.dense_hidden", self.dense_hidden, minimum=1)
@@ -64,9 +73,7 @@ class ModelConfig:
         check_float("model.norm_eps", self.norm_eps, minimum=0.0, strict_min=True)
         check_float("model.init_std", self.init_std, minimum=0.0, strict_min=True)
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}"
-            )
+            raise ValueError(f"model.n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}")
         if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"model.n_heads: {self.n_heads} does not divide d_model={self.d_model} "
@@ -94,9 +101,9 @@ class ModelConfig:
 class DataConfig:
     """Where tokens come from. path None: the built-in offline corpus (pydoc_data)."""
 
-    path: Optional[str] = None  # a text file, a folder of text files, or a uint16 .bin
+    path: str | None = None  # a text file, a folder of text files, or a uint16 .bin
     seq_len: int = 128  # tokens per training sequence; <= model.max_seq_len
-    val_fraction: float = 0.1  # share of the corpus (seeded random chunks) held out for validation, in (0, 0.5]
+    val_fraction: float = 0.1  # share of the corpus (seeded random chunks) held out, in (0, 0.5]
     seed: int = 0  # seed of the batch sampler
 
     def __post_init__(self) -> None:
@@ -127,7 +134,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per periodic evaluation
     save_every: int = 200  # 0: only at the end
     keep_last: int = 2  # checkpoints kept on disk
-    out_dir: Optional[str] = None  # None: runs/<config name>
+    out_dir: str | None = None  # None: runs/<config name>
     resume: bool = False  # continue from the latest checkpoint in out_dir
     device: str = "cpu"  # cpu or cuda
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
@@ -174,8 +181,8 @@ class ParallelConfig:
     """
 
     expert_parallel: int = 1  # ranks that share out the routed experts; 1: every rank holds all
-    backend: Optional[str] = None  # gloo or nccl; None: nccl with train.device=cuda, else gloo
-    static_splits: Optional[bool] = None  # None: on for the quota routers (grouped, random)
+    backend: str | None = None  # gloo or nccl; None: nccl with train.device=cuda, else gloo
+    static_splits: bool | None = None  # None: on for the quota routers (grouped, random)
 
     def __post_init__(self) -> None:
         check_int("parallel.expert_parallel", self.expert_parallel, minimum=1)
@@ -263,7 +270,7 @@ def _keys(section: str) -> tuple[str, ...]:
     return tuple(sorted(n for n in names if not (section == "moe" and n == "d_model")))
 
 
-_FLOAT_TYPES = (float, Optional[float], "float", "Optional[float]", "float | None")
+_FLOAT_TYPES = (float, Optional[float], "float", "Optional[float]", "float | None")  # noqa: UP045
 
 
 @functools.cache
@@ -334,8 +341,9 @@ def config_from_dict(d: Any, source: str = "<dict>") -> RunConfig:
     `source` names where `d` came from in every error message. `d` is not modified.
     """
     if not isinstance(d, dict):
-        raise ValueError(f"{source}: expected a mapping of sections ({', '.join(TOP_LEVEL_KEYS)}), "
-                         f"got {type(d).__name__}")
+        raise ValueError(
+            f"{source}: expected a mapping of sections ({', '.join(TOP_LEVEL_KEYS)}), got {type(d).__name__}"
+        )
     for key in d:
         if key not in TOP_LEVEL_KEYS:
             raise ValueError(f"{_unknown_key(str(key), sorted(TOP_LEVEL_KEYS))} (in {source})")
@@ -349,7 +357,9 @@ def config_from_dict(d: Any, source: str = "<dict>") -> RunConfig:
     sections = ("data", "train", "eval", "parallel")
     data, train, eval_, parallel = (_build(s, _section_dict(d, s, source), source) for s in sections)
     try:
-        return RunConfig(name=d["name"], model=model, moe=moe, data=data, train=train, eval=eval_, parallel=parallel)
+        return RunConfig(
+            name=d["name"], model=model, moe=moe, data=data, train=train, eval=eval_, parallel=parallel
+        )
     except ValueError as err:
         raise ValueError(f"{err} (in {source})") from err
 
@@ -401,8 +411,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         raise ValueError(f"{path}: the config file is empty")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections ({', '.join(TOP_LEVEL_KEYS)}), "
-                         f"got a YAML {type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected a mapping of sections ({', '.join(TOP_LEVEL_KEYS)}), "
+            f"got a YAML {type(data).__name__}"
+        )
     return data
 
 

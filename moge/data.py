@@ -23,9 +23,9 @@ as it may straddle the seam between two files of a folder -- harmless for a toy 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -52,7 +52,7 @@ def encode(text: str) -> torch.Tensor:
     return torch.frombuffer(data, dtype=torch.uint8).to(torch.int64)
 
 
-def decode(ids: Union[torch.Tensor, Sequence[int]]) -> str:
+def decode(ids: torch.Tensor | Sequence[int]) -> str:
     """Byte ids back to text; invalid UTF-8 and ids outside 0..255 become U+FFFD."""
     ids_N = torch.as_tensor(ids, dtype=torch.int64).flatten()
     # 0xFF never occurs in UTF-8, so mapping out-of-byte ids to it makes the decoder

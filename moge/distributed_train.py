@@ -38,9 +38,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TextIO, TypeVar
+from typing import TextIO, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,7 @@ from tqdm import tqdm
 from moge.checkpoint import load_checkpoint, save_checkpoint
 from moge.config import RunConfig, save_config
 from moge.data import TokenDataset, load_dataset
-from moge.model import MoGETransformer, ModelOutput, count_parameters, format_params
+from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
 from moge.parallel import (
     ExpertParallelExperts,
     ParallelContext,
@@ -117,7 +118,7 @@ def _mark(err: BaseException, report: bool) -> BaseException:
     return err
 
 
-def _kind(err: Optional[BaseException]) -> int:
+def _kind(err: BaseException | None) -> int:
     if err is None:
         return _OK
     if isinstance(err, NonFiniteLossError):
@@ -133,7 +134,7 @@ def _failed_ranks(ctx: ParallelContext, kind: int) -> list[int]:
     return kinds_W.cpu().tolist()
 
 
-def _raise_together(ctx: ParallelContext, what: str, err: Optional[Exception]) -> None:
+def _raise_together(ctx: ParallelContext, what: str, err: Exception | None) -> None:
     """A collective: if any rank failed, all raise; only the lowest failing one reports."""
     kinds = _failed_ranks(ctx, _kind(err))
     failed = [r for r, k in enumerate(kinds) if k]
@@ -215,7 +216,9 @@ def _load_state_by_name(
     """Put per-name AdamW state (and the saved group settings) into `optimizer`."""
     for name, p in model.named_parameters():
         if name in state:
-            optimizer.state[p] = {k: v.to(p.device) if _is_moment(v, p) else v for k, v in state[name].items()}
+            optimizer.state[p] = {
+                k: v.to(p.device) if _is_moment(v, p) else v for k, v in state[name].items()
+            }
     for group, saved in zip(optimizer.param_groups, settings):
         group.update(saved)
 
@@ -259,7 +262,7 @@ def rank_batches(
     return drawn[rank * grad_accum : (rank + 1) * grad_accum]
 
 
-def _load_full(cfg: RunConfig, ckpt: Optional[Path], device: torch.device, rank: int):
+def _load_full(cfg: RunConfig, ckpt: Path | None, device: torch.device, rank: int):
     """The single-process model (and its optimizer state by name) before parallelizing."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
@@ -272,7 +275,9 @@ def _load_full(cfg: RunConfig, ckpt: Optional[Path], device: torch.device, rank:
     return model, data_gen, start, (_state_by_name(model, full_opt), _group_settings(full_opt))
 
 
-def _parallelize(cfg: RunConfig, ctx: ParallelContext, model: MoGETransformer, opt_state) -> torch.optim.Optimizer:
+def _parallelize(
+    cfg: RunConfig, ctx: ParallelContext, model: MoGETransformer, opt_state
+) -> torch.optim.Optimizer:
     """Swap in the expert-parallel layers (a collective) and build this rank's optimizer."""
     rng = torch.get_rng_state()  # the EP layers draw a throwaway init: keep the stream as loaded
     parallelize_model(model, ctx, static_splits=cfg.parallel.static_splits)
@@ -316,8 +321,8 @@ class _Run:
     model: MoGETransformer
     optimizer: torch.optim.Optimizer
     data_gen: torch.Generator
-    metrics: Optional[TextIO]
-    val_loss: Optional[float] = None
+    metrics: TextIO | None
+    val_loss: float | None = None
 
     @property
     def main(self) -> bool:
@@ -365,7 +370,7 @@ def _global_losses(step: int, out: ModelOutput, run: _Run) -> Tensor:
     raise AssertionError("unreachable")
 
 
-def _stop_together(ctx: ParallelContext, mine: Optional[NonFiniteLossError], what: str) -> None:
+def _stop_together(ctx: ParallelContext, mine: NonFiniteLossError | None, what: str) -> None:
     kinds = _failed_ranks(ctx, _kind(mine))
     first = next((r for r, k in enumerate(kinds) if k), 0)  # none: the sum overflowed; rank 0 says so
     if mine is not None:
@@ -402,7 +407,9 @@ def _train_step(step: int, run: _Run) -> tuple[dict, ModelOutput]:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     totals = torch.zeros(3, dtype=torch.float64, device=run.device)
-    for x_BL, y_BL in rank_batches(run.dataset, run.data_gen, tc.batch_size, tc.grad_accum, ctx.rank, ctx.world_size):
+    for x_BL, y_BL in rank_batches(
+        run.dataset, run.data_gen, tc.batch_size, tc.grad_accum, ctx.rank, ctx.world_size
+    ):
         with _autocast(run.device, tc.dtype):
             out = run.model(x_BL.to(run.device), y_BL.to(run.device))
         totals += _global_losses(step + 1, out, run)  # before backward: its exchanges need every rank
@@ -419,7 +426,7 @@ def _train_step(step: int, run: _Run) -> tuple[dict, ModelOutput]:
 # ---------------------------------------------------------------- the loop
 
 
-def _after_step(run: _Run, rec: dict, stop_at: Optional[int]) -> None:
+def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
     """Rank 0 logs; every rank evaluates and joins the checkpoint, as train.* schedules."""
     tc, done = run.cfg.train, rec["step"]
     run.write(rec)
@@ -434,7 +441,7 @@ def _after_step(run: _Run, rec: dict, stop_at: Optional[int]) -> None:
         save_parallel_checkpoint(run, done)
 
 
-def _loop(run: _Run, start: int, stop_at: Optional[int], progress: bool, records: list[dict]) -> TrainResult:
+def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: list[dict]) -> TrainResult:
     tc = run.cfg.train
     end = stop_at if stop_at is not None else tc.steps
     train_loss, run.val_loss = _last(records, "train", "loss"), _last(records, "eval", "val_loss")
@@ -476,13 +483,13 @@ def _open_run(cfg: RunConfig, ctx: ParallelContext, out_dir: Path, dataset: Toke
     elif tc.resume:
         tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh")
     records = _read_metrics(out_dir / METRICS, start)
-    metrics = open(out_dir / METRICS, "w", encoding="utf-8")  # drops what a killed run logged later
+    metrics = open(out_dir / METRICS, "w", encoding="utf-8")  # noqa: SIM115 (held for the run) drops what a killed run logged later
     metrics.writelines(json.dumps(r) + "\n" for r in records)
     metrics.flush()
     return metrics, records
 
 
-def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: Optional[int]) -> TrainResult:
+def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: int | None) -> TrainResult:
     tc = cfg.train
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
@@ -501,7 +508,9 @@ def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: Option
     dataset, ckpt = agree(ctx, "setting up", prepare)
     model, data_gen, start, opt_state = agree(ctx, "loading", lambda: _load_full(cfg, ckpt, device, ctx.rank))
     optimizer = _parallelize(cfg, ctx, model, opt_state)
-    metrics, records = agree(ctx, "opening the run folder", lambda: _open_run(cfg, ctx, out_dir, dataset, start, ckpt))
+    metrics, records = agree(
+        ctx, "opening the run folder", lambda: _open_run(cfg, ctx, out_dir, dataset, start, ckpt)
+    )
     try:
         run = _Run(cfg, ctx, out_dir, device, dataset, model, optimizer, data_gen, metrics)
         return _loop(run, start, stop_at, progress, records)
@@ -510,7 +519,7 @@ def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: Option
             metrics.close()
 
 
-def train_distributed(cfg: RunConfig, *, progress: bool = True, stop_at: Optional[int] = None) -> TrainResult:
+def train_distributed(cfg: RunConfig, *, progress: bool = True, stop_at: int | None = None) -> TrainResult:
     """`moge.train.train` on every rank of a torchrun launch (see the module docstring).
 
     Joins torchrun's process group (env://) unless one is initialised already, and

@@ -30,8 +30,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -192,11 +192,18 @@ def loss_summary(val_loss: float, byte_level: bool) -> dict:
         ppl = math.exp(val_loss)
     except OverflowError:
         ppl = math.inf
-    return {"val_loss": val_loss, "val_ppl": ppl, "val_bpb": bits if byte_level else None, "val_bits_per_token": bits}
+    return {
+        "val_loss": val_loss,
+        "val_ppl": ppl,
+        "val_bpb": bits if byte_level else None,
+        "val_bits_per_token": bits,
+    }
 
 
 @torch.no_grad()
-def _measure(model, ds, cfg, batches: int, device: torch.device) -> tuple[float, list[int], list[_LayerRouting]]:
+def _measure(
+    model, ds, cfg, batches: int, device: torch.device
+) -> tuple[float, list[int], list[_LayerRouting]]:
     """Token-weighted mean NLL over the eval batches, tokens per batch, routing per layer."""
     moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
     layers = [_LayerRouting(i, cfg.moe.num_experts, cfg.moe.num_groups) for i in moe_blocks]
@@ -238,10 +245,10 @@ def _write_plots(report: dict, records: list[dict], out_dir: Path) -> list[str]:
 
 def evaluate_run(
     run_dir: str | Path,
-    batches: Optional[int] = None,
+    batches: int | None = None,
     *,
     out_dir: str | Path | None = None,
-    plots: Optional[bool] = None,
+    plots: bool | None = None,
     device: str = "cpu",
 ) -> dict:
     """Measure a run's newest checkpoint on the val split; write report, trace and plots.
@@ -270,10 +277,19 @@ def evaluate_run(
         "run_dir": str(path),
         "step": step,
         "params": {"total": params.total, "activated": params.activated},
-        "eval": {"split": "val", "batches": len(batch_tokens), "batch_size": cfg.eval.batch_size,
-                 "seq_len": cfg.data.seq_len, "tokens": sum(batch_tokens)},  # fmt: skip
-        "moe": {"router": cfg.moe.router, "num_experts": cfg.moe.num_experts,
-                "num_groups": cfg.moe.num_groups, "top_k": cfg.moe.top_k},  # fmt: skip
+        "eval": {
+            "split": "val",
+            "batches": len(batch_tokens),
+            "batch_size": cfg.eval.batch_size,
+            "seq_len": cfg.data.seq_len,
+            "tokens": sum(batch_tokens),
+        },  # fmt: skip
+        "moe": {
+            "router": cfg.moe.router,
+            "num_experts": cfg.moe.num_experts,
+            "num_groups": cfg.moe.num_groups,
+            "top_k": cfg.moe.top_k,
+        },  # fmt: skip
         "train": _train_summary(records),
         "routing": [acc.report() for acc in layers],
     }
@@ -319,6 +335,7 @@ def format_report(report: dict) -> str:
 
 # ---------------------------------------------------------------- comparing runs
 
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
@@ -328,7 +345,11 @@ _ROWS = (
     ("val_loss", lambda r: r["val_loss"], ".4f"),
     ("val_ppl", lambda r: r["val_ppl"], ".3f"),
     ("val_bpb", lambda r: r["val_bpb"], ".4f"),
-    ("IS per batch (mean of layers)", lambda r: _mean([x["imbalance_score_batch_mean"] for x in r["routing"]]), ".4f"),
+    (
+        "IS per batch (mean of layers)",
+        lambda r: _mean([x["imbalance_score_batch_mean"] for x in r["routing"]]),
+        ".4f",
+    ),
     ("IS eval set (mean of layers)", lambda r: _mean([x["imbalance_score"] for x in r["routing"]]), ".4f"),
     ("max/mean load (worst layer)", lambda r: max(x["max_over_mean"] for x in r["routing"]), ".3f"),
     ("dead experts (all layers)", lambda r: sum(x["dead_experts"] for x in r["routing"]), "d"),
@@ -370,8 +391,8 @@ def compare_runs(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path | None = None,
     *,
-    batches: Optional[int] = None,
-    reports: Optional[Sequence[dict]] = None,
+    batches: int | None = None,
+    reports: Sequence[dict] | None = None,
 ) -> dict:
     """Put two or more runs side by side: a text table, comparison.png and comparison.json.
 
@@ -399,7 +420,11 @@ def compare_runs(
         "run_dirs": [str(p) for p in paths],
         "rows": rows,
         "table": table,
-        "files": {"json": str(out / "comparison.json"), "table": str(out / "comparison.txt"), "figure": str(figure)},
+        "files": {
+            "json": str(out / "comparison.json"),
+            "table": str(out / "comparison.txt"),
+            "figure": str(figure),
+        },
         "out_dir": str(out),
     }
     (out / "comparison.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -409,7 +434,7 @@ def compare_runs(
 # ---------------------------------------------------------------- CLI entry
 
 
-def eval_command(run_dirs: list[str], batches: Optional[int] = None, out: Optional[str] = None) -> None:
+def eval_command(run_dirs: list[str], batches: int | None = None, out: str | None = None) -> None:
     """`moge eval RUN_DIR [RUN_DIR ...] [--batches N] [--out DIR]`.
 
     One run: evaluate it, print the report, write files into `out` (default: the run).

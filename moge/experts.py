@@ -12,18 +12,33 @@ tests/reference.py, forward and backward.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F_
 from einops import rearrange
 from torch import Tensor, nn
 
 from moge.fused import FusedMoE, FusedSwiGLUExperts
-from moge.fused_plan import CHUNK_BYTES, MAX_PAD_WASTE, Plan, columns_per_chunk, default_chunk, sort_pieces, token_blocks
+from moge.fused_plan import (
+    CHUNK_BYTES,
+    MAX_PAD_WASTE,
+    Plan,
+    columns_per_chunk,
+    default_chunk,
+    sort_pieces,
+    token_blocks,
+)
 from moge.precision import default_pad_rows, matmul_dtype
 
-__all__ = ["EXPERT_IMPLS", "GroupedExperts", "SwiGLU", "default_pad_rows", "matmul_dtype", "resolve_impl", "run_experts", "sort_slots"]
+__all__ = [
+    "EXPERT_IMPLS",
+    "GroupedExperts",
+    "SwiGLU",
+    "default_pad_rows",
+    "matmul_dtype",
+    "resolve_impl",
+    "run_experts",
+    "sort_slots",
+]
 
 EXPERT_IMPLS = ("auto", "fused", "grouped_mm", "loop")
 
@@ -91,7 +106,7 @@ def _grouped_mm_experts(x_SD: Tensor, w1: Tensor, w2: Tensor, counts_E: Tensor) 
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"auto": grouped_mm on CUDA in bf16 (a real grouped kernel), else the fused path."""
+    """ "auto": grouped_mm on CUDA in bf16 (a real grouped kernel), else the fused path."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl: expected one of {', '.join(EXPERT_IMPLS)}; got {impl!r}")
     if impl != "auto":
@@ -103,7 +118,7 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
 
 def run_experts(
     x_SD: Tensor, w1: Tensor, w2: Tensor, counts_E: Tensor, impl: str,
-    pad_rows: Optional[int] = None, experts_per_chunk: Optional[int] = None,
+    pad_rows: int | None = None, experts_per_chunk: int | None = None,
 ) -> Tensor:  # fmt: skip
     """Each expert's SwiGLU on its block of sorted slots. x_SD [S, D] -> [S, D].
 
@@ -118,7 +133,9 @@ def run_experts(
     if impl == "loop":
         return _loop_experts(x_SD, w1, w2, counts)
     pad = pad_rows or default_pad_rows(x_SD.device, x_SD.dtype)
-    plan = Plan(counts, len(counts), pad, experts_per_chunk or default_chunk(len(counts)), MAX_PAD_WASTE, x_SD.device)
+    plan = Plan(
+        counts, len(counts), pad, experts_per_chunk or default_chunk(len(counts)), MAX_PAD_WASTE, x_SD.device
+    )
     return FusedSwiGLUExperts.apply(x_SD, w1, w2, plan)
 
 
@@ -156,8 +173,8 @@ class GroupedExperts(nn.Module):
         super().__init__()
         resolve_impl(impl, torch.device("cpu"), torch.float32)  # validates the name
         self.num_experts, self.d_model, self.hidden, self.impl = num_experts, d_model, hidden, impl
-        self.pad_rows: Optional[int] = None
-        self.experts_per_chunk: Optional[int] = None
+        self.pad_rows: int | None = None
+        self.experts_per_chunk: int | None = None
         self.max_pad_waste = MAX_PAD_WASTE
         self.chunk_bytes = CHUNK_BYTES
         self.compile_elementwise = False
@@ -181,10 +198,22 @@ class GroupedExperts(nn.Module):
         block_tokens, blocks = token_blocks(T, K * per_chunk / E, width, self.chunk_bytes)
         order_S, counts = sort_pieces(ids_TK, E, per_chunk, block_tokens, blocks)
         pad = self.pad_rows or default_pad_rows(device, dtype)
-        plan = Plan(counts, E, pad, per_chunk, self.max_pad_waste, device, self.compile_elementwise, blocks, block_tokens)
+        plan = Plan(
+            counts,
+            E,
+            pad,
+            per_chunk,
+            self.max_pad_waste,
+            device,
+            self.compile_elementwise,
+            blocks,
+            block_tokens,
+        )
         return order_S, plan, columns_per_chunk(ids_TK, per_chunk, E)
 
-    def _sorted_path(self, x_TD: Tensor, order_S: Tensor, counts_E: Tensor, weights_TK: Tensor, impl: str) -> Tensor:
+    def _sorted_path(
+        self, x_TD: Tensor, order_S: Tensor, counts_E: Tensor, weights_TK: Tensor, impl: str
+    ) -> Tensor:
         """Gather sorted slots, run_experts, gather back to token order, weighted sum."""
         K = weights_TK.shape[1]
         dtype = x_TD.dtype
@@ -197,7 +226,9 @@ class GroupedExperts(nn.Module):
         y_TKD = rearrange(y_SD.index_select(0, inverse_S), "(t k) d -> t k d", k=K)
         return torch.einsum("tk,tkd->td", weights_TK.to(dtype), y_TKD)
 
-    def forward(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    def forward(
+        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype | None = None
+    ) -> Tensor:
         """y_t = sum_k weights[t, k] * expert_{ids[t, k]}(x_t).
 
         x_TD [T, D], ids_TK [T, K] int64, weights_TK [T, K] -> y_TD [T, D] in `dtype`

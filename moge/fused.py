@@ -15,7 +15,6 @@ materialise a full-size zero gradient per expert. See docs/performance.md.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F_
@@ -45,7 +44,9 @@ class _Scratch:
         return buf[:rows]
 
 
-def _gather(buf: Tensor, src: Tensor, index_P: Optional[Tensor], chunk: Chunk, zero_pads: bool = False) -> Tensor:
+def _gather(
+    buf: Tensor, src: Tensor, index_P: Tensor | None, chunk: Chunk, zero_pads: bool = False
+) -> Tensor:
     """The chunk's rows of src in buf's dtype: src[index_P[row]] (index None: src is
     already laid out by row), padding rows zeroed if zero_pads. A view of src when no
     copy is needed.
@@ -64,7 +65,7 @@ def _gather(buf: Tensor, src: Tensor, index_P: Optional[Tensor], chunk: Chunk, z
     return buf
 
 
-def _weights(w: Tensor, chunk: Chunk, e: Optional[int], dtype: torch.dtype, mm: torch.dtype) -> Tensor:
+def _weights(w: Tensor, chunk: Chunk, e: int | None, dtype: torch.dtype, mm: torch.dtype) -> Tensor:
     """Expert e's weight (e None: the chunk's experts stacked), rounded to the compute
     dtype, in the product dtype."""
     part = w[chunk.e0 : chunk.e1] if e is None else w[e]
@@ -119,7 +120,7 @@ def _weight_grads(a: Tensor, b: Tensor, dw: Tensor, chunk: Chunk, add: bool) -> 
 # --- the elementwise work of a chunk: eager in-place ops, or one compiled kernel each --------
 
 
-def _act_eager(h_RH: Tensor, gate_R1: Optional[Tensor], buf: _Scratch) -> Tensor:
+def _act_eager(h_RH: Tensor, gate_R1: Tensor | None, buf: _Scratch) -> Tensor:
     """a = silu(gate) * up (* g): [R, 2F] -> [R, F] in a scratch buffer."""
     R, F = h_RH.shape[0], h_RH.shape[1] // 2
     a = torch.ops.aten.silu.out(h_RH[:, :F], out=buf.get("a", F, R))
@@ -130,7 +131,7 @@ def _act_eager(h_RH: Tensor, gate_R1: Optional[Tensor], buf: _Scratch) -> Tensor
     return a
 
 
-def _act_grads_eager(h_RH: Tensor, ga_RF: Tensor, gate_R1: Optional[Tensor], buf: _Scratch) -> tuple:
+def _act_grads_eager(h_RH: Tensor, ga_RF: Tensor, gate_R1: Tensor | None, buf: _Scratch) -> tuple:
     """From the pre-activations h (any float dtype) and ga = d loss / d(a * g) per unit
     gate: (a * g [R, F], dh [R, 2F], d loss / d g [R] or None), in scratch buffers of
     ga's dtype (ga is overwritten)."""
@@ -153,14 +154,14 @@ def _act_grads_eager(h_RH: Tensor, ga_RF: Tensor, gate_R1: Optional[Tensor], buf
     return a, dh, dgate
 
 
-def _act_pure(h_RH: Tensor, gate_R1: Optional[Tensor]) -> Tensor:
+def _act_pure(h_RH: Tensor, gate_R1: Tensor | None) -> Tensor:
     """_act_eager without buffers, for torch.compile (one fused kernel)."""
     F = h_RH.shape[1] // 2
     a = F_.silu(h_RH[:, :F]) * h_RH[:, F:]
     return a if gate_R1 is None else a * gate_R1
 
 
-def _act_grads_pure(h_RH: Tensor, ga_RF: Tensor, gate_R1: Optional[Tensor]) -> tuple:
+def _act_grads_pure(h_RH: Tensor, ga_RF: Tensor, gate_R1: Tensor | None) -> tuple:
     """_act_grads_eager without buffers, for torch.compile; h may be in the storage dtype."""
     F = h_RH.shape[1] // 2
     gate, up = h_RH[:, :F].to(ga_RF.dtype), h_RH[:, F:].to(ga_RF.dtype)
@@ -174,7 +175,7 @@ def _act_grads_pure(h_RH: Tensor, ga_RF: Tensor, gate_R1: Optional[Tensor]) -> t
     return a, torch.cat((dgate_in, ga_RF * s), dim=1), dgate
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled() -> tuple:
     """(act, act_grads) compiled once per process, dynamic in the row count."""
     return torch.compile(_act_pure, dynamic=True), torch.compile(_act_grads_pure, dynamic=True)
@@ -199,7 +200,9 @@ def _chunk_forward(x_RD, h_RH, chunk, w1, w2, gate_R1, buf, dtype, y_out, compil
     return _products(a, w2, y_out, chunk, dtype, mm)
 
 
-def _chunk_backward(dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1, dw2, dx_out, compiled) -> tuple:
+def _chunk_backward(
+    dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1, dw2, dx_out, compiled
+) -> tuple:
     """Gradients of _chunk_forward. dy_RD [R, D] (padding rows as x's), h_RH [R, 2F] saved
     (any float dtype), load_x() -> the chunk's inputs [R, D] (called only for dw1, after
     the last read of dy); dw1 [E, D, 2F] and dw2 [E, F, D] receive the chunk's experts'
@@ -221,7 +224,7 @@ def _chunk_backward(dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1
     return dx, dgate
 
 
-def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool, plan: Plan) -> Optional[Tensor]:
+def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool, plan: Plan) -> Tensor | None:
     """The weight gradient's buffer. One token block: in w's dtype, each expert's slice
     written once (zeroed first only if some expert got no slot: its gradient is an
     exact 0). Several: a zeroed accumulator in the product dtype, so bf16 weights do
@@ -233,9 +236,8 @@ def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool, plan: Plan) -> Option
     return torch.zeros(w.shape, dtype=mm, device=w.device)
 
 
-def _as_param(g: Optional[Tensor], w: Tensor) -> Optional[Tensor]:
+def _as_param(g: Tensor | None, w: Tensor) -> Tensor | None:
     return None if g is None else g.to(w.dtype)
-
 
 
 # --- fused experts on sorted slots (run_experts "fused": also used by parallel.py) ------
@@ -259,7 +261,9 @@ class FusedSwiGLUExperts(torch.autograd.Function):
         buf = _Scratch(plan.max_rows, mm, x_SD.device)
         for c in plan.chunks:
             x_RD = _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, zero_pads=True)
-            y_RD = _chunk_forward(x_RD, h_PH[c.rows], c, w1, w2, None, buf, dtype, buf.get("y", D, c.n_rows), plan.compiled)
+            y_RD = _chunk_forward(
+                x_RD, h_PH[c.rows], c, w1, w2, None, buf, dtype, buf.get("y", D, c.n_rows), plan.compiled
+            )
             _to_slots(y_SD, y_RD, c, plan)
         ctx.save_for_backward(x_SD, w1, w2, h_PH)
         ctx.plan = plan
@@ -311,18 +315,26 @@ class _Combine:
     ms for the same call, depending on the load).
     """
 
-    def __init__(self, T: int, D: int, K: int, flat_P: Tensor, plan: Plan, mm: torch.dtype, cols: Optional[int]) -> None:
+    def __init__(
+        self, T: int, D: int, K: int, flat_P: Tensor, plan: Plan, mm: torch.dtype, cols: int | None
+    ) -> None:
         self.T, self.D, self.K, self.plan, self.cols = T, D, K, plan, cols
         self.block_tokens = plan.block_tokens if plan.blocks > 1 else max(T, 1)
         self.dtype = torch.float64 if mm == torch.float64 else torch.float32
         self.device = flat_P.device
-        self.tmp: Optional[Tensor] = None  # one reused [block tokens, D] buffer for the gathers
+        self.tmp: Tensor | None = None  # one reused [block tokens, D] buffer for the gathers
         if cols:
-            self.acc = torch.empty(T, D, dtype=self.dtype, device=self.device)  # group 0 writes every row first
+            self.acc = torch.empty(
+                T, D, dtype=self.dtype, device=self.device
+            )  # group 0 writes every row first
             rows_P = torch.arange(plan.num_rows, device=self.device)
             if plan.pad_P is not None:
                 flat_P, rows_P = flat_P.index_select(0, plan.real_P), plan.real_P
-            self.rows_TK = torch.empty(T * K, dtype=torch.long, device=self.device).index_copy_(0, flat_P, rows_P).view(T, K)
+            self.rows_TK = (
+                torch.empty(T * K, dtype=torch.long, device=self.device)
+                .index_copy_(0, flat_P, rows_P)
+                .view(T, K)
+            )
         else:
             self.acc = torch.zeros(T, D, dtype=self.dtype, device=self.device)
             self.tok_P = flat_P // K
@@ -372,7 +384,12 @@ class FusedMoE(torch.autograd.Function):
         buf = _Scratch(plan.max_rows, mm, x_TD.device)
         for c in plan.chunks:
             x_RD = _gather(buf.get("x", D, c.n_rows), x_TD, tok_P, c)  # always a copy: tok_P indexes
-            y.add(_chunk_forward(x_RD, h_PH[c.rows], c, w1, w2, gate_P1[c.rows], buf, dtype, x_RD, plan.compiled), c)
+            y.add(
+                _chunk_forward(
+                    x_RD, h_PH[c.rows], c, w1, w2, gate_P1[c.rows], buf, dtype, x_RD, plan.compiled
+                ),
+                c,
+            )
         ctx.save_for_backward(x_TD, weights_TK, w1, w2, order_S, h_PH)
         ctx.plan, ctx.cols = plan, cols
         return y.result(dtype)
@@ -408,7 +425,15 @@ class FusedMoE(torch.autograd.Function):
                 flat_P, dgate_P = flat_P.index_select(0, plan.real_P), dgate_P.index_select(0, plan.real_P)
             dweights_TK = torch.empty_like(dgate_P).index_copy_(0, flat_P, dgate_P)
             dweights_TK = dweights_TK.view(weights_TK.shape).to(weights_TK.dtype)
-        return dx.result(dtype) if need_x else None, dweights_TK, _as_param(dw1, w1), _as_param(dw2, w2), None, None, None
+        return (
+            dx.result(dtype) if need_x else None,
+            dweights_TK,
+            _as_param(dw1, w1),
+            _as_param(dw2, w2),
+            None,
+            None,
+            None,
+        )
 
 
 def _row_gates(weights_TK: Tensor, flat_P: Tensor, plan: Plan, mm: torch.dtype) -> Tensor:

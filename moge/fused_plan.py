@@ -9,8 +9,6 @@ moge/fused.py runs the plan.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -39,10 +37,10 @@ class Chunk:
     padding rows and of the others (None when the layout has no padding).
     """
 
-    def __init__(self, e0: int, e1: int, block: int, rows: slice, experts: list, cap: Optional[int]) -> None:
+    def __init__(self, e0: int, e1: int, block: int, rows: slice, experts: list, cap: int | None) -> None:
         self.e0, self.e1, self.block, self.rows, self.experts, self.cap = e0, e1, block, rows, experts, cap
-        self.pad_local: Optional[Tensor] = None
-        self.real_local: Optional[Tensor] = None
+        self.pad_local: Tensor | None = None
+        self.real_local: Tensor | None = None
 
     @property
     def n_rows(self) -> int:
@@ -100,12 +98,14 @@ class Plan:
                     experts.append((e0 + i, slice(r, r + width), n))
                     pieces.append((p + r, s, n, width))
                 r, s = r + width, s + n
-            self.chunks.append(Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None))
+            self.chunks.append(
+                Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None)
+            )
             p += r
         self.num_rows = p
         self.max_rows = max((c.n_rows for c in self.chunks), default=0)
-        self.slot_P: Optional[Tensor] = None
-        self.pad_P: Optional[Tensor] = None
+        self.slot_P: Tensor | None = None
+        self.pad_P: Tensor | None = None
         if p != self.num_slots:
             self._index_padding(pieces, device)
 
@@ -156,7 +156,7 @@ def default_chunk(num_experts: int) -> int:
     return max(1, num_experts // 4)
 
 
-def columns_per_chunk(ids_TK: Tensor, per_chunk: int, num_experts: int) -> Optional[int]:
+def columns_per_chunk(ids_TK: Tensor, per_chunk: int, num_experts: int) -> int | None:
     """K' when column k of ids_TK always holds an expert of chunk k // K' (MoGE's
     grouped router with one group per chunk: K' = K / M), else None."""
     K = ids_TK.shape[1]

@@ -7,7 +7,6 @@ F expert hidden, B batch, L sequence length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F_
@@ -53,19 +52,19 @@ class MoGEConfig:
     top_k: int  # experts per token K; grouped/random routers take K/M from every group
     expert_hidden: int  # hidden width F of each routed SwiGLU expert
     num_shared_experts: int = 0  # shared experts, merged into one SwiGLU added unweighted
-    shared_hidden: Optional[int] = None  # merged shared width; None: num_shared_experts * expert_hidden
-    router: str = "grouped"  # grouped (MoGE), global (top-k), group_limited (DeepSeek-V3), random (PanGu-Sigma RRE)
+    shared_hidden: int | None = None  # merged shared width; None: num_shared_experts * expert_hidden
+    router: str = "grouped"  # grouped (MoGE), global, group_limited (DeepSeek-V3), random (PanGu-Sigma)
     score_func: str = "softmax"  # softmax over all experts (the paper) or sigmoid
     normalize_weights: bool = False  # renormalise the K selected gates to sum to 1 (the paper: no)
     route_scale: float = 1.0  # constant multiplier of every gate (DeepSeek-V3: 2.5)
     learned_expert_scale: bool = False  # learned per-expert gate scale, init 1 (released Pangu code)
     aux_loss_coef: float = 0.001  # alpha of the balance loss, Eq. 8 (released Pangu value); 0: off
-    aux_loss_type: str = "batch"  # batch (Eq. 8 over the call), sequence, or global_batch (over micro-batches)
+    aux_loss_type: str = "batch"  # batch (Eq. 8 over the call), sequence, or global_batch
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss; 0: off
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) sign-rule rate; 0: off
-    topk_groups: Optional[int] = None  # group_limited: groups kept per token
+    topk_groups: int | None = None  # group_limited: groups kept per token
     group_score: str = "top2_sum"  # group_limited: rank groups by top2_sum or max of their scores
-    rre_vocab_size: Optional[int] = None  # random: size of the token-id table (run config: model.vocab_size)
+    rre_vocab_size: int | None = None  # random: size of the token-id table (run config: model.vocab_size)
     rre_seed: int = 0  # random: seed of the fixed token-id -> experts table
     expert_impl: str = "auto"  # expert kernel: auto, fused, grouped_mm or loop
     init_std: float = 0.02  # std of the layer's own init (a model re-initialises with model.init_std)
@@ -101,12 +100,11 @@ class MoGEConfig:
             raise ValueError(f"num_groups: {M} groups do not divide num_experts={E}")
         if K > E:
             raise ValueError(f"top_k: {K} is larger than num_experts={E}")
-        if self.router in ("grouped", "random"):
-            if K % M:
-                raise ValueError(
-                    f"top_k: the {self.router} router takes top_k/num_groups experts from "
-                    f"every group, so top_k={K} must be a multiple of num_groups={M}"
-                )
+        if self.router in ("grouped", "random") and K % M:
+            raise ValueError(
+                f"top_k: the {self.router} router takes top_k/num_groups experts from "
+                f"every group, so top_k={K} must be a multiple of num_groups={M}"
+            )
         if self.router == "group_limited":
             if self.topk_groups is None:
                 raise ValueError("topk_groups: the group_limited router needs topk_groups")
@@ -120,7 +118,9 @@ class MoGEConfig:
             if self.group_score == "top2_sum" and E // M < 2:
                 raise ValueError("group_score: top2_sum needs at least 2 experts per group")
         if self.router == "random" and self.rre_vocab_size is None:
-            raise ValueError("rre_vocab_size: the random router maps token ids, so it needs the vocabulary size")
+            raise ValueError(
+                "rre_vocab_size: the random router maps token ids, so it needs the vocabulary size"
+            )
 
     @property
     def experts_per_group(self) -> int:
@@ -182,7 +182,9 @@ class MoGELayer(nn.Module):
         # global-batch loss. Not saved: checkpoints are taken between steps.
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
         if c.router == "random":
-            table = make_random_routing_table(c.rre_vocab_size, c.num_experts, c.num_groups, c.top_k, c.rre_seed)
+            table = make_random_routing_table(
+                c.rre_vocab_size, c.num_experts, c.num_groups, c.top_k, c.rre_seed
+            )
             self.register_buffer("rre_table_VK", table, persistent=False)
         else:
             self.rre_table_VK = None
@@ -200,21 +202,27 @@ class MoGELayer(nn.Module):
 
     # -- forward pieces ------------------------------------------------------------
 
-    def _check_input(self, x: Tensor, token_ids: Optional[Tensor]) -> None:
+    def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:
         D = self.config.d_model
         if not torch.is_floating_point(x):
             raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != D:
             raise ValueError(f"d_model: x's last dimension is {tuple(x.shape)[-1:]} but d_model={D}")
         if token_ids is not None and token_ids.shape != x.shape[:-1]:
-            raise ValueError(f"token_ids: expected shape {tuple(x.shape[:-1])} (x without d_model), got {tuple(token_ids.shape)}")
+            raise ValueError(
+                f"token_ids: expected shape {tuple(x.shape[:-1])} (x without d_model), got {tuple(token_ids.shape)}"
+            )
         w = self.router.weight.dtype
         if x.dtype == torch.float64 and w != torch.float64:
-            raise ValueError(f"x: dtype {x.dtype} is wider than the layer's parameters ({w}); cast x or the layer")
+            raise ValueError(
+                f"x: dtype {x.dtype} is wider than the layer's parameters ({w}); cast x or the layer"
+            )
         if self.check_finite:
             bad = ~torch.isfinite(x)
             if bool(bad.any()):
-                raise ValueError(f"x: {int(bad.sum())} non-finite values (NaN/Inf) in the input of shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"x: {int(bad.sum())} non-finite values (NaN/Inf) in the input of shape {tuple(x.shape)}"
+                )
 
     def _router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and scores [T, E] in float32 whatever the input or autocast dtype."""
@@ -227,7 +235,9 @@ class MoGELayer(nn.Module):
         if c.aux_loss_type == "sequence" and len(lead) >= 2:
             L = lead[-1]
             return balance.sequence_load_balancing_loss(
-                rearrange(scores_TE, "(b l) e -> b l e", l=L), rearrange(ids_TK, "(b l) k -> b l k", l=L), c.num_experts
+                rearrange(scores_TE, "(b l) e -> b l e", l=L),
+                rearrange(ids_TK, "(b l) k -> b l k", l=L),
+                c.num_experts,
             )
         if c.aux_loss_type == "global_batch" and self.training:
             tokens = int(self.load_accum_E.sum()) // c.top_k
@@ -239,7 +249,7 @@ class MoGELayer(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def route_tokens(self, x_TD: Tensor, token_ids: Optional[Tensor], lead: tuple) -> MoGEOutput:
+    def route_tokens(self, x_TD: Tensor, token_ids: Tensor | None, lead: tuple) -> MoGEOutput:
         """The router half of forward: logits, scores, selection, gates, load, losses.
 
         x_TD [T, D], token_ids [...] or None, lead = x's leading shape. Returns a
@@ -263,7 +273,7 @@ class MoGELayer(nn.Module):
             expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE, lb_loss=lb_loss, z_loss=z_loss,
         )  # fmt: skip
 
-    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> MoGEOutput:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoGEOutput:
         """x [..., D] (token_ids [...] for router="random") -> MoGEOutput."""
         self._check_input(x, token_ids)
         c = self.config
@@ -281,6 +291,8 @@ class MoGELayer(nn.Module):
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
         if self.balance_bias_E is not None and int(self.load_accum_E.sum()) > 0:
-            new_E = balance.update_balance_bias(self.balance_bias_E, self.load_accum_E, self.config.bias_update_rate)
+            new_E = balance.update_balance_bias(
+                self.balance_bias_E, self.load_accum_E, self.config.bias_update_rate
+            )
             self.balance_bias_E.copy_(new_E)
         self.load_accum_E.zero_()

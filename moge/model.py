@@ -7,8 +7,8 @@ D d_model, H query heads, N KV heads, C head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,8 @@ class KVCache:
     def __init__(self, n_layers: int, max_len: int) -> None:
         self.max_len = max_len
         self.pos = 0
-        self.k: list[Optional[torch.Tensor]] = [None] * n_layers
-        self.v: list[Optional[torch.Tensor]] = [None] * n_layers
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
 
     def update(
         self, layer: int, k_BNLC: torch.Tensor, v_BNLC: torch.Tensor
@@ -106,7 +106,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * C, cfg.d_model, bias=cfg.o_bias)
 
     def forward(
-        self, x_BLD: torch.Tensor, rope: RotaryEmbedding, cache: Optional[KVCache], layer: int
+        self, x_BLD: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
         q_BHLC = rope(rearrange(self.q_proj(x_BLD), "b l (h c) -> b h l c", h=self.n_heads), start)
@@ -168,9 +168,9 @@ class Block(nn.Module):
         x_BLD: torch.Tensor,
         tokens_BL: torch.Tensor,
         rope: RotaryEmbedding,
-        cache: Optional[KVCache],
+        cache: KVCache | None,
         check_finite: bool = False,
-    ) -> tuple[torch.Tensor, Optional[MoGEOutput]]:
+    ) -> tuple[torch.Tensor, MoGEOutput | None]:
         """check_finite: raise ValueError at the first sub-module whose output holds NaN/Inf."""
         i = self.index
         a_BLD = self.attn_norm(x_BLD)
@@ -199,8 +199,8 @@ class ModelOutput:
     """logits [B, L, V]; loss = lm_loss + aux_loss (None without targets); routing: one per MoE layer."""
 
     logits: torch.Tensor
-    loss: Optional[torch.Tensor]
-    lm_loss: Optional[torch.Tensor]
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
     aux_loss: torch.Tensor
     routing: list[MoGEOutput]
 
@@ -227,9 +227,7 @@ class MoGETransformer(nn.Module):
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoGEConfig) -> None:
         super().__init__()
         if moe_cfg.d_model != model_cfg.d_model:
-            raise ValueError(
-                f"moe.d_model: {moe_cfg.d_model} differs from model.d_model={model_cfg.d_model}"
-            )
+            raise ValueError(f"moe.d_model: {moe_cfg.d_model} differs from model.d_model={model_cfg.d_model}")
         if moe_cfg.router == "random" and moe_cfg.rre_vocab_size != model_cfg.vocab_size:
             raise ValueError(
                 f"moe.rre_vocab_size: {moe_cfg.rre_vocab_size} differs from "
@@ -280,11 +278,11 @@ class MoGETransformer(nn.Module):
             if isinstance(block.ffn, MoGELayer):
                 yield block.ffn
 
-    def new_cache(self, max_len: Optional[int] = None) -> KVCache:
+    def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)
 
     def _check_inputs(
-        self, tokens_BL: torch.Tensor, targets_BL: Optional[torch.Tensor], cache: Optional[KVCache]
+        self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None, cache: KVCache | None
     ) -> None:
         _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
         start, L = (cache.pos if cache is not None else 0), tokens_BL.shape[1]
@@ -302,9 +300,9 @@ class MoGETransformer(nn.Module):
     def forward(
         self,
         tokens_BL: torch.Tensor,
-        targets_BL: Optional[torch.Tensor] = None,
+        targets_BL: torch.Tensor | None = None,
         *,
-        cache: Optional[KVCache] = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
         """Logits for tokens [B, L]; with a cache, the tokens continue the cached prefix."""
         self._check_inputs(tokens_BL, targets_BL, cache)
@@ -343,8 +341,8 @@ class MoGETransformer(nn.Module):
         tokens_BL: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Prompt [B, L] -> [B, L + max_new_tokens]: one prefill, then cached one-token steps.
 
@@ -382,8 +380,8 @@ class MoGETransformer(nn.Module):
 def sample_next(
     logits_BV: torch.Tensor,
     temperature: float,
-    top_k: Optional[int],
-    generator: Optional[torch.Generator] = None,
+    top_k: int | None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids [B, 1] from last-position logits [B, V]."""
     logits_BV = logits_BV.float()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -50,8 +49,8 @@ class ParallelContext:
     device: torch.device
     backend: str
     expert_parallel: int  # ranks per expert-parallel group
-    ep_group: Optional[dist.ProcessGroup] = None
-    replica_group: Optional[dist.ProcessGroup] = None
+    ep_group: dist.ProcessGroup | None = None
+    replica_group: dist.ProcessGroup | None = None
 
     @property
     def ep_rank(self) -> int:
@@ -62,7 +61,7 @@ class ParallelContext:
         return self.world_size // self.expert_parallel
 
 
-def _env_int(name: str, default: Optional[int] = None) -> int:
+def _env_int(name: str, default: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None:
         if default is None:
@@ -82,7 +81,7 @@ def _check_expert_parallel(expert_parallel: int, world_size: int) -> None:
         )
 
 
-def make_context(expert_parallel: Optional[int] = None, backend: Optional[str] = None) -> ParallelContext:
+def make_context(expert_parallel: int | None = None, backend: str | None = None) -> ParallelContext:
     """Build the expert-parallel and replica groups on an initialised default group.
 
     Ranks [k*W, (k+1)*W) form expert-parallel group k; ranks with the same r % W hold
@@ -92,7 +91,7 @@ def make_context(expert_parallel: Optional[int] = None, backend: Optional[str] =
     W = world if expert_parallel is None else expert_parallel
     _check_expert_parallel(W, world)
     ep_group = replica_group = None
-    if W < world:
+    if world > W:
         for k in range(world // W):  # every rank creates every group, in the same order
             g = dist.new_group(list(range(k * W, (k + 1) * W)))
             ep_group = g if rank // W == k else ep_group
@@ -106,11 +105,11 @@ def make_context(expert_parallel: Optional[int] = None, backend: Optional[str] =
 
 
 def init_distributed(
-    backend: Optional[str] = None,
+    backend: str | None = None,
     *,
-    expert_parallel: Optional[int] = None,
+    expert_parallel: int | None = None,
     init_method: str = "env://",
-    timeout_s: Optional[float] = None,
+    timeout_s: float | None = None,
 ) -> ParallelContext:
     """Join the process group torchrun set up (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
 
@@ -232,7 +231,9 @@ class ExpertParallelExperts(nn.Module):
     axis holds only the J local experts: w_gate_up_EDH [J, D, H], w_down_EFD [J, F, D].
     """
 
-    def __init__(self, config: MoGEConfig, group=None, replica_group=None, static_splits: bool = False) -> None:
+    def __init__(
+        self, config: MoGEConfig, group=None, replica_group=None, static_splits: bool = False
+    ) -> None:
         super().__init__()
         c = config
         self.group, self.replica_group, self.static_splits = group, replica_group, static_splits
@@ -250,7 +251,7 @@ class ExpertParallelExperts(nn.Module):
         J, D, F = self.num_local, c.d_model, c.expert_hidden
         self.w_gate_up_EDH = nn.Parameter(torch.empty(J, D, 2 * F))
         self.w_down_EFD = nn.Parameter(torch.empty(J, F, D))
-        self.last_exchange: Optional[ExchangeStats] = None
+        self.last_exchange: ExchangeStats | None = None
         self.calls = 0  # forward calls so far
         self.count_exchanges = 0  # count all_to_alls so far (stays 0 with static splits)
 
@@ -322,7 +323,7 @@ class ExpertParallelExperts(nn.Module):
         return y_RD.index_select(0, _inverse(perm_R))
 
     def forward(
-        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: Optional[torch.dtype] = None
+        self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype | None = None
     ) -> Tensor:
         """y_t = sum_k weights[t, k] * expert_{ids[t, k]}(x_t), experts on their ranks.
 
@@ -359,7 +360,7 @@ class ExpertParallelExperts(nn.Module):
 # --- the layer --------------------------------------------------------------------------
 
 
-def _resolve_static(router: str, static_splits: Optional[bool]) -> bool:
+def _resolve_static(router: str, static_splits: bool | None) -> bool:
     if static_splits is None:
         return router in QUOTA_ROUTERS
     if static_splits and router not in QUOTA_ROUTERS:
@@ -388,7 +389,7 @@ class ExpertParallelMoGE(MoGELayer):
         *,
         replica_group=None,
         sync_group=None,
-        static_splits: Optional[bool] = None,
+        static_splits: bool | None = None,
     ) -> None:
         static = _resolve_static(config.router, static_splits)
         super().__init__(config)
@@ -398,7 +399,7 @@ class ExpertParallelMoGE(MoGELayer):
         self.sync_group = sync_group
 
     @classmethod
-    def from_layer(cls, layer: MoGELayer, group=None, **kwargs) -> "ExpertParallelMoGE":
+    def from_layer(cls, layer: MoGELayer, group=None, **kwargs) -> ExpertParallelMoGE:
         """This rank's share of a full single-process layer (same config and weights)."""
         ref = layer.router.weight
         ep = cls(layer.config, group, **kwargs).to(device=ref.device, dtype=ref.dtype)
@@ -406,7 +407,7 @@ class ExpertParallelMoGE(MoGELayer):
         return ep.train(layer.training)
 
     @property
-    def last_exchange(self) -> Optional[ExchangeStats]:
+    def last_exchange(self) -> ExchangeStats | None:
         return self.experts.last_exchange
 
     def shard_state_dict(self, full_sd: dict) -> dict:
@@ -463,7 +464,7 @@ def broadcast_replicated(model: nn.Module, group=None) -> None:
 
 
 def parallelize_model(
-    model: nn.Module, ctx: ParallelContext, *, broadcast: bool = True, static_splits: Optional[bool] = None
+    model: nn.Module, ctx: ParallelContext, *, broadcast: bool = True, static_splits: bool | None = None
 ) -> nn.Module:
     """Replace every MoGELayer of `model` by its ExpertParallelMoGE share, in place.
 
@@ -579,4 +580,3 @@ def load_model_state_dict(model: nn.Module, full_sd: dict, strict: bool = True):
                     except ValueError as err:
                         raise ValueError(f"{full_key}: {err}") from None
     return model.load_state_dict(local, strict=strict)
-

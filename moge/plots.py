@@ -9,8 +9,8 @@ Inputs are plain data: `metrics.jsonl` records (dicts) and `moge.evaluate` repor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
@@ -101,7 +101,9 @@ def plot_expert_load_heatmap(report: dict, path: str | Path) -> Path:
     ax.set_xlabel(f"expert ({M} groups of {E // M}, separated by black lines)")
     ax.set_ylabel("layer")
     fig.colorbar(image, ax=ax, label="load / mean load")
-    ax.set_title(f"{report['name']}: expert load on the eval set\nrouter {report['moe']['router']}", fontsize=10)
+    ax.set_title(
+        f"{report['name']}: expert load on the eval set\nrouter {report['moe']['router']}", fontsize=10
+    )
     return _save(fig, Path(path))
 
 
@@ -123,7 +125,9 @@ def plot_imbalance_per_layer(report: dict, path: str | Path) -> Path:
         # Empty bars look like a broken plot; say why they are empty.
         why = "every group gets exactly T*K/M slots" if router in ("grouped", "random") else "balanced"
         ax.text(0.5, 0.5, f"IS = 0 in every layer ({why})", transform=ax.transAxes, ha="center")
-    ax.set_title(f"{report['name']}: imbalance score per layer\none group per device, router {router}", fontsize=10)
+    ax.set_title(
+        f"{report['name']}: imbalance score per layer\none group per device, router {router}", fontsize=10
+    )
     ax.legend(fontsize=8)
     return _save(fig, Path(path))
 

@@ -14,7 +14,7 @@ import torch
 PAD_ROWS_NATIVE_LOW_PRECISION = 128
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_has_native(dtype: torch.dtype) -> bool:
     mkldnn = torch.ops.mkldnn
     if dtype == torch.bfloat16:

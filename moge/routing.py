@@ -12,7 +12,6 @@ never `torch.topk`, whose order among equal values is unspecified.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from einops import rearrange
@@ -36,7 +35,7 @@ def _stable_topk_indices(values: Tensor, k: int) -> Tensor:
     return order[..., :k]
 
 
-def _with_bias(scores: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _with_bias(scores: Tensor, bias: Tensor | None) -> Tensor:
     return scores if bias is None else scores + bias
 
 
@@ -64,7 +63,7 @@ def _check_groups(num_experts: int, num_groups: int, top_k: int, *, quota: bool)
 
 
 def grouped_topk(
-    scores: Tensor, top_k: int, num_groups: int, *, bias: Optional[Tensor] = None
+    scores: Tensor, top_k: int, num_groups: int, *, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """MoGE: the top top_k/num_groups experts inside every group (Eq. 6 of the paper).
 
@@ -84,9 +83,7 @@ def grouped_topk(
     return scores.gather(1, ids_TK), ids_TK
 
 
-def global_topk(
-    scores: Tensor, top_k: int, *, bias: Optional[Tensor] = None
-) -> tuple[Tensor, Tensor]:
+def global_topk(scores: Tensor, top_k: int, *, bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Plain top-k over all experts (Switch, Mixtral): the baseline MoGE fixes.
 
     scores [T, E] -> weights [T, K], expert_ids [T, K], by descending score.
@@ -112,7 +109,7 @@ def group_limited_topk(
     topk_groups: int,
     group_score: str = "top2_sum",
     *,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """DeepSeek-V3: keep the `topk_groups` best groups, then a global top-k inside them.
 
@@ -198,7 +195,7 @@ class RouterSettings:
     router: str
     top_k: int
     num_groups: int
-    topk_groups: Optional[int] = None
+    topk_groups: int | None = None
     group_score: str = "top2_sum"
     normalize_weights: bool = False
     route_scale: float = 1.0
@@ -208,9 +205,9 @@ def select_experts(
     scores: Tensor,
     settings: RouterSettings,
     *,
-    bias: Optional[Tensor] = None,
-    token_ids: Optional[Tensor] = None,
-    table_VK: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    token_ids: Tensor | None = None,
+    table_VK: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Dispatch to the configured router. scores [T, E] -> (weights [T, K], ids [T, K])."""
     s = settings
@@ -243,9 +240,9 @@ def route(
     scores: Tensor,
     settings: RouterSettings,
     *,
-    bias: Optional[Tensor] = None,
-    token_ids: Optional[Tensor] = None,
-    table_VK: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    token_ids: Tensor | None = None,
+    table_VK: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Selection then gate post-processing. scores [T, E] -> (weights [T, K], ids [T, K])."""
     weights_TK, ids_TK = select_experts(scores, settings, bias=bias, token_ids=token_ids, table_VK=table_VK)

@@ -31,9 +31,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
 from matplotlib.figure import Figure
@@ -82,12 +82,22 @@ def default_trials(tokens: int) -> int:
     return max(4, min(200, (1 << 18) // tokens))
 
 
-def _check_inputs(cfg: RunConfig, devices: int, tokens: int, router: str, trials: int,
-                  tflops: float, bandwidth_gbs: float, trace) -> None:
+def _check_inputs(
+    cfg: RunConfig,
+    devices: int,
+    tokens: int,
+    router: str,
+    trials: int,
+    tflops: float,
+    bandwidth_gbs: float,
+    trace,
+) -> None:
     E, K = cfg.moe.num_experts, cfg.moe.top_k
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1 or E % devices:
-        raise ValueError(f"--devices: {devices} must be a positive divisor of num_experts={E} "
-                         "(experts sit on devices in equal contiguous blocks)")
+        raise ValueError(
+            f"--devices: {devices} must be a positive divisor of num_experts={E} "
+            "(experts sit on devices in equal contiguous blocks)"
+        )
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise ValueError(f"--tokens: must be a positive integer, got {tokens!r}")
     if router == "trace" and trace is None:
@@ -95,8 +105,10 @@ def _check_inputs(cfg: RunConfig, devices: int, tokens: int, router: str, trials
     if router not in SIM_ROUTERS and router != "trace":
         raise ValueError(f"--routers: expected names from {', '.join(SIM_ROUTERS)}; got {router!r}")
     if router == "grouped_per_device" and K % devices:
-        raise ValueError(f"--devices: grouped_per_device takes top_k/N experts per device, so "
-                         f"N={devices} must divide top_k={K}")
+        raise ValueError(
+            f"--devices: grouped_per_device takes top_k/N experts per device, so "
+            f"N={devices} must divide top_k={K}"
+        )
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"--trials: must be a positive integer, got {trials!r}")
     for name, value in (("--tflops", tflops), ("--bandwidth-gbs", bandwidth_gbs)):
@@ -126,7 +138,7 @@ def placement(cfg: RunConfig, router: str, devices: int) -> str:
         return f"{router_settings(cfg, router, devices).topk_groups} of {M} groups"
     if router == "trace":
         return "recorded ids"
-    if M == devices:
+    if devices == M:
         return "1 group/dev"
     if M % devices == 0:
         return f"{M // devices} groups/dev"
@@ -138,8 +150,9 @@ def placement(cfg: RunConfig, router: str, devices: int) -> str:
 # --- where expert ids come from ------------------------------------------------------
 
 
-def _random_ids(cfg: RunConfig, settings: RouterSettings, tokens: int, trials: int,
-                seed: int, sigma: float) -> Tensor:
+def _random_ids(
+    cfg: RunConfig, settings: RouterSettings, tokens: int, trials: int, seed: int, sigma: float
+) -> Tensor:
     """Route i.i.d. N(0, sigma) logits. -> ids [R, T, K]. The same seed gives every
     router and device count the same scores (common random numbers)."""
     E = cfg.moe.num_experts
@@ -164,13 +177,18 @@ def _trace_layers(path: str | Path, num_experts: int, top_k: int) -> Iterator[Te
         for key, want in (("num_experts", num_experts), ("top_k", top_k)):
             if key in meta and int(meta[key]) != want:
                 raise ValueError(f"--trace: {path} has {key}={meta[key]}, the config {want}")
-        keys = sorted((k for k in f.keys() if k.startswith("layer_")), key=lambda k: int(k[6:]))
+        names = f.keys()  # noqa: SIM118 (safe_open is not iterable)
+        keys = sorted((k for k in names if k.startswith("layer_")), key=lambda k: int(k[6:]))
         if not keys:
             raise ValueError(f"--trace: {path} holds no layer_<i> tensors")
         for key in keys:
             ids = f.get_tensor(key).long()
-            if ids.dim() != 2 or ids.shape[1] != top_k or ids.numel() and (
-                    int(ids.min()) < 0 or int(ids.max()) >= num_experts):
+            if (
+                ids.dim() != 2
+                or ids.shape[1] != top_k
+                or ids.numel()
+                and (int(ids.min()) < 0 or int(ids.max()) >= num_experts)
+            ):
                 raise ValueError(f"--trace: {path}:{key} is not [tokens, {top_k}] ids in [0, {num_experts})")
             yield ids
 
@@ -183,8 +201,12 @@ def trace_ids(path: str | Path, cfg: RunConfig, tokens: int, trials: int) -> Ten
     if most == 0:
         longest = max(ids.shape[0] for ids in layers)
         raise ValueError(f"--tokens: {tokens} exceeds the {longest} tokens per layer in {path}")
-    batches = [ids[b * tokens:(b + 1) * tokens] for b in range(most) for ids in layers
-               if ids.shape[0] >= (b + 1) * tokens]
+    batches = [
+        ids[b * tokens : (b + 1) * tokens]
+        for b in range(most)
+        for ids in layers
+        if ids.shape[0] >= (b + 1) * tokens
+    ]
     return torch.stack(batches[:trials])
 
 
@@ -222,9 +244,17 @@ def dense_flops_per_token(cfg: RunConfig) -> float:
     return projections + core + 6 * m.d_model * cfg.moe.shared_width
 
 
-def step_times(cfg: RunConfig, slots_RN: Tensor, out_RN: Tensor, in_RN: Tensor, *,
-               tflops: float, bandwidth_gbs: float, bytes_per_element: int,
-               training: bool) -> dict[str, Tensor]:
+def step_times(
+    cfg: RunConfig,
+    slots_RN: Tensor,
+    out_RN: Tensor,
+    in_RN: Tensor,
+    *,
+    tflops: float,
+    bandwidth_gbs: float,
+    bytes_per_element: int,
+    training: bool,
+) -> dict[str, Tensor]:
     """Per-trial times [R] in ms of one MoE layer: compute, comm, step and the ideal.
 
     training: FLOPs x3 (forward + backward), all-to-all x2 (gradients take both legs).
@@ -245,60 +275,118 @@ def step_times(cfg: RunConfig, slots_RN: Tensor, out_RN: Tensor, in_RN: Tensor, 
     return {"compute": compute, "comm": comm, "step": compute + comm, "ideal": ideal}
 
 
-def _summarise(cfg: RunConfig, ids_RTK: Tensor, router: str, devices: int, *, tflops: float,
-               bandwidth_gbs: float, bytes_per_element: int, training: bool) -> SimResult:
+def _summarise(
+    cfg: RunConfig,
+    ids_RTK: Tensor,
+    router: str,
+    devices: int,
+    *,
+    tflops: float,
+    bandwidth_gbs: float,
+    bytes_per_element: int,
+    training: bool,
+) -> SimResult:
     R, T, _ = ids_RTK.shape
     slots_RN, out_RN, in_RN = device_traffic(ids_RTK, cfg.moe.num_experts, devices)
-    times = step_times(cfg, slots_RN, out_RN, in_RN, tflops=tflops, bandwidth_gbs=bandwidth_gbs,
-                       bytes_per_element=bytes_per_element, training=training)
+    times = step_times(
+        cfg,
+        slots_RN,
+        out_RN,
+        in_RN,
+        tflops=tflops,
+        bandwidth_gbs=bandwidth_gbs,
+        bytes_per_element=bytes_per_element,
+        training=training,
+    )
     is_R = (slots_RN.amax(dim=1) - slots_RN.amin(dim=1)).double() / T
     mb_RN = (out_RN + in_RN).double() * cfg.model.d_model * bytes_per_element / 1e6
     ratio_R = times["step"] / times["ideal"]
     slots = slots_RN.double()
     return SimResult(
-        router=router, devices=devices, tokens=T, trials=R, placement=placement(cfg, router, devices),
-        imbalance_mean=float(is_R.mean()), imbalance_max=float(is_R.max()),
+        router=router,
+        devices=devices,
+        tokens=T,
+        trials=R,
+        placement=placement(cfg, router, devices),
+        imbalance_mean=float(is_R.mean()),
+        imbalance_max=float(is_R.max()),
         p_imbalanced=float((is_R > 0).double().mean()),
         load_max_over_mean=float((slots.amax(dim=1) / slots.mean(dim=1)).mean()),
         slots_per_device=slots.mean(dim=0).tolist(),
         sent_mb_per_device=mb_RN.mean(dim=0).tolist(),
         received_mb_per_device=mb_RN.mean(dim=0).tolist(),  # in + out both ways: equal
         a2a_max_mb=float(mb_RN.amax(dim=1).mean()),
-        compute_ms=float(times["compute"].mean()), comm_ms=float(times["comm"].mean()),
-        step_ms=float(times["step"].mean()), ideal_ms=float(times["ideal"].mean()),
-        slowdown=float(ratio_R.mean()), slowdown_max=float(ratio_R.max()),
+        compute_ms=float(times["compute"].mean()),
+        comm_ms=float(times["comm"].mean()),
+        step_ms=float(times["step"].mean()),
+        ideal_ms=float(times["ideal"].mean()),
+        slowdown=float(ratio_R.mean()),
+        slowdown_max=float(ratio_R.max()),
     )
 
 
 # --- the public entry points ---------------------------------------------------------
 
 
-def _ids(cfg: RunConfig, router: str, devices: int, tokens: int, trials: int, seed: int,
-         sigma: float, trace) -> Tensor:
+def _ids(
+    cfg: RunConfig, router: str, devices: int, tokens: int, trials: int, seed: int, sigma: float, trace
+) -> Tensor:
     if router == "trace":
         return trace_ids(trace, cfg, tokens, trials)
     return _random_ids(cfg, router_settings(cfg, router, devices), tokens, trials, seed, sigma)
 
 
-def simulate(cfg: RunConfig, devices: int, tokens: int, router: str, trials: Optional[int] = None,
-             *, seed: int = 0, sigma: float = 1.0, tflops: float = 300.0, bandwidth_gbs: float = 50.0,
-             bytes_per_element: int = 2, training: bool = False,
-             trace: Optional[str | Path] = None) -> SimResult:
+def simulate(
+    cfg: RunConfig,
+    devices: int,
+    tokens: int,
+    router: str,
+    trials: int | None = None,
+    *,
+    seed: int = 0,
+    sigma: float = 1.0,
+    tflops: float = 300.0,
+    bandwidth_gbs: float = 50.0,
+    bytes_per_element: int = 2,
+    training: bool = False,
+    trace: str | Path | None = None,
+) -> SimResult:
     """Route `trials` batches of `tokens` tokens and measure them on `devices` devices.
 
     router "trace" replays the ids recorded in `trace` (trials may come out fewer when
     the trace is short) instead of routing random scores. trials None: default_trials.
     """
-    return sweep(cfg, [devices], [tokens], [router], trials, seed=seed, sigma=sigma, tflops=tflops,
-                 bandwidth_gbs=bandwidth_gbs, bytes_per_element=bytes_per_element,
-                 training=training, trace=trace)[0]
+    return sweep(
+        cfg,
+        [devices],
+        [tokens],
+        [router],
+        trials,
+        seed=seed,
+        sigma=sigma,
+        tflops=tflops,
+        bandwidth_gbs=bandwidth_gbs,
+        bytes_per_element=bytes_per_element,
+        training=training,
+        trace=trace,
+    )[0]
 
 
-def sweep(cfg: RunConfig, devices: Sequence[int], tokens: Sequence[int],
-          routers: Sequence[str] = DEFAULT_ROUTERS, trials: Optional[int] = None, *,
-          seed: int = 0, sigma: float = 1.0, tflops: float = 300.0, bandwidth_gbs: float = 50.0,
-          bytes_per_element: int = 2, training: bool = False,
-          trace: Optional[str | Path] = None) -> list[SimResult]:
+def sweep(
+    cfg: RunConfig,
+    devices: Sequence[int],
+    tokens: Sequence[int],
+    routers: Sequence[str] = DEFAULT_ROUTERS,
+    trials: int | None = None,
+    *,
+    seed: int = 0,
+    sigma: float = 1.0,
+    tflops: float = 300.0,
+    bandwidth_gbs: float = 50.0,
+    bytes_per_element: int = 2,
+    training: bool = False,
+    trace: str | Path | None = None,
+) -> list[SimResult]:
     """simulate() over routers x devices x tokens, in that order. A trace adds "trace"
     rows. Routed ids do not depend on the device count, so each batch is routed once."""
     names = list(routers) + (["trace"] if trace is not None and "trace" not in routers else [])
@@ -321,21 +409,51 @@ def sweep(cfg: RunConfig, devices: Sequence[int], tokens: Sequence[int],
                 if ids is None or router == "grouped_per_device":
                     ids = _ids(cfg, router, N, T, R, seed, sigma, trace)
                 cells[router, N, T] = _summarise(
-                    cfg, ids, router, N, tflops=tflops, bandwidth_gbs=bandwidth_gbs,
-                    bytes_per_element=bytes_per_element, training=training)
+                    cfg,
+                    ids,
+                    router,
+                    N,
+                    tflops=tflops,
+                    bandwidth_gbs=bandwidth_gbs,
+                    bytes_per_element=bytes_per_element,
+                    training=training,
+                )
     return [cells[r, N, T] for r in names for N in devices for T in tokens]
 
 
 # --- reporting -----------------------------------------------------------------------
 
-_COLUMNS = ("router", "N", "T", "placement", "trials", "IS mean", "P(IS>0)", "max/mean load",
-            "a2a MB max/dev", "step ms", "ideal ms", "slowdown")
+_COLUMNS = (
+    "router",
+    "N",
+    "T",
+    "placement",
+    "trials",
+    "IS mean",
+    "P(IS>0)",
+    "max/mean load",
+    "a2a MB max/dev",
+    "step ms",
+    "ideal ms",
+    "slowdown",
+)
 
 
 def _row(r: SimResult) -> tuple[str, ...]:
-    return (r.router, str(r.devices), str(r.tokens), r.placement, str(r.trials),
-            f"{r.imbalance_mean:.4f}", f"{r.p_imbalanced:.2f}", f"{r.load_max_over_mean:.3f}",
-            f"{r.a2a_max_mb:.3g}", f"{r.step_ms:.4g}", f"{r.ideal_ms:.4g}", f"{r.slowdown:.3f}")
+    return (
+        r.router,
+        str(r.devices),
+        str(r.tokens),
+        r.placement,
+        str(r.trials),
+        f"{r.imbalance_mean:.4f}",
+        f"{r.p_imbalanced:.2f}",
+        f"{r.load_max_over_mean:.3f}",
+        f"{r.a2a_max_mb:.3g}",
+        f"{r.step_ms:.4g}",
+        f"{r.ideal_ms:.4g}",
+        f"{r.slowdown:.3f}",
+    )
 
 
 def format_table(results: Sequence[SimResult]) -> str:
@@ -356,8 +474,9 @@ def plot(results: Sequence[SimResult], path: str | Path, title: str = "") -> Pat
     axes = fig.subplots(2, len(devices), squeeze=False)
     for col, N in enumerate(devices):
         for router in routers:
-            cell = sorted((r for r in results if r.devices == N and r.router == router),
-                          key=lambda r: r.tokens)
+            cell = sorted(
+                (r for r in results if r.devices == N and r.router == router), key=lambda r: r.tokens
+            )
             x = [r.tokens for r in cell]
             axes[0, col].plot(x, [r.imbalance_mean for r in cell], marker="o", label=router)
             axes[1, col].plot(x, [r.slowdown for r in cell], marker="o", label=router)
@@ -376,26 +495,52 @@ def plot(results: Sequence[SimResult], path: str | Path, title: str = "") -> Pat
     return path
 
 
-def simulate_command(config: str, devices: Sequence[int], tokens: Sequence[int],
-                     routers: str | Sequence[str] = DEFAULT_ROUTERS, trials: Optional[int] = None,
-                     tflops: float = 300.0, bandwidth_gbs: float = 50.0,
-                     trace: Optional[str] = None, out: Optional[str] = None, *,
-                     overrides: Sequence[str] = (), seed: int = 0, sigma: float = 1.0,
-                     training: bool = False) -> None:
+def simulate_command(
+    config: str,
+    devices: Sequence[int],
+    tokens: Sequence[int],
+    routers: str | Sequence[str] = DEFAULT_ROUTERS,
+    trials: int | None = None,
+    tflops: float = 300.0,
+    bandwidth_gbs: float = 50.0,
+    trace: str | None = None,
+    out: str | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    seed: int = 0,
+    sigma: float = 1.0,
+    training: bool = False,
+) -> None:
     """`moge simulate`: sweep, print the table, write simulation.json and simulation.png
     to `out` (default runs/<config name>). `routers` may be "grouped,global"."""
     cfg = load_config(config, overrides)
-    names = [n.strip() for n in routers.split(",") if n.strip()] if isinstance(routers, str) else list(routers)
-    settings = dict(seed=seed, sigma=sigma, tflops=tflops, bandwidth_gbs=bandwidth_gbs,
-                    bytes_per_element=2, training=training)
+    names = (
+        [n.strip() for n in routers.split(",") if n.strip()] if isinstance(routers, str) else list(routers)
+    )
+    settings = dict(
+        seed=seed,
+        sigma=sigma,
+        tflops=tflops,
+        bandwidth_gbs=bandwidth_gbs,
+        bytes_per_element=2,
+        training=training,
+    )
     results = sweep(cfg, list(devices), list(tokens), names, trials, trace=trace, **settings)
     print(format_table(results))
     out_dir = Path(out or cfg.train.out_dir or f"runs/{cfg.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"config": str(config), "overrides": list(overrides), "trace": trace, **settings,
-              "results": [dataclasses.asdict(r) for r in results]}
+    report = {
+        "config": str(config),
+        "overrides": list(overrides),
+        "trace": trace,
+        **settings,
+        "results": [dataclasses.asdict(r) for r in results],
+    }
     (out_dir / "simulation.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     M = cfg.moe.num_groups
-    plot(results, out_dir / "simulation.png", f"{cfg.name}: {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, "
-         f"grouped = the config's {M} groups")
+    plot(
+        results,
+        out_dir / "simulation.png",
+        f"{cfg.name}: {cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, grouped = the config's {M} groups",
+    )
     print(f"wrote {out_dir / 'simulation.json'} and {out_dir / 'simulation.png'}")

@@ -6,7 +6,6 @@ Legend: T tokens, E experts, K experts per token, M groups, R trials.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from einops import rearrange
@@ -96,8 +95,8 @@ def expected_imbalance(
     *,
     trials: int = 2000,
     seed: int = 0,
-    num_groups: Optional[int] = None,
-    topk_groups: Optional[int] = None,
+    num_groups: int | None = None,
+    topk_groups: int | None = None,
 ) -> ImbalanceEstimate:
     """IS (Eq. 3) of batches of `tokens` tokens with i.i.d. uniform random scores.
 

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from moge.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoin
 from moge.config import RunConfig, TrainConfig, config_to_dict, save_config
 from moge.data import TokenDataset, load_dataset
 from moge.layer import MoGELayer
-from moge.model import MoGETransformer, ModelOutput, count_parameters, format_params
+from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
 
 METRICS = "metrics.jsonl"
 _STAT_KEYS = ("imbalance_score", "max_over_mean", "load_entropy", "score_entropy", "dead_experts", "cv")
@@ -43,8 +43,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     step: int  # optimiser steps completed
-    train_loss: Optional[float]  # loss of the last step (None if no step was taken or logged)
-    val_loss: Optional[float]  # the last validation loss
+    train_loss: float | None  # loss of the last step (None if no step was taken or logged)
+    val_loss: float | None  # the last validation loss
     out_dir: Path
     tokens_per_s: float  # training throughput of this call (0 if it took no step)
 
@@ -88,7 +88,11 @@ def _moe_blocks(model: MoGETransformer) -> list[int]:
 def _first_nonfinite(out: ModelOutput, model: MoGETransformer) -> str:
     """Where the non-finite loss first shows up, in depth order."""
     for index, routed in zip(_moe_blocks(model), out.routing):
-        parts = (("router scores", routed.scores), ("aux loss", routed.aux_loss), ("hidden output", routed.hidden))
+        parts = (
+            ("router scores", routed.scores),
+            ("aux loss", routed.aux_loss),
+            ("hidden output", routed.hidden),
+        )
         for what, t in parts:
             if not bool(torch.isfinite(t).all()):
                 return f"layer {index} (MoE): non-finite {what}"
@@ -134,7 +138,7 @@ def _check_weights(step: int, model: nn.Module) -> None:
 # ---------------------------------------------------------------- run directory
 
 
-def _prepare_out_dir(out_dir: Path, resume: bool) -> Optional[Path]:
+def _prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (or None); refuses to overwrite a previous run."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"train.out_dir: {out_dir} exists and is not a folder")
@@ -174,7 +178,7 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
     return records
 
 
-def _last(records: list[dict], kind: str, key: str) -> Optional[float]:
+def _last(records: list[dict], kind: str, key: str) -> float | None:
     return next((r[key] for r in reversed(records) if r.get("type") == kind), None)
 
 
@@ -211,7 +215,9 @@ def _routing_record(out: ModelOutput, model: MoGETransformer) -> list[dict]:
     records = []
     for index, routed, layer in zip(_moe_blocks(model), out.routing, model.moe_layers()):
         c = layer.config
-        stats = routing_stats(routed.expert_ids, c.num_experts, c.num_groups, routed.scores.detach()).as_dict()
+        stats = routing_stats(
+            routed.expert_ids, c.num_experts, c.num_groups, routed.scores.detach()
+        ).as_dict()
         rec = {"layer": index, **{k: stats[k] for k in _STAT_KEYS}}
         rec.update(lb_loss=routed.lb_loss.item(), z_loss=routed.z_loss.item())
         records.append(rec)
@@ -288,14 +294,14 @@ class _Run:
     optimizer: torch.optim.Optimizer
     data_gen: torch.Generator
     metrics: TextIO
-    val_loss: Optional[float] = None
+    val_loss: float | None = None
 
     def write(self, rec: dict) -> None:
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
 
 
-def _after_step(run: _Run, rec: dict, stop_at: Optional[int]) -> None:
+def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
     """Log, evaluate and checkpoint as the schedule of train.* asks after step rec["step"]."""
     tc, done = run.cfg.train, rec["step"]
     run.write(rec)
@@ -310,7 +316,7 @@ def _after_step(run: _Run, rec: dict, stop_at: Optional[int]) -> None:
         save_checkpoint(run.out_dir, done, run.model, run.optimizer, run.data_gen, run.cfg, tc.keep_last)
 
 
-def _loop(run: _Run, start: int, stop_at: Optional[int], progress: bool, records: list[dict]) -> TrainResult:
+def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: list[dict]) -> TrainResult:
     tc = run.cfg.train
     end = stop_at if stop_at is not None else tc.steps
     train_loss, run.val_loss = _last(records, "train", "loss"), _last(records, "eval", "val_loss")
@@ -321,7 +327,9 @@ def _loop(run: _Run, start: int, stop_at: Optional[int], progress: bool, records
     with tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar:
         for step in range(start, end):
             t_step = time.perf_counter()
-            rec, out = _train_step(step, run.model, run.optimizer, run.dataset, run.data_gen, run.cfg, run.device)
+            rec, out = _train_step(
+                step, run.model, run.optimizer, run.dataset, run.data_gen, run.cfg, run.device
+            )
             train_time += time.perf_counter() - t_step
             tok_s = tokens_per_step * (step + 1 - start) / train_time
             train_loss = rec["loss"]
@@ -335,7 +343,7 @@ def _loop(run: _Run, start: int, stop_at: Optional[int], progress: bool, records
     return TrainResult(max(end, start), train_loss, run.val_loss, run.out_dir, tok_s)
 
 
-def train(cfg: RunConfig, *, progress: bool = True, stop_at: Optional[int] = None) -> TrainResult:
+def train(cfg: RunConfig, *, progress: bool = True, stop_at: int | None = None) -> TrainResult:
     """Train `cfg` into train.out_dir (default runs/<name>); see the module docstring.
 
     stop_at: save a checkpoint and return after this many steps (the LR schedule still

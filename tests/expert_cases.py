@@ -1,9 +1,9 @@
 """Tiny expert cases shared by tests/test_experts.py and tests/test_fused*.py."""
 
 import torch
+from reference import reference_experts
 
 from moge.experts import GroupedExperts
-from reference import reference_experts
 
 # (pad_rows, experts_per_chunk, max_pad_waste): per-expert mm; chunks of 3 experts run
 # one mm each; chunks forced to one bmm (any waste accepted); the same padded to 8 rows.
@@ -62,10 +62,15 @@ def assert_within_bf16_error(x, ids, w, experts):
     must stay within twice the bf16 reference's own error, for the output and every
     gradient. `experts` (bf16) is turned to float32 on the way."""
     fast = grads(lambda x, w: experts(x, ids, w), x, w, experts)
-    ref = grads(lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts)
+    ref = grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
+    )
     experts.float()
     exact = grads(
-        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x.float(), w, experts
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD),
+        x.float(),
+        w,
+        experts,
     )
     for name, a, b, c in zip(("y", "dx", "dw", "dw1", "dw2"), fast, ref, exact):
         assert a.dtype == b.dtype == torch.bfloat16 or name == "dw", (name, a.dtype, b.dtype)

@@ -90,7 +90,9 @@ def test_sequence_loss_averages_per_sequence_losses():
 def test_sequence_loss_one_sequence_equals_batch_loss():
     scores = _scores(9, 6, seed=4)
     _, ids = global_topk(scores, 3)
-    assert_close(sequence_load_balancing_loss(scores[None], ids[None], 6), load_balancing_loss(scores, ids, 6))
+    assert_close(
+        sequence_load_balancing_loss(scores[None], ids[None], 6), load_balancing_loss(scores, ids, 6)
+    )
 
 
 def test_global_batch_counts_over_micro_batches():

@@ -33,7 +33,9 @@ def test_bfloat16_adds_the_fp32_products_limit_when_the_cpu_lacks_bf16(monkeypat
     cases = bench_cases.dense_cases(TINY, torch.bfloat16)
     assert len(cases) == 2 and "fp32 products" in cases[1].name
     assert cases[0].optional and not cases[1].optional  # torch's bf16 matmul may be skipped
-    assert [c.name for c in bench_cases.dense_cases(TINY, torch.bfloat16, fastest_only=True)] == [cases[1].name]
+    assert [c.name for c in bench_cases.dense_cases(TINY, torch.bfloat16, fastest_only=True)] == [
+        cases[1].name
+    ]
     monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
     assert len(bench_cases.dense_cases(TINY, torch.bfloat16)) == 1
 
@@ -54,7 +56,12 @@ def test_transformers_blocks_eager_and_grouped_mm_agree():
 
 @pytest.mark.parametrize(
     "kw,field",
-    [(dict(tokens=0), "tokens"), (dict(groups=3), "groups"), (dict(top_k=3), "groups"), (dict(d_model=-2), "d_model")],
+    [
+        (dict(tokens=0), "tokens"),
+        (dict(groups=3), "groups"),
+        (dict(top_k=3), "groups"),
+        (dict(d_model=-2), "d_model"),
+    ],
 )
 def test_bench_shape_validation_names_the_field(kw, field):
     with pytest.raises(ValueError, match=f"^{field}:"):

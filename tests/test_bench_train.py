@@ -6,8 +6,22 @@ from moge.config import config_from_dict
 
 TINY = {
     "name": "bench-tiny",
-    "model": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 16},
-    "moe": {"num_experts": 8, "num_groups": 2, "top_k": 2, "expert_hidden": 16, "num_shared_experts": 1, "learned_expert_scale": True},
+    "model": {
+        "vocab_size": 256,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "max_seq_len": 16,
+    },
+    "moe": {
+        "num_experts": 8,
+        "num_groups": 2,
+        "top_k": 2,
+        "expert_hidden": 16,
+        "num_shared_experts": 1,
+        "learned_expert_scale": True,
+    },
     "data": {"seq_len": 16},
     "train": {"batch_size": 2, "warmup_steps": 1},
 }
@@ -17,7 +31,10 @@ def test_moge_rows_train_on_the_same_batches():
     cfg = config_from_dict(TINY)
     report = run_train_benchmark(cfg, steps=3, warmup=1, peers=False, log=lambda s: None)
     names = [r["name"] for r in report["rows"]]
-    assert names == ["moge MoGETransformer (config as written)", "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)"]
+    assert names == [
+        "moge MoGETransformer (config as written)",
+        "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)",
+    ]
     full, bare = report["rows"]
     # The shared expert is 3 * d * f per layer.
     assert full["params"] - bare["params"] == 2 * 3 * 32 * 16
@@ -44,7 +61,12 @@ def test_qwen3_peer_has_the_same_shape_and_loss_scale():
     pytest.importorskip("transformers", minversion="5")
     cfg = config_from_dict(TINY)
     qcfg = qwen3_config(cfg)
-    assert (qcfg.hidden_size, qcfg.num_hidden_layers, qcfg.num_experts, qcfg.num_experts_per_tok) == (32, 2, 8, 2)
+    assert (qcfg.hidden_size, qcfg.num_hidden_layers, qcfg.num_experts, qcfg.num_experts_per_tok) == (
+        32,
+        2,
+        8,
+        2,
+    )
     assert qcfg.moe_intermediate_size == 16 and qcfg.head_dim == 8
     cases, notes = build_train_cases(cfg, seed=0, peers=True)
     assert not notes

@@ -61,7 +61,9 @@ def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
     folder = save_checkpoint(tmp_path, 2, model, opt, gen, cfg, keep_last=2)
     rng_saved = torch.get_rng_state()
     assert folder == tmp_path / "checkpoints" / "step_00000002"
-    assert any(l.balance_bias_E.abs().sum() > 0 for l in model.moe_layers()), "bias buffer must be non-trivial"
+    assert any(l.balance_bias_E.abs().sum() > 0 for l in model.moe_layers()), (
+        "bias buffer must be non-trivial"
+    )
 
     model2, opt2, gen2 = fresh(cfg)
     torch.manual_seed(999)
@@ -152,7 +154,9 @@ def test_wrong_architecture_names_file_and_keys(tmp_path):
     cfg, model, opt, gen = trained()
     save_checkpoint(tmp_path, 1, model, opt, gen, cfg, keep_last=1)
     other = make_cfg(d_model=48)
-    with pytest.raises(ValueError, match=r"model\.safetensors.*shape mismatch.*embed\.weight saved \(256, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors.*shape mismatch.*embed\.weight saved \(256, 32\)"
+    ):
         load_checkpoint(tmp_path, MoGETransformer(other.model, other.moe))
 
 
@@ -160,7 +164,9 @@ def test_missing_and_extra_keys_are_named(tmp_path):
     cfg, model, opt, gen = trained(bias=True)
     save_checkpoint(tmp_path / "a", 1, model, opt, gen, cfg, keep_last=1)
     plain = make_cfg(bias=False)
-    with pytest.raises(ValueError, match=r"model\.safetensors.*unexpected keys: blocks\.0\.ffn\.balance_bias_E"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors.*unexpected keys: blocks\.0\.ffn\.balance_bias_E"
+    ):
         load_checkpoint(tmp_path / "a", MoGETransformer(plain.model, plain.moe))
     cfg_b, model_b, opt_b, gen_b = trained(bias=False)
     save_checkpoint(tmp_path / "b", 1, model_b, opt_b, gen_b, cfg_b, keep_last=1)

@@ -31,7 +31,9 @@ def trained_run(tmp_path_factory):
     config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     n = torch.get_num_threads()
-    code = main(["train", str(config), "train.steps=3", "moe.router=global", f"train.out_dir={folder / 'run'}"])
+    code = main(
+        ["train", str(config), "train.steps=3", "moe.router=global", f"train.out_dir={folder / 'run'}"]
+    )
     torch.set_num_threads(n)
     assert code == 0
     return folder / "run"
@@ -118,7 +120,9 @@ def test_interrupt_and_divergence_exit_codes(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     def diverged(cfg, progress=True):
-        raise moge.train.NonFiniteLossError("step 7: the loss is nan at layer 0 (MoE): non-finite router scores")
+        raise moge.train.NonFiniteLossError(
+            "step 7: the loss is nan at layer 0 (MoE): non-finite router scores"
+        )
 
     monkeypatch.setattr(moge.train, "train", interrupted)
     assert main(["train", str(config)]) == 130

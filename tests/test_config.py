@@ -123,7 +123,14 @@ def test_tiny_presets_differ_only_in_routing():
 def test_tiny_moge_preset_values():
     cfg = load_config(CONFIGS / "tiny-moge.yaml")
     m, moe, t = cfg.model, cfg.moe, cfg.train
-    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.max_seq_len) == (256, 128, 4, 4, 2, 128)
+    assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.max_seq_len) == (
+        256,
+        128,
+        4,
+        4,
+        2,
+        128,
+    )
     assert (moe.num_experts, moe.num_groups, moe.top_k, moe.expert_hidden) == (16, 4, 4, 128)
     assert (moe.router, moe.num_shared_experts, moe.learned_expert_scale) == ("grouped", 1, True)
     assert moe.aux_loss_coef == 0.001
@@ -169,7 +176,9 @@ def test_overrides_set_typed_values():
 
 
 def test_later_override_wins_and_null_restores_optional_default():
-    cfg = load_config(CONFIGS / "pangu-pro-moe-72b.yaml", ["train.steps=5", "train.steps=7", "moe.shared_hidden=null"])
+    cfg = load_config(
+        CONFIGS / "pangu-pro-moe-72b.yaml", ["train.steps=5", "train.steps=7", "moe.shared_hidden=null"]
+    )
     assert cfg.train.steps == 7
     assert cfg.moe.shared_hidden is None and cfg.moe.shared_width == 4 * 1344
 
@@ -196,7 +205,9 @@ def test_float_fields_accept_ints_and_numeric_strings(tmp_path):
 
 def test_empty_or_missing_sections_take_defaults(tmp_path):
     path = tmp_path / "defaults.yaml"
-    path.write_text("moe:\n  num_experts: 8\n  num_groups: 2\n  top_k: 2\n  expert_hidden: 16\ntrain:\neval:\n")
+    path.write_text(
+        "moe:\n  num_experts: 8\n  num_groups: 2\n  top_k: 2\n  expert_hidden: 16\ntrain:\neval:\n"
+    )
     cfg = load_config(path)
     assert cfg.name == "defaults"
     assert cfg.model == type(cfg.model)() and cfg.train == type(cfg.train)()
@@ -283,14 +294,26 @@ FIELD_ERRORS = [
     ({"train.steps": 0}, [], "train.steps"),
     ({"eval.foo": 1}, [], "eval.foo: unknown key"),
     ({"eval.plots": "no"}, [], "eval.plots"),
-    ({"optimizer": {}}, [], "optimizer: unknown key; valid keys: data, eval, model, moe, name, parallel, train"),
+    (
+        {"optimizer": {}},
+        [],
+        "optimizer: unknown key; valid keys: data, eval, model, moe, name, parallel, train",
+    ),
     ({"parallel.expert_parallel": 0}, [], "parallel.expert_parallel: must be >= 1"),
     ({"parallel.expert_parallel": 3}, [], "parallel.expert_parallel: 3 ranks do not divide moe.num_groups=4"),
     ({"parallel.backend": "mpi"}, [], "parallel.backend: expected one of gloo, nccl"),
     ({"parallel.backend": "nccl"}, [], "parallel.backend: nccl does not fit train.device=cpu"),
-    ({"parallel.static_splits": True, "moe.router": "global"}, [], "parallel.static_splits: the global router"),
+    (
+        {"parallel.static_splits": True, "moe.router": "global"},
+        [],
+        "parallel.static_splits: the global router",
+    ),
     ({"parallel.static_splits": "yes"}, [], "parallel.static_splits: expected true or false"),
-    ({"parallel.ranks": 2}, [], "parallel.ranks: unknown key; valid keys: backend, expert_parallel, static_splits"),
+    (
+        {"parallel.ranks": 2},
+        [],
+        "parallel.ranks: unknown key; valid keys: backend, expert_parallel, static_splits",
+    ),
     ({}, ["parallel.expert_parallel=8"], "parallel.expert_parallel: 8 ranks"),
     ({"name": 5}, [], "name"),
     ({"model": [1, 2]}, [], "model: expected a mapping"),
@@ -302,7 +325,9 @@ FIELD_ERRORS = [
 
 
 @pytest.mark.parametrize(
-    "edits, overrides, field", FIELD_ERRORS, ids=[f"{i:02d}-{e[2].split(':')[0]}" for i, e in enumerate(FIELD_ERRORS)]
+    "edits, overrides, field",
+    FIELD_ERRORS,
+    ids=[f"{i:02d}-{e[2].split(':')[0]}" for i, e in enumerate(FIELD_ERRORS)],
 )
 def test_bad_config_names_the_field(tmp_path, edits, overrides, field):
     path = _write(tmp_path, _edited(edits))
@@ -330,7 +355,15 @@ def test_bad_file_names_the_file(tmp_path, text, error):
         load_config(path)
 
 
-OVERRIDE_ERRORS = ["train.steps", "=5", "train.stepz=5", "optim.lr=1", "model=3", "train.steps.x=1", "moe.d_model=64"]
+OVERRIDE_ERRORS = [
+    "train.steps",
+    "=5",
+    "train.stepz=5",
+    "optim.lr=1",
+    "model=3",
+    "train.steps.x=1",
+    "moe.d_model=64",
+]
 
 
 @pytest.mark.parametrize("override", OVERRIDE_ERRORS)
@@ -340,7 +373,9 @@ def test_bad_override_names_the_override(override):
 
 
 def test_unknown_override_lists_the_valid_keys():
-    with pytest.raises(ValueError, match=re.escape("train.stepz: unknown key; valid keys: batch_size, beta1,")):
+    with pytest.raises(
+        ValueError, match=re.escape("train.stepz: unknown key; valid keys: batch_size, beta1,")
+    ):
         load_config(CONFIGS / "tiny-moge.yaml", ["train.stepz=5"])
 
 

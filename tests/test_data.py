@@ -114,8 +114,11 @@ def test_get_batch_shapes_shift_and_determinism(builtin):
 
 def test_get_batch_windows_come_from_the_split():
     ds = TokenDataset(
-        train=torch.arange(100, 200, dtype=torch.int64), val=torch.arange(0, 50, dtype=torch.int64),
-        seq_len=8, vocab_size_needed=256, source="test",
+        train=torch.arange(100, 200, dtype=torch.int64),
+        val=torch.arange(0, 50, dtype=torch.int64),
+        seq_len=8,
+        vocab_size_needed=256,
+        source="test",
     )
     gen = torch.Generator().manual_seed(0)
     for split, lo, hi in (("train", 100, 200), ("val", 0, 50)):
@@ -131,7 +134,11 @@ def test_get_batch_windows_come_from_the_split():
 
 def test_iter_eval_batches_fixed_evenly_spaced_windows():
     ds = TokenDataset(
-        train=torch.arange(1000), val=torch.arange(101), seq_len=10, vocab_size_needed=1000, source="test",
+        train=torch.arange(1000),
+        val=torch.arange(101),
+        seq_len=10,
+        vocab_size_needed=1000,
+        source="test",
     )
     batches = list(ds.iter_eval_batches("val", 2, 3))
     assert len(batches) == 3

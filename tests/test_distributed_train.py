@@ -144,7 +144,9 @@ def _worker(rank: int, world: int, root: str) -> None:
 
 
 def _launch(world: int, root: Path, timeout: float = 120.0) -> None:
-    procs = tmp.start_processes(_worker, args=(world, str(root)), nprocs=world, join=False, start_method="fork")
+    procs = tmp.start_processes(
+        _worker, args=(world, str(root)), nprocs=world, join=False, start_method="fork"
+    )
     deadline = time.monotonic() + timeout
     while not procs.join(timeout=1):
         if time.monotonic() > deadline:

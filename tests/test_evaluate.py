@@ -149,7 +149,11 @@ def test_cooccurrence_identities(reports, router):
         assert rates[0] == cooc.max().item()
         for p in pairs:
             i, j = p["experts"]
-            assert i < j and p["rate"] == cooc[i, j].item() and p["same_group"] == (i // (E // M) == j // (E // M))
+            assert (
+                i < j
+                and p["rate"] == cooc[i, j].item()
+                and p["same_group"] == (i // (E // M) == j // (E // M))
+            )
 
 
 def test_grouped_router_never_pairs_experts_of_one_group(reports):
@@ -172,7 +176,7 @@ def test_cooccurrence_counts_match_a_brute_force_count():
                 if a != b:
                     expected[a, b] += 1
     assert_close(cooccurrence_counts(ids_TK, E), expected)
-    pairs = sorted(((-expected[i, j].item(), i, j) for i in range(E) for j in range(i + 1, E)))
+    pairs = sorted((-expected[i, j].item(), i, j) for i in range(E) for j in range(i + 1, E))
     assert [p["experts"] for p in top_pairs(expected, E // M, n=3)] == [[i, j] for _, i, j in pairs[:3]]
 
 
@@ -238,7 +242,9 @@ def test_eval_command_one_and_several_runs(runs, tmp_path, capsys):
     b = copy_run(runs["global"], tmp_path / "b")
     eval_command([str(a)], batches=1, out=str(tmp_path / "single"))
     assert "val_loss" in capsys.readouterr().out
-    assert (tmp_path / "single" / "report.json").exists() and (tmp_path / "single" / "training_curve.png").exists()
+    assert (tmp_path / "single" / "report.json").exists() and (
+        tmp_path / "single" / "training_curve.png"
+    ).exists()
     eval_command([str(a), str(b)], batches=1, out=str(tmp_path / "cmp"))
     printed = capsys.readouterr().out
     assert "tiny-grouped" in printed and "tiny-global" in printed and "comparison written to" in printed

@@ -1,13 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from expert_cases import LAYOUTS, assert_within_bf16_error, case, grads
+from reference import reference_experts
 from torch.testing import assert_close
 
-from expert_cases import LAYOUTS, assert_within_bf16_error, case, grads
 from moge import experts as experts_module
 from moge import precision
 from moge.experts import SwiGLU, _loop_experts, resolve_impl, run_experts
-from reference import reference_experts
 
 
 @pytest.mark.parametrize("impl", ["fused", "grouped_mm", "loop"])

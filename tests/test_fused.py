@@ -1,13 +1,13 @@
 import pytest
 import torch
+from expert_cases import BLOCKED, LAYOUTS, assert_within_bf16_error, case, grads, grouped_ids, set_layout
+from reference import reference_experts
 from torch.testing import assert_close
 
-from expert_cases import BLOCKED, LAYOUTS, assert_within_bf16_error, case, grads, grouped_ids, set_layout
 from moge import fused, precision
 from moge.experts import GroupedExperts
 from moge.fused_plan import columns_per_chunk
 from moge.precision import PAD_ROWS_NATIVE_LOW_PRECISION, default_pad_rows, matmul_dtype
-from reference import reference_experts
 
 
 @pytest.mark.parametrize("pad,chunk,waste,chunk_bytes", [(*lay, None) for lay in LAYOUTS] + BLOCKED)
@@ -28,7 +28,8 @@ def test_fused_layouts_match_reference_float32(pad, chunk, waste, chunk_bytes, s
 
 
 @pytest.mark.parametrize(
-    "pad,chunk,waste,chunk_bytes", [(1, 2, 0.0, None), (1, 8, 100.0, None), (16, 4, 100.0, None), (16, 2, 0.0, 2048)]
+    "pad,chunk,waste,chunk_bytes",
+    [(1, 2, 0.0, None), (1, 8, 100.0, None), (16, 4, 100.0, None), (16, 2, 0.0, 2048)],
 )
 def test_fused_layouts_bfloat16_within_bf16_error(pad, chunk, waste, chunk_bytes):
     """Same criterion as test_fast_paths_match_reference_bfloat16, for every layout."""
@@ -50,7 +51,9 @@ def test_bfloat16_products_run_in_native_dtype_when_the_cpu_has_it(monkeypatch):
     assert_close(y.float(), ref, atol=0.03 * ref.abs().max().item(), rtol=0.03)
 
 
-@pytest.mark.parametrize("pad,chunk,waste,chunk_bytes", [(*LAYOUTS[2], None), (*LAYOUTS[3], None), BLOCKED[2]])
+@pytest.mark.parametrize(
+    "pad,chunk,waste,chunk_bytes", [(*LAYOUTS[2], None), (*LAYOUTS[3], None), BLOCKED[2]]
+)
 def test_fused_layouts_zero_tokens_and_frozen_weights(pad, chunk, waste, chunk_bytes):
     x, ids, w, experts = case()
     set_layout(experts, pad, chunk, waste, chunk_bytes)
@@ -66,7 +69,9 @@ def test_fused_layouts_zero_tokens_and_frozen_weights(pad, chunk, waste, chunk_b
     assert experts.w_down_EFD.grad is None and experts.w_gate_up_EDH.grad is not None and x.grad is not None
 
 
-@pytest.mark.parametrize("pad,waste,chunk_bytes", [(1, 0.0, None), (1, 100.0, None), (8, 0.0, 600), (8, 100.0, 600)])
+@pytest.mark.parametrize(
+    "pad,waste,chunk_bytes", [(1, 0.0, None), (1, 100.0, None), (8, 0.0, 600), (8, 100.0, 600)]
+)
 @pytest.mark.parametrize("K", [2, 4])
 def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K):
     """Chunks equal to MoGE groups combine by gathers (no scatter); K/M = 1 and 2."""
@@ -108,7 +113,9 @@ def test_compiled_elementwise_matches_reference():
         assert_close(a, b)
 
 
-@pytest.mark.parametrize("pad,chunk,waste,chunk_bytes", [(8, 6, 100.0, None), (1, 3, 100.0, 768), (8, 2, 0.0, None)])
+@pytest.mark.parametrize(
+    "pad,chunk,waste,chunk_bytes", [(8, 6, 100.0, None), (1, 3, 100.0, 768), (8, 2, 0.0, None)]
+)
 def test_padding_keeps_a_non_finite_token_inside_its_own_experts(pad, chunk, waste, chunk_bytes):
     """Padding rows repeat a slot of their own expert: a NaN token must not reach the
     outputs of other tokens or the gradients of experts it did not choose."""

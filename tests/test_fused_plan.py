@@ -1,6 +1,6 @@
 import torch
-
 from expert_cases import grouped_ids
+
 from moge.fused_plan import Plan, columns_per_chunk, sort_pieces, token_blocks
 
 
@@ -51,7 +51,10 @@ def test_sort_pieces_orders_by_chunk_then_block_then_expert():
     assert sum(counts) == ids.numel()
     # One block: plain stable sort by expert.
     order1, counts1 = sort_pieces(ids, 4, 2, 6, 1)
-    assert torch.equal(order1, flat.argsort(stable=True)) and counts1 == torch.bincount(flat, minlength=4).tolist()
+    assert (
+        torch.equal(order1, flat.argsort(stable=True))
+        and counts1 == torch.bincount(flat, minlength=4).tolist()
+    )
 
 
 def test_token_blocks_keep_buffers_near_the_budget():

@@ -216,7 +216,10 @@ def test_sequence_aux_loss_uses_sequences():
     x = torch.randn(3, 5, 16)
     out = layer(x)
     per_seq = torch.stack(
-        [load_balancing_loss(out.scores.view(3, 5, 8)[b], out.expert_ids.view(3, 5, 4)[b], 8) for b in range(3)]
+        [
+            load_balancing_loss(out.scores.view(3, 5, 8)[b], out.expert_ids.view(3, 5, 4)[b], 8)
+            for b in range(3)
+        ]
     )
     assert_close(out.lb_loss, per_seq.mean())
 

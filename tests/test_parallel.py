@@ -108,7 +108,9 @@ def model_batch(world: int):
 
 
 def _save(out_dir: str, stem: str, tensors: dict, info: dict) -> None:
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, f"{out_dir}/{stem}.safetensors")
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in tensors.items()}, f"{out_dir}/{stem}.safetensors"
+    )
     Path(f"{out_dir}/{stem}.json").write_text(json.dumps(info))
 
 
@@ -229,7 +231,7 @@ def load_rank(folder: Path, stem: str, rank: int) -> tuple[dict, dict]:
 # --- the single-process reference ----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(name: str, world: int) -> dict:
     """The full layer on every rank's tokens, loss = mean of the per-rank losses."""
     layer = build_layer(name)
@@ -310,7 +312,11 @@ def test_outputs_and_grads_match_the_single_process_layer(run, world, name):
     folder, ref = run(world), reference(name, world)
     for r in range(world):
         got, info = load_rank(folder, name, r)
-        assert info["local_shape"] == [BASE["num_experts"] // world, BASE["d_model"], 2 * BASE["expert_hidden"]]
+        assert info["local_shape"] == [
+            BASE["num_experts"] // world,
+            BASE["d_model"],
+            2 * BASE["expert_hidden"],
+        ]
         for step in range(STEPS):
             assert torch.equal(got[f"{step}.ids"], ref[f"{step}.ids.{r}"])
             assert_close(got[f"{step}.hidden"], ref[f"{step}.hidden.{r}"])

@@ -184,7 +184,8 @@ COMMANDS = ("params", "train")  # both call moge.config.load_config: each case r
 def _overridable(edits: dict) -> bool:
     """Whether KEY=VALUE overrides can express `edits` (one section key each, no deletion)."""
     return all(
-        v is not DELETE and k != "moe.d_model" and (k == "name" or len(k.split(".")) == 2) for k, v in edits.items()
+        v is not DELETE and k != "moe.d_model" and (k == "name" or len(k.split(".")) == 2)
+        for k, v in edits.items()
     )
 
 
@@ -217,7 +218,9 @@ def test_the_table_is_large_enough():
 
 
 @pytest.mark.parametrize("edits, field, mode, command", _field_params())
-def test_bad_config_is_one_error_line_naming_the_field(tmp_path, cli_error, no_training, edits, field, mode, command):
+def test_bad_config_is_one_error_line_naming_the_field(
+    tmp_path, cli_error, no_training, edits, field, mode, command
+):
     if mode == "file":
         path, overrides = _write_yaml(tmp_path / "bad-run.yaml", _edited(edits)), []
     else:  # the same mistake made on the command line; JSON values are valid YAML
@@ -331,7 +334,9 @@ def _data_fault(tmp_path: Path, kind: str) -> tuple[str, str]:
     return str(p), field
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty", "binary", "folder", "odd_bin", "empty_bin", "short", "short_bin"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "empty", "binary", "folder", "odd_bin", "empty_bin", "short", "short_bin"]
+)
 def test_bad_corpus_is_one_error_line_and_no_run_dir(tmp_path, cli_error, kind):
     data_path, field = _data_fault(tmp_path, kind)
     config = _write_yaml(tmp_path / "run.yaml", copy.deepcopy(BASE))

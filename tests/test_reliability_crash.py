@@ -143,7 +143,10 @@ def test_damaged_checkpoint_is_one_error_line_in_generate_and_eval(small_run, tm
     shutil.copytree(small_run, run)
     fragment = _damage(run, kind)
     before = sorted(p.name for p in run.iterdir())
-    for argv in (["generate", str(run), "--prompt", "Hi", "--tokens", "2"], ["eval", str(run), "--batches", "1"]):
+    for argv in (
+        ["generate", str(run), "--prompt", "Hi", "--tokens", "2"],
+        ["eval", str(run), "--batches", "1"],
+    ):
         line = cli_error(argv)
         assert fragment in line and str(run) in line, line
     assert sorted(p.name for p in run.iterdir()) == before, "a failed load writes nothing"
@@ -185,7 +188,9 @@ def test_save_fsyncs_every_file_and_folder_before_each_rename(small_run, tmp_pat
     monkeypatch.setattr(ckpt_mod, "os", RecordingOs())
     save_checkpoint(tmp_path, 7, model, opt, torch.Generator(), cfg, keep_last=1)
     names = [e[1] for e in events]
-    folder_swap = next(i for i, (k, n) in enumerate(events) if k == "replace" and n.endswith("->step_00000007"))
+    folder_swap = next(
+        i for i, (k, n) in enumerate(events) if k == "replace" and n.endswith("->step_00000007")
+    )
     latest_swap = next(i for i, (k, n) in enumerate(events) if k == "replace" and n.endswith("->LATEST"))
     for file in ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
         assert names.index(file) < folder_swap, file
@@ -223,11 +228,21 @@ def _all_finite(folder: Path) -> bool:
 @pytest.mark.parametrize(
     "target, value, fragment",
     [
-        ("experts", float("nan"), r"step 7: .*layer 0 \(MoE\): non-finite hidden output.*blocks\.0\.ffn\.experts\."),
-        ("router", float("inf"), r"step 7: .*layer 1 \(MoE\): non-finite router scores.*blocks\.1\.ffn\.router\."),
+        (
+            "experts",
+            float("nan"),
+            r"step 7: .*layer 0 \(MoE\): non-finite hidden output.*blocks\.0\.ffn\.experts\.",
+        ),
+        (
+            "router",
+            float("inf"),
+            r"step 7: .*layer 1 \(MoE\): non-finite router scores.*blocks\.1\.ffn\.router\.",
+        ),
     ],
 )
-def test_nonfinite_loss_exits_1_naming_step_and_layer(tmp_path, cli_error, monkeypatch, target, value, fragment):
+def test_nonfinite_loss_exits_1_naming_step_and_layer(
+    tmp_path, cli_error, monkeypatch, target, value, fragment
+):
     def poison(model, step):
         if step == 7:
             layer = model.blocks[0 if target == "experts" else 1].ffn
@@ -257,7 +272,9 @@ def test_nan_in_a_buffer_with_a_finite_loss_writes_no_checkpoint(tmp_path, monke
     run = tmp_path / "run"
     cfg = run_cfg(run)
     cfg.moe.bias_update_rate = 0.01
-    with pytest.raises(train_mod.NonFiniteLossError, match=r"^step 10: blocks\.1\.ffn\.balance_bias_E holds NaN"):
+    with pytest.raises(
+        train_mod.NonFiniteLossError, match=r"^step 10: blocks\.1\.ffn\.balance_bias_E holds NaN"
+    ):
         train_mod.train(cfg, progress=False)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 10 and all(map(math.isfinite, losses)), "steps 7-10 had a finite loss"
@@ -311,7 +328,9 @@ sys.exit(main(sys.argv[4:]))
 def _spawn(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     with open(cwd / "child.log", "w") as log:
-        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def _wait_until(child: subprocess.Popen, ready, cwd: Path, timeout: float = 180.0) -> None:
@@ -372,7 +391,10 @@ def killed(request, tmp_path_factory) -> dict[str, tuple[Path, Future]]:
     """
     name = "test_sigkill_then_resume_gives_the_uninterrupted_weights"
     items = [i for i in request.session.items if getattr(i, "originalname", None) == name]
-    folders = {w: tmp_path_factory.mktemp(f"sigkill-{w}") for w in sorted({i.callspec.params["where"] for i in items})}
+    folders = {
+        w: tmp_path_factory.mktemp(f"sigkill-{w}")
+        for w in sorted({i.callspec.params["where"] for i in items})
+    }
     with ThreadPoolExecutor(max_workers=max(len(folders), 1)) as pool:
         yield {w: (folder, pool.submit(_start_and_kill, w, folder)) for w, folder in folders.items()}
 
@@ -397,12 +419,18 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(capsys, killed, uni
     root = run / "checkpoints"
     on_disk = sorted(p.name for p in root.iterdir())
     good = find_checkpoint(run)
-    assert _all_finite(good) and load_run(run)[2] == int(good.name[5:]) < 14, "the newest good checkpoint loads"
+    assert _all_finite(good) and load_run(run)[2] == int(good.name[5:]) < 14, (
+        "the newest good checkpoint loads"
+    )
     if where == "mid_file":
-        assert good.name == "step_00000008" and any(n.startswith(".tmp-step_00000012") for n in on_disk), on_disk
+        assert good.name == "step_00000008" and any(n.startswith(".tmp-step_00000012") for n in on_disk), (
+            on_disk
+        )
     if where == "latest_swap":
         assert good.name == "step_00000008", "LATEST still names the previous checkpoint"
-        assert {"step_00000012", "step_00000008"} <= set(on_disk) and any(n.startswith(".tmp-LATEST") for n in on_disk)
+        assert {"step_00000012", "step_00000008"} <= set(on_disk) and any(
+            n.startswith(".tmp-LATEST") for n in on_disk
+        )
 
     assert main(["train", str(folder / "rel.yaml"), f"train.out_dir={run}", "train.resume=true"]) == 0
     capsys.readouterr()
@@ -410,9 +438,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(capsys, killed, uni
     resumed = _final_state(run)
     assert resumed.keys() == final.keys()
     assert all(torch.equal(resumed[k], final[k]) for k in final), "bit-identical weights, optimizer and RNG"
-    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+    logged = [
+        r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"
+    ]
     assert [r["step"] for r in logged] == list(range(1, 15)) and [r["loss"] for r in logged] == losses
-    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_00000012", "step_00000014"], "keep_last=2"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_00000012", "step_00000014"], (
+        "keep_last=2"
+    )
 
 
 # ============================================================================ no pickle
@@ -437,9 +469,19 @@ def _unsafe_loads(source: str, filename: str) -> list[str]:
             loader = kw.get("Loader", node.args[1] if len(node.args) > 1 else None)
             if not (isinstance(loader, ast.Attribute) and loader.attr in ("SafeLoader", "CSafeLoader")):
                 found.append(f"{where}: yaml.load without a safe Loader")
-        elif owner == "yaml" and name in ("unsafe_load", "full_load", "load_all", "unsafe_load_all", "full_load_all"):
+        elif owner == "yaml" and name in (
+            "unsafe_load",
+            "full_load",
+            "load_all",
+            "unsafe_load_all",
+            "full_load_all",
+        ):
             found.append(f"{where}: yaml.{name}")
-        elif owner in ("pickle", "cPickle", "dill", "joblib", "_pickle") and name in ("load", "loads", "Unpickler"):
+        elif owner in ("pickle", "cPickle", "dill", "joblib", "_pickle") and name in (
+            "load",
+            "loads",
+            "Unpickler",
+        ):
             found.append(f"{where}: {owner}.{name}")
         elif name == "load" and is_true(kw.get("allow_pickle")):
             found.append(f"{where}: load(allow_pickle=True)")
@@ -459,7 +501,9 @@ def test_the_unsafe_load_finder_finds_them():
 def test_nothing_in_the_package_or_scripts_loads_with_pickle():
     files = sorted((ROOT / "moge").rglob("*.py")) + sorted((ROOT / "scripts").rglob("*.py"))
     assert len(files) > 10
-    found = [hit for f in files for hit in _unsafe_loads(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))]
+    found = [
+        hit for f in files for hit in _unsafe_loads(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))
+    ]
     assert found == []
 
 
@@ -468,7 +512,11 @@ def test_nothing_in_the_package_or_scripts_loads_with_pickle():
 
 def test_every_row_of_the_reliability_doc_names_tests_that_exist():
     doc = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
-    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith(("| Fault", "|---"))]
+    rows = [
+        line
+        for line in doc.splitlines()
+        if line.startswith("| ") and not line.startswith(("| Fault", "|---"))
+    ]
     assert len(rows) >= 40
     defined: dict[str, set[str]] = {}
     for row in rows:
@@ -478,5 +526,7 @@ def test_every_row_of_the_reliability_doc_names_tests_that_exist():
             assert re.fullmatch(r"tests/test_\w+\.py", file), f"{file}::{name}: write out the file's path"
             if file not in defined:
                 assert (ROOT / file).is_file(), f"{file} (named in docs/reliability.md) does not exist"
-                defined[file] = set(re.findall(r"^def (test_\w+)", (ROOT / file).read_text(encoding="utf-8"), re.M))
+                defined[file] = set(
+                    re.findall(r"^def (test_\w+)", (ROOT / file).read_text(encoding="utf-8"), re.M)
+                )
             assert name in defined[file], f"{file}::{name} (named in docs/reliability.md) does not exist"

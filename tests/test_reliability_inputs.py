@@ -104,10 +104,24 @@ def make_model(**model_kw) -> MoGETransformer:
         (torch.full((2, 4), V), None, r"^tokens: id 64 is outside the vocabulary \[0, 64\)"),
         (torch.zeros(2, 17, dtype=torch.long), None, "^tokens: length 17 exceeds the limit of 16"),
         (torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4), "^targets: expected integer"),
-        (torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), r"^targets: shape \(2, 5\)"),
+        (
+            torch.zeros(2, 4, dtype=torch.long),
+            torch.zeros(2, 5, dtype=torch.long),
+            r"^targets: shape \(2, 5\)",
+        ),
         (torch.zeros(2, 4, dtype=torch.long), torch.full((2, 4), -5), "^targets: id -5"),
     ],
-    ids=["list", "3d", "bool", "float", "out-of-vocab", "too-long", "float-targets", "targets-shape", "targets-id"],
+    ids=[
+        "list",
+        "3d",
+        "bool",
+        "float",
+        "out-of-vocab",
+        "too-long",
+        "float-targets",
+        "targets-shape",
+        "targets-id",
+    ],
 )
 def test_model_rejects_bad_tokens_and_targets(tokens, targets, match):
     with pytest.raises(ValueError, match=match):
@@ -178,7 +192,9 @@ TABLE_VK = make_random_routing_table(32, E, M, K, seed=0)
 
 
 def settings(router: str) -> RouterSettings:
-    return RouterSettings(router=router, top_k=K, num_groups=M, topk_groups=2 if router == "group_limited" else None)
+    return RouterSettings(
+        router=router, top_k=K, num_groups=M, topk_groups=2 if router == "group_limited" else None
+    )
 
 
 def route_all(scores_TE: torch.Tensor, router: str):
@@ -218,7 +234,9 @@ def check_routing(scores_TE: torch.Tensor, router: str, weights_TK, ids_TK) -> N
 def _logits(kind: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     if kind == "ties":  # pairs of equal logits inside and across groups
-        return torch.tensor([[1.0, 1.0, 0.5, 0.5, 2.0, 2.0, 0.0, 0.0], [3.0, 0.0, 0.0, 3.0, 1.0, 1.0, 1.0, 1.0]])
+        return torch.tensor(
+            [[1.0, 1.0, 0.5, 0.5, 2.0, 2.0, 0.0, 0.0], [3.0, 0.0, 0.0, 3.0, 1.0, 1.0, 1.0, 1.0]]
+        )
     if kind == "all_equal":
         return torch.full((5, E), 0.7)
     if kind == "huge":
@@ -304,4 +322,3 @@ def test_zero_tokens_through_the_layer(router):
     out = layer(torch.zeros(0, 16), token_ids=torch.zeros(0, dtype=torch.long))
     assert out.hidden.shape == (0, 16) and out.expert_ids.shape == (0, K) and out.weights.shape == (0, K)
     assert int(out.load.sum()) == 0 and torch.isfinite(out.aux_loss) and torch.isfinite(out.z_loss)
-

@@ -127,8 +127,14 @@ def test_slowdown_is_never_below_one(tiny, devices, tokens):
     gen = torch.Generator().manual_seed(devices * 1000 + tokens)
     ids = torch.randint(0, 16, (40, tokens, 4), generator=gen)
     ids[:5] = ids[:5] % 4  # some trials pile everything on device 0
-    t = step_times(tiny, *device_traffic(ids, 16, devices), tflops=50.0, bandwidth_gbs=5.0,
-                   bytes_per_element=2, training=False)
+    t = step_times(
+        tiny,
+        *device_traffic(ids, 16, devices),
+        tflops=50.0,
+        bandwidth_gbs=5.0,
+        bytes_per_element=2,
+        training=False,
+    )
     assert bool((t["step"] >= t["ideal"] * (1 - 1e-12)).all())
     assert bool((t["step"][:5] > t["ideal"][:5]).all())
 
@@ -136,7 +142,8 @@ def test_slowdown_is_never_below_one(tiny, devices, tokens):
 def test_sweep_routes_once_and_matches_simulate(big):
     results = sweep(big, [8, 16], [16, 64], ["grouped", "global"], 7)
     assert [(r.router, r.devices, r.tokens) for r in results] == [
-        (router, n, t) for router in ("grouped", "global") for n in (8, 16) for t in (16, 64)]
+        (router, n, t) for router in ("grouped", "global") for n in (8, 16) for t in (16, 64)
+    ]
     alone = simulate(big, 16, 64, "global", 7)
     assert results[-1] == alone  # same seed: the same scores whatever the device count
 
@@ -146,10 +153,18 @@ def test_sweep_routes_once_and_matches_simulate(big):
 
 def test_trace_replay_reproduces_the_recorded_imbalance(tiny, tmp_path):
     gen = torch.Generator().manual_seed(3)
-    layers = {0: torch.randint(0, 16, (100, 4), generator=gen), 5: torch.randint(0, 16, (70, 4), generator=gen)}
+    layers = {
+        0: torch.randint(0, 16, (100, 4), generator=gen),
+        5: torch.randint(0, 16, (70, 4), generator=gen),
+    }
     trace = _write_trace(tmp_path / "routing_trace.safetensors", layers, 16, 4, 4)
     r = simulate(tiny, 4, 32, "trace", 50, trace=trace)
-    batches = [layers[i][b * 32:(b + 1) * 32] for i in (0, 5) for b in range(100 // 32) if (b + 1) * 32 <= layers[i].shape[0]]
+    batches = [
+        layers[i][b * 32 : (b + 1) * 32]
+        for i in (0, 5)
+        for b in range(100 // 32)
+        if (b + 1) * 32 <= layers[i].shape[0]
+    ]
     assert r.trials == len(batches) == 5
     expected = sum(imbalance_score(ids, 16, 4) for ids in batches) / 5
     assert r.imbalance_mean == pytest.approx(expected)
@@ -172,17 +187,20 @@ def test_trace_errors_name_the_option(tiny, tmp_path):
 # --- bad inputs ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,option", [
-    (dict(devices=3), "--devices"),
-    (dict(devices=0), "--devices"),
-    (dict(tokens=0), "--tokens"),
-    (dict(tokens=-5), "--tokens"),
-    (dict(router="topk"), "--routers"),
-    (dict(router="grouped_per_device", devices=16), "--devices"),
-    (dict(trials=0), "--trials"),
-    (dict(tflops=0.0), "--tflops"),
-    (dict(bandwidth_gbs=-1.0), "--bandwidth-gbs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,option",
+    [
+        (dict(devices=3), "--devices"),
+        (dict(devices=0), "--devices"),
+        (dict(tokens=0), "--tokens"),
+        (dict(tokens=-5), "--tokens"),
+        (dict(router="topk"), "--routers"),
+        (dict(router="grouped_per_device", devices=16), "--devices"),
+        (dict(trials=0), "--trials"),
+        (dict(tflops=0.0), "--tflops"),
+        (dict(bandwidth_gbs=-1.0), "--bandwidth-gbs"),
+    ],
+)
 def test_bad_inputs_name_the_option(big, kwargs, option):
     args = dict(devices=8, tokens=16, router="grouped", trials=2) | kwargs
     with pytest.raises(ValueError, match=option):
@@ -207,7 +225,11 @@ def test_table_plot_and_command(tiny, tmp_path, capsys):
     simulate_command(TINY, [4], [16, 64], "grouped,global", 2, out=str(tmp_path / "run"))
     report = json.loads((tmp_path / "run" / "simulation.json").read_text())
     assert [(r["router"], r["tokens"]) for r in report["results"]] == [
-        ("grouped", 16), ("grouped", 64), ("global", 16), ("global", 64)]
+        ("grouped", 16),
+        ("grouped", 64),
+        ("global", 16),
+        ("global", 64),
+    ]
     assert report["tflops"] == 300.0 and report["bytes_per_element"] == 2
     assert (tmp_path / "run" / "simulation.png").read_bytes()[:4] == b"\x89PNG"
     assert "| grouped" in capsys.readouterr().out

@@ -58,7 +58,10 @@ def test_thousands_of_steps_keep_the_group_quota_and_learn(tmp_path):
         for layer in r["routing"]:
             # IS = (max - min group load) / tokens: 0 means every group got T*K/M slots.
             assert layer["imbalance_score"] == 0.0, (r["step"], layer)
-            assert math.isfinite(layer["max_over_mean"]) and math.isfinite(layer["lb_loss"]), (r["step"], layer)
+            assert math.isfinite(layer["max_over_mean"]) and math.isfinite(layer["lb_loss"]), (
+                r["step"],
+                layer,
+            )
 
     first = sum(r["loss"] for r in steps[:100]) / 100
     last = sum(r["loss"] for r in steps[-100:]) / 100

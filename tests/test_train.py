@@ -97,7 +97,15 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
         assert isinstance(rec[key], float) and math.isfinite(rec[key]), key
     assert math.isclose(rec["loss"], rec["lm_loss"] + rec["aux_loss"], rel_tol=1e-5)
     assert [r["layer"] for r in rec["routing"]] == [0, 1]
-    for key in ("imbalance_score", "max_over_mean", "load_entropy", "score_entropy", "cv", "lb_loss", "z_loss"):
+    for key in (
+        "imbalance_score",
+        "max_over_mean",
+        "load_entropy",
+        "score_entropy",
+        "cv",
+        "lb_loss",
+        "z_loss",
+    ):
         assert isinstance(rec["routing"][0][key], float), key
     assert rec["routing"][0]["imbalance_score"] == 0.0, "the grouped router is balanced across groups"
     assert isinstance(rec["routing"][0]["dead_experts"], int)
@@ -105,7 +113,11 @@ def test_loss_decreases_and_run_dir_is_complete(tmp_path):
     assert [r["step"] for r in evals] == [15, 30] and evals[-1]["val_loss"] == result.val_loss
     assert result.val_loss < 5.0 and result.train_loss == rec["loss"]
     assert load_config(run / "config.yaml") == cfg
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step_00000020", "step_00000030"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "LATEST",
+        "step_00000020",
+        "step_00000030",
+    ]
     model, _, step = load_run(run)
     assert step == 30 and not model.training
 
@@ -199,11 +211,17 @@ def test_nan_stops_with_step_and_layer_and_keeps_good_checkpoint(tmp_path, monke
 
     monkeypatch.setattr(train_mod, "build_optimizer", build_and_hook)
     run = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError, match=r"step 5: .*layer 1 \(MoE\): non-finite router scores") as err:
+    with pytest.raises(
+        NonFiniteLossError, match=r"step 5: .*layer 1 \(MoE\): non-finite router scores"
+    ) as err:
         train(make_cfg(run, steps=8, save_every=2), progress=False)
     assert "blocks.1.ffn.router.weight" in str(err.value)
     assert find_checkpoint(run).name == "step_00000004"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "LATEST",
+        "step_00000002",
+        "step_00000004",
+    ]
     weights = load_file(str(find_checkpoint(run) / "model.safetensors"))
     assert all(bool(torch.isfinite(t).all()) for t in weights.values())
     assert [r["step"] for r in records(run, "train")] == [1, 2, 3, 4]
@@ -225,7 +243,9 @@ def test_nonfinite_gradient_stops_before_the_update(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "build_optimizer", build_and_hook)
     run = tmp_path / "run"
-    expected = r"step 3: the gradient norm is not finite.*in 1 parameter\(s\): blocks\.0\.attn\.q_proj\.weight"
+    expected = (
+        r"step 3: the gradient norm is not finite.*in 1 parameter\(s\): blocks\.0\.attn\.q_proj\.weight"
+    )
     with pytest.raises(NonFiniteLossError, match=expected):
         train(make_cfg(run, steps=6, save_every=2), progress=False)
     assert find_checkpoint(run).name == "step_00000002"
