@@ -6,6 +6,7 @@ F expert hidden, B batch, L sequence length.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -148,14 +149,26 @@ class MoGEOutput:
     z_loss: Tensor  # router z-loss, unweighted
 
 
+class EndStepWarning(UserWarning):
+    """A MoGE layer ran many training calls without `end_step()` (see MoGELayer)."""
+
+
 class MoGELayer(nn.Module):
     """Router + E routed SwiGLU experts + an optional merged shared SwiGLU.
 
     `layer(x, token_ids=None)` with x [..., D] returns a MoGEOutput. token_ids (the
     input's token ids, x's leading shape) are needed only by router="random".
-    Call `end_step()` once per optimizer step: it applies the aux-loss-free bias update
-    and resets the global-batch statistics.
+    Call `end_step()` once per optimizer step (or `moge.end_step(model)` for every
+    layer of a model): it applies the aux-loss-free bias update and resets the
+    global-batch statistics. Where either is on (bias_update_rate > 0 or
+    aux_loss_type="global_batch"), a layer that runs END_STEP_WARN_CALLS training calls
+    without it warns once (EndStepWarning): the bias would never move and the counts
+    would grow without end. For a layer that returns a tensor, see moge.MoGEMLP.
     """
+
+    # Training calls without end_step() before the warning; gradient accumulation of up
+    # to this many micro-batches per optimizer step stays silent.
+    END_STEP_WARN_CALLS = 64
 
     def __init__(self, config: MoGEConfig) -> None:
         super().__init__()
@@ -181,6 +194,8 @@ class MoGELayer(nn.Module):
         # Slots per expert since the last end_step(): feeds the bias rule and the
         # global-batch loss. Not saved: checkpoints are taken between steps.
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
+        self.calls_since_end_step = 0
+        self._warned_end_step = False
         if c.router == "random":
             table = make_random_routing_table(
                 c.rre_vocab_size, c.num_experts, c.num_groups, c.top_k, c.rre_seed
@@ -266,6 +281,7 @@ class MoGELayer(nn.Module):
         load_E = balance.expert_load(ids_TK, c.num_experts)
         if self.training:
             self.load_accum_E += load_E
+            self._count_call()
         lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead)
         z_loss = balance.router_z_loss(logits_TE)
         return MoGEOutput(
@@ -287,9 +303,33 @@ class MoGELayer(nn.Module):
         out.hidden = y_TD.reshape(*lead, c.d_model)
         return out
 
+    def _count_call(self) -> None:
+        self.calls_since_end_step += 1
+        c = self.config
+        needs_end_step = c.bias_update_rate > 0 or c.aux_loss_type == "global_batch"
+        if (
+            needs_end_step
+            and not self._warned_end_step
+            and self.calls_since_end_step >= self.END_STEP_WARN_CALLS
+        ):
+            self._warned_end_step = True
+            what = []
+            if c.bias_update_rate > 0:
+                what.append(f"the aux-loss-free bias (bias_update_rate={c.bias_update_rate}) never updates")
+            if c.aux_loss_type == "global_batch":
+                what.append("the global-batch load counts grow without end")
+            warnings.warn(
+                f"MoGELayer: {self.calls_since_end_step} training calls without end_step(): "
+                f"{' and '.join(what)}. Call layer.end_step() (or moge.end_step(model)) once per "
+                "optimizer step.",
+                EndStepWarning,
+                stacklevel=4,
+            )
+
     @torch.no_grad()
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
+        self.calls_since_end_step = 0
         if self.balance_bias_E is not None and int(self.load_accum_E.sum()) > 0:
             new_E = balance.update_balance_bias(
                 self.balance_bias_E, self.load_accum_E, self.config.bias_update_rate
