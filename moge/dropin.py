@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moge import balance
-from moge.layer import EndStepWarning, MoGELayer
+from moge.layer import EndStepWarning, MoGELayer, MoGEOutput, total_aux_loss
 
 
 @dataclass
@@ -42,22 +42,22 @@ class LastRouting:
 class MoGEMLP(MoGELayer):
     """A MoGELayer whose forward returns the output tensor (x's shape), like an MLP.
 
-    In training mode with gradients on, every call appends its weighted aux loss
-    (aux_loss_coef * lb_loss + z_loss_coef * z_loss) to `pending_aux_losses`;
-    `moge.aux_loss(model)` sums and clears them, and `end_step()` clears what was not
-    collected. `last` holds the last call's routing (any mode) for `moge.routing_stats`.
+    In training mode with gradients on, every call appends its output (aux loss,
+    scores, z-loss, with their graphs) to `pending_aux_losses`; `moge.aux_loss(model)`
+    sums and clears them, and `end_step()` clears what was not collected. `last` holds
+    the last call's routing (any mode, detached) for `moge.routing_stats`.
     """
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.pending_aux_losses: list[Tensor] = []
+        self.pending_aux_losses: list[MoGEOutput] = []
         self.last: LastRouting | None = None
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """x [..., D] (token_ids [...] for router="random") -> [..., D]."""
         out = super().forward(x, token_ids)
         if self.training and torch.is_grad_enabled():
-            self.pending_aux_losses.append(out.aux_loss)
+            self.pending_aux_losses.append(out)
             if len(self.pending_aux_losses) == self.END_STEP_WARN_CALLS:
                 warnings.warn(
                     f"MoGEMLP: {len(self.pending_aux_losses)} aux losses were never collected (each holds "
@@ -72,12 +72,10 @@ class MoGEMLP(MoGELayer):
         )  # fmt: skip
         return out.hidden
 
-    def collect_aux_loss(self) -> Tensor | None:
-        """Sum of the pending aux losses (None if there are none); clears them."""
+    def collect_pending(self) -> list[MoGEOutput]:
+        """The pending outputs (see the class docstring); clears them."""
         pending, self.pending_aux_losses = self.pending_aux_losses, []
-        if not pending:
-            return None
-        return torch.stack(pending).sum()
+        return pending
 
     def end_step(self) -> None:
         self.pending_aux_losses = []
@@ -92,14 +90,28 @@ def moge_layers(model: nn.Module) -> list[tuple[str, MoGELayer]]:
 def aux_loss(model: nn.Module) -> Tensor:
     """Sum of the aux losses every MoGEMLP in `model` produced since the last collection.
 
-    Add it to your loss before backward. Returns a 0-dim float32 tensor (0 when nothing
+    Add it to your loss before backward. Layers with aux_loss_type="released" are pooled
+    into one loss over all their rows, as in the released code (layer.total_aux_loss). Returns a 0-dim float32 tensor (0 when nothing
     is pending: eval mode, no_grad, or no MoGEMLP). Raises ValueError if `model` holds
     no MoGE layer at all (a likely mistake).
     """
     layers = moge_layers(model)
     if not layers:
         raise ValueError(f"model: no MoGE layer found in {type(model).__name__}")
-    parts = [t for _, m in layers if isinstance(m, MoGEMLP) and (t := m.collect_aux_loss()) is not None]
+    parts = []
+    released: list[MoGEOutput] = []
+    released_config = None
+    for _, m in layers:
+        if not isinstance(m, MoGEMLP):
+            continue
+        pending = m.collect_pending()
+        if m.config.aux_loss_type == "released":  # pooled over every layer, as released
+            released += pending
+            released_config = m.config
+        else:
+            parts += [o.aux_loss for o in pending]
+    if released:
+        parts.append(total_aux_loss(released, released_config))
     if not parts:
         return layers[0][1].router.weight.new_zeros((), dtype=torch.float32)
     return torch.stack([p.float() for p in parts]).sum()

@@ -27,7 +27,7 @@ from moge.routing import RouterSettings, compute_scores, make_random_routing_tab
 
 ROUTERS = ("grouped", "global", "group_limited", "random")
 SCORE_FUNCS = ("softmax", "sigmoid")
-AUX_LOSS_TYPES = ("batch", "sequence", "global_batch")
+AUX_LOSS_TYPES = ("batch", "sequence", "global_batch", "released")
 GROUP_SCORES = ("top2_sum", "max")
 EXPERT_IMPLS = ("auto", "fused", "grouped_mm", "loop")
 
@@ -41,7 +41,15 @@ class MoGEConfig:
         "random" (PanGu-Sigma RRE: fixed random token-id -> experts map per group).
     aux_loss_type: "batch" (the paper's Eq. 8 over all tokens of the call),
         "sequence" (Eq. 8 per sequence, averaged), "global_batch" (f_i accumulated over
-        gradient-accumulation micro-batches until `MoGELayer.end_step()`).
+        gradient-accumulation micro-batches until `MoGELayer.end_step()`), "released"
+        (the released code's objective: Mixtral's loss, global top-k counts, scale E,
+        one loss over all layers' rows; see balance.released_balance_loss and
+        total_aux_loss).
+    aux_loss_coef vs the released `router_aux_loss_coef` c: on one layer's rows with the
+        same counts the released loss is K times Eq. 8, so c matches alpha = K * c; pooled
+        over L similar layers each layer's router gets about 1/L of that gradient, so c
+        matches a per-layer alpha of about K * c / L. The counts also differ (global
+        top-k there, the grouped dispatch here). aux_loss_type="released" reproduces it.
     bias_update_rate: > 0 turns on DeepSeek-V3's aux-loss-free balancing bias.
     expert_impl: how routed experts are computed; "auto" picks the fastest correct one
         for the device.
@@ -59,8 +67,10 @@ class MoGEConfig:
     normalize_weights: bool = False  # renormalise the K selected gates to sum to 1 (the paper: no)
     route_scale: float = 1.0  # constant multiplier of every gate (DeepSeek-V3: 2.5)
     learned_expert_scale: bool = False  # learned per-expert gate scale, init 1 (released Pangu code)
-    aux_loss_coef: float = 0.001  # alpha of the balance loss, Eq. 8 (released Pangu value); 0: off
-    aux_loss_type: str = "batch"  # batch (Eq. 8 over the call), sequence, or global_batch
+    aux_loss_coef: float = 0.001  # weight of the balance loss; batch: Eq. 8's alpha (released c ~ alpha K*c/L, see README); 0: off
+    aux_loss_type: str = (
+        "batch"  # batch (Eq. 8 over the call), sequence, global_batch, or released (the released code's)
+    )
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss; 0: off
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) sign-rule rate; 0: off
     topk_groups: int | None = None  # group_limited: groups kept per token
@@ -254,6 +264,8 @@ class MoGELayer(nn.Module):
                 rearrange(ids_TK, "(b l) k -> b l k", l=L),
                 c.num_experts,
             )
+        if c.aux_loss_type == "released":  # this layer's rows; a model pools its layers (total_aux_loss)
+            return balance.released_balance_loss([scores_TE], c.top_k)
         if c.aux_loss_type == "global_batch" and self.training:
             tokens = int(self.load_accum_E.sum()) // c.top_k
             return balance.balance_loss_from_counts(scores_TE, self.load_accum_E, tokens, c.top_k)
@@ -336,3 +348,19 @@ class MoGELayer(nn.Module):
             )
             self.balance_bias_E.copy_(new_E)
         self.load_accum_E.zero_()
+
+
+def total_aux_loss(outputs: list[MoGEOutput], config: MoGEConfig) -> Tensor:
+    """The aux loss of a model whose MoE layers returned `outputs` (all with `config`).
+
+    The sum of every layer's aux_loss, except for aux_loss_type="released", where the
+    balance term is, as in the released code, one loss over all layers' rows pooled:
+    aux_loss_coef * balance.released_balance_loss(all scores) + z_loss_coef * sum z_loss.
+    """
+    if not outputs:
+        return torch.zeros(())
+    if config.aux_loss_type != "released":
+        return torch.stack([o.aux_loss for o in outputs]).sum()
+    lb = balance.released_balance_loss([o.scores for o in outputs], config.top_k)
+    z = torch.stack([o.z_loss for o in outputs]).sum()
+    return config.aux_loss_coef * lb + config.z_loss_coef * z
