@@ -136,9 +136,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per periodic evaluation
     save_every: int = 200  # 0: only at the end
     keep_last: int = 2  # checkpoints kept on disk
-    out_dir: str | None = (
-        None  # None: runs/<name>, plus ,KEY=VALUE for each command-line override (see README)
-    )
+    out_dir: str | None = None  # None: runs/<name>, then ,KEY=VALUE per override (README)
     resume: bool = False  # continue from the latest checkpoint in out_dir
     device: str = "cpu"  # cpu or cuda
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
