@@ -117,9 +117,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
     if prompt_L.numel() + args.tokens > limit:
+        room = max(limit - prompt_L.numel(), 0)
         raise ValueError(
-            f"--tokens: the prompt ({prompt_L.numel()} bytes) + {args.tokens} new tokens exceed "
-            f"model.max_seq_len={limit} of {args.run_dir}"
+            f"--tokens: the prompt ({prompt_L.numel()} bytes) + {args.tokens} new tokens = "
+            f"{prompt_L.numel() + args.tokens} exceed model.max_seq_len={limit} of {args.run_dir} "
+            f"(the longest sequence the model was built for); at most {room} new tokens fit after this prompt"
         )
     gen = torch.Generator().manual_seed(args.seed)
     out_BL = model.generate(prompt_L[None], args.tokens, args.temperature, args.top_k, generator=gen)
