@@ -25,6 +25,7 @@ from moge._validate import (
     check_optional_str,
 )
 from moge.layer import MoGEConfig
+from moge.sigma.domains import check_domains_spec, check_run_domains
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("gloo", "nccl")
@@ -105,9 +106,14 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence; <= model.max_seq_len
     val_fraction: float = 0.1  # share of the corpus (seeded random chunks) held out, in (0, 0.5]
     seed: int = 0  # seed of the batch sampler
+    domains: str | dict[str, list[str]] | None = (
+        None  # None: no domains; topics (the built-in corpus by topic family), subfolders (of path), or {name: [glob, ...]}
+    )
+    only_domain: str | None = None  # with domains: keep this domain alone (a domain sub-model's data)
 
     def __post_init__(self) -> None:
         check_optional_str("data.path", self.path)
+        check_domains_spec(self.domains, self.only_domain, self.path)  # moge.sigma.domains
         check_int("data.seq_len", self.seq_len, minimum=1)
         check_float("data.val_fraction", self.val_fraction, minimum=0.0, maximum=0.5, strict_min=True)
         check_int("data.seed", self.seed, minimum=0)
@@ -221,6 +227,7 @@ class RunConfig:
                 f"{self.model.vocab_size}"
             )
         self._check_parallel()
+        check_run_domains(self)  # data.domains vs moe.rre_domain_groups (moge.sigma.domains)
 
     def _check_parallel(self) -> None:
         p, W = self.parallel, self.parallel.expert_parallel

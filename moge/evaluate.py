@@ -208,8 +208,9 @@ def _measure(
     moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
     layers = [_LayerRouting(i, cfg.moe.num_experts, cfg.moe.num_groups) for i in moe_blocks]
     nll_sum, batch_tokens = 0.0, []
-    for x_BL, y_BL in ds.iter_eval_batches("val", cfg.eval.batch_size, batches):
-        out = model(x_BL.to(device), y_BL.to(device))
+    for batch in ds.iter_eval_batches("val", cfg.eval.batch_size, batches):
+        x_BL, y_BL = batch
+        out = model(x_BL.to(device), y_BL.to(device), **batch.model_kwargs(device))
         nll_sum += float(out.lm_loss) * y_BL.numel()  # lm_loss is the mean over this batch
         batch_tokens.append(y_BL.numel())
         assert len(out.routing) == len(layers), "one MoGEOutput per MoE block"

@@ -23,6 +23,7 @@ from moge._validate import (
 )
 from moge.experts import GroupedExperts, SwiGLU
 from moge.routing import RouterSettings, compute_scores, make_random_routing_table, route
+from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
 
 ROUTERS = ("grouped", "global", "group_limited", "random")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -66,6 +67,12 @@ class MoGEConfig:
     group_score: str = "top2_sum"  # group_limited: rank groups by top2_sum or max of their scores
     rre_vocab_size: int | None = None  # random: size of the token-id table (run config: model.vocab_size)
     rre_seed: int = 0  # random: seed of the fixed token-id -> experts table
+    rre_domain_groups: dict[str, list[int]] | None = (
+        None  # random: PanGu-Sigma level 1, domain name -> its groups (domain ids in this order); None: one level
+    )
+    rre_group_ids: list[int] | None = (
+        None  # random with domains: each group's number in the model it was extracted from; None: 0..num_groups-1
+    )
     expert_impl: str = "auto"  # expert kernel: auto, fused, grouped_mm or loop
     init_std: float = 0.02  # std of the layer's own init (a model re-initialises with model.init_std)
 
@@ -92,6 +99,8 @@ class MoGEConfig:
         check_optional_int("rre_vocab_size", self.rre_vocab_size, minimum=1)
         check_int("rre_seed", self.rre_seed, minimum=0)
         check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        if self.rre_domain_groups is not None or self.rre_group_ids is not None:
+            check_sigma_config(self)  # PanGu-Sigma two-level RRE (moge.sigma.routing)
         check_float("init_std", self.init_std, minimum=0.0, strict_min=True)
 
     def _check_relations(self) -> None:
@@ -100,7 +109,9 @@ class MoGEConfig:
             raise ValueError(f"num_groups: {M} groups do not divide num_experts={E}")
         if K > E:
             raise ValueError(f"top_k: {K} is larger than num_experts={E}")
-        if self.router in ("grouped", "random") and K % M:
+        if (
+            self.router == "grouped" or (self.router == "random" and self.rre_domain_groups is None)
+        ) and K % M:
             raise ValueError(
                 f"top_k: the {self.router} router takes top_k/num_groups experts from "
                 f"every group, so top_k={K} must be a multiple of num_groups={M}"
@@ -181,7 +192,11 @@ class MoGELayer(nn.Module):
         # Slots per expert since the last end_step(): feeds the bias rule and the
         # global-batch loss. Not saved: checkpoints are taken between steps.
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
-        if c.router == "random":
+        if c.router == "random" and c.rre_domain_groups is not None:  # PanGu-Sigma two levels
+            table, columns = layer_tables(c)
+            self.register_buffer("rre_table_VK", table, persistent=False)
+            self.register_buffer("rre_columns_NK", columns, persistent=False)
+        elif c.router == "random":
             table = make_random_routing_table(
                 c.rre_vocab_size, c.num_experts, c.num_groups, c.top_k, c.rre_seed
             )
@@ -249,7 +264,9 @@ class MoGELayer(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def route_tokens(self, x_TD: Tensor, token_ids: Tensor | None, lead: tuple) -> MoGEOutput:
+    def route_tokens(
+        self, x_TD: Tensor, token_ids: Tensor | None, lead: tuple, domain_ids: Tensor | None = None
+    ) -> MoGEOutput:
         """The router half of forward: logits, scores, selection, gates, load, losses.
 
         x_TD [T, D], token_ids [...] or None, lead = x's leading shape. Returns a
@@ -258,9 +275,18 @@ class MoGELayer(nn.Module):
         c = self.config
         logits_TE, scores_TE = self._router_scores(x_TD)
         tokens_T = token_ids.reshape(-1) if token_ids is not None else None
-        weights_TK, ids_TK = route(
-            scores_TE, self.settings, bias=self.balance_bias_E, token_ids=tokens_T, table_VK=self.rre_table_VK
-        )
+        if getattr(self, "rre_columns_NK", None) is not None:  # PanGu-Sigma: domain, then token id
+            weights_TK, ids_TK = two_level_route(
+                token_ids, domain_ids, self.rre_table_VK, self.rre_columns_NK, c.route_scale
+            )
+        else:
+            weights_TK, ids_TK = route(
+                scores_TE,
+                self.settings,
+                bias=self.balance_bias_E,
+                token_ids=tokens_T,
+                table_VK=self.rre_table_VK,
+            )
         if self.expert_scale_E is not None:
             weights_TK = weights_TK * self.expert_scale_E.float()[ids_TK]
         load_E = balance.expert_load(ids_TK, c.num_experts)
@@ -273,13 +299,15 @@ class MoGELayer(nn.Module):
             expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE, lb_loss=lb_loss, z_loss=z_loss,
         )  # fmt: skip
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoGEOutput:
-        """x [..., D] (token_ids [...] for router="random") -> MoGEOutput."""
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, domain_ids: Tensor | None = None
+    ) -> MoGEOutput:
+        """x [..., D] (token_ids [...] for router="random"; domain_ids [...] with rre_domain_groups) -> MoGEOutput."""
         self._check_input(x, token_ids)
         c = self.config
         lead = tuple(x.shape[:-1])
         x_TD = x.reshape(-1, c.d_model)
-        out = self.route_tokens(x_TD, token_ids, lead)
+        out = self.route_tokens(x_TD, token_ids, lead, domain_ids)
         dtype = self._compute_dtype(x)
         y_TD = self.experts(x_TD, out.expert_ids, out.weights, dtype)
         if self.shared is not None:
