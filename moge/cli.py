@@ -6,6 +6,7 @@
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
@@ -120,6 +121,25 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from moge.sigma.extract import extract_run
+
+    print(f"extracted {extract_run(args.run_dir, args.domain, args.out).summary()}")
+    return EXIT_OK
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="write one domain's sub-model of a two-level random-router (PanGu-Sigma) run"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--domain", required=True, help="domain name (or id) from moe.rre_domain_groups")
+    p.add_argument(
+        "out", metavar="OUT", help="new run folder for the sub-model (moge eval / generate read it)"
+    )
+    p.set_defaults(handler=_cmd_extract)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -192,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
+
+    _add_extract(sub)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
