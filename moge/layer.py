@@ -300,7 +300,12 @@ class MoGELayer(nn.Module):
     @torch.no_grad()
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
-        if self.balance_bias_E is not None and int(self.load_accum_E.sum()) > 0:
+        # rate 0: a bias loaded from a checkpoint (DeepSeek-V3) stays as it is.
+        if (
+            self.balance_bias_E is not None
+            and self.config.bias_update_rate > 0
+            and int(self.load_accum_E.sum()) > 0
+        ):
             new_E = balance.update_balance_bias(
                 self.balance_bias_E, self.load_accum_E, self.config.bias_update_rate
             )

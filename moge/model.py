@@ -284,6 +284,15 @@ class MoGETransformer(nn.Module):
             if isinstance(block.ffn, MoGELayer):
                 yield block.ffn
 
+    def save_pretrained(self, path, layout: str, **kwargs):
+        """Write the weights in `layout` (pangu, qwen3_moe, qwen2_moe, mixtral, llama, qwen2, moge).
+
+        See moge.interop.save_pretrained (kwargs: dtype, max_shard_bytes); returns the files.
+        """
+        from moge.interop import save_pretrained  # interop imports this module
+
+        return save_pretrained(self, path, layout=layout, **kwargs)
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)
 

@@ -284,6 +284,24 @@ def check_plain_routing(layout: str, e: MoGEConfig, *, normalize: bool | None) -
 # ---------------------------------------------------------------- a layout folder on disk
 
 
+@dataclass(frozen=True)
+class _Info:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class _DictReader:
+    """In-memory tensors behind the SafetensorsReader interface LayoutFolder uses."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.data = {k: v.detach() for k, v in tensors.items()}
+        self.tensors = {k: _Info(tuple(v.shape), v.dtype) for k, v in self.data.items()}
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        t = self.data[key]
+        return (t[index] if index is not None else t).clone()
+
+
 class LayoutFolder:
     """config.json + model.safetensors, or shards listed by model.safetensors.index.json.
 
@@ -291,6 +309,17 @@ class LayoutFolder:
     (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]) are
     offered under the per-expert names `save_pretrained` writes (see `alias_fused`).
     """
+
+    @classmethod
+    def from_tensors(
+        cls, tensors: dict[str, torch.Tensor], config: dict, name: str = "<tensors>"
+    ) -> LayoutFolder:
+        """The same view of tensors held in memory (e.g. a module's state_dict)."""
+        folder = cls.__new__(cls)
+        folder.path, folder.config = Path(name), config
+        reader = _DictReader(tensors)
+        folder.where = {k: (reader, k, None, None) for k in tensors}
+        return folder
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -301,7 +330,7 @@ class LayoutFolder:
             self.config: dict = json.loads(cfg.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{cfg}: not valid JSON ({err})") from err
-        self.where: dict[str, tuple[SafetensorsReader, str, int | None, tuple[int, int] | None]] = {}
+        self.where: dict[str, tuple] = {}  # key -> (reader, stored key, index or None, rows or None)
         for reader in self._readers():
             for key in reader.tensors:
                 self.where[key] = (reader, key, None, None)
@@ -324,12 +353,12 @@ class LayoutFolder:
         return [SafetensorsReader(single)]
 
     def alias_fused(self, names: Callable[[str, int], tuple[str, str, str]]) -> None:
-        """Offer stacked `<layer>.mlp.experts.gate_up_proj`/`down_proj` as per-expert keys.
+        """Offer stacked `<prefix>.experts.gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F] per expert.
 
-        names(layer prefix, e) -> the (gate, up, down) per-expert key names of the layout.
+        names(prefix, e) -> the (gate, up, down) per-expert key names of the layout.
         """
         for key in list(self.where):
-            for tail in (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"):
+            for tail in (".experts.gate_up_proj", ".experts.down_proj"):
                 if not key.endswith(tail):
                     continue
                 reader = self.where.pop(key)[0]

@@ -74,6 +74,11 @@ class MixtralLayout(BaseLayout):
         for key in list(folder.keys()):
             if key.endswith(".mlp.gate.weight"):
                 folder.alias(key.replace(".mlp.gate.", ".block_sparse_moe.gate."), key)
-        folder.alias_fused(
-            lambda prefix, e: tuple(f"{prefix}.block_sparse_moe.experts.{e}.{n}.weight" for n in NAMES)  # type: ignore[return-value]
-        )
+        folder.alias_fused(_mixtral_names)
+
+
+def _mixtral_names(prefix: str, e: int) -> tuple[str, str, str]:
+    """prefix `model.layers.{i}.mlp` (in-memory) -> the saved `block_sparse_moe` expert names."""
+    layer = prefix.removesuffix(".mlp")
+    gate, up, down = (f"{layer}.block_sparse_moe.experts.{e}.{n}.weight" for n in NAMES)
+    return gate, up, down

@@ -84,7 +84,7 @@ def _ffn_pieces(m: ModelConfig, e: MoGEConfig, shared_gate: bool) -> list[Piece]
 
 
 def _per_expert_names(prefix: str, e: int) -> tuple[str, str, str]:
-    return tuple(f"{prefix}.mlp.experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))  # type: ignore[return-value]
+    return tuple(f"{prefix}.experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))  # type: ignore[return-value]
 
 
 class Qwen2MoeLayout(BaseLayout):
