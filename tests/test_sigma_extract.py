@@ -114,6 +114,15 @@ def test_extract_cli_writes_a_run_that_eval_and_generate_read(trained, capsys):
     want = domain_val_loss(full_model, load_dataset(full_cfg.data), "library", 4, 2)
     assert report["val_loss"] == want
     assert report["params"]["total"] == info["params_sub"]
+    # The interop loader reads the sub-model's run folder as it is.
+    import moge
+
+    loaded, loaded_cfg = moge.from_pretrained(out)
+    batch = next(load_dataset(full_cfg.data).iter_eval_batches("val", 4, 1, domain="library"))
+    with torch.no_grad():
+        want_logits = full_model(batch[0], domain_ids=batch.domain_ids).logits
+        assert torch.equal(loaded(batch[0]).logits, want_logits)
+    assert loaded_cfg.moe.rre_group_ids == [2, 7]
     # moge generate: greedy text of the sub-model = the full model's with the domain given.
     assert main(["generate", str(out), "--prompt", "The ", "--tokens", "6", "--temperature", "0"]) == 0
     text = capsys.readouterr().out.rstrip("\n")
