@@ -108,9 +108,7 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence; <= model.max_seq_len
     val_fraction: float = 0.1  # share of the corpus (seeded random chunks) held out, in (0, 0.5]
     seed: int = 0  # seed of the batch sampler
-    domains: str | dict[str, list[str]] | None = (
-        None  # None: no domains; topics (the built-in corpus by topic family), subfolders (of path), or {name: [glob, ...]}
-    )
+    domains: str | dict[str, list[str]] | None = None  # topics, subfolders or {name: [glob, ...]}; None: none
     only_domain: str | None = None  # with domains: keep this domain alone (a domain sub-model's data)
 
     def __post_init__(self) -> None:

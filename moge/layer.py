@@ -68,12 +68,8 @@ class MoGEConfig:
     group_score: str = "top2_sum"  # group_limited: rank groups by top2_sum or max of their scores
     rre_vocab_size: int | None = None  # random: size of the token-id table (run config: model.vocab_size)
     rre_seed: int = 0  # random: seed of the fixed token-id -> experts table
-    rre_domain_groups: dict[str, list[int]] | None = (
-        None  # random: PanGu-Sigma level 1, domain name -> its groups (domain ids in this order); None: one level
-    )
-    rre_group_ids: list[int] | None = (
-        None  # random with domains: each group's number in the model it was extracted from; None: 0..num_groups-1
-    )
+    rre_domain_groups: dict[str, list[int]] | None = None  # random: PanGu-Sigma domain -> its groups
+    rre_group_ids: list[int] | None = None  # sub-model: its groups' numbers in the full model
     expert_impl: str = "auto"  # expert kernel: auto, fused, grouped_mm or loop
     init_std: float = 0.02  # std of the layer's own init (a model re-initialises with model.init_std)
 

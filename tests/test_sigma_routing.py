@@ -189,3 +189,16 @@ def test_run_config_accepts_the_two_level_router_and_round_trips():
     cfg = config_from_dict(RUN)
     assert list(cfg.moe.rre_domain_groups) == ["statements", "expressions", "library", "datamodel"]
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_tiny_sigma_and_its_baseline_are_the_same_size_and_data():
+    from pathlib import Path
+
+    from moge.config import load_config
+    from moge.model import count_parameters
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    sigma, base = load_config(root / "tiny-sigma.yaml"), load_config(root / "tiny-sigma-moge.yaml")
+    assert count_parameters(sigma.model, sigma.moe) == count_parameters(base.model, base.moe)
+    assert sigma.model == base.model and sigma.data == base.data and sigma.train == base.train
+    assert list(sigma.moe.rre_domain_groups) == ["statements", "expressions", "library", "datamodel"]
