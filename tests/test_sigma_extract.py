@@ -110,6 +110,9 @@ def test_extract_cli_writes_a_run_that_eval_and_generate_read(trained, capsys):
     assert info["params_sub"] < info["params_full"] and info["experts"] == [6, 7, 8, 21, 22, 23]
     # moge eval: the sub-model on its domain's val windows = the full model on the same windows.
     report = evaluate_run(out, plots=False)
+    # The full run evaluates too: its batches carry their domains to the model.
+    full_report = evaluate_run(run, plots=False, out_dir=trained / "full-eval")
+    assert full_report["val_loss"] > 0 and len(full_report["routing"]) == 2
     full_model, full_cfg, _ = load_run(run)
     want = domain_val_loss(full_model, load_dataset(full_cfg.data), "library", 4, 2)
     assert report["val_loss"] == want

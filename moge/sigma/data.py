@@ -46,6 +46,7 @@ def _patterns(cfg: DataConfig, items: list[tuple[str, bytes]]) -> dict[str, list
         if not subfolders:
             raise ValueError(f"data.domains: subfolders, but {cfg.path!r} has no subfolder with text files")
         return {sub: [f"{glob.escape(sub)}/*"] for sub in subfolders}
+    assert isinstance(cfg.domains, dict), "checked by DataConfig"
     return dict(cfg.domains)
 
 

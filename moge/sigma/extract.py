@@ -58,6 +58,7 @@ def resolve_domain(cfg: RunConfig, domain: str) -> str:
 def domain_config(cfg: RunConfig, domain: str, out_dir: str | Path | None = None) -> RunConfig:
     """The sub-model's run config: domain's groups renumbered 0..n-1, data of that domain alone."""
     moe = cfg.moe
+    assert moe.rre_domain_groups is not None, "resolve_domain checked it"
     groups = sorted(moe.rre_domain_groups[domain])
     old_ids = moe.rre_group_ids or list(range(moe.num_groups))
     n, G = len(groups), moe.experts_per_group
@@ -75,6 +76,7 @@ def domain_config(cfg: RunConfig, domain: str, out_dir: str | Path | None = None
 def extract_state_dict(model: MoGETransformer, domain: str) -> dict[str, torch.Tensor]:
     """The full model's state dict with every MoE layer's per-expert tensors cut to the domain's experts."""
     moe = model.moe_cfg
+    assert moe.rre_domain_groups is not None, "resolve_domain checked it"
     keep = torch.tensor(reachable_experts(moe.rre_domain_groups, domain, moe.experts_per_group))
     state = model.state_dict()
     for prefix, module in model.named_modules():
@@ -150,6 +152,7 @@ def extract_run(run_dir: str | Path, domain: str, out_dir: str | Path) -> Extrac
     from moge.train import build_optimizer  # the trainer's parameter groups, so the run can resume
 
     model, cfg, step = load_run(run_dir)
+    assert isinstance(model, MoGETransformer)
     sub, _ = extract_model(model, cfg, domain)
     name = resolve_domain(cfg, domain)
     sub_cfg = domain_config(cfg, name, out)
@@ -158,6 +161,7 @@ def extract_run(run_dir: str | Path, domain: str, out_dir: str | Path) -> Extrac
     gen = torch.Generator().manual_seed(sub_cfg.data.seed)
     save_checkpoint(out, step, sub, build_optimizer(sub, sub_cfg.train), gen, sub_cfg, keep_last=1)
     full, part = count_parameters(cfg.model, cfg.moe), count_parameters(sub_cfg.model, sub_cfg.moe)
+    assert cfg.moe.rre_domain_groups is not None, "resolve_domain checked it"
     groups = sorted(cfg.moe.rre_domain_groups[name])
     result = ExtractResult(
         domain=name, groups=groups, experts=reachable_experts(cfg.moe.rre_domain_groups, name, cfg.moe.experts_per_group),
