@@ -202,3 +202,13 @@ def test_tiny_sigma_and_its_baseline_are_the_same_size_and_data():
     assert count_parameters(sigma.model, sigma.moe) == count_parameters(base.model, base.moe)
     assert sigma.model == base.model and sigma.data == base.data and sigma.train == base.train
     assert list(sigma.moe.rre_domain_groups) == ["statements", "expressions", "library", "datamodel"]
+
+
+def test_domains_may_share_groups_and_then_share_the_table():
+    layer = MoGELayer(layer_cfg(rre_domain_groups={"a": [0, 1], "general": [1, 2]}))
+    tokens = torch.arange(50)
+    a = route(layer, tokens, torch.zeros(50, dtype=torch.long)).expert_ids
+    g = route(layer, tokens, torch.ones(50, dtype=torch.long)).expert_ids
+    assert set((a // 2).flatten().tolist()) == {0, 1} and set((g // 2).flatten().tolist()) == {1, 2}
+    # In the shared group 1 a token meets the same expert whichever domain it comes from.
+    assert torch.equal(a[:, 1], g[:, 0])
