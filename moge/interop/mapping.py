@@ -437,7 +437,13 @@ def read_params(
         parts = by_param.get(name)
         if not parts:
             raise ValueError(f"no tensor of the layout gives moge's {name}")  # a layout bug, not user input
-        t = torch.empty(shape, dtype=dtype or folder.dtype(parts[0].key))
+        first = parts[0]
+        if len(parts) == 1 and (first.expert, first.transpose, first.rows) == (None, False, None):
+            # The whole tensor as stored: no second copy to assemble it into.
+            t = folder.read(first.key).reshape(shape)
+            yield name, t.to(dtype) if dtype is not None else t
+            continue
+        t = torch.empty(shape, dtype=dtype or folder.dtype(first.key))
         covered = 0
         for p in parts:
             dst = p.region(t)

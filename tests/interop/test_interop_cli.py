@@ -89,3 +89,17 @@ def test_convert_errors(run, tmp_path, capsys):
     assert "nothing" in capsys.readouterr().err
     assert main(["convert", str(run), str(tmp_path / "x"), "--to", "gpt2"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_fit_its_config_names_the_key(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    state_file = find_checkpoint(copy) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["moe"]["expert_hidden"] = 12
+    state_file.write_text(json.dumps(state))
+    assert main(["convert", str(copy), str(tmp_path / "p"), "--to", "pangu"]) == 2
+    err = capsys.readouterr().err
+    assert "blocks.0.ffn.experts.w_gate_up_EDH: expected shape [8, 32, 24], found [8, 32, 32]" in err
