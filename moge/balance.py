@@ -54,20 +54,31 @@ def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) ->
     return balance_loss_from_counts(scores, expert_load(expert_ids, num_experts), T, K)
 
 
-def sequence_load_balancing_loss(scores_BLE: Tensor, ids_BLK: Tensor, num_experts: int) -> Tensor:
+def sequence_load_balancing_loss(
+    scores_BLE: Tensor, ids_BLK: Tensor, num_experts: int, mask_BL: Tensor | None = None
+) -> Tensor:
     """Sequence-level variant: Eq. 8 inside every sequence, averaged over sequences.
 
-    scores_BLE [B, L, E], ids_BLK [B, L, K] -> 0-dim tensor.
+    scores_BLE [B, L, E], ids_BLK [B, L, K], mask_BL [B, L] bool (False: padding, left
+    out of f and p; a sequence of padding only is left out of the mean) -> 0-dim tensor.
     """
     B, L, K = ids_BLK.shape
     if B == 0 or L == 0:
         return scores_BLE.new_zeros((), dtype=torch.float32)
-    # Per-sequence counts with one scatter: offset each sequence's ids by b * E.
+    if mask_BL is None:
+        mask_BL = torch.ones(B, L, dtype=torch.bool, device=ids_BLK.device)
+    # Per-sequence counts with one scatter: offset each sequence's ids by b * E; padded
+    # slots go to an extra bin past the last sequence's.
     offsets_B11 = torch.arange(B, device=ids_BLK.device).view(B, 1, 1) * num_experts
-    counts_BE = torch.bincount((ids_BLK + offsets_B11).reshape(-1), minlength=B * num_experts)
-    f_BE = counts_BE.view(B, num_experts).float() * (num_experts / (K * L))
-    p_BE = scores_BLE.float().mean(dim=1)
-    return (f_BE * p_BE).sum(dim=1).mean()
+    flat_BLK = torch.where(mask_BL[..., None], ids_BLK + offsets_B11, B * num_experts)
+    counts_BE = torch.bincount(flat_BLK.reshape(-1), minlength=B * num_experts + 1)[:-1]
+    real_B1 = mask_BL.sum(dim=1, keepdim=True)
+    has_B = real_B1.squeeze(1) > 0
+    if not bool(has_B.any()):
+        return scores_BLE.new_zeros((), dtype=torch.float32)
+    f_BE = counts_BE.view(B, num_experts).float() * num_experts / (K * real_B1.clamp_min(1))
+    p_BE = (scores_BLE.float() * mask_BL[..., None]).sum(dim=1) / real_B1.clamp_min(1)
+    return (f_BE * p_BE).sum(dim=1)[has_B].mean()
 
 
 def released_balance_loss(scores: Sequence[Tensor], top_k: int) -> Tensor:
@@ -164,6 +175,7 @@ class RoutingStats:
     load_entropy: float  # entropy (nats) of the slot distribution; log(E) = uniform
     score_entropy: float | None  # mean per-token entropy (nats) of the scores, if given
     dead_experts: int  # experts that received no slot
+    dropped_fraction: float = 0.0  # share of slots dropped by an expert capacity (0: dropless)
 
     def as_dict(self) -> dict:
         return {
@@ -175,6 +187,7 @@ class RoutingStats:
             "load_entropy": self.load_entropy,
             "score_entropy": self.score_entropy,
             "dead_experts": self.dead_experts,
+            "dropped_fraction": self.dropped_fraction,
         }
 
 
@@ -186,12 +199,23 @@ def _score_entropy(scores_TE: Tensor) -> float:
 
 @torch.no_grad()
 def routing_stats(
-    expert_ids: Tensor, num_experts: int, num_groups: int, scores: Tensor | None = None
+    expert_ids: Tensor,
+    num_experts: int,
+    num_groups: int,
+    scores: Tensor | None = None,
+    *,
+    mask: Tensor | None = None,
+    dropped: Tensor | None = None,
 ) -> RoutingStats:
     """Per-expert and per-group load, IS, max/mean, CV, entropies and dead experts.
 
-    expert_ids [T, K], scores [T, E] (optional, for the score entropy).
+    expert_ids [T, K], scores [T, E] (optional, for the score entropy), mask [T] bool
+    (False: padding, left out of every statistic), dropped [E] slots dropped by a
+    capacity (MoGEOutput.dropped; gives dropped_fraction).
     """
+    if mask is not None:
+        expert_ids = expert_ids[mask]
+        scores = None if scores is None else scores[mask]
     load_E = expert_load(expert_ids, num_experts).cpu()
     group_M = rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1)
     mean = load_E.double().mean().item()
@@ -208,4 +232,5 @@ def routing_stats(
         load_entropy=entropy,
         score_entropy=_score_entropy(scores) if has_scores else None,
         dead_experts=int((load_E == 0).sum()),
+        dropped_fraction=0.0 if dropped is None else int(dropped.sum()) / max(total, 1),
     )

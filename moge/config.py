@@ -55,6 +55,7 @@ class ModelConfig:
     first_dense_layers: int = 0  # the first N blocks use a dense FFN
     moe_every: int = 1  # after those, every N-th block is MoE, the rest dense
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
 
     def __post_init__(self) -> None:
         for name in (
@@ -74,6 +75,7 @@ class ModelConfig:
         check_bool("model.o_bias", self.o_bias)
         check_bool("model.qk_norm", self.qk_norm)
         check_bool("model.tie_embeddings", self.tie_embeddings)
+        check_bool("model.activation_checkpointing", self.activation_checkpointing)
         check_float("model.rope_theta", self.rope_theta, minimum=0.0, strict_min=True)
         check_float("model.norm_eps", self.norm_eps, minimum=0.0, strict_min=True)
         check_float("model.init_std", self.init_std, minimum=0.0, strict_min=True)

@@ -37,6 +37,8 @@ class LastRouting:
     load: Tensor  # [E] int64 token-slots per expert
     lb_loss: Tensor  # 0-dim, unweighted balance loss
     z_loss: Tensor  # 0-dim, unweighted router z-loss
+    token_mask: Tensor | None = None  # [T] bool, False: padding (left out of the statistics)
+    dropped: Tensor | None = None  # [E] slots dropped by the capacity (None: dropless)
 
 
 class MoGEMLP(MoGELayer):
@@ -53,10 +55,13 @@ class MoGEMLP(MoGELayer):
         self.pending_aux_losses: list[MoGEOutput] = []
         self.last: LastRouting | None = None
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        """x [..., D] (token_ids [...] for router="random") -> [..., D]."""
-        out = super().forward(x, token_ids)
-        if self.training and torch.is_grad_enabled():
+    def forward(  # type: ignore[override]
+        self, x: Tensor, token_ids: Tensor | None = None, *, mask: Tensor | None = None
+    ) -> Tensor:
+        """x [..., D] (token_ids [...] for router="random"; mask [...]: see MoGELayer) -> [..., D]."""
+        out = super().forward(x, token_ids, mask=mask)
+        # An activation-checkpointing recompute (moge.recompute) must not queue the loss twice.
+        if self.training and torch.is_grad_enabled() and self.recompute_phase != "recompute":
             self.pending_aux_losses.append(out)
             if len(self.pending_aux_losses) == self.END_STEP_WARN_CALLS:
                 warnings.warn(
@@ -68,7 +73,7 @@ class MoGEMLP(MoGELayer):
                 )
         self.last = LastRouting(
             out.expert_ids.detach(), out.scores.detach(), out.load.detach(),
-            out.lb_loss.detach(), out.z_loss.detach(),
+            out.lb_loss.detach(), out.z_loss.detach(), out.token_mask, out.dropped,
         )  # fmt: skip
         return out.hidden
 
@@ -135,5 +140,12 @@ def routing_stats(model: nn.Module) -> dict[str, balance.RoutingStats]:
         last = getattr(layer, "last", None)
         if last is not None:
             c = layer.config
-            out[name] = balance.routing_stats(last.expert_ids, c.num_experts, c.num_groups, last.scores)
+            out[name] = balance.routing_stats(
+                last.expert_ids,
+                c.num_experts,
+                c.num_groups,
+                last.scores,
+                mask=last.token_mask,
+                dropped=last.dropped,
+            )
     return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F_
 from einops import rearrange
 from torch import Tensor, nn
 
-from moge import balance
+from moge import balance, capacity
 from moge._validate import (
     check_bool,
     check_choice,
@@ -31,6 +31,8 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 AUX_LOSS_TYPES = ("batch", "sequence", "global_batch", "released")
 GROUP_SCORES = ("top2_sum", "max")
 EXPERT_IMPLS = ("auto", "fused", "grouped_mm", "loop")
+ROUTER_DTYPES = ("float32", "input")
+CAPACITY_SCOPES = ("expert", "group")
 
 
 @dataclass
@@ -81,6 +83,10 @@ class MoGEConfig:
     rre_group_ids: list[int] | None = None  # sub-model: its groups' numbers in the full model
     expert_impl: str = "auto"  # expert kernel: auto, fused, grouped_mm or loop
     init_std: float = 0.02  # std of the layer's own init (a model re-initialises with model.init_std)
+    router_dtype: str = "float32"  # router logits in float32, or "input": the input's dtype (released code)
+    capacity_factor: float | None = None  # None: dropless; else slots per bucket <= ceil(cf*slots/buckets)
+    capacity_scope: str = "expert"  # capacity bucket: "expert", or "group" (one group per device)
+    dispatch_padding: bool = False  # with a token mask: also run padded tokens through the routed experts
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -109,6 +115,11 @@ class MoGEConfig:
         if self.rre_domain_groups is not None or self.rre_group_ids is not None:
             check_sigma_config(self)  # PanGu-Sigma two-level RRE (moge.sigma.routing)
         check_float("init_std", self.init_std, minimum=0.0, strict_min=True)
+        check_choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+        if self.capacity_factor is not None:
+            check_float("capacity_factor", self.capacity_factor, minimum=0.0, strict_min=True)
+        check_choice("capacity_scope", self.capacity_scope, CAPACITY_SCOPES)
+        check_bool("dispatch_padding", self.dispatch_padding)
 
     def _check_relations(self) -> None:
         E, M, K = self.num_experts, self.num_groups, self.top_k
@@ -166,6 +177,15 @@ class MoGEOutput:
     scores: Tensor  # [T, E] float32 router scores (softmax or sigmoid), before any bias
     lb_loss: Tensor  # balance loss of the configured aux_loss_type, unweighted
     z_loss: Tensor  # router z-loss, unweighted
+    token_mask: Tensor | None = None  # [T] bool, False: a padded token (counted nowhere); None: all real
+    dropped: Tensor | None = None  # [E] int64 slots dropped by the capacity per expert; None: dropless
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Share of the real tokens' slots dropped by the capacity (0.0 when dropless)."""
+        if self.dropped is None:
+            return 0.0
+        return int(self.dropped.sum()) / max(int(self.load.sum()), 1)
 
 
 class EndStepWarning(UserWarning):
@@ -216,6 +236,12 @@ class MoGELayer(nn.Module):
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
         self.calls_since_end_step = 0
         self._warned_end_step = False
+        # Activation checkpointing (moge.recompute) runs forward twice; the second run
+        # must not count again. `recompute_phase` is "forward" or "recompute" inside a
+        # checkpointed call (None outside); the counts each first run used wait in
+        # `_replay_counts` for its recompute, so the loss's gradient is the same.
+        self.recompute_phase: str | None = None
+        self._replay_counts: list[Tensor] = []
         if c.router == "random" and c.rre_domain_groups is not None:  # PanGu-Sigma two levels
             table, columns = layer_tables(c)
             self.register_buffer("rre_table_VK", table, persistent=False)
@@ -266,12 +292,27 @@ class MoGELayer(nn.Module):
                 )
 
     def _router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits and scores [T, E] in float32 whatever the input or autocast dtype."""
+        """Logits [T, E] and float32 scores [T, E].
+
+        router_dtype "float32": logits in float32 whatever the input or autocast dtype.
+        "input": logits in the compute dtype (the input's, or autocast's), as the
+        released code does; the softmax/sigmoid is float32 either way.
+        """
+        dtype = torch.float32 if self.config.router_dtype == "float32" else self._compute_dtype(x_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F_.linear(x_TD.float(), self.router.weight.float())
+            logits_TE = F_.linear(x_TD.to(dtype), self.router.weight.to(dtype))
         return logits_TE, compute_scores(logits_TE, self.config.score_func)
 
-    def _balance_loss(self, scores_TE: Tensor, ids_TK: Tensor, load_E: Tensor, lead: tuple) -> Tensor:
+    def _balance_loss(
+        self,
+        scores_TE: Tensor,
+        ids_TK: Tensor,
+        load_E: Tensor,
+        lead: tuple,
+        mask_T: Tensor | None,
+        accum_E: Tensor,
+    ) -> Tensor:
+        """The unweighted balance loss over the real tokens (mask_T True; None: all)."""
         c = self.config
         if c.aux_loss_type == "sequence" and len(lead) >= 2:
             L = lead[-1]
@@ -279,13 +320,42 @@ class MoGELayer(nn.Module):
                 rearrange(scores_TE, "(b l) e -> b l e", l=L),
                 rearrange(ids_TK, "(b l) k -> b l k", l=L),
                 c.num_experts,
+                mask_BL=None if mask_T is None else rearrange(mask_T, "(b l) -> b l", l=L),
             )
+        real_TE = scores_TE if mask_T is None else scores_TE[mask_T]
         if c.aux_loss_type == "released":  # this layer's rows; a model pools its layers (total_aux_loss)
-            return balance.released_balance_loss([scores_TE], c.top_k)
+            return balance.released_balance_loss([real_TE], c.top_k)
         if c.aux_loss_type == "global_batch" and self.training:
-            tokens = int(self.load_accum_E.sum()) // c.top_k
-            return balance.balance_loss_from_counts(scores_TE, self.load_accum_E, tokens, c.top_k)
-        return balance.balance_loss_from_counts(scores_TE, load_E, ids_TK.shape[0], c.top_k)
+            tokens = int(accum_E.sum()) // c.top_k
+            return balance.balance_loss_from_counts(real_TE, accum_E, tokens, c.top_k)
+        return balance.balance_loss_from_counts(real_TE, load_E, real_TE.shape[0], c.top_k)
+
+    def _count_load(self, load_E: Tensor) -> Tensor:
+        """Add a training call's load to the step's counts once; returns the step's counts
+        as this call sees them (a recompute replays what its first run saw)."""
+        if self.recompute_phase == "recompute":
+            return self._replay_counts.pop(0)
+        self.load_accum_E += load_E
+        self._count_call()
+        if self.recompute_phase == "forward":
+            self._replay_counts.append(self.load_accum_E.clone())
+        return self.load_accum_E
+
+    def _drop_over_capacity(
+        self, scores_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, mask_T: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Zero the gates of the slots over capacity (moge.capacity); -> (weights, dropped [E])."""
+        c = self.config
+        if c.capacity_scope == "group":
+            buckets, bucket_TK = c.num_groups, ids_TK // c.experts_per_group
+        else:
+            buckets, bucket_TK = c.num_experts, ids_TK
+        real = ids_TK.shape[0] if mask_T is None else int(mask_T.sum())
+        room = capacity.bucket_capacity(real * c.top_k, buckets, c.capacity_factor)
+        keep_TK = capacity.keep_within_capacity(scores_TE.gather(1, ids_TK), bucket_TK, buckets, room, mask_T)
+        lost_TK = ~keep_TK if mask_T is None else ~keep_TK & mask_T[:, None]
+        dropped_E = balance.expert_load(ids_TK[lost_TK], c.num_experts)
+        return torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK)), dropped_E
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
@@ -293,11 +363,17 @@ class MoGELayer(nn.Module):
         return x.dtype
 
     def route_tokens(
-        self, x_TD: Tensor, token_ids: Tensor | None, lead: tuple, domain_ids: Tensor | None = None
+        self,
+        x_TD: Tensor,
+        token_ids: Tensor | None,
+        lead: tuple,
+        domain_ids: Tensor | None = None,
+        mask_T: Tensor | None = None,
     ) -> MoGEOutput:
         """The router half of forward: logits, scores, selection, gates, load, losses.
 
-        x_TD [T, D], token_ids [...] or None, lead = x's leading shape. Returns a
+        x_TD [T, D], token_ids [...] or None, lead = x's leading shape, mask_T [T] bool
+        (False: padding, left out of every loss, count and statistic) or None. Returns a
         MoGEOutput whose `hidden` is x_TD itself (the experts have not run yet).
         """
         c = self.config
@@ -317,28 +393,57 @@ class MoGELayer(nn.Module):
             )
         if self.expert_scale_E is not None:
             weights_TK = weights_TK * self.expert_scale_E.float()[ids_TK]
-        load_E = balance.expert_load(ids_TK, c.num_experts)
-        if self.training:
-            self.load_accum_E += load_E
-            self._count_call()
-        lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead)
-        z_loss = balance.router_z_loss(logits_TE)
+        load_E = balance.expert_load(ids_TK if mask_T is None else ids_TK[mask_T], c.num_experts)
+        accum_E = self._count_load(load_E) if self.training else self.load_accum_E
+        dropped_E = None
+        if c.capacity_factor is not None:
+            weights_TK, dropped_E = self._drop_over_capacity(scores_TE, weights_TK, ids_TK, mask_T)
+        lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead, mask_T, accum_E)
+        z_loss = balance.router_z_loss(logits_TE if mask_T is None else logits_TE[mask_T])
         return MoGEOutput(
             hidden=x_TD, aux_loss=c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss,
             expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE, lb_loss=lb_loss, z_loss=z_loss,
+            token_mask=mask_T, dropped=dropped_E,
         )  # fmt: skip
 
+    def _routed_experts(self, x_TD: Tensor, out: MoGEOutput, dtype: torch.dtype) -> Tensor:
+        """The routed experts' sum [T, D]; padded tokens skip them unless dispatch_padding."""
+        mask_T = out.token_mask
+        if mask_T is None or self.config.dispatch_padding:
+            return self.experts(x_TD, out.expert_ids, out.weights, dtype)
+        keep_R = mask_T.nonzero().squeeze(1)
+        y_RD = self.experts(x_TD[keep_R], out.expert_ids[keep_R], out.weights[keep_R], dtype)
+        return y_RD.new_zeros(x_TD.shape).index_copy(0, keep_R, y_RD)
+
     def forward(
-        self, x: Tensor, token_ids: Tensor | None = None, domain_ids: Tensor | None = None
+        self,
+        x: Tensor,
+        token_ids: Tensor | None = None,
+        domain_ids: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
     ) -> MoGEOutput:
-        """x [..., D] (token_ids [...] for router="random"; domain_ids [...] with rre_domain_groups) -> MoGEOutput."""
+        """x [..., D] (token_ids [...] for router="random"; domain_ids [...] with rre_domain_groups) -> MoGEOutput.
+
+        mask [...] bool (x's leading shape; True: a real token, False: padding) or None:
+        padded tokens count in no loss, load, bias update or statistic, and skip the
+        routed experts (their routed output is 0) unless dispatch_padding is set.
+        """
         self._check_input(x, token_ids)
         c = self.config
         lead = tuple(x.shape[:-1])
         x_TD = x.reshape(-1, c.d_model)
-        out = self.route_tokens(x_TD, token_ids, lead, domain_ids)
+        mask_T = None
+        if mask is not None:
+            if mask.shape != x.shape[:-1] or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask: expected a bool tensor of shape {tuple(lead)} (x without d_model), "
+                    f"got {mask.dtype} {tuple(mask.shape)}"
+                )
+            mask_T = mask.reshape(-1)
+        out = self.route_tokens(x_TD, token_ids, lead, domain_ids, mask_T)
         dtype = self._compute_dtype(x)
-        y_TD = self.experts(x_TD, out.expert_ids, out.weights, dtype)
+        y_TD = self._routed_experts(x_TD, out, dtype)
         if self.shared is not None:
             shared_TD = self.shared(x_TD.to(dtype))
             if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared(x)
@@ -374,6 +479,7 @@ class MoGELayer(nn.Module):
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
         self.calls_since_end_step = 0
+        self._replay_counts = []  # recomputes that never ran (no backward) are forgotten
         # rate 0: a bias loaded from a checkpoint (DeepSeek-V3) stays as it is.
         if (
             self.balance_bias_E is not None
@@ -398,6 +504,7 @@ def total_aux_loss(outputs: list[MoGEOutput], config: MoGEConfig) -> Tensor:
         return torch.zeros(())
     if config.aux_loss_type != "released":
         return torch.stack([o.aux_loss for o in outputs]).sum()
-    lb = balance.released_balance_loss([o.scores for o in outputs], config.top_k)
+    rows = [o.scores if o.token_mask is None else o.scores[o.token_mask] for o in outputs]
+    lb = balance.released_balance_loss(rows, config.top_k)
     z = torch.stack([o.z_loss for o in outputs]).sum()
     return config.aux_loss_coef * lb + config.z_loss_coef * z

@@ -6,6 +6,7 @@ D d_model, H query heads, N KV heads, C head dim, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from torch import nn
 from moge.config import ModelConfig
 from moge.experts import SwiGLU
 from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
+from moge.recompute import checkpoint_block
 
 IGNORE_INDEX = -100  # targets with this id do not count in the LM loss
 
@@ -177,6 +179,7 @@ class Block(nn.Module):
         cache: KVCache | None,
         check_finite: bool = False,
         domains_BL: torch.Tensor | None = None,
+        mask_BL: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoGEOutput | None]:
         """check_finite: raise ValueError at the first sub-module whose output holds NaN/Inf."""
         i = self.index
@@ -190,7 +193,9 @@ class Block(nn.Module):
         if check_finite:
             _check_finite(f"blocks.{i}.ffn_norm", h_BLD)
         if isinstance(self.ffn, MoGELayer):
-            routed = self.ffn(h_BLD, token_ids=tokens_BL, domain_ids=domains_BL)  # ids: for the random router
+            routed = self.ffn(
+                h_BLD, token_ids=tokens_BL, domain_ids=domains_BL, mask=mask_BL
+            )  # ids: for the random router
             if check_finite:
                 _check_finite(f"blocks.{i}.ffn.router (scores)", routed.scores)
                 _check_finite(f"blocks.{i}.ffn (routed + shared experts)", routed.hidden)
@@ -332,11 +337,17 @@ class MoGETransformer(nn.Module):
         *,
         cache: KVCache | None = None,
         domain_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits for tokens [B, L]; with a cache, the tokens continue the cached prefix.
 
         domain_ids [B]: each sequence's domain, for PanGu-Sigma's two-level router
         (moe.rre_domain_groups); other routers ignore it.
+        mask [B, L] bool (False: padding): the MoE layers leave padded tokens out of their
+        losses, counts and statistics (MoGELayer's mask). Attention is causal only, so
+        pad on the right: real tokens then never see padding.
+        model.activation_checkpointing: blocks run under moge.recompute.checkpoint_block
+        in training with gradients on (each token still counted once).
         """
         self._check_inputs(tokens_BL, targets_BL, cache)
         domains_BL = None if domain_ids is None else _domains_per_token(domain_ids, tokens_BL)
@@ -345,9 +356,11 @@ class MoGETransformer(nn.Module):
         if check:
             _check_finite("embed", x_BLD)
         routing: list[MoGEOutput] = []
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BLD, routed = block(
-                x_BLD, tokens_BL, self.rope, cache, check_finite=check, domains_BL=domains_BL
+            run = functools.partial(checkpoint_block, block) if recompute else block
+            x_BLD, routed = run(
+                x_BLD, tokens_BL, self.rope, cache, check_finite=check, domains_BL=domains_BL, mask_BL=mask
             )
             if routed is not None:
                 routing.append(routed)

@@ -1,0 +1,101 @@
+"""Trap: activation checkpointing runs forward twice and counts every token twice.
+
+(torchtitan met it: load counts and the bias update doubled under recompute.)
+With model.activation_checkpointing the loss, every gradient, the step's load counts
+and the bias after a step equal the run without it.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.testing import assert_close
+from torch.utils.checkpoint import checkpoint
+
+import moge
+from moge import MoGEConfig
+from moge.config import ModelConfig
+from moge.model import MoGETransformer
+from moge.recompute import checkpoint_block
+
+MOE = MoGEConfig(d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=12)
+MODEL = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16)
+
+
+def make_model(checkpointing, **moe):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(MODEL, activation_checkpointing=checkpointing)
+    return MoGETransformer(cfg, dataclasses.replace(MOE, **moe)).train()
+
+
+def micro_batches():
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(3)]
+
+
+def run_step(model):
+    """Three accumulated micro-batches, then the layers' end_step."""
+    losses = []
+    for tokens in micro_batches():
+        out = model(tokens, tokens.roll(-1, 1))
+        (out.loss / 3).backward()
+        losses.append(out.loss.detach())
+    counts = [layer.load_accum_E.clone() for layer in model.moe_layers()]
+    moge.end_step(model)
+    return losses, counts
+
+
+@pytest.mark.parametrize("aux_loss_type", ["batch", "global_batch", "released"])
+def test_checkpointing_changes_nothing(aux_loss_type):
+    kw = dict(aux_loss_type=aux_loss_type, bias_update_rate=0.01, z_loss_coef=0.01, aux_loss_coef=0.1)
+    plain, ckpt = make_model(False, **kw), make_model(True, **kw)
+    losses_p, counts_p = run_step(plain)
+    losses_c, counts_c = run_step(ckpt)
+    assert_close(torch.stack(losses_c), torch.stack(losses_p), rtol=0, atol=0)
+    for a, b in zip(counts_c, counts_p, strict=True):
+        assert_close(a, b, rtol=0, atol=0)
+        assert int(a.sum()) == 3 * 16 * 4  # each token-slot once
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=name)
+    for a, b in zip(plain.moe_layers(), ckpt.moe_layers(), strict=True):
+        assert a.balance_bias_E.abs().sum() > 0
+        assert_close(b.balance_bias_E, a.balance_bias_E, rtol=0, atol=0)
+        assert b.calls_since_end_step == 0 and not b._replay_counts
+
+
+def test_naive_checkpoint_would_count_twice():
+    """Why checkpoint_block exists: plain torch checkpoint doubles the counts."""
+    model = make_model(False)
+    tokens = micro_batches()[0]
+    block = model.blocks[0]
+    x = model.embed(tokens)
+    y, _ = checkpoint(block, x, tokens, model.rope, None, use_reentrant=False)
+    y.sum().backward()
+    assert int(block.ffn.load_accum_E.sum()) == 2 * 16 * 4
+    block.ffn.end_step()
+    y, _ = checkpoint_block(block, model.embed(tokens), tokens, model.rope, None)
+    y.sum().backward()
+    assert int(block.ffn.load_accum_E.sum()) == 16 * 4
+
+
+def test_dropin_layer_queues_its_loss_once_under_recompute():
+    torch.manual_seed(0)
+    mlp = moge.MoGEMLP(MOE).train()
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    y = checkpoint_block(mlp, x)
+    y.sum().backward()
+    assert len(mlp.pending_aux_losses) == 1
+    assert int(mlp.load_accum_E.sum()) == 10 * 4
+
+
+def test_eval_and_no_grad_do_not_checkpoint():
+    model = make_model(True, bias_update_rate=0.01)
+    tokens = micro_batches()[0]
+    with torch.no_grad():
+        model(tokens)
+    assert all(not layer._replay_counts for layer in model.moe_layers())
+
+
+def test_field_is_validated():
+    with pytest.raises(ValueError, match="model.activation_checkpointing"):
+        ModelConfig(activation_checkpointing="yes")
