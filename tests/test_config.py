@@ -277,7 +277,11 @@ FIELD_ERRORS = [
     ({"model.n_kv_heads": 3}, [], "model.n_kv_heads"),
     ({"model.rope_theta": "hot"}, [], "model.rope_theta"),
     ({"model.norm_eps": -1e-5}, [], "model.norm_eps"),
-    ({"model.n_layer": 2}, [], "model.n_layer: unknown key; valid keys: activation_checkpointing, d_model, dense_hidden,"),
+    (
+        {"model.n_layer": 2},
+        [],
+        "model.n_layer: unknown key; valid keys: activation_checkpointing, d_model, dense_hidden,",
+    ),
     ({"moe.num_experts": 0}, [], "moe.num_experts"),
     ({"moe.num_experts": DELETE}, [], "moe.num_experts"),
     ({"moe.num_groups": 3}, [], "moe.num_groups"),
