@@ -335,11 +335,16 @@ class MoGELayer(nn.Module):
         as this call sees them (a recompute replays what its first run saw)."""
         if self.recompute_phase == "recompute":
             return self._replay_counts.pop(0)
-        self.load_accum_E += load_E
+        self.load_accum_E += self.step_load(load_E)
         self._count_call()
         if self.recompute_phase == "forward":
             self._replay_counts.append(self.load_accum_E.clone())
         return self.load_accum_E
+
+    def step_load(self, load_E: Tensor) -> Tensor:
+        """The slots per expert this call adds to the step's count; a data-parallel
+        wrapper (moge.distributed) returns the sum over every rank's tokens here."""
+        return load_E
 
     def _drop_over_capacity(
         self, scores_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, mask_T: Tensor | None
