@@ -25,8 +25,10 @@ def main() -> None:
     parser.add_argument("--weight-std", type=float, default=0.02, help="router weight std (default 0.02)")
     args = parser.parse_args()
     E, M, K = 64, 8, 8
-    print(f"tokens {args.tokens} x {args.trials} trials, d_model {args.d_model}, E={E} M={M} K={K}, "
-          f"router weight std {args.weight_std}")
+    print(
+        f"tokens {args.tokens} x {args.trials} trials, d_model {args.d_model}, E={E} M={M} K={K}, "
+        f"router weight std {args.weight_std}"
+    )
     for router in ("grouped", "global"):
         settings = RouterSettings(router=router, top_k=K, num_groups=M)
         tok_diff = slot_diff = 0
@@ -43,8 +45,10 @@ def main() -> None:
             bf_hot = torch.zeros(args.tokens, E, dtype=torch.bool).scatter_(1, bf_ids, True)
             slot_diff += int((ref_hot & ~bf_hot).sum())
         n = args.tokens * args.trials
-        print(f"{router:8s} tokens with a changed selection {tok_diff / n:.2%} ({tok_diff}/{n}); "
-              f"slots changed {slot_diff / (n * K):.2%}")
+        print(
+            f"{router:8s} tokens with a changed selection {tok_diff / n:.2%} ({tok_diff}/{n}); "
+            f"slots changed {slot_diff / (n * K):.2%}"
+        )
 
 
 if __name__ == "__main__":

@@ -50,11 +50,16 @@ def test_lb_loss_collapsed_routing_is_maximal():
 
 
 def test_lb_loss_uses_the_given_selection_and_full_scores():
-    scores = _scores(32, 8, seed=2)
-    _, grouped = grouped_topk(scores, 4, 4)
-    _, glob = global_topk(scores, 4)
-    # Same p, different f: the loss follows the selection dispatch used.
-    assert not torch.isclose(load_balancing_loss(scores, grouped, 8), load_balancing_loss(scores, glob, 8))
+    # E=4 in 2 groups, K=2. p = mean of the full scores = [0.45, 0.3, 0.15, 0.1].
+    scores = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.5, 0.3, 0.1, 0.1]])
+    _, grouped = grouped_topk(scores, 2, 2)  # experts 0 and 2 for both tokens
+    _, glob = global_topk(scores, 2)  # experts 0 and 1 for both tokens
+    assert grouped.tolist() == [[0, 2], [0, 2]] and glob.tolist() == [[0, 1], [0, 1]]
+    # f = E/(K T) * counts = counts: grouped [2, 0, 2, 0] -> 2*0.45 + 2*0.15 = 1.2;
+    # global [2, 2, 0, 0] -> 2*0.45 + 2*0.3 = 1.5. The unselected experts' scores still
+    # count in p (selected-only renormalised scores would give other values).
+    assert_close(load_balancing_loss(scores, grouped, 4), torch.tensor(1.2))
+    assert_close(load_balancing_loss(scores, glob, 4), torch.tensor(1.5))
 
 
 def test_lb_loss_gradient_reaches_scores_only_through_p():

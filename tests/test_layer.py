@@ -3,13 +3,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import reference_experts
+from reference import brute_force_route, reference_experts
 from torch.testing import assert_close
 
 import moge
 from moge import MoGEConfig, MoGELayer
 from moge.balance import load_balancing_loss, router_z_loss
-from moge.routing import global_topk, group_limited_topk, grouped_topk
 from moge.testing import assert_group_quota
 
 BASE = dict(d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=12)
@@ -27,14 +26,10 @@ def reference_layer(layer, x, token_ids=None):
     logits = x_TD.float() @ layer.router.weight.float().T
     scores = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
     sel = scores if layer.balance_bias_E is None else scores + layer.balance_bias_E
-    if c.router == "grouped":
-        ids = grouped_topk(sel, c.top_k, c.num_groups)[1]
-    elif c.router == "global":
-        ids = global_topk(sel, c.top_k)[1]
-    elif c.router == "group_limited":
-        ids = group_limited_topk(sel, c.top_k, c.num_groups, c.topk_groups, c.group_score)[1]
-    else:
+    if c.router == "random":
         ids = layer.rre_table_VK[token_ids.reshape(-1)]
+    else:  # routed token by token, not with moge.routing (a routing bug must show)
+        ids = brute_force_route(sel, c.router, c.top_k, c.num_groups, c.topk_groups, c.group_score)
     w = scores.gather(1, ids)
     if c.normalize_weights:
         w = w / w.sum(-1, keepdim=True)
@@ -243,10 +238,18 @@ def test_global_batch_loss_accumulates_until_end_step():
 
 def test_expert_scale_is_learned():
     layer = make(learned_expert_scale=True)
-    out = layer(torch.randn(10, 16))
-    out.hidden.pow(2).sum().backward()
-    assert layer.expert_scale_E.grad is not None and layer.expert_scale_E.grad.abs().sum() > 0
     assert_close(layer.expert_scale_E.detach(), torch.ones(8))
+    with torch.no_grad():  # away from 1, so a scale that is ignored would show
+        layer.expert_scale_E.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(10, 16)
+    out = layer(x)
+    assert_close(out.hidden, reference_layer(layer, x)[0], rtol=1e-5, atol=1e-6)
+    out.hidden.pow(2).sum().backward()
+    grad = layer.expert_scale_E.grad.clone()
+    layer.zero_grad()
+    reference_layer(layer, x)[0].pow(2).sum().backward()  # the plain formula's gradient
+    assert grad.abs().min() > 0
+    assert_close(grad, layer.expert_scale_E.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_shared_expert_added_unweighted():
