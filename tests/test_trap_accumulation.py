@@ -7,8 +7,13 @@ The aux loss averaged over ranks is the one-call loss: not multiplied by the wor
 (a transformers bug).
 """
 
+import time
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from moge import MoGEConfig, MoGELayer
@@ -102,3 +107,60 @@ def test_two_ranks_of_two_micro_batches_equal_one_call():
         layer.end_step()
         assert_close(layer.balance_bias_E, whole.balance_bias_E, rtol=0, atol=0)
     assert_close(one.load, counts16, rtol=0, atol=0)
+
+
+class AllReduced(MoGELayer):
+    """A data-parallel rank: the step's counts are summed over ranks with a real all-reduce."""
+
+    def step_load(self, load_E):
+        total_E = load_E.clone()
+        dist.all_reduce(total_E)
+        return total_E
+
+
+def _rank(rank, world, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        layer = make(AllReduced, aux_loss_type="global_batch", bias_update_rate=0.05)
+        mine = tokens16()[rank * 8 : (rank + 1) * 8]
+        for part in mine.chunk(2):  # 2 micro-batches of 4 tokens
+            out = layer(part)
+            (out.aux_loss / 2).backward()
+        grad = layer.router.weight.grad.clone()
+        dist.all_reduce(grad)
+        grad /= world  # what DDP does: the mean of the ranks' gradients
+        counts = layer.load_accum_E.clone()
+        layer.end_step()
+        save_file(
+            {"counts": counts, "bias": layer.balance_bias_E, "grad": grad, "last": out.lb_loss.detach()},
+            f"{out_dir}/rank{rank}.safetensors",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    procs = tmp.start_processes(_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("2 ranks did not finish in 120 s (a collective hung?)")
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    # One process: micro-batch m holds both ranks' micro-batch m (8 tokens), same counts.
+    x = tokens16()
+    one = make(aux_loss_type="global_batch", bias_update_rate=0.05)
+    for m in range(2):
+        out = one(torch.cat([x[r * 8 : (r + 1) * 8].chunk(2)[m] for r in range(2)]))
+        (out.aux_loss / 2).backward()
+    counts = one.load_accum_E.clone()
+    one.end_step()
+    for got in ranks:
+        assert_close(got["counts"], counts, rtol=0, atol=0)
+        assert_close(got["bias"], one.balance_bias_E, rtol=0, atol=0)
+        # The mean of the ranks' gradients is the one process's: the aux loss carries
+        # no factor of the world size.
+        assert_close(got["grad"], one.router.weight.grad, rtol=1e-5, atol=1e-9)
+    assert_close((ranks[0]["last"] + ranks[1]["last"]) / 2, out.lb_loss.detach(), rtol=1e-6, atol=0)

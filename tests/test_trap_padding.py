@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import moge
 from moge import MoGEConfig, MoGELayer
 from moge.balance import load_balancing_loss, routing_stats
 from moge.config import ModelConfig
@@ -109,3 +110,16 @@ def test_model_mask_counts_only_real_tokens():
         ids = torch.cat([a.routing[i].expert_ids for a in alone])
         assert_close(routed.lb_loss, load_balancing_loss(scores, ids, 8), rtol=1e-5, atol=0)
         assert_close(routed.load, torch.bincount(ids.flatten(), minlength=8), rtol=0, atol=0)
+
+
+def test_dropin_layer_stats_leave_padding_out():
+    torch.manual_seed(0)
+    mlp = moge.MoGEMLP(MoGEConfig(**BASE, capacity_factor=1.0))
+    x_BLD, mask_BL = padded_batch()
+    y = mlp(x_BLD, mask=mask_BL)
+    assert bool((y[~mask_BL] == 0).all())
+    stats = moge.routing_stats(mlp)[""]
+    alone = routing_stats(mlp.last.expert_ids[mask_BL.reshape(-1)], 8, 4)
+    assert stats.expert_load.tolist() == alone.expert_load.tolist()
+    assert int(stats.expert_load.sum()) == sum(LENGTHS) * 4
+    assert stats.dropped_fraction == pytest.approx(int(mlp.last.dropped.sum()) / (sum(LENGTHS) * 4))
