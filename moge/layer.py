@@ -208,6 +208,7 @@ class MoGELayer(nn.Module):
     # Training calls without end_step() before the warning; gradient accumulation of up
     # to this many micro-batches per optimizer step stays silent.
     END_STEP_WARN_CALLS = 64
+    load_accum_E: Tensor  # a buffer (see __init__); annotated for type checkers
 
     def __init__(self, config: MoGEConfig) -> None:
         super().__init__()
@@ -351,6 +352,7 @@ class MoGELayer(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Zero the gates of the slots over capacity (moge.capacity); -> (weights, dropped [E])."""
         c = self.config
+        assert c.capacity_factor is not None  # only called with a capacity
         if c.capacity_scope == "group":
             buckets, bucket_TK = c.num_groups, ids_TK // c.experts_per_group
         else:
