@@ -143,7 +143,8 @@ def device_load(expert_ids: Tensor, num_experts: int, num_devices: int) -> Tenso
 def imbalance_score(expert_ids: Tensor, num_experts: int, num_devices: int) -> float:
     """IS = (max_i T_i - min_i T_i) / |X| (Eq. 3), T_i the slots on device i, |X| the tokens.
 
-    expert_ids [T, K]. 0.0 for an empty batch.
+    expert_ids [T, K]. IS ranges over [0, K], not [0, 1]: a device can take all K slots
+    of every token (IS = K). 0.0 for an empty batch.
     """
     T = expert_ids.shape[0]
     if T == 0:
@@ -158,7 +159,7 @@ class RoutingStats:
 
     expert_load: Tensor  # [E] int64 token-slots per expert
     group_load: Tensor  # [M] int64 token-slots per group
-    imbalance_score: float  # Eq. 3 across groups (one group per device)
+    imbalance_score: float  # Eq. 3 across groups (one group per device), in [0, K]
     max_over_mean: float  # max expert load / mean expert load (1.0 = perfect)
     cv: float  # coefficient of variation of the expert load
     load_entropy: float  # entropy (nats) of the slot distribution; log(E) = uniform
