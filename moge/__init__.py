@@ -13,9 +13,23 @@ __all__ = [
     "aux_loss",
     "balance",
     "end_step",
+    "from_pretrained",
     "moge_layers",
     "routing",
     "routing_stats",
     "testing",
 ]
+
+
+def from_pretrained(path, **kwargs):
+    """(MoGETransformer, RunConfig) from a layout folder (config.json) or a moge run/checkpoint.
+
+    See moge.interop.from_pretrained (kwargs: dtype, max_seq_len); imported on first use,
+    as it pulls in the whole model.
+    """
+    from moge.interop import from_pretrained as load
+
+    return load(path, **kwargs)
+
+
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
+    moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
@@ -108,12 +110,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moge.checkpoint import load_run
     from moge.data import decode, encode
+    from moge.interop import load_model  # a run folder, a checkpoint, or a layout folder
 
     if not args.prompt:
         raise ValueError("--prompt: must not be empty")
-    model, cfg, _ = load_run(args.run_dir)
+    model, cfg, _ = load_model(args.run_dir)
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
     if prompt_L.numel() + args.tokens > limit:
@@ -138,6 +140,60 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides=args.overrides, seed=args.seed, sigma=args.sigma, training=args.training,
     )  # fmt: skip
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- convert (moge.interop)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from moge.interop import convert
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    files = convert(args.src, args.dst, to=args.to, dtype=dtype, max_shard_bytes=args.max_shard_bytes)
+    print(f"wrote {len(files)} weight file(s) and the config to {args.dst} (layout {args.to})")
+    return EXIT_OK
+
+
+# moge.interop.LAYOUTS and "moge" (a run folder); spelled out so that --help stays light.
+CONVERT_LAYOUTS = ("pangu", "qwen3_moe", "qwen2_moe", "mixtral", "llama", "qwen2", "moge")
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert weights between moge runs and HF / Pangu Pro MoE layouts")
+    p.add_argument(
+        "src", metavar="SRC", help="a moge run folder or checkpoint, or a layout folder (config.json)"
+    )
+    p.add_argument("dst", metavar="DST", help="the folder to write")
+    p.add_argument("--to", required=True, choices=CONVERT_LAYOUTS, help="the layout to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep each tensor's dtype)")  # fmt: skip
+    p.add_argument("--max-shard-bytes", type=_positive_int, default=2 * 1024**3, dest="max_shard_bytes",
+                   help="start a new safetensors shard past this size (default 2 GiB)")  # fmt: skip
+    p.set_defaults(handler=_cmd_convert)
+
+
+# ---------------------------------------------------------------- extract (moge.sigma)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from moge.sigma.extract import extract_run
+
+    print(f"extracted {extract_run(args.run_dir, args.domain, args.out).summary()}")
+    return EXIT_OK
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser(
+        "extract", help="write one domain's sub-model of a two-level random-router (PanGu-Sigma) run"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--domain", required=True, help="domain name (or id) from moe.rre_domain_groups")
+    p.add_argument(
+        "out", metavar="OUT", help="new run folder for the sub-model (moge eval / generate read it)"
+    )
+    p.set_defaults(handler=_cmd_extract)
 
 
 # ---------------------------------------------------------------- parser
@@ -262,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
+
+    _add_extract(sub)
+    _add_convert_parser(sub)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")

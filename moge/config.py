@@ -27,6 +27,7 @@ from moge._validate import (
     check_optional_str,
 )
 from moge.layer import MoGEConfig
+from moge.sigma.domains import check_domains_spec, check_run_domains
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("gloo", "nccl")
@@ -45,6 +46,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     qkv_bias: bool = False  # biases on the q, k, v projections (Pangu Pro MoE: true)
     o_bias: bool = False  # bias on the attention output projection (released Pangu code: true)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-5  # RMSNorm epsilon
     max_seq_len: int = 256  # longest sequence the RoPE tables cover
@@ -70,6 +72,7 @@ class ModelConfig:
         check_int("model.first_dense_layers", self.first_dense_layers, minimum=0)
         check_bool("model.qkv_bias", self.qkv_bias)
         check_bool("model.o_bias", self.o_bias)
+        check_bool("model.qk_norm", self.qk_norm)
         check_bool("model.tie_embeddings", self.tie_embeddings)
         check_float("model.rope_theta", self.rope_theta, minimum=0.0, strict_min=True)
         check_float("model.norm_eps", self.norm_eps, minimum=0.0, strict_min=True)
@@ -107,9 +110,12 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence; <= model.max_seq_len
     val_fraction: float = 0.1  # share of the corpus (seeded random chunks) held out, in (0, 0.5]
     seed: int = 0  # seed of the batch sampler
+    domains: str | dict[str, list[str]] | None = None  # topics, subfolders or {name: [glob, ...]}; None: none
+    only_domain: str | None = None  # with domains: keep this domain alone (a domain sub-model's data)
 
     def __post_init__(self) -> None:
         check_optional_str("data.path", self.path)
+        check_domains_spec(self.domains, self.only_domain, self.path)  # moge.sigma.domains
         check_int("data.seq_len", self.seq_len, minimum=1)
         check_float("data.val_fraction", self.val_fraction, minimum=0.0, maximum=0.5, strict_min=True)
         check_int("data.seed", self.seed, minimum=0)
@@ -223,6 +229,7 @@ class RunConfig:
                 f"{self.model.vocab_size}"
             )
         self._check_parallel()
+        check_run_domains(self)  # data.domains vs moe.rre_domain_groups (moge.sigma.domains)
 
     def _check_parallel(self) -> None:
         p, W = self.parallel, self.parallel.expert_parallel

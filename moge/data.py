@@ -206,6 +206,24 @@ def split_tokens(
 # ---------------------------------------------------------------- dataset
 
 
+class Batch(tuple):
+    """(x_BL, y_BL), unpacking like a pair, plus `domain_ids` [B] (None without domains).
+
+    Domains: see moge.sigma.data (PanGu-Sigma routes each sequence by its domain).
+    """
+
+    domain_ids: torch.Tensor | None
+
+    def __new__(cls, x_BL: torch.Tensor, y_BL: torch.Tensor, domain_ids: torch.Tensor | None = None):
+        batch = super().__new__(cls, (x_BL, y_BL))
+        batch.domain_ids = domain_ids
+        return batch
+
+    def model_kwargs(self, device: torch.device | str) -> dict:
+        """Extra keyword arguments of the model call: {} or {"domain_ids": ...} on `device`."""
+        return {} if self.domain_ids is None else {"domain_ids": self.domain_ids.to(device)}
+
+
 @dataclass
 class TokenDataset:
     """Train/val token streams plus batching.
@@ -233,14 +251,12 @@ class TokenDataset:
                 f"{self.vocab_size_needed - 1}, so it must be >= {self.vocab_size_needed}"
             )
 
-    def _windows(self, tokens_N: torch.Tensor, starts_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, tokens_N: torch.Tensor, starts_B: torch.Tensor) -> Batch:
         offsets = torch.arange(self.seq_len + 1)
         win_BL1 = tokens_N[starts_B[:, None] + offsets[None, :]].to(torch.int64)
-        return win_BL1[:, :-1], win_BL1[:, 1:]
+        return Batch(win_BL1[:, :-1], win_BL1[:, 1:])
 
-    def get_batch(
-        self, split: str, batch_size: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, split: str, batch_size: int, generator: torch.Generator) -> Batch:
         """Random windows: x_BL, y_BL int64 with y_BL[:, t] == x_BL[:, t + 1] shifted by one.
 
         Starts come from `generator` (a CPU torch.Generator), so its state fixes the batch.
@@ -250,9 +266,7 @@ class TokenDataset:
         starts_B = torch.randint(0, n_starts, (batch_size,), generator=generator)
         return self._windows(tokens_N, starts_B)
 
-    def iter_eval_batches(
-        self, split: str, batch_size: int, max_batches: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_eval_batches(self, split: str, batch_size: int, max_batches: int) -> Iterator[Batch]:
         """Fixed, evenly spaced windows (no randomness) in up to `max_batches` batches.
 
         The same split and sizes always give the same windows, so losses compare across runs.
@@ -268,6 +282,10 @@ class TokenDataset:
 
 def load_dataset(cfg: DataConfig) -> TokenDataset:
     """Read `cfg.path` (or the built-in corpus) and split it by `cfg.seed`."""
+    if cfg.domains is not None:  # PanGu-Sigma domains: one stream per domain (moge.sigma.data)
+        from moge.sigma.data import load_domain_dataset
+
+        return load_domain_dataset(cfg)
     tokens_N, source = _read_source(cfg.path)
     vocab_needed = _max_token(tokens_N) + 1 if tokens_N.dtype == torch.uint16 else BYTE_VOCAB
     train, val = split_tokens(tokens_N, cfg, source)

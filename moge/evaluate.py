@@ -209,8 +209,9 @@ def _measure(
     moe_blocks = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
     layers = [_LayerRouting(i, cfg.moe.num_experts, cfg.moe.num_groups) for i in moe_blocks]
     nll_sum, batch_tokens = 0.0, []
-    for x_BL, y_BL in ds.iter_eval_batches("val", cfg.eval.batch_size, batches):
-        out = model(x_BL.to(device), y_BL.to(device))
+    for batch in ds.iter_eval_batches("val", cfg.eval.batch_size, batches):
+        x_BL, y_BL = batch
+        out = model(x_BL.to(device), y_BL.to(device), **batch.model_kwargs(device))
         nll_sum += float(out.lm_loss) * y_BL.numel()  # lm_loss is the mean over this batch
         batch_tokens.append(y_BL.numel())
         assert len(out.routing) == len(layers), "one MoGEOutput per MoE block"
@@ -265,9 +266,15 @@ def evaluate_run(
     """
     if batches is not None:
         check_int("batches", batches, minimum=1)
-    path = _check_run_dir(run_dir)
-    records = read_metrics(path)
-    model, cfg, step = load_run(path, map_location="cpu")
+    from moge.interop import from_pretrained, is_layout_folder  # a layout folder: weights only
+
+    if is_layout_folder(run_dir):
+        path, records, step = Path(run_dir), [], 0
+        model, cfg = from_pretrained(path)
+    else:
+        path = _check_run_dir(run_dir)
+        records = read_metrics(path)
+        model, cfg, step = load_run(path, map_location="cpu")
     model = model.to(device).eval()
     ds = load_dataset(cfg.data)
     n_batches = batches if batches is not None else cfg.eval.batches

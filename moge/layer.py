@@ -24,6 +24,7 @@ from moge._validate import (
 )
 from moge.experts import GroupedExperts, SwiGLU
 from moge.routing import RouterSettings, compute_scores, make_random_routing_table, route
+from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
 
 ROUTERS = ("grouped", "global", "group_limited", "random")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -62,6 +63,7 @@ class MoGEConfig:
     expert_hidden: int  # hidden width F of each routed SwiGLU expert
     num_shared_experts: int = 0  # shared experts, merged into one SwiGLU added unweighted
     shared_hidden: int | None = None  # merged shared width; None: num_shared_experts * expert_hidden
+    shared_expert_gate: bool = False  # shared experts times sigmoid(learned [1, D] gate . x) (Qwen2-MoE)
     router: str = "grouped"  # grouped (MoGE), global, group_limited (DeepSeek-V3), random (PanGu-Sigma)
     score_func: str = "softmax"  # softmax over all experts (the paper) or sigmoid
     normalize_weights: bool = False  # renormalise the K selected gates to sum to 1 (the paper: no)
@@ -75,6 +77,8 @@ class MoGEConfig:
     group_score: str = "top2_sum"  # group_limited: rank groups by top2_sum or max of their scores
     rre_vocab_size: int | None = None  # random: size of the token-id table (run config: model.vocab_size)
     rre_seed: int = 0  # random: seed of the fixed token-id -> experts table
+    rre_domain_groups: dict[str, list[int]] | None = None  # random: PanGu-Sigma domain -> its groups
+    rre_group_ids: list[int] | None = None  # sub-model: its groups' numbers in the full model
     expert_impl: str = "auto"  # expert kernel: auto, fused, grouped_mm or loop
     init_std: float = 0.02  # std of the layer's own init (a model re-initialises with model.init_std)
 
@@ -87,6 +91,7 @@ class MoGEConfig:
             check_int(name, getattr(self, name), minimum=1)
         check_int("num_shared_experts", self.num_shared_experts, minimum=0)
         check_optional_int("shared_hidden", self.shared_hidden, minimum=1)
+        check_bool("shared_expert_gate", self.shared_expert_gate)
         check_choice("router", self.router, ROUTERS)
         check_choice("score_func", self.score_func, SCORE_FUNCS)
         check_bool("normalize_weights", self.normalize_weights)
@@ -101,6 +106,8 @@ class MoGEConfig:
         check_optional_int("rre_vocab_size", self.rre_vocab_size, minimum=1)
         check_int("rre_seed", self.rre_seed, minimum=0)
         check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        if self.rre_domain_groups is not None or self.rre_group_ids is not None:
+            check_sigma_config(self)  # PanGu-Sigma two-level RRE (moge.sigma.routing)
         check_float("init_std", self.init_std, minimum=0.0, strict_min=True)
 
     def _check_relations(self) -> None:
@@ -109,7 +116,9 @@ class MoGEConfig:
             raise ValueError(f"num_groups: {M} groups do not divide num_experts={E}")
         if K > E:
             raise ValueError(f"top_k: {K} is larger than num_experts={E}")
-        if self.router in ("grouped", "random") and K % M:
+        if (
+            self.router == "grouped" or (self.router == "random" and self.rre_domain_groups is None)
+        ) and K % M:
             raise ValueError(
                 f"top_k: the {self.router} router takes top_k/num_groups experts from "
                 f"every group, so top_k={K} must be a multiple of num_groups={M}"
@@ -126,6 +135,8 @@ class MoGEConfig:
                 )
             if self.group_score == "top2_sum" and E // M < 2:
                 raise ValueError("group_score: top2_sum needs at least 2 experts per group")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate: gates the shared experts, but num_shared_experts is 0")
         if self.router == "random" and self.rre_vocab_size is None:
             raise ValueError(
                 "rre_vocab_size: the random router maps token ids, so it needs the vocabulary size"
@@ -194,6 +205,7 @@ class MoGELayer(nn.Module):
         # then holds exactly T*K/M slots, so its buffers have the same size every call.
         self.experts.experts_per_chunk = c.experts_per_group
         self.shared = SwiGLU(c.d_model, c.shared_width) if c.shared_width else None
+        self.shared_gate = nn.Linear(c.d_model, 1, bias=False) if c.shared_expert_gate else None
         self.expert_scale_E = nn.Parameter(torch.ones(c.num_experts)) if c.learned_expert_scale else None
         if c.bias_update_rate > 0:
             self.register_buffer("balance_bias_E", torch.zeros(c.num_experts, dtype=torch.float32))
@@ -204,7 +216,11 @@ class MoGELayer(nn.Module):
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
         self.calls_since_end_step = 0
         self._warned_end_step = False
-        if c.router == "random":
+        if c.router == "random" and c.rre_domain_groups is not None:  # PanGu-Sigma two levels
+            table, columns = layer_tables(c)
+            self.register_buffer("rre_table_VK", table, persistent=False)
+            self.register_buffer("rre_columns_NK", columns, persistent=False)
+        elif c.router == "random":
             table = make_random_routing_table(
                 c.rre_vocab_size, c.num_experts, c.num_groups, c.top_k, c.rre_seed
             )
@@ -220,6 +236,8 @@ class MoGELayer(nn.Module):
         if self.shared is not None:
             nn.init.normal_(self.shared.w_gate_up.weight, std=std)
             nn.init.normal_(self.shared.w_down.weight, std=std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
         if self.expert_scale_E is not None:
             nn.init.ones_(self.expert_scale_E)
 
@@ -274,7 +292,9 @@ class MoGELayer(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def route_tokens(self, x_TD: Tensor, token_ids: Tensor | None, lead: tuple) -> MoGEOutput:
+    def route_tokens(
+        self, x_TD: Tensor, token_ids: Tensor | None, lead: tuple, domain_ids: Tensor | None = None
+    ) -> MoGEOutput:
         """The router half of forward: logits, scores, selection, gates, load, losses.
 
         x_TD [T, D], token_ids [...] or None, lead = x's leading shape. Returns a
@@ -283,9 +303,18 @@ class MoGELayer(nn.Module):
         c = self.config
         logits_TE, scores_TE = self._router_scores(x_TD)
         tokens_T = token_ids.reshape(-1) if token_ids is not None else None
-        weights_TK, ids_TK = route(
-            scores_TE, self.settings, bias=self.balance_bias_E, token_ids=tokens_T, table_VK=self.rre_table_VK
-        )
+        if getattr(self, "rre_columns_NK", None) is not None:  # PanGu-Sigma: domain, then token id
+            weights_TK, ids_TK = two_level_route(
+                token_ids, domain_ids, self.rre_table_VK, self.rre_columns_NK, c.route_scale
+            )
+        else:
+            weights_TK, ids_TK = route(
+                scores_TE,
+                self.settings,
+                bias=self.balance_bias_E,
+                token_ids=tokens_T,
+                table_VK=self.rre_table_VK,
+            )
         if self.expert_scale_E is not None:
             weights_TK = weights_TK * self.expert_scale_E.float()[ids_TK]
         load_E = balance.expert_load(ids_TK, c.num_experts)
@@ -299,17 +328,22 @@ class MoGELayer(nn.Module):
             expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE, lb_loss=lb_loss, z_loss=z_loss,
         )  # fmt: skip
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> MoGEOutput:
-        """x [..., D] (token_ids [...] for router="random") -> MoGEOutput."""
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, domain_ids: Tensor | None = None
+    ) -> MoGEOutput:
+        """x [..., D] (token_ids [...] for router="random"; domain_ids [...] with rre_domain_groups) -> MoGEOutput."""
         self._check_input(x, token_ids)
         c = self.config
         lead = tuple(x.shape[:-1])
         x_TD = x.reshape(-1, c.d_model)
-        out = self.route_tokens(x_TD, token_ids, lead)
+        out = self.route_tokens(x_TD, token_ids, lead, domain_ids)
         dtype = self._compute_dtype(x)
         y_TD = self.experts(x_TD, out.expert_ids, out.weights, dtype)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD.to(dtype))
+            shared_TD = self.shared(x_TD.to(dtype))
+            if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared(x)
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD.to(dtype)))
+            y_TD = y_TD + shared_TD
         out.hidden = y_TD.reshape(*lead, c.d_model)
         return out
 
@@ -340,7 +374,12 @@ class MoGELayer(nn.Module):
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
         self.calls_since_end_step = 0
-        if self.balance_bias_E is not None and int(self.load_accum_E.sum()) > 0:
+        # rate 0: a bias loaded from a checkpoint (DeepSeek-V3) stays as it is.
+        if (
+            self.balance_bias_E is not None
+            and self.config.bias_update_rate > 0
+            and int(self.load_accum_E.sum()) > 0
+        ):
             new_E = balance.update_balance_bias(
                 self.balance_bias_E, self.load_accum_E, self.config.bias_update_rate
             )

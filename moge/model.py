@@ -95,7 +95,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; q/k/v and o biases optional."""
+    """Grouped-query self-attention with RoPE; q/k/v and o biases and q/k norms optional."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -104,13 +104,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * C, cfg.d_model, bias=cfg.o_bias)
+        # Qwen3: every head's query and key are RMS-normalised (one [C] weight each) before RoPE.
+        self.q_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self, x_BLD: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
-        q_BHLC = rope(rearrange(self.q_proj(x_BLD), "b l (h c) -> b h l c", h=self.n_heads), start)
-        k_BNLC = rope(rearrange(self.k_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads), start)
+        q_BHLC = rearrange(self.q_proj(x_BLD), "b l (h c) -> b h l c", h=self.n_heads)
+        k_BNLC = rearrange(self.k_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BHLC, k_BNLC = self.q_norm(q_BHLC), self.k_norm(k_BNLC)
+        q_BHLC, k_BNLC = rope(q_BHLC, start), rope(k_BNLC, start)
         v_BNLC = rearrange(self.v_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
         if cache is not None:
             k_BNSC, v_BNSC = cache.update(layer, k_BNLC, v_BNLC)
@@ -170,6 +176,7 @@ class Block(nn.Module):
         rope: RotaryEmbedding,
         cache: KVCache | None,
         check_finite: bool = False,
+        domains_BL: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoGEOutput | None]:
         """check_finite: raise ValueError at the first sub-module whose output holds NaN/Inf."""
         i = self.index
@@ -183,7 +190,7 @@ class Block(nn.Module):
         if check_finite:
             _check_finite(f"blocks.{i}.ffn_norm", h_BLD)
         if isinstance(self.ffn, MoGELayer):
-            routed = self.ffn(h_BLD, token_ids=tokens_BL)  # token ids: for the random router
+            routed = self.ffn(h_BLD, token_ids=tokens_BL, domain_ids=domains_BL)  # ids: for the random router
             if check_finite:
                 _check_finite(f"blocks.{i}.ffn.router (scores)", routed.scores)
                 _check_finite(f"blocks.{i}.ffn (routed + shared experts)", routed.hidden)
@@ -219,6 +226,18 @@ def _check_ids(name: str, ids_BL: torch.Tensor, vocab_size: int, allow_ignore: b
     if not bool(valid.all()):
         bad = ids_BL[~valid][0].item()
         raise ValueError(f"{name}: id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _domains_per_token(domain_ids_B: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor:
+    """[B] domain ids -> [B, L], one per token (PanGu-Sigma routes by the sequence's domain)."""
+    if not isinstance(domain_ids_B, torch.Tensor) or domain_ids_B.shape != tokens_BL.shape[:1]:
+        shape = (
+            tuple(domain_ids_B.shape)
+            if isinstance(domain_ids_B, torch.Tensor)
+            else type(domain_ids_B).__name__
+        )
+        raise ValueError(f"domain_ids: expected shape ({tokens_BL.shape[0]},), one per sequence, got {shape}")
+    return domain_ids_B.to(tokens_BL.device)[:, None].expand_as(tokens_BL)
 
 
 class MoGETransformer(nn.Module):
@@ -278,6 +297,15 @@ class MoGETransformer(nn.Module):
             if isinstance(block.ffn, MoGELayer):
                 yield block.ffn
 
+    def save_pretrained(self, path, layout: str, **kwargs):
+        """Write the weights in `layout` (pangu, qwen3_moe, qwen2_moe, mixtral, llama, qwen2, moge).
+
+        See moge.interop.save_pretrained (kwargs: dtype, max_shard_bytes); returns the files.
+        """
+        from moge.interop import save_pretrained  # interop imports this module
+
+        return save_pretrained(self, path, layout=layout, **kwargs)
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)
 
@@ -303,16 +331,24 @@ class MoGETransformer(nn.Module):
         targets_BL: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        domain_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """Logits for tokens [B, L]; with a cache, the tokens continue the cached prefix."""
+        """Logits for tokens [B, L]; with a cache, the tokens continue the cached prefix.
+
+        domain_ids [B]: each sequence's domain, for PanGu-Sigma's two-level router
+        (moe.rre_domain_groups); other routers ignore it.
+        """
         self._check_inputs(tokens_BL, targets_BL, cache)
+        domains_BL = None if domain_ids is None else _domains_per_token(domain_ids, tokens_BL)
         check = self.check_finite
         x_BLD = self.embed(tokens_BL)
         if check:
             _check_finite("embed", x_BLD)
         routing: list[MoGEOutput] = []
         for block in self.blocks:
-            x_BLD, routed = block(x_BLD, tokens_BL, self.rope, cache, check_finite=check)
+            x_BLD, routed = block(
+                x_BLD, tokens_BL, self.rope, cache, check_finite=check, domains_BL=domains_BL
+            )
             if routed is not None:
                 routing.append(routed)
         # The sum of the layers' aux losses (aux_loss_type "released": one pooled loss).
@@ -343,10 +379,12 @@ class MoGETransformer(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        domain_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prompt [B, L] -> [B, L + max_new_tokens]: one prefill, then cached one-token steps.
 
         temperature 0 is greedy; top_k keeps only the k likeliest tokens before sampling.
+        domain_ids [B]: as in forward (PanGu-Sigma's two-level router).
         """
         _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -366,12 +404,12 @@ class MoGETransformer(nn.Module):
         try:
             cache = self.new_cache(total)
             out = [tokens_BL]
-            logits_BV = self(tokens_BL, cache=cache).logits[:, -1]
+            logits_BV = self(tokens_BL, cache=cache, domain_ids=domain_ids).logits[:, -1]
             for step in range(max_new_tokens):
                 next_B1 = sample_next(logits_BV, temperature, top_k, generator)
                 out.append(next_B1)
                 if step + 1 < max_new_tokens:
-                    logits_BV = self(next_B1, cache=cache).logits[:, -1]
+                    logits_BV = self(next_B1, cache=cache, domain_ids=domain_ids).logits[:, -1]
             return torch.cat(out, dim=1)
         finally:
             self.train(was_training)

@@ -31,6 +31,7 @@ from moge.config import RunConfig, TrainConfig, config_to_dict, save_config
 from moge.data import TokenDataset, load_dataset
 from moge.layer import MoGELayer
 from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
+from moge.sigma.data import check_dataset_domains
 
 METRICS = "metrics.jsonl"
 _STAT_KEYS = ("imbalance_score", "max_over_mean", "load_entropy", "score_entropy", "dead_experts", "cv")
@@ -195,9 +196,10 @@ def validation_loss(
     model.eval()
     total, count = 0.0, 0
     try:
-        for x_BL, y_BL in dataset.iter_eval_batches("val", batch_size, batches):
+        for batch in dataset.iter_eval_batches("val", batch_size, batches):
+            x_BL, y_BL = batch
             with _autocast(device, dtype):
-                out = model(x_BL.to(device), y_BL.to(device))
+                out = model(x_BL.to(device), y_BL.to(device), **batch.model_kwargs(device))
             total += out.lm_loss.item() * x_BL.numel()
             count += x_BL.numel()
     finally:
@@ -235,9 +237,9 @@ def _train_step(step, model, optimizer, dataset, data_gen, cfg, device) -> tuple
         group["lr"] = lr
     sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
     for _ in range(tc.grad_accum):
-        x_BL, y_BL = dataset.get_batch("train", tc.batch_size, data_gen)
+        x_BL, y_BL = batch = dataset.get_batch("train", tc.batch_size, data_gen)
         with _autocast(device, tc.dtype):
-            out = model(x_BL.to(device), y_BL.to(device))
+            out = model(x_BL.to(device), y_BL.to(device), **batch.model_kwargs(device))
         if not bool(torch.isfinite(out.loss)):
             _raise_nonfinite(step + 1, out, model)
         (out.loss / tc.grad_accum).backward()
@@ -272,6 +274,7 @@ def _setup(cfg: RunConfig, out_dir: Path):
     device = torch.device(tc.device)
     dataset = load_dataset(cfg.data)
     dataset.check_vocab_size(cfg.model.vocab_size)
+    check_dataset_domains(dataset, cfg.moe)  # PanGu-Sigma: the data's domains are the model's
     ckpt = _prepare_out_dir(out_dir, tc.resume)
     if ckpt is not None:
         _check_same_architecture(cfg, ckpt)

@@ -20,7 +20,15 @@ from moge.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = ("tiny-moge", "tiny-moe", "tiny-deepseek", "small-moge", "pangu-pro-moe-72b")
+PRESETS = (
+    "tiny-moge",
+    "tiny-moe",
+    "tiny-deepseek",
+    "small-moge",
+    "pangu-pro-moe-72b",
+    "tiny-sigma",
+    "tiny-sigma-moge",
+)
 
 # A small valid config; the bad-config table edits copies of it.
 BASE = {
