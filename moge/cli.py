@@ -30,6 +30,11 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        # Every subcommand's help shows each option's default (see _HelpFormatter).
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse would print the usage and exit itself
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -188,7 +193,7 @@ def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract", help="write one domain's sub-model of a two-level random-router (PanGu-Sigma) run"
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with moe.rre_domain_groups")
     p.add_argument("--domain", required=True, help="domain name (or id) from moe.rre_domain_groups")
     p.add_argument(
         "out", metavar="OUT", help="new run folder for the sub-model (moge eval / generate read it)"
