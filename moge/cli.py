@@ -6,6 +6,7 @@
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge torchrun [TORCHRUN OPTIONS] SUBCOMMAND ...   torchrun whose failed ranks print one line
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
     moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
