@@ -105,6 +105,16 @@ def released_balance_loss(scores: Sequence[Tensor], top_k: int) -> Tensor:
     return E * (frac_E * scores_NE.mean(dim=0)).sum()
 
 
+def released_coefficient(aux_loss_coef: float, aux_loss_type: str, top_k: int) -> float:
+    """The released code's `router_aux_loss_coef` c that weighs a moge layer's balance loss.
+
+    aux_loss_type "released" runs the released objective, so c is aux_loss_coef itself;
+    otherwise Eq. 8's alpha matches c = alpha / K on one layer's rows with the same counts
+    (the released loss is K times Eq. 8). What checkpoint configs (config.json) record.
+    """
+    return aux_loss_coef if aux_loss_type == "released" else aux_loss_coef / top_k
+
+
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2, keeps logits small. -> 0-dim."""
     if logits_TE.shape[0] == 0:
