@@ -116,6 +116,16 @@ def released_balance_loss(scores: Sequence[Tensor], top_k: int) -> Tensor:
     return E * (frac_E * scores_NE.mean(dim=0)).sum()
 
 
+def released_coefficient(aux_loss_coef: float, aux_loss_type: str, top_k: int) -> float:
+    """The released code's `router_aux_loss_coef` c that weighs a moge layer's balance loss.
+
+    aux_loss_type "released" runs the released objective, so c is aux_loss_coef itself;
+    otherwise Eq. 8's alpha matches c = alpha / K on one layer's rows with the same counts
+    (the released loss is K times Eq. 8). What checkpoint configs (config.json) record.
+    """
+    return aux_loss_coef if aux_loss_type == "released" else aux_loss_coef / top_k
+
+
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2, keeps logits small. -> 0-dim."""
     if logits_TE.shape[0] == 0:
@@ -154,7 +164,8 @@ def device_load(expert_ids: Tensor, num_experts: int, num_devices: int) -> Tenso
 def imbalance_score(expert_ids: Tensor, num_experts: int, num_devices: int) -> float:
     """IS = (max_i T_i - min_i T_i) / |X| (Eq. 3), T_i the slots on device i, |X| the tokens.
 
-    expert_ids [T, K]. 0.0 for an empty batch.
+    expert_ids [T, K]. IS ranges over [0, K], not [0, 1]: a device can take all K slots
+    of every token (IS = K). 0.0 for an empty batch.
     """
     T = expert_ids.shape[0]
     if T == 0:
@@ -169,7 +180,7 @@ class RoutingStats:
 
     expert_load: Tensor  # [E] int64 token-slots per expert
     group_load: Tensor  # [M] int64 token-slots per group
-    imbalance_score: float  # Eq. 3 across groups (one group per device)
+    imbalance_score: float  # Eq. 3 across groups (one group per device), in [0, K]
     max_over_mean: float  # max expert load / mean expert load (1.0 = perfect)
     cv: float  # coefficient of variation of the expert load
     load_entropy: float  # entropy (nats) of the slot distribution; log(E) = uniform

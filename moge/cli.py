@@ -6,6 +6,7 @@
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge torchrun [TORCHRUN OPTIONS] SUBCOMMAND ...   torchrun whose failed ranks print one line
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
     moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
@@ -30,6 +31,11 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        # Every subcommand's help shows each option's default (see _HelpFormatter).
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse would print the usage and exit itself
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -188,7 +194,7 @@ def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract", help="write one domain's sub-model of a two-level random-router (PanGu-Sigma) run"
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with moe.rre_domain_groups")
     p.add_argument("--domain", required=True, help="domain name (or id) from moe.rre_domain_groups")
     p.add_argument(
         "out", metavar="OUT", help="new run folder for the sub-model (moge eval / generate read it)"

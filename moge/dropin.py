@@ -115,7 +115,7 @@ def aux_loss(model: nn.Module) -> Tensor:
             released_config = m.config
         else:
             parts += [o.aux_loss for o in pending]
-    if released:
+    if released and released_config is not None:
         parts.append(total_aux_loss(released, released_config))
     if not parts:
         return layers[0][1].router.weight.new_zeros((), dtype=torch.float32)

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("train", "params", "eval", "generate", "simulate", "bench")
+SUBCOMMANDS = ("train", "params", "eval", "generate", "simulate", "bench", "convert", "extract")
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -71,7 +71,7 @@ class MoGEConfig:
     normalize_weights: bool = False  # renormalise the K selected gates to sum to 1 (the paper: no)
     route_scale: float = 1.0  # constant multiplier of every gate (DeepSeek-V3: 2.5)
     learned_expert_scale: bool = False  # learned per-expert gate scale, init 1 (released Pangu code)
-    aux_loss_coef: float = 0.001  # balance-loss weight: Eq. 8's alpha; released c ~ alpha K*c/L; 0: off
+    aux_loss_coef: float = 0.001  # balance-loss weight (batch: Eq. 8 alpha; released: the release c); 0: off
     aux_loss_type: str = "batch"  # batch (Eq. 8 per call), sequence, global_batch or released
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss; 0: off
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) sign-rule rate; 0: off

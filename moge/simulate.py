@@ -440,7 +440,7 @@ _COLUMNS = (
 _EVEN = (8, 9, 10)  # columns printed with one number of decimals per column (see _even)
 
 
-def _row(r: SimResult) -> tuple[str, ...]:
+def _row(r: SimResult) -> tuple[str | float, ...]:
     return (
         r.router,
         str(r.devices),
@@ -463,10 +463,13 @@ def _decimals(values: Sequence[float], significant: int = 3) -> int:
     return max(0, min(9, significant - 1 - math.floor(math.log10(smallest))))
 
 
-def _even(rows: list[tuple]) -> list[tuple[str, ...]]:
+def _even(rows: list[tuple[str | float, ...]]) -> list[tuple[str, ...]]:
     """Format the _EVEN columns with one number of decimals each, so they line up."""
-    places = {i: _decimals([row[i] for row in rows]) for i in _EVEN}
-    return [tuple(f"{v:,.{places[i]}f}" if i in places else v for i, v in enumerate(row)) for row in rows]
+    places = {i: _decimals([float(row[i]) for row in rows]) for i in _EVEN}
+    return [
+        tuple(f"{float(v):,.{places[i]}f}" if i in places else str(v) for i, v in enumerate(row))
+        for row in rows
+    ]
 
 
 def _is_number(text: str) -> bool:

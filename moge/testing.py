@@ -97,7 +97,7 @@ def assert_group_quota(expert_ids: Tensor, *, num_experts: int, num_groups: int,
     sorted_TK = ids_TK.sort(dim=1).values
     dup = (sorted_TK[:, 1:] == sorted_TK[:, :-1]).any(dim=1).nonzero()
     if dup.numel():
-        t = dup[0].item()
+        t = int(dup[0])
         raise AssertionError(f"token {t}: the same expert was chosen twice: {ids_TK[t].tolist()}")
 
 

@@ -342,3 +342,22 @@ def test_released_is_a_config_option():
     cfg = load_config("tiny-moge", ["moe.aux_loss_type=released"])
     assert cfg.moe.aux_loss_type == "released"
     assert load_config("pangu-pro-moe-72b").moe.aux_loss_type == "released"
+
+
+@pytest.mark.parametrize(
+    "aux_loss_type, coef, released_c", [("batch", 0.004, 0.002), ("released", 0.003, 0.003)]
+)
+def test_exported_router_aux_loss_coef_follows_the_objective(tmp_path, aux_loss_type, coef, released_c):
+    """config.json's router_aux_loss_coef is the released c: alpha / K for Eq. 8, c itself for released."""
+    import json
+
+    from moge.config import ModelConfig
+    from moge.model import MoGETransformer
+
+    assert balance.released_coefficient(coef, aux_loss_type, 2) == pytest.approx(released_c)
+    m = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True)
+    e = MoGEConfig(d_model=16, num_experts=4, num_groups=1, top_k=2, expert_hidden=8, router="global",
+                   aux_loss_coef=coef, aux_loss_type=aux_loss_type)  # fmt: skip
+    MoGETransformer(m, e).save_pretrained(tmp_path / "out", layout="qwen3_moe")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["router_aux_loss_coef"] == pytest.approx(released_c)

@@ -150,3 +150,29 @@ def test_uncollected_aux_losses_warn():
     assert len(mlp.pending_aux_losses) == 70
     mlp.end_step()
     assert mlp.pending_aux_losses == []
+
+
+def test_in_a_transformers_llama_model():
+    """A real Hugging Face model (built from a config, nothing downloaded): its MLPs
+    replaced by MoGEMLP, trained one step with moge.aux_loss, end_step and the stats."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config)
+    cfg = MoGEConfig(**{**CFG, "bias_update_rate": 0.01})
+    for layer in model.model.layers:
+        layer.mlp = MoGEMLP(cfg)
+    tokens = torch.randint(0, 64, (2, 12))
+    out = model(input_ids=tokens, labels=tokens)
+    aux = moge.aux_loss(model)
+    assert aux.item() > 0
+    (out.loss + aux).backward()
+    assert model.model.layers[1].mlp.router.weight.grad.abs().sum() > 0
+    assert moge.end_step(model) == 2
+    stats = moge.routing_stats(model)
+    assert list(stats) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert all(s.imbalance_score == 0.0 for s in stats.values())
+    assert all(float(m.balance_bias_E.abs().sum()) > 0 for _, m in moge.moge_layers(model))

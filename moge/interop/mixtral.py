@@ -6,6 +6,7 @@ the top-k logits. Experts are `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up
 
 from __future__ import annotations
 
+from moge.balance import released_coefficient
 from moge.config import ModelConfig
 from moge.interop.mapping import (
     BaseLayout,
@@ -56,7 +57,7 @@ class MixtralLayout(BaseLayout):
         cfg = base_config_json(m, "MixtralForCausalLM", "mixtral")
         cfg.update(
             num_local_experts=e.num_experts, num_experts_per_tok=e.top_k, intermediate_size=e.expert_hidden,
-            router_aux_loss_coef=e.aux_loss_coef / e.top_k, router_jitter_noise=0.0, sliding_window=None,
+            router_aux_loss_coef=released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k), router_jitter_noise=0.0, sliding_window=None,
             output_router_logits=False,
         )  # fmt: skip
         return cfg

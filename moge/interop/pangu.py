@@ -10,6 +10,7 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 
 from __future__ import annotations
 
+from moge.balance import released_coefficient
 from moge.config import ModelConfig
 from moge.interop.mapping import (
     BaseLayout,
@@ -97,7 +98,7 @@ class PanguLayout(BaseLayout):
         cfg.update(
             auto_map=AUTO_MAP, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
             moe_intermediate_size=e.expert_hidden, shared_expert_intermediate_size=e.shared_width,
-            router_aux_loss_coef=e.aux_loss_coef / e.top_k, output_router_logits=False,
+            router_aux_loss_coef=released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k), output_router_logits=False,
         )  # fmt: skip
         return cfg
 

@@ -8,6 +8,7 @@ Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
 
 from __future__ import annotations
 
+from moge.balance import released_coefficient
 from moge.config import ModelConfig
 from moge.interop.mapping import (
     BaseLayout,
@@ -61,7 +62,7 @@ def _moe_json(m: ModelConfig, e: MoGEConfig) -> dict:
         "intermediate_size": m.resolved_dense_hidden,
         "mlp_only_layers": [i for i in range(m.n_layers) if not m.is_moe_layer(i)],
         "decoder_sparse_step": 1,
-        "router_aux_loss_coef": e.aux_loss_coef / e.top_k,
+        "router_aux_loss_coef": released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k),
         "output_router_logits": False,
         "use_sliding_window": False,
     }
