@@ -33,11 +33,11 @@ def micro_batches():
     return [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(3)]
 
 
-def run_step(model):
+def run_step(model, mask=None):
     """Three accumulated micro-batches, then the layers' end_step."""
     losses = []
     for tokens in micro_batches():
-        out = model(tokens, tokens.roll(-1, 1))
+        out = model(tokens, tokens.roll(-1, 1), mask=mask)
         (out.loss / 3).backward()
         losses.append(out.loss.detach())
     counts = [layer.load_accum_E.clone() for layer in model.moe_layers()]
@@ -61,6 +61,21 @@ def test_checkpointing_changes_nothing(aux_loss_type):
         assert a.balance_bias_E.abs().sum() > 0
         assert_close(b.balance_bias_E, a.balance_bias_E, rtol=0, atol=0)
         assert b.calls_since_end_step == 0 and not b._replay_counts
+
+
+def test_checkpointing_with_capacity_and_padding_changes_nothing():
+    kw = dict(aux_loss_type="global_batch", bias_update_rate=0.01, capacity_factor=0.75)
+    mask = torch.arange(8)[None, :] < torch.tensor([8, 5])[:, None]
+    plain, ckpt = make_model(False, **kw), make_model(True, **kw)
+    losses_p, counts_p = run_step(plain, mask)
+    losses_c, counts_c = run_step(ckpt, mask)
+    assert_close(torch.stack(losses_c), torch.stack(losses_p), rtol=0, atol=0)
+    for a, b in zip(counts_c, counts_p, strict=True):
+        assert int(a.sum()) == int(b.sum()) == 3 * 13 * 4  # real token-slots, once each
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+        assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=name)
+    for a, b in zip(plain.moe_layers(), ckpt.moe_layers(), strict=True):
+        assert_close(b.balance_bias_E, a.balance_bias_E, rtol=0, atol=0)
 
 
 def test_naive_checkpoint_would_count_twice():
