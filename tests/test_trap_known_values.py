@@ -8,6 +8,7 @@ loss is sum_i p_i = 1 for softmax scores, so l_aux = alpha. The released objecti
 
 import math
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -64,15 +65,25 @@ def test_released_objective_is_K_at_perfect_balance():
     assert_close(released_balance_loss([scores, scores[:8]], K), torch.tensor(float(K)))
 
 
-def test_layer_aux_loss_is_alpha_with_uniform_scores():
-    """A zero router gives uniform scores: sum_i f_i / E = 1 for any counts, aux = alpha,
-    and the z-loss is log(E)^2."""
-    cfg = MoGEConfig(d_model=4, num_experts=E, num_groups=2, top_k=K, expert_hidden=4, aux_loss_coef=0.01)
+ROUTERS = {"grouped": {}, "global": {}, "group_limited": {"topk_groups": 1}, "random": {"rre_vocab_size": 20}}
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize(
+    ("aux_loss_type", "value"), [("batch", 1.0), ("sequence", 1.0), ("global_batch", 1.0), ("released", K)]
+)
+def test_layer_aux_loss_with_uniform_scores(router, aux_loss_type, value):
+    """A zero router gives uniform scores: Eq. 8 is sum_i f_i / E = 1 for any counts (so
+    aux = alpha), the released objective sum_i count_i / T = K; the z-loss is log(E)^2."""
+    cfg = MoGEConfig(
+        d_model=4, num_experts=E, num_groups=2, top_k=K, expert_hidden=4, aux_loss_coef=0.01,
+        router=router, aux_loss_type=aux_loss_type, **ROUTERS[router],
+    )  # fmt: skip
     layer = MoGELayer(cfg)
     with torch.no_grad():
         layer.router.weight.zero_()
-    out = layer(torch.randn(10, 4))
-    assert_close(out.lb_loss, torch.tensor(1.0))
-    assert_close(out.aux_loss, torch.tensor(0.01))
+    out = layer(torch.randn(2, 5, 4), token_ids=torch.randint(0, 20, (2, 5)))
+    assert_close(out.lb_loss, torch.tensor(float(value)))
+    assert_close(out.aux_loss, torch.tensor(0.01 * value))
     assert_close(out.z_loss, torch.tensor(math.log(E) ** 2))
     assert_close(router_z_loss(torch.zeros(3, E)), torch.tensor(math.log(E) ** 2))
