@@ -26,6 +26,7 @@ def brute_force_route(sel_TE, router, top_k, num_groups, topk_groups=None, group
     group_limited: the topk_groups best groups (by the sum of their two best values, or
     their max), then top_k over those groups' experts. Same order as the library's.
     """
+    sel_TE = sel_TE.detach()
     T, E = sel_TE.shape
     G = E // num_groups
     rows = []
