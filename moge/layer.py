@@ -342,11 +342,6 @@ class MoGELayer(nn.Module):
             self._replay_counts.append(self.load_accum_E.clone())
         return self.load_accum_E
 
-    def step_load(self, load_E: Tensor) -> Tensor:
-        """The slots per expert this call adds to the step's count; a data-parallel
-        wrapper (moge.distributed) returns the sum over every rank's tokens here."""
-        return load_E
-
     def _drop_over_capacity(
         self, scores_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, mask_T: Tensor | None
     ) -> tuple[Tensor, Tensor]:
@@ -458,6 +453,11 @@ class MoGELayer(nn.Module):
             y_TD = y_TD + shared_TD
         out.hidden = y_TD.reshape(*lead, c.d_model)
         return out
+
+    def step_load(self, load_E: Tensor) -> Tensor:
+        """The slots per expert this call adds to the step's count; a data-parallel
+        wrapper (moge.distributed) returns the sum over every rank's tokens here."""
+        return load_E
 
     def _count_call(self) -> None:
         self.calls_since_end_step += 1
