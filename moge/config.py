@@ -55,9 +55,7 @@ class ModelConfig:
     first_dense_layers: int = 0  # the first N blocks use a dense FFN
     moe_every: int = 1  # after those, every N-th block is MoE, the rest dense
     init_std: float = 0.02  # std of the normal init of linear and embedding weights
-    activation_checkpointing: bool = (
-        False  # recompute block activations in backward (less memory); tokens counted once
-    )
+    activation_checkpointing: bool = False  # recompute blocks in backward (less memory); counts once
 
     def __post_init__(self) -> None:
         for name in (

@@ -84,9 +84,7 @@ class MoGEConfig:
     expert_impl: str = "auto"  # expert kernel: auto, fused, grouped_mm or loop
     init_std: float = 0.02  # std of the layer's own init (a model re-initialises with model.init_std)
     router_dtype: str = "float32"  # router logits in float32, or "input": the input's dtype (released code)
-    capacity_factor: float | None = (
-        None  # null: dropless; else a bucket keeps ceil(cf*slots/buckets), lowest scores dropped
-    )
+    capacity_factor: float | None = None  # null: dropless; else ceil(cf*slots/buckets) per bucket, lowest out
     capacity_scope: str = "expert"  # capacity bucket: "expert", or "group" (one group per device)
     dispatch_padding: bool = False  # with a token mask: also run padded tokens through the routed experts
 
