@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import moge
 from moge import MoGEConfig, MoGELayer
-from moge.balance import load_balancing_loss, routing_stats
+from moge.balance import load_balancing_loss, released_balance_loss, routing_stats
 from moge.config import ModelConfig
 from moge.model import MoGETransformer
 
@@ -123,3 +123,14 @@ def test_dropin_layer_stats_leave_padding_out():
     assert stats.expert_load.tolist() == alone.expert_load.tolist()
     assert int(stats.expert_load.sum()) == sum(LENGTHS) * 4
     assert stats.dropped_fraction == pytest.approx(int(mlp.last.dropped.sum()) / (sum(LENGTHS) * 4))
+
+
+def test_model_released_loss_pools_only_real_rows():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16)
+    model = MoGETransformer(cfg, MoGEConfig(**BASE, aux_loss_type="released", aux_loss_coef=0.5))
+    tokens = torch.randint(0, 64, (2, 8))
+    mask = torch.arange(8)[None, :] < torch.tensor([8, 3])[:, None]
+    out = model(tokens, mask=mask)
+    rows = [r.scores[mask.reshape(-1)] for r in out.routing]
+    assert_close(out.aux_loss, 0.5 * released_balance_loss(rows, 4), rtol=1e-6, atol=0)
