@@ -293,15 +293,17 @@ class MoGELayer(nn.Module):
                 )
 
     def _router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits [T, E] and float32 scores [T, E].
-
-        router_dtype "float32": logits in float32 whatever the input or autocast dtype.
-        "input": logits in the compute dtype (the input's, or autocast's), as the
-        released code does; the softmax/sigmoid is float32 either way.
-        """
-        dtype = torch.float32 if self.config.router_dtype == "float32" else self._compute_dtype(x_TD)
+        """Logits and scores [T, E] in float32 whatever the input or autocast dtype."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F_.linear(x_TD.to(dtype), self.router.weight.to(dtype))
+            logits_TE = F_.linear(x_TD.float(), self.router.weight.float())
+        return logits_TE, compute_scores(logits_TE, self.config.score_func)
+
+    def _input_dtype_router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """router_dtype "input": logits [T, E] in the compute dtype (the input's, or
+        autocast's), as the released code does; scores [T, E] in float32 as there."""
+        dtype = self._compute_dtype(x_TD)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = x_TD.to(dtype) @ self.router.weight.to(dtype).T
         return logits_TE, compute_scores(logits_TE, self.config.score_func)
 
     def _balance_loss(
@@ -379,7 +381,10 @@ class MoGELayer(nn.Module):
         MoGEOutput whose `hidden` is x_TD itself (the experts have not run yet).
         """
         c = self.config
-        logits_TE, scores_TE = self._router_scores(x_TD)
+        if c.router_dtype == "input":
+            logits_TE, scores_TE = self._input_dtype_router_scores(x_TD)
+        else:
+            logits_TE, scores_TE = self._router_scores(x_TD)
         tokens_T = token_ids.reshape(-1) if token_ids is not None else None
         if getattr(self, "rre_columns_NK", None) is not None:  # PanGu-Sigma: domain, then token id
             weights_TK, ids_TK = two_level_route(
