@@ -6,6 +6,7 @@
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
@@ -120,6 +121,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from moge.interop.upcycle_run import upcycle_run
+
+    config, *overrides = args.config
+    r = upcycle_run(args.src, args.dst, config, overrides, router_init=args.router_init, seed=args.seed)
+    print(f"upcycled {args.src} -> {r.checkpoint}: {r.plan.describe()}")
+    print(
+        f"step-0 check: max |logits - dense logits| = {r.max_abs_diff:.3g} (logits up to {r.max_abs_logit:.3g})"
+    )
+    print(f"continue training with: moge train {r.out_dir / 'config.yaml'}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -193,9 +207,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
 
+    _add_upcycle_parser(sub)
+
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
     return parser
+
+
+def _add_upcycle_parser(sub) -> None:
+    from moge.interop.upcycle import ROUTER_INITS
+
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense model into a MoGE run whose logits equal the dense ones at step 0",
+        description="Upcycle a dense moge run (every FFN dense) into a new run folder DST that "
+        "`moge train DST/config.yaml` continues; CONFIG gives the moe, data and train sections.",
+    )
+    p.add_argument("src", metavar="SRC", help="dense moge run folder or checkpoint folder")
+    p.add_argument("dst", metavar="DST", help="new run folder (must not exist or be empty)")
+    # CONFIG and its overrides in one option: argparse cannot take positionals after an option.
+    p.add_argument(
+        "--config", nargs="+", required=True, metavar=("CONFIG", "KEY=VALUE"),
+        help="run config of the upcycled model, then dotted overrides, e.g. "
+        "--config configs/tiny-upcycle.yaml moe.top_k=8",
+    )  # fmt: skip
+    p.add_argument(
+        "--router-init", default="auto", choices=ROUTER_INITS, dest="router_init",
+        help="auto (default): uniform for raw gates, random for renormalised copies, replicated "
+        "for renormalised slices",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=None,
+        help="seed of random router rows (default: train.seed)",
+    )
+    p.set_defaults(handler=_cmd_upcycle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
