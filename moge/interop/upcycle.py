@@ -7,7 +7,9 @@ A SwiGLU is a sum over its hidden units, down(silu(gate(x)) * up(x)) =
 sum_j down[:, j] silu(gate_j . x) up_j . x, so any partition of the F hidden units into
 pieces gives FFNs whose outputs add up to the dense one. Upcycling cuts the dense FFN:
 
-- the shared expert takes the first Fs units (Fs = moe.shared_width, 0 without one);
+- the shared expert takes the first Fs units (Fs = moe.shared_width, 0 without one;
+  with Qwen2-MoE's shared-expert gate, the gate starts at 0, so sigmoid gives exactly
+  1/2, and the shared down projection is doubled);
 - the other R = F - Fs units are cut into P = R / Fe slices of Fe units each
   (P = 1: every routed expert is a copy of the remaining FFN, "copy upcycling";
   P > 1: fine-grained upcycling, as Qwen1.5-MoE did);
@@ -226,8 +228,14 @@ def upcycle_ffn(
         layer.experts.w_down_EFD[e].copy_(rearrange(w_down_DF[:, units], "d f -> f d") * down_scale)
     if layer.shared is not None:
         Fs = plan.shared_hidden
+        shared_gate = getattr(layer, "shared_gate", None)  # Qwen2-MoE's sigmoid gate, when present
+        # A zero gate weight gives sigmoid(0) = 1/2 exactly for every token; doubling the
+        # shared down projection makes up for it (both factors are exact in floating point).
+        shared_scale = 1.0 if shared_gate is None else 2.0
         layer.shared.w_gate_up.weight.copy_(torch.cat((w_gate_FD[:Fs], w_up_FD[:Fs])))
-        layer.shared.w_down.weight.copy_(w_down_DF[:, :Fs])
+        layer.shared.w_down.weight.copy_(w_down_DF[:, :Fs] * shared_scale)
+        if shared_gate is not None:
+            shared_gate.weight.zero_()
     if layer.expert_scale_E is not None:
         layer.expert_scale_E.fill_(scale)
     layer.router.weight.copy_(_router_weight(plan, moe, router_std, generator))
@@ -241,7 +249,7 @@ def upcycle_ffn(
 # Everything upcycle_ffn writes; a MoE layer holding anything else cannot be upcycled exactly.
 _KNOWN_FFN_KEYS = (
     "router.weight", "experts.w_gate_up_EDH", "experts.w_down_EFD", "shared.w_gate_up.weight",
-    "shared.w_down.weight", "expert_scale_E", "balance_bias_E",
+    "shared.w_down.weight", "shared_gate.weight", "expert_scale_E", "balance_bias_E",
 )  # fmt: skip
 
 

@@ -119,6 +119,25 @@ def _step0_check(dense: MoGETransformer, model: MoGETransformer, seed: int) -> t
     return float((out_BLV - ref_BLV).abs().max()), float(ref_BLV.abs().max())
 
 
+def write_start_checkpoint(model: MoGETransformer, cfg: RunConfig, out_dir: Path) -> Path:
+    """A run folder whose step-0 checkpoint holds `model` and a fresh optimiser.
+
+    `moge train out_dir/config.yaml` (cfg.train.out_dir = out_dir, resume = true) then
+    trains on from these weights with cfg's schedule from step 0. Returns the checkpoint.
+    """
+    from moge.checkpoint import save_checkpoint
+    from moge.train import build_optimizer
+
+    if Path(cfg.train.out_dir or "") != out_dir or not cfg.train.resume:
+        raise ValueError(f"train.out_dir: must be {out_dir} with train.resume=true to continue from step 0")
+    model.train()
+    optimizer = build_optimizer(model, cfg.train)
+    data_gen = torch.Generator().manual_seed(cfg.data.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    return save_checkpoint(out_dir, 0, model, optimizer, data_gen, cfg, cfg.train.keep_last)
+
+
 def upcycle_run(
     src: str | Path,
     dst: str | Path,
@@ -130,9 +149,6 @@ def upcycle_run(
 ) -> UpcycleResult:
     """Upcycle SRC into a new run folder DST (see the module docstring). seed: router rows
     (default: CONFIG's train.seed)."""
-    from moge.checkpoint import save_checkpoint
-    from moge.train import build_optimizer
-
     out_dir = Path(dst)
     _check_out_dir(out_dir)
     dense = load_dense(src)
@@ -141,12 +157,7 @@ def upcycle_run(
     _check_plan(dense, cfg, router_init, str(config))
     model, plan = upcycle_model(dense, cfg.moe, cfg.model, router_init=router_init, seed=seed)
     diff, scale = _step0_check(dense, model, seed)
-    model.train()
-    optimizer = build_optimizer(model, cfg.train)
-    data_gen = torch.Generator().manual_seed(cfg.data.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    ckpt = save_checkpoint(out_dir, 0, model, optimizer, data_gen, cfg, cfg.train.keep_last)
+    ckpt = write_start_checkpoint(model, cfg, out_dir)
     record = {
         "source": str(src), "config": str(config), "overrides": list(overrides), "seed": seed,
         "plan": dataclasses.asdict(plan), "step0_max_abs_logit_diff": diff, "step0_max_abs_logit": scale,
