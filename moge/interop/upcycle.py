@@ -309,9 +309,8 @@ def upcycle_model(
             )
         t.copy_(source[name])
     gen = torch.Generator().manual_seed(seed)
-    for block in target.blocks:
+    for src_block, block in zip(dense.blocks, target.blocks):
         if isinstance(block.ffn, MoGELayer):
-            upcycle_ffn(
-                dense.blocks[block.index].ffn, block.ffn, plan, router_std=model_cfg.init_std, generator=gen
-            )
+            assert isinstance(src_block.ffn, SwiGLU), "checked above: the source is all dense"
+            upcycle_ffn(src_block.ffn, block.ffn, plan, router_std=model_cfg.init_std, generator=gen)
     return target.train(dense.training), plan

@@ -47,6 +47,7 @@ def load_dense(src: str | Path) -> MoGETransformer:
     from moge.checkpoint import load_run
 
     model, _, _ = load_run(src)
+    assert isinstance(model, MoGETransformer)
     return model.float().eval()
 
 
