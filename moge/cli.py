@@ -7,6 +7,7 @@
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
     moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
+    moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
@@ -91,12 +92,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moge.checkpoint import load_run
     from moge.data import decode, encode
+    from moge.interop import load_model  # a run folder, a checkpoint, or a layout folder
 
     if not args.prompt:
         raise ValueError("--prompt: must not be empty")
-    model, cfg, _ = load_run(args.run_dir)
+    model, cfg, _ = load_model(args.run_dir)
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
     if prompt_L.numel() + args.tokens > limit:
@@ -132,6 +133,38 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     )
     print(f"continue training with: moge train {r.out_dir / 'config.yaml'}")
     return EXIT_OK
+
+
+# ---------------------------------------------------------------- convert (moge.interop)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from moge.interop import convert
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    files = convert(args.src, args.dst, to=args.to, dtype=dtype, max_shard_bytes=args.max_shard_bytes)
+    print(f"wrote {len(files)} weight file(s) and the config to {args.dst} (layout {args.to})")
+    return EXIT_OK
+
+
+# moge.interop.LAYOUTS and "moge" (a run folder); spelled out so that --help stays light.
+CONVERT_LAYOUTS = ("pangu", "qwen3_moe", "qwen2_moe", "mixtral", "llama", "qwen2", "moge")
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert weights between moge runs and HF / Pangu Pro MoE layouts")
+    p.add_argument(
+        "src", metavar="SRC", help="a moge run folder or checkpoint, or a layout folder (config.json)"
+    )
+    p.add_argument("dst", metavar="DST", help="the folder to write")
+    p.add_argument("--to", required=True, choices=CONVERT_LAYOUTS, help="the layout to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep each tensor's dtype)")  # fmt: skip
+    p.add_argument("--max-shard-bytes", type=_positive_int, default=2 * 1024**3, dest="max_shard_bytes",
+                   help="start a new safetensors shard past this size (default 2 GiB)")  # fmt: skip
+    p.set_defaults(handler=_cmd_convert)
 
 
 # ---------------------------------------------------------------- parser
@@ -208,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_simulate)
 
     _add_upcycle_parser(sub)
+    _add_convert_parser(sub)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
