@@ -1,7 +1,7 @@
 """`moge upcycle SRC DST --config CONFIG`: a dense model -> a MoGE run `moge train` continues.
 
 SRC: a dense moge run folder or checkpoint folder (every FFN dense: model.first_dense_layers
-= model.n_layers). DST: a new run folder holding config.yaml and a step-0 checkpoint
+= model.n_layers), or a dense Llama / Qwen2 layout folder (transformers' save_pretrained). DST: a new run folder holding config.yaml and a step-0 checkpoint
 (the upcycled weights, a fresh optimiser), with train.out_dir = DST and train.resume = true,
 so `moge train DST/config.yaml` trains on from the upcycled weights, with the schedule of
 CONFIG's train section starting at step 0. DST/upcycle.json records the plan and the
@@ -43,10 +43,11 @@ class UpcycleResult:
 
 
 def load_dense(src: str | Path) -> MoGETransformer:
-    """The dense source model (float32, CPU, eval mode) of a moge run or checkpoint folder."""
-    from moge.checkpoint import load_run
+    """The dense source model (float32, CPU, eval mode): a moge run or checkpoint folder,
+    or a layout folder (config.json: dense Llama / Qwen2, see moge.interop)."""
+    from moge.interop import load_model
 
-    model, _, _ = load_run(src)
+    model, _, _ = load_model(src)
     assert isinstance(model, MoGETransformer)
     return model.float().eval()
 

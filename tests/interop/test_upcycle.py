@@ -88,6 +88,17 @@ CASES = [
     ("group-limited-norm-copy", dict(router="group_limited", top_k=2, topk_groups=2, normalize_weights=True)),
     ("random-raw-slices", dict(router="random", expert_hidden=16, rre_vocab_size=V)),
     ("balance-bias-raw-slices", dict(expert_hidden=16, bias_update_rate=0.01)),
+    (
+        "shared-expert-gate",
+        dict(
+            num_experts=16,
+            expert_hidden=8,
+            num_shared_experts=1,
+            shared_hidden=32,
+            shared_expert_gate=True,
+            normalize_weights=True,
+        ),
+    ),  # fmt: skip
 ]
 
 
