@@ -169,7 +169,7 @@ class _LayoutSource:
             meta = MoGETransformer(cfg.model, cfg.moe)
         self._shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
         self.pieces = _prepare(folder, layout, cfg, self._shapes)
-        self._by_param = {}
+        self._by_param: dict[str, list] = {}
         for p in self.pieces:
             self._by_param.setdefault(p.param, []).append(p)
 

@@ -37,7 +37,7 @@ def _check_dense(name: str, m: ModelConfig) -> None:
 
 class LlamaLayout(BaseLayout):
     name = "llama"
-    model_types = ("llama",)
+    model_types: tuple[str, ...] = ("llama",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         if hf.get("mlp_bias"):
@@ -64,7 +64,7 @@ class LlamaLayout(BaseLayout):
 
 class Qwen2Layout(BaseLayout):
     name = "qwen2"
-    model_types = ("qwen2",)
+    model_types: tuple[str, ...] = ("qwen2",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))

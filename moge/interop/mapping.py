@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -204,7 +204,7 @@ def base_model_config(hf: dict, where: str, **fields) -> ModelConfig:
     heads = int(need(hf, "num_attention_heads", where))
     d = int(need(hf, "hidden_size", where))
     head_dim = hf.get("head_dim")
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=int(need(hf, "vocab_size", where)),
         d_model=d,
         n_layers=int(need(hf, "num_hidden_layers", where)),
@@ -505,6 +505,13 @@ def _piece_tensor(src: MogeSource, p: Piece, shapes: dict, dtype: torch.dtype) -
     return t.reshape(p.layout_shape(shapes[p.param])).to(dtype).contiguous()
 
 
+def _fill_shape(p: Piece) -> tuple[int, ...]:
+    assert p.fill is not None and p.shape is not None, (
+        "a piece without a moge tensor is a constant of known shape"
+    )
+    return p.shape
+
+
 def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
     """Greedy: consecutive pieces fill a shard up to max_bytes (a larger piece gets its own)."""
     shards: list[list[int]] = [[]]
@@ -537,7 +544,7 @@ def write_layout(
     extra = sorted(set(shapes) - {p.param for p in pieces})
     assert not missing and not extra, f"the layout covers the model exactly: {missing} {extra}"
     dtypes = [dtype or (src.dtype(p.param) if p.param in shapes else torch.float32) for p in pieces]
-    layout_shapes = [p.layout_shape(shapes[p.param]) if p.param in shapes else p.shape for p in pieces]
+    layout_shapes = [p.layout_shape(shapes[p.param]) if p.param in shapes else _fill_shape(p) for p in pieces]
     sizes = [math.prod(s) * d.itemsize for s, d in zip(layout_shapes, dtypes, strict=True)]
     shards = plan_shards(sizes, max_shard_bytes)
     n = len(shards)

@@ -26,7 +26,7 @@ NAMES = ("w1", "w3", "w2")  # gate, up, down
 
 class MixtralLayout(BaseLayout):
     name = "mixtral"
-    model_types = ("mixtral",)
+    model_types: tuple[str, ...] = ("mixtral",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         if hf.get("sliding_window") is not None:

@@ -43,7 +43,7 @@ def _attention_pieces(m: ModelConfig, i: int) -> list[Piece]:
 
 class PanguLayout(BaseLayout):
     name = "pangu"
-    model_types = (MODEL_TYPE,)
+    model_types: tuple[str, ...] = (MODEL_TYPE,)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         d, heads = int(need(hf, "hidden_size", where)), int(need(hf, "num_attention_heads", where))

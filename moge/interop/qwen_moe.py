@@ -89,7 +89,7 @@ def _per_expert_names(prefix: str, e: int) -> tuple[str, str, str]:
 
 class Qwen2MoeLayout(BaseLayout):
     name = "qwen2_moe"
-    model_types = ("qwen2_moe",)
+    model_types: tuple[str, ...] = ("qwen2_moe",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))
@@ -131,7 +131,7 @@ class Qwen2MoeLayout(BaseLayout):
 
 class Qwen3MoeLayout(BaseLayout):
     name = "qwen3_moe"
-    model_types = ("qwen3_moe",)
+    model_types: tuple[str, ...] = ("qwen3_moe",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))
