@@ -18,12 +18,12 @@ import torch
 
 from moge.config import DataConfig, RunConfig
 from moge.interop import runfolder
+from moge.interop.folder import LayoutFolder
 from moge.interop.llama import LlamaLayout, Qwen2Layout
 from moge.interop.mapping import (
     DEFAULT_SHARD_BYTES,
     FileSource,
     Layout,
-    LayoutFolder,
     MogeSource,
     StateDictSource,
     check_pieces,

@@ -19,15 +19,9 @@ from typing import Any
 
 import torch
 
-from moge.interop.mapping import (
-    LayoutFolder,
-    Piece,
-    check_pieces,
-    expert_pieces,
-    need,
-    read_params,
-    swiglu_pieces,
-)
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import need
+from moge.interop.mapping import Piece, check_pieces, expert_pieces, read_params, swiglu_pieces
 from moge.layer import MoGEConfig, MoGELayer
 
 BIAS = "gate.e_score_correction_bias"

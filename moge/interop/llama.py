@@ -7,17 +7,8 @@ moge holds them as a model whose `first_dense_layers` is n_layers (no MoE layer)
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    Piece,
-    base_config_json,
-    base_model_config,
-    decoder_pieces,
-    dense_moe_placeholder,
-    need,
-    refuse,
-    swiglu_pieces,
-)
+from moge.interop.hfconfig import base_config_json, base_model_config, dense_moe_placeholder, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 

@@ -7,18 +7,9 @@ the top-k logits. Experts are `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    LayoutFolder,
-    Piece,
-    base_config_json,
-    base_model_config,
-    check_plain_routing,
-    decoder_pieces,
-    expert_pieces,
-    need,
-    refuse,
-)
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import base_config_json, base_model_config, check_plain_routing, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces
 from moge.layer import MoGEConfig
 
 NAMES = ("w1", "w3", "w2")  # gate, up, down

@@ -11,16 +11,8 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    Piece,
-    base_config_json,
-    base_model_config,
-    expert_pieces,
-    need,
-    refuse,
-    swiglu_pieces,
-)
+from moge.interop.hfconfig import base_config_json, base_model_config, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 ARCH, MODEL_TYPE = "PanguProMoEForCausalLM", "PanguProMoE"

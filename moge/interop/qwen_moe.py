@@ -9,20 +9,16 @@ Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    LayoutFolder,
-    Piece,
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import (
     base_config_json,
     base_model_config,
     check_plain_routing,
-    decoder_pieces,
     dense_pattern,
-    expert_pieces,
     need,
     refuse,
-    swiglu_pieces,
 )
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 
