@@ -1,6 +1,7 @@
 """Dense Llama and Qwen2 (transformers' LlamaForCausalLM, Qwen2ForCausalLM): every block dense.
 
 Llama: `attention_bias` puts a bias on all of q/k/v/o; Qwen2: q/k/v always biased, o never.
+Biases a model lacks but the layout has are written as zeros (the same model).
 moge holds them as a model whose `first_dense_layers` is n_layers (no MoE layer).
 """
 
@@ -12,8 +13,8 @@ from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, swiglu_piece
 from moge.layer import MoGEConfig
 
 
-def _dense_pieces(m: ModelConfig) -> list[Piece]:
-    out = decoder_pieces(m)
+def _dense_pieces(m: ModelConfig, biases: str) -> list[Piece]:
+    out = decoder_pieces(m, biases)
     for i in range(m.n_layers):
         out += swiglu_pieces(f"model.layers.{i}.mlp", f"blocks.{i}.ffn", m.resolved_dense_hidden)
     return out
@@ -43,14 +44,15 @@ class LlamaLayout(BaseLayout):
 
     def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
         _check_dense(self.name, m)
-        if m.qkv_bias != m.o_bias:
-            raise refuse(self.name, "q/k/v biases without an o bias (or the reverse)", "use --to qwen2")
         cfg = base_config_json(m, "LlamaForCausalLM", "llama")
-        cfg.update(intermediate_size=m.resolved_dense_hidden, attention_bias=m.qkv_bias, mlp_bias=False)
+        # One flag for all four: a model with only some biases writes zeros for the others.
+        cfg.update(
+            intermediate_size=m.resolved_dense_hidden, attention_bias=m.qkv_bias or m.o_bias, mlp_bias=False
+        )
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return _dense_pieces(m)
+        return _dense_pieces(m, "qkvo" if m.qkv_bias or m.o_bias else "")
 
 
 class Qwen2Layout(BaseLayout):
@@ -67,10 +69,8 @@ class Qwen2Layout(BaseLayout):
 
     def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
         _check_dense(self.name, m)
-        if not m.qkv_bias or m.o_bias:
-            raise refuse(
-                self.name, f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias}", "Qwen2 has q/k/v biases only"
-            )
+        if m.o_bias:
+            raise refuse(self.name, "an o_proj bias", "Qwen2 has q/k/v biases only")
         if m.head_dim is not None and m.head_dim != m.d_model // m.n_heads:
             raise refuse(self.name, f"head_dim {m.head_dim}", "Qwen2 derives it as hidden_size / heads")
         cfg = base_config_json(m, "Qwen2ForCausalLM", "qwen2")
@@ -79,4 +79,4 @@ class Qwen2Layout(BaseLayout):
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return _dense_pieces(m)
+        return _dense_pieces(m, "qkv")  # always biased: zeros when the model has none

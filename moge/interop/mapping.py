@@ -94,8 +94,14 @@ class BaseLayout:
 # ---------------------------------------------------------------- pieces shared by layouts
 
 
-def decoder_pieces(m: ModelConfig) -> list[Piece]:
-    """Embedding, final norm, LM head (untied), and every block's attention and two norms."""
+def decoder_pieces(m: ModelConfig, biases: str = "") -> list[Piece]:
+    """Embedding, final norm, LM head (untied), and every block's attention and two norms.
+
+    biases: projections ("qkv", "qkvo") whose bias the layout always has; a model without
+    them exports zeros (the same model), and reads them back as zero biases.
+    """
+    C = m.resolved_head_dim
+    widths = {"q": m.n_heads * C, "k": m.n_kv_heads * C, "v": m.n_kv_heads * C, "o": m.d_model}
     out = [Piece("model.embed_tokens.weight", "embed.weight"), Piece("model.norm.weight", "norm.weight")]
     if not m.tie_embeddings:
         out.append(Piece("lm_head.weight", "lm_head.weight"))
@@ -107,8 +113,9 @@ def decoder_pieces(m: ModelConfig) -> list[Piece]:
         ]
         for proj in ("q", "k", "v", "o"):
             out.append(Piece(f"{hf}.self_attn.{proj}_proj.weight", f"{mg}.attn.{proj}_proj.weight"))
-            if m.o_bias if proj == "o" else m.qkv_bias:
-                out.append(Piece(f"{hf}.self_attn.{proj}_proj.bias", f"{mg}.attn.{proj}_proj.bias"))
+            if proj in biases or (m.o_bias if proj == "o" else m.qkv_bias):
+                key, param = f"{hf}.self_attn.{proj}_proj.bias", f"{mg}.attn.{proj}_proj.bias"
+                out.append(Piece(key, param, shape=(widths[proj],), fill=0.0))
         if m.qk_norm:
             for n in ("q", "k"):
                 out.append(Piece(f"{hf}.self_attn.{n}_norm.weight", f"{mg}.attn.{n}_norm.weight"))

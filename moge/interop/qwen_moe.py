@@ -115,11 +115,13 @@ class Qwen2MoeLayout(BaseLayout):
         if m.qk_norm or m.o_bias:
             raise refuse(self.name, "q/k norms or an o_proj bias", "Qwen2-MoE attention has neither")
         cfg = base_config_json(m, "Qwen2MoeForCausalLM", "qwen2_moe")
-        cfg.update(_moe_json(m, e), shared_expert_intermediate_size=e.shared_width, qkv_bias=m.qkv_bias)
+        # qkv_bias is new in transformers 5 (older versions always build the biases): always
+        # true here, with zeros for a model without them.
+        cfg.update(_moe_json(m, e), shared_expert_intermediate_size=e.shared_width, qkv_bias=True)
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return decoder_pieces(m) + _ffn_pieces(m, e, shared_gate=True)
+        return decoder_pieces(m, "qkv") + _ffn_pieces(m, e, shared_gate=True)
 
     def prepare(self, folder: LayoutFolder) -> None:
         folder.alias_fused(_per_expert_names)
@@ -157,7 +159,9 @@ class Qwen3MoeLayout(BaseLayout):
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return decoder_pieces(m) + _ffn_pieces(m, e, shared_gate=False)
+        return decoder_pieces(m, "qkvo" if m.qkv_bias or m.o_bias else "") + _ffn_pieces(
+            m, e, shared_gate=False
+        )
 
     def prepare(self, folder: LayoutFolder) -> None:
         folder.alias_fused(_per_expert_names)
