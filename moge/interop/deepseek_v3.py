@@ -15,18 +15,13 @@ gate.e_score_correction_bias [E], experts.{e}.{gate,up,down}_proj.weight (or tra
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from moge.interop.mapping import (
-    LayoutFolder,
-    Piece,
-    check_pieces,
-    expert_pieces,
-    need,
-    read_params,
-    swiglu_pieces,
-)
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import need
+from moge.interop.mapping import Piece, check_pieces, expert_pieces, read_params, swiglu_pieces
 from moge.layer import MoGEConfig, MoGELayer
 
 BIAS = "gate.e_score_correction_bias"
@@ -41,7 +36,7 @@ def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfi
         raise ValueError(f"{where}: config.json lacks the field 'n_routed_experts'")
     F = int(need(hf, "moe_intermediate_size", where))
     shared = int(hf.get("n_shared_experts") or 0)
-    fields = dict(
+    fields: dict[str, Any] = dict(
         d_model=int(need(hf, "hidden_size", where)), num_experts=int(E), num_groups=int(need(hf, "n_group", where)),
         top_k=int(need(hf, "num_experts_per_tok", where)), expert_hidden=F, num_shared_experts=shared,
         shared_hidden=F * shared or None, router="group_limited", score_func="sigmoid",

@@ -7,18 +7,9 @@ the top-k logits. Experts are `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    LayoutFolder,
-    Piece,
-    base_config_json,
-    base_model_config,
-    check_plain_routing,
-    decoder_pieces,
-    expert_pieces,
-    need,
-    refuse,
-)
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import base_config_json, base_model_config, check_plain_routing, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces
 from moge.layer import MoGEConfig
 
 NAMES = ("w1", "w3", "w2")  # gate, up, down
@@ -26,7 +17,7 @@ NAMES = ("w1", "w3", "w2")  # gate, up, down
 
 class MixtralLayout(BaseLayout):
     name = "mixtral"
-    model_types = ("mixtral",)
+    model_types: tuple[str, ...] = ("mixtral",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         if hf.get("sliding_window") is not None:

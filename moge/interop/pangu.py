@@ -11,16 +11,8 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    Piece,
-    base_config_json,
-    base_model_config,
-    expert_pieces,
-    need,
-    refuse,
-    swiglu_pieces,
-)
+from moge.interop.hfconfig import base_config_json, base_model_config, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 ARCH, MODEL_TYPE = "PanguProMoEForCausalLM", "PanguProMoE"
@@ -43,7 +35,7 @@ def _attention_pieces(m: ModelConfig, i: int) -> list[Piece]:
 
 class PanguLayout(BaseLayout):
     name = "pangu"
-    model_types = (MODEL_TYPE,)
+    model_types: tuple[str, ...] = (MODEL_TYPE,)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         d, heads = int(need(hf, "hidden_size", where)), int(need(hf, "num_attention_heads", where))

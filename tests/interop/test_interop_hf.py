@@ -138,3 +138,23 @@ def _pangu_like(path):
     e = MoGEConfig(d_model=32, num_experts=4, num_groups=2, top_k=2, expert_hidden=8, num_shared_experts=1)
     save_pretrained(MoGETransformer(m, e), path, layout="pangu")
     return path
+
+
+@pytest.mark.parametrize(
+    ("layout", "qkv_bias", "o_bias"),
+    [("qwen2", False, False), ("llama", True, False), ("llama", False, True)],
+)
+def test_biases_the_layout_has_and_the_model_lacks_export_as_zeros(tmp_path, layout, qkv_bias, o_bias):
+    from moge.config import ModelConfig
+    from moge.interop.hfconfig import dense_moe_placeholder
+    from moge.model import MoGETransformer
+
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=qkv_bias,
+                    o_bias=o_bias, first_dense_layers=2, init_std=0.2)  # fmt: skip
+    model = MoGETransformer(m, dense_moe_placeholder(32)).eval()
+    save_pretrained(model, tmp_path, layout=layout)
+    theirs = hf_class(layout).from_pretrained(tmp_path).eval()
+    x = _tokens(seed=5)
+    with torch.no_grad():
+        _close(theirs(x).logits, model(x).logits)
