@@ -31,6 +31,7 @@ from moge.model import MoGETransformer
 
 ADJUSTABLE = ("first_dense_layers", "moe_every", "max_seq_len", "init_std")  # model keys CONFIG may set
 PROBE_TOKENS = 32  # tokens per sequence of the step-0 check (2 sequences)
+STEP0_TOLERANCE = 1e-4  # of the largest |logit|: fp32 rounding of re-ordered sums is ~1e-6
 
 
 @dataclass
@@ -159,6 +160,10 @@ def upcycle_run(
     _check_plan(dense, cfg, router_init, str(config))
     model, plan = upcycle_model(dense, cfg.moe, cfg.model, router_init=router_init, seed=seed)
     diff, scale = _step0_check(dense, model, seed)
+    if not diff <= STEP0_TOLERANCE * max(1.0, scale):  # a bug, not a user error: never write such a run
+        raise RuntimeError(
+            f"upcycling is not exact: max |logits - dense logits| = {diff:.3g} (logits up to {scale:.3g})"
+        )
     ckpt = write_start_checkpoint(model, cfg, out_dir)
     record = {
         "source": str(src), "config": str(config), "overrides": list(overrides), "seed": seed,

@@ -243,6 +243,7 @@ def layer_settings(draw):
         score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
         normalize_weights=draw(st.booleans()), learned_expert_scale=draw(st.booleans()),
         route_scale=draw(st.sampled_from([1.0, 2.5])), rre_vocab_size=V,
+        shared_expert_gate=bool(Fs) and draw(st.booleans()),
     )  # fmt: skip
     dense_hidden = Fs + Fe * draw(st.sampled_from([1, 2, 3, 4]))
     return dense_hidden, kw, draw(st.sampled_from(["auto", "auto", "uniform", "replicated", "random"]))
