@@ -218,8 +218,9 @@ def convert(
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: the destination is the source")
     source, cfg = _open_source(src, dtype)
-    if to == MOGE:
-        cfg = _run_config(dst.name or cfg.name, cfg.model, cfg.moe)
+    if to == MOGE:  # keep a run's other sections; the new run lives in dst
+        train = dataclasses.replace(cfg.train, out_dir=str(dst), resume=False)
+        cfg = dataclasses.replace(cfg, name=dst.name or cfg.name, train=train)
         return [runfolder.write(dst, cfg, source, dtype)]
     lay = _layout(to)
     config = lay.write_config(cfg.model, cfg.moe)

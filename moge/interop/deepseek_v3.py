@@ -102,10 +102,9 @@ def load_block(
     folder.alias_fused(_expert_names)
     target = moe.state_dict()
     shapes = {k: tuple(v.shape) for k, v in target.items()}
-    wanted = [p for p in pieces if p.key in folder.where or p.param in shapes]
     folder.where = {k: v for k, v in folder.where.items() if k.startswith(prefix)}  # other layers: not ours
-    check_pieces(folder, wanted, shapes)
-    for name, t in read_params(folder, wanted, shapes, dtype=None):
+    check_pieces(folder, pieces, shapes)
+    for name, t in read_params(folder, pieces, shapes, dtype=None):
         target[name].copy_(t)
     return moe
 

@@ -30,7 +30,7 @@ class MixtralLayout(BaseLayout):
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=int(need(hf, "num_local_experts", where)), num_groups=1, top_k=K,
                 expert_hidden=int(need(hf, "intermediate_size", where)), router="global", normalize_weights=True,
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * K,
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
@@ -47,7 +47,7 @@ class MixtralLayout(BaseLayout):
         cfg = base_config_json(m, "MixtralForCausalLM", "mixtral")
         cfg.update(
             num_local_experts=e.num_experts, num_experts_per_tok=e.top_k, intermediate_size=e.expert_hidden,
-            router_aux_loss_coef=e.aux_loss_coef / e.top_k, router_jitter_noise=0.0, sliding_window=None,
+            router_aux_loss_coef=e.aux_loss_coef, router_jitter_noise=0.0, sliding_window=None,
             output_router_logits=False,
         )  # fmt: skip
         return cfg

@@ -50,8 +50,8 @@ class PanguLayout(BaseLayout):
                 expert_hidden=int(need(hf, "moe_intermediate_size", where)),
                 num_shared_experts=1, shared_hidden=int(need(hf, "shared_expert_intermediate_size", where)),
                 router="grouped", learned_expert_scale=True,
-                # The released loss is Mixtral's (K times Eq. 8 on the same counts; see README).
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * K,
+                # Copied as is (the released loss is Mixtral's, K x Eq. 8 on equal counts: README).
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err} (groups = num_experts_per_tok: one expert per group)") from err
@@ -89,7 +89,7 @@ class PanguLayout(BaseLayout):
         cfg.update(
             auto_map=AUTO_MAP, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
             moe_intermediate_size=e.expert_hidden, shared_expert_intermediate_size=e.shared_width,
-            router_aux_loss_coef=e.aux_loss_coef / e.top_k, output_router_logits=False,
+            router_aux_loss_coef=e.aux_loss_coef, output_router_logits=False,
         )  # fmt: skip
         return cfg
 
