@@ -7,6 +7,7 @@
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
+    moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
     moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
@@ -119,6 +120,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         args.bandwidth_gbs, args.trace, args.out,
         overrides=args.overrides, seed=args.seed, sigma=args.sigma, training=args.training,
     )  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from moge.interop.upcycle_run import upcycle_run
+
+    config, *overrides = args.config
+    r = upcycle_run(args.src, args.dst, config, overrides, router_init=args.router_init, seed=args.seed)
+    print(f"upcycled {args.src} -> {r.checkpoint}: {r.plan.describe()}")
+    print(
+        f"step-0 check: max |logits - dense logits| = {r.max_abs_diff:.3g} (logits up to {r.max_abs_logit:.3g})"
+    )
+    print(f"continue training with: moge train {r.out_dir / 'config.yaml'}")
     return EXIT_OK
 
 
@@ -250,11 +264,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_simulate)
 
     _add_extract(sub)
+    _add_upcycle_parser(sub)
     _add_convert_parser(sub)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
     return parser
+
+
+def _add_upcycle_parser(sub) -> None:
+    from moge.interop.upcycle import ROUTER_INITS
+
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense model into a MoGE run whose logits equal the dense ones at step 0",
+        description="Upcycle a dense model (a moge run whose FFNs are all dense, or a Llama / Qwen2 "
+        "layout folder) into a new run folder DST that "
+        "`moge train DST/config.yaml` continues; CONFIG gives the moe, data and train sections.",
+    )
+    p.add_argument(
+        "src", metavar="SRC", help="dense moge run or checkpoint folder, or a Llama / Qwen2 layout folder"
+    )
+    p.add_argument("dst", metavar="DST", help="new run folder (must not exist or be empty)")
+    # CONFIG and its overrides in one option: argparse cannot take positionals after an option.
+    p.add_argument(
+        "--config", nargs="+", required=True, metavar=("CONFIG", "KEY=VALUE"),
+        help="run config of the upcycled model, then dotted overrides, e.g. "
+        "--config configs/tiny-upcycle.yaml moe.top_k=8",
+    )  # fmt: skip
+    p.add_argument(
+        "--router-init", default="auto", choices=ROUTER_INITS, dest="router_init",
+        help="auto (default): uniform for raw gates, random for renormalised copies, replicated "
+        "for renormalised slices",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=None,
+        help="seed of random router rows (default: train.seed)",
+    )
+    p.set_defaults(handler=_cmd_upcycle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
