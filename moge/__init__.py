@@ -1,9 +1,24 @@
 """moge: Mixture of Grouped Experts (Pangu Pro MoE, arXiv 2505.21411) in pure PyTorch."""
 
 from moge import balance, routing, testing
-from moge.layer import MoGEConfig, MoGELayer, MoGEOutput
+from moge.dropin import MoGEMLP, aux_loss, end_step, moge_layers, routing_stats
+from moge.layer import EndStepWarning, MoGEConfig, MoGELayer, MoGEOutput
 
-__all__ = ["MoGEConfig", "MoGELayer", "MoGEOutput", "balance", "from_pretrained", "routing", "testing"]
+__all__ = [
+    "EndStepWarning",
+    "MoGEConfig",
+    "MoGELayer",
+    "MoGEMLP",
+    "MoGEOutput",
+    "aux_loss",
+    "balance",
+    "end_step",
+    "from_pretrained",
+    "moge_layers",
+    "routing",
+    "routing_stats",
+    "testing",
+]
 
 
 def from_pretrained(path, **kwargs):

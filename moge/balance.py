@@ -7,6 +7,7 @@ length, N devices.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,51 @@ def sequence_load_balancing_loss(scores_BLE: Tensor, ids_BLK: Tensor, num_expert
     return (f_BE * p_BE).sum(dim=1).mean()
 
 
+def released_balance_loss(scores: Sequence[Tensor], top_k: int) -> Tensor:
+    """The balance loss of the released Pangu Pro MoE code, without its coefficient.
+
+    scores: one [T_l, E] tensor per MoE layer, the full softmax of the router logits.
+    The release concatenates every layer's rows into one batch of N = sum T_l rows and
+    computes Mixtral's load_balancing_loss_func on it (no padding mask here):
+
+        E * sum_i (c_i / N) * P_i,   c_i = rows whose *global* top-k holds expert i,
+                                     P_i = mean over the N rows of the score of expert i.
+
+    It differs from Eq. 8 (`balance_loss_from_counts`, E/K scaling, counts of the
+    dispatch actually used) in three ways: the counts come from a global top-k, not the
+    grouped selection; the scale is E, not E/K, so on the same counts it is K times
+    Eq. 8; and it is one loss over all layers, whose gradient on a layer's scores is
+    about 1/L of a per-layer loss. At perfect balance it equals K (Eq. 8: 1 per layer).
+    The counts carry no gradient. Returns a 0-dim float32 tensor (0 with no rows).
+    """
+    if not scores:
+        raise ValueError("scores: give at least one layer's [tokens, experts] scores")
+    E = scores[0].shape[-1]
+    for i, s in enumerate(scores):
+        if s.dim() != 2 or s.shape[1] != E:
+            raise ValueError(f"scores[{i}]: expected [tokens, {E}], got {tuple(s.shape)}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k: {top_k} must lie in 1..{E}")
+    scores_NE = torch.cat([s.float() for s in scores], dim=0)
+    N = scores_NE.shape[0]
+    if N == 0:
+        return scores_NE.new_zeros(())
+    with torch.no_grad():
+        ids_NK = scores_NE.topk(top_k, dim=-1).indices
+        frac_E = expert_load(ids_NK, E).float() / N
+    return E * (frac_E * scores_NE.mean(dim=0)).sum()
+
+
+def released_coefficient(aux_loss_coef: float, aux_loss_type: str, top_k: int) -> float:
+    """The released code's `router_aux_loss_coef` c that weighs a moge layer's balance loss.
+
+    aux_loss_type "released" runs the released objective, so c is aux_loss_coef itself;
+    otherwise Eq. 8's alpha matches c = alpha / K on one layer's rows with the same counts
+    (the released loss is K times Eq. 8). What checkpoint configs (config.json) record.
+    """
+    return aux_loss_coef if aux_loss_type == "released" else aux_loss_coef / top_k
+
+
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean_t logsumexp(logits_t)^2, keeps logits small. -> 0-dim."""
     if logits_TE.shape[0] == 0:
@@ -107,7 +153,8 @@ def device_load(expert_ids: Tensor, num_experts: int, num_devices: int) -> Tenso
 def imbalance_score(expert_ids: Tensor, num_experts: int, num_devices: int) -> float:
     """IS = (max_i T_i - min_i T_i) / |X| (Eq. 3), T_i the slots on device i, |X| the tokens.
 
-    expert_ids [T, K]. 0.0 for an empty batch.
+    expert_ids [T, K]. IS ranges over [0, K], not [0, 1]: a device can take all K slots
+    of every token (IS = K). 0.0 for an empty batch.
     """
     T = expert_ids.shape[0]
     if T == 0:
@@ -122,7 +169,7 @@ class RoutingStats:
 
     expert_load: Tensor  # [E] int64 token-slots per expert
     group_load: Tensor  # [M] int64 token-slots per group
-    imbalance_score: float  # Eq. 3 across groups (one group per device)
+    imbalance_score: float  # Eq. 3 across groups (one group per device), in [0, K]
     max_over_mean: float  # max expert load / mean expert load (1.0 = perfect)
     cv: float  # coefficient of variation of the expert load
     load_entropy: float  # entropy (nats) of the slot distribution; log(E) = uniform

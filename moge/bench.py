@@ -27,11 +27,13 @@ Method (the noise comes from other processes sharing the cores):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -83,6 +85,23 @@ def _call(case: Case, x: Tensor, gy: Tensor) -> tuple[float, float]:
     return t1 - t0, t2 - t0
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Kineto (torch's C++ profiler) writes "USDT: ... profiler_start/stop" straight to
+    file descriptor 2 at every profile() start and stop, whatever KINETO_LOG_LEVEL says;
+    point fd 2 at /dev/null meanwhile. Python-level writes to sys.stderr are unaffected
+    unless they are flushed inside the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """Highest net bytes torch's CPU allocator holds above its level when fn starts.
 
@@ -91,7 +110,7 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -445,9 +464,16 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(",") if t.strip())
 
 
-def build_parser(prog: str = "bench_layer.py") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description="Time the MoGE layer against the dense SwiGLU limit and MoE peers (CPU)."
+def build_parser(
+    prog: str = "bench_layer.py",
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+    formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter,
+) -> argparse.ArgumentParser:
+    # `moge bench` passes its own classes: one-line errors and "(default: ...)" in every help.
+    p = parser_class(
+        prog=prog,
+        description="Time the MoGE layer against the dense SwiGLU limit and MoE peers (CPU).",
+        formatter_class=formatter_class,
     )
     p.add_argument(
         "--shape",
@@ -457,10 +483,12 @@ def build_parser(prog: str = "bench_layer.py") -> argparse.ArgumentParser:
     )
     for flag, key in (("--tokens", "tokens"), ("--d-model", "d_model"), ("--hidden", "hidden"),
                       ("--experts", "experts"), ("--groups", "groups"), ("--top-k", "top_k")):  # fmt: skip
-        p.add_argument(flag, type=int, default=None, help=f"override the preset's {key}")
+        p.add_argument(
+            flag, type=int, default=None, help=f"override the preset's {key} (default: the preset's)"
+        )
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--iters", type=int, default=10, help="timed rounds (each runs every implementation once)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     p.add_argument(
         "--no-peers", action="store_true", help="only the dense limit, the MoGE layer and its router"
     )
@@ -473,17 +501,20 @@ def build_parser(prog: str = "bench_layer.py") -> argparse.ArgumentParser:
     p.add_argument(
         "--max-call-seconds", type=float, default=120.0, help="skip rows whose one call is projected slower"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the full report here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
+    p.add_argument("--json", default=None, help="also write the full report to this file (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
-def main(argv: list[str] | None = None, prog: str = "bench_layer.py") -> int:
-    """Parse options, run the benchmark, print the table. Returns the exit status."""
+def main(argv: list[str] | None = None, prog: str = "bench_layer.py", **parser_classes) -> int:
+    """Parse options, run the benchmark, print the table. Returns the exit status.
+
+    parser_classes: build_parser's parser_class / formatter_class (`moge bench` passes its own).
+    """
     import sys
 
-    args = build_parser(prog).parse_args(argv)
+    args = build_parser(prog, **parser_classes).parse_args(argv)
     base = asdict(SHAPES[args.shape])
     for key in base:
         if getattr(args, key) is not None:

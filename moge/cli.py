@@ -6,6 +6,7 @@
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge torchrun [TORCHRUN OPTIONS] SUBCOMMAND ...   torchrun whose failed ranks print one line
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
     moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
     moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
@@ -31,6 +32,11 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        # Every subcommand's help shows each option's default (see _HelpFormatter).
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse would print the usage and exit itself
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
@@ -48,10 +54,28 @@ def _should_print(err: BaseException | None = None) -> bool:
 
 
 def _print_error(err: BaseException) -> None:
+    rank = os.environ.get("RANK", "0")
+    where = f" (rank {rank})" if rank != "0" else ""
+    line = f"error{where}: {_one_line(err)}"
     if _should_print(err):
-        rank = os.environ.get("RANK", "0")
-        where = f" (rank {rank})" if rank != "0" else ""
-        print(f"error{where}: {_one_line(err)}", file=sys.stderr)
+        print(line, file=sys.stderr)
+    _write_torchrun_error_file(line)
+
+
+def _write_torchrun_error_file(line: str) -> None:
+    """Under torchrun, hand the launcher our one line: its failure summary then shows it
+    instead of a pointer to the docs (the format of torch.distributed.elastic's error files)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the launcher then falls back to its own summary
 
 
 # ---------------------------------------------------------------- handlers
@@ -102,9 +126,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
     if prompt_L.numel() + args.tokens > limit:
+        room = max(limit - prompt_L.numel(), 0)
         raise ValueError(
-            f"--tokens: the prompt ({prompt_L.numel()} bytes) + {args.tokens} new tokens exceed "
-            f"model.max_seq_len={limit} of {args.run_dir}"
+            f"--tokens: the prompt ({prompt_L.numel()} bytes) + {args.tokens} new tokens = "
+            f"{prompt_L.numel() + args.tokens} exceed model.max_seq_len={limit} of {args.run_dir} "
+            f"(the longest sequence the model was built for); at most {room} new tokens fit after this prompt"
         )
     gen = torch.Generator().manual_seed(args.seed)
     out_BL = model.generate(prompt_L[None], args.tokens, args.temperature, args.top_k, generator=gen)
@@ -182,7 +208,7 @@ def _add_extract(sub) -> None:
     p = sub.add_parser(
         "extract", help="write one domain's sub-model of a two-level random-router (PanGu-Sigma) run"
     )
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with moe.rre_domain_groups")
     p.add_argument("--domain", required=True, help="domain name (or id) from moe.rre_domain_groups")
     p.add_argument(
         "out", metavar="OUT", help="new run folder for the sub-model (moge eval / generate read it)"
@@ -207,58 +233,108 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: "(default: X)", "(required)" or "(default: off)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default in (None, []) and action.nargs == argparse.ZERO_OR_MORE:
+            return f"{text} (default: none)"
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+def _subparser(sub, name: str, help_: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter)
+
+
+CONFIG_HELP = "YAML run config: a path (configs/tiny-moge.yaml) or a preset name from configs/ (tiny-moge)"
+OVERRIDES_HELP = (
+    "dotted overrides, e.g. train.steps=50 moe.router=global; with overrides the default "
+    "train.out_dir is runs/<name>,KEY=VALUE,... (see the README)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="moge", description="Mixture of Grouped Experts (Pangu Pro MoE) toolkit")
+    parser = _Parser(
+        prog="moge",
+        description="Mixture of Grouped Experts (Pangu Pro MoE) toolkit",
+        formatter_class=_HelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     for name, handler, help_ in (("train", _cmd_train, "train a model"),
                                  ("params", _cmd_params, "count total and activated parameters")):  # fmt: skip
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("config", help="YAML run config, e.g. configs/tiny-moge.yaml")
-        p.add_argument(
-            "overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.steps=50 moe.router=global"
-        )
+        p = _subparser(sub, name, help_)
+        p.add_argument("config", help=CONFIG_HELP)
+        p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)
         p.set_defaults(handler=handler)
 
-    p = sub.add_parser("eval", help="evaluate and compare trained runs")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p = _subparser(sub, "eval", "evaluate one trained run, or compare several side by side")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `moge train`")
     p.add_argument(
-        "--batches", type=_positive_int, default=None, help="validation batches (default: eval.batches)"
-    )
-    p.add_argument("--out", default=None, help="folder for report.json and plots")
+        "--batches", type=_positive_int, default=None,
+        help="validation batches to measure (default: eval.batches of the run's config)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", default=None,
+        help="folder for report.json, the trace and the plots (default: the run folder; "
+        "several runs: <parent>/compare-<name1>-vs-<name2>)",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_eval)
 
-    p = sub.add_parser("generate", help="sample text from a trained run")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--tokens", type=_non_negative_int, default=64, help="new bytes to sample (default 64)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
-    p.add_argument("--top-k", type=_positive_int, default=None, dest="top_k")
-    p.add_argument("--seed", type=int, default=0)
+    p = _subparser(sub, "generate", "sample text from a trained run (prompt + tokens <= model.max_seq_len)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `moge train`")
+    p.add_argument("--prompt", required=True, help="text to continue (bytes)")
+    p.add_argument(
+        "--tokens", type=_non_negative_int, default=64,
+        help="new bytes to sample; prompt bytes + tokens must fit model.max_seq_len",
+    )  # fmt: skip
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
+    p.add_argument(
+        "--top-k", type=_positive_int, default=None, dest="top_k",
+        help="sample among the k most likely bytes only (default: None, all 256)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     p.set_defaults(handler=_cmd_generate)
 
-    p = sub.add_parser("simulate", help="Monte-Carlo routing on N devices: balance, all-to-all, step time")
-    p.add_argument("config", help="YAML run config, e.g. configs/pangu-pro-moe-72b.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--devices", type=_positive_int, nargs="+", required=True)
+    p = _subparser(sub, "simulate", "Monte-Carlo routing on N devices: balance, all-to-all, step time")
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    p.add_argument(
+        "--devices", type=_positive_int, nargs="+", required=True, help="device counts to simulate"
+    )
     p.add_argument("--tokens", type=_positive_int, nargs="+", required=True, help="tokens per batch")
     p.add_argument(
-        "--routers",
-        default="grouped,global,group_limited",
+        "--routers", default="grouped,global,group_limited",
         help="comma-separated: grouped, global, group_limited, grouped_per_device",
-    )
-    p.add_argument("--trials", type=_positive_int, default=None, help="default: fewer for larger batches")
+    )  # fmt: skip
+    p.add_argument(
+        "--trials", type=_positive_int, default=None,
+        help="random batches per case (default: None, fewer for larger batches)",
+    )  # fmt: skip
     p.add_argument("--tflops", type=float, default=300.0, help="per-device throughput, TFLOP/s")
     p.add_argument(
-        "--bandwidth-gbs",
-        type=float,
-        default=50.0,
-        dest="bandwidth_gbs",
+        "--bandwidth-gbs", type=float, default=50.0, dest="bandwidth_gbs",
         help="per-device all-to-all bandwidth, GB/s",
-    )
-    p.add_argument("--trace", default=None, help="RUN_DIR/routing_trace.safetensors from `moge eval`")
-    p.add_argument("--out", default=None, help="folder for simulation.json/png (default runs/<name>)")
-    p.add_argument("--seed", type=int, default=0)
+    )  # fmt: skip
+    p.add_argument(
+        "--trace", default=None,
+        help="route a recorded RUN_DIR/routing_trace.safetensors (from `moge eval`) instead of random "
+        "scores (default: None)",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", default=None,
+        help="folder for simulation.json/png (default: train.out_dir, else runs/<name>)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the random router scores")
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
@@ -269,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
+    # Likewise `moge torchrun ...` goes to moge.launch.
+    sub.add_parser(
+        "torchrun",
+        help="torchrun [OPTIONS] SUBCOMMAND ...: launch ranks; a failed rank prints one error line",
+    )
     return parser
 
 
@@ -313,10 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["torchrun"]:  # the launcher owns its options (moge/launch.py)
+            from moge.launch import main as launch_main
+
+            return launch_main(argv[1:])
         if argv[:1] == ["bench"]:  # the benchmark owns its options (moge/bench.py)
             from moge.bench import main as bench_main
 
-            return bench_main(argv[1:], prog="moge bench")
+            return bench_main(
+                argv[1:], prog="moge bench", parser_class=_Parser, formatter_class=_HelpFormatter
+            )
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except SystemExit as exit_:  # --help

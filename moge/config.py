@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +142,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches per periodic evaluation
     save_every: int = 200  # 0: only at the end
     keep_last: int = 2  # checkpoints kept on disk
-    out_dir: str | None = None  # None: runs/<config name>
+    out_dir: str | None = None  # None: runs/<name>, then ,KEY=VALUE per override (README)
     resume: bool = False  # continue from the latest checkpoint in out_dir
     device: str = "cpu"  # cpu or cuda
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
@@ -425,12 +427,97 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the presets of a source checkout
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets that `moge train NAME` accepts (configs/*.yaml)."""
+    folders = (Path("configs"), CONFIGS_DIR)
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file's path: `path` itself if it exists, else a preset name such as
+    "tiny-moge" looked up as configs/<name>.yaml (in the working folder, then beside
+    the package). A missing file raises FileNotFoundError listing the presets."""
+    given = Path(path)
+    if given.exists() or given.suffix in (".yaml", ".yml") or len(given.parts) != 1:
+        if not given.exists():
+            raise FileNotFoundError(
+                f"config file not found: {given} (presets: {', '.join(preset_names()) or 'none found'})"
+            )
+        return given
+    for folder in (Path("configs"), CONFIGS_DIR):
+        candidate = folder / f"{given}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"config file not found: {given} is neither a file nor a preset "
+        f"(presets: {', '.join(preset_names()) or 'none found'})"
+    )
+
+
+# Overrides that change no result and do not name the run folder.
+BOOKKEEPING_OVERRIDES = ("name", "train.out_dir", "train.resume", "train.threads", "train.log_every")
+
+
+def default_out_dir(name: str, overrides: Sequence[str]) -> str:
+    """runs/<name>, then ",KEY=VALUE" for each override that can change the result.
+
+    `moge train configs/tiny-moge.yaml train.steps=50 moe.router=global` therefore
+    writes runs/tiny-moge,train.steps=50,moe.router=global and never collides with
+    the plain run in runs/tiny-moge; running the same command again with
+    train.resume=true finds it. Characters unsafe in a folder name become "_"; a very
+    long list is cut and ends with a hash of the whole.
+    """
+    parts = []
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key not in BOOKKEEPING_OVERRIDES:
+            parts.append(re.sub(r"[^A-Za-z0-9._=+-]", "_", text.strip()))
+    folder = ",".join([name, *parts])
+    if len(folder) > 120:
+        digest = hashlib.sha1(folder.encode()).hexdigest()[:10]
+        folder = f"{folder[:100]}-{digest}"
+    return str(Path("runs") / folder)
+
+
+_FIELD_AT_START = re.compile(r"^(\w+\.\w+):")
+
+
+def _name_the_override(message: str, path: Path, overrides: Sequence[str]) -> str:
+    """An error's "(in <file>)" becomes "(in override 'KEY=VALUE')" when the field it
+    names was set on the command line."""
+    match = _FIELD_AT_START.match(message)
+    field_ = match.group(1) if match else None
+    given = [o for o in overrides if o.partition("=")[0].strip() == field_]
+    where = f"override {given[-1]!r}" if given else str(path)
+    return message.replace(f"(in {_PENDING})", f"(in {where})")
+
+
+_PENDING = "<config being loaded>"
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply dotted overrides, validate. `name` defaults to the file stem."""
-    path = Path(path)
+    """Read a YAML run config (a path or a preset name), apply dotted overrides, validate.
+
+    `name` defaults to the file stem; `train.out_dir`, when neither the file nor an
+    override sets it, to `default_out_dir(name, overrides)` if there are overrides.
+    A bad value is reported as coming from the override that set it, else the file.
+    """
+    path = resolve_config_path(path)
     raw = _read_yaml(path)
     raw.setdefault("name", path.stem)
-    return config_from_dict(apply_overrides(raw, overrides), source=str(path))
+    merged = apply_overrides(raw, overrides)
+    train = merged.get("train")
+    named = [o for o in overrides if o.partition("=")[0].strip() not in BOOKKEEPING_OVERRIDES]
+    if named and (train is None or (isinstance(train, dict) and train.get("out_dir") is None)):
+        name = merged["name"] if isinstance(merged["name"], str) and merged["name"] else path.stem
+        merged["train"] = {**(train or {}), "out_dir": default_out_dir(name, overrides)}
+    try:
+        return config_from_dict(merged, source=_PENDING)
+    except ValueError as err:
+        raise ValueError(_name_the_override(str(err), path, overrides)) from err
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -232,6 +233,11 @@ def _save_trace(path: Path, layers: list[_LayerRouting], cfg, batch_tokens: list
         "step": str(step),
     }
     save_file(tensors, str(path), metadata=metadata)
+    # safetensors creates the file mode 600 whatever the umask; give it the mode every
+    # other file of the run has (666 minus the umask, usually 644).
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _write_plots(report: dict, records: list[dict], out_dir: Path) -> list[str]:
@@ -360,7 +366,8 @@ _ROWS = (
     ("IS eval set (mean of layers)", lambda r: _mean([x["imbalance_score"] for x in r["routing"]]), ".4f"),
     ("max/mean load (worst layer)", lambda r: max(x["max_over_mean"] for x in r["routing"]), ".3f"),
     ("dead experts (all layers)", lambda r: sum(x["dead_experts"] for x in r["routing"]), "d"),
-    ("train tokens/s (median)", lambda r: r["train"]["tokens_per_s"], ",.0f"),
+    # Measured while training, so it says how busy the machine was, not only the router.
+    ("train tokens/s (machine-load dependent)", lambda r: r["train"]["tokens_per_s"], ",.0f"),
     ("params total", lambda r: r["params"]["total"], "params"),
     ("params activated", lambda r: r["params"]["activated"], "params"),
 )
@@ -450,12 +457,21 @@ def eval_command(run_dirs: list[str], batches: int | None = None, out: str | Non
     if not run_dirs:
         raise ValueError("run_dirs: give at least one run directory")
     if len(run_dirs) == 1:
-        print(format_report(evaluate_run(run_dirs[0], batches, out_dir=out)))
+        report = evaluate_run(run_dirs[0], batches, out_dir=out)
+        print(format_report(report))
+        print(_files_line(report["files"]))
         return
     reports = []
     for run_dir in run_dirs:
         reports.append(evaluate_run(run_dir, batches))
-        print(format_report(reports[-1]), end="\n\n")
+        print(format_report(reports[-1]))
+        print(_files_line(reports[-1]["files"]), end="\n\n")
     result = compare_runs(run_dirs, out, reports=reports)
     print(result["table"])
-    print(f"\ncomparison written to {result['out_dir']}")
+    print(f"\ncomparison written to {result['out_dir']}: " + ", ".join(result["files"].values()))
+
+
+def _files_line(files: dict) -> str:
+    """'wrote report.json, routing_trace.safetensors, <plots>' with their paths."""
+    paths = [files["report"], files["trace"], *files.get("plots", [])]
+    return "wrote " + ", ".join(paths)

@@ -6,6 +6,7 @@ F expert hidden, B batch, L sequence length.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
 
 ROUTERS = ("grouped", "global", "group_limited", "random")
 SCORE_FUNCS = ("softmax", "sigmoid")
-AUX_LOSS_TYPES = ("batch", "sequence", "global_batch")
+AUX_LOSS_TYPES = ("batch", "sequence", "global_batch", "released")
 GROUP_SCORES = ("top2_sum", "max")
 EXPERT_IMPLS = ("auto", "fused", "grouped_mm", "loop")
 
@@ -41,7 +42,15 @@ class MoGEConfig:
         "random" (PanGu-Sigma RRE: fixed random token-id -> experts map per group).
     aux_loss_type: "batch" (the paper's Eq. 8 over all tokens of the call),
         "sequence" (Eq. 8 per sequence, averaged), "global_batch" (f_i accumulated over
-        gradient-accumulation micro-batches until `MoGELayer.end_step()`).
+        gradient-accumulation micro-batches until `MoGELayer.end_step()`), "released"
+        (the released code's objective: Mixtral's loss, global top-k counts, scale E,
+        one loss over all layers' rows; see balance.released_balance_loss and
+        total_aux_loss).
+    aux_loss_coef vs the released `router_aux_loss_coef` c: on one layer's rows with the
+        same counts the released loss is K times Eq. 8, so c matches alpha = K * c; pooled
+        over L similar layers each layer's router gets about 1/L of that gradient, so c
+        matches a per-layer alpha of about K * c / L. The counts also differ (global
+        top-k there, the grouped dispatch here). aux_loss_type="released" reproduces it.
     bias_update_rate: > 0 turns on DeepSeek-V3's aux-loss-free balancing bias.
     expert_impl: how routed experts are computed; "auto" picks the fastest correct one
         for the device.
@@ -60,8 +69,8 @@ class MoGEConfig:
     normalize_weights: bool = False  # renormalise the K selected gates to sum to 1 (the paper: no)
     route_scale: float = 1.0  # constant multiplier of every gate (DeepSeek-V3: 2.5)
     learned_expert_scale: bool = False  # learned per-expert gate scale, init 1 (released Pangu code)
-    aux_loss_coef: float = 0.001  # alpha of the balance loss, Eq. 8 (released Pangu value); 0: off
-    aux_loss_type: str = "batch"  # batch (Eq. 8 over the call), sequence, or global_batch
+    aux_loss_coef: float = 0.001  # balance-loss weight (batch: Eq. 8 alpha; released: the release c); 0: off
+    aux_loss_type: str = "batch"  # batch (Eq. 8 per call), sequence, global_batch or released
     z_loss_coef: float = 0.0  # weight of the ST-MoE router z-loss; 0: off
     bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) sign-rule rate; 0: off
     topk_groups: int | None = None  # group_limited: groups kept per token
@@ -159,14 +168,26 @@ class MoGEOutput:
     z_loss: Tensor  # router z-loss, unweighted
 
 
+class EndStepWarning(UserWarning):
+    """A MoGE layer ran many training calls without `end_step()` (see MoGELayer)."""
+
+
 class MoGELayer(nn.Module):
     """Router + E routed SwiGLU experts + an optional merged shared SwiGLU.
 
     `layer(x, token_ids=None)` with x [..., D] returns a MoGEOutput. token_ids (the
     input's token ids, x's leading shape) are needed only by router="random".
-    Call `end_step()` once per optimizer step: it applies the aux-loss-free bias update
-    and resets the global-batch statistics.
+    Call `end_step()` once per optimizer step (or `moge.end_step(model)` for every
+    layer of a model): it applies the aux-loss-free bias update and resets the
+    global-batch statistics. Where either is on (bias_update_rate > 0 or
+    aux_loss_type="global_batch"), a layer that runs END_STEP_WARN_CALLS training calls
+    without it warns once (EndStepWarning): the bias would never move and the counts
+    would grow without end. For a layer that returns a tensor, see moge.MoGEMLP.
     """
+
+    # Training calls without end_step() before the warning; gradient accumulation of up
+    # to this many micro-batches per optimizer step stays silent.
+    END_STEP_WARN_CALLS = 64
 
     def __init__(self, config: MoGEConfig) -> None:
         super().__init__()
@@ -193,6 +214,8 @@ class MoGELayer(nn.Module):
         # Slots per expert since the last end_step(): feeds the bias rule and the
         # global-batch loss. Not saved: checkpoints are taken between steps.
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
+        self.calls_since_end_step = 0
+        self._warned_end_step = False
         if c.router == "random" and c.rre_domain_groups is not None:  # PanGu-Sigma two levels
             table, columns = layer_tables(c)
             self.register_buffer("rre_table_VK", table, persistent=False)
@@ -257,6 +280,8 @@ class MoGELayer(nn.Module):
                 rearrange(ids_TK, "(b l) k -> b l k", l=L),
                 c.num_experts,
             )
+        if c.aux_loss_type == "released":  # this layer's rows; a model pools its layers (total_aux_loss)
+            return balance.released_balance_loss([scores_TE], c.top_k)
         if c.aux_loss_type == "global_batch" and self.training:
             tokens = int(self.load_accum_E.sum()) // c.top_k
             return balance.balance_loss_from_counts(scores_TE, self.load_accum_E, tokens, c.top_k)
@@ -295,6 +320,7 @@ class MoGELayer(nn.Module):
         load_E = balance.expert_load(ids_TK, c.num_experts)
         if self.training:
             self.load_accum_E += load_E
+            self._count_call()
         lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead)
         z_loss = balance.router_z_loss(logits_TE)
         return MoGEOutput(
@@ -321,9 +347,33 @@ class MoGELayer(nn.Module):
         out.hidden = y_TD.reshape(*lead, c.d_model)
         return out
 
+    def _count_call(self) -> None:
+        self.calls_since_end_step += 1
+        c = self.config
+        needs_end_step = c.bias_update_rate > 0 or c.aux_loss_type == "global_batch"
+        if (
+            needs_end_step
+            and not self._warned_end_step
+            and self.calls_since_end_step >= self.END_STEP_WARN_CALLS
+        ):
+            self._warned_end_step = True
+            what = []
+            if c.bias_update_rate > 0:
+                what.append(f"the aux-loss-free bias (bias_update_rate={c.bias_update_rate}) never updates")
+            if c.aux_loss_type == "global_batch":
+                what.append("the global-batch load counts grow without end")
+            warnings.warn(
+                f"MoGELayer: {self.calls_since_end_step} training calls without end_step(): "
+                f"{' and '.join(what)}. Call layer.end_step() (or moge.end_step(model)) once per "
+                "optimizer step.",
+                EndStepWarning,
+                stacklevel=4,
+            )
+
     @torch.no_grad()
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
+        self.calls_since_end_step = 0
         # rate 0: a bias loaded from a checkpoint (DeepSeek-V3) stays as it is.
         if (
             self.balance_bias_E is not None
@@ -335,3 +385,19 @@ class MoGELayer(nn.Module):
             )
             self.balance_bias_E.copy_(new_E)
         self.load_accum_E.zero_()
+
+
+def total_aux_loss(outputs: list[MoGEOutput], config: MoGEConfig) -> Tensor:
+    """The aux loss of a model whose MoE layers returned `outputs` (all with `config`).
+
+    The sum of every layer's aux_loss, except for aux_loss_type="released", where the
+    balance term is, as in the released code, one loss over all layers' rows pooled:
+    aux_loss_coef * balance.released_balance_loss(all scores) + z_loss_coef * sum z_loss.
+    """
+    if not outputs:
+        return torch.zeros(())
+    if config.aux_loss_type != "released":
+        return torch.stack([o.aux_loss for o in outputs]).sum()
+    lb = balance.released_balance_loss([o.scores for o in outputs], config.top_k)
+    z = torch.stack([o.z_loss for o in outputs]).sum()
+    return config.aux_loss_coef * lb + config.z_loss_coef * z

@@ -17,7 +17,7 @@ from torch import nn
 
 from moge.config import ModelConfig
 from moge.experts import SwiGLU
-from moge.layer import MoGEConfig, MoGELayer, MoGEOutput
+from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
 
 IGNORE_INDEX = -100  # targets with this id do not count in the LM loss
 
@@ -344,7 +344,6 @@ class MoGETransformer(nn.Module):
         x_BLD = self.embed(tokens_BL)
         if check:
             _check_finite("embed", x_BLD)
-        aux_loss = torch.zeros((), device=x_BLD.device)
         routing: list[MoGEOutput] = []
         for block in self.blocks:
             x_BLD, routed = block(
@@ -352,7 +351,8 @@ class MoGETransformer(nn.Module):
             )
             if routed is not None:
                 routing.append(routed)
-                aux_loss = aux_loss + routed.aux_loss
+        # The sum of the layers' aux losses (aux_loss_type "released": one pooled loss).
+        aux_loss = total_aux_loss(routing, self.moe_cfg) if routing else torch.zeros((), device=x_BLD.device)
         if cache is not None:
             cache.advance(tokens_BL.shape[1])
         h_BLD = self.norm(x_BLD)

@@ -433,13 +433,14 @@ _COLUMNS = (
     "P(IS>0)",
     "max/mean load",
     "a2a MB max/dev",
-    "step ms",
+    "MoE layer ms",  # one MoE layer's forward (x3 with --training): the slowest device sets it
     "ideal ms",
-    "slowdown",
+    "slowdown = MoE layer time / ideal",  # the label of the plot's lower panel
 )
+_EVEN = (8, 9, 10)  # columns printed with one number of decimals per column (see _even)
 
 
-def _row(r: SimResult) -> tuple[str, ...]:
+def _row(r: SimResult) -> tuple[str | float, ...]:
     return (
         r.router,
         str(r.devices),
@@ -449,18 +450,41 @@ def _row(r: SimResult) -> tuple[str, ...]:
         f"{r.imbalance_mean:.4f}",
         f"{r.p_imbalanced:.2f}",
         f"{r.load_max_over_mean:.3f}",
-        f"{r.a2a_max_mb:.3g}",
-        f"{r.step_ms:.4g}",
-        f"{r.ideal_ms:.4g}",
+        r.a2a_max_mb,
+        r.step_ms,
+        r.ideal_ms,
         f"{r.slowdown:.3f}",
     )
 
 
+def _decimals(values: Sequence[float], significant: int = 3) -> int:
+    """Decimals that show the smallest non-zero value with `significant` digits (0..9)."""
+    smallest = min((abs(v) for v in values if v), default=1.0)
+    return max(0, min(9, significant - 1 - math.floor(math.log10(smallest))))
+
+
+def _even(rows: list[tuple[str | float, ...]]) -> list[tuple[str, ...]]:
+    """Format the _EVEN columns with one number of decimals each, so they line up."""
+    places = {i: _decimals([float(row[i]) for row in rows]) for i in _EVEN}
+    return [
+        tuple(f"{float(v):,.{places[i]}f}" if i in places else str(v) for i, v in enumerate(row))
+        for row in rows
+    ]
+
+
+def _is_number(text: str) -> bool:
+    return bool(text) and text.replace(",", "").replace(".", "", 1).isdigit()
+
+
 def format_table(results: Sequence[SimResult]) -> str:
     """A Markdown table, one row per result, columns padded to line up in a terminal."""
-    rows = [_COLUMNS] + [_row(r) for r in results]
+    rows = [_COLUMNS, *_even([_row(r) for r in results])]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    # Numbers right-aligned, text left-aligned.
+    lines = [
+        "| " + " | ".join(c.rjust(w) if _is_number(c) else c.ljust(w) for c, w in zip(row, widths)) + " |"
+        for row in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 

@@ -1,17 +1,63 @@
 """Assertion helpers for users' own routing-balance tests, and a Monte-Carlo IS estimate.
 
-Legend: T tokens, E experts, K experts per token, M groups, R trials.
+One convention across helpers: the tensor being checked comes first, positionally; every
+setting is keyword-only and, where several appear, in the order num_experts, num_groups,
+num_devices, top_k, then the rest (tokens, tolerance, router, ...):
+
+    assert_group_quota(ids, num_experts=64, num_groups=8, top_k=8)
+    assert_balanced(load, tolerance=0.1)
+    assert_device_balanced(ids, num_experts=64, num_devices=8, tolerance=0.0)
+    expected_imbalance(num_experts=64, num_devices=8, top_k=8, tokens=16, router="global")
+
+Changed in 0.1 (before any release): assert_group_quota's settings and all of
+expected_imbalance's arguments became keyword-only. The old positional forms still work
+and emit a DeprecationWarning naming the keyword form; they will be removed.
+
+Legend: T tokens, E experts, K experts per token, M groups, N devices, R trials.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
+from moge.balance import device_load
 from moge.routing import RouterSettings, route
+
+DEFAULT_TRIALS = 1000  # expected_imbalance's default (the README's table uses it)
+
+
+def _legacy_positional(names: tuple[str, ...], leading: int):
+    """Accept the pre-0.1 positional call (settings in the order `names`) with a warning."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            extra = args[leading:]
+            if extra:
+                if len(extra) > len(names):
+                    raise TypeError(f"{fn.__name__}: too many positional arguments")
+                given = dict(zip(names, extra))
+                for name in given:
+                    if name in kwargs:
+                        raise TypeError(f"{fn.__name__}: {name} given twice")
+                keywords = ", ".join(f"{k}={v!r}" for k, v in given.items())
+                warnings.warn(
+                    f"{fn.__name__}: positional settings are deprecated; pass them by keyword: {keywords}",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                kwargs.update(given)
+            return fn(*args[:leading], **kwargs)
+
+        return call
+
+    return wrap
 
 
 def _as_ids(expert_ids: Tensor, num_experts: int) -> Tensor:
@@ -25,7 +71,8 @@ def _as_ids(expert_ids: Tensor, num_experts: int) -> Tensor:
     return expert_ids.long()
 
 
-def assert_group_quota(expert_ids: Tensor, num_experts: int, num_groups: int, top_k: int) -> None:
+@_legacy_positional(("num_experts", "num_groups", "top_k"), leading=1)
+def assert_group_quota(expert_ids: Tensor, *, num_experts: int, num_groups: int, top_k: int) -> None:
     """Fail unless every token took exactly top_k/num_groups distinct experts per group.
 
     expert_ids [T, K]. The message names the first offending token and group.
@@ -50,14 +97,18 @@ def assert_group_quota(expert_ids: Tensor, num_experts: int, num_groups: int, to
     sorted_TK = ids_TK.sort(dim=1).values
     dup = (sorted_TK[:, 1:] == sorted_TK[:, :-1]).any(dim=1).nonzero()
     if dup.numel():
-        t = dup[0].item()
+        t = int(dup[0])
         raise AssertionError(f"token {t}: the same expert was chosen twice: {ids_TK[t].tolist()}")
 
 
-def assert_balanced(load: Tensor, tolerance: float) -> None:
+@_legacy_positional(("tolerance",), leading=1)
+def assert_balanced(load: Tensor, *, tolerance: float) -> None:
     """Fail if any entry of `load` deviates from the mean by more than tolerance * mean.
 
-    load [E] (per expert, per group or per device). tolerance 0.1 allows +-10%.
+    load [E] (per expert, per group or per device). tolerance 0.1 allows +-10%. Expert
+    loads of a small batch are noisy even when routing is fair (a fresh layer's 16
+    experts on 1024 tokens are 10-20% apart): test experts on many tokens or with a
+    wide tolerance, and test devices with assert_device_balanced.
     """
     load_f = load.detach().double().reshape(-1)
     if load_f.numel() == 0:
@@ -74,6 +125,68 @@ def assert_balanced(load: Tensor, tolerance: float) -> None:
         )
 
 
+def _device_of_expert(placement: Tensor, num_experts: int, num_devices: int) -> Tensor:
+    """[E] device ids from either placement form (see assert_device_balanced)."""
+    if placement.dim() == 2:
+        if placement.shape[0] != num_devices or placement.numel() != num_experts:
+            raise ValueError(
+                f"placement: expected [{num_devices}, {num_experts // max(num_devices, 1)}] expert ids, "
+                f"got {tuple(placement.shape)}"
+            )
+        owner_E = torch.full((num_experts,), -1, dtype=torch.long)
+        owner_E[placement.reshape(-1).long()] = torch.arange(num_devices).repeat_interleave(
+            placement.shape[1]
+        )
+        if bool((owner_E < 0).any()):
+            raise ValueError("placement: some experts are on no device")
+        return owner_E
+    if placement.shape != (num_experts,):
+        raise ValueError(f"placement: expected [{num_experts}] device ids, got {tuple(placement.shape)}")
+    return placement.long()
+
+
+def assert_device_balanced(
+    expert_ids: Tensor,
+    *,
+    num_experts: int,
+    num_devices: int,
+    tolerance: float = 0.0,
+    placement: Tensor | None = None,
+) -> None:
+    """Fail unless every device received the same token-slots, within tolerance * mean.
+
+    expert_ids [T, K]. By default experts sit on devices in contiguous blocks (expert i
+    on device i // (E / N): one group per device, the paper's layout, as
+    moge.balance.device_load counts). `placement` gives another layout: [E] the device
+    of every expert, or [N, E/N] the experts of every device, which is what
+    moge.parallel.expert_placement returns for moge's expert-parallel training.
+    tolerance 0 (the default) demands IS = 0, which the grouped router guarantees when
+    every device holds whole groups.
+    """
+    ids_TK = _as_ids(expert_ids, num_experts)
+    if placement is None:
+        load_N = device_load(ids_TK, num_experts, num_devices)
+    else:
+        placement = _device_of_expert(placement, num_experts, num_devices)
+        if int(placement.min()) < 0 or int(placement.max()) >= num_devices:
+            raise ValueError(f"placement: device ids must lie in 0..{num_devices - 1}")
+        owner_TK = placement.to(ids_TK.device).long()[ids_TK]
+        load_N = torch.bincount(owner_TK.reshape(-1), minlength=num_devices)
+    if ids_TK.shape[0] == 0:
+        return
+    load_f = load_N.double()
+    mean = load_f.mean().item()
+    dev = (load_f - mean).abs() / mean
+    worst = int(dev.argmax())
+    if dev[worst] > tolerance:
+        spread = (load_N.max() - load_N.min()).item()
+        raise AssertionError(
+            f"device {worst} got {load_N[worst].item()} token-slots, {dev[worst].item():.1%} from the mean "
+            f"{mean:g} (tolerance {tolerance:.1%}); IS = {spread / ids_TK.shape[0]:.4f}; "
+            f"slots per device = {load_N.tolist()}"
+        )
+
+
 @dataclass
 class ImbalanceEstimate:
     """Monte-Carlo distribution of the Imbalance Score over random batches."""
@@ -85,24 +198,26 @@ class ImbalanceEstimate:
     trials: int
 
 
+@_legacy_positional(("num_experts", "top_k", "num_devices", "tokens", "router"), leading=0)
 @torch.no_grad()
 def expected_imbalance(
+    *,
     num_experts: int,
-    top_k: int,
+    num_groups: int | None = None,
     num_devices: int,
+    top_k: int,
     tokens: int,
     router: str = "global",
-    *,
-    trials: int = 2000,
-    seed: int = 0,
-    num_groups: int | None = None,
     topk_groups: int | None = None,
+    trials: int = DEFAULT_TRIALS,
+    seed: int = 0,
 ) -> ImbalanceEstimate:
     """IS (Eq. 3) of batches of `tokens` tokens with i.i.d. uniform random scores.
 
     Reproduces the paper's Fig. 2b: E=64, K=8, 8 devices, 16 tokens -> P(IS > 0) is
     nearly 1 for router="global", exactly 0 for router="grouped". Groups default to
-    one per device (num_groups = num_devices).
+    one per device (num_groups = num_devices). IS ranges over [0, K]: a device can hold
+    up to K slots per token, so values above 1 are possible.
     """
     M = num_groups or num_devices
     settings = RouterSettings(router=router, top_k=top_k, num_groups=M, topk_groups=topk_groups)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from moge import balance
 from moge.balance import (
     balance_loss_from_counts,
     device_load,
@@ -15,6 +16,7 @@ from moge.balance import (
     sequence_load_balancing_loss,
     update_balance_bias,
 )
+from moge.layer import MoGEConfig
 from moge.routing import global_topk, grouped_topk
 
 
@@ -201,3 +203,156 @@ def test_routing_stats_uniform_has_max_entropy():
     assert stats.load_entropy == pytest.approx(math.log(8))
     assert stats.max_over_mean == 1.0 and stats.cv == 0.0 and stats.dead_experts == 0
     assert stats.score_entropy is None
+
+
+# --------------------------------------------------- the released code's objective
+
+
+def _released_oracle(gate_logits: tuple, num_experts: int, top_k: int) -> torch.Tensor:
+    """My reading of the released Pangu code's aux loss (Mixtral's load_balancing_loss_func,
+    no attention mask), written step by step: concatenate every layer's logits, softmax,
+    global top-k, the fraction of rows choosing each expert per slot, the mean probability
+    per expert, their product summed, times the number of experts."""
+    logits = torch.cat(list(gate_logits), dim=0)
+    weights = torch.softmax(logits, dim=-1)
+    _, chosen = torch.topk(weights, top_k, dim=-1)
+    mask = torch.nn.functional.one_hot(chosen, num_experts).float()  # [N, K, E]
+    tokens_per_expert = mask.mean(dim=0)  # [K, E]
+    prob_per_expert = weights.mean(dim=0)  # [E]
+    return (tokens_per_expert * prob_per_expert[None]).sum() * num_experts
+
+
+def test_released_loss_matches_the_oracle_over_layers_with_gradients():
+    gen = torch.Generator().manual_seed(0)
+    E, K = 16, 4
+    logits = [torch.randn(T, E, generator=gen, dtype=torch.float64).requires_grad_() for T in (12, 7, 20)]
+    ours = balance.released_balance_loss([x.softmax(-1) for x in logits], top_k=K)
+    expected = _released_oracle(tuple(logits), E, K)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-6, atol=0)
+    g_ours = torch.autograd.grad(ours, logits)
+    g_expected = torch.autograd.grad(expected, logits)
+    for a, b in zip(g_ours, g_expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-9)
+
+
+def test_released_loss_is_K_times_eq8_on_the_same_counts():
+    """One layer, global top-k counts: released = K * Eq. 8; at perfect balance K."""
+    gen = torch.Generator().manual_seed(1)
+    E, K = 16, 4
+    scores = torch.randn(64, E, generator=gen).softmax(-1)
+    _, ids = global_topk(scores, top_k=K)
+    eq8 = balance.load_balancing_loss(scores, ids, num_experts=E)
+    released = balance.released_balance_loss([scores], top_k=K)
+    torch.testing.assert_close(released, K * eq8, rtol=1e-6, atol=0)
+    uniform = torch.full((8, E), 1.0 / E)
+    # Ties go to the lowest ids: only experts 0..K-1 are chosen, yet p is uniform: E * K/E = K.
+    torch.testing.assert_close(balance.released_balance_loss([uniform], top_k=K), torch.tensor(float(K)))
+
+
+def test_released_coef_pulls_each_layer_like_eq8_alpha_K_c_over_L():
+    """L identical layers, global counts: the pooled released loss's gradient on one
+    layer's scores equals that of Eq. 8 on that layer times K / L (the README's rule)."""
+    gen = torch.Generator().manual_seed(3)
+    E, K, L = 16, 4, 6
+    base = torch.randn(40, E, generator=gen, dtype=torch.float64).softmax(-1)
+    layers = [base.clone().requires_grad_() for _ in range(L)]
+    released = balance.released_balance_loss(layers, top_k=K)
+    g_released = torch.autograd.grad(released, layers[2])[0]
+    one = base.clone().requires_grad_()
+    _, ids = global_topk(one.detach(), top_k=K)
+    g_eq8 = torch.autograd.grad(balance.load_balancing_loss(one, ids, num_experts=E), one)[0]
+    torch.testing.assert_close(g_released.double(), (K / L) * g_eq8.double(), rtol=1e-6, atol=1e-12)
+
+
+def test_released_loss_differs_from_eq8_on_grouped_counts():
+    gen = torch.Generator().manual_seed(2)
+    scores = torch.randn(32, 16, generator=gen).softmax(-1)
+    _, grouped_ids = grouped_topk(scores, top_k=4, num_groups=4)
+    eq8_grouped = balance.load_balancing_loss(scores, grouped_ids, num_experts=16)
+    released = balance.released_balance_loss([scores], top_k=4)
+    assert abs(float(released) - 4 * float(eq8_grouped)) > 1e-4
+
+
+def test_released_loss_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="at least one"):
+        balance.released_balance_loss([], top_k=2)
+    with pytest.raises(ValueError, match=r"scores\[1\]"):
+        balance.released_balance_loss([torch.rand(3, 8), torch.rand(3, 4)], top_k=2)
+    with pytest.raises(ValueError, match="top_k"):
+        balance.released_balance_loss([torch.rand(3, 8)], top_k=9)
+    assert float(balance.released_balance_loss([torch.rand(0, 8)], top_k=2)) == 0.0
+
+
+def _capture_router_logits(layers):
+    """Forward pre-hooks recording each layer's router logits x @ W^T (float64)."""
+    logits = []
+
+    def hook(module, args):
+        x = args[0].reshape(-1, module.config.d_model)
+        logits.append(x.double() @ module.router.weight.double().T)
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    return logits, handles
+
+
+def test_model_with_released_aux_loss_pools_all_layers_like_the_release():
+    from moge.model import ModelConfig, MoGETransformer
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    moe_cfg = MoGEConfig(d_model=32, num_experts=8, num_groups=4, top_k=4, expert_hidden=16,
+                         aux_loss_coef=0.01, aux_loss_type="released")  # fmt: skip
+    model = MoGETransformer(model_cfg, moe_cfg)
+    logits, handles = _capture_router_logits(list(model.moe_layers()))
+    tokens = torch.randint(0, 256, (2, 16))
+    out = model(tokens, tokens)
+    for h in handles:
+        h.remove()
+    assert len(logits) == 3
+    expected = 0.01 * _released_oracle(tuple(logits), 8, 4)
+    torch.testing.assert_close(out.aux_loss.double(), expected, rtol=1e-5, atol=0)
+    per_layer_sum = sum(r.aux_loss for r in out.routing)
+    assert abs(per_layer_sum.item() - out.aux_loss.item()) > 1e-5, "pooled, not the sum of per-layer losses"
+
+
+def test_dropin_aux_loss_pools_released_layers():
+    import moge
+
+    torch.manual_seed(0)
+    cfg = MoGEConfig(d_model=16, num_experts=8, num_groups=2, top_k=2, expert_hidden=8,
+                     aux_loss_coef=0.1, aux_loss_type="released")  # fmt: skip
+    model = torch.nn.Sequential(moge.MoGEMLP(cfg), moge.MoGEMLP(cfg))
+    logits, handles = _capture_router_logits([model[0], model[1]])
+    model(torch.randn(10, 16))
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(
+        moge.aux_loss(model).double(), 0.1 * _released_oracle(tuple(logits), 8, 2), rtol=1e-5, atol=0
+    )
+
+
+def test_released_is_a_config_option():
+    from moge.config import load_config
+
+    cfg = load_config("tiny-moge", ["moe.aux_loss_type=released"])
+    assert cfg.moe.aux_loss_type == "released"
+    assert load_config("pangu-pro-moe-72b").moe.aux_loss_type == "released"
+
+
+@pytest.mark.parametrize(
+    "aux_loss_type, coef, released_c", [("batch", 0.004, 0.002), ("released", 0.003, 0.003)]
+)
+def test_exported_router_aux_loss_coef_follows_the_objective(tmp_path, aux_loss_type, coef, released_c):
+    """config.json's router_aux_loss_coef is the released c: alpha / K for Eq. 8, c itself for released."""
+    import json
+
+    from moge.config import ModelConfig
+    from moge.model import MoGETransformer
+
+    assert balance.released_coefficient(coef, aux_loss_type, 2) == pytest.approx(released_c)
+    m = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True)
+    e = MoGEConfig(d_model=16, num_experts=4, num_groups=1, top_k=2, expert_hidden=8, router="global",
+                   aux_loss_coef=coef, aux_loss_type=aux_loss_type)  # fmt: skip
+    MoGETransformer(m, e).save_pretrained(tmp_path / "out", layout="qwen3_moe")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["router_aux_loss_coef"] == pytest.approx(released_c)

@@ -193,7 +193,7 @@ def test_routing_trace_holds_every_moe_layer(reports):
         ids_TK = trace[f"layer_{r['layer']}"]
         assert ids_TK.shape == (report["eval"]["tokens"], K) and ids_TK.dtype == torch.int64
         assert torch.bincount(ids_TK.flatten(), minlength=E).tolist() == r["expert_load"]
-        assert_group_quota(ids_TK, E, M, K)
+        assert_group_quota(ids_TK, num_experts=E, num_groups=M, top_k=K)
 
 
 # ---------------------------------------------------------------- files and text

@@ -115,7 +115,7 @@ def test_output_fields_and_shapes():
     assert out.expert_ids.dtype == torch.int64 and out.weights.dtype == torch.float32
     assert out.load.shape == (8,) and out.load.sum() == 40
     assert out.scores.shape == (10, 8) and out.aux_loss.dim() == 0
-    assert_group_quota(out.expert_ids, 8, 4, 4)
+    assert_group_quota(out.expert_ids, num_experts=8, num_groups=4, top_k=4)
 
 
 # --- the fast path against the plain reference --------------------------------------------
@@ -273,7 +273,7 @@ def test_bias_shifts_selection_not_weights_and_updates_once_per_step():
     assert_close(layer.balance_bias_E, expected - expected.mean())
     out2 = layer(x)
     assert_close(out2.weights, out2.scores.gather(1, out2.expert_ids))  # gates stay unbiased
-    assert_group_quota(out2.expert_ids, 8, 4, 4)
+    assert_group_quota(out2.expert_ids, num_experts=8, num_groups=4, top_k=4)
     assert "balance_bias_E" in layer.state_dict() and "load_accum_E" not in layer.state_dict()
 
 

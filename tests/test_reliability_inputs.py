@@ -81,7 +81,7 @@ def test_layer_nan_input_stays_in_its_token(impl, bad):
     expected[0, 1] = False
     assert torch.equal(finite_BL, expected)
     torch.testing.assert_close(out.hidden[finite_BL], clean[finite_BL])
-    assert_group_quota(out.expert_ids, 8, 4, 4)
+    assert_group_quota(out.expert_ids, num_experts=8, num_groups=4, top_k=4)
 
 
 V = 64
@@ -225,7 +225,7 @@ def check_routing(scores_TE: torch.Tensor, router: str, weights_TK, ids_TK) -> N
     assert ids_TK.shape == (T, K) and ids_TK.dtype == torch.int64
     assert weights_TK.shape == (T, K) and weights_TK.dtype == torch.float32
     if router in ("grouped", "random"):
-        assert_group_quota(ids_TK, E, M, K)
+        assert_group_quota(ids_TK, num_experts=E, num_groups=M, top_k=K)
     assert all(len(set(r)) == K for r in ids_TK.tolist()), "K distinct experts per token"
     assert ids_TK.tolist() == reference_ids(scores_TE, router)
     assert torch.equal(weights_TK, scores_TE.gather(1, ids_TK))
@@ -307,7 +307,7 @@ def test_nan_scores_give_nan_gates_not_silent_routing(router):
     assert torch.equal(weights_TK[others], clean_w[others]) and torch.equal(ids_TK[others], clean_ids[others])
     assert ((ids_TK >= 0) & (ids_TK < E)).all()
     if router in ("grouped", "random"):
-        assert_group_quota(ids_TK, E, M, K)
+        assert_group_quota(ids_TK, num_experts=E, num_groups=M, top_k=K)
     # The usual case: a NaN logit makes the whole softmax row NaN.
     logits = torch.randn(3, E)
     logits[1, 5] = float("nan")

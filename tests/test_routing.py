@@ -113,7 +113,7 @@ def test_property_quota_holds(groups, per_group, quota, tokens, seed, ties):
         scores = (scores * 4).round() / 4
     weights, ids = grouped_topk(scores, K, groups)
     assert ids.shape == (tokens, K)
-    assert_group_quota(ids, E, groups, K)
+    assert_group_quota(ids, num_experts=E, num_groups=groups, top_k=K)
     assert_close(weights, scores.gather(1, ids))
     torch.testing.assert_close(ids, _brute_grouped(scores, K, groups).reshape(tokens, K))
 
@@ -136,7 +136,7 @@ def test_k_equals_m_takes_the_argmax_of_every_group():
 def test_single_token():
     weights, ids = grouped_topk(_scores(1, 8), 4, 4)
     assert ids.shape == weights.shape == (1, 4)
-    assert_group_quota(ids, 8, 4, 4)
+    assert_group_quota(ids, num_experts=8, num_groups=4, top_k=4)
 
 
 # --- global and group-limited -------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_random_table_is_fixed_by_seed_and_respects_quota():
     t3 = make_random_routing_table(100, 16, 4, 8, seed=4)
     torch.testing.assert_close(t1, t2)
     assert not torch.equal(t1, t3)
-    assert_group_quota(t1, 16, 4, 8)
+    assert_group_quota(t1, num_experts=16, num_groups=4, top_k=8)
     # Every expert of a group is used by some token (the map spreads tokens).
     assert torch.bincount(t1.flatten(), minlength=16).min() > 0
 

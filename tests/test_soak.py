@@ -76,6 +76,6 @@ def test_thousands_of_steps_keep_the_group_quota_and_learn(tmp_path):
     with torch.no_grad():
         for x_BL, _ in dataset.iter_eval_batches("val", 8, 2):
             for routed in model(x_BL).routing:
-                assert_group_quota(routed.expert_ids, E, M, K)
+                assert_group_quota(routed.expert_ids, num_experts=E, num_groups=M, top_k=K)
                 load_M = device_load(routed.expert_ids, E, M)
                 assert (load_M == x_BL.numel() * K // M).all(), load_M

@@ -1,58 +1,162 @@
+"""moge.testing: one calling convention, keyword-only settings, the documented defaults."""
+
+import inspect
+
 import pytest
 import torch
 
-from moge.testing import assert_balanced, assert_group_quota, expected_imbalance
+from moge import MoGEConfig, MoGELayer
+from moge.parallel import expert_placement
+from moge.routing import global_topk, grouped_topk
+from moge.testing import (
+    DEFAULT_TRIALS,
+    assert_balanced,
+    assert_device_balanced,
+    assert_group_quota,
+    expected_imbalance,
+)
 
 
 def test_group_quota_passes_on_a_valid_selection():
-    assert_group_quota(torch.tensor([[0, 5], [1, 4]]), 8, 2, 2)
-    assert_group_quota(torch.zeros(0, 2, dtype=torch.long), 8, 2, 2)
+    assert_group_quota(torch.tensor([[0, 5], [1, 4]]), num_experts=8, num_groups=2, top_k=2)
+    assert_group_quota(torch.zeros(0, 2, dtype=torch.long), num_experts=8, num_groups=2, top_k=2)
 
 
-def test_group_quota_names_token_and_group():
-    ids = torch.tensor([[0, 5], [1, 2]])  # token 1 took both experts from group 0
-    with pytest.raises(AssertionError, match=r"token 1: group 0 got 2 experts \[1, 2\], expected 1"):
-        assert_group_quota(ids, 8, 2, 2)
+def test_group_quota_names_the_offending_token_and_group():
+    ids = torch.tensor([[0, 4], [0, 1], [2, 6]])
+    with pytest.raises(AssertionError, match=r"token 1: group 0 got 2 experts \[0, 1\], expected 1"):
+        assert_group_quota(ids, num_experts=8, num_groups=2, top_k=2)
 
 
-def test_group_quota_catches_duplicates_range_and_width():
-    with pytest.raises(AssertionError, match="token 0: the same expert was chosen twice"):
-        assert_group_quota(torch.tensor([[0, 0, 4, 5]]), 8, 2, 4)
-    with pytest.raises(AssertionError, match="id 9 is outside 0..7"):
-        assert_group_quota(torch.tensor([[0, 9]]), 8, 2, 2)
-    with pytest.raises(AssertionError, match="3 experts per token, expected top_k=2"):
-        assert_group_quota(torch.tensor([[0, 4, 5]]), 8, 2, 2)
-    with pytest.raises(AssertionError, match="expected \\[tokens, top_k\\]"):
-        assert_group_quota(torch.tensor([0, 4]), 8, 2, 2)
+@pytest.mark.parametrize(
+    "ids, M, K, message",
+    [
+        ([[0, 0, 4, 5]], 2, 4, "chosen twice"),
+        ([[0, 9]], 2, 2, "outside 0..7"),
+        ([[0, 4, 5]], 2, 2, "expected top_k=2"),
+        ([0, 4], 2, 2, "expected \\[tokens, top_k\\]"),
+    ],
+)
+def test_group_quota_failures(ids, M, K, message):
+    with pytest.raises(AssertionError, match=message):
+        assert_group_quota(torch.tensor(ids), num_experts=8, num_groups=M, top_k=K)
+
+
+def test_group_quota_rejects_groups_that_do_not_divide():
     with pytest.raises(ValueError, match="num_groups"):
-        assert_group_quota(torch.tensor([[0, 4]]), 8, 3, 2)
+        assert_group_quota(torch.tensor([[0, 4]]), num_experts=8, num_groups=3, top_k=2)
 
 
 def test_assert_balanced():
     assert_balanced(torch.tensor([10, 11, 9, 10]), tolerance=0.1)
-    with pytest.raises(AssertionError, match=r"entry 2 has load 15, 50.0% from the mean 10"):
+    with pytest.raises(AssertionError, match="entry 2 has load 15, 50.0% from the mean 10"):
         assert_balanced(torch.tensor([10, 8, 15, 7]), tolerance=0.2)
     with pytest.raises(AssertionError, match="nothing was routed"):
         assert_balanced(torch.zeros(4), tolerance=0.1)
 
 
+def test_every_setting_is_keyword_only_in_one_order():
+    """The checked tensor first; settings keyword-only in the order E, M, N, K, rest."""
+    order = ["num_experts", "num_groups", "num_devices", "top_k", "tokens"]
+    for fn in (assert_group_quota, assert_balanced, assert_device_balanced, expected_imbalance):
+        params = list(inspect.signature(fn).parameters.values())
+        positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert len(positional) <= 1, fn.__name__
+        keyword = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+        ranked = [n for n in keyword if n in order]
+        assert ranked == sorted(ranked, key=order.index), (fn.__name__, keyword)
+
+
+def test_legacy_positional_calls_still_work_with_a_warning():
+    ids = torch.tensor([[0, 5], [1, 4]])
+    with pytest.warns(DeprecationWarning, match="num_experts=8, num_groups=2, top_k=2"):
+        assert_group_quota(ids, 8, 2, 2)
+    with pytest.warns(DeprecationWarning, match="tolerance"):
+        assert_balanced(torch.tensor([10, 10]), 0.1)
+    with pytest.warns(DeprecationWarning):
+        old = expected_imbalance(64, 8, 8, 16, "global", trials=50)
+    new = expected_imbalance(num_experts=64, top_k=8, num_devices=8, tokens=16, router="global", trials=50)
+    assert old == new
+    with pytest.raises(TypeError, match="given twice"):
+        assert_group_quota(ids, 8, 2, 2, top_k=2)
+    with pytest.raises(AssertionError), pytest.warns(DeprecationWarning):  # still checks
+        assert_group_quota(torch.tensor([[0, 1]]), 8, 2, 2)
+
+
+def test_expected_imbalance_default_trials_match_the_readme():
+    assert DEFAULT_TRIALS == 1000
+    assert inspect.signature(expected_imbalance).parameters["trials"].default == 1000
+    est = expected_imbalance(num_experts=16, num_devices=4, top_k=4, tokens=4, router="grouped")
+    assert est.trials == 1000
+
+
 def test_fig_2b_global_topk_is_almost_always_imbalanced():
-    est = expected_imbalance(64, 8, 8, tokens=16, router="global", trials=2000, seed=0)
+    est = expected_imbalance(num_experts=64, num_devices=8, top_k=8, tokens=16, router="global", seed=0)
     assert est.prob_positive > 0.99
     assert est.mean > 0.3
 
 
 def test_fig_2b_grouped_is_never_imbalanced():
-    est = expected_imbalance(64, 8, 8, tokens=16, router="grouped", trials=2000, seed=0)
+    est = expected_imbalance(num_experts=64, num_devices=8, top_k=8, tokens=16, router="grouped")
     assert est.prob_positive == 0.0 and est.max == 0.0
 
 
 def test_imbalance_shrinks_with_tokens_for_global():
-    small = expected_imbalance(64, 8, 8, tokens=16, trials=500)
-    large = expected_imbalance(64, 8, 8, tokens=1024, trials=500)
+    small = expected_imbalance(num_experts=64, num_devices=8, top_k=8, tokens=16, trials=500)
+    large = expected_imbalance(num_experts=64, num_devices=8, top_k=8, tokens=1024, trials=500)
     assert large.mean < small.mean / 3
 
 
 def test_group_limited_is_imbalanced_too():
-    est = expected_imbalance(64, 8, 8, tokens=16, router="group_limited", topk_groups=4, trials=500)
+    est = expected_imbalance(
+        num_experts=64, num_devices=8, top_k=8, tokens=16, router="group_limited", topk_groups=4, trials=500
+    )
     assert est.prob_positive > 0.99
+
+
+def test_imbalance_score_can_exceed_one():
+    """IS ranges over [0, K]: all K slots of every token on one device gives IS = K."""
+    est = expected_imbalance(num_experts=64, num_devices=2, top_k=8, tokens=1, router="global", trials=200)
+    assert 1.0 < est.max <= 8.0
+
+
+# ------------------------------------------------------------------- per-device balance
+
+
+def test_device_balanced_passes_for_grouped_routing_one_group_per_device():
+    scores = torch.randn(50, 16).softmax(-1)
+    _, ids = grouped_topk(scores, top_k=4, num_groups=4)
+    assert_device_balanced(ids, num_experts=16, num_devices=4)
+    assert_device_balanced(ids, num_experts=16, num_devices=2)  # two whole groups per device
+
+
+def test_device_balanced_fails_for_global_routing_naming_the_device():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(16, 64, generator=gen).softmax(-1)
+    _, ids = global_topk(scores, top_k=8)
+    with pytest.raises(
+        AssertionError, match=r"device \d+ got \d+ token-slots.*IS = 0\.\d+; slots per device"
+    ):
+        assert_device_balanced(ids, num_experts=64, num_devices=8)
+    assert_device_balanced(ids, num_experts=64, num_devices=8, tolerance=10.0)
+
+
+def test_device_balanced_with_the_expert_parallel_placement():
+    # Expert ids 0..3 on device 0 and 4..7 on device 1 by default; the expert-parallel
+    # layout with 4 groups on 2 ranks puts groups 0, 2 (experts 0, 1, 4, 5) on rank 0.
+    ids = torch.tensor([[0, 1], [4, 5]])  # 2 tokens, all slots in groups 0 and 2
+    with pytest.raises(AssertionError, match=r"slots per device = \[2, 2\]|IS"):
+        assert_device_balanced(ids, num_experts=8, num_devices=2, placement=expert_placement(8, 4, 2))
+    assert_device_balanced(ids, num_experts=8, num_devices=2)  # contiguous blocks: 2 and 2
+    placement_E = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])  # the same layout as [E] device ids
+    with pytest.raises(AssertionError, match=r"slots per device = \[4, 0\]"):
+        assert_device_balanced(ids, num_experts=8, num_devices=2, placement=placement_E)
+    with pytest.raises(ValueError, match="placement"):
+        assert_device_balanced(ids, num_experts=8, num_devices=2, placement=torch.zeros(3, dtype=torch.long))
+
+
+def test_device_balanced_on_a_fresh_layer():
+    torch.manual_seed(0)
+    layer = MoGELayer(MoGEConfig(d_model=32, num_experts=16, num_groups=4, top_k=4, expert_hidden=16))
+    out = layer(torch.randn(2, 8, 32))
+    assert_device_balanced(out.expert_ids, num_experts=16, num_devices=4)

@@ -6,6 +6,7 @@ the top-k logits. Experts are `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up
 
 from __future__ import annotations
 
+from moge.balance import released_coefficient
 from moge.config import ModelConfig
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import base_config_json, base_model_config, check_plain_routing, need, refuse
@@ -30,7 +31,7 @@ class MixtralLayout(BaseLayout):
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=int(need(hf, "num_local_experts", where)), num_groups=1, top_k=K,
                 expert_hidden=int(need(hf, "intermediate_size", where)), router="global", normalize_weights=True,
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
@@ -47,7 +48,7 @@ class MixtralLayout(BaseLayout):
         cfg = base_config_json(m, "MixtralForCausalLM", "mixtral")
         cfg.update(
             num_local_experts=e.num_experts, num_experts_per_tok=e.top_k, intermediate_size=e.expert_hidden,
-            router_aux_loss_coef=e.aux_loss_coef, router_jitter_noise=0.0, sliding_window=None,
+            router_aux_loss_coef=released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k), router_jitter_noise=0.0, sliding_window=None,
             output_router_logits=False,
         )  # fmt: skip
         return cfg

@@ -10,6 +10,7 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 
 from __future__ import annotations
 
+from moge.balance import released_coefficient
 from moge.config import ModelConfig
 from moge.interop.hfconfig import base_config_json, base_model_config, need, refuse
 from moge.interop.mapping import BaseLayout, Piece, expert_pieces, swiglu_pieces
@@ -50,8 +51,8 @@ class PanguLayout(BaseLayout):
                 expert_hidden=int(need(hf, "moe_intermediate_size", where)),
                 num_shared_experts=1, shared_hidden=int(need(hf, "shared_expert_intermediate_size", where)),
                 router="grouped", learned_expert_scale=True,
-                # Copied as is (the released loss is Mixtral's, K x Eq. 8 on equal counts: README).
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                # The released objective (Mixtral's function) with its coefficient: the same signal.
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err} (groups = num_experts_per_tok: one expert per group)") from err
@@ -89,7 +90,7 @@ class PanguLayout(BaseLayout):
         cfg.update(
             auto_map=AUTO_MAP, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
             moe_intermediate_size=e.expert_hidden, shared_expert_intermediate_size=e.shared_width,
-            router_aux_loss_coef=e.aux_loss_coef, output_router_logits=False,
+            router_aux_loss_coef=released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k), output_router_logits=False,
         )  # fmt: skip
         return cfg
 

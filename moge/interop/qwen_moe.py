@@ -8,6 +8,7 @@ Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
 
 from __future__ import annotations
 
+from moge.balance import released_coefficient
 from moge.config import ModelConfig
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import (
@@ -43,8 +44,8 @@ def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
         expert_hidden=int(need(hf, "moe_intermediate_size", where)),
         num_shared_experts=1 if shared else 0, shared_hidden=shared or None, shared_expert_gate=bool(shared),
         router="global", normalize_weights=bool(hf.get("norm_topk_prob", False)),
-        # Copied as is, as configs/pangu-pro-moe-72b.yaml does (their loss is K x Eq. 8: README).
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+        # Their objective (Mixtral's function) with their coefficient: the same training signal.
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
     )  # fmt: skip
 
 
@@ -57,7 +58,7 @@ def _moe_json(m: ModelConfig, e: MoGEConfig) -> dict:
         "intermediate_size": m.resolved_dense_hidden,
         "mlp_only_layers": [i for i in range(m.n_layers) if not m.is_moe_layer(i)],
         "decoder_sparse_step": 1,
-        "router_aux_loss_coef": e.aux_loss_coef,
+        "router_aux_loss_coef": released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k),
         "output_router_logits": False,
         "use_sliding_window": False,
     }
