@@ -6,8 +6,14 @@ Layout of one run directory (the evaluator relies on it):
         model.safetensors       model.state_dict() (persistent buffers included)
         optimizer.safetensors   "state.<param name>.<key>" tensors; param groups as JSON metadata
         rng.safetensors         "torch_cpu" and "data_gen" RNG states (uint8 tensors)
-        state.json              step, resolved config, and size + sha256 of the three files
+        state.json              step, resolved config, and size + sha256 of every other file
+        state.json.sha256       sha256 of state.json itself (a flip in state.json cannot hide)
     <run_dir>/checkpoints/LATEST  the newest complete checkpoint folder's name
+
+Loading verifies the whole folder first (`verify_checkpoint`): the digest of state.json,
+its schema and value ranges, and the size and sha256 of every file it lists; a file in
+the folder that it does not list, or a listed file that is missing, is an error. A sharded
+layout reuses this by listing its shard files in the same manifest (`write_manifest`).
 
 A checkpoint is written into a temporary folder, every file and the folder are fsynced,
 and only then is it renamed into place and LATEST swapped, so a crash at any moment
@@ -35,6 +41,12 @@ from moge.config import RunConfig, config_from_dict, config_to_dict
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+STATE = "state.json"
+STATE_DIGEST = "state.json.sha256"
+STATE_KEYS = ("step", "config", "files", "rng")  # what state.json may hold ("rng" optional)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_STEP = 2**53  # exact in a JSON number read by any reader
+_MAX_STATE_BYTES = 16 << 20  # a state.json larger than this is not one moge wrote
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _MAX_LISTED = 8  # keys named in one error message
@@ -132,6 +144,7 @@ def _restore_optimizer(
         scalars = json.loads(meta.get("scalars", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file}: param_groups metadata is missing or not JSON ({err})") from err
+    _check_groups(file, saved_groups, scalars)
     current = _group_names(model, optimizer)
     if [g["params"] for g in saved_groups] != current:
         saved_names = {n for g in saved_groups for n in g["params"]}
@@ -162,6 +175,34 @@ def _restore_optimizer(
             g["betas"] = tuple(g["betas"])
         groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _check_groups(file: Path, groups: Any, scalars: Any) -> None:
+    """The saved param groups: a list of mappings with parameter names and sane settings."""
+    if not isinstance(groups, list) or not isinstance(scalars, dict):
+        raise ValueError(f"{file}: param_groups must be a JSON list and scalars a JSON object")
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise ValueError(f"{file}: param group {i} must be a mapping with a 'params' list")
+        if not all(isinstance(n, str) for n in g["params"]):
+            raise ValueError(f"{file}: param group {i}: 'params' must list parameter names")
+        for key in ("lr", "eps", "weight_decay"):
+            v = g.get(key)
+            if v is not None and (
+                not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf")
+            ):
+                raise ValueError(
+                    f"{file}: param group {i}: {key} must be a finite number >= 0, got {str(v)[:40]}"
+                )
+        betas = g.get("betas")
+        if betas is not None and not (
+            isinstance(betas, list)
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(
+                f"{file}: param group {i}: betas must be two numbers in [0, 1), got {str(betas)[:60]}"
+            )
 
 
 # ---------------------------------------------------------------- saving
@@ -201,25 +242,32 @@ def _remove_stale_temps(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def write_manifest(folder: Path, state: dict) -> None:
+    """Write state.json (with "files": size + sha256 of every other file in `folder`) and its digest.
+
+    Every regular file already in `folder` is listed, so a layout with more files (shards)
+    is covered by the same verification. Both files are fsynced.
+    """
+    names = sorted(p.name for p in folder.iterdir() if p.name not in (STATE, STATE_DIGEST))
+    files = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names
+    }
+    data = json.dumps({**state, "files": files}, indent=1).encode("utf-8")
+    for name, content in ((STATE, data), (STATE_DIGEST, (hashlib.sha256(data).hexdigest() + "\n").encode())):
+        with open(folder / name, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg, extra_rng=None) -> None:
     _save_tensors(model.state_dict(), folder / FILES[0])
     opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
     _save_tensors(opt_tensors, folder / FILES[1], metadata=opt_meta)
     rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state(), **(extra_rng or {})}
     _save_tensors(rng, folder / FILES[2])
-    files = {
-        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES
-    }
-    state = {
-        "step": step,
-        "config": config_to_dict(cfg),
-        "rng": {"file": FILES[2], "tensors": sorted(rng)},
-        "files": files,
-    }
-    with open(folder / "state.json", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    state = {"step": step, "config": config_to_dict(cfg), "rng": {"file": FILES[2], "tensors": sorted(rng)}}
+    write_manifest(folder, state)
     _fsync_path(folder)
 
 
@@ -265,24 +313,39 @@ def save_checkpoint(
 # ---------------------------------------------------------------- locating and reading
 
 
+def _read_latest(latest_file: Path) -> str:
+    """The folder name in LATEST (bounded read; bytes that are not UTF-8 -> ValueError naming it)."""
+    if not latest_file.is_file():
+        raise ValueError(f"{latest_file}: not a regular file")
+    with open(latest_file, "rb") as f:
+        data = f.read(256)
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{latest_file}: not UTF-8 text (expected a folder name like step_00000600)"
+        ) from None
+    if not _STEP_DIR.match(name):
+        shown = name[:40] + ("..." if len(name) > 40 else "")
+        raise ValueError(
+            f"{latest_file}: expected a checkpoint folder name like step_00000600, got {shown!r}"
+        )
+    return name
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a run dir or its checkpoints/ folder."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or checkpoint folder")
-    if (path / "state.json").exists():
+    if (path / STATE).exists():
         return path
     root = path if (path / LATEST).exists() else path / CHECKPOINTS
     latest_file = root / LATEST
     if not latest_file.exists():
-        raise FileNotFoundError(
-            f"{path}: no checkpoint found (neither {path / 'state.json'} nor {latest_file})"
-        )
-    name = latest_file.read_text(encoding="utf-8").strip()
-    if not _STEP_DIR.match(name):
-        raise ValueError(f"{latest_file}: expected a checkpoint folder name like step_00000600, got {name!r}")
-    folder = root / name
-    if not (folder / "state.json").exists():
+        raise FileNotFoundError(f"{path}: no checkpoint found (neither {path / STATE} nor {latest_file})")
+    folder = root / _read_latest(latest_file)
+    if not (folder / STATE).exists():
         raise FileNotFoundError(f"{latest_file}: names {folder}, which has no state.json")
     return folder
 
@@ -294,32 +357,155 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return find_checkpoint(run_dir)
 
 
-def _read_state(folder: Path) -> dict:
-    file = folder / "state.json"
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: not a readable JSON checkpoint state ({err})") from err
+def step_folders(root: str | Path) -> list[Path]:
+    """Every step_<N> folder under a checkpoints/ folder, oldest first (complete or not)."""
+    return [path for _, path in _step_dirs(Path(root))]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"the key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not float
+
+
+def _check_files_entry(file: Path, files: Any) -> None:
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{file}: 'files' must be a non-empty mapping of file name to size and sha256")
+    for name, entry in files.items():
+        if not name or "/" in name or "\\" in name or name in (".", "..", STATE, STATE_DIGEST):
+            raise ValueError(f"{file}: 'files' lists an invalid file name {name[:80]!r}")
+        if not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"}:
+            raise ValueError(f"{file}: 'files'.{name[:80]} must hold exactly 'bytes' and 'sha256'")
+        size, digest = entry["bytes"], entry["sha256"]
+        if not _is_int(size) or not 0 <= size < 2**63:
+            raise ValueError(f"{file}: 'files'.{name}.bytes must be an integer >= 0, got {str(size)[:40]}")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ValueError(f"{file}: 'files'.{name}.sha256 must be 64 lowercase hex digits")
+
+
+def _check_state(file: Path, folder: Path, state: Any) -> dict:
+    """Schema and value ranges of a parsed state.json; ValueError naming the file and key."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(state).__name__}")
     for key in ("step", "config", "files"):
-        if not isinstance(state, dict) or key not in state:
+        if key not in state:
             raise ValueError(f"{file}: the key {key!r} is missing")
+    unknown = sorted(k for k in state if k not in STATE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{file}: unknown keys {_list([k[:40] for k in unknown])}; valid: {', '.join(STATE_KEYS)}"
+        )
+    step = state["step"]
+    if not _is_int(step) or not 0 <= step <= _MAX_STEP:
+        raise ValueError(
+            f"{file}: 'step' must be an integer in 0..2**53, got {str(step)[:40]} ({type(step).__name__})"
+        )
+    m = _STEP_DIR.match(folder.name)
+    if m and int(m.group(1)) != step:
+        raise ValueError(f"{file}: 'step' is {step} but the folder is {folder.name}")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"{file}: 'config' must be a mapping, got {type(state['config']).__name__}")
+    steps = (
+        state["config"].get("train", {}).get("steps")
+        if isinstance(state["config"].get("train"), dict)
+        else None
+    )
+    if _is_int(steps) and step > steps:
+        raise ValueError(f"{file}: 'step' {step} is beyond the run's train.steps={steps}")
+    _check_files_entry(file, state["files"])
+    rng = state.get("rng")
+    if rng is not None and not (
+        isinstance(rng, dict)
+        and isinstance(rng.get("file"), str)
+        and isinstance(rng.get("tensors"), list)
+        and all(isinstance(t, str) for t in rng["tensors"])
+    ):
+        raise ValueError(f"{file}: 'rng' must be {{'file': name, 'tensors': [names]}}")
     return state
 
 
+def _read_state(folder: Path) -> dict:
+    """state.json checked against state.json.sha256, parsed strictly, its schema checked."""
+    file, digest_file = folder / STATE, folder / STATE_DIGEST
+    if not digest_file.is_file():
+        raise ValueError(
+            f"{digest_file}: missing (every checkpoint has one; this folder is damaged or was "
+            "written by an older moge)"
+        )
+    try:
+        with open(digest_file, "rb") as f:
+            expected = f.read(128).decode("ascii").strip()
+        if not file.is_file() or file.stat().st_size > _MAX_STATE_BYTES:
+            raise ValueError(f"{file}: missing, not a regular file, or larger than {_MAX_STATE_BYTES} bytes")
+        data = file.read_bytes()
+    except UnicodeDecodeError:
+        raise ValueError(f"{digest_file}: not a sha256 hex digest") from None
+    if not _SHA256.match(expected):
+        raise ValueError(f"{digest_file}: not a sha256 hex digest")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{file}: corrupted: its sha256 differs from the one in {STATE_DIGEST}")
+    try:
+        state = json.loads(
+            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{file}: not a readable JSON checkpoint state ({str(err)[:200]})") from err
+    return _check_state(file, folder, state)
+
+
 def _verify_file(folder: Path, name: str, state: dict) -> Path:
+    """The file `name`, checked against its size and sha256 in state.json (both mandatory)."""
     file = folder / name
+    expected = state["files"].get(name)
+    if expected is None:
+        raise ValueError(f"{file}: not listed in {folder / STATE}, so it cannot be verified")
     if not file.exists():
         raise FileNotFoundError(f"{file}: missing from the checkpoint")
-    expected = state["files"].get(name)
-    if expected is not None:
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise ValueError(
-                f"{file}: truncated or corrupted: {size} bytes, state.json says {expected['bytes']}"
-            )
-        if _sha256(file) != expected["sha256"]:
-            raise ValueError(f"{file}: corrupted: its sha256 differs from the one in state.json")
+    if not file.is_file():
+        raise ValueError(f"{file}: not a regular file")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise ValueError(f"{file}: truncated or corrupted: {size} bytes, state.json says {expected['bytes']}")
+    if _sha256(file) != expected["sha256"]:
+        raise ValueError(f"{file}: corrupted: its sha256 differs from the one in state.json")
     return file
+
+
+def verify_checkpoint(folder: str | Path, required: tuple[str, ...] = FILES) -> dict:
+    """Verify a whole checkpoint folder and return its state.json.
+
+    Checks state.json against its digest, its schema and ranges, that every `required`
+    file is listed, every listed file is present with its size and sha256, and that the
+    folder holds no file state.json does not list. Any problem: ValueError or
+    FileNotFoundError naming the file.
+    """
+    folder = Path(folder)
+    state = _read_state(folder)
+    for name in required:
+        if name not in state["files"]:
+            raise ValueError(f"{folder / name}: not listed in {folder / STATE}, so it cannot be verified")
+    for name in sorted(state["files"]):
+        _verify_file(folder, name, state)
+    unlisted = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in state["files"] and p.name not in (STATE, STATE_DIGEST)
+    )
+    if unlisted:
+        raise ValueError(
+            f"{folder}: holds files state.json does not list: {_list([n[:80] for n in unlisted])}"
+        )
+    return state
 
 
 def _load_tensors(
@@ -353,6 +539,13 @@ def _check_state_dict(file: Path, saved: dict, model: nn.Module) -> None:
     ]
     if wrong:
         raise ValueError(f"{file}: another architecture (shape mismatch): {_list(wrong)}")
+    wrong = [
+        f"{k} saved {saved[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if saved[k].dtype != v.dtype
+    ]
+    if wrong:
+        raise ValueError(f"{file}: dtype mismatch (never cast silently): {_list(wrong)}")
 
 
 def load_checkpoint(
@@ -368,25 +561,62 @@ def load_checkpoint(
     rng_key: the saved torch RNG state to restore (e.g. torch_cpu_rank1); torch_cpu when absent.
     """
     folder = find_checkpoint(path_or_run_dir)
-    state = _read_state(folder)
+    state = verify_checkpoint(folder)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model_file = _verify_file(folder, FILES[0], state)
+    model_file = folder / FILES[0]
     weights, _ = _load_tensors(model_file, device)
     _check_state_dict(model_file, weights, model)
+    if optimizer is not None:  # everything is checked before anything is changed
+        opt_file = folder / FILES[1]
+        tensors, meta = _load_tensors(opt_file, metadata=True)
+        _check_optimizer_tensors(opt_file, tensors, model)
+    if data_gen is not None:
+        rng_file = folder / FILES[2]
+        rng, _ = _load_tensors(rng_file)
+        _check_rng(rng_file, rng, rng_key)
     model.load_state_dict(weights)
     if optimizer is not None:
-        opt_file = _verify_file(folder, FILES[1], state)
-        tensors, meta = _load_tensors(opt_file, metadata=True)
         _restore_optimizer(model, optimizer, tensors, meta, opt_file)
     if data_gen is not None:
-        rng_file = _verify_file(folder, FILES[2], state)
-        rng, _ = _load_tensors(rng_file)
-        missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
-        if missing:
-            raise ValueError(f"{rng_file}: missing keys: {_list(missing)}")
-        torch.set_rng_state(rng.get(rng_key, rng["torch_cpu"]))
-        data_gen.set_state(rng["data_gen"])
-    return int(state["step"])
+        try:
+            torch.set_rng_state(rng.get(rng_key, rng["torch_cpu"]))
+            data_gen.set_state(rng["data_gen"])
+        except RuntimeError as err:
+            raise ValueError(f"{rng_file}: not a valid RNG state ({str(err)[:200]})") from err
+    return state["step"]
+
+
+def _check_rng(file: Path, rng: dict, rng_key: str) -> None:
+    missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
+    if missing:
+        raise ValueError(f"{file}: missing keys: {_list(missing)}")
+    for key in ("data_gen", rng_key if rng_key in rng else "torch_cpu"):
+        t = rng[key]
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise ValueError(
+                f"{file}: RNG state {key!r} must be a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}"
+            )
+
+
+def _check_optimizer_tensors(file: Path, tensors: dict, model: nn.Module) -> None:
+    """AdamW moments have their parameter's shape and dtype; step counts are finite and >= 0."""
+    params = dict(model.named_parameters())
+    for key, t in tensors.items():
+        name, _, kind = key[len("state.") :].rpartition(".")
+        p = params.get(name)
+        if p is None or not key.startswith("state."):
+            continue  # _restore_optimizer names unexpected keys
+        if kind in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise ValueError(
+                    f"{file}: {key} is {t.dtype} {tuple(t.shape)}, the parameter {p.dtype} {tuple(p.shape)}"
+                )
+            if not bool(torch.isfinite(t).all()) or (kind != "exp_avg" and bool((t < 0).any())):
+                raise ValueError(f"{file}: {key} holds NaN/Inf or a negative second moment")
+        elif kind == "step" and (
+            t.numel() != 1 or not t.is_floating_point() or not bool(torch.isfinite(t).all()) or float(t) < 0
+        ):
+            raise ValueError(f"{file}: {key} must be one finite number >= 0, got {t.dtype} {tuple(t.shape)}")
 
 
 def checkpoint_config(path_or_run_dir: str | Path) -> RunConfig:

@@ -25,6 +25,7 @@ from moge._validate import (
     check_optional_str,
 )
 from moge.layer import MoGEConfig
+from moge.runfolder import write_atomic
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("gloo", "nccl")
@@ -440,4 +441,4 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text.encode("utf-8"))  # a kill mid-write leaves the old or the new file

@@ -63,6 +63,7 @@ from moge.parallel import (
     make_context,
     parallelize_model,
 )
+from moge.runfolder import RunLock, optimizer_settings, reapply_optimizer_settings, rewrite_metrics
 from moge.train import (
     METRICS,
     NonFiniteLossError,
@@ -271,7 +272,9 @@ def _load_full(cfg: RunConfig, ckpt: Path | None, device: torch.device, rank: in
     if ckpt is None:
         return model, data_gen, 0, None
     full_opt = build_optimizer(model, tc)
+    wanted = optimizer_settings(full_opt)  # a resume applies the config's settings (runfolder)
     start = load_checkpoint(ckpt, model, full_opt, data_gen, rng_key=f"torch_cpu_rank{rank}")
+    reapply_optimizer_settings(full_opt, wanted)
     return model, data_gen, start, (_state_by_name(model, full_opt), _group_settings(full_opt))
 
 
@@ -483,9 +486,8 @@ def _open_run(cfg: RunConfig, ctx: ParallelContext, out_dir: Path, dataset: Toke
     elif tc.resume:
         tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh")
     records = _read_metrics(out_dir / METRICS, start)
-    metrics = open(out_dir / METRICS, "w", encoding="utf-8")  # noqa: SIM115 (held for the run) drops what a killed run logged later
-    metrics.writelines(json.dumps(r) + "\n" for r in records)
-    metrics.flush()
+    rewrite_metrics(out_dir / METRICS, records)  # atomic: drops what a killed run logged later
+    metrics = open(out_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (held for the run)
     return metrics, records
 
 
@@ -496,7 +498,11 @@ def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: int | 
     out_dir = Path(tc.out_dir) if tc.out_dir is not None else Path("runs") / cfg.name
     device = _device(cfg, ctx)
 
+    lock = RunLock(out_dir)  # rank 0 holds the run folder's lock for the life of the run
+
     def prepare():
+        if ctx.rank == 0:
+            lock.acquire()
         dataset = load_dataset(cfg.data)
         dataset.check_vocab_size(cfg.model.vocab_size)
         ckpt = _prepare_out_dir(out_dir, tc.resume)
@@ -504,19 +510,23 @@ def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: int | 
             _check_same_architecture(cfg, ckpt)
         return dataset, ckpt
 
-    # Also a barrier: every rank has looked at out_dir before rank 0 writes into it.
-    dataset, ckpt = agree(ctx, "setting up", prepare)
-    model, data_gen, start, opt_state = agree(ctx, "loading", lambda: _load_full(cfg, ckpt, device, ctx.rank))
-    optimizer = _parallelize(cfg, ctx, model, opt_state)
-    metrics, records = agree(
-        ctx, "opening the run folder", lambda: _open_run(cfg, ctx, out_dir, dataset, start, ckpt)
-    )
+    metrics = None
     try:
+        # Also a barrier: every rank has looked at out_dir before rank 0 writes into it.
+        dataset, ckpt = agree(ctx, "setting up", prepare)
+        model, data_gen, start, opt_state = agree(
+            ctx, "loading", lambda: _load_full(cfg, ckpt, device, ctx.rank)
+        )
+        optimizer = _parallelize(cfg, ctx, model, opt_state)
+        metrics, records = agree(
+            ctx, "opening the run folder", lambda: _open_run(cfg, ctx, out_dir, dataset, start, ckpt)
+        )
         run = _Run(cfg, ctx, out_dir, device, dataset, model, optimizer, data_gen, metrics)
         return _loop(run, start, stop_at, progress, records)
     finally:
         if metrics is not None:
             metrics.close()
+        lock.release()
 
 
 def train_distributed(cfg: RunConfig, *, progress: bool = True, stop_at: int | None = None) -> TrainResult:

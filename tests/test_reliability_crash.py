@@ -65,12 +65,21 @@ def small_run(tmp_path_factory) -> Path:
     return run
 
 
+def write_signed_state(folder: Path, state) -> None:
+    """Write state.json (a dict, or raw bytes/str) with a matching state.json.sha256: an edit, not damage."""
+    if isinstance(state, dict):
+        state = json.dumps(state)
+    data = state.encode() if isinstance(state, str) else state
+    (folder / "state.json").write_bytes(data)
+    (folder / "state.json.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+
+
 def _record_file(folder: Path, name: str) -> None:
     """Make state.json vouch for the current bytes of `name` (a deliberate swap, not damage)."""
     state = json.loads((folder / "state.json").read_text())
     data = (folder / name).read_bytes()
     state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "state.json").write_text(json.dumps(state))
+    write_signed_state(folder, state)
 
 
 def _damage(run: Path, kind: str) -> str:
@@ -79,11 +88,11 @@ def _damage(run: Path, kind: str) -> str:
     model_file = folder / "model.safetensors"
     if kind in ("truncated", "truncated_unrecorded"):
         model_file.write_bytes(model_file.read_bytes()[:1000])
-        if kind == "truncated_unrecorded":  # without the recorded size safetensors itself must notice
+        if kind == "truncated_unrecorded":  # its entry dropped: an unverifiable file is refused
             state = json.loads((folder / "state.json").read_text())
-            state["files"] = {}
-            (folder / "state.json").write_text(json.dumps(state))
-            return "model.safetensors: not a readable safetensors file"
+            del state["files"]["model.safetensors"]
+            write_signed_state(folder, state)
+            return "model.safetensors: not listed in"
         return "model.safetensors: truncated or corrupted"
     if kind == "bit_flip":
         data = bytearray(model_file.read_bytes())
@@ -113,12 +122,12 @@ def _damage(run: Path, kind: str) -> str:
         model_file.unlink()
         return "model.safetensors: missing from the checkpoint"
     if kind == "state_not_json":
-        (folder / "state.json").write_text("{not json")
+        write_signed_state(folder, "{not json")
         return "state.json: not a readable JSON checkpoint state"
     if kind == "state_bad_config":
         state = json.loads((folder / "state.json").read_text())
         state["config"]["moe"]["top_k"] = 3
-        (folder / "state.json").write_text(json.dumps(state))
+        write_signed_state(folder, state)
         return "moe.top_k: "
     if kind == "latest_garbage":
         (run / "checkpoints" / "LATEST").write_text("../../etc\n")
