@@ -51,6 +51,7 @@ from tqdm import tqdm
 from moge.checkpoint import load_checkpoint, save_checkpoint
 from moge.config import RunConfig, save_config
 from moge.data import TokenDataset, load_dataset
+from moge.limits import check_train_fits
 from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
 from moge.parallel import (
     ExpertParallelExperts,
@@ -503,6 +504,7 @@ def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: int | 
     def prepare():
         if ctx.rank == 0:
             lock.acquire()
+        check_train_fits(cfg)  # every rank builds the full model first
         dataset = load_dataset(cfg.data)
         dataset.check_vocab_size(cfg.model.vocab_size)
         ckpt = _prepare_out_dir(out_dir, tc.resume)

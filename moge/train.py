@@ -30,6 +30,7 @@ from moge.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from moge.config import RunConfig, TrainConfig, config_to_dict, save_config
 from moge.data import TokenDataset, load_dataset
 from moge.layer import MoGELayer
+from moge.limits import check_train_fits
 from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
 from moge.runfolder import (
     RunLock,
@@ -273,6 +274,7 @@ def _setup(cfg: RunConfig, out_dir: Path):
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device: cuda was asked for but torch sees no CUDA device")
     device = torch.device(tc.device)
+    check_train_fits(cfg)  # sizes that validate but cannot fit: refused before any allocation
     dataset = load_dataset(cfg.data)
     dataset.check_vocab_size(cfg.model.vocab_size)
     ckpt = _prepare_out_dir(out_dir, tc.resume)
