@@ -214,7 +214,12 @@ def _list(keys: list[str]) -> str:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata
+        )
+    except SafetensorError as err:  # e.g. a full disk; an OSError is what the CLI reports
+        raise OSError(f"{path}: writing failed ({str(err)[:200]})") from err
     _fsync_path(path)
 
 
@@ -271,6 +276,17 @@ def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg,
     _fsync_path(folder)
 
 
+def _os_reason(err: OSError) -> str:
+    return err.strerror or str(err)[:300]
+
+
+def _kept(root: Path) -> str:
+    try:
+        return f"{root / LATEST} still names {_read_latest(root / LATEST)}, which is kept"
+    except (OSError, ValueError):
+        return "no earlier checkpoint exists"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -300,11 +316,15 @@ def save_checkpoint(
         if final.exists():  # the same step saved again: os.replace cannot overwrite a folder
             os.replace(final, _unique(root, "old"))
         os.replace(tmp, final)
+        _fsync_path(root)
+        _write_text_atomic(root / LATEST, final.name + "\n")
+    except OSError as err:  # a full disk, a quota: one line saying what is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"saving the checkpoint of step {step} in {root} failed ({_os_reason(err)}); "
+                      f"{_kept(root)}") from err  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(root)
-    _write_text_atomic(root / LATEST, final.name + "\n")
     _remove_stale_temps(root)
     _prune(root, keep_last, final.name)
     return final

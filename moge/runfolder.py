@@ -5,8 +5,9 @@
   the lock when its holder dies, so a lock file left by a killed run (a stale pid) never
   blocks anything; the next run takes it over and says so.
 - `resume_point`: the checkpoint to resume from. With LATEST gone but step folders present
-  (a partial copy, a deletion) it picks the newest step folder that verifies completely,
-  or refuses: a folder that holds checkpoints is never overwritten by a fresh start.
+  (a partial copy, a deletion) it resumes from the newest step folder if that one verifies
+  completely, and otherwise refuses: a folder that holds checkpoints is never overwritten,
+  neither by a fresh start nor by a resume from an older step that would save over it.
 - `read_metrics` / `rewrite_metrics`: metrics.jsonl is cut back to the resumed step by
   writing a temporary file, fsyncing it and renaming it over the old one, so a kill at any
   moment leaves either the old or the new log.
@@ -70,6 +71,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # e.g. a full disk: name the file (the old content is kept)
+        tmp.unlink(missing_ok=True)
+        raise OSError(
+            f"{path}: writing failed ({err.strerror or err}); its previous content is kept"
+        ) from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -92,7 +98,7 @@ def _pid_alive(pid: int) -> bool:
 def _read_pid(path: Path) -> int | None:
     try:
         text = path.read_bytes()[:32].decode("ascii").strip()
-        return int(text) if text.isdigit() else None
+        return int(text) if text.isdigit() and 0 < int(text) < 2**31 else None
     except (OSError, UnicodeDecodeError, ValueError):
         return None
 
@@ -182,8 +188,8 @@ def resume_point(out_dir: Path) -> tuple[Path | None, str | None]:
     """(checkpoint folder or None, a note for the log or None) of a run folder.
 
     LATEST present: the folder it names (damage there is an error, never a fresh start).
-    LATEST missing: the newest step folder that verifies completely (note says so); step
-    folders present but none verifies: ValueError (they are not overwritten).
+    LATEST missing: the newest step folder if it verifies completely (the note says so);
+    otherwise ValueError naming it (no folder is overwritten).
     """
     from moge.checkpoint import CHECKPOINTS, LATEST, find_checkpoint, step_folders, verify_checkpoint
 
@@ -193,19 +199,17 @@ def resume_point(out_dir: Path) -> tuple[Path | None, str | None]:
     folders = step_folders(root)
     if not folders:
         return None, None
-    problems = []
-    for folder in reversed(folders):
-        try:
-            verify_checkpoint(folder)
-        except (ValueError, OSError) as err:
-            problems.append(f"{folder.name}: {err}")
-            continue
-        return folder, f"{root / LATEST} is missing; the newest complete checkpoint is {folder}"
-    raise ValueError(
-        f"train.resume: {root / LATEST} is missing and none of the {len(folders)} step folders "
-        f"under {root} verifies ({problems[0]}); they are left untouched: restore LATEST or "
-        "move the folder away to start fresh"
-    )
+    newest = folders[-1]
+    try:
+        verify_checkpoint(newest)
+    except (ValueError, OSError) as err:
+        # Resuming from an older folder would later save over this one: refuse instead.
+        raise ValueError(
+            f"train.resume: {root / LATEST} is missing and the newest step folder {newest} does not "
+            f"verify ({err}); nothing was changed: restore LATEST, or move the damaged folder away "
+            "to resume from an older one"
+        ) from err
+    return newest, f"{root / LATEST} is missing; resuming from the newest verified checkpoint {newest}"
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -308,7 +312,10 @@ class StopOnSigterm:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
-            raise Terminated("terminated (second SIGTERM): the step in flight was abandoned")
+            raise Terminated(
+                "terminated (second SIGTERM): the step in flight was abandoned; the last checkpoint is "
+                "kept; continue with train.resume=true"
+            )
         self.requested = True
 
     def __enter__(self) -> StopOnSigterm:
