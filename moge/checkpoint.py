@@ -219,6 +219,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict |
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata
         )
     except SafetensorError as err:  # e.g. a full disk; an OSError is what the CLI reports
+        code = re.search(r"(?:code: |os error )(\d+)", str(err))  # safetensors wraps the OS error in its text
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
         raise OSError(f"{path}: writing failed ({str(err)[:200]})") from err
     _fsync_path(path)
 
