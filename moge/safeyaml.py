@@ -71,8 +71,8 @@ def _check_expansion(root: Any) -> None:
             sizes[id(node)] = 1 + sum(sizes[id(c)] for c in _children(node))
             if sizes[id(node)] > MAX_NODES:
                 raise yaml.YAMLError(
-                    f"line {node.start_mark.line + 1}: the document expands to more than {MAX_NODES:,} "
-                    "values (aliases of aliases: an alias bomb?)"
+                    f"line {node.start_mark.line + 1}: the document holds more than {MAX_NODES:,} "
+                    "values once its aliases are expanded (an alias bomb?)"
                 )
             continue
         if id(node) in sizes:
