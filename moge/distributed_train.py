@@ -64,7 +64,13 @@ from moge.parallel import (
     make_context,
     parallelize_model,
 )
-from moge.runfolder import RunLock, optimizer_settings, reapply_optimizer_settings, rewrite_metrics
+from moge.runfolder import (
+    RunLock,
+    StopOnSigterm,
+    optimizer_settings,
+    reapply_optimizer_settings,
+    rewrite_metrics,
+)
 from moge.train import (
     METRICS,
     NonFiniteLossError,
@@ -430,7 +436,14 @@ def _train_step(step: int, run: _Run) -> tuple[dict, ModelOutput]:
 # ---------------------------------------------------------------- the loop
 
 
-def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
+def _any_rank(ctx: ParallelContext, flag: bool) -> bool:
+    """Whether `flag` is set on any rank (a collective): SIGTERM may reach the ranks apart."""
+    flag_1 = torch.tensor([int(flag)], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(flag_1, op=dist.ReduceOp.MAX)
+    return bool(flag_1.item())
+
+
+def _after_step(run: _Run, rec: dict, stop_at: int | None, stopping: bool = False) -> None:
     """Rank 0 logs; every rank evaluates and joins the checkpoint, as train.* schedules."""
     tc, done = run.cfg.train, rec["step"]
     run.write(rec)
@@ -441,7 +454,7 @@ def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
         run.write({"type": "eval", "step": done, "val_loss": run.val_loss})
         if run.main:
             tqdm.write(f"step {done:>6}/{tc.steps} | val_loss {run.val_loss:.4f}")
-    if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, stop_at):
+    if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, stop_at) or stopping:
         save_parallel_checkpoint(run, done)
 
 
@@ -453,7 +466,10 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
     tokens_per_step = tc.batch_size * tc.grad_accum * run.cfg.data.seq_len * run.ctx.world_size
     t0, train_time, tok_s = time.perf_counter(), 0.0, 0.0
     show = progress and run.main and sys.stderr.isatty()
-    with tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar:
+    with (
+        StopOnSigterm() as stop,
+        tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar,
+    ):
         for step in range(start, end):
             t_step = time.perf_counter()
             rec, out = _train_step(step, run)
@@ -466,7 +482,11 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
                 rec["routing"] = _routing_record(out, run.model)  # rank 0's last micro-batch
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            _after_step(run, rec, stop_at)
+            stopping = _any_rank(run.ctx, stop.requested)  # SIGTERM: all ranks save this step, then stop
+            _after_step(run, rec, stop_at, stopping)
+            if stopping:
+                stop.requested = True
+                stop.stop_if_requested(step + 1, run.out_dir)
     return TrainResult(max(end, start), train_loss, run.val_loss, run.out_dir, tok_s)
 
 

@@ -362,3 +362,50 @@ def test_second_sigterm_abandons_the_step_and_keeps_the_last_checkpoint(tmp_path
         train_mod.train(cfg_of(run), progress=False)
     assert find_checkpoint(run).name == "step_00000002"
     assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+def _sigterm_worker(rank: int, world: int, root: str) -> None:
+    import moge.distributed_train as dt
+    from moge.parallel import destroy, init_distributed
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    ctx = init_distributed("gloo", init_method=f"file://{root}/rendezvous", timeout_s=60)
+    real = dt._train_step
+
+    def step_and_signal(step, run):
+        if step + 1 == 3 and rank == 1:  # only rank 1 is signalled, during step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, run)
+
+    dt._train_step = step_and_signal  # a forked worker: the parent's module is untouched
+    raw = raw_cfg(Path(root) / "run")
+    raw["parallel"] = {"expert_parallel": 2}
+    try:
+        train_mod.train(config_from_dict(raw), progress=False)
+        got = "finished"
+    except Terminated as err:
+        got = str(err)
+    finally:
+        destroy()
+    (Path(root) / f"rank{rank}.txt").write_text(got)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_saving_the_step(tmp_path):
+    import time
+
+    import torch.multiprocessing as tmp
+
+    procs = tmp.start_processes(
+        _sigterm_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the ranks did not stop together")
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith("terminated (SIGTERM) after step 3")
+    assert find_checkpoint(tmp_path / "run").name == "step_00000003"
+    assert load_run(tmp_path / "run")[2] == 3
