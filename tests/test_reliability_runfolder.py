@@ -370,7 +370,7 @@ def _sigterm_worker(rank: int, world: int, root: str) -> None:
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    ctx = init_distributed("gloo", init_method=f"file://{root}/rendezvous", timeout_s=60)
+    init_distributed("gloo", init_method=f"file://{root}/rendezvous", timeout_s=60)
     real = dt._train_step
 
     def step_and_signal(step, run):
