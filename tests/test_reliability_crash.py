@@ -463,7 +463,16 @@ def _unsafe_loads(source: str, filename: str) -> list[str]:
     """Calls that could unpickle: torch.load without weights_only=True, yaml.load without a
     safe Loader, yaml.unsafe_load/full_load, pickle/dill/joblib loads, numpy allow_pickle."""
     found = []
-    for node in ast.walk(ast.parse(source, filename)):
+    tree = ast.parse(source, filename)
+    safe = {"SafeLoader", "CSafeLoader"}
+    # Loader classes of this file that subclass a safe one (e.g. moge.safeyaml._StrictLoader)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(b, ast.Attribute) and b.attr in safe and getattr(b.value, "id", "") == "yaml"
+            for b in node.bases
+        ):
+            safe.add(node.name)
+    for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
@@ -476,7 +485,10 @@ def _unsafe_loads(source: str, filename: str) -> list[str]:
             found.append(f"{where}: torch.load without weights_only=True")
         elif name == "load" and owner == "yaml":
             loader = kw.get("Loader", node.args[1] if len(node.args) > 1 else None)
-            if not (isinstance(loader, ast.Attribute) and loader.attr in ("SafeLoader", "CSafeLoader")):
+            name_of = loader.attr if isinstance(loader, ast.Attribute) else getattr(loader, "id", None)
+            if name_of not in safe or (
+                isinstance(loader, ast.Name) and name_of in ("SafeLoader", "CSafeLoader")
+            ):
                 found.append(f"{where}: yaml.load without a safe Loader")
         elif owner == "yaml" and name in (
             "unsafe_load",
@@ -501,9 +513,13 @@ def test_the_unsafe_load_finder_finds_them():
     bad = (
         "torch.load(f)\ntorch.load(f, weights_only=False)\nyaml.load(s)\nyaml.load(s, Loader=yaml.Loader)\n"
         "yaml.unsafe_load(s)\nyaml.full_load(s)\npickle.loads(b)\nnp.load(f, allow_pickle=True)\n"
+        "class Mine(yaml.Loader):\n    pass\nyaml.load(s, Loader=Mine)\nyaml.load(s, Loader=Other)\n"
     )
-    assert len(_unsafe_loads(bad, "bad.py")) == 8
-    good = "torch.load(f, weights_only=True)\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\nnp.load(f)\n"
+    assert len(_unsafe_loads(bad, "bad.py")) == 10
+    good = (
+        "torch.load(f, weights_only=True)\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\nnp.load(f)\n"
+        "class Strict(yaml.SafeLoader):\n    pass\nyaml.load(s, Loader=Strict)\n"
+    )
     assert _unsafe_loads(good, "good.py") == []
 
 
