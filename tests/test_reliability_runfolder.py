@@ -95,11 +95,15 @@ def test_second_run_on_a_locked_folder_is_one_error_line_naming_the_pid(tmp_path
 
 def test_lock_held_by_another_process_names_its_pid(tmp_path):
     run = tmp_path / "run"
-    code = "import sys,time; from moge.runfolder import RunLock; l=RunLock(sys.argv[1]).acquire(); print('ok', flush=True); time.sleep(60)"  # noqa: E501
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    child = subprocess.Popen(
-        [sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, env=env, text=True
+    # moge/runfolder.py imports nothing of moge (nor torch) at the top: load it alone, fast.
+    code = (
+        "import importlib.util, sys, time\n"
+        "spec = importlib.util.spec_from_file_location('rf', sys.argv[1])\n"
+        "rf = importlib.util.module_from_spec(spec); spec.loader.exec_module(rf)\n"
+        "lock = rf.RunLock(sys.argv[2]).acquire(); print('ok', flush=True); time.sleep(60)\n"
     )
+    args = [sys.executable, "-c", code, runfolder.__file__, str(run)]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ok"
         with pytest.raises(RunFolderBusy, match=f"pid {child.pid}"):
