@@ -34,7 +34,6 @@ micro-batch; validation runs the same windows on every rank (its experts take pa
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -67,6 +66,7 @@ from moge.parallel import (
 from moge.runfolder import (
     RunLock,
     StopOnSigterm,
+    append_record,
     optimizer_settings,
     reapply_optimizer_settings,
     rewrite_metrics,
@@ -340,8 +340,7 @@ class _Run:
 
     def write(self, rec: dict) -> None:
         if self.metrics is not None:
-            self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
+            append_record(self.metrics, rec)
 
 
 def save_parallel_checkpoint(run: _Run, step: int) -> None:

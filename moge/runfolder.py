@@ -30,7 +30,7 @@ import signal
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 LOCK_NAME = ".lock"
 
@@ -245,6 +245,15 @@ def read_metrics(path: Path, upto: int) -> list[dict]:
 def rewrite_metrics(path: Path, records: Iterable[dict]) -> None:
     """Atomically replace metrics.jsonl by `records` (temp file, fsync, rename, fsync dir)."""
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+
+
+def append_record(f: TextIO, rec: dict) -> None:
+    """One JSON line appended to an open metrics.jsonl; a write error names the file."""
+    try:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+    except OSError as err:  # e.g. a full disk mid-run: the checkpoints are untouched
+        raise OSError(f"{f.name}: writing a metrics record failed ({err.strerror or err})") from err
 
 
 # ---------------------------------------------------------------- optimizer settings on resume

@@ -13,7 +13,6 @@ never stopped.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ from moge.model import ModelOutput, MoGETransformer, count_parameters, format_pa
 from moge.runfolder import (
     RunLock,
     StopOnSigterm,
+    append_record,
     holds_a_run,
     optimizer_settings,
     read_metrics,
@@ -302,8 +302,7 @@ class _Run:
     val_loss: float | None = None
 
     def write(self, rec: dict) -> None:
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
+        append_record(self.metrics, rec)
 
 
 def _after_step(run: _Run, rec: dict, stop_at: int | None, stop: StopOnSigterm | None = None) -> None:

@@ -413,3 +413,32 @@ def test_sigterm_on_one_rank_stops_every_rank_after_saving_the_step(tmp_path):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith("terminated (SIGTERM) after step 3")
     assert find_checkpoint(tmp_path / "run").name == "step_00000003"
     assert load_run(tmp_path / "run")[2] == 3
+
+
+def test_full_disk_while_logging_a_metrics_record_is_one_line_naming_the_file(
+    tmp_path, cli_error, monkeypatch
+):
+    run = tmp_path / "run"
+    real = runfolder.append_record
+
+    class FullDisk:
+        name = str(run / "metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    calls = {"n": 0}
+
+    def third_record_fails(f, rec):
+        calls["n"] += 1
+        return real(FullDisk() if calls["n"] == 3 else f, rec)
+
+    monkeypatch.setattr(train_mod, "append_record", third_record_fails)
+    line = cli_error(["train", str(train_yaml(tmp_path, run))])
+    assert (
+        line == f"error: {run / 'metrics.jsonl'}: writing a metrics record failed (No space left on device)"
+    )
+    assert find_checkpoint(run).name == "step_00000002", "the checkpoint before it is kept"
