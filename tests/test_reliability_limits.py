@@ -483,3 +483,30 @@ def test_random_router_takes_any_integer_ids_alike(dtype):
     w64, ids64 = random_routed(scores, torch.tensor([1, 2, 3]), table)
     torch.testing.assert_close(ids, ids64, rtol=0, atol=0)
     torch.testing.assert_close(w, w64, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [str(10**30), "-5", str(2**63)])
+@pytest.mark.parametrize("command", ["generate", "simulate"])
+def test_seed_flags_outside_int64_are_one_error_line(tiny_run, tmp_path, cli_error, seed, command):
+    if command == "generate":
+        argv = ["generate", str(tiny_run), "--prompt", "a", "--tokens", "1", "--seed", seed]
+    else:
+        argv = [
+            "simulate",
+            str(write(tmp_path, BASE_TEXT)),
+            "--devices",
+            "2",
+            "--tokens",
+            "16",
+            "--seed",
+            seed,
+        ]
+    line = cli_error(argv)
+    assert "argument --seed: expected an integer in 0..2**63-1" in line, line
+
+
+def test_train_threads_beyond_a_sane_count_is_refused():
+    raw = copy.deepcopy(BASE)
+    raw["train"]["threads"] = 10**6  # torch would try to start a million OS threads
+    with pytest.raises(ValueError, match=r"train.threads: must be <= 1024, got 1000000"):
+        config_from_dict(raw)
