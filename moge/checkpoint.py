@@ -652,9 +652,11 @@ def load_run(
     run_dir: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, RunConfig, int]:
     """(model in eval mode, its config, step) of a run's newest checkpoint."""
+    from moge.limits import check_model_fits
     from moge.model import MoGETransformer  # model imports config only; keep this module light
 
     cfg = checkpoint_config(run_dir)
+    check_model_fits(cfg, f"{find_checkpoint(run_dir) / STATE}", str(torch.device(map_location).type))
     model = MoGETransformer(cfg.model, cfg.moe).to(map_location)
     step = load_checkpoint(run_dir, model)
     return model.eval(), cfg, step

@@ -84,3 +84,13 @@ def check_train_fits(cfg, available: int | None = None) -> None:
         "lower model.max_seq_len, train.batch_size, data.seq_len or the model's sizes",
         available,
     )
+
+
+def check_model_fits(cfg, what: str, device: str = "cpu") -> None:
+    """Refuse to build a model (weights and RoPE tables, for eval or generate) that cannot fit."""
+    parts = train_memory(cfg)
+    parts = {
+        "weights": parts["weights, gradients and AdamW moments"] // 4,
+        "RoPE tables": parts["RoPE tables"],
+    }
+    check_fits(what, parts, "this checkpoint's model is too large for this machine", available_memory(device))

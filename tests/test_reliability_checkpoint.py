@@ -451,3 +451,9 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(
     monkeypatch.undo()
     assert find_checkpoint(run).name == "step_00000002" and load_run(run)[2] == 2
     assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+def test_a_signed_config_too_large_for_this_machine_is_refused_before_building(run, cli_error):
+    edit_state(find_checkpoint(run), lambda s: s["config"]["model"].update(max_seq_len=10**12))
+    line = cli_error(["generate", str(run), "--prompt", "Hi", "--tokens", "1"])
+    assert "state.json: needs at least" in line and "RoPE tables" in line, line
