@@ -191,7 +191,7 @@ def resume_point(out_dir: Path) -> tuple[Path | None, str | None]:
     LATEST missing: the newest step folder if it verifies completely (the note says so);
     otherwise ValueError naming it (no folder is overwritten).
     """
-    from moge.checkpoint import CHECKPOINTS, LATEST, find_checkpoint, step_folders, verify_checkpoint
+    from moge.checkpoint import CHECKPOINTS, FILES, LATEST, find_checkpoint, step_folders, verify_checkpoint
 
     root = out_dir / CHECKPOINTS
     if (root / LATEST).exists():
@@ -201,7 +201,7 @@ def resume_point(out_dir: Path) -> tuple[Path | None, str | None]:
         return None, None
     newest = folders[-1]
     try:
-        verify_checkpoint(newest)
+        verify_checkpoint(newest, FILES)
     except (ValueError, OSError) as err:
         # Resuming from an older folder would later save over this one: refuse instead.
         raise ValueError(
