@@ -97,7 +97,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _read_pid(path: Path) -> int | None:
     try:
-        text = path.read_bytes()[:32].decode("ascii").strip()
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii").strip()
         return int(text) if text.isdigit() and 0 < int(text) < 2**31 else None
     except (OSError, UnicodeDecodeError, ValueError):
         return None
@@ -163,6 +164,8 @@ class RunLock:
             if self.created and [p.name for p in self.out_dir.iterdir()] == [LOCK_NAME]:
                 self.path.unlink(missing_ok=True)  # still locked: no one can have taken it
                 self.out_dir.rmdir()
+            else:
+                os.ftruncate(self.fd, 0)  # a pid is left behind only by a run that was killed
         except OSError:
             pass
         finally:
