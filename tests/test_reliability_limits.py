@@ -510,3 +510,44 @@ def test_train_threads_beyond_a_sane_count_is_refused():
     raw["train"]["threads"] = 10**6  # torch would try to start a million OS threads
     with pytest.raises(ValueError, match=r"train.threads: must be <= 1024, got 1000000"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "edits",
+    [
+        {},
+        {"moe.router": "random"},
+        {"model.n_layers": 5, "model.first_dense_layers": 2, "model.moe_every": 2},
+        {"model.n_layers": 7, "model.first_dense_layers": 1, "model.moe_every": 3, "moe.router": "random",
+         "moe.num_shared_experts": 1},
+        {"model.n_layers": 3, "model.first_dense_layers": 5},
+        {"model.n_layers": 4, "model.tie_embeddings": True, "moe.learned_expert_scale": True},
+    ],
+)  # fmt: skip
+def test_closed_form_parameter_count_matches_building_the_model(edits):
+    from moge.model import count_parameters
+
+    raw = copy.deepcopy(BASE)
+    for dotted, value in edits.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    cfg = config_from_dict(raw)
+    assert limits.total_parameters(cfg.model, cfg.moe) == count_parameters(cfg.model, cfg.moe).total
+
+
+@pytest.mark.parametrize(
+    "overrides, part",
+    [
+        (["model.n_layers=1000000000"], "weights, gradients and AdamW moments"),
+        (["moe.router=random", f"model.vocab_size={10**11}"], "random-router tables"),
+        (["moe.router=random", f"moe.num_experts={2**40}"], "building one table"),
+    ],
+)
+def test_deep_models_and_huge_router_tables_are_refused_quickly(tmp_path, cli_error, overrides, part):
+    import time
+
+    path = write(tmp_path, BASE_TEXT)
+    t0 = time.perf_counter()
+    line = cli_error(["train", str(path), *overrides, f"train.out_dir={tmp_path / 'run'}"])
+    assert "needs at least" in line and part in line, line
+    assert time.perf_counter() - t0 < 30, "counted in closed form, nothing built per layer"
