@@ -25,6 +25,7 @@ STATE = "state.json"
 STATE_DIGEST = "state.json.sha256"
 STATE_KEYS = ("step", "config", "files", "rng")  # what state.json may hold ("rng" optional)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_FILE = re.compile(rb"[0-9a-f]{64}\n?")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _MAX_STEP = 2**53  # exact in a JSON number read by any reader
 _MAX_STATE_BYTES = 16 << 20  # a state.json larger than this is not one moge wrote
@@ -143,16 +144,14 @@ def read_state(folder: Path) -> dict:
             f"{digest_file}: missing (every checkpoint has one; this folder is damaged or was "
             "written by an older moge)"
         )
-    try:
-        with open(digest_file, "rb") as f:
-            expected = f.read(128).decode("ascii").strip()
-        if not file.is_file() or file.stat().st_size > _MAX_STATE_BYTES:
-            raise ValueError(f"{file}: missing, not a regular file, or larger than {_MAX_STATE_BYTES} bytes")
-        data = file.read_bytes()
-    except UnicodeDecodeError:
-        raise ValueError(f"{digest_file}: not a sha256 hex digest") from None
-    if not _SHA256.match(expected):
-        raise ValueError(f"{digest_file}: not a sha256 hex digest")
+    with open(digest_file, "rb") as f:
+        raw = f.read(128)
+    if not _DIGEST_FILE.fullmatch(raw):  # exactly the digest and a newline: any flip shows
+        raise ValueError(f"{digest_file}: not a sha256 hex digest (64 lowercase hex digits and a newline)")
+    expected = raw[:64].decode("ascii")
+    if not file.is_file() or file.stat().st_size > _MAX_STATE_BYTES:
+        raise ValueError(f"{file}: missing, not a regular file, or larger than {_MAX_STATE_BYTES} bytes")
+    data = file.read_bytes()
     if hashlib.sha256(data).hexdigest() != expected:
         raise ValueError(f"{file}: corrupted: its sha256 differs from the one in {STATE_DIGEST}")
     try:

@@ -457,3 +457,31 @@ def test_a_signed_config_too_large_for_this_machine_is_refused_before_building(r
     edit_state(find_checkpoint(run), lambda s: s["config"]["model"].update(max_seq_len=10**12))
     line = cli_error(["generate", str(run), "--prompt", "Hi", "--tokens", "1"])
     assert "state.json: needs at least" in line and "RoPE tables" in line, line
+
+
+# ============================================================================ any single bit flip
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["state.json", "state.json.sha256", "model.safetensors", "optimizer.safetensors", "rng.safetensors"],
+)
+def test_any_single_bit_flip_in_any_file_is_refused(two_steps, tmp_path, name):
+    """Seeded sample of bit positions across each file (the header, the middle, the end)."""
+    gen = torch.Generator().manual_seed(len(name))
+    src = find_checkpoint(two_steps)
+    size = (src / name).stat().st_size
+    positions = {
+        0,
+        size - 1,
+        *torch.randint(0, size * 8, (6,), generator=gen).div(8, rounding_mode="floor").tolist(),
+    }
+    for i, pos in enumerate(sorted(positions)):
+        run = tmp_path / f"r{i}"
+        shutil.copytree(two_steps, run)
+        file = find_checkpoint(run) / name
+        data = bytearray(file.read_bytes())
+        data[pos] ^= 1 << (pos % 8)
+        file.write_bytes(bytes(data))
+        with pytest.raises((ValueError, FileNotFoundError), match=r"state\.json|" + name.replace(".", r"\.")):
+            load_everything(run)
