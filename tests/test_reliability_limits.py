@@ -544,7 +544,25 @@ def test_closed_form_parameter_count_matches_building_the_model(edits):
         section, key = dotted.split(".")
         raw[section][key] = value
     cfg = config_from_dict(raw)
-    assert limits.total_parameters(cfg.model, cfg.moe) == count_parameters(cfg.model, cfg.moe).total
+    assert limits.parameter_count(cfg.model, cfg.moe) == count_parameters(cfg.model, cfg.moe)
+
+
+def test_moge_params_counts_any_depth_at_once(tmp_path, capsys):
+    import time
+
+    from moge.cli import main
+
+    path = write(tmp_path, BASE_TEXT)
+    t0 = time.perf_counter()
+    args = [
+        "params",
+        str(path),
+        "model.n_layers=1000000000",
+        "moe.router=random",
+        f"model.vocab_size={10**9}",
+    ]
+    assert main(args) == 0
+    assert time.perf_counter() - t0 < 30 and "total " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
