@@ -6,8 +6,15 @@ Layout of one run directory (the evaluator relies on it):
         model.safetensors       model.state_dict() (persistent buffers included)
         optimizer.safetensors   "state.<param name>.<key>" tensors; param groups as JSON metadata
         rng.safetensors         "torch_cpu" and "data_gen" RNG states (uint8 tensors)
-        state.json              step, resolved config, and size + sha256 of the three files
+        state.json              step, resolved config, and size + sha256 of every other file
+        state.json.sha256       sha256 of state.json itself (a flip in state.json cannot hide)
     <run_dir>/checkpoints/LATEST  the newest complete checkpoint folder's name
+
+Loading verifies the whole folder first (`moge.manifest.verify_checkpoint`): the digest of
+state.json, its schema and value ranges, and the size and sha256 of every file it lists;
+a file in the folder that it does not list, or a listed file that is missing, is an
+error. A sharded layout reuses this by listing its shard files in the same manifest
+(`moge.manifest.write_manifest`).
 
 A checkpoint is written into a temporary folder, every file and the folder are fsynced,
 and only then is it renamed into place and LATEST swapped, so a crash at any moment
@@ -16,7 +23,6 @@ leaves the previous good checkpoint readable.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moge.config import RunConfig, config_from_dict, config_to_dict
+from moge.manifest import STATE, read_state, verify_checkpoint, write_manifest
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -81,14 +88,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- optimizer <-> tensors
 
 
@@ -132,6 +131,7 @@ def _restore_optimizer(
         scalars = json.loads(meta.get("scalars", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file}: param_groups metadata is missing or not JSON ({err})") from err
+    _check_groups(file, saved_groups, scalars)
     current = _group_names(model, optimizer)
     if [g["params"] for g in saved_groups] != current:
         saved_names = {n for g in saved_groups for n in g["params"]}
@@ -164,6 +164,34 @@ def _restore_optimizer(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _check_groups(file: Path, groups: Any, scalars: Any) -> None:
+    """The saved param groups: a list of mappings with parameter names and sane settings."""
+    if not isinstance(groups, list) or not isinstance(scalars, dict):
+        raise ValueError(f"{file}: param_groups must be a JSON list and scalars a JSON object")
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise ValueError(f"{file}: param group {i} must be a mapping with a 'params' list")
+        if not all(isinstance(n, str) for n in g["params"]):
+            raise ValueError(f"{file}: param group {i}: 'params' must list parameter names")
+        for key in ("lr", "eps", "weight_decay"):
+            v = g.get(key)
+            if v is not None and (
+                not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf")
+            ):
+                raise ValueError(
+                    f"{file}: param group {i}: {key} must be a finite number >= 0, got {str(v)[:40]}"
+                )
+        betas = g.get("betas")
+        if betas is not None and not (
+            isinstance(betas, list)
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(
+                f"{file}: param group {i}: betas must be two numbers in [0, 1), got {str(betas)[:60]}"
+            )
+
+
 # ---------------------------------------------------------------- saving
 
 
@@ -173,7 +201,15 @@ def _list(keys: list[str]) -> str:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata
+        )
+    except SafetensorError as err:  # e.g. a full disk; an OSError is what the CLI reports
+        code = re.search(r"(?:code: |os error )(\d+)", str(err))  # safetensors wraps the OS error in its text
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+        raise OSError(f"{path}: writing failed ({str(err)[:200]})") from err
     _fsync_path(path)
 
 
@@ -207,20 +243,20 @@ def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg,
     _save_tensors(opt_tensors, folder / FILES[1], metadata=opt_meta)
     rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state(), **(extra_rng or {})}
     _save_tensors(rng, folder / FILES[2])
-    files = {
-        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES
-    }
-    state = {
-        "step": step,
-        "config": config_to_dict(cfg),
-        "rng": {"file": FILES[2], "tensors": sorted(rng)},
-        "files": files,
-    }
-    with open(folder / "state.json", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    state = {"step": step, "config": config_to_dict(cfg), "rng": {"file": FILES[2], "tensors": sorted(rng)}}
+    write_manifest(folder, state)
     _fsync_path(folder)
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or str(err)[:300]
+
+
+def _kept(root: Path) -> str:
+    try:
+        return f"{root / LATEST} still names {_read_latest(root / LATEST)}, which is kept"
+    except (OSError, ValueError):
+        return "no earlier checkpoint exists"
 
 
 def save_checkpoint(
@@ -252,11 +288,15 @@ def save_checkpoint(
         if final.exists():  # the same step saved again: os.replace cannot overwrite a folder
             os.replace(final, _unique(root, "old"))
         os.replace(tmp, final)
+        _fsync_path(root)
+        _write_text_atomic(root / LATEST, final.name + "\n")
+    except OSError as err:  # a full disk, a quota: one line saying what is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"saving the checkpoint of step {step} in {root} failed ({_os_reason(err)}); "
+                      f"{_kept(root)}") from err  # fmt: skip
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(root)
-    _write_text_atomic(root / LATEST, final.name + "\n")
     _remove_stale_temps(root)
     _prune(root, keep_last, final.name)
     return final
@@ -265,24 +305,39 @@ def save_checkpoint(
 # ---------------------------------------------------------------- locating and reading
 
 
+def _read_latest(latest_file: Path) -> str:
+    """The folder name in LATEST (bounded read; bytes that are not UTF-8 -> ValueError naming it)."""
+    if not latest_file.is_file():
+        raise ValueError(f"{latest_file}: not a regular file")
+    with open(latest_file, "rb") as f:
+        data = f.read(256)
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{latest_file}: not UTF-8 text (expected a folder name like step_00000600)"
+        ) from None
+    if not _STEP_DIR.match(name):
+        shown = name[:40] + ("..." if len(name) > 40 else "")
+        raise ValueError(
+            f"{latest_file}: expected a checkpoint folder name like step_00000600, got {shown!r}"
+        )
+    return name
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a run dir or its checkpoints/ folder."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or checkpoint folder")
-    if (path / "state.json").exists():
+    if (path / STATE).exists():
         return path
     root = path if (path / LATEST).exists() else path / CHECKPOINTS
     latest_file = root / LATEST
     if not latest_file.exists():
-        raise FileNotFoundError(
-            f"{path}: no checkpoint found (neither {path / 'state.json'} nor {latest_file})"
-        )
-    name = latest_file.read_text(encoding="utf-8").strip()
-    if not _STEP_DIR.match(name):
-        raise ValueError(f"{latest_file}: expected a checkpoint folder name like step_00000600, got {name!r}")
-    folder = root / name
-    if not (folder / "state.json").exists():
+        raise FileNotFoundError(f"{path}: no checkpoint found (neither {path / STATE} nor {latest_file})")
+    folder = root / _read_latest(latest_file)
+    if not (folder / STATE).exists():
         raise FileNotFoundError(f"{latest_file}: names {folder}, which has no state.json")
     return folder
 
@@ -294,32 +349,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return find_checkpoint(run_dir)
 
 
-def _read_state(folder: Path) -> dict:
-    file = folder / "state.json"
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: not a readable JSON checkpoint state ({err})") from err
-    for key in ("step", "config", "files"):
-        if not isinstance(state, dict) or key not in state:
-            raise ValueError(f"{file}: the key {key!r} is missing")
-    return state
-
-
-def _verify_file(folder: Path, name: str, state: dict) -> Path:
-    file = folder / name
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: missing from the checkpoint")
-    expected = state["files"].get(name)
-    if expected is not None:
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise ValueError(
-                f"{file}: truncated or corrupted: {size} bytes, state.json says {expected['bytes']}"
-            )
-        if _sha256(file) != expected["sha256"]:
-            raise ValueError(f"{file}: corrupted: its sha256 differs from the one in state.json")
-    return file
+def step_folders(root: str | Path) -> list[Path]:
+    """Every step_<N> folder under a checkpoints/ folder, oldest first (complete or not)."""
+    return [path for _, path in _step_dirs(Path(root))]
 
 
 def _load_tensors(
@@ -353,6 +385,13 @@ def _check_state_dict(file: Path, saved: dict, model: nn.Module) -> None:
     ]
     if wrong:
         raise ValueError(f"{file}: another architecture (shape mismatch): {_list(wrong)}")
+    wrong = [
+        f"{k} saved {saved[k].dtype} vs model {v.dtype}"
+        for k, v in expected.items()
+        if saved[k].dtype != v.dtype
+    ]
+    if wrong:
+        raise ValueError(f"{file}: dtype mismatch (never cast silently): {_list(wrong)}")
 
 
 def load_checkpoint(
@@ -368,40 +407,79 @@ def load_checkpoint(
     rng_key: the saved torch RNG state to restore (e.g. torch_cpu_rank1); torch_cpu when absent.
     """
     folder = find_checkpoint(path_or_run_dir)
-    state = _read_state(folder)
+    state = verify_checkpoint(folder, FILES)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model_file = _verify_file(folder, FILES[0], state)
+    model_file = folder / FILES[0]
     weights, _ = _load_tensors(model_file, device)
     _check_state_dict(model_file, weights, model)
+    if optimizer is not None:  # everything is checked before anything is changed
+        opt_file = folder / FILES[1]
+        tensors, meta = _load_tensors(opt_file, metadata=True)
+        _check_optimizer_tensors(opt_file, tensors, model)
+    if data_gen is not None:
+        rng_file = folder / FILES[2]
+        rng, _ = _load_tensors(rng_file)
+        _check_rng(rng_file, rng, rng_key)
     model.load_state_dict(weights)
     if optimizer is not None:
-        opt_file = _verify_file(folder, FILES[1], state)
-        tensors, meta = _load_tensors(opt_file, metadata=True)
         _restore_optimizer(model, optimizer, tensors, meta, opt_file)
     if data_gen is not None:
-        rng_file = _verify_file(folder, FILES[2], state)
-        rng, _ = _load_tensors(rng_file)
-        missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
-        if missing:
-            raise ValueError(f"{rng_file}: missing keys: {_list(missing)}")
-        torch.set_rng_state(rng.get(rng_key, rng["torch_cpu"]))
-        data_gen.set_state(rng["data_gen"])
-    return int(state["step"])
+        try:
+            torch.set_rng_state(rng.get(rng_key, rng["torch_cpu"]))
+            data_gen.set_state(rng["data_gen"])
+        except RuntimeError as err:
+            raise ValueError(f"{rng_file}: not a valid RNG state ({str(err)[:200]})") from err
+    return state["step"]
+
+
+def _check_rng(file: Path, rng: dict, rng_key: str) -> None:
+    missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
+    if missing:
+        raise ValueError(f"{file}: missing keys: {_list(missing)}")
+    for key in ("data_gen", rng_key if rng_key in rng else "torch_cpu"):
+        t = rng[key]
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise ValueError(
+                f"{file}: RNG state {key!r} must be a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}"
+            )
+
+
+def _check_optimizer_tensors(file: Path, tensors: dict, model: nn.Module) -> None:
+    """AdamW moments have their parameter's shape and dtype; step counts are finite and >= 0."""
+    params = dict(model.named_parameters())
+    for key, t in tensors.items():
+        name, _, kind = key[len("state.") :].rpartition(".")
+        p = params.get(name)
+        if p is None or not key.startswith("state."):
+            continue  # _restore_optimizer names unexpected keys
+        if kind in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise ValueError(
+                    f"{file}: {key} is {t.dtype} {tuple(t.shape)}, the parameter {p.dtype} {tuple(p.shape)}"
+                )
+            if not bool(torch.isfinite(t).all()) or (kind != "exp_avg" and bool((t < 0).any())):
+                raise ValueError(f"{file}: {key} holds NaN/Inf or a negative second moment")
+        elif kind == "step" and (
+            t.numel() != 1 or not t.is_floating_point() or not bool(torch.isfinite(t).all()) or float(t) < 0
+        ):
+            raise ValueError(f"{file}: {key} must be one finite number >= 0, got {t.dtype} {tuple(t.shape)}")
 
 
 def checkpoint_config(path_or_run_dir: str | Path) -> RunConfig:
     """The resolved config stored in the newest (or the given) checkpoint."""
     folder = find_checkpoint(path_or_run_dir)
-    return config_from_dict(_read_state(folder)["config"], source=str(folder / "state.json"))
+    return config_from_dict(read_state(folder)["config"], source=str(folder / "state.json"))
 
 
 def load_run(
     run_dir: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, RunConfig, int]:
     """(model in eval mode, its config, step) of a run's newest checkpoint."""
+    from moge.limits import check_model_fits
     from moge.model import MoGETransformer  # model imports config only; keep this module light
 
     cfg = checkpoint_config(run_dir)
+    check_model_fits(cfg, f"{find_checkpoint(run_dir) / STATE}", str(torch.device(map_location).type))
     model = MoGETransformer(cfg.model, cfg.moe).to(map_location)
     step = load_checkpoint(run_dir, model)
     return model.eval(), cfg, step

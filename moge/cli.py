@@ -8,11 +8,13 @@
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
     moge torchrun [TORCHRUN OPTIONS] SUBCOMMAND ...   torchrun whose failed ranks print one line
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
+    moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
     moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
-"error: ..." without a traceback; 130 interrupted (Ctrl-C). Under torchrun every rank
+"error: ..." without a traceback; 130 interrupted (Ctrl-C); 143 stopped by SIGTERM after
+saving the step in flight. Under torchrun every rank
 runs this; messages are printed once (see _should_print).
 """
 
@@ -24,6 +26,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process SIGTERM ended
 
 
 class _UsageError(Exception):
@@ -97,10 +100,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_params(args: argparse.Namespace) -> int:
     from moge.config import load_config
-    from moge.model import count_parameters, format_params
+    from moge.limits import parameter_count  # count_parameters in closed form: any depth, at once
+    from moge.model import format_params
 
     cfg = load_config(args.config, args.overrides)
-    count = count_parameters(cfg.model, cfg.moe)
+    count = parameter_count(cfg.model, cfg.moe)
     print(f"{cfg.name}: total {format_params(count.total)} ({count.total:,}), "
           f"activated {format_params(count.activated)} ({count.activated:,}) per token")  # fmt: skip
     return EXIT_OK
@@ -121,6 +125,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise ValueError("--prompt: must not be empty")
+    _check_utf8("--prompt", args.prompt)
     model, cfg, _ = load_model(args.run_dir)
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
@@ -145,6 +150,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         args.bandwidth_gbs, args.trace, args.out,
         overrides=args.overrides, seed=args.seed, sigma=args.sigma, training=args.training,
     )  # fmt: skip
+    return EXIT_OK
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from moge.interop.upcycle_run import upcycle_run
+
+    config, *overrides = args.config
+    r = upcycle_run(args.src, args.dst, config, overrides, router_init=args.router_init, seed=args.seed)
+    print(f"upcycled {args.src} -> {r.checkpoint}: {r.plan.describe()}")
+    print(
+        f"step-0 check: max |logits - dense logits| = {r.max_abs_diff:.3g} (logits up to {r.max_abs_logit:.3g})"
+    )
+    print(f"continue training with: moge train {r.out_dir / 'config.yaml'}")
     return EXIT_OK
 
 
@@ -202,6 +220,14 @@ def _add_extract(sub) -> None:
     p.set_defaults(handler=_cmd_extract)
 
 
+def _check_utf8(flag: str, text: str) -> None:
+    """argv bytes that are not UTF-8 arrive as lone surrogates; refuse them naming the flag."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{flag}: not valid UTF-8 text (at character {err.start})") from None
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -248,6 +274,13 @@ OVERRIDES_HELP = (
 )
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:  # torch seeds are int64 (negative ones alias large ones)
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**63-1, got {text[:40]}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="moge",
@@ -288,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=_positive_int, default=None, dest="top_k",
         help="sample among the k most likely bytes only (default: None, all 256)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the sampler")
     p.set_defaults(handler=_cmd_generate)
 
     p = _subparser(sub, "simulate", "Monte-Carlo routing on N devices: balance, all-to-all, step time")
@@ -320,12 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None,
         help="folder for simulation.json/png (default: train.out_dir, else runs/<name>)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the random router scores")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random router scores")
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
 
     _add_extract(sub)
+    _add_upcycle_parser(sub)
     _add_convert_parser(sub)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
@@ -338,9 +372,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_upcycle_parser(sub) -> None:
+    from moge.interop.upcycle import ROUTER_INITS
+
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense model into a MoGE run whose logits equal the dense ones at step 0",
+        description="Upcycle a dense model (a moge run whose FFNs are all dense, or a Llama / Qwen2 "
+        "layout folder) into a new run folder DST that "
+        "`moge train DST/config.yaml` continues; CONFIG gives the moe, data and train sections.",
+    )
+    p.add_argument(
+        "src", metavar="SRC", help="dense moge run or checkpoint folder, or a Llama / Qwen2 layout folder"
+    )
+    p.add_argument("dst", metavar="DST", help="new run folder (must not exist or be empty)")
+    # CONFIG and its overrides in one option: argparse cannot take positionals after an option.
+    p.add_argument(
+        "--config", nargs="+", required=True, metavar=("CONFIG", "KEY=VALUE"),
+        help="run config of the upcycled model, then dotted overrides, e.g. "
+        "--config configs/tiny-upcycle.yaml moe.top_k=8",
+    )  # fmt: skip
+    p.add_argument(
+        "--router-init", default="auto", choices=ROUTER_INITS, dest="router_init",
+        help="auto (default): uniform for raw gates, random for renormalised copies, replicated "
+        "for renormalised slices",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=None,
+        help="seed of random router rows (default: train.seed)",
+    )
+    p.set_defaults(handler=_cmd_upcycle)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (see the module docstring)."""
     from moge.distributed_train import PeerError
+    from moge.runfolder import Terminated
     from moge.train import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -359,6 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    except Terminated as stop:  # SIGTERM: the step finished and was saved (moge.runfolder)
+        if _should_print():
+            print(_one_line(stop), file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         if _should_print():
             print("interrupted (a training run continues with train.resume=true)", file=sys.stderr)

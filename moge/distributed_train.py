@@ -34,7 +34,6 @@ micro-batch; validation runs the same windows on every rank (its experts take pa
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -51,6 +50,7 @@ from tqdm import tqdm
 from moge.checkpoint import load_checkpoint, save_checkpoint
 from moge.config import RunConfig, save_config
 from moge.data import TokenDataset, load_dataset
+from moge.limits import check_train_fits
 from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
 from moge.parallel import (
     ExpertParallelExperts,
@@ -62,6 +62,14 @@ from moge.parallel import (
     init_distributed,
     make_context,
     parallelize_model,
+)
+from moge.runfolder import (
+    RunLock,
+    StopOnSigterm,
+    append_record,
+    optimizer_settings,
+    reapply_optimizer_settings,
+    rewrite_metrics,
 )
 from moge.train import (
     METRICS,
@@ -271,7 +279,9 @@ def _load_full(cfg: RunConfig, ckpt: Path | None, device: torch.device, rank: in
     if ckpt is None:
         return model, data_gen, 0, None
     full_opt = build_optimizer(model, tc)
+    wanted = optimizer_settings(full_opt)  # a resume applies the config's settings (runfolder)
     start = load_checkpoint(ckpt, model, full_opt, data_gen, rng_key=f"torch_cpu_rank{rank}")
+    reapply_optimizer_settings(full_opt, wanted)
     return model, data_gen, start, (_state_by_name(model, full_opt), _group_settings(full_opt))
 
 
@@ -330,8 +340,7 @@ class _Run:
 
     def write(self, rec: dict) -> None:
         if self.metrics is not None:
-            self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
+            append_record(self.metrics, rec)
 
 
 def save_parallel_checkpoint(run: _Run, step: int) -> None:
@@ -426,7 +435,14 @@ def _train_step(step: int, run: _Run) -> tuple[dict, ModelOutput]:
 # ---------------------------------------------------------------- the loop
 
 
-def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
+def _any_rank(ctx: ParallelContext, flag: bool) -> bool:
+    """Whether `flag` is set on any rank (a collective): SIGTERM may reach the ranks apart."""
+    flag_1 = torch.tensor([int(flag)], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(flag_1, op=dist.ReduceOp.MAX)
+    return bool(flag_1.item())
+
+
+def _after_step(run: _Run, rec: dict, stop_at: int | None, stopping: bool = False) -> None:
     """Rank 0 logs; every rank evaluates and joins the checkpoint, as train.* schedules."""
     tc, done = run.cfg.train, rec["step"]
     run.write(rec)
@@ -437,7 +453,7 @@ def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
         run.write({"type": "eval", "step": done, "val_loss": run.val_loss})
         if run.main:
             tqdm.write(f"step {done:>6}/{tc.steps} | val_loss {run.val_loss:.4f}")
-    if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, stop_at):
+    if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, stop_at) or stopping:
         save_parallel_checkpoint(run, done)
 
 
@@ -449,7 +465,10 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
     tokens_per_step = tc.batch_size * tc.grad_accum * run.cfg.data.seq_len * run.ctx.world_size
     t0, train_time, tok_s = time.perf_counter(), 0.0, 0.0
     show = progress and run.main and sys.stderr.isatty()
-    with tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar:
+    with (
+        StopOnSigterm() as stop,
+        tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar,
+    ):
         for step in range(start, end):
             t_step = time.perf_counter()
             rec, out = _train_step(step, run)
@@ -462,7 +481,11 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
                 rec["routing"] = _routing_record(out, run.model)  # rank 0's last micro-batch
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            _after_step(run, rec, stop_at)
+            stopping = _any_rank(run.ctx, stop.requested)  # SIGTERM: all ranks save this step, then stop
+            _after_step(run, rec, stop_at, stopping)
+            if stopping:
+                stop.requested = True
+                stop.stop_if_requested(step + 1, run.out_dir)
     return TrainResult(max(end, start), train_loss, run.val_loss, run.out_dir, tok_s)
 
 
@@ -483,9 +506,8 @@ def _open_run(cfg: RunConfig, ctx: ParallelContext, out_dir: Path, dataset: Toke
     elif tc.resume:
         tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh")
     records = _read_metrics(out_dir / METRICS, start)
-    metrics = open(out_dir / METRICS, "w", encoding="utf-8")  # noqa: SIM115 (held for the run) drops what a killed run logged later
-    metrics.writelines(json.dumps(r) + "\n" for r in records)
-    metrics.flush()
+    rewrite_metrics(out_dir / METRICS, records)  # atomic: drops what a killed run logged later
+    metrics = open(out_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (held for the run)
     return metrics, records
 
 
@@ -496,7 +518,12 @@ def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: int | 
     out_dir = Path(tc.out_dir) if tc.out_dir is not None else Path("runs") / cfg.name
     device = _device(cfg, ctx)
 
+    lock = RunLock(out_dir)  # rank 0 holds the run folder's lock for the life of the run
+
     def prepare():
+        if ctx.rank == 0:
+            lock.acquire()
+        check_train_fits(cfg)  # every rank builds the full model first
         dataset = load_dataset(cfg.data)
         dataset.check_vocab_size(cfg.model.vocab_size)
         ckpt = _prepare_out_dir(out_dir, tc.resume)
@@ -504,19 +531,23 @@ def _train(cfg: RunConfig, ctx: ParallelContext, progress: bool, stop_at: int | 
             _check_same_architecture(cfg, ckpt)
         return dataset, ckpt
 
-    # Also a barrier: every rank has looked at out_dir before rank 0 writes into it.
-    dataset, ckpt = agree(ctx, "setting up", prepare)
-    model, data_gen, start, opt_state = agree(ctx, "loading", lambda: _load_full(cfg, ckpt, device, ctx.rank))
-    optimizer = _parallelize(cfg, ctx, model, opt_state)
-    metrics, records = agree(
-        ctx, "opening the run folder", lambda: _open_run(cfg, ctx, out_dir, dataset, start, ckpt)
-    )
+    metrics = None
     try:
+        # Also a barrier: every rank has looked at out_dir before rank 0 writes into it.
+        dataset, ckpt = agree(ctx, "setting up", prepare)
+        model, data_gen, start, opt_state = agree(
+            ctx, "loading", lambda: _load_full(cfg, ckpt, device, ctx.rank)
+        )
+        optimizer = _parallelize(cfg, ctx, model, opt_state)
+        metrics, records = agree(
+            ctx, "opening the run folder", lambda: _open_run(cfg, ctx, out_dir, dataset, start, ckpt)
+        )
         run = _Run(cfg, ctx, out_dir, device, dataset, model, optimizer, data_gen, metrics)
         return _loop(run, start, stop_at, progress, records)
     finally:
         if metrics is not None:
             metrics.close()
+        lock.release()
 
 
 def train_distributed(cfg: RunConfig, *, progress: bool = True, stop_at: int | None = None) -> TrainResult:

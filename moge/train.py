@@ -13,7 +13,6 @@ never stopped.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -26,11 +25,23 @@ from torch import nn
 from tqdm import tqdm
 
 from moge.balance import routing_stats
-from moge.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from moge.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from moge.config import RunConfig, TrainConfig, config_to_dict, save_config
 from moge.data import TokenDataset, load_dataset
 from moge.layer import MoGELayer
+from moge.limits import check_train_fits
 from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
+from moge.runfolder import (
+    RunLock,
+    StopOnSigterm,
+    append_record,
+    holds_a_run,
+    optimizer_settings,
+    read_metrics,
+    reapply_optimizer_settings,
+    resume_point,
+    rewrite_metrics,
+)
 from moge.sigma.data import check_dataset_domains
 
 METRICS = "metrics.jsonl"
@@ -144,8 +155,11 @@ def _prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"train.out_dir: {out_dir} exists and is not a folder")
     if resume:
-        return latest_checkpoint(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+        ckpt, note = resume_point(out_dir)  # LATEST lost: the newest verified step, or an error
+        if note:
+            tqdm.write(note)
+        return ckpt
+    if holds_a_run(out_dir):
         raise ValueError(
             f"train.out_dir: {out_dir} already holds a run; pass train.resume=true to continue it "
             "or set train.out_dir to another folder"
@@ -166,17 +180,7 @@ def _check_same_architecture(cfg: RunConfig, ckpt: Path) -> None:
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
     """Records of a previous attempt up to step `upto`; later ones and torn lines are dropped."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= upto:
-            records.append(rec)
-    return records
+    return read_metrics(path, upto)
 
 
 def _last(records: list[dict], kind: str, key: str) -> float | None:
@@ -272,6 +276,7 @@ def _setup(cfg: RunConfig, out_dir: Path):
     if tc.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device: cuda was asked for but torch sees no CUDA device")
     device = torch.device(tc.device)
+    check_train_fits(cfg)  # sizes that validate but cannot fit: refused before any allocation
     dataset = load_dataset(cfg.data)
     dataset.check_vocab_size(cfg.model.vocab_size)
     check_dataset_domains(dataset, cfg.moe)  # PanGu-Sigma: the data's domains are the model's
@@ -300,11 +305,10 @@ class _Run:
     val_loss: float | None = None
 
     def write(self, rec: dict) -> None:
-        self.metrics.write(json.dumps(rec) + "\n")
-        self.metrics.flush()
+        append_record(self.metrics, rec)
 
 
-def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
+def _after_step(run: _Run, rec: dict, stop_at: int | None, stop: StopOnSigterm | None = None) -> None:
     """Log, evaluate and checkpoint as the schedule of train.* asks after step rec["step"]."""
     tc, done = run.cfg.train, rec["step"]
     run.write(rec)
@@ -314,7 +318,11 @@ def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
         run.val_loss = validation_loss(run.model, run.dataset, tc.batch_size, tc.eval_batches, tc.dtype)
         run.write({"type": "eval", "step": done, "val_loss": run.val_loss})
         tqdm.write(f"step {done:>6}/{tc.steps} | val_loss {run.val_loss:.4f}")
-    if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, stop_at):
+    if (
+        (tc.save_every and done % tc.save_every == 0)
+        or done in (tc.steps, stop_at)
+        or (stop and stop.requested)
+    ):
         _check_weights(done, run.model)
         save_checkpoint(run.out_dir, done, run.model, run.optimizer, run.data_gen, run.cfg, tc.keep_last)
 
@@ -327,7 +335,10 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
     tokens_per_step = tc.batch_size * tc.grad_accum * run.cfg.data.seq_len
     t0, train_time, tok_s = time.perf_counter(), 0.0, 0.0
     show = progress and sys.stderr.isatty()
-    with tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar:
+    with (
+        StopOnSigterm() as stop,
+        tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar,
+    ):
         for step in range(start, end):
             t_step = time.perf_counter()
             rec, out = _train_step(
@@ -341,7 +352,8 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
                    "routing": _routing_record(out, run.model)}  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            _after_step(run, rec, stop_at)
+            _after_step(run, rec, stop_at, stop)
+            stop.stop_if_requested(step + 1, run.out_dir)  # SIGTERM: the step is done and saved
     # start > end only when resuming past stop_at; start == steps: a finished run, nothing to do.
     return TrainResult(max(end, start), train_loss, run.val_loss, run.out_dir, tok_s)
 
@@ -362,21 +374,30 @@ def train(cfg: RunConfig, *, progress: bool = True, stop_at: int | None = None) 
     if distributed_requested(cfg):
         return train_distributed(cfg, progress=progress, stop_at=stop_at)
     out_dir = Path(tc.out_dir) if tc.out_dir is not None else Path("runs") / cfg.name
+    with RunLock(out_dir) as lock:  # one run per folder for the life of the run
+        if lock.stale_pid is not None:
+            tqdm.write(f"{lock.path}: left by pid {lock.stale_pid}, which is no longer running; taken over")
+        return _train_locked(cfg, out_dir, progress, stop_at)
+
+
+def _train_locked(cfg: RunConfig, out_dir: Path, progress: bool, stop_at: int | None) -> TrainResult:
+    tc = cfg.train
     device, dataset, ckpt, model, optimizer, data_gen = _setup(cfg, out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
     params = count_parameters(cfg.model, cfg.moe)
     tqdm.write(f"{cfg.name}: {format_params(params.total)} parameters, {format_params(params.activated)} "
                f"activated; data: {dataset.source}; out_dir: {out_dir}")  # fmt: skip
-    start = 0
-    if ckpt is not None:
+    start, records = 0, []
+    if ckpt is not None:  # nothing in out_dir changes before the checkpoint has loaded
+        wanted = optimizer_settings(optimizer)  # the config's; a resume applies and records them
         start = load_checkpoint(ckpt, model, optimizer, data_gen)
-        tqdm.write(f"resuming from {ckpt} (step {start})")
+        changes = reapply_optimizer_settings(optimizer, wanted)
+        tqdm.write(f"resuming from {ckpt} (step {start})" + "".join(f"; applied {c}" for c in changes))
+        records = _read_metrics(out_dir / METRICS, start)
+        records += [{"type": "resume", "step": start, "optimizer_changes": changes}] if changes else []
     elif tc.resume:
         tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh")
-    records = _read_metrics(out_dir / METRICS, start)
-    with open(out_dir / METRICS, "w", encoding="utf-8") as metrics:  # drops what a killed run logged later
-        metrics.writelines(json.dumps(r) + "\n" for r in records)
-        metrics.flush()
+    save_config(cfg, out_dir / "config.yaml")
+    rewrite_metrics(out_dir / METRICS, records)  # atomic: drops what a killed run logged later
+    with open(out_dir / METRICS, "a", encoding="utf-8") as metrics:
         run = _Run(cfg, out_dir, device, dataset, model, optimizer, data_gen, metrics)
         return _loop(run, start, stop_at, progress, records)

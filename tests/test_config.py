@@ -28,6 +28,7 @@ PRESETS = (
     "pangu-pro-moe-72b",
     "tiny-sigma",
     "tiny-sigma-moge",
+    "tiny-upcycle",
 )
 
 # A small valid config; the bad-config table edits copies of it.

@@ -18,12 +18,12 @@ import torch
 
 from moge.config import DataConfig, RunConfig
 from moge.interop import runfolder
+from moge.interop.folder import LayoutFolder
 from moge.interop.llama import LlamaLayout, Qwen2Layout
 from moge.interop.mapping import (
     DEFAULT_SHARD_BYTES,
     FileSource,
     Layout,
-    LayoutFolder,
     MogeSource,
     StateDictSource,
     check_pieces,
@@ -169,7 +169,7 @@ class _LayoutSource:
             meta = MoGETransformer(cfg.model, cfg.moe)
         self._shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
         self.pieces = _prepare(folder, layout, cfg, self._shapes)
-        self._by_param = {}
+        self._by_param: dict[str, list] = {}
         for p in self.pieces:
             self._by_param.setdefault(p.param, []).append(p)
 
@@ -218,8 +218,9 @@ def convert(
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: the destination is the source")
     source, cfg = _open_source(src, dtype)
-    if to == MOGE:
-        cfg = _run_config(dst.name or cfg.name, cfg.model, cfg.moe)
+    if to == MOGE:  # keep a run's other sections; the new run lives in dst
+        train = dataclasses.replace(cfg.train, out_dir=str(dst), resume=False)
+        cfg = dataclasses.replace(cfg, name=dst.name or cfg.name, train=train)
         return [runfolder.write(dst, cfg, source, dtype)]
     lay = _layout(to)
     config = lay.write_config(cfg.model, cfg.moe)
