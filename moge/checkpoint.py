@@ -1,17 +1,25 @@
-"""Crash-safe checkpoints in safetensors (no pickle), and loading a finished run.
+"""Crash-safe sharded checkpoints: torch.distributed.checkpoint (DCP) writing safetensors.
 
 Layout of one run directory (the evaluator relies on it):
 
     <run_dir>/checkpoints/step_00000600/   one folder per saved step (8-digit step)
-        model.safetensors       model.state_dict() (persistent buffers included)
-        optimizer.safetensors   "state.<param name>.<key>" tensors; param groups as JSON metadata
-        rng.safetensors         "torch_cpu" and "data_gen" RNG states (uint8 tensors)
-        state.json              step, resolved config, and size + sha256 of the three files
+        shard-0000R-model-00001-of-00001.safetensors   one per rank R+1 (DCP's
+                                HuggingFaceStorageWriter): that rank's pieces of the
+                                "model.<name>" and "optim.<name>.<key>" tensors; the
+                                header (JSON) records each piece's offset in the whole
+                                tensor, so any world size reads back any slice
+        rng.safetensors         "torch_cpu" and "data_gen" RNG states (uint8 tensors), and
+                                every rank's torch RNG as torch_cpu_rank<r> when there are several
+        state.json              step, resolved config, world and mesh, the AdamW param
+                                groups, and size + sha256 of every other file
     <run_dir>/checkpoints/LATEST  the newest complete checkpoint folder's name
 
-A checkpoint is written into a temporary folder, every file and the folder are fsynced,
-and only then is it renamed into place and LATEST swapped, so a crash at any moment
-leaves the previous good checkpoint readable.
+No rank gathers the model: each writes its own shards. Nothing is pickled: DCP's own
+metadata file (a pickle) is not written; the safetensors headers carry the layout.
+A checkpoint is written into a temporary folder, every file and the folder are
+fsynced, and only then is it renamed into place and LATEST swapped, so a crash at any
+moment (of any rank) leaves the previous good checkpoint readable. Reading verifies
+every file against state.json before DCP opens any of them.
 """
 
 from __future__ import annotations
@@ -22,19 +30,27 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moge.config import RunConfig, config_from_dict, config_to_dict
+from moge.distributed.agree import agree
+from moge.distributed.mesh import World, single_process
+from moge.distributed.parallelize import checkpoint_views
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
-FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+RNG_FILE = "rng.safetensors"
+SHARD_SUFFIX = ".safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _MAX_LISTED = 8  # keys named in one error message
@@ -42,6 +58,11 @@ _MAX_LISTED = 8  # keys named in one error message
 
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def _list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
 # ---------------------------------------------------------------- durable writes
@@ -89,16 +110,48 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# ---------------------------------------------------------------- optimizer <-> tensors
+# ---------------------------------------------------------------- the tensors of a checkpoint
 
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
+def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter AdamW's state as its first step would (zeros), so a
+    checkpoint can be loaded into it in place; parameters that have state keep it."""
+    amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+    for p in model.parameters():
+        if p.requires_grad and p not in optimizer.state:
+            state = {"step": torch.zeros((), dtype=torch.float32)}
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p] = state
+
+
+def checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, world: World
+) -> dict[str, Tensor]:
+    """Flat name -> tensor dict DCP writes or loads into, sharing storage with the model
+    and the optimizer: "model.<state_dict key>", "optim.<param name>.<state key>".
+
+    Sharded tensors are DTensors of the whole model's shape (expert-parallel ones as a
+    view over the ("dp", "ep") mesh), so every rank writes its own piece.
+    """
+    views = checkpoint_views(model, world) if world.size > 1 else {}
+    out = {f"model.{k}": views[k](v) if k in views else v for k, v in model.state_dict().items()}
+    if optimizer is None:
+        return out
+    for name, p in model.named_parameters():
+        for key, v in optimizer.state.get(p, {}).items():
+            if not isinstance(v, Tensor):
+                raise ValueError(f"optimizer: state {name}.{key} is not a tensor ({type(v).__name__})")
+            moment = v.dim() > 0 and v.shape == p.shape
+            out[f"optim.{name}.{key}"] = views[name](v) if moment and name in views else v
+    return out
 
 
 def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """Parameter names of every param group, in the optimizer's order."""
-    names = _param_names(model)
+    names = {id(p): n for n, p in model.named_parameters()}
     out = []
     for i, group in enumerate(optimizer.param_groups):
         if any(id(p) not in names for p in group["params"]):
@@ -107,74 +160,23 @@ def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[lis
     return out
 
 
-def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state as flat tensors "state.<name>.<key>" plus JSON metadata of the groups."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    groups = []
-    for group, names in zip(optimizer.param_groups, _group_names(model, optimizer)):
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": names})
-        for p, name in zip(group["params"], names):
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"state.{name}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars[f"{name}.{key}"] = value
-    meta = {"param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
-    return tensors, meta
+def _param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The groups' settings (JSON) with their parameters by name."""
+    return [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": names}
+        for g, names in zip(optimizer.param_groups, _group_names(model, optimizer))
+    ]
 
 
-def _restore_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, file: Path
-) -> None:
-    try:
-        saved_groups = json.loads(meta["param_groups"])
-        scalars = json.loads(meta.get("scalars", "{}"))
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: param_groups metadata is missing or not JSON ({err})") from err
+def _restore_groups(model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any, file: Path) -> None:
     current = _group_names(model, optimizer)
-    if [g["params"] for g in saved_groups] != current:
-        saved_names = {n for g in saved_groups for n in g["params"]}
-        now_names = {n for names in current for n in names}
-        missing, extra = sorted(now_names - saved_names), sorted(saved_names - now_names)
-        raise ValueError(
-            f"{file}: the saved param groups do not match this optimizer's "
-            f"(missing keys: {_list(missing) or '-'}; unexpected keys: {_list(extra) or '-'}; "
-            f"saved {[len(g['params']) for g in saved_groups]} per group, now {[len(c) for c in current]})"
-        )
-    state: dict[int, dict[str, Any]] = {}
-    index = {name: i for i, name in enumerate(n for names in current for n in names)}
-    used = set()
-    for name, i in index.items():
-        prefix = f"state.{name}."
-        entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        used.update(prefix + k for k in entry)
-        entry.update({k[len(name) + 1 :]: v for k, v in scalars.items() if k.startswith(name + ".")})
-        if entry:
-            state[i] = entry
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise ValueError(f"{file}: unexpected keys (no such parameter): {_list(extra)}")
-    groups = []
-    for group, names in zip(saved_groups, current):
-        g = {**group, "params": [index[n] for n in names]}
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if not isinstance(saved, list) or [g.get("params") for g in saved if isinstance(g, dict)] != current:
+        raise ValueError(f"{file}: the saved optimizer param groups do not match this model's parameters")
+    for group, s in zip(optimizer.param_groups, saved):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in s.items() if k != "params"})
 
 
 # ---------------------------------------------------------------- saving
-
-
-def _list(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    _fsync_path(path)
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -201,19 +203,41 @@ def _remove_stale_temps(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg, extra_rng=None) -> None:
-    _save_tensors(model.state_dict(), folder / FILES[0])
-    opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
-    _save_tensors(opt_tensors, folder / FILES[1], metadata=opt_meta)
-    rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state(), **(extra_rng or {})}
-    _save_tensors(rng, folder / FILES[2])
-    files = {
-        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in FILES
-    }
+def _temp_folder(root: Path, name: str, world: World) -> Path:
+    """The same fresh temporary folder name on every rank (rank 0 draws it)."""
+    token = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64, device=world.device)
+    world.broadcast(token)
+    return root / f"{_TMP_PREFIX}{name}-{int(token.item()):014x}"
+
+
+def _rng_tensors(data_gen: torch.Generator, world: World) -> dict[str, Tensor]:
+    """This rank's (rank 0's) torch RNG, the data generator and, with several ranks,
+    every rank's torch RNG (a collective)."""
+    rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state()}
+    if world.size > 1:
+        parts = world.all_gather(torch.get_rng_state().to(world.device))
+        rng.update({f"torch_cpu_rank{r}": t.cpu() for r, t in enumerate(parts)})
+    return rng
+
+
+def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    _fsync_path(path)
+
+
+def _write_state(
+    folder: Path, step: int, cfg: RunConfig, world: World, groups: list[dict], rng: dict
+) -> None:
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    for name in names:  # the shards were written by other ranks: make them durable here too
+        _fsync_path(folder / name)
+    files = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names}
     state = {
         "step": step,
         "config": config_to_dict(cfg),
-        "rng": {"file": FILES[2], "tensors": sorted(rng)},
+        "world": {"size": world.size, "dp": world.shape.dp, "ep": world.shape.ep},
+        "optimizer": {"param_groups": groups},
+        "rng": {"file": RNG_FILE, "tensors": sorted(rng)},
         "files": files,
     }
     with open(folder / "state.json", "w", encoding="utf-8") as f:
@@ -221,6 +245,27 @@ def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg,
         f.flush()
         os.fsync(f.fileno())
     _fsync_path(folder)
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    if final.exists():  # the same step saved again: os.replace cannot overwrite a folder
+        os.replace(final, _unique(root, "old"))
+    os.replace(tmp, final)
+    _fsync_path(root)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    _remove_stale_temps(root)
+    _prune(root, keep_last, final.name)
+
+
+def _write_shards(state: dict[str, Tensor], tmp: Path, world: World) -> None:
+    """Every rank writes its own shards (DCP; a collective)."""
+    writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.save(state, storage_writer=writer, no_dist=world.size == 1)
+    except CheckpointException as err:  # DCP gathers every rank's failure; a disk error stays an OSError
+        raise OSError(f"{tmp}: writing the shards failed: {err}") from err
 
 
 def save_checkpoint(
@@ -231,34 +276,44 @@ def save_checkpoint(
     data_gen: torch.Generator,
     cfg: RunConfig,
     keep_last: int,
-    extra_rng: dict[str, torch.Tensor] | None = None,
+    world: World | None = None,
 ) -> Path:
     """Write checkpoints/step_<step>/ atomically, point LATEST at it, keep the newest keep_last.
 
-    extra_rng: more RNG state tensors for rng.safetensors (a distributed run stores every
-    rank's torch RNG as torch_cpu_rank<r>). Returns the checkpoint folder. On any error the
-    temporary folder is removed and the previous checkpoints and LATEST are untouched.
+    world: the run's World (a collective on all its ranks); None: one process. Returns
+    the checkpoint folder. On any error the temporary folder is removed and the
+    previous checkpoints and LATEST are untouched.
     """
+    world = world or single_process()
     if keep_last < 1:
         raise ValueError(f"train.keep_last: must be >= 1, got {keep_last}")
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
     final = root / step_dirname(step)
-    tmp = _unique(root, final.name)
-    tmp.mkdir()
+    tmp = _temp_folder(root, final.name, world)
+
+    def prepare() -> None:
+        if world.main:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(root)
+            tmp.mkdir()
+
+    agree(world, f"step {step}: preparing the checkpoint folder", prepare)
     try:
-        _write_checkpoint_files(tmp, step, model, optimizer, data_gen, cfg, extra_rng)
-        if final.exists():  # the same step saved again: os.replace cannot overwrite a folder
-            os.replace(final, _unique(root, "old"))
-        os.replace(tmp, final)
+        _write_shards(checkpoint_state(model, optimizer, world), tmp, world)
+        rng = _rng_tensors(data_gen, world)
+        groups = _param_groups(model, optimizer)
+
+        def finish() -> None:
+            if world.main:
+                _save_tensors(rng, tmp / RNG_FILE)
+                _write_state(tmp, step, cfg, world, groups, rng)
+                _publish(root, tmp, final, keep_last)
+
+        agree(world, f"step {step}: saving the checkpoint", finish)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(root)
-    _write_text_atomic(root / LATEST, final.name + "\n")
-    _remove_stale_temps(root)
-    _prune(root, keep_last, final.name)
     return final
 
 
@@ -322,37 +377,74 @@ def _verify_file(folder: Path, name: str, state: dict) -> Path:
     return file
 
 
-def _load_tensors(
-    file: Path, device: str | torch.device = "cpu", metadata: bool = False
-) -> tuple[dict, dict]:
-    """(tensors, metadata if asked) of a safetensors file; a decoding problem -> ValueError naming it."""
-    try:
-        tensors = load_file(str(file), device=str(device))
-        meta = {}
-        if metadata:
+def _shard_files(folder: Path, state: dict) -> list[Path]:
+    """Every safetensors file DCP will read, each verified against state.json; a file
+    state.json does not list is refused (DCP would read it too)."""
+    listed = state["files"]
+    if not isinstance(listed, dict):
+        raise ValueError(f"{folder / 'state.json'}: 'files' must map file names to sizes and digests")
+    found = sorted(p.name for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX))
+    extra = [n for n in found if listed and n not in listed]
+    if extra:
+        raise ValueError(f"{folder}: files state.json does not list: {_list(extra)}")
+    shards = [n for n in (listed or found) if n.endswith(SHARD_SUFFIX) and n != RNG_FILE]
+    if not shards:
+        raise FileNotFoundError(f"{folder}: no shard files (shard-*.safetensors) in the checkpoint")
+    return [_verify_file(folder, n, state) for n in shards]
+
+
+def _saved_layout(folder: Path) -> dict:
+    """Name -> TensorStorageMetadata (global shape, dtype) from the shards' headers."""
+    for file in sorted(folder.glob("*" + SHARD_SUFFIX)):  # name the file a decoding problem is in
+        try:
             with safe_open(str(file), framework="pt") as f:
-                meta = f.metadata() or {}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
-    return tensors, meta
+                f.metadata()
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+    try:
+        return HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder}: a shard file is not a readable safetensors file ({err})") from err
 
 
-def _check_state_dict(file: Path, saved: dict, model: nn.Module) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(saved))
-    extra = sorted(set(saved) - set(expected))
+def _check_layout(folder: Path, saved: dict, target: dict[str, Tensor], prefix: str) -> None:
+    """Missing, unexpected, reshaped and retyped tensors, named (ValueError)."""
+    want = {k for k in target if k.startswith(prefix)}
+    have = {k for k in saved if k.startswith(prefix)}
+    cut = len(prefix)
+    missing, extra = sorted(k[cut:] for k in want - have), sorted(k[cut:] for k in have - want)
     if missing or extra:
         parts = ([f"missing keys: {_list(missing)}"] if missing else []) + (
             [f"unexpected keys: {_list(extra)}"] if extra else []
         )
-        raise ValueError(f"{file}: does not match the model; " + "; ".join(parts))
+        raise ValueError(f"{folder}: does not match the {prefix[:-1]}; " + "; ".join(parts))
     wrong = [
-        f"{k} saved {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tuple(saved[k].shape) != tuple(v.shape)
+        f"{k[cut:]} saved {tuple(saved[k].size)} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in want and tuple(saved[k].size) != tuple(target[k].shape)
     ]
     if wrong:
-        raise ValueError(f"{file}: another architecture (shape mismatch): {_list(wrong)}")
+        raise ValueError(f"{folder}: another architecture (shape mismatch): {_list(wrong)}")
+    retyped = [
+        f"{k[cut:]} saved {saved[k].properties.dtype} vs {target[k].dtype}"
+        for k in target
+        if k in want and saved[k].properties.dtype != target[k].dtype
+    ]
+    if retyped:
+        raise ValueError(f"{folder}: dtype mismatch: {_list(retyped)}")
+
+
+def _load_rng(folder: Path, state: dict, data_gen: torch.Generator, world: World) -> None:
+    rng_file = _verify_file(folder, RNG_FILE, state)
+    try:
+        rng = load_file(str(rng_file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{rng_file}: not a readable safetensors file ({err})") from err
+    missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
+    if missing:
+        raise ValueError(f"{rng_file}: missing keys: {_list(missing)}")
+    torch.set_rng_state(rng.get(f"torch_cpu_rank{world.rank}", rng["torch_cpu"]))
+    data_gen.set_state(rng["data_gen"])
 
 
 def load_checkpoint(
@@ -360,32 +452,42 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     data_gen: torch.Generator | None = None,
-    rng_key: str = "torch_cpu",
+    world: World | None = None,
 ) -> int:
-    """Load model (and optimizer, torch CPU RNG + data generator if given); return the step.
+    """Load model (and optimizer, torch RNG + data generator if given); return the step.
 
     Accepts a checkpoint folder, a run dir, or a run's checkpoints/ folder (then LATEST).
-    rng_key: the saved torch RNG state to restore (e.g. torch_cpu_rank1); torch_cpu when absent.
+    The model (and optimizer) may be parallelized on any world: DCP reads each rank's
+    slice of every tensor whatever world wrote it. world None: one process. Every file
+    is verified first; a mismatch raises ValueError naming the folder and the keys.
     """
-    folder = find_checkpoint(path_or_run_dir)
-    state = _read_state(folder)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model_file = _verify_file(folder, FILES[0], state)
-    weights, _ = _load_tensors(model_file, device)
-    _check_state_dict(model_file, weights, model)
-    model.load_state_dict(weights)
+    world = world or single_process()
+
+    def prepare() -> tuple[Path, dict, dict[str, Tensor]]:  # no collectives: may fail on one rank
+        folder = find_checkpoint(path_or_run_dir)
+        state = _read_state(folder)
+        _shard_files(folder, state)
+        saved = _saved_layout(folder)
+        if optimizer is not None:
+            init_optimizer_state(model, optimizer)
+        target = checkpoint_state(model, optimizer, world)
+        for prefix in ("model.", "optim.") if optimizer is not None else ("model.",):
+            _check_layout(folder, saved, target, prefix)
+        return folder, state, target
+
+    folder, state, target = agree(world, "reading the checkpoint", prepare)
+    try:  # DCP agrees on a failure of any rank itself
+        with warnings.catch_warnings():  # one process: no process group, as asked
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(target, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=world.size == 1)
+    except CheckpointException as err:
+        raise ValueError(f"{folder}: reading the shards failed: {err}") from err
     if optimizer is not None:
-        opt_file = _verify_file(folder, FILES[1], state)
-        tensors, meta = _load_tensors(opt_file, metadata=True)
-        _restore_optimizer(model, optimizer, tensors, meta, opt_file)
+        _restore_groups(
+            model, optimizer, state.get("optimizer", {}).get("param_groups"), folder / "state.json"
+        )
     if data_gen is not None:
-        rng_file = _verify_file(folder, FILES[2], state)
-        rng, _ = _load_tensors(rng_file)
-        missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
-        if missing:
-            raise ValueError(f"{rng_file}: missing keys: {_list(missing)}")
-        torch.set_rng_state(rng.get(rng_key, rng["torch_cpu"]))
-        data_gen.set_state(rng["data_gen"])
+        _load_rng(folder, state, data_gen, world)
     return int(state["step"])
 
 
@@ -398,10 +500,30 @@ def checkpoint_config(path_or_run_dir: str | Path) -> RunConfig:
 def load_run(
     run_dir: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, RunConfig, int]:
-    """(model in eval mode, its config, step) of a run's newest checkpoint."""
+    """(model in eval mode, its config, step) of a run's newest checkpoint, in one
+    process whatever world size wrote it."""
     from moge.model import MoGETransformer  # model imports config only; keep this module light
 
     cfg = checkpoint_config(run_dir)
     model = MoGETransformer(cfg.model, cfg.moe).to(map_location)
     step = load_checkpoint(run_dir, model)
     return model.eval(), cfg, step
+
+
+def read_tensors(path_or_run_dir: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint, whole, in one process: "model.<name>",
+    "optim.<name>.<key>" (from the shards) and "rng.<key>"; files verified first."""
+    folder = find_checkpoint(path_or_run_dir)
+    state = _read_state(folder)
+    _shard_files(folder, state)
+    layout = _saved_layout(folder)
+    out = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in layout.items()
+        if k.startswith(("model.", "optim."))
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(out, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+    rng = load_file(str(_verify_file(folder, RNG_FILE, state)))
+    return {**out, **{f"rng.{k}": v for k, v in rng.items()}}

@@ -39,7 +39,7 @@ def _one_line(err: BaseException) -> str:
 
 def _should_print(err: BaseException | None = None) -> bool:
     """Under torchrun most errors hit every rank: rank 0 prints them. Errors the ranks
-    agreed on carry `moge_report` (moge.distributed_train): the one failing rank prints."""
+    agreed on carry `moge_report` (moge.distributed.agree): the one failing rank prints."""
     report = getattr(err, "moge_report", None)
     return report if report is not None else os.environ.get("RANK", "0") == "0"
 
@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (see the module docstring)."""
-    from moge.distributed_train import PeerError
-    from moge.train import NonFiniteLossError
+    from moge.distributed.agree import PeerError
+    from moge.training import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
