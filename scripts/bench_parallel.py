@@ -26,8 +26,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from moge.layer import MoGEConfig, MoGELayer
 from moge.distributed.expert_parallel import ExpertParallelMoGE
+from moge.layer import MoGEConfig, MoGELayer
 
 CONFIG = dict(d_model=128, num_experts=16, num_groups=4, top_k=4, expert_hidden=128, num_shared_experts=1)
 VARIANTS = (("grouped", "grouped", None), ("grouped, counted", "grouped", False), ("global", "global", None))
