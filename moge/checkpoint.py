@@ -12,14 +12,21 @@ Layout of one run directory (the evaluator relies on it):
                                 every rank's torch RNG as torch_cpu_rank<r> when there are several
         state.json              step, resolved config, world and mesh, the AdamW param
                                 groups, and size + sha256 of every other file
+        state.json.sha256       sha256 of state.json itself (a flip in state.json cannot hide)
     <run_dir>/checkpoints/LATEST  the newest complete checkpoint folder's name
 
 No rank gathers the model: each writes its own shards. Nothing is pickled: DCP's own
 metadata file (a pickle) is not written; the safetensors headers carry the layout.
 A checkpoint is written into a temporary folder, every file and the folder are
 fsynced, and only then is it renamed into place and LATEST swapped, so a crash at any
-moment (of any rank) leaves the previous good checkpoint readable. Reading verifies
-every file against state.json before DCP opens any of them.
+moment (of any rank) leaves the previous good checkpoint readable.
+
+Loading verifies the whole folder first (`verify_checkpoint`, before DCP opens any
+file): the digest of state.json, its schema and value ranges, and the size and sha256
+of every file it lists (every shard included, through `write_manifest`); a file in the
+folder that it does not list, or a listed file that is missing, is an error. The
+shards' headers are then checked against the model (names, shapes, dtypes) before DCP
+reads them, and the optimizer and RNG state's values after.
 """
 
 from __future__ import annotations
@@ -46,11 +53,20 @@ from moge.config import RunConfig, config_from_dict, config_to_dict
 from moge.distributed.agree import agree
 from moge.distributed.mesh import World, single_process
 from moge.distributed.parallelize import checkpoint_views
+from moge.distributed.parallelize import local as _local
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 RNG_FILE = "rng.safetensors"
 SHARD_SUFFIX = ".safetensors"
+FILES = (RNG_FILE,)  # files every checkpoint lists besides its shards (shard-*.safetensors)
+STATE = "state.json"
+STATE_DIGEST = "state.json.sha256"
+# What state.json may hold ("rng", "world" and "optimizer" optional).
+STATE_KEYS = ("step", "config", "files", "rng", "world", "optimizer")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_STEP = 2**53  # exact in a JSON number read by any reader
+_MAX_STATE_BYTES = 16 << 20  # a state.json larger than this is not one moge wrote
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _MAX_LISTED = 8  # keys named in one error message
@@ -58,11 +74,6 @@ _MAX_LISTED = 8  # keys named in one error message
 
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _list(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
 # ---------------------------------------------------------------- durable writes
@@ -169,6 +180,7 @@ def _param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[di
 
 
 def _restore_groups(model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any, file: Path) -> None:
+    _check_groups(file, saved, {})
     current = _group_names(model, optimizer)
     if not isinstance(saved, list) or [g.get("params") for g in saved if isinstance(g, dict)] != current:
         raise ValueError(f"{file}: the saved optimizer param groups do not match this model's parameters")
@@ -176,7 +188,53 @@ def _restore_groups(model: nn.Module, optimizer: torch.optim.Optimizer, saved: A
         group.update({k: tuple(v) if k == "betas" else v for k, v in s.items() if k != "params"})
 
 
+def _check_groups(file: Path, groups: Any, scalars: Any) -> None:
+    """The saved param groups: a list of mappings with parameter names and sane settings."""
+    if not isinstance(groups, list) or not isinstance(scalars, dict):
+        raise ValueError(f"{file}: param_groups must be a JSON list and scalars a JSON object")
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise ValueError(f"{file}: param group {i} must be a mapping with a 'params' list")
+        if not all(isinstance(n, str) for n in g["params"]):
+            raise ValueError(f"{file}: param group {i}: 'params' must list parameter names")
+        for key in ("lr", "eps", "weight_decay"):
+            v = g.get(key)
+            if v is not None and (
+                not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf")
+            ):
+                raise ValueError(
+                    f"{file}: param group {i}: {key} must be a finite number >= 0, got {str(v)[:40]}"
+                )
+        betas = g.get("betas")
+        if betas is not None and not (
+            isinstance(betas, list)
+            and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)
+        ):
+            raise ValueError(
+                f"{file}: param group {i}: betas must be two numbers in [0, 1), got {str(betas)[:60]}"
+            )
+
+
 # ---------------------------------------------------------------- saving
+
+
+def _list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata
+        )
+    except SafetensorError as err:  # e.g. a full disk; an OSError is what the CLI reports
+        code = re.search(r"(?:code: |os error )(\d+)", str(err))  # safetensors wraps the OS error in its text
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+        raise OSError(f"{path}: writing failed ({str(err)[:200]})") from err
+    _fsync_path(path)
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -203,6 +261,35 @@ def _remove_stale_temps(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def write_manifest(folder: Path, state: dict) -> None:
+    """Write state.json (with "files": size + sha256 of every other file in `folder`) and its digest.
+
+    Every regular file already in `folder` is listed, so a layout with more files (shards)
+    is covered by the same verification. Both files are fsynced.
+    """
+    names = sorted(p.name for p in folder.iterdir() if p.name not in (STATE, STATE_DIGEST))
+    files = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names
+    }
+    data = json.dumps({**state, "files": files}, indent=1).encode("utf-8")
+    for name, content in ((STATE, data), (STATE_DIGEST, (hashlib.sha256(data).hexdigest() + "\n").encode())):
+        with open(folder / name, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or str(err)[:300]
+
+
+def _kept(root: Path) -> str:
+    try:
+        return f"{root / LATEST} still names {_read_latest(root / LATEST)}, which is kept"
+    except (OSError, ValueError):
+        return "no earlier checkpoint exists"
+
+
 def _temp_folder(root: Path, name: str, world: World) -> Path:
     """The same fresh temporary folder name on every rank (rank 0 draws it)."""
     token = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64, device=world.device)
@@ -220,30 +307,21 @@ def _rng_tensors(data_gen: torch.Generator, world: World) -> dict[str, Tensor]:
     return rng
 
 
-def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict | None = None) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    _fsync_path(path)
-
-
 def _write_state(
     folder: Path, step: int, cfg: RunConfig, world: World, groups: list[dict], rng: dict
 ) -> None:
-    names = sorted(p.name for p in folder.iterdir() if p.is_file())
-    for name in names:  # the shards were written by other ranks: make them durable here too
-        _fsync_path(folder / name)
-    files = {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names}
+    for path in sorted(
+        folder.iterdir()
+    ):  # the shards were written by other ranks: make them durable here too
+        _fsync_path(path)
     state = {
         "step": step,
         "config": config_to_dict(cfg),
         "world": {"size": world.size, "dp": world.shape.dp, "ep": world.shape.ep},
         "optimizer": {"param_groups": groups},
         "rng": {"file": RNG_FILE, "tensors": sorted(rng)},
-        "files": files,
     }
-    with open(folder / "state.json", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    write_manifest(folder, state)  # lists every file (each shard) with its size and sha256
     _fsync_path(folder)
 
 
@@ -265,7 +343,9 @@ def _write_shards(state: dict[str, Tensor], tmp: Path, world: World) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp.save(state, storage_writer=writer, no_dist=world.size == 1)
     except CheckpointException as err:  # DCP gathers every rank's failure; a disk error stays an OSError
-        raise OSError(f"{tmp}: writing the shards failed: {err}") from err
+        errors = [e for e in err.failures.values() if isinstance(e, OSError)]
+        reason = _os_reason(errors[0]) if errors else str(err)[:300]
+        raise OSError(f"{tmp}: writing the shards failed ({reason})") from err
 
 
 def save_checkpoint(
@@ -310,6 +390,11 @@ def save_checkpoint(
                 _publish(root, tmp, final, keep_last)
 
         agree(world, f"step {step}: saving the checkpoint", finish)
+    except OSError as err:  # a full disk, a quota: one line saying what is kept
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"saving the checkpoint of step {step} in {root} failed ({_os_reason(err)}); "
+                      f"{_kept(root)}") from err  # fmt: skip
     except BaseException:
         if world.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -320,24 +405,39 @@ def save_checkpoint(
 # ---------------------------------------------------------------- locating and reading
 
 
+def _read_latest(latest_file: Path) -> str:
+    """The folder name in LATEST (bounded read; bytes that are not UTF-8 -> ValueError naming it)."""
+    if not latest_file.is_file():
+        raise ValueError(f"{latest_file}: not a regular file")
+    with open(latest_file, "rb") as f:
+        data = f.read(256)
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{latest_file}: not UTF-8 text (expected a folder name like step_00000600)"
+        ) from None
+    if not _STEP_DIR.match(name):
+        shown = name[:40] + ("..." if len(name) > 40 else "")
+        raise ValueError(
+            f"{latest_file}: expected a checkpoint folder name like step_00000600, got {shown!r}"
+        )
+    return name
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint folder, a run dir or its checkpoints/ folder."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run or checkpoint folder")
-    if (path / "state.json").exists():
+    if (path / STATE).exists():
         return path
     root = path if (path / LATEST).exists() else path / CHECKPOINTS
     latest_file = root / LATEST
     if not latest_file.exists():
-        raise FileNotFoundError(
-            f"{path}: no checkpoint found (neither {path / 'state.json'} nor {latest_file})"
-        )
-    name = latest_file.read_text(encoding="utf-8").strip()
-    if not _STEP_DIR.match(name):
-        raise ValueError(f"{latest_file}: expected a checkpoint folder name like step_00000600, got {name!r}")
-    folder = root / name
-    if not (folder / "state.json").exists():
+        raise FileNotFoundError(f"{path}: no checkpoint found (neither {path / STATE} nor {latest_file})")
+    folder = root / _read_latest(latest_file)
+    if not (folder / STATE).exists():
         raise FileNotFoundError(f"{latest_file}: names {folder}, which has no state.json")
     return folder
 
@@ -349,53 +449,181 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return find_checkpoint(run_dir)
 
 
-def _read_state(folder: Path) -> dict:
-    file = folder / "state.json"
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: not a readable JSON checkpoint state ({err})") from err
+def step_folders(root: str | Path) -> list[Path]:
+    """Every step_<N> folder under a checkpoints/ folder, oldest first (complete or not)."""
+    return [path for _, path in _step_dirs(Path(root))]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"the key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not float
+
+
+def _check_files_entry(file: Path, files: Any) -> None:
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"{file}: 'files' must be a non-empty mapping of file name to size and sha256")
+    for name, entry in files.items():
+        if not name or "/" in name or "\\" in name or name in (".", "..", STATE, STATE_DIGEST):
+            raise ValueError(f"{file}: 'files' lists an invalid file name {name[:80]!r}")
+        if not isinstance(entry, dict) or set(entry) != {"bytes", "sha256"}:
+            raise ValueError(f"{file}: 'files'.{name[:80]} must hold exactly 'bytes' and 'sha256'")
+        size, digest = entry["bytes"], entry["sha256"]
+        if not _is_int(size) or not 0 <= size < 2**63:
+            raise ValueError(f"{file}: 'files'.{name}.bytes must be an integer >= 0, got {str(size)[:40]}")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise ValueError(f"{file}: 'files'.{name}.sha256 must be 64 lowercase hex digits")
+
+
+def _check_state(file: Path, folder: Path, state: Any) -> dict:
+    """Schema and value ranges of a parsed state.json; ValueError naming the file and key."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(state).__name__}")
     for key in ("step", "config", "files"):
-        if not isinstance(state, dict) or key not in state:
+        if key not in state:
             raise ValueError(f"{file}: the key {key!r} is missing")
+    unknown = sorted(k for k in state if k not in STATE_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{file}: unknown keys {_list([k[:40] for k in unknown])}; valid: {', '.join(STATE_KEYS)}"
+        )
+    step = state["step"]
+    if not _is_int(step) or not 0 <= step <= _MAX_STEP:
+        raise ValueError(
+            f"{file}: 'step' must be an integer in 0..2**53, got {str(step)[:40]} ({type(step).__name__})"
+        )
+    m = _STEP_DIR.match(folder.name)
+    if m and int(m.group(1)) != step:
+        raise ValueError(f"{file}: 'step' is {step} but the folder is {folder.name}")
+    if not isinstance(state["config"], dict):
+        raise ValueError(f"{file}: 'config' must be a mapping, got {type(state['config']).__name__}")
+    steps = (
+        state["config"].get("train", {}).get("steps")
+        if isinstance(state["config"].get("train"), dict)
+        else None
+    )
+    if _is_int(steps) and step > steps:
+        raise ValueError(f"{file}: 'step' {step} is beyond the run's train.steps={steps}")
+    _check_files_entry(file, state["files"])
+    rng = state.get("rng")
+    if rng is not None and not (
+        isinstance(rng, dict)
+        and isinstance(rng.get("file"), str)
+        and isinstance(rng.get("tensors"), list)
+        and all(isinstance(t, str) for t in rng["tensors"])
+    ):
+        raise ValueError(f"{file}: 'rng' must be {{'file': name, 'tensors': [names]}}")
+    world = state.get("world")
+    if world is not None and not (
+        isinstance(world, dict)
+        and set(world) == {"size", "dp", "ep"}
+        and all(_is_int(v) and 1 <= v < 2**31 for v in world.values())
+        and world["dp"] * world["ep"] == world["size"]
+    ):
+        raise ValueError(f"{file}: 'world' must be {{'size', 'dp', 'ep'}} integers >= 1 with dp * ep = size")
+    opt = state.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and set(opt) == {"param_groups"}):
+        raise ValueError(f"{file}: 'optimizer' must be {{'param_groups': [groups]}}")
     return state
 
 
+def _read_state(folder: Path) -> dict:
+    """state.json checked against state.json.sha256, parsed strictly, its schema checked."""
+    file, digest_file = folder / STATE, folder / STATE_DIGEST
+    if not digest_file.is_file():
+        raise ValueError(
+            f"{digest_file}: missing (every checkpoint has one; this folder is damaged or was "
+            "written by an older moge)"
+        )
+    try:
+        with open(digest_file, "rb") as f:
+            expected = f.read(128).decode("ascii").strip()
+        if not file.is_file() or file.stat().st_size > _MAX_STATE_BYTES:
+            raise ValueError(f"{file}: missing, not a regular file, or larger than {_MAX_STATE_BYTES} bytes")
+        data = file.read_bytes()
+    except UnicodeDecodeError:
+        raise ValueError(f"{digest_file}: not a sha256 hex digest") from None
+    if not _SHA256.match(expected):
+        raise ValueError(f"{digest_file}: not a sha256 hex digest")
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{file}: corrupted: its sha256 differs from the one in {STATE_DIGEST}")
+    try:
+        state = json.loads(
+            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{file}: not a readable JSON checkpoint state ({str(err)[:200]})") from err
+    return _check_state(file, folder, state)
+
+
 def _verify_file(folder: Path, name: str, state: dict) -> Path:
+    """The file `name`, checked against its size and sha256 in state.json (both mandatory)."""
     file = folder / name
+    expected = state["files"].get(name)
+    if expected is None:
+        raise ValueError(f"{file}: not listed in {folder / STATE}, so it cannot be verified")
     if not file.exists():
         raise FileNotFoundError(f"{file}: missing from the checkpoint")
-    expected = state["files"].get(name)
-    if expected is not None:
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            raise ValueError(
-                f"{file}: truncated or corrupted: {size} bytes, state.json says {expected['bytes']}"
-            )
-        if _sha256(file) != expected["sha256"]:
-            raise ValueError(f"{file}: corrupted: its sha256 differs from the one in state.json")
+    if not file.is_file():
+        raise ValueError(f"{file}: not a regular file")
+    size = file.stat().st_size
+    if size != expected["bytes"]:
+        raise ValueError(f"{file}: truncated or corrupted: {size} bytes, state.json says {expected['bytes']}")
+    if _sha256(file) != expected["sha256"]:
+        raise ValueError(f"{file}: corrupted: its sha256 differs from the one in state.json")
     return file
 
 
-def _shard_files(folder: Path, state: dict) -> list[Path]:
-    """Every safetensors file DCP will read, each verified against state.json; a file
-    state.json does not list is refused (DCP would read it too)."""
-    listed = state["files"]
-    if not isinstance(listed, dict):
-        raise ValueError(f"{folder / 'state.json'}: 'files' must map file names to sizes and digests")
-    found = sorted(p.name for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX))
-    extra = [n for n in found if listed and n not in listed]
-    if extra:
-        raise ValueError(f"{folder}: files state.json does not list: {_list(extra)}")
-    shards = [n for n in (listed or found) if n.endswith(SHARD_SUFFIX) and n != RNG_FILE]
-    if not shards:
-        raise FileNotFoundError(f"{folder}: no shard files (shard-*.safetensors) in the checkpoint")
-    return [_verify_file(folder, n, state) for n in shards]
+def verify_checkpoint(folder: str | Path, required: tuple[str, ...] = FILES) -> dict:
+    """Verify a whole checkpoint folder and return its state.json.
+
+    Checks state.json against its digest, its schema and ranges, that every `required`
+    file is listed, every listed file is present with its size and sha256, and that the
+    folder holds no file state.json does not list. Any problem: ValueError or
+    FileNotFoundError naming the file.
+    """
+    folder = Path(folder)
+    state = _read_state(folder)
+    for name in required:
+        if name not in state["files"]:
+            raise ValueError(f"{folder / name}: not listed in {folder / STATE}, so it cannot be verified")
+    if not any(n.endswith(SHARD_SUFFIX) and n != RNG_FILE for n in state["files"]):
+        present = sorted(folder.glob("shard-*" + SHARD_SUFFIX))
+        if present:
+            raise ValueError(f"{present[0]}: not listed in {folder / STATE}, so it cannot be verified")
+        raise ValueError(f"{folder / STATE}: lists no shard file (shard-*.safetensors)")
+    for name in sorted(state["files"]):
+        _verify_file(folder, name, state)
+    unlisted = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name not in state["files"] and p.name not in (STATE, STATE_DIGEST)
+    )
+    if unlisted:
+        raise ValueError(
+            f"{folder}: holds files state.json does not list: {_list([n[:80] for n in unlisted])}"
+        )
+    return state
+
+
+def _shard_files(state: dict) -> list[str]:
+    """The shard files state.json lists (verify_checkpoint has checked them)."""
+    return sorted(n for n in state["files"] if n.endswith(SHARD_SUFFIX) and n != RNG_FILE)
 
 
 def _saved_layout(folder: Path) -> dict:
     """Name -> TensorStorageMetadata (global shape, dtype) from the shards' headers."""
-    for file in sorted(folder.glob("*" + SHARD_SUFFIX)):  # name the file a decoding problem is in
+    for file in sorted(folder.glob("*" + SHARD_SUFFIX)):  # name the file a decoding problem is in (rng too)
         try:
             with safe_open(str(file), framework="pt") as f:
                 f.metadata()
@@ -419,32 +647,57 @@ def _check_layout(folder: Path, saved: dict, target: dict[str, Tensor], prefix: 
         )
         raise ValueError(f"{folder}: does not match the {prefix[:-1]}; " + "; ".join(parts))
     wrong = [
-        f"{k[cut:]} saved {tuple(saved[k].size)} vs model {tuple(target[k].shape)}"
+        f"{k[cut:]} saved {shape} vs model {tuple(target[k].shape)}"
         for k in target
-        if k in want and tuple(saved[k].size) != tuple(target[k].shape)
+        if k in want
+        for shape in {
+            tuple(saved[k].size),
+            *(tuple(c.sizes) for c in saved[k].chunks if len(c.sizes) != target[k].dim()),
+        }
+        if shape != tuple(target[k].shape)
     ]
     if wrong:
         raise ValueError(f"{folder}: another architecture (shape mismatch): {_list(wrong)}")
     retyped = [
-        f"{k[cut:]} saved {saved[k].properties.dtype} vs {target[k].dtype}"
+        f"{k[cut:]} saved {saved[k].properties.dtype} vs model {target[k].dtype}"
         for k in target
         if k in want and saved[k].properties.dtype != target[k].dtype
     ]
     if retyped:
-        raise ValueError(f"{folder}: dtype mismatch: {_list(retyped)}")
+        raise ValueError(f"{folder}: dtype mismatch (never cast silently): {_list(retyped)}")
 
 
-def _load_rng(folder: Path, state: dict, data_gen: torch.Generator, world: World) -> None:
-    rng_file = _verify_file(folder, RNG_FILE, state)
+def _read_rng(folder: Path, world: World) -> dict[str, Tensor]:
+    rng_file = folder / RNG_FILE
     try:
         rng = load_file(str(rng_file))
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         raise ValueError(f"{rng_file}: not a readable safetensors file ({err})") from err
-    missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
-    if missing:
-        raise ValueError(f"{rng_file}: missing keys: {_list(missing)}")
-    torch.set_rng_state(rng.get(f"torch_cpu_rank{world.rank}", rng["torch_cpu"]))
-    data_gen.set_state(rng["data_gen"])
+    _check_rng(rng_file, rng, f"torch_cpu_rank{world.rank}")
+    return rng
+
+
+def _set_rng(folder: Path, rng: dict[str, Tensor], data_gen: torch.Generator, world: World) -> None:
+    try:
+        torch.set_rng_state(rng.get(f"torch_cpu_rank{world.rank}", rng["torch_cpu"]))
+        data_gen.set_state(rng["data_gen"])
+    except RuntimeError as err:
+        raise ValueError(f"{folder / RNG_FILE}: not a valid RNG state ({str(err)[:200]})") from err
+
+
+@torch.no_grad()
+def _check_loaded_optimizer(folder: Path, target: dict[str, Tensor]) -> None:
+    """Value ranges of this rank's AdamW state as loaded (no collective): moments finite,
+    second moments >= 0, step counts finite and >= 0."""
+    for key, t in target.items():
+        if not key.startswith("optim."):
+            continue
+        kind, t = key.rpartition(".")[2], _local(t)
+        if kind == "step":
+            if t.numel() != 1 or not bool(torch.isfinite(t).all()) or float(t) < 0:
+                raise ValueError(f"{folder}: {key[6:]} must be one finite number >= 0, got {float(t)}")
+        elif not bool(torch.isfinite(t).all()) or (kind != "exp_avg" and bool((t < 0).any())):
+            raise ValueError(f"{folder}: {key[6:]} holds NaN/Inf or a negative second moment")
 
 
 def load_checkpoint(
@@ -463,19 +716,23 @@ def load_checkpoint(
     """
     world = world or single_process()
 
-    def prepare() -> tuple[Path, dict, dict[str, Tensor]]:  # no collectives: may fail on one rank
+    def prepare() -> tuple[
+        Path, dict, dict[str, Tensor], dict | None
+    ]:  # no collectives: may fail on one rank
         folder = find_checkpoint(path_or_run_dir)
-        state = _read_state(folder)
-        _shard_files(folder, state)
+        state = verify_checkpoint(folder)  # every file, before anything is read or changed
         saved = _saved_layout(folder)
+        rng = _read_rng(folder, world) if data_gen is not None else None
+        if optimizer is not None:
+            _check_groups(folder / STATE, state.get("optimizer", {}).get("param_groups"), {})
         if optimizer is not None:
             init_optimizer_state(model, optimizer)
         target = checkpoint_state(model, optimizer, world)
         for prefix in ("model.", "optim.") if optimizer is not None else ("model.",):
             _check_layout(folder, saved, target, prefix)
-        return folder, state, target
+        return folder, state, target, rng
 
-    folder, state, target = agree(world, "reading the checkpoint", prepare)
+    folder, state, target, rng = agree(world, "reading the checkpoint", prepare)
     try:  # DCP agrees on a failure of any rank itself
         with warnings.catch_warnings():  # one process: no process group, as asked
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -483,12 +740,23 @@ def load_checkpoint(
     except CheckpointException as err:
         raise ValueError(f"{folder}: reading the shards failed: {err}") from err
     if optimizer is not None:
-        _restore_groups(
-            model, optimizer, state.get("optimizer", {}).get("param_groups"), folder / "state.json"
-        )
+        agree(world, "checking the optimizer state", lambda: _check_loaded_optimizer(folder, target))
+        _restore_groups(model, optimizer, state.get("optimizer", {}).get("param_groups"), folder / STATE)
     if data_gen is not None:
-        _load_rng(folder, state, data_gen, world)
-    return int(state["step"])
+        _set_rng(folder, rng, data_gen, world)
+    return state["step"]
+
+
+def _check_rng(file: Path, rng: dict, rng_key: str) -> None:
+    missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
+    if missing:
+        raise ValueError(f"{file}: missing keys: {_list(missing)}")
+    for key in ("data_gen", rng_key if rng_key in rng else "torch_cpu"):
+        t = rng[key]
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise ValueError(
+                f"{file}: RNG state {key!r} must be a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}"
+            )
 
 
 def checkpoint_config(path_or_run_dir: str | Path) -> RunConfig:
@@ -514,8 +782,7 @@ def read_tensors(path_or_run_dir: str | Path) -> dict[str, Tensor]:
     """Every tensor of a checkpoint, whole, in one process: "model.<name>",
     "optim.<name>.<key>" (from the shards) and "rng.<key>"; files verified first."""
     folder = find_checkpoint(path_or_run_dir)
-    state = _read_state(folder)
-    _shard_files(folder, state)
+    verify_checkpoint(folder)
     layout = _saved_layout(folder)
     out = {
         k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
@@ -525,5 +792,5 @@ def read_tensors(path_or_run_dir: str | Path) -> dict[str, Tensor]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(out, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
-    rng = load_file(str(_verify_file(folder, RNG_FILE, state)))
+    rng = load_file(str(folder / RNG_FILE))
     return {**out, **{f"rng.{k}": v for k, v in rng.items()}}

@@ -9,7 +9,8 @@
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
-"error: ..." without a traceback; 130 interrupted (Ctrl-C). Under torchrun every rank
+"error: ..." without a traceback; 130 interrupted (Ctrl-C); 143 stopped by SIGTERM after
+saving the step in flight. Under torchrun every rank
 runs this; messages are printed once (see _should_print).
 """
 
@@ -21,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process SIGTERM ended
 
 
 class _UsageError(Exception):
@@ -95,6 +97,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise ValueError("--prompt: must not be empty")
+    _check_utf8("--prompt", args.prompt)
     model, cfg, _ = load_run(args.run_dir)
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
@@ -118,6 +121,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides=args.overrides, seed=args.seed, sigma=args.sigma, training=args.training,
     )  # fmt: skip
     return EXIT_OK
+
+
+def _check_utf8(flag: str, text: str) -> None:
+    """argv bytes that are not UTF-8 arrive as lone surrogates; refuse them naming the flag."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{flag}: not valid UTF-8 text (at character {err.start})") from None
 
 
 # ---------------------------------------------------------------- parser
@@ -201,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (see the module docstring)."""
     from moge.distributed.agree import PeerError
+    from moge.runfolder import Terminated
     from moge.training import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -213,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    except Terminated as stop:  # SIGTERM: the step finished and was saved (moge.runfolder)
+        if _should_print():
+            print(_one_line(stop), file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         if _should_print():
             print("interrupted (a training run continues with train.resume=true)", file=sys.stderr)

@@ -16,15 +16,18 @@ from typing import Any, Optional
 
 import yaml
 
+from moge import safeyaml
 from moge._validate import (
     check_bool,
     check_choice,
     check_float,
     check_int,
     check_optional_int,
-    check_optional_str,
+    check_path,
+    shown,
 )
 from moge.layer import MoGEConfig
+from moge.runfolder import write_atomic
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("gloo", "nccl")
@@ -107,7 +110,7 @@ class DataConfig:
     seed: int = 0  # seed of the batch sampler
 
     def __post_init__(self) -> None:
-        check_optional_str("data.path", self.path)
+        check_path("data.path", self.path)
         check_int("data.seq_len", self.seq_len, minimum=1)
         check_float("data.val_fraction", self.val_fraction, minimum=0.0, maximum=0.5, strict_min=True)
         check_int("data.seed", self.seed, minimum=0)
@@ -151,7 +154,7 @@ class TrainConfig:
         check_float("train.beta2", self.beta2, minimum=0.0, maximum=0.999999)
         check_float("train.grad_clip", self.grad_clip, minimum=0.0)
         check_choice("train.dtype", self.dtype, DTYPES)
-        check_optional_str("train.out_dir", self.out_dir)
+        check_path("train.out_dir", self.out_dir)
         check_bool("train.resume", self.resume)
         check_choice("train.device", self.device, ("cpu", "cuda"))
         if self.min_lr > self.lr:
@@ -207,8 +210,8 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun / expert parallel
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
+        if not isinstance(self.name, str) or not self.name or "\0" in self.name:
+            raise ValueError(f"name: expected a non-empty string without NUL bytes, got {shown(self.name)}")
         if self.moe.d_model != self.model.d_model:
             raise ValueError(
                 f"moe.d_model: {self.moe.d_model} differs from model.d_model={self.model.d_model}"
@@ -311,13 +314,13 @@ def _section_dict(raw: Mapping[str, Any], section: str, source: str) -> dict[str
         return {}
     if not isinstance(value, dict):
         raise ValueError(
-            f"{section}: expected a mapping of keys, got {type(value).__name__} {value!r} (in {source})"
+            f"{section}: expected a mapping of keys, got {type(value).__name__} {shown(value)} (in {source})"
         )
     valid = _keys(section)
     extra = ("d_model",) if section == "moe" else ()
     for key in value:
         if key not in valid and key not in extra:
-            raise ValueError(f"{_unknown_key(f'{section}.{key}', valid)} (in {source})")
+            raise ValueError(f"{_unknown_key(f'{section}.{shown(key)[1:-1]}', valid)} (in {source})")
     return dict(value)
 
 
@@ -348,7 +351,9 @@ def config_from_dict(d: Any, source: str = "<dict>") -> RunConfig:
         )
     for key in d:
         if key not in TOP_LEVEL_KEYS:
-            raise ValueError(f"{_unknown_key(str(key), sorted(TOP_LEVEL_KEYS))} (in {source})")
+            raise ValueError(
+                f"{_unknown_key(shown(key).strip(chr(39)), sorted(TOP_LEVEL_KEYS))} (in {source})"
+            )
     if "name" not in d:
         raise ValueError(f"name: required key is missing (in {source})")
     model = _build("model", _section_dict(d, "model", source), source)
@@ -371,20 +376,17 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"override {text!r}: expected KEY=VALUE, e.g. train.steps=50")
+        raise ValueError(f"override {shown(text)}: expected KEY=VALUE, e.g. train.steps=50")
     path = key.split(".")
     if path != ["name"]:
         if path[0] not in SECTIONS or len(path) != 2:
             shapes = ", ".join(f"{s}.KEY" for s in SECTIONS)
-            raise ValueError(f"override {text!r}: {key}: not a field; expected name or {shapes}")
+            raise ValueError(f"override {shown(text)}: {key}: not a field; expected name or {shapes}")
         if key == "moe.d_model":
-            raise ValueError(f"override {text!r}: moe.d_model: follows model.d_model; override that")
+            raise ValueError(f"override {shown(text)}: moe.d_model: follows model.d_model; override that")
         if path[1] not in _keys(path[0]):
-            raise ValueError(f"override {text!r}: {_unknown_key(key, _keys(path[0]))}")
-    try:
-        return path, yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        raise ValueError(f"override {text!r}: the value is not valid YAML: {err}") from err
+            raise ValueError(f"override {shown(text)}: {_unknown_key(key, _keys(path[0]))}")
+    return path, safeyaml.loads(value, f"override {shown(text)}: the value")
 
 
 def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -404,12 +406,8 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    # Regular files only, bounded size, depth and alias expansion, duplicate keys refused.
+    data = safeyaml.read_file(path)
     if data is None:
         raise ValueError(f"{path}: the config file is empty")
     if not isinstance(data, dict):
@@ -442,4 +440,4 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
-    path.write_text(text, encoding="utf-8")
+    write_atomic(path, text.encode("utf-8"))  # a kill mid-write leaves the old or the new file

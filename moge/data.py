@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from moge.config import DataConfig
+from moge.limits import available_memory, check_fits
 
 BYTE_VOCAB = 256
 TEXT_SUFFIXES = frozenset(
@@ -91,8 +92,19 @@ def _looks_binary(data: bytes) -> bool:
     return b"\x00" in data[:_SNIFF_BYTES]
 
 
+def _read_bytes(path: Path) -> bytes:
+    """path's bytes; an I/O error -> OSError naming the file (the CLI prints it as one line)."""
+    try:
+        # bytes, their tensor copy and the split: about three times the file in memory
+        check_fits(f"data.path: {path}", {"the text and its token copies": 3 * path.stat().st_size},
+                   "use a smaller corpus", available_memory())  # fmt: skip
+        return path.read_bytes()
+    except OSError as err:
+        raise OSError(f"data.path: reading {path} failed: {err.strerror or err}") from err
+
+
 def _read_text_file(path: Path) -> tuple[torch.Tensor, str]:
-    data = path.read_bytes()
+    data = _read_bytes(path)
     if not data:
         raise ValueError(f"data.path: file {str(path)!r} is empty")
     if _looks_binary(data):
@@ -117,7 +129,7 @@ def _text_files_under(root: Path) -> list[Path]:
 def _read_folder(root: Path) -> tuple[torch.Tensor, str]:
     parts, skipped = [], 0
     for path in _text_files_under(root):
-        data = path.read_bytes()
+        data = _read_bytes(path)
         if not data:
             continue
         if _looks_binary(data):
@@ -142,7 +154,13 @@ def _read_bin(path: Path) -> tuple[torch.Tensor, str]:
         raise ValueError(
             f"data.path: .bin file {str(path)!r} has {n_bytes} bytes, not a whole number of uint16 tokens"
         )
-    tokens = torch.from_file(str(path), shared=False, size=n_bytes // 2, dtype=torch.uint16)
+    # The stream, then the train and val copies of it: about twice the file in memory.
+    check_fits(f"data.path: {path}", {"the token stream and its split": 2 * n_bytes},
+               "use a smaller .bin file", available_memory())  # fmt: skip
+    try:
+        tokens = torch.from_file(str(path), shared=False, size=n_bytes // 2, dtype=torch.uint16)
+    except RuntimeError as err:  # torch reports read errors as RuntimeError
+        raise OSError(f"data.path: reading {path} failed: {str(err).splitlines()[0][:200]}") from err
     return tokens, f"uint16 .bin file {path} ({n_bytes // 2:,} tokens)"
 
 

@@ -217,6 +217,9 @@ class MoGELayer(nn.Module):
             raise ValueError(
                 f"x: dtype {x.dtype} is wider than the layer's parameters ({w}); cast x or the layer"
             )
+        if x.dtype != w and not torch.is_autocast_enabled(x.device.type):  # autocast casts itself
+            raise ValueError(f"x: dtype {x.dtype} differs from the layer's parameters ({w}); "
+                             "cast x or the layer, or run under torch.autocast")  # fmt: skip
         if self.check_finite:
             bad = ~torch.isfinite(x)
             if bool(bad.any()):

@@ -387,7 +387,11 @@ def sample_next(
     logits_BV = logits_BV.float()
     if temperature == 0:
         return logits_BV.argmax(dim=-1, keepdim=True)
-    logits_BV = logits_BV / temperature
+    # Shift the best logit to 0 first, so a tiny temperature (1e-45) gives 0 and -inf (greedy
+    # in the limit) instead of inf - inf = NaN; below float32's smallest normal number T
+    # would round to 0 (0/0 = NaN) and the result is greedy anyway.
+    t = max(temperature, torch.finfo(torch.float32).smallest_normal)
+    logits_BV = (logits_BV - logits_BV.max(dim=-1, keepdim=True).values) / t
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))

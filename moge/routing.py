@@ -169,6 +169,8 @@ def random_routed(scores: Tensor, token_ids: Tensor, table_VK: Tensor) -> tuple[
         raise ValueError(
             f"token_ids: expected shape ({scores.shape[0]},) to match the tokens, got {tuple(token_ids.shape)}"
         )
+    if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+        raise ValueError(f"token_ids: expected integer ids, got {token_ids.dtype} (never truncated)")
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= table_VK.shape[0]):
         raise ValueError(f"token_ids: ids must be in [0, {table_VK.shape[0]}) (rre_vocab_size)")
     ids_TK = table_VK.index_select(0, token_ids.long())

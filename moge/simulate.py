@@ -37,11 +37,12 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from moge._validate import check_float, check_int
 from moge.config import RunConfig, load_config
+from moge.limits import available_memory, check_fits
 from moge.routing import RouterSettings, compute_scores, route
 
 SIM_ROUTERS = ("grouped", "global", "group_limited", "grouped_per_device")
@@ -111,6 +112,10 @@ def _check_inputs(
         )
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"--trials: must be a positive integer, got {trials!r}")
+    # ids [R, T, K] int64 kept for every trial; logits and scores [T, E] float32 per chunk
+    check_fits(f"--tokens {tokens} x --trials {trials}",
+               {"expert ids": trials * tokens * K * 8, "router scores": 2 * tokens * E * 4},
+               "lower --tokens or --trials", available_memory())  # fmt: skip
     for name, value in (("--tflops", tflops), ("--bandwidth-gbs", bandwidth_gbs)):
         if not value > 0 or math.isinf(value):
             raise ValueError(f"{name}: must be a positive number, got {value!r}")
@@ -172,25 +177,36 @@ def _trace_layers(path: str | Path, num_experts: int, top_k: int) -> Iterator[Te
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--trace: file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        for key, want in (("num_experts", num_experts), ("top_k", top_k)):
-            if key in meta and int(meta[key]) != want:
-                raise ValueError(f"--trace: {path} has {key}={meta[key]}, the config {want}")
-        names = f.keys()  # noqa: SIM118 (safe_open is not iterable)
-        keys = sorted((k for k in names if k.startswith("layer_")), key=lambda k: int(k[6:]))
-        if not keys:
-            raise ValueError(f"--trace: {path} holds no layer_<i> tensors")
-        for key in keys:
-            ids = f.get_tensor(key).long()
-            if (
-                ids.dim() != 2
-                or ids.shape[1] != top_k
-                or ids.numel()
-                and (int(ids.min()) < 0 or int(ids.max()) >= num_experts)
-            ):
-                raise ValueError(f"--trace: {path}:{key} is not [tokens, {top_k}] ids in [0, {num_experts})")
-            yield ids
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield from _trace_file_layers(f, path, num_experts, top_k)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"--trace: {path} is not a readable safetensors file ({str(err)[:200]})") from err
+
+
+def _trace_file_layers(f, path: Path, num_experts: int, top_k: int) -> Iterator[Tensor]:
+    """The checked [T, K] ids of every layer_<i> tensor of an open trace file."""
+    meta = f.metadata() or {}
+    for key, want in (("num_experts", num_experts), ("top_k", top_k)):
+        if key in meta and meta[key].strip() != str(want):
+            raise ValueError(f"--trace: {path} has {key}={meta[key]}, the config {want}")
+    names = f.keys()  # noqa: SIM118 (safe_open is not iterable)
+    keys = sorted((k for k in names if k.startswith("layer_") and k[6:].isdigit()), key=lambda k: int(k[6:]))
+    if not keys:
+        raise ValueError(f"--trace: {path} holds no layer_<i> tensors")
+    for key in keys:
+        ids = f.get_tensor(key)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"--trace: {path}:{key} holds {ids.dtype} values, not integer expert ids")
+        ids = ids.long()
+        if (
+            ids.dim() != 2
+            or ids.shape[1] != top_k
+            or ids.numel()
+            and (int(ids.min()) < 0 or int(ids.max()) >= num_experts)
+        ):
+            raise ValueError(f"--trace: {path}:{key} is not [tokens, {top_k}] ids in [0, {num_experts})")
+        yield ids
 
 
 def trace_ids(path: str | Path, cfg: RunConfig, tokens: int, trials: int) -> Tensor:

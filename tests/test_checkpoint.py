@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -93,7 +94,7 @@ def test_layout_latest_and_no_temp_left(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_00000005"]
     folder = root / "step_00000005"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["rng.safetensors", SHARD, "state.json"]
+    assert names == ["rng.safetensors", SHARD, "state.json", "state.json.sha256"]
     assert (root / "LATEST").read_text().strip() == "step_00000005"
     state = json.loads((folder / "state.json").read_text())
     assert state["step"] == 5 and config_from_dict(state["config"]) == cfg
@@ -145,13 +146,15 @@ def test_corrupted_or_truncated_file_names_it(tmp_path, damage):
         file.write_bytes(bytes(data))
     else:
         file.write_bytes(bytes(data[: len(data) // 2]))
-    if damage == "truncate_unlisted":  # without the recorded size: safetensors itself must notice
+    if damage == "truncate_unlisted":  # its entry dropped (state.json re-signed): still refused
         state = json.loads((folder / "state.json").read_text())
-        state["files"] = {}
-        (folder / "state.json").write_text(json.dumps(state))
+        del state["files"][SHARD]
+        data = json.dumps(state).encode()
+        (folder / "state.json").write_bytes(data)
+        (folder / "state.json.sha256").write_text(hashlib.sha256(data).hexdigest())
     with pytest.raises(ValueError, match=SHARD) as err:
         load_checkpoint(tmp_path, fresh(cfg)[0])
-    expected = {"flip": "corrupted", "truncate": "truncated", "truncate_unlisted": "not a readable"}[damage]
+    expected = {"flip": "corrupted", "truncate": "truncated", "truncate_unlisted": "not listed"}[damage]
     assert expected in str(err.value)
 
 

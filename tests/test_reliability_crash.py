@@ -67,12 +67,21 @@ def small_run(tmp_path_factory) -> Path:
     return run
 
 
+def write_signed_state(folder: Path, state) -> None:
+    """Write state.json (a dict, or raw bytes/str) with a matching state.json.sha256: an edit, not damage."""
+    if isinstance(state, dict):
+        state = json.dumps(state)
+    data = state.encode() if isinstance(state, str) else state
+    (folder / "state.json").write_bytes(data)
+    (folder / "state.json.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+
+
 def _record_file(folder: Path, name: str) -> None:
     """Make state.json vouch for the current bytes of `name` (a deliberate swap, not damage)."""
     state = json.loads((folder / "state.json").read_text())
     data = (folder / name).read_bytes()
     state["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (folder / "state.json").write_text(json.dumps(state))
+    write_signed_state(folder, state)
 
 
 def _damage(run: Path, kind: str) -> str:
@@ -81,11 +90,11 @@ def _damage(run: Path, kind: str) -> str:
     model_file = folder / SHARD
     if kind in ("truncated", "truncated_unrecorded"):
         model_file.write_bytes(model_file.read_bytes()[:1000])
-        if kind == "truncated_unrecorded":  # without the recorded size safetensors itself must notice
+        if kind == "truncated_unrecorded":  # its entry dropped: an unverifiable file is refused
             state = json.loads((folder / "state.json").read_text())
-            state["files"] = {}
-            (folder / "state.json").write_text(json.dumps(state))
-            return f"{SHARD}: not a readable safetensors file"
+            del state["files"][SHARD]
+            write_signed_state(folder, state)
+            return f"{SHARD}"  # in the folder but not listed by state.json
         return f"{SHARD}: truncated or corrupted"
     if kind == "bit_flip":
         data = bytearray(model_file.read_bytes())
@@ -116,12 +125,12 @@ def _damage(run: Path, kind: str) -> str:
         model_file.unlink()
         return f"{SHARD}: missing from the checkpoint"
     if kind == "state_not_json":
-        (folder / "state.json").write_text("{not json")
+        write_signed_state(folder, "{not json")
         return "state.json: not a readable JSON checkpoint state"
     if kind == "state_bad_config":
         state = json.loads((folder / "state.json").read_text())
         state["config"]["moe"]["top_k"] = 3
-        (folder / "state.json").write_text(json.dumps(state))
+        write_signed_state(folder, state)
         return "moe.top_k: "
     if kind == "latest_garbage":
         (run / "checkpoints" / "LATEST").write_text("../../etc\n")
@@ -452,7 +461,16 @@ def _unsafe_loads(source: str, filename: str) -> list[str]:
     """Calls that could unpickle: torch.load without weights_only=True, yaml.load without a
     safe Loader, yaml.unsafe_load/full_load, pickle/dill/joblib loads, numpy allow_pickle."""
     found = []
-    for node in ast.walk(ast.parse(source, filename)):
+    tree = ast.parse(source, filename)
+    safe = {"SafeLoader", "CSafeLoader"}
+    # Loader classes of this file that subclass a safe one (e.g. moge.safeyaml._StrictLoader)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+            isinstance(b, ast.Attribute) and b.attr in safe and getattr(b.value, "id", "") == "yaml"
+            for b in node.bases
+        ):
+            safe.add(node.name)
+    for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
@@ -465,7 +483,10 @@ def _unsafe_loads(source: str, filename: str) -> list[str]:
             found.append(f"{where}: torch.load without weights_only=True")
         elif name == "load" and owner == "yaml":
             loader = kw.get("Loader", node.args[1] if len(node.args) > 1 else None)
-            if not (isinstance(loader, ast.Attribute) and loader.attr in ("SafeLoader", "CSafeLoader")):
+            name_of = loader.attr if isinstance(loader, ast.Attribute) else getattr(loader, "id", None)
+            if name_of not in safe or (
+                isinstance(loader, ast.Name) and name_of in ("SafeLoader", "CSafeLoader")
+            ):
                 found.append(f"{where}: yaml.load without a safe Loader")
         elif owner == "yaml" and name in (
             "unsafe_load",
@@ -490,9 +511,13 @@ def test_the_unsafe_load_finder_finds_them():
     bad = (
         "torch.load(f)\ntorch.load(f, weights_only=False)\nyaml.load(s)\nyaml.load(s, Loader=yaml.Loader)\n"
         "yaml.unsafe_load(s)\nyaml.full_load(s)\npickle.loads(b)\nnp.load(f, allow_pickle=True)\n"
+        "class Mine(yaml.Loader):\n    pass\nyaml.load(s, Loader=Mine)\nyaml.load(s, Loader=Other)\n"
     )
-    assert len(_unsafe_loads(bad, "bad.py")) == 8
-    good = "torch.load(f, weights_only=True)\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\nnp.load(f)\n"
+    assert len(_unsafe_loads(bad, "bad.py")) == 10
+    good = (
+        "torch.load(f, weights_only=True)\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\nnp.load(f)\n"
+        "class Strict(yaml.SafeLoader):\n    pass\nyaml.load(s, Loader=Strict)\n"
+    )
     assert _unsafe_loads(good, "good.py") == []
 
 

@@ -21,7 +21,6 @@ routing statistics it logs are those of the whole step (every rank's micro-batch
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import warnings
@@ -33,20 +32,31 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from moge.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from moge.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from moge.config import RunConfig, config_to_dict, save_config
 from moge.data import TokenDataset, load_dataset
 from moge.distributed.agree import agree
 from moge.distributed.mesh import World, close, connect
 from moge.distributed.parallelize import clip_grads_, grad_norm, parallelize
+from moge.limits import check_train_fits
 from moge.model import MoGETransformer, count_parameters, format_params
+from moge.runfolder import (
+    RunLock,
+    StopOnSigterm,
+    append_record,
+    holds_a_run,
+    optimizer_settings,
+    read_metrics,
+    reapply_optimizer_settings,
+    resume_point,
+    rewrite_metrics,
+)
 from moge.training.checks import check_weights, global_losses, moe_blocks, nonfinite_grads
 from moge.training.metrics import (
     METRICS,
     autocast,
     last,
     log_line,
-    read_metrics,
     routing_record,
     routing_sums,
     validation_loss,
@@ -83,8 +93,11 @@ def _prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"train.out_dir: {out_dir} exists and is not a folder")
     if resume:
-        return latest_checkpoint(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+        ckpt, note = resume_point(out_dir)  # LATEST lost: the newest verified step, or an error
+        if note:
+            tqdm.write(note)
+        return ckpt
+    if holds_a_run(out_dir):
         raise ValueError(
             f"train.out_dir: {out_dir} already holds a run; pass train.resume=true to continue it "
             "or set train.out_dir to another folder"
@@ -103,27 +116,30 @@ def _check_same_architecture(cfg: RunConfig, ckpt: Path) -> None:
             )
 
 
-def _open_run(cfg: RunConfig, world: World, out_dir: Path, dataset, start: int, ckpt):
-    """Rank 0: config.yaml, the header, metrics.jsonl cut back to `start` -> (file, records)."""
+def _open_run(cfg: RunConfig, world: World, out_dir: Path, dataset, start: int, ckpt, changes: list[str]):
+    """Rank 0: config.yaml, the header, metrics.jsonl cut back to `start` -> (file, records).
+
+    changes: optimizer settings of the config that a resume applied over the checkpoint's."""
     if not world.main:
         return None, []
     tc = cfg.train
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
     params = count_parameters(cfg.model, cfg.moe)
     tqdm.write(f"{cfg.name}: {format_params(params.total)} parameters, {format_params(params.activated)} "
                f"activated; data: {dataset.source}; out_dir: {out_dir}")  # fmt: skip
     if world.size > 1:
         tqdm.write(f"parallel: {world.size} processes, mesh dp={world.shape.dp} x ep={world.shape.ep} "
                    "(FSDP2 over all ranks, experts over ep then FSDP2 over dp)")  # fmt: skip
+    records = []
     if ckpt is not None:
-        tqdm.write(f"resuming from {ckpt} (step {start})")
+        tqdm.write(f"resuming from {ckpt} (step {start})" + "".join(f"; applied {c}" for c in changes))
+        records = read_metrics(out_dir / METRICS, start)
+        records += [{"type": "resume", "step": start, "optimizer_changes": changes}] if changes else []
     elif tc.resume:
         tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh")
-    records = read_metrics(out_dir / METRICS, start)
-    metrics = open(out_dir / METRICS, "w", encoding="utf-8")  # noqa: SIM115 (held for the run) drops what a killed run logged later
-    metrics.writelines(json.dumps(r) + "\n" for r in records)
-    metrics.flush()
+    save_config(cfg, out_dir / "config.yaml")
+    rewrite_metrics(out_dir / METRICS, records)  # atomic: drops what a killed run logged later
+    metrics = open(out_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (held for the run)
     return metrics, records
 
 
@@ -143,8 +159,7 @@ class _Run:
 
     def write(self, rec: dict) -> None:
         if self.metrics is not None:
-            self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
+            append_record(self.metrics, rec)
 
 
 # ---------------------------------------------------------------- one step
@@ -206,7 +221,12 @@ def _save(run: _Run, step: int) -> None:
     )
 
 
-def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
+def _any_rank(world: World, flag: bool) -> bool:
+    """Whether `flag` is set on any rank (a collective): SIGTERM may reach the ranks apart."""
+    return bool(world.all_reduce(torch.tensor([int(flag)], dtype=torch.int32, device=world.device)).item())
+
+
+def _after_step(run: _Run, rec: dict, stop_at: int | None, stopping: bool = False) -> None:
     """Rank 0 logs; every rank evaluates and joins the checkpoint, as train.* schedules."""
     tc, done, main = run.cfg.train, rec["step"], run.world.main
     run.write(rec)
@@ -217,7 +237,7 @@ def _after_step(run: _Run, rec: dict, stop_at: int | None) -> None:
         run.write({"type": "eval", "step": done, "val_loss": run.val_loss})
         if main:
             tqdm.write(f"step {done:>6}/{tc.steps} | val_loss {run.val_loss:.4f}")
-    if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, stop_at):
+    if (tc.save_every and done % tc.save_every == 0) or done in (tc.steps, stop_at) or stopping:
         _save(run, done)
 
 
@@ -229,7 +249,10 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
     tokens_per_step = tc.batch_size * tc.grad_accum * run.cfg.data.seq_len * run.world.size
     t0, train_time, tok_s = time.perf_counter(), 0.0, 0.0
     show = progress and run.world.main and sys.stderr.isatty()
-    with tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar:
+    with (
+        StopOnSigterm() as stop,
+        tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar,
+    ):
         for step in range(start, end):
             t_step = time.perf_counter()
             rec = _train_step(step, run)
@@ -240,7 +263,11 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
                    "elapsed_s": elapsed0 + time.perf_counter() - t0}  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            _after_step(run, rec, stop_at)
+            stopping = _any_rank(run.world, stop.requested)  # SIGTERM: all ranks save this step, then stop
+            _after_step(run, rec, stop_at, stopping)
+            if stopping:
+                stop.requested = True
+                stop.stop_if_requested(step + 1, run.out_dir)
     # start > end only when resuming past stop_at; start == steps: a finished run, nothing to do.
     return TrainResult(max(end, start), train_loss, run.val_loss, run.out_dir, tok_s)
 
@@ -260,8 +287,31 @@ def _train(cfg: RunConfig, world: World, progress: bool, stop_at: int | None) ->
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     out_dir = Path(tc.out_dir) if tc.out_dir is not None else Path("runs") / cfg.name
+    lock = RunLock(out_dir)  # rank 0 holds the run folder's lock for the life of the run
+    try:
+        return _train_locked(cfg, world, out_dir, lock, progress, stop_at)
+    finally:
+        lock.release()
+
+
+def _load(cfg: RunConfig, world: World, ckpt: Path, model, optimizer, data_gen) -> tuple[int, list[str]]:
+    """Resume: (step, the config's optimizer settings applied over the checkpoint's)."""
+    wanted = optimizer_settings(optimizer)  # the config's; a resume applies and records them
+    start = load_checkpoint(ckpt, model, optimizer, data_gen, world)
+    return start, reapply_optimizer_settings(optimizer, wanted)
+
+
+def _train_locked(cfg, world: World, out_dir: Path, lock: RunLock, progress: bool, stop_at: int | None):
+    tc = cfg.train
 
     def prepare():
+        if world.main:
+            lock.acquire()
+            if lock.stale_pid is not None:
+                tqdm.write(
+                    f"{lock.path}: left by pid {lock.stale_pid}, which is no longer running; taken over"
+                )
+        check_train_fits(cfg)  # sizes that validate but cannot fit: refused before any allocation
         dataset = load_dataset(cfg.data)
         dataset.check_vocab_size(cfg.model.vocab_size)
         ckpt = _prepare_out_dir(out_dir, tc.resume)
@@ -273,9 +323,9 @@ def _train(cfg: RunConfig, world: World, progress: bool, stop_at: int | None) ->
     dataset, ckpt = agree(world, "setting up", prepare)
     model, optimizer = _build(cfg, world)
     data_gen = torch.Generator().manual_seed(cfg.data.seed)
-    start = 0 if ckpt is None else load_checkpoint(ckpt, model, optimizer, data_gen, world)
+    start, changes = (0, []) if ckpt is None else _load(cfg, world, ckpt, model, optimizer, data_gen)
     metrics, records = agree(
-        world, "opening the run folder", lambda: _open_run(cfg, world, out_dir, dataset, start, ckpt)
+        world, "opening the run folder", lambda: _open_run(cfg, world, out_dir, dataset, start, ckpt, changes)
     )
     try:
         run = _Run(cfg, world, out_dir, dataset, model, optimizer, data_gen, metrics)

@@ -1,0 +1,86 @@
+"""Refuse sizes that validate but cannot exist on this machine, before allocating anything.
+
+Configs check each field on its own (integers stop at the int64 limit); this module checks
+what the fields add up to against the memory the machine has: a run with
+`model.max_seq_len: 1000000000000` passes every field check, then asks for terabytes of
+RoPE tables. The estimates are lower bounds (what is certainly allocated), so a refusal is
+never wrong; a run that passes may still run out of memory later, for the usual reasons.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+
+GIB = 1 << 30
+
+
+class TooLargeError(ValueError):
+    """A size this machine cannot hold; the message says what would be needed."""
+
+
+def format_bytes(n: int | float) -> str:
+    for unit, size in (("PiB", 1 << 50), ("TiB", 1 << 40), ("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def available_memory(device: str = "cpu") -> int | None:
+    """Bytes that can be allocated now on `device` (None: unknown, nothing is refused)."""
+    if device == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info()[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(what: str, parts: Mapping[str, int], hint: str, available: int | None) -> None:
+    """Raise TooLargeError naming `what` when the parts add up to more than `available`."""
+    needed = sum(parts.values())
+    if available is None or needed <= available:
+        return
+    detail = ", ".join(f"{name} {format_bytes(b)}" for name, b in parts.items() if b)
+    raise TooLargeError(
+        f"{what}: needs at least {format_bytes(needed)} of memory ({detail}) but "
+        f"{format_bytes(available)} is available; {hint}"
+    )
+
+
+def train_memory(cfg) -> dict[str, int]:
+    """Lower bound of what `moge train` allocates for `cfg` (a RunConfig), by part, in bytes."""
+    from moge.model import count_parameters  # builds on the meta device: no memory, any size
+
+    m, t = cfg.model, cfg.train
+    params = count_parameters(m, cfg.moe).total
+    act = 2 if t.dtype == "bfloat16" else 4
+    return {
+        "weights, gradients and AdamW moments": params * 4 * 4,
+        "RoPE tables": 2 * m.max_seq_len * m.resolved_head_dim * 4,  # cos and sin, float32
+        "one batch of logits": t.batch_size * cfg.data.seq_len * m.vocab_size * act,
+    }
+
+
+def check_train_fits(cfg, available: int | None = None) -> None:
+    """Refuse a run whose model, optimizer, RoPE tables and logits cannot fit in memory."""
+    if available is None:
+        available = available_memory(cfg.train.device)
+    check_fits(
+        f"config {cfg.name}",
+        train_memory(cfg),
+        "lower model.max_seq_len, train.batch_size, data.seq_len or the model's sizes",
+        available,
+    )
