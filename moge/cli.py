@@ -5,6 +5,7 @@
     moge eval RUN_DIR [RUN_DIR ...]          report / comparison (moge.evaluate)
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
+    moge plan CONFIG --devices N [N ...] [--mesh ep=E]   per-device memory of training on N devices
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
@@ -123,6 +124,36 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _parse_mesh(text: str) -> tuple[int, int | None]:
+    """--mesh "ep=8" or "dp=2,ep=8" -> ep (dp follows from --devices; checked against it later)."""
+    parts = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    if not parts or set(parts) - {"dp", "ep"} or len(parts) != len(text.split(",")):
+        raise ValueError(f"--mesh: expected dp=D,ep=E or ep=E, got {text!r}")
+    try:
+        sizes = {k: int(v) for k, v in parts.items()}
+    except ValueError:
+        raise ValueError(f"--mesh: sizes must be integers, got {text!r}") from None
+    return sizes.get("ep", 1), sizes.get("dp")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from moge.config import load_config
+    from moge.tools.plan import format_plan, memory_plan
+
+    cfg = load_config(args.config, args.overrides)
+    ep, dp = _parse_mesh(args.mesh) if args.mesh else (None, None)
+    plans = []
+    for n in args.devices:
+        if dp is not None and dp * (ep or 1) != n:
+            raise ValueError(f"--mesh: dp={dp} x ep={ep} = {dp * (ep or 1)} devices, but --devices {n}")
+        plans.append(memory_plan(
+            cfg, n, expert_parallel=ep, micro_batch=args.micro_batch, dtype=args.dtype,
+            checkpointing=args.checkpointing, device_gb=args.device_gb,
+        ))  # fmt: skip
+    print(format_plan(cfg, plans))
+    return EXIT_OK
+
+
 def _check_utf8(flag: str, text: str) -> None:
     """argv bytes that are not UTF-8 arrive as lone surrogates; refuse them naming the flag."""
     try:
@@ -203,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
+
+    p = sub.add_parser("plan", help="per-device bytes of params, grads, AdamW, activations on N devices")
+    p.add_argument("config", help="YAML run config, e.g. configs/pangu-pro-moe-72b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--devices", type=_positive_int, nargs="+", required=True)
+    p.add_argument("--mesh", default=None, help="ep=E or dp=D,ep=E (default: parallel.expert_parallel)")
+    p.add_argument("--micro-batch", type=_positive_int, default=None, dest="micro_batch",
+                   help="sequences per device per micro-batch (default train.batch_size)")  # fmt: skip
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="activations (train.dtype)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--device-gb", type=float, default=80.0, dest="device_gb", help="memory per device, GiB")
+    p.set_defaults(handler=_cmd_plan)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")

@@ -35,6 +35,7 @@ from moge.data import load_dataset
 from moge.distributed.agree import PeerError, agree
 from moge.distributed.mesh import connect
 from moge.distributed.parallelize import checkpoint_views, local
+from moge.tools.plan import memory_plan
 from moge.training import NonFiniteLossError, train
 from moge.training.loop import rank_batches
 
@@ -153,6 +154,26 @@ def _placements(root: Path, rank: int) -> None:
     (root / f"placements.rank{rank}.json").write_text(json.dumps(found))
 
 
+def _measure(root: Path, rank: int, tag: str, expert_parallel: int) -> None:
+    """Bytes this rank holds after a real step: parameters, gradients, AdamW state."""
+    cfg = make_cfg(root / "unused", expert_parallel)
+    world = connect(cfg.parallel, cfg.moe.num_groups)
+    model, opt = loop_mod._build(cfg, world)
+    x_BL = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(rank))
+    model(x_BL, x_BL.roll(-1, 1)).loss.backward()
+    opt.step()
+
+    def nbytes(t):
+        return local(t).numel() * local(t).element_size()
+
+    got = {
+        "params": sum(nbytes(p) for p in model.parameters()),
+        "grads": sum(nbytes(p.grad) for p in model.parameters()),
+        "optimizer": sum(nbytes(v) for s in opt.state.values() for v in s.values()),
+    }
+    (root / f"bytes.{tag}.rank{rank}.json").write_text(json.dumps(got))
+
+
 def _resave(root: Path, src: str, dst: str) -> None:
     """Load a checkpoint into this world's shards and save it again, without a step."""
     cfg = make_cfg(root / dst, 2)
@@ -190,6 +211,7 @@ def _worker_four(rank: int, world: int, root: str) -> None:
     _init(rank, world, root, "four")
     try:
         train(make_cfg(root / "four", 2, eval_every=3), progress=False, stop_at=STOP)
+        _measure(root, rank, "dp2xep2", 2)
     finally:
         dist.destroy_process_group()
 
@@ -203,6 +225,8 @@ def _worker_two(rank: int, world: int, root: str) -> None:
         train(make_cfg(root / "killed", 2, steps=8, save_every=1, resume=True), progress=False)
         _resave(root, "four", "resaved2")
         _placements(root, rank)
+        _measure(root, rank, "ep2", 2)
+        _measure(root, rank, "dp2", 1)
         _agree_scenario(connect(make_cfg(root, 2).parallel, 4), root)
         _nan_scenario(rank, root, "nan_loss", _poison_router)
         _nan_scenario(rank, root, "nan_grad", _poison_grad)
@@ -415,3 +439,13 @@ def test_a_nan_gradient_stops_all_before_the_update(runs):
         assert got["message"].startswith("step 2: the gradient norm is not finite; non-finite gradients in")
         assert f"on rank {rank}: " in got["message"] and "embed.weight" in got["message"]
     assert [r["step"] for r in records(runs / "nan_grad")] == [1]
+
+
+@pytest.mark.parametrize("tag, world, ep", [("ep2", 2, 2), ("dp2", 2, 1), ("dp2xep2", 4, 2)])
+def test_the_memory_plan_matches_the_shards(runs, tag, world, ep):
+    plan = memory_plan(make_cfg(runs / "unused"), world, expert_parallel=ep)
+    got = json.loads((runs / f"bytes.{tag}.rank0.json").read_text())  # rank 0: the busiest
+    assert got == {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer}
+    for rank in range(1, world):
+        other = json.loads((runs / f"bytes.{tag}.rank{rank}.json").read_text())
+        assert all(other[k] <= got[k] for k in got)
