@@ -179,6 +179,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:  # torch seeds are int64 (negative ones alias large ones)
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**63-1, got {text[:40]}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moge", description="Mixture of Grouped Experts (Pangu Pro MoE) toolkit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -206,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_non_negative_int, default=64, help="new bytes to sample (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     p.add_argument("--top-k", type=_positive_int, default=None, dest="top_k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(handler=_cmd_generate)
 
     p = sub.add_parser("simulate", help="Monte-Carlo routing on N devices: balance, all-to-all, step time")
@@ -230,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trace", default=None, help="RUN_DIR/routing_trace.safetensors from `moge eval`")
     p.add_argument("--out", default=None, help="folder for simulation.json/png (default runs/<name>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)

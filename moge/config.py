@@ -147,6 +147,7 @@ class TrainConfig:
             check_int(f"train.{name}", getattr(self, name), minimum=1)
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "threads"):
             check_int(f"train.{name}", getattr(self, name), minimum=0)
+        check_int("train.threads", self.threads, minimum=0, maximum=1024)  # each is an OS thread
         check_float("train.lr", self.lr, minimum=0.0, strict_min=True)
         check_float("train.min_lr", self.min_lr, minimum=0.0)
         check_float("train.weight_decay", self.weight_decay, minimum=0.0)

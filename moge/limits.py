@@ -9,6 +9,7 @@ never wrong; a run that passes may still run out of memory later, for the usual 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 
@@ -60,18 +61,57 @@ def check_fits(what: str, parts: Mapping[str, int], hint: str, available: int | 
     )
 
 
+def block_counts(model_cfg) -> tuple[int, int]:
+    """(dense, MoE) block counts of a ModelConfig, in closed form (n_layers may be huge)."""
+    m = model_cfg
+    if m.n_layers <= m.first_dense_layers:
+        return m.n_layers, 0
+    n_moe = -(-(m.n_layers - m.first_dense_layers) // m.moe_every)
+    return m.n_layers - n_moe, n_moe
+
+
+def total_parameters(model_cfg, moe_cfg) -> int:
+    """`moge.model.count_parameters(...).total` without building n_layers blocks.
+
+    The count is affine in the numbers of dense and MoE blocks, so three meta-device
+    models of one or two blocks give it for any depth (a billion blocks would take hours
+    to build even on the meta device). The random router's token table is a buffer, not
+    a parameter, and is built on the CPU: it is counted as the grouped router.
+    """
+    from moge.model import count_parameters  # builds on the meta device: no memory
+
+    # Same parameters as the grouped router (same quota rule); its token table is only a buffer.
+    moe = (
+        dataclasses.replace(moe_cfg, router="grouped", rre_vocab_size=None)
+        if moe_cfg.router == "random"
+        else moe_cfg
+    )
+
+    def count(n_layers: int, first_dense: int) -> int:
+        m = dataclasses.replace(model_cfg, n_layers=n_layers, first_dense_layers=first_dense, moe_every=1)
+        return count_parameters(m, moe).total
+
+    one_dense, two_dense, one_moe = count(1, 1), count(2, 2), count(1, 0)
+    per_dense = two_dense - one_dense
+    base = one_dense - per_dense
+    n_dense, n_moe = block_counts(model_cfg)
+    return base + n_dense * per_dense + n_moe * (one_moe - base)
+
+
 def train_memory(cfg) -> dict[str, int]:
     """Lower bound of what `moge train` allocates for `cfg` (a RunConfig), by part, in bytes."""
-    from moge.model import count_parameters  # builds on the meta device: no memory, any size
-
-    m, t = cfg.model, cfg.train
-    params = count_parameters(m, cfg.moe).total
+    m, t, moe = cfg.model, cfg.train, cfg.moe
+    params = total_parameters(m, moe)
     act = 2 if t.dtype == "bfloat16" else 4
-    return {
+    parts = {
         "weights, gradients and AdamW moments": params * 4 * 4,
         "RoPE tables": 2 * m.max_seq_len * m.resolved_head_dim * 4,  # cos and sin, float32
         "one batch of logits": t.batch_size * cfg.data.seq_len * m.vocab_size * act,
     }
+    if moe.router == "random":  # one [V, K] int64 table per MoE block, built from [V, E] noise
+        parts["random-router tables"] = block_counts(m)[1] * moe.rre_vocab_size * moe.top_k * 8
+        parts["building one table"] = moe.rre_vocab_size * moe.num_experts * (4 + 8)
+    return parts
 
 
 def check_train_fits(cfg, available: int | None = None) -> None:
@@ -84,3 +124,11 @@ def check_train_fits(cfg, available: int | None = None) -> None:
         "lower model.max_seq_len, train.batch_size, data.seq_len or the model's sizes",
         available,
     )
+
+
+def check_model_fits(cfg, what: str, device: str = "cpu") -> None:
+    """Refuse to build a model (its weights and tables, for eval or generate) that cannot fit."""
+    parts = train_memory(cfg)
+    parts["weights, gradients and AdamW moments"] //= 4  # the weights alone
+    del parts["one batch of logits"]
+    check_fits(what, parts, "this checkpoint's model is too large for this machine", available_memory(device))

@@ -97,7 +97,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _read_pid(path: Path) -> int | None:
     try:
-        text = path.read_bytes()[:32].decode("ascii").strip()
+        with open(path, "rb") as f:
+            text = f.read(32).decode("ascii").strip()
         return int(text) if text.isdigit() and 0 < int(text) < 2**31 else None
     except (OSError, UnicodeDecodeError, ValueError):
         return None
@@ -163,6 +164,8 @@ class RunLock:
             if self.created and [p.name for p in self.out_dir.iterdir()] == [LOCK_NAME]:
                 self.path.unlink(missing_ok=True)  # still locked: no one can have taken it
                 self.out_dir.rmdir()
+            else:
+                os.ftruncate(self.fd, 0)  # a pid is left behind only by a run that was killed
         except OSError:
             pass
         finally:
@@ -191,7 +194,7 @@ def resume_point(out_dir: Path) -> tuple[Path | None, str | None]:
     LATEST missing: the newest step folder if it verifies completely (the note says so);
     otherwise ValueError naming it (no folder is overwritten).
     """
-    from moge.checkpoint import CHECKPOINTS, LATEST, find_checkpoint, step_folders, verify_checkpoint
+    from moge.checkpoint import CHECKPOINTS, FILES, LATEST, find_checkpoint, step_folders, verify_checkpoint
 
     root = out_dir / CHECKPOINTS
     if (root / LATEST).exists():
@@ -201,7 +204,7 @@ def resume_point(out_dir: Path) -> tuple[Path | None, str | None]:
         return None, None
     newest = folders[-1]
     try:
-        verify_checkpoint(newest)
+        verify_checkpoint(newest, FILES)
     except (ValueError, OSError) as err:
         # Resuming from an older folder would later save over this one: refuse instead.
         raise ValueError(

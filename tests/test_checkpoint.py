@@ -154,7 +154,7 @@ def test_corrupted_or_truncated_file_names_it(tmp_path, damage):
         (folder / "state.json.sha256").write_text(hashlib.sha256(data).hexdigest())
     with pytest.raises(ValueError, match=SHARD) as err:
         load_checkpoint(tmp_path, fresh(cfg)[0])
-    expected = {"flip": "corrupted", "truncate": "truncated", "truncate_unlisted": "not listed"}[damage]
+    expected = {"flip": "corrupted", "truncate": "truncated", "truncate_unlisted": "does not list"}[damage]
     assert expected in str(err.value)
 
 

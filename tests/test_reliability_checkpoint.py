@@ -242,7 +242,8 @@ def test_a_file_dropped_from_the_manifest_is_refused(run, name):
     data[-1] ^= 0x01  # damaged AND unlisted: the damage must not go unnoticed
     (folder / name).write_bytes(bytes(data))
     edit_state(folder, lambda s: s["files"].pop(name))
-    with pytest.raises(ValueError, match=f"{name}: not listed in .*state.json, so it cannot be verified"):
+    listed = f"{name}: not listed in .*state.json, so it cannot be verified"  # a required file
+    with pytest.raises(ValueError, match=f"{listed}|holds files state.json does not list: {name}"):
         load_run(run)  # even generate, which reads only the model, verifies every file
 
 
@@ -446,3 +447,37 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(
     monkeypatch.undo()
     assert find_checkpoint(run).name == "step_00000002" and load_run(run)[2] == 2
     assert not any(p.name.startswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+def test_a_signed_config_too_large_for_this_machine_is_refused_before_building(run, cli_error):
+    edit_state(find_checkpoint(run), lambda s: s["config"]["model"].update(max_seq_len=10**12))
+    line = cli_error(["generate", str(run), "--prompt", "Hi", "--tokens", "1"])
+    assert "state.json: needs at least" in line and "RoPE tables" in line, line
+
+
+# ============================================================================ any single bit flip
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["state.json", "state.json.sha256", SHARD, "rng.safetensors"],
+)
+def test_any_single_bit_flip_in_any_file_is_refused(two_steps, tmp_path, name):
+    """Seeded sample of bit positions across each file (the header, the middle, the end)."""
+    gen = torch.Generator().manual_seed(len(name))
+    src = find_checkpoint(two_steps)
+    size = (src / name).stat().st_size
+    positions = {
+        0,
+        size - 1,
+        *torch.randint(0, size * 8, (6,), generator=gen).div(8, rounding_mode="floor").tolist(),
+    }
+    for i, pos in enumerate(sorted(positions)):
+        run = tmp_path / f"r{i}"
+        shutil.copytree(two_steps, run)
+        file = find_checkpoint(run) / name
+        data = bytearray(file.read_bytes())
+        data[pos] ^= 1 << (pos % 8)
+        file.write_bytes(bytes(data))
+        with pytest.raises((ValueError, FileNotFoundError), match=r"state\.json|" + name.replace(".", r"\.")):
+            load_everything(run)

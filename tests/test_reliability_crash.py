@@ -26,6 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import moge.checkpoint as ckpt_mod
+import moge.manifest as manifest_mod
 import moge.training.loop as train_mod
 from moge.checkpoint import find_checkpoint, load_run, read_tensors, save_checkpoint
 from moge.cli import main
@@ -198,13 +199,14 @@ def test_save_fsyncs_every_file_and_folder_before_each_rename(small_run, tmp_pat
     model, cfg, _ = load_run(small_run)
     opt = train_mod.build_optimizer(model, cfg.train)
     monkeypatch.setattr(ckpt_mod, "os", RecordingOs())
+    monkeypatch.setattr(manifest_mod, "os", RecordingOs())  # writes and fsyncs state.json
     save_checkpoint(tmp_path, 7, model, opt, torch.Generator(), cfg, keep_last=1)
     names = [e[1] for e in events]
     folder_swap = next(
         i for i, (k, n) in enumerate(events) if k == "replace" and n.endswith("->step_00000007")
     )
     latest_swap = next(i for i, (k, n) in enumerate(events) if k == "replace" and n.endswith("->LATEST"))
-    for file in (SHARD, "rng.safetensors", "state.json"):
+    for file in (SHARD, "rng.safetensors", "state.json", "state.json.sha256"):
         assert names.index(file) < folder_swap, file
     assert names[folder_swap - 1].startswith(".tmp-step_00000007"), "the folder itself, last"
     assert events[folder_swap + 1] == ("fsync", "checkpoints"), "the rename is made durable"

@@ -483,3 +483,71 @@ def test_random_router_takes_any_integer_ids_alike(dtype):
     w64, ids64 = random_routed(scores, torch.tensor([1, 2, 3]), table)
     torch.testing.assert_close(ids, ids64, rtol=0, atol=0)
     torch.testing.assert_close(w, w64, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("seed", [str(10**30), "-5", str(2**63)])
+@pytest.mark.parametrize("command", ["generate", "simulate"])
+def test_seed_flags_outside_int64_are_one_error_line(tiny_run, tmp_path, cli_error, seed, command):
+    if command == "generate":
+        argv = ["generate", str(tiny_run), "--prompt", "a", "--tokens", "1", "--seed", seed]
+    else:
+        argv = [
+            "simulate",
+            str(write(tmp_path, BASE_TEXT)),
+            "--devices",
+            "2",
+            "--tokens",
+            "16",
+            "--seed",
+            seed,
+        ]
+    line = cli_error(argv)
+    assert "argument --seed: expected an integer in 0..2**63-1" in line, line
+
+
+def test_train_threads_beyond_a_sane_count_is_refused():
+    raw = copy.deepcopy(BASE)
+    raw["train"]["threads"] = 10**6  # torch would try to start a million OS threads
+    with pytest.raises(ValueError, match=r"train.threads: must be <= 1024, got 1000000"):
+        config_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "edits",
+    [
+        {},
+        {"moe.router": "random"},
+        {"model.n_layers": 5, "model.first_dense_layers": 2, "model.moe_every": 2},
+        {"model.n_layers": 7, "model.first_dense_layers": 1, "model.moe_every": 3, "moe.router": "random",
+         "moe.num_shared_experts": 1},
+        {"model.n_layers": 3, "model.first_dense_layers": 5},
+        {"model.n_layers": 4, "model.tie_embeddings": True, "moe.learned_expert_scale": True},
+    ],
+)  # fmt: skip
+def test_closed_form_parameter_count_matches_building_the_model(edits):
+    from moge.model import count_parameters
+
+    raw = copy.deepcopy(BASE)
+    for dotted, value in edits.items():
+        section, key = dotted.split(".")
+        raw[section][key] = value
+    cfg = config_from_dict(raw)
+    assert limits.total_parameters(cfg.model, cfg.moe) == count_parameters(cfg.model, cfg.moe).total
+
+
+@pytest.mark.parametrize(
+    "overrides, part",
+    [
+        (["model.n_layers=1000000000"], "weights, gradients and AdamW moments"),
+        (["moe.router=random", f"model.vocab_size={10**11}"], "random-router tables"),
+        (["moe.router=random", f"moe.num_experts={2**40}"], "building one table"),
+    ],
+)
+def test_deep_models_and_huge_router_tables_are_refused_quickly(tmp_path, cli_error, overrides, part):
+    import time
+
+    path = write(tmp_path, BASE_TEXT)
+    t0 = time.perf_counter()
+    line = cli_error(["train", str(path), *overrides, f"train.out_dir={tmp_path / 'run'}"])
+    assert "needs at least" in line and part in line, line
+    assert time.perf_counter() - t0 < 30, "counted in closed form, nothing built per layer"

@@ -90,7 +90,7 @@ def test_second_run_on_a_locked_folder_is_one_error_line_naming_the_pid(tmp_path
         for resume in ("true", "false"):
             line = cli_error(["train", str(train_yaml(tmp_path, run)), f"train.resume={resume}"])
             assert "is in use by another run" in line and f"pid {os.getpid()}" in line, line
-    assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+        assert (run / ".lock").read_text() == f"{os.getpid()}\n", "the refused run left the pid alone"
     assert snapshot(run) == before, "the busy folder is untouched"
 
 
@@ -439,3 +439,11 @@ def test_full_disk_while_logging_a_metrics_record_is_one_line_naming_the_file(
         line == f"error: {run / 'metrics.jsonl'}: writing a metrics record failed (No space left on device)"
     )
     assert find_checkpoint(run).name == "step_00000002", "the checkpoint before it is kept"
+
+
+def test_a_finished_run_leaves_no_pid_so_a_resume_reports_no_stale_lock(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_mod.train(cfg_of(run, steps=2, save_every=0), progress=False)
+    assert (run / ".lock").read_bytes() == b""
+    train_mod.train(cfg_of(run, steps=3, save_every=0, resume=True), progress=False)
+    assert "no longer running" not in "".join(capsys.readouterr())
