@@ -294,14 +294,16 @@ def _train(cfg: RunConfig, world: World, progress: bool, stop_at: int | None) ->
         lock.release()
 
 
-def _load(cfg: RunConfig, world: World, ckpt: Path, model, optimizer, data_gen) -> tuple[int, list[str]]:
+def _load(world: World, ckpt: Path, model, optimizer, data_gen) -> tuple[int, list[str]]:
     """Resume: (step, the config's optimizer settings applied over the checkpoint's)."""
     wanted = optimizer_settings(optimizer)  # the config's; a resume applies and records them
     start = load_checkpoint(ckpt, model, optimizer, data_gen, world)
     return start, reapply_optimizer_settings(optimizer, wanted)
 
 
-def _train_locked(cfg, world: World, out_dir: Path, lock: RunLock, progress: bool, stop_at: int | None):
+def _train_locked(
+    cfg: RunConfig, world: World, out_dir: Path, lock: RunLock, progress: bool, stop_at: int | None
+) -> TrainResult:
     tc = cfg.train
 
     def prepare():
@@ -323,7 +325,7 @@ def _train_locked(cfg, world: World, out_dir: Path, lock: RunLock, progress: boo
     dataset, ckpt = agree(world, "setting up", prepare)
     model, optimizer = _build(cfg, world)
     data_gen = torch.Generator().manual_seed(cfg.data.seed)
-    start, changes = (0, []) if ckpt is None else _load(cfg, world, ckpt, model, optimizer, data_gen)
+    start, changes = (0, []) if ckpt is None else _load(world, ckpt, model, optimizer, data_gen)
     metrics, records = agree(
         world, "opening the run folder", lambda: _open_run(cfg, world, out_dir, dataset, start, ckpt, changes)
     )
