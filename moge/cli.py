@@ -74,10 +74,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_params(args: argparse.Namespace) -> int:
     from moge.config import load_config
-    from moge.model import count_parameters, format_params
+    from moge.limits import parameter_count  # count_parameters in closed form: any depth, at once
+    from moge.model import format_params
 
     cfg = load_config(args.config, args.overrides)
-    count = count_parameters(cfg.model, cfg.moe)
+    count = parameter_count(cfg.model, cfg.moe)
     print(f"{cfg.name}: total {format_params(count.total)} ({count.total:,}), "
           f"activated {format_params(count.activated)} ({count.activated:,}) per token")  # fmt: skip
     return EXIT_OK

@@ -70,32 +70,38 @@ def block_counts(model_cfg) -> tuple[int, int]:
     return m.n_layers - n_moe, n_moe
 
 
-def total_parameters(model_cfg, moe_cfg) -> int:
-    """`moge.model.count_parameters(...).total` without building n_layers blocks.
+def parameter_count(model_cfg, moe_cfg):
+    """`moge.model.count_parameters(...)` (total and activated) without building n_layers blocks.
 
-    The count is affine in the numbers of dense and MoE blocks, so three meta-device
-    models of one or two blocks give it for any depth (a billion blocks would take hours
-    to build even on the meta device). The random router's token table is a buffer, not
-    a parameter, and is built on the CPU: it is counted as the grouped router.
+    Both counts are affine in the numbers of dense and MoE blocks, so three meta-device
+    models of one or two blocks give them for any depth (a billion blocks would take hours
+    to build even on the meta device). The random router's token table is a buffer, not a
+    parameter, and is built on the CPU: it is counted as the grouped router, whose
+    parameters are the same.
     """
-    from moge.model import count_parameters  # builds on the meta device: no memory
+    from moge.model import ParamCount, count_parameters  # meta device: no memory
 
-    # Same parameters as the grouped router (same quota rule); its token table is only a buffer.
-    moe = (
-        dataclasses.replace(moe_cfg, router="grouped", rre_vocab_size=None)
-        if moe_cfg.router == "random"
-        else moe_cfg
-    )
+    moe = moe_cfg
+    if moe_cfg.router == "random":
+        moe = dataclasses.replace(moe_cfg, router="grouped", rre_vocab_size=None)
 
-    def count(n_layers: int, first_dense: int) -> int:
+    def count(n_layers: int, first_dense: int) -> tuple[int, int]:
         m = dataclasses.replace(model_cfg, n_layers=n_layers, first_dense_layers=first_dense, moe_every=1)
-        return count_parameters(m, moe).total
+        c = count_parameters(m, moe)
+        return c.total, c.activated
 
     one_dense, two_dense, one_moe = count(1, 1), count(2, 2), count(1, 0)
-    per_dense = two_dense - one_dense
-    base = one_dense - per_dense
     n_dense, n_moe = block_counts(model_cfg)
-    return base + n_dense * per_dense + n_moe * (one_moe - base)
+    out = []
+    for i in range(2):  # total, activated
+        per_dense = two_dense[i] - one_dense[i]
+        base = one_dense[i] - per_dense
+        out.append(base + n_dense * per_dense + n_moe * (one_moe[i] - base))
+    return ParamCount(total=out[0], activated=out[1])
+
+
+def total_parameters(model_cfg, moe_cfg) -> int:
+    return parameter_count(model_cfg, moe_cfg).total
 
 
 def train_memory(cfg) -> dict[str, int]:

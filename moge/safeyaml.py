@@ -47,11 +47,11 @@ class _StrictLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    continue  # complex keys: safe_load refuses unhashable ones itself
-                key = (key_node.tag, key_node.value)
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # complex keys: safe_load refuses unhashable ones; `<<` merges
+                key = self.construct_object(key_node)  # `true` and `True`, `16` and `0x10` are one key
                 line = key_node.start_mark.line + 1
-                if key in seen and key_node.value != "<<":
+                if key in seen:
                     raise yaml.YAMLError(
                         f"line {line}: duplicate key {shown(key_node.value)} (first on line {seen[key]})"
                     )

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -72,7 +73,18 @@ DUPLICATES = {
         BASE_TEXT.replace("  steps: 2\n", "  steps: 2\n  steps: 2\n"),
         "duplicate key 'steps'",
     ),
+    "quoted_and_plain": (BASE_TEXT + "'model':\n  d_model: 64\n", "duplicate key 'model'"),
 }
+
+
+def test_keys_equal_once_parsed_are_duplicates():
+    from moge.safeyaml import loads
+
+    cases = (("true: 1\nTrue: 2\n", "'True'"), ("16: a\n0x10: b\n", "'0x10'"), ("1: a\ntrue: b\n", "'true'"))
+    for text, key in cases:
+        with pytest.raises(ValueError, match=rf"line 2: duplicate key {key} \(first on line 1\)"):
+            loads(text, "t.yaml")
+    assert loads("a: &x {k: 1}\nb:\n  <<: *x\n  j: 2\n", "t.yaml") == {"a": {"k": 1}, "b": {"k": 1, "j": 2}}
 
 
 @pytest.mark.parametrize("kind", list(DUPLICATES))
@@ -82,10 +94,10 @@ def test_duplicate_yaml_keys_are_refused_naming_the_line(tmp_path, cli_error, no
     path = write(tmp_path, text)
     line = cli_error([command, str(path)])
     assert fragment in line and str(path) in line, line
-    lines = text.splitlines()
     key = fragment.split("'")[1]
-    where = [i + 1 for i, t in enumerate(lines) if t.strip().startswith(f"{key}:") or f"{key}: " in t]
-    assert f"line {where[-1]}:" in line or f"first on line {where[0]}" in line, (line, where)
+    pattern = re.compile(rf"(^|[{{,]\s*)'?{key}'?:")
+    where = [i + 1 for i, t in enumerate(text.splitlines()) if pattern.search(t.strip())]
+    assert f"line {where[-1]}: duplicate key '{key}' (first on line {where[0]})" in line, (line, where)
 
 
 def test_merge_keys_and_anchors_still_work(tmp_path):
@@ -532,7 +544,25 @@ def test_closed_form_parameter_count_matches_building_the_model(edits):
         section, key = dotted.split(".")
         raw[section][key] = value
     cfg = config_from_dict(raw)
-    assert limits.total_parameters(cfg.model, cfg.moe) == count_parameters(cfg.model, cfg.moe).total
+    assert limits.parameter_count(cfg.model, cfg.moe) == count_parameters(cfg.model, cfg.moe)
+
+
+def test_moge_params_counts_any_depth_at_once(tmp_path, capsys):
+    import time
+
+    from moge.cli import main
+
+    path = write(tmp_path, BASE_TEXT)
+    t0 = time.perf_counter()
+    args = [
+        "params",
+        str(path),
+        "model.n_layers=1000000000",
+        "moe.router=random",
+        f"model.vocab_size={10**9}",
+    ]
+    assert main(args) == 0
+    assert time.perf_counter() - t0 < 30 and "total " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
