@@ -322,7 +322,7 @@ class MoGELayer(nn.Module):
             weights_TK = weights_TK * self.expert_scale_E.float()[ids_TK]
         load_E = balance.expert_load(ids_TK, c.num_experts)
         if self.training:
-            self.load_accum_E += load_E
+            self.load_accum_E += self.step_load(load_E)
             self._count_call()
         lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead)
         z_loss = balance.router_z_loss(logits_TE)
@@ -372,6 +372,11 @@ class MoGELayer(nn.Module):
                 EndStepWarning,
                 stacklevel=4,
             )
+
+    def step_load(self, load_E: Tensor) -> Tensor:
+        """The slots per expert this call adds to the step's count; a data-parallel
+        wrapper (moge.distributed) returns the sum over every rank's tokens here."""
+        return load_E
 
     @torch.no_grad()
     def end_step(self) -> None:

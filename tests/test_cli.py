@@ -64,7 +64,7 @@ def test_params_applies_overrides(capsys):
 def test_train_with_overrides_writes_the_run(trained_run, capsys):
     cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert cfg["train"]["steps"] == 3 and cfg["moe"]["router"] == "global"
-    assert (trained_run / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+    assert (trained_run / "checkpoints" / "step_00000003" / "state.json").exists()
 
 
 def test_generate_prints_prompt_and_sample(trained_run, capsys):

@@ -1,0 +1,1 @@
+"""Tools that read a config and say what a run would take (moge plan)."""
