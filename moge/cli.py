@@ -6,6 +6,7 @@
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge fingerprint A B [C ...]             attention-weight fingerprints, with p-values
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
@@ -120,6 +121,41 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from moge.tools.fingerprint import Settings, fingerprint
+
+    settings = Settings(permutations=args.permutations, bootstrap=args.bootstrap, seed=args.seed)
+    result = fingerprint(args.models, settings, out_dir=args.out)
+    print(result["text"])
+    if result["files"]:
+        print(f"\nwritten: {', '.join(result['files'].values())}")
+    return EXIT_OK
+
+
+def _add_fingerprint_parser(sub) -> None:
+    p = sub.add_parser(
+        "fingerprint", help="attention-weight fingerprint of models (arXiv 2507.03014) with p-values"
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="moge run/checkpoint folders, HF folders or .safetensors files",
+    )
+    p.add_argument(
+        "--permutations",
+        type=_non_negative_int,
+        default=2000,
+        help="layer shuffles for the p-value (0: none)",
+    )
+    p.add_argument(
+        "--bootstrap", type=_non_negative_int, default=1000, help="resamples for the interval (0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for fingerprint.json, .txt and .png")
+    p.set_defaults(handler=_cmd_fingerprint)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -192,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
+
+    _add_fingerprint_parser(sub)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")

@@ -1,0 +1,1 @@
+"""Tools that read models and runs from outside: fingerprints, simulation, planning."""
