@@ -51,6 +51,7 @@ from tqdm import tqdm
 from moge.checkpoint import load_checkpoint, save_checkpoint
 from moge.config import RunConfig, save_config
 from moge.data import TokenDataset, load_dataset
+from moge.diagnostics.collapse import CollapseMonitor
 from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
 from moge.parallel import (
     ExpertParallelExperts,
@@ -449,6 +450,7 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
     tokens_per_step = tc.batch_size * tc.grad_accum * run.cfg.data.seq_len * run.ctx.world_size
     t0, train_time, tok_s = time.perf_counter(), 0.0, 0.0
     show = progress and run.main and sys.stderr.isatty()
+    monitor = CollapseMonitor.for_model(run.cfg, run.model)
     with tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar:
         for step in range(start, end):
             t_step = time.perf_counter()
@@ -463,6 +465,8 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
             _after_step(run, rec, stop_at)
+            if run.main:  # rank 0's routing, as in its train records
+                monitor.after_step(step + 1, out.routing, run.write, tqdm.write)
     return TrainResult(max(end, start), train_loss, run.val_loss, run.out_dir, tok_s)
 
 

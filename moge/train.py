@@ -29,6 +29,7 @@ from moge.balance import routing_stats
 from moge.checkpoint import checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
 from moge.config import RunConfig, TrainConfig, config_to_dict, save_config
 from moge.data import TokenDataset, load_dataset
+from moge.diagnostics.collapse import CollapseMonitor
 from moge.layer import MoGELayer
 from moge.model import ModelOutput, MoGETransformer, count_parameters, format_params
 
@@ -324,6 +325,7 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
     tokens_per_step = tc.batch_size * tc.grad_accum * run.cfg.data.seq_len
     t0, train_time, tok_s = time.perf_counter(), 0.0, 0.0
     show = progress and sys.stderr.isatty()
+    monitor = CollapseMonitor.for_model(run.cfg, run.model)
     with tqdm(total=tc.steps, initial=start, disable=not show, dynamic_ncols=True) as bar:
         for step in range(start, end):
             t_step = time.perf_counter()
@@ -339,6 +341,7 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
             _after_step(run, rec, stop_at)
+            monitor.after_step(step + 1, out.routing, run.write, tqdm.write)
     # start > end only when resuming past stop_at; start == steps: a finished run, nothing to do.
     return TrainResult(max(end, start), train_loss, run.val_loss, run.out_dir, tok_s)
 
