@@ -84,7 +84,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from moge.evaluate import eval_command
 
-    eval_command(args.run_dirs, batches=args.batches, out=args.out)
+    eval_command(args.run_dirs, batches=args.batches, out=args.out, knockout=args.knockout)
     return EXIT_OK
 
 
@@ -192,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batches", type=_positive_int, default=None, help="validation batches (default: eval.batches)"
     )
     p.add_argument("--out", default=None, help="folder for report.json and plots")
+    p.add_argument(
+        "--knockout", type=_positive_int, nargs="?", const=4, default=None, metavar="N",
+        help="also knock out each expert and group, force uniform routing, drop one expert per group: "
+        "val loss on N batches (default 4)",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
