@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bandwidth_gbs",
         help="per-device all-to-all bandwidth, GB/s",
     )
-    p.add_argument("--trace", default=None, help="RUN_DIR/routing_trace.safetensors from `moge eval`")
+    p.add_argument(
+        "--trace", default=None, help="RUN_DIR (or its routing_trace.safetensors) written by `moge eval`"
+    )
     p.add_argument("--out", default=None, help="folder for simulation.json/png (default runs/<name>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
