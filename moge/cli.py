@@ -7,6 +7,8 @@
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
     moge fingerprint A B [C ...]             attention-weight fingerprints, with p-values
+    moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
+    moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
 Exit codes: 0 ok; 1 the run diverged (NaN/Inf loss); 2 a user error (bad config,
 override, path, checkpoint, or an OS error such as a full disk), printed as one line
@@ -91,12 +93,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moge.checkpoint import load_run
     from moge.data import decode, encode
+    from moge.interop import load_model  # a run folder, a checkpoint, or a layout folder
 
     if not args.prompt:
         raise ValueError("--prompt: must not be empty")
-    model, cfg, _ = load_run(args.run_dir)
+    model, cfg, _ = load_model(args.run_dir)
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
     if prompt_L.numel() + args.tokens > limit:
@@ -154,6 +156,51 @@ def _add_fingerprint_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for fingerprint.json, .txt and .png")
     p.set_defaults(handler=_cmd_fingerprint)
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from moge.interop.upcycle_run import upcycle_run
+
+    config, *overrides = args.config
+    r = upcycle_run(args.src, args.dst, config, overrides, router_init=args.router_init, seed=args.seed)
+    print(f"upcycled {args.src} -> {r.checkpoint}: {r.plan.describe()}")
+    print(
+        f"step-0 check: max |logits - dense logits| = {r.max_abs_diff:.3g} (logits up to {r.max_abs_logit:.3g})"
+    )
+    print(f"continue training with: moge train {r.out_dir / 'config.yaml'}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- convert (moge.interop)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from moge.interop import convert
+
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    files = convert(args.src, args.dst, to=args.to, dtype=dtype, max_shard_bytes=args.max_shard_bytes)
+    print(f"wrote {len(files)} weight file(s) and the config to {args.dst} (layout {args.to})")
+    return EXIT_OK
+
+
+# moge.interop.LAYOUTS and "moge" (a run folder); spelled out so that --help stays light.
+CONVERT_LAYOUTS = ("pangu", "qwen3_moe", "qwen2_moe", "mixtral", "llama", "qwen2", "moge")
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert weights between moge runs and HF / Pangu Pro MoE layouts")
+    p.add_argument(
+        "src", metavar="SRC", help="a moge run folder or checkpoint, or a layout folder (config.json)"
+    )
+    p.add_argument("dst", metavar="DST", help="the folder to write")
+    p.add_argument("--to", required=True, choices=CONVERT_LAYOUTS, help="the layout to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep each tensor's dtype)")  # fmt: skip
+    p.add_argument("--max-shard-bytes", type=_positive_int, default=2 * 1024**3, dest="max_shard_bytes",
+                   help="start a new safetensors shard past this size (default 2 GiB)")  # fmt: skip
+    p.set_defaults(handler=_cmd_convert)
 
 
 # ---------------------------------------------------------------- parser
@@ -237,10 +284,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_simulate)
 
     _add_fingerprint_parser(sub)
+    _add_upcycle_parser(sub)
+    _add_convert_parser(sub)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
     return parser
+
+
+def _add_upcycle_parser(sub) -> None:
+    from moge.interop.upcycle import ROUTER_INITS
+
+    p = sub.add_parser(
+        "upcycle",
+        help="turn a dense model into a MoGE run whose logits equal the dense ones at step 0",
+        description="Upcycle a dense moge run (every FFN dense) into a new run folder DST that "
+        "`moge train DST/config.yaml` continues; CONFIG gives the moe, data and train sections.",
+    )
+    p.add_argument("src", metavar="SRC", help="dense moge run folder or checkpoint folder")
+    p.add_argument("dst", metavar="DST", help="new run folder (must not exist or be empty)")
+    # CONFIG and its overrides in one option: argparse cannot take positionals after an option.
+    p.add_argument(
+        "--config", nargs="+", required=True, metavar=("CONFIG", "KEY=VALUE"),
+        help="run config of the upcycled model, then dotted overrides, e.g. "
+        "--config configs/tiny-upcycle.yaml moe.top_k=8",
+    )  # fmt: skip
+    p.add_argument(
+        "--router-init", default="auto", choices=ROUTER_INITS, dest="router_init",
+        help="auto (default): uniform for raw gates, random for renormalised copies, replicated "
+        "for renormalised slices",
+    )  # fmt: skip
+    p.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=None,
+        help="seed of random router rows (default: train.seed)",
+    )
+    p.set_defaults(handler=_cmd_upcycle)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -43,6 +43,7 @@ class ModelConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     qkv_bias: bool = False  # biases on the q, k, v projections (Pangu Pro MoE: true)
     o_bias: bool = False  # bias on the attention output projection (released Pangu code: true)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys before RoPE (Qwen3)
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-5  # RMSNorm epsilon
     max_seq_len: int = 256  # longest sequence the RoPE tables cover
@@ -68,6 +69,7 @@ class ModelConfig:
         check_int("model.first_dense_layers", self.first_dense_layers, minimum=0)
         check_bool("model.qkv_bias", self.qkv_bias)
         check_bool("model.o_bias", self.o_bias)
+        check_bool("model.qk_norm", self.qk_norm)
         check_bool("model.tie_embeddings", self.tie_embeddings)
         check_float("model.rope_theta", self.rope_theta, minimum=0.0, strict_min=True)
         check_float("model.norm_eps", self.norm_eps, minimum=0.0, strict_min=True)

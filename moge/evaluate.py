@@ -262,9 +262,15 @@ def evaluate_run(
     """
     if batches is not None:
         check_int("batches", batches, minimum=1)
-    path = _check_run_dir(run_dir)
-    records = read_metrics(path)
-    model, cfg, step = load_run(path, map_location="cpu")
+    from moge.interop import from_pretrained, is_layout_folder  # a layout folder: weights only
+
+    if is_layout_folder(run_dir):
+        path, records, step = Path(run_dir), [], 0
+        model, cfg = from_pretrained(path)
+    else:
+        path = _check_run_dir(run_dir)
+        records = read_metrics(path)
+        model, cfg, step = load_run(path, map_location="cpu")
     model = model.to(device).eval()
     ds = load_dataset(cfg.data)
     n_batches = batches if batches is not None else cfg.eval.batches

@@ -53,6 +53,7 @@ class MoGEConfig:
     expert_hidden: int  # hidden width F of each routed SwiGLU expert
     num_shared_experts: int = 0  # shared experts, merged into one SwiGLU added unweighted
     shared_hidden: int | None = None  # merged shared width; None: num_shared_experts * expert_hidden
+    shared_expert_gate: bool = False  # shared experts times sigmoid(learned [1, D] gate . x) (Qwen2-MoE)
     router: str = "grouped"  # grouped (MoGE), global, group_limited (DeepSeek-V3), random (PanGu-Sigma)
     score_func: str = "softmax"  # softmax over all experts (the paper) or sigmoid
     normalize_weights: bool = False  # renormalise the K selected gates to sum to 1 (the paper: no)
@@ -78,6 +79,7 @@ class MoGEConfig:
             check_int(name, getattr(self, name), minimum=1)
         check_int("num_shared_experts", self.num_shared_experts, minimum=0)
         check_optional_int("shared_hidden", self.shared_hidden, minimum=1)
+        check_bool("shared_expert_gate", self.shared_expert_gate)
         check_choice("router", self.router, ROUTERS)
         check_choice("score_func", self.score_func, SCORE_FUNCS)
         check_bool("normalize_weights", self.normalize_weights)
@@ -117,6 +119,8 @@ class MoGEConfig:
                 )
             if self.group_score == "top2_sum" and E // M < 2:
                 raise ValueError("group_score: top2_sum needs at least 2 experts per group")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate: gates the shared experts, but num_shared_experts is 0")
         if self.router == "random" and self.rre_vocab_size is None:
             raise ValueError(
                 "rre_vocab_size: the random router maps token ids, so it needs the vocabulary size"
@@ -173,6 +177,7 @@ class MoGELayer(nn.Module):
         # then holds exactly T*K/M slots, so its buffers have the same size every call.
         self.experts.experts_per_chunk = c.experts_per_group
         self.shared = SwiGLU(c.d_model, c.shared_width) if c.shared_width else None
+        self.shared_gate = nn.Linear(c.d_model, 1, bias=False) if c.shared_expert_gate else None
         self.expert_scale_E = nn.Parameter(torch.ones(c.num_experts)) if c.learned_expert_scale else None
         if c.bias_update_rate > 0:
             self.register_buffer("balance_bias_E", torch.zeros(c.num_experts, dtype=torch.float32))
@@ -197,6 +202,8 @@ class MoGELayer(nn.Module):
         if self.shared is not None:
             nn.init.normal_(self.shared.w_gate_up.weight, std=std)
             nn.init.normal_(self.shared.w_down.weight, std=std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
         if self.expert_scale_E is not None:
             nn.init.ones_(self.expert_scale_E)
 
@@ -283,14 +290,22 @@ class MoGELayer(nn.Module):
         dtype = self._compute_dtype(x)
         y_TD = self.experts(x_TD, out.expert_ids, out.weights, dtype)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD.to(dtype))
+            shared_TD = self.shared(x_TD.to(dtype))
+            if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared(x)
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD.to(dtype)))
+            y_TD = y_TD + shared_TD
         out.hidden = y_TD.reshape(*lead, c.d_model)
         return out
 
     @torch.no_grad()
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
-        if self.balance_bias_E is not None and int(self.load_accum_E.sum()) > 0:
+        # rate 0: a bias loaded from a checkpoint (DeepSeek-V3) stays as it is.
+        if (
+            self.balance_bias_E is not None
+            and self.config.bias_update_rate > 0
+            and int(self.load_accum_E.sum()) > 0
+        ):
             new_E = balance.update_balance_bias(
                 self.balance_bias_E, self.load_accum_E, self.config.bias_update_rate
             )

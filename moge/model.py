@@ -95,7 +95,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE; q/k/v and o biases optional."""
+    """Grouped-query self-attention with RoPE; q/k/v and o biases and q/k norms optional."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -104,13 +104,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * C, cfg.d_model, bias=cfg.o_bias)
+        # Qwen3: every head's query and key are RMS-normalised (one [C] weight each) before RoPE.
+        self.q_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self, x_BLD: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
-        q_BHLC = rope(rearrange(self.q_proj(x_BLD), "b l (h c) -> b h l c", h=self.n_heads), start)
-        k_BNLC = rope(rearrange(self.k_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads), start)
+        q_BHLC = rearrange(self.q_proj(x_BLD), "b l (h c) -> b h l c", h=self.n_heads)
+        k_BNLC = rearrange(self.k_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BHLC, k_BNLC = self.q_norm(q_BHLC), self.k_norm(k_BNLC)
+        q_BHLC, k_BNLC = rope(q_BHLC, start), rope(k_BNLC, start)
         v_BNLC = rearrange(self.v_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
         if cache is not None:
             k_BNSC, v_BNSC = cache.update(layer, k_BNLC, v_BNLC)
@@ -277,6 +283,15 @@ class MoGETransformer(nn.Module):
         for block in self.blocks:
             if isinstance(block.ffn, MoGELayer):
                 yield block.ffn
+
+    def save_pretrained(self, path, layout: str, **kwargs):
+        """Write the weights in `layout` (pangu, qwen3_moe, qwen2_moe, mixtral, llama, qwen2, moge).
+
+        See moge.interop.save_pretrained (kwargs: dtype, max_shard_bytes); returns the files.
+        """
+        from moge.interop import save_pretrained  # interop imports this module
+
+        return save_pretrained(self, path, layout=layout, **kwargs)
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)

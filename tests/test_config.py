@@ -20,7 +20,7 @@ from moge.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRESETS = ("tiny-moge", "tiny-moe", "tiny-deepseek", "small-moge", "pangu-pro-moe-72b")
+PRESETS = ("tiny-moge", "tiny-moe", "tiny-deepseek", "small-moge", "pangu-pro-moe-72b", "tiny-upcycle")
 
 # A small valid config; the bad-config table edits copies of it.
 BASE = {

@@ -1,0 +1,91 @@
+"""Dense Llama and Qwen2 (transformers' LlamaForCausalLM, Qwen2ForCausalLM): every block dense.
+
+Llama: `attention_bias` puts a bias on all of q/k/v/o; Qwen2: q/k/v always biased, o never.
+moge holds them as a model whose `first_dense_layers` is n_layers (no MoE layer).
+"""
+
+from __future__ import annotations
+
+from moge.config import ModelConfig
+from moge.interop.mapping import (
+    BaseLayout,
+    Piece,
+    base_config_json,
+    base_model_config,
+    decoder_pieces,
+    dense_moe_placeholder,
+    need,
+    refuse,
+    swiglu_pieces,
+)
+from moge.layer import MoGEConfig
+
+
+def _dense_pieces(m: ModelConfig) -> list[Piece]:
+    out = decoder_pieces(m)
+    for i in range(m.n_layers):
+        out += swiglu_pieces(f"model.layers.{i}.mlp", f"blocks.{i}.ffn", m.resolved_dense_hidden)
+    return out
+
+
+def _check_dense(name: str, m: ModelConfig) -> None:
+    if any(m.is_moe_layer(i) for i in range(m.n_layers)):
+        raise refuse(name, "MoE layers", "a dense layout; use qwen2_moe, qwen3_moe, mixtral or pangu")
+    if m.qk_norm:
+        raise refuse(name, "q/k norms (model.qk_norm)", "no tensor for them")
+
+
+class LlamaLayout(BaseLayout):
+    name = "llama"
+    model_types = ("llama",)
+
+    def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{where}: mlp_bias is true; moge's SwiGLUs have no biases")
+        bias = bool(hf.get("attention_bias", False))
+        n = int(need(hf, "num_hidden_layers", where))
+        m = base_model_config(
+            hf, where, qkv_bias=bias, o_bias=bias, dense_hidden=int(need(hf, "intermediate_size", where)),
+            first_dense_layers=n,
+        )  # fmt: skip
+        return m, dense_moe_placeholder(m.d_model)
+
+    def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
+        _check_dense(self.name, m)
+        if m.qkv_bias != m.o_bias:
+            raise refuse(self.name, "q/k/v biases without an o bias (or the reverse)", "use --to qwen2")
+        cfg = base_config_json(m, "LlamaForCausalLM", "llama")
+        cfg.update(intermediate_size=m.resolved_dense_hidden, attention_bias=m.qkv_bias, mlp_bias=False)
+        return cfg
+
+    def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
+        return _dense_pieces(m)
+
+
+class Qwen2Layout(BaseLayout):
+    name = "qwen2"
+    model_types = ("qwen2",)
+
+    def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
+        n = int(need(hf, "num_hidden_layers", where))
+        m = base_model_config(
+            hf, where, qkv_bias=True, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
+            first_dense_layers=n,
+        )  # fmt: skip
+        return m, dense_moe_placeholder(m.d_model)
+
+    def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
+        _check_dense(self.name, m)
+        if not m.qkv_bias or m.o_bias:
+            raise refuse(
+                self.name, f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias}", "Qwen2 has q/k/v biases only"
+            )
+        if m.head_dim is not None and m.head_dim != m.d_model // m.n_heads:
+            raise refuse(self.name, f"head_dim {m.head_dim}", "Qwen2 derives it as hidden_size / heads")
+        cfg = base_config_json(m, "Qwen2ForCausalLM", "qwen2")
+        del cfg["head_dim"]
+        cfg.update(intermediate_size=m.resolved_dense_hidden, use_sliding_window=False)
+        return cfg
+
+    def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
+        return _dense_pieces(m)

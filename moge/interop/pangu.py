@@ -1,0 +1,121 @@
+"""Pangu Pro MoE, as the released modelling code names and shapes it (PanguProMoEForCausalLM).
+
+Every block MoE; q/k/v/o all with bias; head size hidden/heads; router `mlp.gate`
+(softmax over all experts, the top expert of each group, no renormalisation) times the
+learned `mlp.router_scale` [1, E]; one shared SwiGLU `mlp.shared_expert` added unweighted.
+config.json has no field for the number of groups: the released code takes one expert
+per group (8 groups, top-8), so groups = num_experts_per_tok, and only K/M = 1 exports.
+A moge model without biases or expert scale exports zeros / ones for them (the same model).
+"""
+
+from __future__ import annotations
+
+from moge.config import ModelConfig
+from moge.interop.mapping import (
+    BaseLayout,
+    Piece,
+    base_config_json,
+    base_model_config,
+    expert_pieces,
+    need,
+    refuse,
+    swiglu_pieces,
+)
+from moge.layer import MoGEConfig
+
+ARCH, MODEL_TYPE = "PanguProMoEForCausalLM", "PanguProMoE"
+AUTO_MAP = {
+    "AutoConfig": "configuration_pangu_moe.PanguProMoEConfig",
+    "AutoModelForCausalLM": "modeling_pangu_moe.PanguProMoEForCausalLM",
+}
+
+
+def _attention_pieces(m: ModelConfig, i: int) -> list[Piece]:
+    hf, mg = f"model.layers.{i}.self_attn", f"blocks.{i}.attn"
+    C = m.resolved_head_dim
+    widths = {"q": m.n_heads * C, "k": m.n_kv_heads * C, "v": m.n_kv_heads * C, "o": m.d_model}
+    out = []
+    for proj, width in widths.items():
+        out.append(Piece(f"{hf}.{proj}_proj.weight", f"{mg}.{proj}_proj.weight"))
+        out.append(Piece(f"{hf}.{proj}_proj.bias", f"{mg}.{proj}_proj.bias", shape=(width,), fill=0.0))
+    return out
+
+
+class PanguLayout(BaseLayout):
+    name = "pangu"
+    model_types = (MODEL_TYPE,)
+
+    def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
+        d, heads = int(need(hf, "hidden_size", where)), int(need(hf, "num_attention_heads", where))
+        if d % heads:
+            raise ValueError(f"{where}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
+        hf = {**hf, "head_dim": None}  # the released attention derives it: hidden / heads
+        m = base_model_config(hf, where, qkv_bias=True, o_bias=True)
+        E, K = int(need(hf, "num_experts", where)), int(need(hf, "num_experts_per_tok", where))
+        try:
+            e = MoGEConfig(
+                d_model=m.d_model, num_experts=E, num_groups=K, top_k=K,
+                expert_hidden=int(need(hf, "moe_intermediate_size", where)),
+                num_shared_experts=1, shared_hidden=int(need(hf, "shared_expert_intermediate_size", where)),
+                router="grouped", learned_expert_scale=True,
+                # The released loss is Mixtral's (K times Eq. 8 on the same counts; see README).
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * K,
+            )  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"{where}: {err} (groups = num_experts_per_tok: one expert per group)") from err
+        return m, e
+
+    def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
+        if e.router != "grouped":
+            raise refuse(self.name, f"the {e.router} router", "the released block routes by groups (MoGE)")
+        if e.top_k != e.num_groups:
+            raise refuse(
+                self.name, f"top_k={e.top_k} with num_groups={e.num_groups}",
+                "the released block takes one expert per group, and config.json has no group count",
+            )  # fmt: skip
+        if e.score_func != "softmax" or e.normalize_weights or e.route_scale != 1.0:
+            raise refuse(
+                self.name, "sigmoid scores, renormalised gates or a route_scale", "none in the released block"
+            )
+        if e.bias_update_rate > 0:
+            raise refuse(self.name, "the aux-loss-free balancing bias", "no tensor for it")
+        if not e.shared_width or e.shared_expert_gate:
+            raise refuse(
+                self.name, "a model without one ungated shared expert", "the released block adds one"
+            )
+        if any(not m.is_moe_layer(i) for i in range(m.n_layers)):
+            raise refuse(self.name, "dense layers", "every released block is MoE")
+        if m.qk_norm:
+            raise refuse(self.name, "q/k norms", "the released attention has none")
+        if m.head_dim is not None and m.head_dim != m.d_model // m.n_heads:
+            raise refuse(
+                self.name, f"head_dim {m.head_dim}", "the released attention uses hidden_size / heads"
+            )
+        cfg = base_config_json(m, ARCH, MODEL_TYPE)
+        for key in ("head_dim", "rope_parameters"):  # not fields of the released configuration
+            del cfg[key]
+        cfg.update(
+            auto_map=AUTO_MAP, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
+            moe_intermediate_size=e.expert_hidden, shared_expert_intermediate_size=e.shared_width,
+            router_aux_loss_coef=e.aux_loss_coef / e.top_k, output_router_logits=False,
+        )  # fmt: skip
+        return cfg
+
+    def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
+        out = [Piece("model.embed_tokens.weight", "embed.weight"), Piece("model.norm.weight", "norm.weight")]
+        if not m.tie_embeddings:
+            out.append(Piece("lm_head.weight", "lm_head.weight"))
+        for i in range(m.n_layers):
+            hf, mg = f"model.layers.{i}", f"blocks.{i}"
+            out += [
+                Piece(f"{hf}.input_layernorm.weight", f"{mg}.attn_norm.weight"),
+                Piece(f"{hf}.post_attention_layernorm.weight", f"{mg}.ffn_norm.weight"),
+                Piece(f"{hf}.mlp.gate.weight", f"{mg}.ffn.router.weight"),
+                Piece(
+                    f"{hf}.mlp.router_scale", f"{mg}.ffn.expert_scale_E", shape=(1, e.num_experts), fill=1.0
+                ),
+            ]
+            out += _attention_pieces(m, i)
+            out += expert_pieces(f"{hf}.mlp.experts", f"{mg}.ffn.experts", e.num_experts, e.expert_hidden)
+            out += swiglu_pieces(f"{hf}.mlp.shared_expert", f"{mg}.ffn.shared", e.shared_width)
+        return out

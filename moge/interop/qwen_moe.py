@@ -1,0 +1,167 @@
+"""Qwen2-MoE and Qwen3-MoE (transformers' Qwen2MoeForCausalLM, Qwen3MoeForCausalLM).
+
+Both: softmax over all experts, global top-k, `norm_topk_prob` -> moge's
+normalize_weights; dense blocks where `mlp_only_layers` or `decoder_sparse_step` say.
+Qwen2-MoE: q/k/v biases, one shared expert scaled by sigmoid(shared_expert_gate(x)).
+Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
+"""
+
+from __future__ import annotations
+
+from moge.config import ModelConfig
+from moge.interop.mapping import (
+    BaseLayout,
+    LayoutFolder,
+    Piece,
+    base_config_json,
+    base_model_config,
+    check_plain_routing,
+    decoder_pieces,
+    dense_pattern,
+    expert_pieces,
+    need,
+    refuse,
+    swiglu_pieces,
+)
+from moge.layer import MoGEConfig
+
+
+def hf_moe_layers(hf: dict, n_layers: int, num_experts: int) -> set[int]:
+    """transformers' rule: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+    only = set(hf.get("mlp_only_layers") or [])
+    step = int(hf.get("decoder_sparse_step") or 1)
+    return {i for i in range(n_layers) if i not in only and num_experts > 0 and (i + 1) % step == 0}
+
+
+def _experts(hf: dict, where: str) -> int:
+    n = hf.get("num_experts", hf.get("num_local_experts"))
+    if n is None:
+        raise ValueError(f"{where}: config.json lacks the field 'num_experts'")
+    return int(n)
+
+
+def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
+    K = int(need(hf, "num_experts_per_tok", where))
+    return dict(
+        num_experts=_experts(hf, where), num_groups=1, top_k=K,
+        expert_hidden=int(need(hf, "moe_intermediate_size", where)),
+        num_shared_experts=1 if shared else 0, shared_hidden=shared or None, shared_expert_gate=bool(shared),
+        router="global", normalize_weights=bool(hf.get("norm_topk_prob", False)),
+        # transformers' loss is K times Eq. 8 on the same counts (see README).
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * K,
+    )  # fmt: skip
+
+
+def _moe_json(m: ModelConfig, e: MoGEConfig) -> dict:
+    return {
+        "num_experts": e.num_experts,
+        "num_experts_per_tok": e.top_k,
+        "moe_intermediate_size": e.expert_hidden,
+        "norm_topk_prob": e.normalize_weights,
+        "intermediate_size": m.resolved_dense_hidden,
+        "mlp_only_layers": [i for i in range(m.n_layers) if not m.is_moe_layer(i)],
+        "decoder_sparse_step": 1,
+        "router_aux_loss_coef": e.aux_loss_coef / e.top_k,
+        "output_router_logits": False,
+        "use_sliding_window": False,
+    }
+
+
+def _ffn_pieces(m: ModelConfig, e: MoGEConfig, shared_gate: bool) -> list[Piece]:
+    out = []
+    for i in range(m.n_layers):
+        hf, mg = f"model.layers.{i}.mlp", f"blocks.{i}.ffn"
+        if not m.is_moe_layer(i):
+            out += swiglu_pieces(hf, mg, m.resolved_dense_hidden)
+            continue
+        out.append(Piece(f"{hf}.gate.weight", f"{mg}.router.weight"))
+        out += expert_pieces(f"{hf}.experts", f"{mg}.experts", e.num_experts, e.expert_hidden)
+        if e.shared_width:
+            out += swiglu_pieces(f"{hf}.shared_expert", f"{mg}.shared", e.shared_width)
+        if shared_gate:
+            out.append(Piece(f"{hf}.shared_expert_gate.weight", f"{mg}.shared_gate.weight"))
+    return out
+
+
+def _per_expert_names(prefix: str, e: int) -> tuple[str, str, str]:
+    return tuple(f"{prefix}.experts.{e}.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj"))  # type: ignore[return-value]
+
+
+class Qwen2MoeLayout(BaseLayout):
+    name = "qwen2_moe"
+    model_types = ("qwen2_moe",)
+
+    def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
+        n = int(need(hf, "num_hidden_layers", where))
+        shared = int(hf.get("shared_expert_intermediate_size") or 0)
+        if shared <= 0:
+            raise ValueError(
+                f"{where}: shared_expert_intermediate_size must be > 0 (moge has no zero-width expert)"
+            )
+        first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where)), where)
+        bias = bool(hf.get("qkv_bias", True))
+        m = base_model_config(
+            hf, where, qkv_bias=bias, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
+            first_dense_layers=first, moe_every=every,
+        )  # fmt: skip
+        try:
+            return m, MoGEConfig(d_model=m.d_model, **_moe_fields(hf, where, shared=shared))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+
+    def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
+        check_plain_routing(self.name, e, normalize=None)
+        if not e.shared_width or not e.shared_expert_gate:
+            raise refuse(
+                self.name, "a model without a gated shared expert",
+                "Qwen2-MoE always scales one by sigmoid(shared_expert_gate(x)); try --to qwen3_moe or pangu",
+            )  # fmt: skip
+        if m.qk_norm or m.o_bias:
+            raise refuse(self.name, "q/k norms or an o_proj bias", "Qwen2-MoE attention has neither")
+        cfg = base_config_json(m, "Qwen2MoeForCausalLM", "qwen2_moe")
+        cfg.update(_moe_json(m, e), shared_expert_intermediate_size=e.shared_width, qkv_bias=m.qkv_bias)
+        return cfg
+
+    def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
+        return decoder_pieces(m) + _ffn_pieces(m, e, shared_gate=True)
+
+    def prepare(self, folder: LayoutFolder) -> None:
+        folder.alias_fused(_per_expert_names)
+
+
+class Qwen3MoeLayout(BaseLayout):
+    name = "qwen3_moe"
+    model_types = ("qwen3_moe",)
+
+    def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
+        n = int(need(hf, "num_hidden_layers", where))
+        first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where)), where)
+        bias = bool(hf.get("attention_bias", False))
+        m = base_model_config(
+            hf, where, qkv_bias=bias, o_bias=bias, qk_norm=True,
+            dense_hidden=int(need(hf, "intermediate_size", where)), first_dense_layers=first, moe_every=every,
+        )  # fmt: skip
+        try:
+            return m, MoGEConfig(d_model=m.d_model, **_moe_fields(hf, where, shared=0))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+
+    def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
+        check_plain_routing(self.name, e, normalize=None)
+        if e.shared_width:
+            raise refuse(self.name, "shared experts", "Qwen3-MoE has none; try --to qwen2_moe or pangu")
+        if not m.qk_norm:
+            raise refuse(self.name, "attention without q/k norms", "Qwen3-MoE always normalises q and k")
+        if m.qkv_bias != m.o_bias:
+            raise refuse(
+                self.name, "q/k/v biases without an o bias (or the reverse)", "one attention_bias flag"
+            )
+        cfg = base_config_json(m, "Qwen3MoeForCausalLM", "qwen3_moe")
+        cfg.update(_moe_json(m, e), attention_bias=m.qkv_bias)
+        return cfg
+
+    def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
+        return decoder_pieces(m) + _ffn_pieces(m, e, shared_gate=False)
+
+    def prepare(self, folder: LayoutFolder) -> None:
+        folder.alias_fused(_per_expert_names)

@@ -1,0 +1,91 @@
+"""`moge convert`, and `moge eval` / `moge generate` on a layout folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from moge.checkpoint import find_checkpoint, load_run
+from moge.cli import CONVERT_LAYOUTS, main
+from moge.interop import LAYOUTS, MOGE, from_pretrained
+
+TINY = {
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+    "moe": {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 16, "num_shared_experts": 1,
+            "learned_expert_scale": True},
+    "data": {"seq_len": 32},
+    "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "eval_every": 0, "eval_batches": 1,
+              "save_every": 0, "threads": 1},
+    "eval": {"batches": 1, "batch_size": 2, "plots": False},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("convert")
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    n = torch.get_num_threads()
+    assert main(["train", str(config), f"train.out_dir={folder / 'run'}"]) == 0
+    torch.set_num_threads(n)
+    return folder / "run"
+
+
+def test_cli_lists_every_layout():
+    assert set(CONVERT_LAYOUTS) == {*LAYOUTS, MOGE}
+
+
+def test_convert_to_pangu_and_back_keeps_every_tensor(run, tmp_path, capsys):
+    pangu, back = tmp_path / "pangu", tmp_path / "back"
+    assert main(["convert", str(run), str(pangu), "--to", "pangu", "--max-shard-bytes", "30000"]) == 0
+    index = json.loads((pangu / "model.safetensors.index.json").read_text())
+    assert "model.layers.1.mlp.router_scale" in index["weight_map"]
+    assert main(["convert", str(pangu), str(back), "--to", "moge"]) == 0
+    original = load_file(str(find_checkpoint(run) / "model.safetensors"))
+    again = load_file(str(find_checkpoint(back) / "model.safetensors"))
+    for k, v in original.items():
+        assert torch.equal(v, again[k]), k
+    # The run had no attention biases; the Pangu layout always has them: zeros, the same model.
+    added = set(again) - set(original)
+    assert added and all(k.endswith("_proj.bias") and not again[k].any() for k in added)
+    model, cfg, step = load_run(back)
+    assert step == 0 and cfg.moe.router == "grouped"
+
+
+def test_convert_casts_dtype(run, tmp_path):
+    assert main(["convert", str(run), str(tmp_path / "bf16"), "--to", "pangu", "--dtype", "bfloat16"]) == 0
+    model, _ = from_pretrained(tmp_path / "bf16", dtype=None)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_generate_and_eval_read_a_layout_folder(run, tmp_path, capsys):
+    pangu = tmp_path / "pangu"
+    assert main(["convert", str(run), str(pangu), "--to", "pangu"]) == 0
+    capsys.readouterr()
+    args = ["--prompt", "The with", "--tokens", "12", "--temperature", "0"]
+    assert main(["generate", str(run), *args]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", str(pangu), *args]) == 0
+    assert capsys.readouterr().out == from_run
+    assert main(["eval", str(pangu), "--batches", "1"]) == 0
+    report = json.loads((pangu / "report.json").read_text())
+    assert report["step"] == 0 and report["moe"]["router"] == "grouped"
+
+
+def test_grouped_run_to_a_transformers_layout_is_one_error_line(run, tmp_path, capsys):
+    code = main(["convert", str(run), str(tmp_path / "q"), "--to", "qwen3_moe"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert "transformers has no MoGE" in err[0] and "--to pangu" in err[0]
+    assert not (tmp_path / "q").exists()
+
+
+def test_convert_errors(run, tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nothing"), str(tmp_path / "x"), "--to", "pangu"]) == 2
+    assert "nothing" in capsys.readouterr().err
+    assert main(["convert", str(run), str(tmp_path / "x"), "--to", "gpt2"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

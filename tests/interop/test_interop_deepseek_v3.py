@@ -1,0 +1,81 @@
+"""The DeepSeek-V3 MoE block against transformers' own DeepseekV3MoE on the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+from moge.interop.deepseek_v3 import block_state_dict, load_block
+
+FIELDS = dict(
+    hidden_size=16, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+    moe_intermediate_size=6, n_shared_experts=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+)  # fmt: skip
+
+
+def _block(seed=0) -> DeepseekV3MoE:
+    torch.manual_seed(seed)
+    block = DeepseekV3MoE(DeepseekV3Config(**FIELDS)).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+        block.gate.e_score_correction_bias.normal_(0.0, 0.5)  # big enough to change the selection
+    return block
+
+
+def _x(seed=1):
+    return torch.randn(2, 11, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def test_block_equals_transformers_with_the_correction_bias():
+    block = _block()
+    moe = load_block(block.state_dict(), config=FIELDS).eval()
+    assert moe.config.bias_update_rate == 0 and moe.balance_bias_E is not None
+    assert torch.equal(moe.balance_bias_E, block.gate.e_score_correction_bias)
+    x = _x()
+    with torch.no_grad():
+        theirs, ours = block(x), moe(x).hidden
+    torch.testing.assert_close(ours, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=1e-5)
+    # The bias matters: routing without it picks other experts for some tokens.
+    with torch.no_grad():
+        moe.balance_bias_E.zero_()
+        assert not torch.allclose(moe(x).hidden, theirs, atol=1e-3)
+
+
+def test_bias_stays_fixed_through_end_step():
+    moe = load_block(_block().state_dict(), config=FIELDS).train()
+    before = moe.balance_bias_E.clone()
+    moe(_x())
+    moe.end_step()
+    assert torch.equal(moe.balance_bias_E, before)
+
+
+def test_from_a_checkpoint_folder_and_back(tmp_path):
+    block = _block(2)
+    state = {
+        f"model.layers.1.mlp.{k}": v
+        for k, v in block_state_dict(load_block(block.state_dict(), config=FIELDS)).items()
+    }
+    state["model.layers.0.mlp.down_proj.weight"] = torch.zeros(16, 4)  # another layer: not ours
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({**FIELDS, "model_type": "deepseek_v3"}))
+    moe = load_block(tmp_path, layer=1).eval()
+    x = _x(3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            moe(x).hidden, block(x), atol=1e-5 * block(x).abs().max().item(), rtol=1e-5
+        )
+    back = block_state_dict(moe, "model.layers.1.mlp.")
+    for k, v in back.items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_wrong_shape_names_the_key():
+    state = dict(_block().state_dict())
+    with pytest.raises(ValueError, match=r"gate\.weight: expected shape \[8, 16\].*found \[8, 12\]"):
+        load_block({**state, "gate.weight": torch.zeros(8, 12)}, config=FIELDS)

@@ -1,0 +1,140 @@
+"""moge against transformers itself: load what save_pretrained writes, export what it loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hf_cases import LAYOUT_NAMES, VOCAB, hf_class, hf_model
+from safetensors.torch import save_file
+
+from moge.interop import from_pretrained, save_pretrained
+
+MOE_LAYOUTS = ("qwen3_moe", "qwen2_moe", "mixtral")
+
+
+def _tokens(seed: int = 1, B: int = 2, L: int = 9) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = expected.abs().max().item()
+    assert scale > 0.1, "logits far from zero, so the tolerance means something"
+    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=LAYOUT_NAMES)
+def saved(request, tmp_path_factory):
+    """(layout, transformers model, its save_pretrained folder)."""
+    hf = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return request.param, hf, path
+
+
+def test_logits_equal_transformers(saved):
+    layout, hf, path = saved
+    model, cfg = from_pretrained(path)
+    x = _tokens()
+    with torch.no_grad():
+        _close(model(x).logits, hf(x).logits)
+    if layout in MOE_LAYOUTS:
+        assert any(True for _ in model.moe_layers())
+
+
+def test_kv_cache_generate_equals_transformers(saved):
+    _, hf, path = saved
+    model, _ = from_pretrained(path)
+    x = _tokens(seed=2, B=2, L=5)
+    n = 6
+    out = hf.generate(
+        x, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=0, eos_token_id=None,
+    )  # fmt: skip
+    assert torch.equal(model.generate(x, n, temperature=0.0), out.sequences)
+    # The logits of every cached step: prefill, then one token at a time.
+    cache = model.new_cache(x.shape[1] + n)
+    with torch.no_grad():
+        step_logits = [model(x, cache=cache).logits[:, -1]]
+        for t in range(1, n):
+            step_logits.append(
+                model(out.sequences[:, x.shape[1] + t - 1 : x.shape[1] + t], cache=cache).logits[:, -1]
+            )
+    for ours, theirs in zip(step_logits, out.logits, strict=True):
+        _close(ours, theirs)
+
+
+def test_export_loads_in_transformers(saved, tmp_path):
+    layout, _, path = saved
+    model, _ = from_pretrained(path)
+    with torch.no_grad():  # new weights, so the check is not of the original file
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_pretrained(model, tmp_path, layout=layout, max_shard_bytes=40_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    theirs = hf_class(layout).from_pretrained(tmp_path).eval()
+    x = _tokens(seed=3)
+    with torch.no_grad():
+        _close(theirs(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("shard", [40_000, 1 << 30])
+def test_round_trip_is_bit_exact(saved, tmp_path, shard):
+    layout, _, path = saved
+    model, _ = from_pretrained(path)
+    save_pretrained(model, tmp_path, layout=layout, max_shard_bytes=shard)
+    again, _ = from_pretrained(tmp_path)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("layout", ["qwen3_moe", "mixtral"])
+def test_reads_transformers_stacked_expert_names(layout, tmp_path):
+    """transformers 5 keeps experts stacked in memory (mlp.experts.gate_up_proj): read those too."""
+    hf = hf_model(layout)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    model, _ = from_pretrained(tmp_path)
+    x = _tokens(seed=4)
+    with torch.no_grad():
+        _close(model(x).logits, hf(x).logits)
+
+
+def test_wrong_shape_names_the_key(saved, tmp_path):
+    layout, hf, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size" if layout in ("llama", "qwen2", "mixtral") else "moe_intermediate_size"] = 8
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError,
+        match=r"\.(mlp|block_sparse_moe)\..*(gate_proj|w1)\.weight: expected shape \[8, 32\].*found \[(40|16), 32\]",
+    ):
+        from_pretrained(tmp_path)
+
+
+def test_grouped_model_refuses_transformers_layouts(tmp_path):
+    model, _ = from_pretrained(_pangu_like(tmp_path / "src"))
+    for layout in MOE_LAYOUTS:
+        with pytest.raises(ValueError, match="transformers has no MoGE.*--to pangu"):
+            save_pretrained(model, tmp_path / layout, layout=layout)
+        assert not (tmp_path / layout).exists()
+
+
+def _pangu_like(path):
+    from moge.config import ModelConfig
+    from moge.layer import MoGEConfig
+    from moge.model import MoGETransformer
+
+    m = ModelConfig(
+        vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, qkv_bias=True, o_bias=True
+    )
+    e = MoGEConfig(d_model=32, num_experts=4, num_groups=2, top_k=2, expert_hidden=8, num_shared_experts=1)
+    save_pretrained(MoGETransformer(m, e), path, layout="pangu")
+    return path

@@ -1,0 +1,120 @@
+"""The Pangu Pro MoE layout against an oracle read from the released modelling code."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pangu_oracle import PanguOracle, write_random_checkpoint
+
+from moge.config import ModelConfig
+from moge.interop import from_pretrained, save_pretrained
+from moge.layer import MoGEConfig
+from moge.model import MoGETransformer
+
+# The released block's own shape (64 experts, top-8, 8 groups), at tiny widths.
+RELEASED_FIELDS = dict(
+    architectures=["PanguProMoEForCausalLM"], model_type="PanguProMoE", vocab_size=80, hidden_size=32,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_act="silu",
+    max_position_embeddings=64, initializer_range=0.02, rms_norm_eps=1e-5, use_cache=True,
+    tie_word_embeddings=False, rope_theta=16000000.0, moe_intermediate_size=4,
+    shared_expert_intermediate_size=12, num_experts_per_tok=8, num_experts=64,
+    output_router_logits=False, router_aux_loss_coef=0.001, attention_dropout=0.0,
+)  # fmt: skip
+
+
+def _close(actual, expected):
+    scale = expected.abs().max().item()
+    assert scale > 0.1
+    torch.testing.assert_close(actual, expected, atol=1e-5 * scale, rtol=1e-5)
+
+
+def _tokens(seed=0, B=2, L=7):
+    return torch.randint(0, 80, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _moge_pangu(seed=0) -> MoGETransformer:
+    torch.manual_seed(seed)
+    m = ModelConfig(vocab_size=80, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=True, o_bias=True,
+                    rope_theta=1.6e7, max_seq_len=64)  # fmt: skip
+    e = MoGEConfig(d_model=32, num_experts=64, num_groups=8, top_k=8, expert_hidden=4, num_shared_experts=1,
+                   shared_hidden=12, learned_expert_scale=True)  # fmt: skip
+    model = MoGETransformer(m, e).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # biases, norms and expert scales away from 0 / 1 too
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def test_released_checkpoint_loads_with_equal_logits(tmp_path):
+    write_random_checkpoint(tmp_path, RELEASED_FIELDS)
+    model, cfg = from_pretrained(tmp_path)
+    assert (cfg.moe.router, cfg.moe.num_groups, cfg.moe.top_k) == ("grouped", 8, 8)
+    x = _tokens()
+    with torch.no_grad():
+        _close(model(x).logits, PanguOracle(tmp_path).logits(x))
+
+
+def test_export_runs_in_the_oracle_with_kv_cache(tmp_path):
+    model = _moge_pangu()
+    save_pretrained(model, tmp_path, layout="pangu", max_shard_bytes=50_000)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for field, value in RELEASED_FIELDS.items():  # every field the released code reads
+        assert field in cfg, field
+        if field not in ("router_aux_loss_coef", "max_position_embeddings", "initializer_range"):
+            assert cfg[field] == value, field
+    oracle = PanguOracle(tmp_path)
+    x = _tokens(1, B=2, L=5)
+    with torch.no_grad():
+        _close(model(x).logits, oracle.logits(x))
+    out = model.generate(x, 5, temperature=0.0)
+    seq = x
+    cache = model.new_cache(10)
+    with torch.no_grad():
+        step = model(x, cache=cache).logits[:, -1]
+        for t in range(5):
+            _close(step, oracle.logits(seq)[:, -1])  # the oracle recomputes everything, no cache
+            seq = torch.cat([seq, step.argmax(-1, keepdim=True)], dim=1)
+            if t < 4:
+                step = model(seq[:, -1:], cache=cache).logits[:, -1]
+    assert torch.equal(out, seq)
+
+
+def test_round_trip_bit_exact(tmp_path):
+    model = _moge_pangu(1)
+    save_pretrained(model, tmp_path, layout="pangu")
+    again, _ = from_pretrained(tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_model_without_biases_or_scales_exports_zeros_and_ones(tmp_path):
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=80, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    e = MoGEConfig(d_model=32, num_experts=8, num_groups=4, top_k=4, expert_hidden=4, num_shared_experts=2)
+    model = MoGETransformer(m, e).eval()
+    save_pretrained(model, tmp_path, layout="pangu")
+    oracle = PanguOracle(tmp_path)
+    assert torch.equal(oracle.w["model.layers.0.self_attn.o_proj.bias"], torch.zeros(32))
+    assert torch.equal(oracle.w["model.layers.0.mlp.router_scale"], torch.ones(1, 8))
+    x = _tokens(2)
+    with torch.no_grad():
+        _close(model(x).logits * 10, oracle.logits(x) * 10)  # untrained: small logits
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(router="global"), "global router"),
+        (dict(top_k=8, num_groups=4), "one expert per group"),
+        (dict(normalize_weights=True), "renormalised"),
+        (dict(num_shared_experts=0), "shared expert"),
+    ],
+)
+def test_refuses_what_the_released_code_cannot_express(tmp_path, change, message):
+    base = dict(d_model=32, num_experts=8, num_groups=4, top_k=4, expert_hidden=4, num_shared_experts=1)
+    m = ModelConfig(vocab_size=80, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)
+    model = MoGETransformer(m, MoGEConfig(**{**base, **change}))
+    with pytest.raises(ValueError, match=message):
+        save_pretrained(model, tmp_path / "out", layout="pangu")
