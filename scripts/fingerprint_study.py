@@ -1,0 +1,223 @@
+"""The fingerprint dispute at toy scale: is an upcycled child recognisable, and how often are strangers?
+
+Trains, on 2 CPU cores in about half an hour (24 layers, d_model 64, byte-level):
+- parent: a dense model with QKV biases (the Qwen2 shape), on the built-in corpus;
+- child: the parent upcycled to MoGE (moge.interop.upcycle: 8 experts in 4 groups,
+  exact at step 0), trained on from there on *different* data (the Python standard
+  library's email package source), with checkpoints along the way;
+- strangers: dense models from other seeds, on the parent's data or the other data, one
+  of another width (d_model 96), and a MoGE model trained from scratch on the other data.
+Then fingerprints (moge.tools.fingerprint) every pair of final models and the parent
+against every checkpoint of the child, with permutation p-values, and writes
+study.json, study.md (the tables) and fingerprint_study.png into --out.
+
+    python scripts/fingerprint_study.py --out runs/fingerprint-study
+"""
+
+from __future__ import annotations
+
+import argparse
+import email
+import itertools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from matplotlib.figure import Figure
+
+from moge.checkpoint import CHECKPOINTS
+from moge.config import config_from_dict
+from moge.interop.upcycle_run import upcycle_run
+from moge.tools.fingerprint import Settings, compare_profiles, read_profile, z_normalise
+from moge.train import train
+
+OTHER_DATA = str(Path(email.__file__).parent)  # any Python has it: a reproducible second corpus
+MODEL = {"vocab_size": 256, "d_model": 64, "n_layers": 24, "n_heads": 4, "n_kv_heads": 2, "qkv_bias": True,
+         "max_seq_len": 64, "dense_hidden": 256}  # fmt: skip
+# dense_hidden 256 = 4 slices of 64: one slice per group, so upcycling is exact.
+MOE = {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 64, "learned_expert_scale": True,
+       "aux_loss_coef": 0.001}  # fmt: skip
+ROWS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "attn_norm", "qkvo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/fingerprint-study")
+    p.add_argument("--steps", type=int, default=250, help="training steps of every run")
+    p.add_argument("--checkpoints", type=int, default=5, help="child checkpoints after step 0")
+    p.add_argument("--permutations", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs in --out, only fingerprint")
+    return p.parse_args(argv)
+
+
+def run_config(name: str, out: Path, args, *, seed: int, data: str | None, dense: bool, model=None) -> dict:
+    m = {**MODEL, **(model or {})}
+    if dense:
+        m["first_dense_layers"] = m["n_layers"]
+    return {
+        "name": name,
+        "model": m,
+        "moe": MOE,
+        "data": {"path": data, "seq_len": 64},
+        "train": {"steps": args.steps, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 25,
+                  "log_every": 50, "eval_every": 0, "eval_batches": 4, "save_every": 0, "keep_last": 1,
+                  "seed": seed, "threads": args.threads, "out_dir": str(out / name)},
+        "monitor": {"every": 0},
+    }  # fmt: skip
+
+
+def train_runs(args) -> dict[str, float]:
+    """Train every run into --out (skipping finished ones with --reuse); returns seconds per run."""
+    out = Path(args.out)
+    strangers = {
+        "seed2-same-data": dict(seed=2, data=None, dense=True),
+        "seed3-other-data": dict(seed=3, data=OTHER_DATA, dense=True),
+        "wide96-seed4": dict(seed=4, data=None, dense=True, model={"d_model": 96}),
+        "moge-scratch-other-data": dict(seed=5, data=OTHER_DATA, dense=False),
+    }
+    timings = {}
+
+    def timed(name, fn):
+        if args.reuse and (out / name / CHECKPOINTS / "LATEST").exists():
+            return
+        t0 = time.perf_counter()
+        fn()
+        timings[name] = time.perf_counter() - t0
+        print(f"{name}: {timings[name]:.0f} s", flush=True)
+
+    timed("parent", lambda: train(config_from_dict(run_config("parent", out, args, seed=1, data=None, dense=True)),
+                                  progress=False))  # fmt: skip
+
+    def child() -> None:
+        raw = run_config("child", out, args, seed=1, data=OTHER_DATA, dense=False)
+        every = max(args.steps // args.checkpoints, 1)
+        raw["train"].update(save_every=every, keep_last=args.checkpoints + 2)
+        raw["model"] = {}  # the decoder comes from the parent; every block becomes MoE
+        (out / "child.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+        shutil.rmtree(out / "child", ignore_errors=True)
+        up = upcycle_run(out / "parent", out / "child", out / "child.yaml")
+        print(f"upcycled: {up.plan.describe()}; step-0 max |logit diff| {up.max_abs_diff:.2g}", flush=True)
+        cfg = config_from_dict(yaml.safe_load((out / "child" / "config.yaml").read_text()))
+        train(cfg, progress=False)
+
+    timed("child", child)
+    for name, kw in strangers.items():
+        timed(name, lambda name=name, kw=kw: train(config_from_dict(run_config(name, out, args, **kw)),
+                                                   progress=False))  # fmt: skip
+    return timings
+
+
+def _row_dict(rows) -> dict:
+    return {r.signal: {"r": r.r, "p": r.p, "ci": r.ci, "r_diff": r.r_diff, "note": r.note} for r in rows}
+
+
+def fingerprint_all(args) -> dict:
+    out = Path(args.out)
+    settings = Settings(permutations=args.permutations, bootstrap=1000, seed=0)
+    finals = [
+        "parent",
+        "child",
+        "seed2-same-data",
+        "seed3-other-data",
+        "wide96-seed4",
+        "moge-scratch-other-data",
+    ]
+    profiles = {name: read_profile(out / name, name) for name in finals}
+    pairs = {}
+    for a, b in itertools.combinations(finals, 2):
+        pairs[f"{a} vs {b}"] = _row_dict(compare_profiles(profiles[a], profiles[b], settings))
+    steps = sorted(int(p.name.split("_")[1]) for p in (out / "child" / CHECKPOINTS).glob("step_*"))
+    lineage = {}
+    for step in steps:
+        prof = read_profile(out / "child" / CHECKPOINTS / f"step_{step:08d}", f"child@{step}")
+        lineage[step] = _row_dict(compare_profiles(profiles["parent"], prof, settings))
+    return {"profiles": {k: v.values for k, v in profiles.items()}, "pairs": pairs, "lineage": lineage}
+
+
+def _fmt(cell: dict) -> str:
+    if cell["r"] is None:
+        return "undef."
+    return f"{cell['r']:+.2f} ({cell['p']:.3f})" if cell["p"] is not None else f"{cell['r']:+.2f}"
+
+
+def tables(res: dict) -> str:
+    head = "| pair | " + " | ".join(ROWS) + " | r(diff) qkvo |\n|---|" + "---|" * (len(ROWS) + 1)
+    lines = [
+        f"Final models, every pair: r (one-sided permutation p, {res['permutations']} shuffles of the layers).",
+        "",
+        head,
+    ]
+    for pair, rows in res["pairs"].items():
+        rd = rows["qkvo"]["r_diff"]
+        lines.append(f"| {pair} | " + " | ".join(_fmt(rows[s]) for s in ROWS) + f" | {rd:+.2f} |")
+    lines += ["", "Parent vs the child as its training continues (step 0: the upcycled copy).", "", head]
+    for step, rows in res["lineage"].items():
+        rd = rows["qkvo"]["r_diff"]
+        rd_text = f"{rd:+.2f}" if rd is not None else "undef."
+        lines.append(
+            f"| parent vs child@{step} | " + " | ".join(_fmt(rows[s]) for s in ROWS) + f" | {rd_text} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    fig = Figure(figsize=(12, 4.2), layout="constrained")
+    ax_p, ax_l = fig.subplots(1, 2)
+    for name, values in res["profiles"].items():
+        z = z_normalise(values["q"])
+        if z is not None:
+            style = "-" if name in ("parent", "child") else ":"
+            ax_p.plot(range(len(z)), z, style, marker=".", ms=3, lw=1.3, label=name)
+    ax_p.set_title("q_proj weight std per layer (z-normalised)", fontsize=10)
+    ax_p.set_xlabel("layer")
+    ax_p.legend(fontsize=7)
+    steps = [int(s) for s in res["lineage"]]
+    for signal, marker in (("qkvo", "o"), ("qkv_bias", "s"), ("attn_norm", "^")):
+        ys = [res["lineage"][s][signal]["r"] for s in res["lineage"]]
+        ax_l.plot(
+            steps,
+            [float("nan") if y is None else y for y in ys],
+            marker=marker,
+            label=f"parent vs child: {signal}",
+        )
+    unrelated = [rows["qkvo"]["r"] for pair, rows in res["pairs"].items()
+                 if pair != "parent vs child" and rows["qkvo"]["r"] is not None]  # fmt: skip
+    if unrelated:
+        ax_l.axhspan(
+            min(unrelated), max(unrelated), color="grey", alpha=0.25, label="qkvo r, unrelated pairs (range)"
+        )
+    ax_l.set_xlabel("child training step (on other data)")
+    ax_l.set_ylabel("Pearson r")
+    ax_l.set_title("does the parent's fingerprint fade in the child?", fontsize=10)
+    ax_l.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not (args.force or args.reuse):
+        sys.exit(f"error: {out} exists; pass --force to replace it or --reuse to keep finished runs")
+    if args.force:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    timings = train_runs(args)
+    res = fingerprint_all(args)
+    res["timings_s"], res["permutations"] = timings, args.permutations
+    (out / "study.json").write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
+    text = tables(res)
+    (out / "study.md").write_text(text + "\n", encoding="utf-8")
+    plot(res, out / "fingerprint_study.png")
+    print(text)
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'fingerprint_study.png'}")
+
+
+if __name__ == "__main__":
+    main()
