@@ -6,7 +6,7 @@ Trains, on 2 CPU cores in about half an hour (24 layers, d_model 64, byte-level)
   exact at step 0), trained on from there on *different* data (the Python standard
   library's email package source), with checkpoints along the way;
 - strangers: dense models from other seeds, on the parent's data or the other data, one
-  of another width (d_model 96), and a MoGE model trained from scratch on the other data.
+  of another width (d_model 96: 1.5x), and a MoGE model trained from scratch on the other data.
 Then fingerprints (moge.tools.fingerprint) every pair of final models and the parent
 against every checkpoint of the child, with permutation p-values, and writes
 study.json, study.md (the tables) and fingerprint_study.png into --out.
@@ -36,11 +36,21 @@ from moge.tools.fingerprint import Settings, compare_profiles, read_profile, z_n
 from moge.train import train
 
 OTHER_DATA = str(Path(email.__file__).parent)  # any Python has it: a reproducible second corpus
-MODEL = {"vocab_size": 256, "d_model": 64, "n_layers": 24, "n_heads": 4, "n_kv_heads": 2, "qkv_bias": True,
-         "max_seq_len": 64, "dense_hidden": 256}  # fmt: skip
-# dense_hidden 256 = 4 slices of 64: one slice per group, so upcycling is exact.
-MOE = {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 64, "learned_expert_scale": True,
-       "aux_loss_coef": 0.001}  # fmt: skip
+
+
+def model_section(args, d_model: int | None = None) -> dict:
+    """The decoder of every run: 24 layers of width 64 by default (--layers, --d-model)."""
+    d = d_model or args.d_model
+    # dense_hidden 4d = 4 slices of d: one slice per group, so upcycling is exact.
+    return {"vocab_size": 256, "d_model": d, "n_layers": args.layers, "n_heads": 4, "n_kv_heads": 2,
+            "qkv_bias": True, "max_seq_len": 64, "dense_hidden": 4 * d}  # fmt: skip
+
+
+def moe_section(args) -> dict:
+    return {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": args.d_model,
+            "learned_expert_scale": True, "aux_loss_coef": 0.001}  # fmt: skip
+
+
 ROWS = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "attn_norm", "qkvo")
 
 
@@ -48,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/fingerprint-study")
     p.add_argument("--steps", type=int, default=250, help="training steps of every run")
+    p.add_argument("--layers", type=int, default=24, help="depth of every model")
+    p.add_argument("--d-model", type=int, default=64, dest="d_model", help="width (the wide stranger: 1.5x)")
     p.add_argument("--checkpoints", type=int, default=5, help="child checkpoints after step 0")
     p.add_argument("--permutations", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
@@ -56,14 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_config(name: str, out: Path, args, *, seed: int, data: str | None, dense: bool, model=None) -> dict:
-    m = {**MODEL, **(model or {})}
+def wide_name(args) -> str:
+    return f"wide{args.d_model * 3 // 2}-seed4"
+
+
+def run_config(name: str, out: Path, args, *, seed: int, data: str | None, dense: bool, wide=False) -> dict:
+    m = model_section(args, args.d_model * 3 // 2 if wide else None)
     if dense:
         m["first_dense_layers"] = m["n_layers"]
     return {
         "name": name,
         "model": m,
-        "moe": MOE,
+        "moe": moe_section(args),
         "data": {"path": data, "seq_len": 64},
         "train": {"steps": args.steps, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 25,
                   "log_every": 50, "eval_every": 0, "eval_batches": 4, "save_every": 0, "keep_last": 1,
@@ -78,7 +94,7 @@ def train_runs(args) -> dict[str, float]:
     strangers = {
         "seed2-same-data": dict(seed=2, data=None, dense=True),
         "seed3-other-data": dict(seed=3, data=OTHER_DATA, dense=True),
-        "wide96-seed4": dict(seed=4, data=None, dense=True, model={"d_model": 96}),
+        wide_name(args): dict(seed=4, data=None, dense=True, wide=True),
         "moge-scratch-other-data": dict(seed=5, data=OTHER_DATA, dense=False),
     }
     timings = {}
@@ -125,7 +141,7 @@ def fingerprint_all(args) -> dict:
         "child",
         "seed2-same-data",
         "seed3-other-data",
-        "wide96-seed4",
+        wide_name(args),
         "moge-scratch-other-data",
     ]
     profiles = {name: read_profile(out / name, name) for name in finals}
