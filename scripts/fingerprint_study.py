@@ -159,7 +159,23 @@ def fingerprint_all(args) -> dict:
 def _fmt(cell: dict) -> str:
     if cell["r"] is None:
         return "undef."
-    return f"{cell['r']:+.2f} ({cell['p']:.3f})" if cell["p"] is not None else f"{cell['r']:+.2f}"
+    return f"{cell['r']:+.2f} ({cell['p']:.4f})" if cell["p"] is not None else f"{cell['r']:+.2f}"
+
+
+def summary(res: dict) -> str:
+    """The compact table of the README: the combined rows, every pair, the lineage first."""
+    lines = [
+        "| pair | qkvo r (p) | qkvo 95% CI | qkvo r(diff) | qkv_bias r (p) | attn_norm r (p) |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = [(f"parent vs child@{step}", r) for step, r in res["lineage"].items()]
+    rows += [(pair, r) for pair, r in res["pairs"].items() if pair != "parent vs child"]
+    for pair, r in rows:
+        q = r["qkvo"]
+        ci = f"[{q['ci'][0]:+.2f}, {q['ci'][1]:+.2f}]" if q["ci"] else "-"
+        rd = f"{q['r_diff']:+.2f}" if q["r_diff"] is not None else "undef."
+        lines.append(f"| {pair} | {_fmt(q)} | {ci} | {rd} | {_fmt(r['qkv_bias'])} | {_fmt(r['attn_norm'])} |")
+    return "\n".join(lines)
 
 
 def tables(res: dict) -> str:
@@ -208,6 +224,15 @@ def plot(res: dict, path: Path) -> None:
         ax_l.axhspan(
             min(unrelated), max(unrelated), color="grey", alpha=0.25, label="qkvo r, unrelated pairs (range)"
         )
+    diffs = [res["lineage"][s]["qkvo"]["r_diff"] for s in res["lineage"]]
+    ax_l.plot(steps, [float("nan") if d is None else d for d in diffs], "k--", marker="x",
+              label="parent vs child: qkvo r(diff)")  # fmt: skip
+    unrelated_diff = [rows["qkvo"]["r_diff"] for pair, rows in res["pairs"].items()
+                      if pair != "parent vs child" and rows["qkvo"]["r_diff"] is not None]  # fmt: skip
+    if unrelated_diff:
+        ax_l.axhline(
+            max(unrelated_diff), color="k", lw=0.8, ls=":", label="qkvo r(diff), unrelated pairs (max)"
+        )
     ax_l.set_xlabel("child training step (on other data)")
     ax_l.set_ylabel("Pearson r")
     ax_l.set_title("does the parent's fingerprint fade in the child?", fontsize=10)
@@ -228,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     res = fingerprint_all(args)
     res["timings_s"], res["permutations"] = timings, args.permutations
     (out / "study.json").write_text(json.dumps(res, indent=1, default=str) + "\n", encoding="utf-8")
-    text = tables(res)
+    text = summary(res) + "\n\n" + tables(res)
     (out / "study.md").write_text(text + "\n", encoding="utf-8")
     plot(res, out / "fingerprint_study.png")
     print(text)
