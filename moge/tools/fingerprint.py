@@ -47,9 +47,10 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -58,7 +59,7 @@ PROJ_SIGNALS = ("q", "k", "v", "o")
 BIAS_SIGNALS = ("q_bias", "k_bias", "v_bias")
 NORM_SIGNALS = ("attn_norm",)
 SIGNALS = PROJ_SIGNALS + BIAS_SIGNALS + NORM_SIGNALS
-COMBINED = {"qkvo": PROJ_SIGNALS, "qkv_bias": BIAS_SIGNALS}
+COMBINED: dict[str, tuple[str, ...]] = {"qkvo": PROJ_SIGNALS, "qkv_bias": BIAS_SIGNALS}
 MIN_LAYERS = 3  # Pearson's r over 2 points is always +-1
 _FLAT_RTOL = 1e-9  # a profile whose spread is below this share of its size is flat
 _CHUNK = 1 << 22  # elements per float64 chunk when taking a tensor's std
@@ -233,8 +234,8 @@ def _statistic_rows(
 
 
 def compare_signals(
-    a: dict[str, Sequence[float] | None],
-    b: dict[str, Sequence[float] | None],
+    a: Mapping[str, Sequence[float] | None],
+    b: Mapping[str, Sequence[float] | None],
     signals: Sequence[str],
     settings: Settings = Settings(),
     label: str | None = None,
@@ -245,7 +246,10 @@ def compare_signals(
     note; with none left the result is undefined (r None).
     """
     label = label or signals[0]
-    used, notes = [], []
+    used: list[str] = []
+    rows_a: list[list[float]] = []
+    rows_b: list[list[float]] = []
+    notes = []
     for s in signals:
         pa, pb = a.get(s), b.get(s)
         if pa is None or pb is None:
@@ -259,13 +263,15 @@ def compare_signals(
             notes.append(f"{s} flat in {' and '.join(flat)} (zero variance across layers)")
         else:
             used.append(s)
+            rows_a.append(list(pa))
+            rows_b.append(list(pb))
     note = "; ".join(notes)
     if not used:
         return SignalResult(label, None, note=note or "no signal")
     if len(signals) > 1:
         note = f"mean of {','.join(used)}" + (f"; {note}" if note else "")
-    a_SN = torch.tensor([list(a[s]) for s in used], dtype=torch.float64)
-    b_SN = torch.tensor([list(b[s]) for s in used], dtype=torch.float64)
+    a_SN = torch.tensor(rows_a, dtype=torch.float64)
+    b_SN = torch.tensor(rows_b, dtype=torch.float64)
     r, p, exact, ci, r_diff = _statistic_rows(a_SN, b_SN, settings)
     return SignalResult(label, r, p, exact, ci, r_diff, note)
 
@@ -456,7 +462,7 @@ def fingerprint(
         rows = compare_profiles(a, b, settings)
         pairs.append({"a": a.name, "b": b.name, "rows": [asdict(r) for r in rows]})
         texts.append(format_pair(a, b, rows, settings))
-    result = {
+    result: dict[str, Any] = {
         "settings": asdict(settings),
         "profiles": [asdict(p) for p in profiles],
         "pairs": pairs,
