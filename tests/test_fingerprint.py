@@ -125,6 +125,9 @@ def test_different_depths_are_interpolated():
     a = [0.3, 0.9, 0.1, 0.5]
     assert _one(a, interpolate(a, 7)).r == pytest.approx(1.0)
     assert _one(interpolate(a, 7), a).r == pytest.approx(1.0)
+    # B (4 layers) is the one shuffled, before its interpolation: 4! = 24 orders, one reaches r = 1.
+    res = _one(interpolate(a, 7), a, Settings(permutations=24, bootstrap=0))
+    assert res.p_exact and res.p == pytest.approx(1 / 24)
 
 
 def test_combined_row_is_the_mean_of_defined_signals():
@@ -272,6 +275,8 @@ def test_cli_fingerprint(tmp_path, capsys, cli_error):
     assert code == 0
     assert "A = a (moge, 6 layers)   B = hf (hf, 6 layers)" in out
     assert "qkvo" in out and (tmp_path / "o" / "fingerprint.txt").is_file()
+    assert main(["fingerprint", str(a), str(hf), str(a), "--permutations", "10", "--bootstrap", "0"]) == 0
+    assert capsys.readouterr().out.count("A = ") == 3  # every pair of three models
     assert "needs at least two models" in cli_error(["fingerprint", str(a)])
     assert "no such model folder" in cli_error(["fingerprint", str(a), str(tmp_path / "missing")])
     assert "permutations" in cli_error(["fingerprint", str(a), str(hf), "--permutations", "-1"])
