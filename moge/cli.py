@@ -298,10 +298,13 @@ def _add_upcycle_parser(sub) -> None:
     p = sub.add_parser(
         "upcycle",
         help="turn a dense model into a MoGE run whose logits equal the dense ones at step 0",
-        description="Upcycle a dense moge run (every FFN dense) into a new run folder DST that "
+        description="Upcycle a dense model (a moge run whose FFNs are all dense, or a Llama / Qwen2 "
+        "layout folder) into a new run folder DST that "
         "`moge train DST/config.yaml` continues; CONFIG gives the moe, data and train sections.",
     )
-    p.add_argument("src", metavar="SRC", help="dense moge run folder or checkpoint folder")
+    p.add_argument(
+        "src", metavar="SRC", help="dense moge run or checkpoint folder, or a Llama / Qwen2 layout folder"
+    )
     p.add_argument("dst", metavar="DST", help="new run folder (must not exist or be empty)")
     # CONFIG and its overrides in one option: argparse cannot take positionals after an option.
     p.add_argument(

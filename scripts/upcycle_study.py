@@ -215,7 +215,7 @@ def table(fig: dict) -> str:
         f"Wall time (s): dense {t['dense']}, upcycle {t['upcycle']}, upcycled {t['upcycled']}, "
         f"scratch {t['scratch']}, dense trained on {t['dense-continued']}.",
     ]
-    return "\n".join(rows + notes) + "\n"
+    return "\n".join(rows + notes[:1] + [f"- {n}" for n in notes[1:]]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,18 +11,19 @@ folder with one checkpoint). The DeepSeek-V3 MoE block loads into one MoGELayer
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from moge.config import DataConfig, RunConfig
 from moge.interop import runfolder
+from moge.interop.folder import LayoutFolder
 from moge.interop.llama import LlamaLayout, Qwen2Layout
 from moge.interop.mapping import (
     DEFAULT_SHARD_BYTES,
     FileSource,
     Layout,
-    LayoutFolder,
     MogeSource,
     StateDictSource,
     check_pieces,
@@ -88,10 +89,18 @@ def read_layout_config(folder: LayoutFolder, max_seq_len: int | None = None):
     layout = detect_layout(folder.config, where)
     model_cfg, moe_cfg = layout.read_config(folder.config, where)
     if max_seq_len is not None:
-        import dataclasses
-
         model_cfg = dataclasses.replace(model_cfg, max_seq_len=max_seq_len)
     return layout, _run_config(folder.path.resolve().name or "model", model_cfg, moe_cfg)
+
+
+def _prepare(folder: LayoutFolder, layout: Layout, cfg: RunConfig, shapes: dict) -> list:
+    """The layout's pieces, after offering other spellings and checking every key and shape."""
+    layout.prepare(folder)
+    if cfg.model.tie_embeddings:  # some tied checkpoints also store the (same) head
+        folder.where.pop("lm_head.weight", None)
+    pieces = layout.pieces(cfg.model, cfg.moe)
+    check_pieces(folder, pieces, shapes)
+    return pieces
 
 
 def from_pretrained(
@@ -110,11 +119,9 @@ def from_pretrained(
     folder = LayoutFolder(path)
     layout, cfg = read_layout_config(folder, max_seq_len)
     model = MoGETransformer(cfg.model, cfg.moe)
-    pieces = layout.pieces(cfg.model, cfg.moe)
     target = model.state_dict()
     shapes = {k: tuple(v.shape) for k, v in target.items()}
-    layout.prepare(folder)
-    check_pieces(folder, pieces, shapes)
+    pieces = _prepare(folder, layout, cfg, shapes)
     first = None
     for name, t in read_params(folder, pieces, shapes, dtype=None):
         first = first or t.dtype
@@ -161,10 +168,8 @@ class _LayoutSource:
         with torch.device("meta"):
             meta = MoGETransformer(cfg.model, cfg.moe)
         self._shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-        self.pieces = layout.pieces(cfg.model, cfg.moe)
-        layout.prepare(folder)
-        check_pieces(folder, self.pieces, self._shapes)
-        self._by_param = {}
+        self.pieces = _prepare(folder, layout, cfg, self._shapes)
+        self._by_param: dict[str, list] = {}
         for p in self.pieces:
             self._by_param.setdefault(p.param, []).append(p)
 
@@ -180,7 +185,7 @@ class _LayoutSource:
         if expert is not None:
             parts = [p for p in parts if p.expert == expert]
             shapes = {name: self._shapes[name][1:]}
-            parts = [type(p)(p.key, p.param, None, p.transpose, p.rows, p.shape, p.fill) for p in parts]
+            parts = [dataclasses.replace(p, expert=None) for p in parts]
         return next(read_params(self.folder, parts, shapes, self.dtype(name)))[1]
 
 
@@ -190,7 +195,9 @@ def _open_source(src: Path, dtype) -> tuple[MogeSource, RunConfig]:
         layout, cfg = read_layout_config(folder)
         return _LayoutSource(folder, layout, cfg, dtype), cfg
     cfg, file = runfolder.weights_file(src)
-    return FileSource(file), cfg
+    source = FileSource(file)
+    runfolder.check_shapes(source.shapes(), cfg, str(file))
+    return source, cfg
 
 
 def convert(
@@ -211,8 +218,9 @@ def convert(
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: the destination is the source")
     source, cfg = _open_source(src, dtype)
-    if to == MOGE:
-        cfg = _run_config(dst.name or cfg.name, cfg.model, cfg.moe)
+    if to == MOGE:  # keep a run's other sections; the new run lives in dst
+        train = dataclasses.replace(cfg.train, out_dir=str(dst), resume=False)
+        cfg = dataclasses.replace(cfg, name=dst.name or cfg.name, train=train)
         return [runfolder.write(dst, cfg, source, dtype)]
     lay = _layout(to)
     config = lay.write_config(cfg.model, cfg.moe)

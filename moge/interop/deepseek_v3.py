@@ -15,18 +15,13 @@ gate.e_score_correction_bias [E], experts.{e}.{gate,up,down}_proj.weight (or tra
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from moge.interop.mapping import (
-    LayoutFolder,
-    Piece,
-    check_pieces,
-    expert_pieces,
-    need,
-    read_params,
-    swiglu_pieces,
-)
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import need
+from moge.interop.mapping import Piece, check_pieces, expert_pieces, read_params, swiglu_pieces
 from moge.layer import MoGEConfig, MoGELayer
 
 BIAS = "gate.e_score_correction_bias"
@@ -41,7 +36,7 @@ def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfi
         raise ValueError(f"{where}: config.json lacks the field 'n_routed_experts'")
     F = int(need(hf, "moe_intermediate_size", where))
     shared = int(hf.get("n_shared_experts") or 0)
-    fields = dict(
+    fields: dict[str, Any] = dict(
         d_model=int(need(hf, "hidden_size", where)), num_experts=int(E), num_groups=int(need(hf, "n_group", where)),
         top_k=int(need(hf, "num_experts_per_tok", where)), expert_hidden=F, num_shared_experts=shared,
         shared_hidden=F * shared or None, router="group_limited", score_func="sigmoid",
@@ -107,10 +102,9 @@ def load_block(
     folder.alias_fused(_expert_names)
     target = moe.state_dict()
     shapes = {k: tuple(v.shape) for k, v in target.items()}
-    wanted = [p for p in pieces if p.key in folder.where or p.param in shapes]
     folder.where = {k: v for k, v in folder.where.items() if k.startswith(prefix)}  # other layers: not ours
-    check_pieces(folder, wanted, shapes)
-    for name, t in read_params(folder, wanted, shapes, dtype=None):
+    check_pieces(folder, pieces, shapes)
+    for name, t in read_params(folder, pieces, shapes, dtype=None):
         target[name].copy_(t)
     return moe
 

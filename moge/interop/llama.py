@@ -1,28 +1,20 @@
 """Dense Llama and Qwen2 (transformers' LlamaForCausalLM, Qwen2ForCausalLM): every block dense.
 
 Llama: `attention_bias` puts a bias on all of q/k/v/o; Qwen2: q/k/v always biased, o never.
+Biases a model lacks but the layout has are written as zeros (the same model).
 moge holds them as a model whose `first_dense_layers` is n_layers (no MoE layer).
 """
 
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    Piece,
-    base_config_json,
-    base_model_config,
-    decoder_pieces,
-    dense_moe_placeholder,
-    need,
-    refuse,
-    swiglu_pieces,
-)
+from moge.interop.hfconfig import base_config_json, base_model_config, dense_moe_placeholder, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 
-def _dense_pieces(m: ModelConfig) -> list[Piece]:
-    out = decoder_pieces(m)
+def _dense_pieces(m: ModelConfig, biases: str) -> list[Piece]:
+    out = decoder_pieces(m, biases)
     for i in range(m.n_layers):
         out += swiglu_pieces(f"model.layers.{i}.mlp", f"blocks.{i}.ffn", m.resolved_dense_hidden)
     return out
@@ -37,7 +29,7 @@ def _check_dense(name: str, m: ModelConfig) -> None:
 
 class LlamaLayout(BaseLayout):
     name = "llama"
-    model_types = ("llama",)
+    model_types: tuple[str, ...] = ("llama",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         if hf.get("mlp_bias"):
@@ -52,19 +44,20 @@ class LlamaLayout(BaseLayout):
 
     def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
         _check_dense(self.name, m)
-        if m.qkv_bias != m.o_bias:
-            raise refuse(self.name, "q/k/v biases without an o bias (or the reverse)", "use --to qwen2")
         cfg = base_config_json(m, "LlamaForCausalLM", "llama")
-        cfg.update(intermediate_size=m.resolved_dense_hidden, attention_bias=m.qkv_bias, mlp_bias=False)
+        # One flag for all four: a model with only some biases writes zeros for the others.
+        cfg.update(
+            intermediate_size=m.resolved_dense_hidden, attention_bias=m.qkv_bias or m.o_bias, mlp_bias=False
+        )
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return _dense_pieces(m)
+        return _dense_pieces(m, "qkvo" if m.qkv_bias or m.o_bias else "")
 
 
 class Qwen2Layout(BaseLayout):
     name = "qwen2"
-    model_types = ("qwen2",)
+    model_types: tuple[str, ...] = ("qwen2",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))
@@ -76,10 +69,8 @@ class Qwen2Layout(BaseLayout):
 
     def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
         _check_dense(self.name, m)
-        if not m.qkv_bias or m.o_bias:
-            raise refuse(
-                self.name, f"qkv_bias={m.qkv_bias}, o_bias={m.o_bias}", "Qwen2 has q/k/v biases only"
-            )
+        if m.o_bias:
+            raise refuse(self.name, "an o_proj bias", "Qwen2 has q/k/v biases only")
         if m.head_dim is not None and m.head_dim != m.d_model // m.n_heads:
             raise refuse(self.name, f"head_dim {m.head_dim}", "Qwen2 derives it as hidden_size / heads")
         cfg = base_config_json(m, "Qwen2ForCausalLM", "qwen2")
@@ -88,4 +79,4 @@ class Qwen2Layout(BaseLayout):
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return _dense_pieces(m)
+        return _dense_pieces(m, "qkv")  # always biased: zeros when the model has none

@@ -7,18 +7,9 @@ the top-k logits. Experts are `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    LayoutFolder,
-    Piece,
-    base_config_json,
-    base_model_config,
-    check_plain_routing,
-    decoder_pieces,
-    expert_pieces,
-    need,
-    refuse,
-)
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import base_config_json, base_model_config, check_plain_routing, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces
 from moge.layer import MoGEConfig
 
 NAMES = ("w1", "w3", "w2")  # gate, up, down
@@ -26,7 +17,7 @@ NAMES = ("w1", "w3", "w2")  # gate, up, down
 
 class MixtralLayout(BaseLayout):
     name = "mixtral"
-    model_types = ("mixtral",)
+    model_types: tuple[str, ...] = ("mixtral",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         if hf.get("sliding_window") is not None:
@@ -39,7 +30,7 @@ class MixtralLayout(BaseLayout):
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=int(need(hf, "num_local_experts", where)), num_groups=1, top_k=K,
                 expert_hidden=int(need(hf, "intermediate_size", where)), router="global", normalize_weights=True,
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * K,
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
@@ -56,7 +47,7 @@ class MixtralLayout(BaseLayout):
         cfg = base_config_json(m, "MixtralForCausalLM", "mixtral")
         cfg.update(
             num_local_experts=e.num_experts, num_experts_per_tok=e.top_k, intermediate_size=e.expert_hidden,
-            router_aux_loss_coef=e.aux_loss_coef / e.top_k, router_jitter_noise=0.0, sliding_window=None,
+            router_aux_loss_coef=e.aux_loss_coef, router_jitter_noise=0.0, sliding_window=None,
             output_router_logits=False,
         )  # fmt: skip
         return cfg

@@ -11,16 +11,8 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    Piece,
-    base_config_json,
-    base_model_config,
-    expert_pieces,
-    need,
-    refuse,
-    swiglu_pieces,
-)
+from moge.interop.hfconfig import base_config_json, base_model_config, need, refuse
+from moge.interop.mapping import BaseLayout, Piece, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 ARCH, MODEL_TYPE = "PanguProMoEForCausalLM", "PanguProMoE"
@@ -43,7 +35,7 @@ def _attention_pieces(m: ModelConfig, i: int) -> list[Piece]:
 
 class PanguLayout(BaseLayout):
     name = "pangu"
-    model_types = (MODEL_TYPE,)
+    model_types: tuple[str, ...] = (MODEL_TYPE,)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         d, heads = int(need(hf, "hidden_size", where)), int(need(hf, "num_attention_heads", where))
@@ -58,8 +50,8 @@ class PanguLayout(BaseLayout):
                 expert_hidden=int(need(hf, "moe_intermediate_size", where)),
                 num_shared_experts=1, shared_hidden=int(need(hf, "shared_expert_intermediate_size", where)),
                 router="grouped", learned_expert_scale=True,
-                # The released loss is Mixtral's (K times Eq. 8 on the same counts; see README).
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * K,
+                # Copied as is (the released loss is Mixtral's, K x Eq. 8 on equal counts: README).
+                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err} (groups = num_experts_per_tok: one expert per group)") from err
@@ -97,7 +89,7 @@ class PanguLayout(BaseLayout):
         cfg.update(
             auto_map=AUTO_MAP, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
             moe_intermediate_size=e.expert_hidden, shared_expert_intermediate_size=e.shared_width,
-            router_aux_loss_coef=e.aux_loss_coef / e.top_k, output_router_logits=False,
+            router_aux_loss_coef=e.aux_loss_coef, output_router_logits=False,
         )  # fmt: skip
         return cfg
 

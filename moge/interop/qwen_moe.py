@@ -9,20 +9,16 @@ Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
 from __future__ import annotations
 
 from moge.config import ModelConfig
-from moge.interop.mapping import (
-    BaseLayout,
-    LayoutFolder,
-    Piece,
+from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import (
     base_config_json,
     base_model_config,
     check_plain_routing,
-    decoder_pieces,
     dense_pattern,
-    expert_pieces,
     need,
     refuse,
-    swiglu_pieces,
 )
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 
@@ -47,8 +43,8 @@ def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
         expert_hidden=int(need(hf, "moe_intermediate_size", where)),
         num_shared_experts=1 if shared else 0, shared_hidden=shared or None, shared_expert_gate=bool(shared),
         router="global", normalize_weights=bool(hf.get("norm_topk_prob", False)),
-        # transformers' loss is K times Eq. 8 on the same counts (see README).
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)) * K,
+        # Copied as is, as configs/pangu-pro-moe-72b.yaml does (their loss is K x Eq. 8: README).
+        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
     )  # fmt: skip
 
 
@@ -61,7 +57,7 @@ def _moe_json(m: ModelConfig, e: MoGEConfig) -> dict:
         "intermediate_size": m.resolved_dense_hidden,
         "mlp_only_layers": [i for i in range(m.n_layers) if not m.is_moe_layer(i)],
         "decoder_sparse_step": 1,
-        "router_aux_loss_coef": e.aux_loss_coef / e.top_k,
+        "router_aux_loss_coef": e.aux_loss_coef,
         "output_router_logits": False,
         "use_sliding_window": False,
     }
@@ -89,7 +85,7 @@ def _per_expert_names(prefix: str, e: int) -> tuple[str, str, str]:
 
 class Qwen2MoeLayout(BaseLayout):
     name = "qwen2_moe"
-    model_types = ("qwen2_moe",)
+    model_types: tuple[str, ...] = ("qwen2_moe",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))
@@ -119,11 +115,13 @@ class Qwen2MoeLayout(BaseLayout):
         if m.qk_norm or m.o_bias:
             raise refuse(self.name, "q/k norms or an o_proj bias", "Qwen2-MoE attention has neither")
         cfg = base_config_json(m, "Qwen2MoeForCausalLM", "qwen2_moe")
-        cfg.update(_moe_json(m, e), shared_expert_intermediate_size=e.shared_width, qkv_bias=m.qkv_bias)
+        # qkv_bias is new in transformers 5 (older versions always build the biases): always
+        # true here, with zeros for a model without them.
+        cfg.update(_moe_json(m, e), shared_expert_intermediate_size=e.shared_width, qkv_bias=True)
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return decoder_pieces(m) + _ffn_pieces(m, e, shared_gate=True)
+        return decoder_pieces(m, "qkv") + _ffn_pieces(m, e, shared_gate=True)
 
     def prepare(self, folder: LayoutFolder) -> None:
         folder.alias_fused(_per_expert_names)
@@ -131,7 +129,7 @@ class Qwen2MoeLayout(BaseLayout):
 
 class Qwen3MoeLayout(BaseLayout):
     name = "qwen3_moe"
-    model_types = ("qwen3_moe",)
+    model_types: tuple[str, ...] = ("qwen3_moe",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))
@@ -161,7 +159,9 @@ class Qwen3MoeLayout(BaseLayout):
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        return decoder_pieces(m) + _ffn_pieces(m, e, shared_gate=False)
+        return decoder_pieces(m, "qkvo" if m.qkv_bias or m.o_bias else "") + _ffn_pieces(
+            m, e, shared_gate=False
+        )
 
     def prepare(self, folder: LayoutFolder) -> None:
         folder.alias_fused(_per_expert_names)

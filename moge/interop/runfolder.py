@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -39,20 +38,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write(dst: str | Path, cfg: RunConfig, src, dtype: torch.dtype | None = None) -> Path:
-    """Write a step-0 run folder from a MogeSource (tensors read one at a time); returns the weights file."""
-    from moge.model import MoGETransformer
+def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """moge's state-dict shapes for cfg (built on the meta device: no memory)."""
+    from moge.model import MoGETransformer  # the model imports config only; keep this module light
 
-    root = Path(dst)
     with torch.device("meta"):
         meta = MoGETransformer(cfg.model, cfg.moe)
-    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    shapes = src.shapes()
+    return {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: RunConfig, where: str) -> None:
+    """ValueError naming the first tensor missing, unexpected or of another shape than cfg gives."""
+    expected = expected_shapes(cfg)
     for name, shape in expected.items():
         if name not in shapes:
-            raise ValueError(f"{name}: missing from the source (expected shape {list(shape)})")
+            raise ValueError(f"{where}: {name} is missing (expected shape {list(shape)})")
         if tuple(shapes[name]) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)}, found {list(shapes[name])}")
+            raise ValueError(f"{where}: {name}: expected shape {list(shape)}, found {list(shapes[name])}")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise ValueError(f"{where}: tensors the config does not explain: {', '.join(extra[:6])}")
+
+
+def write(dst: str | Path, cfg: RunConfig, src, dtype: torch.dtype | None = None) -> Path:
+    """Write a step-0 run folder from a MogeSource (tensors read one at a time); returns the weights file."""
+    root = Path(dst)
+    check_shapes(src.shapes(), cfg, "the source")
+    expected = expected_shapes(cfg)
     folder = root / ckpt.CHECKPOINTS / ckpt.step_dirname(0)
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / ckpt.FILES[0]
@@ -60,7 +72,6 @@ def write(dst: str | Path, cfg: RunConfig, src, dtype: torch.dtype | None = None
     with SafetensorsWriter(file, plan) as w:
         for name, dt, shape in plan:
             w.write(name, src.read(name).to(dt).reshape(shape))
-    assert file.stat().st_size >= sum(math.prod(s) * d.itemsize for _, d, s in plan)
     state = {
         "step": 0,
         "config": config_to_dict(cfg),

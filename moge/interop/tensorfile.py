@@ -122,7 +122,7 @@ class SafetensorsWriter:
         assert (name, tensor.dtype, tuple(tensor.shape)) == (exp_name, dtype, shape), "written as planned"
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
-            self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """`moge upcycle SRC DST --config CONFIG`: a dense model -> a MoGE run `moge train` continues.
 
 SRC: a dense moge run folder or checkpoint folder (every FFN dense: model.first_dense_layers
-= model.n_layers). DST: a new run folder holding config.yaml and a step-0 checkpoint
+= model.n_layers), or a dense Llama / Qwen2 layout folder (transformers' save_pretrained). DST: a new run folder holding config.yaml and a step-0 checkpoint
 (the upcycled weights, a fresh optimiser), with train.out_dir = DST and train.resume = true,
 so `moge train DST/config.yaml` trains on from the upcycled weights, with the schedule of
 CONFIG's train section starting at step 0. DST/upcycle.json records the plan and the
@@ -31,6 +31,7 @@ from moge.model import MoGETransformer
 
 ADJUSTABLE = ("first_dense_layers", "moe_every", "max_seq_len", "init_std")  # model keys CONFIG may set
 PROBE_TOKENS = 32  # tokens per sequence of the step-0 check (2 sequences)
+STEP0_TOLERANCE = 1e-4  # of the largest |logit|: fp32 rounding of re-ordered sums is ~1e-6
 
 
 @dataclass
@@ -43,10 +44,11 @@ class UpcycleResult:
 
 
 def load_dense(src: str | Path) -> MoGETransformer:
-    """The dense source model (float32, CPU, eval mode) of a moge run or checkpoint folder."""
-    from moge.checkpoint import load_run
+    """The dense source model (float32, CPU, eval mode): a moge run or checkpoint folder,
+    or a layout folder (config.json: dense Llama / Qwen2, see moge.interop)."""
+    from moge.interop import load_model
 
-    model, _, _ = load_run(src)
+    model, _, _ = load_model(src)
     assert isinstance(model, MoGETransformer)
     return model.float().eval()
 
@@ -158,6 +160,10 @@ def upcycle_run(
     _check_plan(dense, cfg, router_init, str(config))
     model, plan = upcycle_model(dense, cfg.moe, cfg.model, router_init=router_init, seed=seed)
     diff, scale = _step0_check(dense, model, seed)
+    if not diff <= STEP0_TOLERANCE * max(1.0, scale):  # a bug, not a user error: never write such a run
+        raise RuntimeError(
+            f"upcycling is not exact: max |logits - dense logits| = {diff:.3g} (logits up to {scale:.3g})"
+        )
     ckpt = write_start_checkpoint(model, cfg, out_dir)
     record = {
         "source": str(src), "config": str(config), "overrides": list(overrides), "seed": seed,

@@ -89,3 +89,32 @@ def test_convert_errors(run, tmp_path, capsys):
     assert "nothing" in capsys.readouterr().err
     assert main(["convert", str(run), str(tmp_path / "x"), "--to", "gpt2"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_fit_its_config_names_the_key(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    state_file = find_checkpoint(copy) / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["moe"]["expert_hidden"] = 12
+    state_file.write_text(json.dumps(state))
+    assert main(["convert", str(copy), str(tmp_path / "p"), "--to", "pangu"]) == 2
+    err = capsys.readouterr().err
+    assert "blocks.0.ffn.experts.w_gate_up_EDH: expected shape [8, 32, 24], found [8, 32, 32]" in err
+
+
+def test_top_level_api_reads_runs_and_writes_layouts(run, tmp_path):
+    import moge
+
+    model, cfg = moge.from_pretrained(run)
+    ref, _, _ = load_run(run)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    files = model.save_pretrained(tmp_path / "p", layout="pangu")
+    assert [f.name for f in files] == ["model.safetensors"]
+    again, _ = moge.from_pretrained(tmp_path / "p")
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():  # the Pangu layout adds zero attention biases: equal up to rounding
+        torch.testing.assert_close(again(x).logits, model(x).logits, atol=1e-6, rtol=1e-6)

@@ -138,3 +138,47 @@ def _pangu_like(path):
     e = MoGEConfig(d_model=32, num_experts=4, num_groups=2, top_k=2, expert_hidden=8, num_shared_experts=1)
     save_pretrained(MoGETransformer(m, e), path, layout="pangu")
     return path
+
+
+@pytest.mark.parametrize(
+    ("layout", "qkv_bias", "o_bias"),
+    [("qwen2", False, False), ("llama", True, False), ("llama", False, True)],
+)
+def test_biases_the_layout_has_and_the_model_lacks_export_as_zeros(tmp_path, layout, qkv_bias, o_bias):
+    from moge.config import ModelConfig
+    from moge.interop.hfconfig import dense_moe_placeholder
+    from moge.model import MoGETransformer
+
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=qkv_bias,
+                    o_bias=o_bias, first_dense_layers=2, init_std=0.2)  # fmt: skip
+    model = MoGETransformer(m, dense_moe_placeholder(32)).eval()
+    save_pretrained(model, tmp_path, layout=layout)
+    theirs = hf_class(layout).from_pretrained(tmp_path).eval()
+    x = _tokens(seed=5)
+    with torch.no_grad():
+        _close(theirs(x).logits, model(x).logits)
+
+
+def test_convert_layout_to_layout_and_to_moge_streams_equal_tensors(saved, tmp_path):
+    """Resharding a layout through convert (expert by expert) keeps every tensor; so does a moge run."""
+    from safetensors.torch import load_file
+
+    from moge.checkpoint import load_run
+    from moge.interop import convert
+
+    layout, _, path = saved
+    convert(path, tmp_path / "again", to=layout, max_shard_bytes=30_000)
+    original = load_file(str(path / "model.safetensors"))
+    index = json.loads((tmp_path / "again" / "model.safetensors.index.json").read_text())["weight_map"]
+    again = {}
+    for name in sorted(set(index.values())):
+        again.update(load_file(str(tmp_path / "again" / name)))
+    assert original.keys() == again.keys()
+    for k, v in original.items():
+        assert torch.equal(v, again[k]), k
+    convert(path, tmp_path / "run", to="moge")
+    model, _, _ = load_run(tmp_path / "run")
+    ref, _ = from_pretrained(path)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

@@ -118,3 +118,26 @@ def test_refuses_what_the_released_code_cannot_express(tmp_path, change, message
     model = MoGETransformer(m, MoGEConfig(**{**base, **change}))
     with pytest.raises(ValueError, match=message):
         save_pretrained(model, tmp_path / "out", layout="pangu")
+
+
+def test_the_72b_config_exports_the_released_configuration():
+    """configs/pangu-pro-moe-72b.yaml -> config.json: the released configuration's defaults."""
+    from pathlib import Path
+
+    from moge.config import load_config
+    from moge.interop.pangu import PanguLayout
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "pangu-pro-moe-72b.yaml")
+    written = PanguLayout().write_config(cfg.model, cfg.moe)
+    released = dict(
+        vocab_size=153376, hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+        num_key_value_heads=8, hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_theta=16000000.0, moe_intermediate_size=1344,
+        shared_expert_intermediate_size=5376, num_experts_per_tok=8, num_experts=64,
+        output_router_logits=False, router_aux_loss_coef=0.001, model_type="PanguProMoE",
+    )  # fmt: skip
+    assert {k: written[k] for k in released} == released
+    assert written["max_position_embeddings"] == cfg.model.max_seq_len
+    back_model, back_moe = PanguLayout().read_config(written, "config.json")
+    assert back_moe == cfg.moe.__class__(**{**cfg.moe.__dict__, "num_shared_experts": 1})
+    assert (back_model.n_heads, back_model.resolved_head_dim, back_model.o_bias) == (40, 128, True)

@@ -88,6 +88,17 @@ CASES = [
     ("group-limited-norm-copy", dict(router="group_limited", top_k=2, topk_groups=2, normalize_weights=True)),
     ("random-raw-slices", dict(router="random", expert_hidden=16, rre_vocab_size=V)),
     ("balance-bias-raw-slices", dict(expert_hidden=16, bias_update_rate=0.01)),
+    (
+        "shared-expert-gate",
+        dict(
+            num_experts=16,
+            expert_hidden=8,
+            num_shared_experts=1,
+            shared_hidden=32,
+            shared_expert_gate=True,
+            normalize_weights=True,
+        ),
+    ),  # fmt: skip
 ]
 
 
@@ -232,6 +243,7 @@ def layer_settings(draw):
         score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
         normalize_weights=draw(st.booleans()), learned_expert_scale=draw(st.booleans()),
         route_scale=draw(st.sampled_from([1.0, 2.5])), rre_vocab_size=V,
+        shared_expert_gate=bool(Fs) and draw(st.booleans()),
     )  # fmt: skip
     dense_hidden = Fs + Fe * draw(st.sampled_from([1, 2, 3, 4]))
     return dense_hidden, kw, draw(st.sampled_from(["auto", "auto", "uniform", "replicated", "random"]))

@@ -130,3 +130,22 @@ def test_step0_logits_are_the_dense_logits(dense_run, upcycle_yaml, tmp_path):
     x_BL = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(up(x_BL).logits, dense(x_BL).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_step0_mismatch_is_refused_before_anything_is_written(
+    dense_run, upcycle_yaml, tmp_path, monkeypatch
+):
+    import moge.interop.upcycle_run as run
+
+    real = run.upcycle_model
+
+    def broken(*args, **kw):
+        model, plan = real(*args, **kw)
+        with torch.no_grad():
+            model.blocks[0].ffn.expert_scale_E.mul_(1.01)
+        return model, plan
+
+    monkeypatch.setattr(run, "upcycle_model", broken)
+    with pytest.raises(RuntimeError, match="upcycling is not exact"):
+        upcycle_run(dense_run, tmp_path / "up", upcycle_yaml)
+    assert not (tmp_path / "up").exists()

@@ -1,0 +1,147 @@
+"""config.json fields shared by the transformers-style layouts, and the refusals they share.
+
+Every function names `where` (the config.json) and the field in its ValueError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moge.config import ModelConfig
+from moge.layer import MoGEConfig
+
+
+def dense_pattern(n_layers: int, moe_layers: set[int], where: str) -> tuple[int, int]:
+    """(first_dense_layers, moe_every) giving exactly `moe_layers`, or ValueError."""
+    if not moe_layers:
+        return n_layers, 1
+    first = min(moe_layers)
+    rest = sorted(moe_layers)
+    every = rest[1] - rest[0] if len(rest) > 1 else max(n_layers - first, 1)
+    m = ModelConfig(n_layers=n_layers, first_dense_layers=first, moe_every=every)
+    if set(moe_layers_of(m)) != moe_layers:
+        raise ValueError(
+            f"{where}: MoE layers {sorted(moe_layers)} do not follow moge's pattern "
+            "(the first N layers dense, then every k-th layer MoE)"
+        )
+    return first, every
+
+
+def moe_layers_of(m: ModelConfig) -> list[int]:
+    return [i for i in range(m.n_layers) if m.is_moe_layer(i)]
+
+
+def need(hf: dict, key: str, where: str):
+    if key not in hf or hf[key] is None:
+        raise ValueError(f"{where}: config.json lacks the field {key!r}")
+    return hf[key]
+
+
+def rope_theta(hf: dict, where: str) -> float:
+    """rope_theta from transformers 5's rope_parameters or the older top-level field."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", "default") if params else (scaling.get("rope_type") or scaling.get("type"))
+    if kind not in (None, "default"):
+        raise ValueError(f"{where}: rope_type {kind!r}: moge implements plain RoPE only (rope_type default)")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        raise ValueError(
+            f"{where}: config.json gives no rope_theta (neither rope_parameters.rope_theta nor rope_theta)"
+        )
+    return float(theta)
+
+
+def check_silu(hf: dict, where: str) -> None:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act {act!r}: moge's FFNs are SwiGLU (silu)")
+
+
+def check_no_sliding(hf: dict, where: str) -> None:
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{where}: use_sliding_window is true; moge has full causal attention only")
+
+
+def base_model_config(hf: dict, where: str, **fields) -> ModelConfig:
+    """The ModelConfig fields every layout names the same way; `fields` adds the rest."""
+    check_silu(hf, where)
+    check_no_sliding(hf, where)
+    heads = int(need(hf, "num_attention_heads", where))
+    d = int(need(hf, "hidden_size", where))
+    head_dim = hf.get("head_dim")
+    kwargs: dict[str, Any] = dict(
+        vocab_size=int(need(hf, "vocab_size", where)),
+        d_model=d,
+        n_layers=int(need(hf, "num_hidden_layers", where)),
+        n_heads=heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim) if head_dim and int(head_dim) != d // heads else None,
+        rope_theta=rope_theta(hf, where),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=int(hf.get("max_position_embeddings") or 4096),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    kwargs.update(fields)
+    try:
+        return ModelConfig(**kwargs)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def base_config_json(m: ModelConfig, arch: str, model_type: str) -> dict:
+    return {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.resolved_head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": m.tie_embeddings,
+        "initializer_range": m.init_std,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+    }
+
+
+def dense_moe_placeholder(d_model: int) -> MoGEConfig:
+    """The `moe` section of a model without MoE layers (it builds nothing)."""
+    return MoGEConfig(d_model=d_model, num_experts=1, num_groups=1, top_k=1, expert_hidden=1, router="global")
+
+
+def refuse(layout: str, what: str, why: str = "") -> ValueError:
+    return ValueError(f"layout {layout}: cannot express {what}" + (f" ({why})" if why else ""))
+
+
+def check_plain_routing(layout: str, e: MoGEConfig, *, normalize: bool | None) -> None:
+    """The transformers MoE layouts: softmax over all experts, global top-k, nothing else."""
+    if e.router != "global":
+        raise ValueError(
+            f"layout {layout}: the model uses the {e.router} router, and transformers has no MoGE "
+            "(or other grouped) router, so the checkpoint would route differently; export it with "
+            "--to pangu (the Pangu Pro MoE layout, which has the grouped router)"
+            if e.router in ("grouped", "random", "group_limited")
+            else f"layout {layout}: router {e.router}"
+        )
+    if e.score_func != "softmax":
+        raise refuse(layout, f"score_func {e.score_func}", "its router is a softmax")
+    if e.route_scale != 1.0:
+        raise refuse(layout, f"route_scale {e.route_scale}", "no field for it")
+    if e.learned_expert_scale:
+        raise refuse(layout, "learned_expert_scale", "no tensor for it")
+    if e.bias_update_rate > 0:
+        raise refuse(layout, "the aux-loss-free balancing bias", "no tensor for it")
+    if normalize is not None and e.normalize_weights != normalize:
+        raise refuse(
+            layout,
+            f"normalize_weights={e.normalize_weights}",
+            f"its gates are always renormalised={normalize}",
+        )
