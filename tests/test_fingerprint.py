@@ -240,6 +240,20 @@ def test_flat_profile_is_reported_not_nan(tmp_path, capsys):
     assert (tmp_path / "out" / "fingerprint.png").stat().st_size > 0
 
 
+def test_a_vision_tower_beside_the_decoder_is_left_out(tmp_path):
+    sd = _moge_state(SCALES)
+    keys = {
+        k.replace("model.layers.", "model.language_model.layers."): v for k, v in _hf_from_moge(sd).items()
+    }
+    for i in range(2):  # a 2-layer encoder whose projections would overwrite layers 0 and 1
+        for p in "qkvo":
+            keys[f"model.vision_tower.encoder.layers.{i}.self_attn.{p}_proj.weight"] = torch.full((4, 4), 9.0)
+    save_file(keys, str(tmp_path / "vlm.safetensors"))
+    prof = read_profile(tmp_path / "vlm.safetensors")
+    assert prof.n_layers == 6
+    assert prof.values == read_profile(_write_run(tmp_path / "run", sd)).values
+
+
 def test_missing_projection_and_unknown_layout_are_errors(tmp_path):
     sd = _moge_state(SCALES)
     del sd["blocks.2.attn.k_proj.weight"]

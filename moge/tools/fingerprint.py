@@ -66,9 +66,9 @@ _CHUNK = 1 << 22  # elements per float64 chunk when taking a tensor's std
 
 # layer index, projection letter, weight/bias, or the norm's name
 _KEY_PATTERNS = {
-    "moge": re.compile(r"^blocks\.(\d+)\.(?:attn\.([qkvo])_proj\.(weight|bias)|(attn_norm)\.weight)$"),
+    "moge": re.compile(r"^()blocks\.(\d+)\.(?:attn\.([qkvo])_proj\.(weight|bias)|(attn_norm)\.weight)$"),
     "hf": re.compile(
-        r"^(?:.*\.)?layers\.(\d+)\.(?:self_attn\.([qkvo])_proj\.(weight|bias)|(input_layernorm)\.weight)$"
+        r"^(.*\.)?layers\.(\d+)\.(?:self_attn\.([qkvo])_proj\.(weight|bias)|(input_layernorm)\.weight)$"
     ),
 }
 
@@ -320,8 +320,13 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _index_keys(files: Sequence[Path]) -> tuple[str, dict[tuple[str, int], tuple[Path, str]]]:
-    """The layout and where every (signal, layer) tensor lives: (file, key)."""
-    where: dict[str, dict[tuple[str, int], tuple[Path, str]]] = {name: {} for name in _KEY_PATTERNS}
+    """The layout and where every (signal, layer) tensor lives: (file, key).
+
+    Keys are grouped by layout and by the prefix before `layers.` (model., or
+    model.language_model. beside a vision tower's encoder.layers.): the group with the
+    most attention tensors is the model's decoder.
+    """
+    where: dict[tuple[str, str], dict[tuple[str, int], tuple[Path, str]]] = {}
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -332,18 +337,18 @@ def _index_keys(files: Sequence[Path]) -> tuple[str, dict[tuple[str, int], tuple
             for layout, pattern in _KEY_PATTERNS.items():
                 m = pattern.match(key)
                 if m:
-                    layer, proj, kind, norm = m.groups()
+                    prefix, layer, proj, kind, norm = m.groups()
                     signal = "attn_norm" if norm else (proj if kind == "weight" else f"{proj}_bias")
                     if signal in SIGNALS:  # o_bias is not one of the signals
-                        where[layout][(signal, int(layer))] = (file, key)
-    layout = max(where, key=lambda k: len(where[k]))
-    if not any(s == "q" for s, _ in where[layout]):
+                        where.setdefault((layout, prefix or ""), {})[(signal, int(layer))] = (file, key)
+    best = max(where, key=lambda k: len(where[k]), default=None)
+    if best is None or not any(s == "q" for s, _ in where[best]):
         names = ", ".join(str(f) for f in files)
         raise ValueError(
             f"{names}: no attention projection weights found (expected keys like "
             "blocks.0.attn.q_proj.weight or model.layers.0.self_attn.q_proj.weight)"
         )
-    return layout, where[layout]
+    return best[0], where[best]
 
 
 def read_profile(path: str | Path, name: str | None = None) -> Profile:
