@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=24, help="depth of every model")
     p.add_argument("--d-model", type=int, default=64, dest="d_model", help="width (the wide stranger: 1.5x)")
     p.add_argument("--checkpoints", type=int, default=5, help="child checkpoints after step 0")
+    p.add_argument("--long-steps", type=int, default=600, dest="long_steps",
+                   help="steps of a second child trained at a constant learning rate (0: none)")  # fmt: skip
     p.add_argument("--permutations", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -110,19 +112,24 @@ def train_runs(args) -> dict[str, float]:
     timed("parent", lambda: train(config_from_dict(run_config("parent", out, args, seed=1, data=None, dense=True)),
                                   progress=False))  # fmt: skip
 
-    def child() -> None:
-        raw = run_config("child", out, args, seed=1, data=OTHER_DATA, dense=False)
-        every = max(args.steps // args.checkpoints, 1)
-        raw["train"].update(save_every=every, keep_last=args.checkpoints + 2)
+    def child(name: str, steps: int, constant_lr: bool) -> None:
+        raw = run_config(name, out, args, seed=1, data=OTHER_DATA, dense=False)
+        raw["train"].update(
+            steps=steps, save_every=max(steps // args.checkpoints, 1), keep_last=args.checkpoints + 2
+        )
+        if constant_lr:  # no decay: how fast the fingerprint fades while the weights keep moving
+            raw["train"]["min_lr"] = raw["train"]["lr"]
         raw["model"] = {}  # the decoder comes from the parent; every block becomes MoE
-        (out / "child.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-        shutil.rmtree(out / "child", ignore_errors=True)
-        up = upcycle_run(out / "parent", out / "child", out / "child.yaml")
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+        shutil.rmtree(out / name, ignore_errors=True)
+        up = upcycle_run(out / "parent", out / name, out / f"{name}.yaml")
         print(f"upcycled: {up.plan.describe()}; step-0 max |logit diff| {up.max_abs_diff:.2g}", flush=True)
-        cfg = config_from_dict(yaml.safe_load((out / "child" / "config.yaml").read_text()))
+        cfg = config_from_dict(yaml.safe_load((out / name / "config.yaml").read_text()))
         train(cfg, progress=False)
 
-    timed("child", child)
+    timed("child", lambda: child("child", args.steps, constant_lr=False))
+    if args.long_steps:
+        timed("child-long", lambda: child("child-long", args.long_steps, constant_lr=True))
     for name, kw in strangers.items():
         timed(name, lambda name=name, kw=kw: train(config_from_dict(run_config(name, out, args, **kw)),
                                                    progress=False))  # fmt: skip
@@ -148,12 +155,22 @@ def fingerprint_all(args) -> dict:
     pairs = {}
     for a, b in itertools.combinations(finals, 2):
         pairs[f"{a} vs {b}"] = _row_dict(compare_profiles(profiles[a], profiles[b], settings))
-    steps = sorted(int(p.name.split("_")[1]) for p in (out / "child" / CHECKPOINTS).glob("step_*"))
-    lineage = {}
-    for step in steps:
-        prof = read_profile(out / "child" / CHECKPOINTS / f"step_{step:08d}", f"child@{step}")
-        lineage[step] = _row_dict(compare_profiles(profiles["parent"], prof, settings))
-    return {"profiles": {k: v.values for k, v in profiles.items()}, "pairs": pairs, "lineage": lineage}
+
+    def lineage(name: str) -> dict:
+        steps = sorted(int(p.name.split("_")[1]) for p in (out / name / CHECKPOINTS).glob("step_*"))
+        rows = {}
+        for step in steps:
+            prof = read_profile(out / name / CHECKPOINTS / f"step_{step:08d}", f"{name}@{step}")
+            rows[step] = _row_dict(compare_profiles(profiles["parent"], prof, settings))
+        return rows
+
+    res = {
+        "profiles": {k: v.values for k, v in profiles.items()},
+        "pairs": pairs,
+        "lineage": lineage("child"),
+    }
+    res["lineage_long"] = lineage("child-long") if args.long_steps else {}
+    return res
 
 
 def _fmt(cell: dict) -> str:
@@ -169,6 +186,7 @@ def summary(res: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     rows = [(f"parent vs child@{step}", r) for step, r in res["lineage"].items()]
+    rows += [(f"parent vs child-long@{step}", r) for step, r in res["lineage_long"].items()]
     rows += [(pair, r) for pair, r in res["pairs"].items() if pair != "parent vs child"]
     for pair, r in rows:
         q = r["qkvo"]
@@ -188,13 +206,16 @@ def tables(res: dict) -> str:
     for pair, rows in res["pairs"].items():
         rd = rows["qkvo"]["r_diff"]
         lines.append(f"| {pair} | " + " | ".join(_fmt(rows[s]) for s in ROWS) + f" | {rd:+.2f} |")
-    lines += ["", "Parent vs the child as its training continues (step 0: the upcycled copy).", "", head]
-    for step, rows in res["lineage"].items():
-        rd = rows["qkvo"]["r_diff"]
-        rd_text = f"{rd:+.2f}" if rd is not None else "undef."
-        lines.append(
-            f"| parent vs child@{step} | " + " | ".join(_fmt(rows[s]) for s in ROWS) + f" | {rd_text} |"
-        )
+    for key, child in (("lineage", "child"), ("lineage_long", "child-long")):
+        if not res[key]:
+            continue
+        lines += ["", f"Parent vs {child} as its training continues (step 0: the upcycled copy).", "", head]
+        for step, rows in res[key].items():
+            rd = rows["qkvo"]["r_diff"]
+            rd_text = f"{rd:+.2f}" if rd is not None else "undef."
+            lines.append(
+                f"| parent vs {child}@{step} | " + " | ".join(_fmt(rows[s]) for s in ROWS) + f" | {rd_text} |"
+            )
     return "\n".join(lines)
 
 
@@ -218,6 +239,11 @@ def plot(res: dict, path: Path) -> None:
             marker=marker,
             label=f"parent vs child: {signal}",
         )
+    if res["lineage_long"]:
+        long_steps = [int(s) for s in res["lineage_long"]]
+        ys = [res["lineage_long"][s]["qkvo"]["r"] for s in res["lineage_long"]]
+        ax_l.plot(long_steps, [float("nan") if y is None else y for y in ys], marker="D", ms=4,
+                  label="parent vs child-long (constant lr): qkvo")  # fmt: skip
     unrelated = [rows["qkvo"]["r"] for pair, rows in res["pairs"].items()
                  if pair != "parent vs child" and rows["qkvo"]["r"] is not None]  # fmt: skip
     if unrelated:

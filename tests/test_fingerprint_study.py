@@ -25,7 +25,7 @@ def test_study_runs_and_the_upcycled_copy_is_its_parent(tmp_path, capsys):
     n = torch.get_num_threads()
     out = tmp_path / "study"
     load_script().main(["--out", str(out), "--layers", "4", "--d-model", "16", "--steps", "2",
-                        "--checkpoints", "2", "--permutations", "24"])  # fmt: skip
+                        "--checkpoints", "2", "--permutations", "24", "--long-steps", "2"])  # fmt: skip
     torch.set_num_threads(n)
     res = json.loads((out / "study.json").read_text())
     assert sorted(res["lineage"], key=int) == ["0", "1", "2"]
@@ -33,6 +33,8 @@ def test_study_runs_and_the_upcycled_copy_is_its_parent(tmp_path, capsys):
     for signal in ("q", "k", "v", "o", "qkvo"):  # the child at step 0 holds the parent's attention
         assert step0[signal]["r"] == pytest.approx(1.0)
         assert step0[signal]["p"] == pytest.approx(1 / 24)  # 4! = 24 orders, enumerated
+    assert res["lineage_long"]["0"]["qkvo"]["r"] == pytest.approx(1.0)  # the constant-lr child, step 0
+    assert sorted(res["lineage_long"], key=int) == ["0", "1", "2"]
     assert len(res["pairs"]) == 15 and "parent vs child" in res["pairs"]
     assert "wide24-seed4" in res["profiles"] and len(res["profiles"]["parent"]["q"]) == 4
     assert (out / "fingerprint_study.png").read_bytes()[:4] == b"\x89PNG"
