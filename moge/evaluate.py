@@ -262,6 +262,8 @@ def evaluate_run(
     """
     if batches is not None:
         check_int("batches", batches, minimum=1)
+    if knockout is not None:
+        check_int("knockout", knockout, minimum=1)
     from moge.interop import from_pretrained, is_layout_folder  # a layout folder: weights only
 
     if is_layout_folder(run_dir):
@@ -333,7 +335,6 @@ def collapse_summary(records: Sequence[dict]) -> dict | None:
 def _knockout(model, ds, cfg, batches: int, layer_ids: list[int]) -> dict:
     from moge.diagnostics.knockout import knockout_sweep
 
-    check_int("knockout", batches, minimum=1)
     data = list(ds.iter_eval_batches("val", cfg.eval.batch_size, batches))
     return knockout_sweep(model, data, layer_ids)
 
