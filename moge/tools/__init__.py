@@ -1,1 +1,1 @@
-"""Tools that read models and runs from outside: fingerprints, simulation, planning."""
+"""Tools that read models and runs from the outside (moge fingerprint)."""
