@@ -9,6 +9,7 @@
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
     moge torchrun [TORCHRUN OPTIONS] SUBCOMMAND ...   torchrun whose failed ranks print one line
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
+    moge fingerprint A B [C ...]             attention-weight fingerprints, with p-values
     moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
     moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
@@ -114,7 +115,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from moge.evaluate import eval_command
 
-    eval_command(args.run_dirs, batches=args.batches, out=args.out)
+    eval_command(args.run_dirs, batches=args.batches, out=args.out, knockout=args.knockout)
     return EXIT_OK
 
 
@@ -152,6 +153,41 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides=args.overrides, seed=args.seed, sigma=args.sigma, training=args.training,
     )  # fmt: skip
     return EXIT_OK
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from moge.tools.fingerprint import Settings, fingerprint
+
+    settings = Settings(permutations=args.permutations, bootstrap=args.bootstrap, seed=args.seed)
+    result = fingerprint(args.models, settings, out_dir=args.out)
+    print(result["text"])
+    if result["files"]:
+        print(f"\nwritten: {', '.join(result['files'].values())}")
+    return EXIT_OK
+
+
+def _add_fingerprint_parser(sub) -> None:
+    p = sub.add_parser(
+        "fingerprint", help="attention-weight fingerprint of models (arXiv 2507.03014) with p-values"
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="moge run/checkpoint folders, HF folders or .safetensors files",
+    )
+    p.add_argument(
+        "--permutations",
+        type=_non_negative_int,
+        default=2000,
+        help="layer shuffles for the p-value (0: none)",
+    )
+    p.add_argument(
+        "--bootstrap", type=_non_negative_int, default=1000, help="resamples for the interval (0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for fingerprint.json, .txt and .png")
+    p.set_defaults(handler=_cmd_fingerprint)
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> int:
@@ -338,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for report.json, the trace and the plots (default: the run folder; "
         "several runs: <parent>/compare-<name1>-vs-<name2>)",
     )  # fmt: skip
+    p.add_argument(
+        "--knockout", type=_positive_int, nargs="?", const=4, default=None, metavar="N",
+        help="also knock out each expert and group, force uniform routing, drop one expert per group: "
+        "val loss on N batches (default 4)",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_eval)
 
     p = _subparser(sub, "generate", "sample text from a trained run (prompt + tokens <= model.max_seq_len)")
@@ -377,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--trace", default=None,
-        help="route a recorded RUN_DIR/routing_trace.safetensors (from `moge eval`) instead of random "
-        "scores (default: None)",
+        help="route a recorded trace instead of random scores: RUN_DIR (or its "
+        "routing_trace.safetensors) written by `moge eval` (default: None)",
     )  # fmt: skip
     p.add_argument(
         "--out", default=None,
@@ -390,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_simulate)
 
     _add_extract(sub)
+    _add_fingerprint_parser(sub)
     _add_upcycle_parser(sub)
     _add_convert_parser(sub)
     p = _subparser(sub, "plan", "per-device bytes of params, grads, AdamW, activations on N devices")

@@ -306,7 +306,7 @@ FIELD_ERRORS = [
     (
         {"optimizer": {}},
         [],
-        "optimizer: unknown key; valid keys: data, eval, model, moe, name, parallel, train",
+        "optimizer: unknown key; valid keys: data, eval, model, moe, monitor, name, parallel, train",
     ),
     ({"parallel.expert_parallel": 0}, [], "parallel.expert_parallel: must be >= 1"),
     ({"parallel.expert_parallel": 3}, [], "parallel.expert_parallel: 3 ranks do not divide moe.num_groups=4"),

@@ -1,1 +1,1 @@
-"""Tools that read a config and say what a run would take (moge plan)."""
+"""Tools that look at configs, models and runs from the outside: moge plan, moge fingerprint."""

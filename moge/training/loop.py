@@ -34,6 +34,7 @@ from tqdm import tqdm
 from moge.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from moge.config import RunConfig, config_to_dict, save_config
 from moge.data import Batch, TokenDataset, load_dataset
+from moge.diagnostics.collapse import CollapseMonitor
 from moge.distributed.agree import agree
 from moge.distributed.mesh import World, close, connect
 from moge.distributed.parallelize import clip_grads_, grad_norm, parallelize
@@ -156,6 +157,8 @@ class _Run:
     data_gen: torch.Generator
     metrics: TextIO | None
     val_loss: float | None = None
+    monitor: CollapseMonitor | None = None  # routing-collapse statistics (the `monitor` section)
+    last_routing: list | None = None  # the last micro-batch's MoGEOutputs, for the monitor
 
     def write(self, rec: dict) -> None:
         if self.metrics is not None:
@@ -198,6 +201,7 @@ def _train_step(step: int, run: _Run) -> dict:
         sums = routing_sums(out).to(device)
         routing_L3 = sums if routing_L3 is None else routing_L3 + sums
         (out.loss / tc.grad_accum).backward()
+    run.last_routing = out.routing
     grad_norm_ = _clip(step + 1, run)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -266,6 +270,8 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
             stopping = _any_rank(run.world, stop.requested)  # SIGTERM: all ranks save this step, then stop
             _after_step(run, rec, stop_at, stopping)
+            if run.world.main and run.monitor is not None:  # rank 0's routing, as in its train records
+                run.monitor.after_step(step + 1, run.last_routing, run.write, tqdm.write)
             if stopping:
                 stop.requested = True
                 stop.stop_if_requested(step + 1, run.out_dir)
@@ -333,6 +339,7 @@ def _train_locked(
     )
     try:
         run = _Run(cfg, world, out_dir, dataset, model, optimizer, data_gen, metrics)
+        run.monitor = CollapseMonitor.for_model(cfg, model)
         return _loop(run, start, stop_at, progress, records)
     finally:
         if metrics is not None:
