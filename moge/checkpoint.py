@@ -1,24 +1,32 @@
-"""Crash-safe checkpoints in safetensors (no pickle), and loading a finished run.
+"""Crash-safe sharded checkpoints: torch.distributed.checkpoint (DCP) writing safetensors.
 
 Layout of one run directory (the evaluator relies on it):
 
     <run_dir>/checkpoints/step_00000600/   one folder per saved step (8-digit step)
-        model.safetensors       model.state_dict() (persistent buffers included)
-        optimizer.safetensors   "state.<param name>.<key>" tensors; param groups as JSON metadata
-        rng.safetensors         "torch_cpu" and "data_gen" RNG states (uint8 tensors)
-        state.json              step, resolved config, and size + sha256 of every other file
+        shard-0000R-model-00001-of-00001.safetensors   one per rank R+1 (DCP's
+                                HuggingFaceStorageWriter): that rank's pieces of the
+                                "model.<name>" and "optim.<name>.<key>" tensors; the
+                                header (JSON) records each piece's offset in the whole
+                                tensor, so any world size reads back any slice
+        rng.safetensors         "torch_cpu" and "data_gen" RNG states (uint8 tensors), and
+                                every rank's torch RNG as torch_cpu_rank<r> when there are several
+        state.json              step, resolved config, world and mesh, the AdamW param
+                                groups, and size + sha256 of every other file
         state.json.sha256       sha256 of state.json itself (a flip in state.json cannot hide)
     <run_dir>/checkpoints/LATEST  the newest complete checkpoint folder's name
 
-Loading verifies the whole folder first (`moge.manifest.verify_checkpoint`): the digest of
-state.json, its schema and value ranges, and the size and sha256 of every file it lists;
-a file in the folder that it does not list, or a listed file that is missing, is an
-error. A sharded layout reuses this by listing its shard files in the same manifest
-(`moge.manifest.write_manifest`).
+No rank gathers the model: each writes its own shards. Nothing is pickled: DCP's own
+metadata file (a pickle) is not written; the safetensors headers carry the layout.
+A checkpoint is written into a temporary folder, every file and the folder are
+fsynced, and only then is it renamed into place and LATEST swapped, so a crash at any
+moment (of any rank) leaves the previous good checkpoint readable.
 
-A checkpoint is written into a temporary folder, every file and the folder are fsynced,
-and only then is it renamed into place and LATEST swapped, so a crash at any moment
-leaves the previous good checkpoint readable.
+Loading verifies the whole folder first (`verify_checkpoint`, before DCP opens any
+file): the digest of state.json, its schema and value ranges, and the size and sha256
+of every file it lists (every shard included, through `write_manifest`); a file in the
+folder that it does not list, or a listed file that is missing, is an error. The
+shards' headers are then checked against the model (names, shapes, dtypes) before DCP
+reads them, and the optimizer and RNG state's values after.
 """
 
 from __future__ import annotations
@@ -28,20 +36,31 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moge.config import RunConfig, config_from_dict, config_to_dict
-from moge.manifest import STATE, read_state, verify_checkpoint, write_manifest
+from moge.distributed.agree import agree
+from moge.distributed.mesh import World, single_process
+from moge.distributed.parallelize import checkpoint_views
+from moge.distributed.parallelize import local as _local
+from moge.manifest import STATE, read_state, write_manifest
+from moge.manifest import verify_checkpoint as verify_manifest
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
-FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
+RNG_FILE = "rng.safetensors"
+SHARD_SUFFIX = ".safetensors"
+FILES = (RNG_FILE,)  # files every checkpoint lists besides its shards (shard-*.safetensors)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _MAX_LISTED = 8  # keys named in one error message
@@ -88,16 +107,48 @@ def _write_text_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
-# ---------------------------------------------------------------- optimizer <-> tensors
+# ---------------------------------------------------------------- the tensors of a checkpoint
 
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): name for name, p in model.named_parameters()}
+def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter AdamW's state as its first step would (zeros), so a
+    checkpoint can be loaded into it in place; parameters that have state keep it."""
+    amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+    for p in model.parameters():
+        if p.requires_grad and p not in optimizer.state:
+            state = {"step": torch.zeros((), dtype=torch.float32)}
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if amsgrad:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p] = state
+
+
+def checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, world: World
+) -> dict[str, Tensor]:
+    """Flat name -> tensor dict DCP writes or loads into, sharing storage with the model
+    and the optimizer: "model.<state_dict key>", "optim.<param name>.<state key>".
+
+    Sharded tensors are DTensors of the whole model's shape (expert-parallel ones as a
+    view over the ("dp", "ep") mesh), so every rank writes its own piece.
+    """
+    views = checkpoint_views(model, world) if world.size > 1 else {}
+    out = {f"model.{k}": views[k](v) if k in views else v for k, v in model.state_dict().items()}
+    if optimizer is None:
+        return out
+    for name, p in model.named_parameters():
+        for key, v in optimizer.state.get(p, {}).items():
+            if not isinstance(v, Tensor):
+                raise ValueError(f"optimizer: state {name}.{key} is not a tensor ({type(v).__name__})")
+            moment = v.dim() > 0 and v.shape == p.shape
+            out[f"optim.{name}.{key}"] = views[name](v) if moment and name in views else v
+    return out
 
 
 def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
     """Parameter names of every param group, in the optimizer's order."""
-    names = _param_names(model)
+    names = {id(p): n for n, p in model.named_parameters()}
     out = []
     for i, group in enumerate(optimizer.param_groups):
         if any(id(p) not in names for p in group["params"]):
@@ -106,62 +157,21 @@ def _group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[lis
     return out
 
 
-def _optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """AdamW state as flat tensors "state.<name>.<key>" plus JSON metadata of the groups."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    groups = []
-    for group, names in zip(optimizer.param_groups, _group_names(model, optimizer)):
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": names})
-        for p, name in zip(group["params"], names):
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"state.{name}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars[f"{name}.{key}"] = value
-    meta = {"param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
-    return tensors, meta
+def _param_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The groups' settings (JSON) with their parameters by name."""
+    return [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": names}
+        for g, names in zip(optimizer.param_groups, _group_names(model, optimizer))
+    ]
 
 
-def _restore_optimizer(
-    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict, file: Path
-) -> None:
-    try:
-        saved_groups = json.loads(meta["param_groups"])
-        scalars = json.loads(meta.get("scalars", "{}"))
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: param_groups metadata is missing or not JSON ({err})") from err
-    _check_groups(file, saved_groups, scalars)
+def _restore_groups(model: nn.Module, optimizer: torch.optim.Optimizer, saved: Any, file: Path) -> None:
+    _check_groups(file, saved, {})
     current = _group_names(model, optimizer)
-    if [g["params"] for g in saved_groups] != current:
-        saved_names = {n for g in saved_groups for n in g["params"]}
-        now_names = {n for names in current for n in names}
-        missing, extra = sorted(now_names - saved_names), sorted(saved_names - now_names)
-        raise ValueError(
-            f"{file}: the saved param groups do not match this optimizer's "
-            f"(missing keys: {_list(missing) or '-'}; unexpected keys: {_list(extra) or '-'}; "
-            f"saved {[len(g['params']) for g in saved_groups]} per group, now {[len(c) for c in current]})"
-        )
-    state: dict[int, dict[str, Any]] = {}
-    index = {name: i for i, name in enumerate(n for names in current for n in names)}
-    used = set()
-    for name, i in index.items():
-        prefix = f"state.{name}."
-        entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        used.update(prefix + k for k in entry)
-        entry.update({k[len(name) + 1 :]: v for k, v in scalars.items() if k.startswith(name + ".")})
-        if entry:
-            state[i] = entry
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise ValueError(f"{file}: unexpected keys (no such parameter): {_list(extra)}")
-    groups = []
-    for group, names in zip(saved_groups, current):
-        g = {**group, "params": [index[n] for n in names]}
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if not isinstance(saved, list) or [g.get("params") for g in saved if isinstance(g, dict)] != current:
+        raise ValueError(f"{file}: the saved optimizer param groups do not match this model's parameters")
+    for group, s in zip(optimizer.param_groups, saved):
+        group.update({k: tuple(v) if k == "betas" else v for k, v in s.items() if k != "params"})
 
 
 def _check_groups(file: Path, groups: Any, scalars: Any) -> None:
@@ -237,17 +247,6 @@ def _remove_stale_temps(root: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _write_checkpoint_files(folder: Path, step, model, optimizer, data_gen, cfg, extra_rng=None) -> None:
-    _save_tensors(model.state_dict(), folder / FILES[0])
-    opt_tensors, opt_meta = _optimizer_tensors(model, optimizer)
-    _save_tensors(opt_tensors, folder / FILES[1], metadata=opt_meta)
-    rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state(), **(extra_rng or {})}
-    _save_tensors(rng, folder / FILES[2])
-    state = {"step": step, "config": config_to_dict(cfg), "rng": {"file": FILES[2], "tensors": sorted(rng)}}
-    write_manifest(folder, state)
-    _fsync_path(folder)
-
-
 def _os_reason(err: OSError) -> str:
     return err.strerror or str(err)[:300]
 
@@ -259,6 +258,64 @@ def _kept(root: Path) -> str:
         return "no earlier checkpoint exists"
 
 
+def _temp_folder(root: Path, name: str, world: World) -> Path:
+    """The same fresh temporary folder name on every rank (rank 0 draws it)."""
+    token = torch.tensor([int.from_bytes(os.urandom(7), "little")], dtype=torch.int64, device=world.device)
+    world.broadcast(token)
+    return root / f"{_TMP_PREFIX}{name}-{int(token.item()):014x}"
+
+
+def _rng_tensors(data_gen: torch.Generator, world: World) -> dict[str, Tensor]:
+    """This rank's (rank 0's) torch RNG, the data generator and, with several ranks,
+    every rank's torch RNG (a collective)."""
+    rng = {"torch_cpu": torch.get_rng_state(), "data_gen": data_gen.get_state()}
+    if world.size > 1:
+        parts = world.all_gather(torch.get_rng_state().to(world.device))
+        rng.update({f"torch_cpu_rank{r}": t.cpu() for r, t in enumerate(parts)})
+    return rng
+
+
+def _write_state(
+    folder: Path, step: int, cfg: RunConfig, world: World, groups: list[dict], rng: dict
+) -> None:
+    for path in sorted(
+        folder.iterdir()
+    ):  # the shards were written by other ranks: make them durable here too
+        _fsync_path(path)
+    state = {
+        "step": step,
+        "config": config_to_dict(cfg),
+        "world": {"size": world.size, "dp": world.shape.dp, "ep": world.shape.ep},
+        "optimizer": {"param_groups": groups},
+        "rng": {"file": RNG_FILE, "tensors": sorted(rng)},
+    }
+    write_manifest(folder, state)  # lists every file (each shard) with its size and sha256
+    _fsync_path(folder)
+
+
+def _publish(root: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    if final.exists():  # the same step saved again: os.replace cannot overwrite a folder
+        os.replace(final, _unique(root, "old"))
+    os.replace(tmp, final)
+    _fsync_path(root)
+    _write_text_atomic(root / LATEST, final.name + "\n")
+    _remove_stale_temps(root)
+    _prune(root, keep_last, final.name)
+
+
+def _write_shards(state: dict[str, Tensor], tmp: Path, world: World) -> None:
+    """Every rank writes its own shards (DCP; a collective)."""
+    writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.save(state, storage_writer=writer, no_dist=world.size == 1)
+    except CheckpointException as err:  # DCP gathers every rank's failure; a disk error stays an OSError
+        errors = [e for e in err.failures.values() if isinstance(e, OSError)]
+        reason = _os_reason(errors[0]) if errors else str(err)[:300]
+        raise OSError(f"{tmp}: writing the shards failed ({reason})") from err
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -267,38 +324,49 @@ def save_checkpoint(
     data_gen: torch.Generator,
     cfg: RunConfig,
     keep_last: int,
-    extra_rng: dict[str, torch.Tensor] | None = None,
+    world: World | None = None,
 ) -> Path:
     """Write checkpoints/step_<step>/ atomically, point LATEST at it, keep the newest keep_last.
 
-    extra_rng: more RNG state tensors for rng.safetensors (a distributed run stores every
-    rank's torch RNG as torch_cpu_rank<r>). Returns the checkpoint folder. On any error the
-    temporary folder is removed and the previous checkpoints and LATEST are untouched.
+    world: the run's World (a collective on all its ranks); None: one process. Returns
+    the checkpoint folder. On any error the temporary folder is removed and the
+    previous checkpoints and LATEST are untouched.
     """
+    world = world or single_process()
     if keep_last < 1:
         raise ValueError(f"train.keep_last: must be >= 1, got {keep_last}")
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
     final = root / step_dirname(step)
-    tmp = _unique(root, final.name)
-    tmp.mkdir()
+    tmp = _temp_folder(root, final.name, world)
+
+    def prepare() -> None:
+        if world.main:
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(root)
+            tmp.mkdir()
+
+    agree(world, f"step {step}: preparing the checkpoint folder", prepare)
     try:
-        _write_checkpoint_files(tmp, step, model, optimizer, data_gen, cfg, extra_rng)
-        if final.exists():  # the same step saved again: os.replace cannot overwrite a folder
-            os.replace(final, _unique(root, "old"))
-        os.replace(tmp, final)
-        _fsync_path(root)
-        _write_text_atomic(root / LATEST, final.name + "\n")
+        _write_shards(checkpoint_state(model, optimizer, world), tmp, world)
+        rng = _rng_tensors(data_gen, world)
+        groups = _param_groups(model, optimizer)
+
+        def finish() -> None:
+            if world.main:
+                _save_tensors(rng, tmp / RNG_FILE)
+                _write_state(tmp, step, cfg, world, groups, rng)
+                _publish(root, tmp, final, keep_last)
+
+        agree(world, f"step {step}: saving the checkpoint", finish)
     except OSError as err:  # a full disk, a quota: one line saying what is kept
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"saving the checkpoint of step {step} in {root} failed ({_os_reason(err)}); "
                       f"{_kept(root)}") from err  # fmt: skip
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _remove_stale_temps(root)
-    _prune(root, keep_last, final.name)
     return final
 
 
@@ -354,44 +422,119 @@ def step_folders(root: str | Path) -> list[Path]:
     return [path for _, path in _step_dirs(Path(root))]
 
 
-def _load_tensors(
-    file: Path, device: str | torch.device = "cpu", metadata: bool = False
-) -> tuple[dict, dict]:
-    """(tensors, metadata if asked) of a safetensors file; a decoding problem -> ValueError naming it."""
-    try:
-        tensors = load_file(str(file), device=str(device))
-        meta = {}
-        if metadata:
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not bool, not float
+
+
+def _check_layout_keys(file: Path, state: dict) -> None:
+    """The keys a sharded checkpoint adds to state.json: the world and the AdamW groups."""
+    world = state.get("world")
+    if world is not None and not (
+        isinstance(world, dict)
+        and set(world) == {"size", "dp", "ep"}
+        and all(_is_int(v) and 1 <= v < 2**31 for v in world.values())
+        and world["dp"] * world["ep"] == world["size"]
+    ):
+        raise ValueError(f"{file}: 'world' must be {{'size', 'dp', 'ep'}} integers >= 1 with dp * ep = size")
+    opt = state.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and set(opt) == {"param_groups"}):
+        raise ValueError(f"{file}: 'optimizer' must be {{'param_groups': [groups]}}")
+
+
+def verify_checkpoint(folder: str | Path, required: tuple[str, ...] = FILES) -> dict:
+    """moge.manifest.verify_checkpoint (digest, schema, every file listed and verified,
+    nothing unlisted) plus what a sharded checkpoint needs: at least one shard listed,
+    and a well-formed world and AdamW groups. Returns state.json."""
+    folder = Path(folder)
+    state = verify_manifest(folder, required)
+    if not any(n.endswith(SHARD_SUFFIX) and n != RNG_FILE for n in state["files"]):
+        raise ValueError(f"{folder / STATE}: lists no shard file (shard-*.safetensors)")
+    _check_layout_keys(folder / STATE, state)
+    return state
+
+
+def _shard_files(state: dict) -> list[str]:
+    """The shard files state.json lists (verify_checkpoint has checked them)."""
+    return sorted(n for n in state["files"] if n.endswith(SHARD_SUFFIX) and n != RNG_FILE)
+
+
+def _saved_layout(folder: Path) -> dict:
+    """Name -> TensorStorageMetadata (global shape, dtype) from the shards' headers."""
+    for file in sorted(folder.glob("*" + SHARD_SUFFIX)):  # name the file a decoding problem is in (rng too)
+        try:
             with safe_open(str(file), framework="pt") as f:
-                meta = f.metadata() or {}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
-    return tensors, meta
+                f.metadata()
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from err
+    try:
+        return HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder}: a shard file is not a readable safetensors file ({err})") from err
 
 
-def _check_state_dict(file: Path, saved: dict, model: nn.Module) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(saved))
-    extra = sorted(set(saved) - set(expected))
+def _check_layout(folder: Path, saved: dict, target: dict[str, Tensor], prefix: str) -> None:
+    """Missing, unexpected, reshaped and retyped tensors, named (ValueError)."""
+    want = {k for k in target if k.startswith(prefix)}
+    have = {k for k in saved if k.startswith(prefix)}
+    cut = len(prefix)
+    missing, extra = sorted(k[cut:] for k in want - have), sorted(k[cut:] for k in have - want)
     if missing or extra:
         parts = ([f"missing keys: {_list(missing)}"] if missing else []) + (
             [f"unexpected keys: {_list(extra)}"] if extra else []
         )
-        raise ValueError(f"{file}: does not match the model; " + "; ".join(parts))
+        raise ValueError(f"{folder}: does not match the {prefix[:-1]}; " + "; ".join(parts))
     wrong = [
-        f"{k} saved {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tuple(saved[k].shape) != tuple(v.shape)
+        f"{k[cut:]} saved {shape} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in want
+        for shape in {
+            tuple(saved[k].size),
+            *(tuple(c.sizes) for c in saved[k].chunks if len(c.sizes) != target[k].dim()),
+        }
+        if shape != tuple(target[k].shape)
     ]
     if wrong:
-        raise ValueError(f"{file}: another architecture (shape mismatch): {_list(wrong)}")
-    wrong = [
-        f"{k} saved {saved[k].dtype} vs model {v.dtype}"
-        for k, v in expected.items()
-        if saved[k].dtype != v.dtype
+        raise ValueError(f"{folder}: another architecture (shape mismatch): {_list(wrong)}")
+    retyped = [
+        f"{k[cut:]} saved {saved[k].properties.dtype} vs model {target[k].dtype}"
+        for k in target
+        if k in want and saved[k].properties.dtype != target[k].dtype
     ]
-    if wrong:
-        raise ValueError(f"{file}: dtype mismatch (never cast silently): {_list(wrong)}")
+    if retyped:
+        raise ValueError(f"{folder}: dtype mismatch (never cast silently): {_list(retyped)}")
+
+
+def _read_rng(folder: Path, world: World) -> dict[str, Tensor]:
+    rng_file = folder / RNG_FILE
+    try:
+        rng = load_file(str(rng_file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"{rng_file}: not a readable safetensors file ({err})") from err
+    _check_rng(rng_file, rng, f"torch_cpu_rank{world.rank}")
+    return rng
+
+
+def _set_rng(folder: Path, rng: dict[str, Tensor], data_gen: torch.Generator, world: World) -> None:
+    try:
+        torch.set_rng_state(rng.get(f"torch_cpu_rank{world.rank}", rng["torch_cpu"]))
+        data_gen.set_state(rng["data_gen"])
+    except RuntimeError as err:
+        raise ValueError(f"{folder / RNG_FILE}: not a valid RNG state ({str(err)[:200]})") from err
+
+
+@torch.no_grad()
+def _check_loaded_optimizer(folder: Path, target: dict[str, Tensor]) -> None:
+    """Value ranges of this rank's AdamW state as loaded (no collective): moments finite,
+    second moments >= 0, step counts finite and >= 0."""
+    for key, t in target.items():
+        if not key.startswith("optim."):
+            continue
+        kind, t = key.rpartition(".")[2], _local(t)
+        if kind == "step":
+            if t.numel() != 1 or not bool(torch.isfinite(t).all()) or float(t) < 0:
+                raise ValueError(f"{folder}: {key[6:]} must be one finite number >= 0, got {float(t)}")
+        elif not bool(torch.isfinite(t).all()) or (kind != "exp_avg" and bool((t < 0).any())):
+            raise ValueError(f"{folder}: {key[6:]} holds NaN/Inf or a negative second moment")
 
 
 def load_checkpoint(
@@ -399,36 +542,45 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
     data_gen: torch.Generator | None = None,
-    rng_key: str = "torch_cpu",
+    world: World | None = None,
 ) -> int:
-    """Load model (and optimizer, torch CPU RNG + data generator if given); return the step.
+    """Load model (and optimizer, torch RNG + data generator if given); return the step.
 
     Accepts a checkpoint folder, a run dir, or a run's checkpoints/ folder (then LATEST).
-    rng_key: the saved torch RNG state to restore (e.g. torch_cpu_rank1); torch_cpu when absent.
+    The model (and optimizer) may be parallelized on any world: DCP reads each rank's
+    slice of every tensor whatever world wrote it. world None: one process. Every file
+    is verified first; a mismatch raises ValueError naming the folder and the keys.
     """
-    folder = find_checkpoint(path_or_run_dir)
-    state = verify_checkpoint(folder, FILES)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model_file = folder / FILES[0]
-    weights, _ = _load_tensors(model_file, device)
-    _check_state_dict(model_file, weights, model)
-    if optimizer is not None:  # everything is checked before anything is changed
-        opt_file = folder / FILES[1]
-        tensors, meta = _load_tensors(opt_file, metadata=True)
-        _check_optimizer_tensors(opt_file, tensors, model)
-    if data_gen is not None:
-        rng_file = folder / FILES[2]
-        rng, _ = _load_tensors(rng_file)
-        _check_rng(rng_file, rng, rng_key)
-    model.load_state_dict(weights)
+    world = world or single_process()
+
+    def prepare() -> tuple[
+        Path, dict, dict[str, Tensor], dict | None
+    ]:  # no collectives: may fail on one rank
+        folder = find_checkpoint(path_or_run_dir)
+        state = verify_checkpoint(folder)  # every file, before anything is read or changed
+        saved = _saved_layout(folder)
+        rng = _read_rng(folder, world) if data_gen is not None else None
+        if optimizer is not None:
+            _check_groups(folder / STATE, state.get("optimizer", {}).get("param_groups"), {})
+        if optimizer is not None:
+            init_optimizer_state(model, optimizer)
+        target = checkpoint_state(model, optimizer, world)
+        for prefix in ("model.", "optim.") if optimizer is not None else ("model.",):
+            _check_layout(folder, saved, target, prefix)
+        return folder, state, target, rng
+
+    folder, state, target, rng = agree(world, "reading the checkpoint", prepare)
+    try:  # DCP agrees on a failure of any rank itself
+        with warnings.catch_warnings():  # one process: no process group, as asked
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(target, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=world.size == 1)
+    except CheckpointException as err:
+        raise ValueError(f"{folder}: reading the shards failed: {err}") from err
     if optimizer is not None:
-        _restore_optimizer(model, optimizer, tensors, meta, opt_file)
+        agree(world, "checking the optimizer state", lambda: _check_loaded_optimizer(folder, target))
+        _restore_groups(model, optimizer, state.get("optimizer", {}).get("param_groups"), folder / STATE)
     if data_gen is not None:
-        try:
-            torch.set_rng_state(rng.get(rng_key, rng["torch_cpu"]))
-            data_gen.set_state(rng["data_gen"])
-        except RuntimeError as err:
-            raise ValueError(f"{rng_file}: not a valid RNG state ({str(err)[:200]})") from err
+        _set_rng(folder, rng, data_gen, world)
     return state["step"]
 
 
@@ -444,37 +596,17 @@ def _check_rng(file: Path, rng: dict, rng_key: str) -> None:
             )
 
 
-def _check_optimizer_tensors(file: Path, tensors: dict, model: nn.Module) -> None:
-    """AdamW moments have their parameter's shape and dtype; step counts are finite and >= 0."""
-    params = dict(model.named_parameters())
-    for key, t in tensors.items():
-        name, _, kind = key[len("state.") :].rpartition(".")
-        p = params.get(name)
-        if p is None or not key.startswith("state."):
-            continue  # _restore_optimizer names unexpected keys
-        if kind in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if t.shape != p.shape or t.dtype != p.dtype:
-                raise ValueError(
-                    f"{file}: {key} is {t.dtype} {tuple(t.shape)}, the parameter {p.dtype} {tuple(p.shape)}"
-                )
-            if not bool(torch.isfinite(t).all()) or (kind != "exp_avg" and bool((t < 0).any())):
-                raise ValueError(f"{file}: {key} holds NaN/Inf or a negative second moment")
-        elif kind == "step" and (
-            t.numel() != 1 or not t.is_floating_point() or not bool(torch.isfinite(t).all()) or float(t) < 0
-        ):
-            raise ValueError(f"{file}: {key} must be one finite number >= 0, got {t.dtype} {tuple(t.shape)}")
-
-
 def checkpoint_config(path_or_run_dir: str | Path) -> RunConfig:
     """The resolved config stored in the newest (or the given) checkpoint."""
     folder = find_checkpoint(path_or_run_dir)
-    return config_from_dict(read_state(folder)["config"], source=str(folder / "state.json"))
+    return config_from_dict(read_state(folder)["config"], source=str(folder / STATE))
 
 
 def load_run(
     run_dir: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, RunConfig, int]:
-    """(model in eval mode, its config, step) of a run's newest checkpoint."""
+    """(model in eval mode, its config, step) of a run's newest checkpoint, in one
+    process whatever world size wrote it."""
     from moge.limits import check_model_fits
     from moge.model import MoGETransformer  # model imports config only; keep this module light
 
@@ -483,3 +615,21 @@ def load_run(
     model = MoGETransformer(cfg.model, cfg.moe).to(map_location)
     step = load_checkpoint(run_dir, model)
     return model.eval(), cfg, step
+
+
+def read_tensors(path_or_run_dir: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint, whole, in one process: "model.<name>",
+    "optim.<name>.<key>" (from the shards) and "rng.<key>"; files verified first."""
+    folder = find_checkpoint(path_or_run_dir)
+    verify_checkpoint(folder)
+    layout = _saved_layout(folder)
+    out = {
+        k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+        for k, m in layout.items()
+        if k.startswith(("model.", "optim."))
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(out, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=True)
+    rng = load_file(str(folder / RNG_FILE))
+    return {**out, **{f"rng.{k}": v for k, v in rng.items()}}

@@ -5,9 +5,11 @@
     moge eval RUN_DIR [RUN_DIR ...]          report / comparison (moge.evaluate)
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
+    moge plan CONFIG --devices N [N ...] [--mesh ep=E]   per-device memory of training on N devices
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
     moge torchrun [TORCHRUN OPTIONS] SUBCOMMAND ...   torchrun whose failed ranks print one line
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
+    moge fingerprint A B [C ...]             attention-weight fingerprints, with p-values
     moge upcycle SRC DST --config CONFIG     a dense model -> an exact MoGE run to train on
     moge convert SRC DST --to LAYOUT         weights between moge runs and HF / Pangu layouts (moge.interop)
 
@@ -50,7 +52,7 @@ def _one_line(err: BaseException) -> str:
 
 def _should_print(err: BaseException | None = None) -> bool:
     """Under torchrun most errors hit every rank: rank 0 prints them. Errors the ranks
-    agreed on carry `moge_report` (moge.distributed_train): the one failing rank prints."""
+    agreed on carry `moge_report` (moge.distributed.agree): the one failing rank prints."""
     report = getattr(err, "moge_report", None)
     return report if report is not None else os.environ.get("RANK", "0") == "0"
 
@@ -113,7 +115,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from moge.evaluate import eval_command
 
-    eval_command(args.run_dirs, batches=args.batches, out=args.out)
+    eval_command(args.run_dirs, batches=args.batches, out=args.out, knockout=args.knockout)
     return EXIT_OK
 
 
@@ -151,6 +153,41 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides=args.overrides, seed=args.seed, sigma=args.sigma, training=args.training,
     )  # fmt: skip
     return EXIT_OK
+
+
+def _cmd_fingerprint(args: argparse.Namespace) -> int:
+    from moge.tools.fingerprint import Settings, fingerprint
+
+    settings = Settings(permutations=args.permutations, bootstrap=args.bootstrap, seed=args.seed)
+    result = fingerprint(args.models, settings, out_dir=args.out)
+    print(result["text"])
+    if result["files"]:
+        print(f"\nwritten: {', '.join(result['files'].values())}")
+    return EXIT_OK
+
+
+def _add_fingerprint_parser(sub) -> None:
+    p = sub.add_parser(
+        "fingerprint", help="attention-weight fingerprint of models (arXiv 2507.03014) with p-values"
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="moge run/checkpoint folders, HF folders or .safetensors files",
+    )
+    p.add_argument(
+        "--permutations",
+        type=_non_negative_int,
+        default=2000,
+        help="layer shuffles for the p-value (0: none)",
+    )
+    p.add_argument(
+        "--bootstrap", type=_non_negative_int, default=1000, help="resamples for the interval (0: none)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for fingerprint.json, .txt and .png")
+    p.set_defaults(handler=_cmd_fingerprint)
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> int:
@@ -218,6 +255,36 @@ def _add_extract(sub) -> None:
         "out", metavar="OUT", help="new run folder for the sub-model (moge eval / generate read it)"
     )
     p.set_defaults(handler=_cmd_extract)
+
+
+def _parse_mesh(text: str) -> tuple[int, int | None]:
+    """--mesh "ep=8" or "dp=2,ep=8" -> ep (dp follows from --devices; checked against it later)."""
+    parts = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+    if not parts or set(parts) - {"dp", "ep"} or len(parts) != len(text.split(",")):
+        raise ValueError(f"--mesh: expected dp=D,ep=E or ep=E, got {text!r}")
+    try:
+        sizes = {k: int(v) for k, v in parts.items()}
+    except ValueError:
+        raise ValueError(f"--mesh: sizes must be integers, got {text!r}") from None
+    return sizes.get("ep", 1), sizes.get("dp")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from moge.config import load_config
+    from moge.tools.plan import format_plan, memory_plan
+
+    cfg = load_config(args.config, args.overrides)
+    ep, dp = _parse_mesh(args.mesh) if args.mesh else (None, None)
+    plans = []
+    for n in args.devices:
+        if dp is not None and dp * (ep or 1) != n:
+            raise ValueError(f"--mesh: dp={dp} x ep={ep} = {dp * (ep or 1)} devices, but --devices {n}")
+        plans.append(memory_plan(
+            cfg, n, expert_parallel=ep, micro_batch=args.micro_batch, dtype=args.dtype,
+            checkpointing=args.checkpointing, device_gb=args.device_gb,
+        ))  # fmt: skip
+    print(format_plan(cfg, plans))
+    return EXIT_OK
 
 
 def _check_utf8(flag: str, text: str) -> None:
@@ -307,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for report.json, the trace and the plots (default: the run folder; "
         "several runs: <parent>/compare-<name1>-vs-<name2>)",
     )  # fmt: skip
+    p.add_argument(
+        "--knockout", type=_positive_int, nargs="?", const=4, default=None, metavar="N",
+        help="also knock out each expert and group, force uniform routing, drop one expert per group: "
+        "val loss on N batches (default 4)",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_eval)
 
     p = _subparser(sub, "generate", "sample text from a trained run (prompt + tokens <= model.max_seq_len)")
@@ -346,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--trace", default=None,
-        help="route a recorded RUN_DIR/routing_trace.safetensors (from `moge eval`) instead of random "
-        "scores (default: None)",
+        help="route a recorded trace instead of random scores: RUN_DIR (or its "
+        "routing_trace.safetensors) written by `moge eval` (default: None)",
     )  # fmt: skip
     p.add_argument(
         "--out", default=None,
@@ -359,8 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_simulate)
 
     _add_extract(sub)
+    _add_fingerprint_parser(sub)
     _add_upcycle_parser(sub)
     _add_convert_parser(sub)
+    p = _subparser(sub, "plan", "per-device bytes of params, grads, AdamW, activations on N devices")
+    p.add_argument("config", help="YAML run config, e.g. configs/pangu-pro-moe-72b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--devices", type=_positive_int, nargs="+", required=True)
+    p.add_argument("--mesh", default=None, help="ep=E or dp=D,ep=E (default: parallel.expert_parallel)")
+    p.add_argument("--micro-batch", type=_positive_int, default=None, dest="micro_batch",
+                   help="sequences per device per micro-batch (default train.batch_size)")  # fmt: skip
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="activations (train.dtype)")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--device-gb", type=float, default=80.0, dest="device_gb", help="memory per device, GiB")
+    p.set_defaults(handler=_cmd_plan)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
@@ -408,9 +492,9 @@ def _add_upcycle_parser(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (see the module docstring)."""
-    from moge.distributed_train import PeerError
+    from moge.distributed.agree import PeerError
     from moge.runfolder import Terminated
-    from moge.train import NonFiniteLossError
+    from moge.training import NonFiniteLossError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -187,19 +187,37 @@ class EvalConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """Expert parallelism of `moge train` under torchrun (see docs/distributed.md).
+class MonitorConfig:
+    """Routing-collapse warnings during `moge train` (moge.diagnostics.collapse)."""
 
-    The world (torchrun's WORLD_SIZE) is split into expert-parallel groups of
-    expert_parallel ranks; ranks holding the same experts are data-parallel replicas.
+    every: int = 50  # steps per check; routing counts are summed over them; 0: off
+    min_effective_share: float = 0.5  # warn when exp(load entropy) < this share of the experts; 0: never
+    max_logit_growth: float = 20.0  # warn when router-logit RMS exceeds this x its first check; 0: never
+    max_dead_experts: int = 0  # warn when more experts than this got no token in a check; -1: never
+
+    def __post_init__(self) -> None:
+        check_int("monitor.every", self.every, minimum=0)
+        check_float("monitor.min_effective_share", self.min_effective_share, minimum=0.0, maximum=1.0)
+        check_float("monitor.max_logit_growth", self.max_logit_growth, minimum=0.0)
+        check_int("monitor.max_dead_experts", self.max_dead_experts, minimum=-1)
+
+
+@dataclass
+class ParallelConfig:
+    """The device mesh of `moge train` under torchrun (see docs/distributed.md).
+
+    The world (torchrun's WORLD_SIZE) is a (dp, ep) mesh: ep = expert_parallel ranks
+    share out the routed experts, dp = data_parallel such blocks FSDP-shard them further.
     """
 
-    expert_parallel: int = 1  # ranks that share out the routed experts; 1: every rank holds all
+    expert_parallel: int = 1  # ranks that share out the routed experts (mesh dim "ep")
+    data_parallel: int | None = None  # mesh dim "dp"; None: WORLD_SIZE / expert_parallel
     backend: str | None = None  # gloo or nccl; None: nccl with train.device=cuda, else gloo
     static_splits: bool | None = None  # None: on for the quota routers (grouped, random)
 
     def __post_init__(self) -> None:
         check_int("parallel.expert_parallel", self.expert_parallel, minimum=1)
+        check_optional_int("parallel.data_parallel", self.data_parallel, minimum=1)
         if self.backend is not None:
             check_choice("parallel.backend", self.backend, BACKENDS)
         if self.static_splits is not None:
@@ -217,6 +235,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)  # `moge train`
     eval: EvalConfig = field(default_factory=EvalConfig)  # `moge eval`
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # torchrun / expert parallel
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # routing collapse warnings
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or "\0" in self.name:
@@ -275,6 +294,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "parallel": ParallelConfig,
+    "monitor": MonitorConfig,
 }
 TOP_LEVEL_KEYS = ("name", *SECTIONS)
 
@@ -373,10 +393,12 @@ def config_from_dict(d: Any, source: str = "<dict>") -> RunConfig:
     moe = _build("moe", moe_kwargs, source)
     sections = ("data", "train", "eval", "parallel")
     data, train, eval_, parallel = (_build(s, _section_dict(d, s, source), source) for s in sections)
+    monitor = _build("monitor", _section_dict(d, "monitor", source), source)
     try:
         return RunConfig(
-            name=d["name"], model=model, moe=moe, data=data, train=train, eval=eval_, parallel=parallel
-        )
+            name=d["name"], model=model, moe=moe, data=data, train=train, eval=eval_, parallel=parallel,
+            monitor=monitor,
+        )  # fmt: skip
     except ValueError as err:
         raise ValueError(f"{err} (in {source})") from err
 

@@ -261,15 +261,20 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     plots: bool | None = None,
     device: str = "cpu",
+    knockout: int | None = None,
 ) -> dict:
     """Measure a run's newest checkpoint on the val split; write report, trace and plots.
 
     batches: eval batches (default cfg.eval.batches) of cfg.eval.batch_size sequences.
     out_dir: where the files go (default: the run directory). plots: draw the PNGs
-    (default cfg.eval.plots). device: where the model runs. Returns the report dict.
+    (default cfg.eval.plots). device: where the model runs. knockout: also run the expert
+    knock-out (moge.diagnostics.knockout) on this many val batches, into
+    report["knockout"] and knockout.png. Returns the report dict.
     """
     if batches is not None:
         check_int("batches", batches, minimum=1)
+    if knockout is not None:
+        check_int("knockout", knockout, minimum=1)
     from moge.interop import from_pretrained, is_layout_folder  # a layout folder: weights only
 
     if is_layout_folder(run_dir):
@@ -310,12 +315,71 @@ def evaluate_run(
         "train": _train_summary(records),
         "routing": [acc.report() for acc in layers],
     }
+    report["collapse"] = collapse_summary(records)
+    if knockout is not None:
+        report["knockout"] = _knockout(model, ds, cfg, knockout, [acc.layer for acc in layers])
     _save_trace(out / TRACE_NAME, layers, cfg, batch_tokens, step)
     report["files"] = {"report": str(out / REPORT_NAME), "trace": str(out / TRACE_NAME), "plots": []}
     if cfg.eval.plots if plots is None else plots:
         report["files"]["plots"] = _write_plots(report, records, out)
+        if knockout is not None:
+            report["files"]["plots"].append(_plot_knockout(report["knockout"], out))
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
+
+
+# ---------------------------------------------------------------- inside the router
+
+
+def collapse_summary(records: Sequence[dict]) -> dict | None:
+    """The last collapse-monitor record of a run's metrics and every warning it logged.
+
+    None for a run trained without the monitor (moge.diagnostics.collapse).
+    """
+    checks = [r for r in records if r.get("type") == "collapse"]
+    if not checks:
+        return None
+    warnings = [f"step {r['step']}: {w}" for r in checks for w in r.get("warnings", [])]
+    return {"step": checks[-1]["step"], "layers": checks[-1]["layers"], "warnings": warnings}
+
+
+def _knockout(model, ds, cfg, batches: int, layer_ids: list[int]) -> dict:
+    from moge.diagnostics.knockout import knockout_sweep
+
+    data = list(ds.iter_eval_batches("val", cfg.eval.batch_size, batches))
+    return knockout_sweep(model, data, layer_ids)
+
+
+def _plot_knockout(knockout: dict, out_dir: Path) -> str:
+    from moge.diagnostics.knockout import plot_knockout
+
+    path = out_dir / "knockout.png"
+    plot_knockout(knockout, path)
+    return str(path)
+
+
+def format_inside(report: dict) -> str:
+    """The collapse monitor's last check and the knock-out table, when the report has them."""
+    lines = []
+    collapse = report.get("collapse")
+    if collapse:
+        lines.append(
+            f"collapse monitor at step {collapse['step']} ({len(collapse['warnings'])} warnings in training):"
+        )
+        lines.append(
+            f"{'layer':>5} {'eff.experts':>11} {'loadH':>6} {'scoreH':>6} {'logit rms':>9} {'growth':>6} {'dead':>4}"
+        )
+        for r in collapse["layers"]:
+            lines.append(
+                f"{r['layer']:>5} {r['effective_experts']:>11.2f} {r['load_entropy']:>6.3f} {r['score_entropy']:>6.3f} "
+                f"{r['logit_rms']:>9.3f} {r['logit_growth']:>6.2f} {r['dead_experts']:>4}"
+            )
+        lines += [f"  warning at {w}" for w in collapse["warnings"][-5:]]
+    if report.get("knockout"):
+        from moge.diagnostics.knockout import format_knockout
+
+        lines.append(format_knockout(report["knockout"]))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- text output
@@ -347,7 +411,8 @@ def format_report(report: dict) -> str:
             f"{r['max_over_mean']:>8.3f} {r['cv']:>6.3f} {r['load_entropy'] / r['load_entropy_max']:>9.3f} "
             f"{r['score_entropy']:>6.3f} {r['dead_experts']:>4}  {pair_text}"
         )
-    return "\n".join(lines)
+    inside = format_inside(report)
+    return "\n".join(lines + ([inside] if inside else []))
 
 
 # ---------------------------------------------------------------- comparing runs
@@ -452,7 +517,9 @@ def compare_runs(
 # ---------------------------------------------------------------- CLI entry
 
 
-def eval_command(run_dirs: list[str], batches: int | None = None, out: str | None = None) -> None:
+def eval_command(
+    run_dirs: list[str], batches: int | None = None, out: str | None = None, knockout: int | None = None
+) -> None:
     """`moge eval RUN_DIR [RUN_DIR ...] [--batches N] [--out DIR]`.
 
     One run: evaluate it, print the report, write files into `out` (default: the run).
@@ -461,13 +528,13 @@ def eval_command(run_dirs: list[str], batches: int | None = None, out: str | Non
     if not run_dirs:
         raise ValueError("run_dirs: give at least one run directory")
     if len(run_dirs) == 1:
-        report = evaluate_run(run_dirs[0], batches, out_dir=out)
+        report = evaluate_run(run_dirs[0], batches, out_dir=out, knockout=knockout)
         print(format_report(report))
         print(_files_line(report["files"]))
         return
     reports = []
     for run_dir in run_dirs:
-        reports.append(evaluate_run(run_dir, batches))
+        reports.append(evaluate_run(run_dir, batches, knockout=knockout))
         print(format_report(reports[-1]))
         print(_files_line(reports[-1]["files"]), end="\n\n")
     result = compare_runs(run_dirs, out, reports=reports)

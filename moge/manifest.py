@@ -23,7 +23,8 @@ from typing import Any
 
 STATE = "state.json"
 STATE_DIGEST = "state.json.sha256"
-STATE_KEYS = ("step", "config", "files", "rng")  # what state.json may hold ("rng" optional)
+# What state.json may hold ("rng" optional; "world", "optimizer": a sharded checkpoint, moge.checkpoint).
+STATE_KEYS = ("step", "config", "files", "rng", "world", "optimizer")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _DIGEST_FILE = re.compile(rb"[0-9a-f]{64}\n?")
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")

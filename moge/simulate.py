@@ -173,8 +173,13 @@ def _random_ids(
 
 
 def _trace_layers(path: str | Path, num_experts: int, top_k: int) -> Iterator[Tensor]:
-    """The [T, K] expert ids of every layer of a routing trace, checked against the config."""
+    """The [T, K] expert ids of every layer of a routing trace, checked against the config.
+
+    path: the trace file, or a run (or `moge eval --out`) folder holding routing_trace.safetensors.
+    """
     path = Path(path)
+    if path.is_dir():
+        path = path / "routing_trace.safetensors"
     if not path.is_file():
         raise ValueError(f"--trace: file not found: {path}")
     try:

@@ -1,4 +1,4 @@
-"""Tests of moge/checkpoint.py: atomic safetensors checkpoints, pruning, loading errors."""
+"""Tests of moge/checkpoint.py (one process): atomic DCP safetensors checkpoints, pruning, loading errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
@@ -16,6 +17,7 @@ from moge.config import config_from_dict
 from moge.model import MoGETransformer
 from moge.train import build_optimizer
 
+SHARD = "shard-00001-model-00001-of-00001.safetensors"  # one process: one shard file
 BASE = {
     "name": "ckpt-test",
     "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
@@ -92,18 +94,15 @@ def test_layout_latest_and_no_temp_left(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step_00000005"]
     folder = root / "step_00000005"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "rng.safetensors",
-        "state.json",
-        "state.json.sha256",
-    ]
+    assert names == ["rng.safetensors", SHARD, "state.json", "state.json.sha256"]
     assert (root / "LATEST").read_text().strip() == "step_00000005"
     state = json.loads((folder / "state.json").read_text())
     assert state["step"] == 5 and config_from_dict(state["config"]) == cfg
-    opt_t = load_file(str(folder / "optimizer.safetensors"))
-    assert any(k.startswith("state.blocks.0.ffn.router.weight.exp_avg") for k in opt_t)
+    assert sorted(state["files"]) == ["rng.safetensors", SHARD] and state["world"]["size"] == 1
+    with safe_open(str(folder / SHARD), framework="pt") as f:  # DCP's layout is JSON in the header
+        keys, header = set(f.keys()), f.metadata()
+    assert "optim.blocks.0.ffn.router.weight.exp_avg" in keys and "model.embed.weight" in keys
+    assert json.loads(header["DCP_SHARDING_INFO"])["model.embed.weight"]["saved_offsets"] == [0, 0]
     assert set(load_file(str(folder / "rng.safetensors"))) == {"torch_cpu", "data_gen"}
 
 
@@ -112,12 +111,12 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 1, model, opt, gen, cfg, keep_last=1)
     real_save = ckpt_mod.save_file
 
-    def crash_on_optimizer(tensors, path, metadata=None):
-        if path.endswith("optimizer.safetensors"):
+    def crash_on_rng(tensors, path, metadata=None):  # after the shards are written
+        if path.endswith("rng.safetensors"):
             raise OSError("disk full")
         real_save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt_mod, "save_file", crash_on_optimizer)
+    monkeypatch.setattr(ckpt_mod, "save_file", crash_on_rng)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, model, opt, gen, cfg, keep_last=1)
     root = tmp_path / "checkpoints"
@@ -140,7 +139,7 @@ def test_keep_last_prunes_oldest_and_latest_is_newest(tmp_path):
 def test_corrupted_or_truncated_file_names_it(tmp_path, damage):
     cfg, model, opt, gen = trained()
     folder = save_checkpoint(tmp_path, 1, model, opt, gen, cfg, keep_last=1)
-    file = folder / "model.safetensors"
+    file = folder / SHARD
     data = bytearray(file.read_bytes())
     if damage == "flip":
         data[-5] ^= 0xFF
@@ -149,13 +148,13 @@ def test_corrupted_or_truncated_file_names_it(tmp_path, damage):
         file.write_bytes(bytes(data[: len(data) // 2]))
     if damage == "truncate_unlisted":  # its entry dropped (state.json re-signed): still refused
         state = json.loads((folder / "state.json").read_text())
-        del state["files"]["model.safetensors"]
+        del state["files"][SHARD]
         data = json.dumps(state).encode()
         (folder / "state.json").write_bytes(data)
         (folder / "state.json.sha256").write_text(hashlib.sha256(data).hexdigest())
-    with pytest.raises(ValueError, match="model.safetensors") as err:
+    with pytest.raises(ValueError, match=SHARD) as err:
         load_checkpoint(tmp_path, fresh(cfg)[0])
-    expected = {"flip": "corrupted", "truncate": "truncated", "truncate_unlisted": "not listed"}[damage]
+    expected = {"flip": "corrupted", "truncate": "truncated", "truncate_unlisted": "does not list"}[damage]
     assert expected in str(err.value)
 
 
@@ -164,7 +163,8 @@ def test_wrong_architecture_names_file_and_keys(tmp_path):
     save_checkpoint(tmp_path, 1, model, opt, gen, cfg, keep_last=1)
     other = make_cfg(d_model=48)
     with pytest.raises(
-        ValueError, match=r"model\.safetensors.*shape mismatch.*embed\.weight saved \(256, 32\)"
+        ValueError,
+        match=r"step_00000001: another architecture \(shape mismatch\).*embed\.weight saved \(256, 32\)",
     ):
         load_checkpoint(tmp_path, MoGETransformer(other.model, other.moe))
 
@@ -174,7 +174,8 @@ def test_missing_and_extra_keys_are_named(tmp_path):
     save_checkpoint(tmp_path / "a", 1, model, opt, gen, cfg, keep_last=1)
     plain = make_cfg(bias=False)
     with pytest.raises(
-        ValueError, match=r"model\.safetensors.*unexpected keys: blocks\.0\.ffn\.balance_bias_E"
+        ValueError,
+        match=r"step_00000001: does not match the model; unexpected keys: blocks\.0\.ffn\.balance_bias_E",
     ):
         load_checkpoint(tmp_path / "a", MoGETransformer(plain.model, plain.moe))
     cfg_b, model_b, opt_b, gen_b = trained(bias=False)

@@ -64,7 +64,7 @@ def test_params_applies_overrides(capsys):
 def test_train_with_overrides_writes_the_run(trained_run, capsys):
     cfg = yaml.safe_load((trained_run / "config.yaml").read_text())
     assert cfg["train"]["steps"] == 3 and cfg["moe"]["router"] == "global"
-    assert (trained_run / "checkpoints" / "step_00000003" / "model.safetensors").exists()
+    assert (trained_run / "checkpoints" / "step_00000003" / "state.json").exists()
 
 
 def test_generate_prints_prompt_and_sample(trained_run, capsys):
@@ -84,10 +84,18 @@ def test_generate_too_long_is_a_user_error(trained_run, capsys):
 def test_eval_calls_evaluate(monkeypatch):
     calls = []
     fake = types.ModuleType("moge.evaluate")
-    fake.eval_command = lambda run_dirs, batches=None, out=None: calls.append((run_dirs, batches, out))
+    fake.eval_command = lambda run_dirs, batches=None, out=None, knockout=None: calls.append(
+        (run_dirs, batches, out, knockout)
+    )
     monkeypatch.setitem(sys.modules, "moge.evaluate", fake)
     assert main(["eval", "runs/a", "runs/b", "--batches", "4", "--out", "cmp"]) == 0
-    assert calls == [(["runs/a", "runs/b"], 4, "cmp")]
+    assert main(["eval", "runs/a", "--knockout"]) == 0
+    assert main(["eval", "runs/a", "--knockout", "2"]) == 0
+    assert calls == [
+        (["runs/a", "runs/b"], 4, "cmp", None),
+        (["runs/a"], None, None, 4),
+        (["runs/a"], None, None, 2),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -310,7 +310,7 @@ FIELD_ERRORS = [
     (
         {"optimizer": {}},
         [],
-        "optimizer: unknown key; valid keys: data, eval, model, moe, name, parallel, train",
+        "optimizer: unknown key; valid keys: data, eval, model, moe, monitor, name, parallel, train",
     ),
     ({"parallel.expert_parallel": 0}, [], "parallel.expert_parallel: must be >= 1"),
     ({"parallel.expert_parallel": 3}, [], "parallel.expert_parallel: 3 ranks do not divide moe.num_groups=4"),
@@ -325,7 +325,7 @@ FIELD_ERRORS = [
     (
         {"parallel.ranks": 2},
         [],
-        "parallel.ranks: unknown key; valid keys: backend, expert_parallel, static_splits",
+        "parallel.ranks: unknown key; valid keys: backend, data_parallel, expert_parallel, static_splits",
     ),
     ({}, ["parallel.expert_parallel=8"], "parallel.expert_parallel: 8 ranks"),
     ({"name": 5}, [], "name"),

@@ -1,5 +1,7 @@
-"""Expert parallelism on gloo: forked workers run the layer and write what they saw;
-the parent runs the single-process layer on every rank's tokens and compares.
+"""Expert parallelism + FSDP2 on gloo (moge.distributed): forked workers run the layer
+and the model parallelized by `parallelize` and write what they saw (gradients and
+weights gathered whole through the DTensors); the parent runs the single-process layer
+on every rank's tokens and compares.
 
 One launch per world size (2 and 4) runs every scenario, so the suite pays the
 process start-up twice. Workers are forked, not spawned: a spawned worker re-imports
@@ -16,26 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as tmp
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.testing import assert_close
 
-from moge.config import ModelConfig
+from moge.config import ModelConfig, ParallelConfig
+from moge.distributed.expert_parallel import ExpertParallelMoGE, expert_placement
+from moge.distributed.mesh import connect
+from moge.distributed.parallelize import checkpoint_views, clip_grads_, grad_norm, parallelize
 from moge.layer import MoGEConfig, MoGELayer
 from moge.model import MoGETransformer
-from moge.parallel import (
-    EXPERT_KEYS,
-    ExpertParallelMoGE,
-    average_replicated_grads,
-    clip_grad_norm_,
-    destroy,
-    expert_placement,
-    gather_model_state_dict,
-    init_distributed,
-    load_model_state_dict,
-    make_context,
-    parallelize_model,
-)
 
 T, STEPS, LR, VOCAB = 6, 2, 0.5, 50  # tokens per rank, steps, SGD rate, random-router vocab
 BASE = dict(
@@ -49,10 +43,10 @@ SCENARIOS = {
     "global": (dict(router="global", normalize_weights=True), {}),
     "group_limited": (dict(router="group_limited", topk_groups=2, score_func="sigmoid", route_scale=2.0), {}),
     "random": (dict(router="random", rre_vocab_size=VOCAB, learned_expert_scale=True), {}),
-    # Every token picks experts 0, 1, 4, 5; "loop" gives no graph for 0 slots on its own.
+    # Every token picks experts 0-3; "loop" gives no graph for 0 slots on its own.
     "skewed": (dict(router="global", expert_impl="loop"), dict(skew=True)),
 }
-FAVOURED = torch.tensor([5.0, 5, -5, -5, 5, 5, -5, -5])
+FAVOURED = torch.tensor([5.0, 5, 5, 5, -5, -5, -5, -5])
 MAX_NORM = 0.01
 TINY_MODEL = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=8)
 
@@ -114,86 +108,84 @@ def _save(out_dir: str, stem: str, tensors: dict, info: dict) -> None:
     Path(f"{out_dir}/{stem}.json").write_text(json.dumps(info))
 
 
-def _layer_scenario(ctx, name: str, out_dir: str, tag: str = "") -> None:
+class Holder(nn.Module):
+    """A bare layer as the root FSDP2 module (its forward gathers the shards)."""
+
+    def __init__(self, layer: MoGELayer) -> None:
+        super().__init__()
+        self.ffn = layer
+
+    def forward(self, x, ids):
+        return self.ffn(x, token_ids=ids if self.ffn.config.router == "random" else None)
+
+
+def whole(module, world, tensors: dict) -> dict:
+    """Name -> the whole tensor of a parameter-shaped DTensor (a collective)."""
+    views = checkpoint_views(module, world)
+    return {n: (views[n](t) if n in views else t).full_tensor() for n, t in tensors.items()}
+
+
+def _layer_scenario(name: str, out_dir: str, ep: int, tag: str = "") -> None:
     static = SCENARIOS[name][1].get("static")
-    ep = ExpertParallelMoGE.from_layer(
-        build_layer(name), ctx.ep_group, replica_group=ctx.replica_group, static_splits=static
-    )
-    x_all, target_all, ids_all = make_data(name, ctx.world_size)
-    rows = slice(ctx.rank * T, (ctx.rank + 1) * T)
+    world = connect(ParallelConfig(expert_parallel=ep), BASE["num_groups"])
+    holder = parallelize(Holder(build_layer(name)), world, static)
+    layer = holder.ffn
+    x_all, target_all, ids_all = make_data(name, world.size)
+    rows = slice(world.rank * T, (world.rank + 1) * T)
     res, stats = {}, []
     for step in range(STEPS):
-        ep.zero_grad()
+        holder.zero_grad()
         x = x_all[step, rows].clone().requires_grad_()
-        out, loss = rank_loss(ep, x, target_all[step, rows], ids_all[step, rows])
-        loss.backward()
-        average_replicated_grads(ep)
+        out = holder(x, ids_all[step, rows])
+        ((out.hidden * target_all[step, rows]).sum() + out.aux_loss).backward()
         res.update({f"{step}.hidden": out.hidden, f"{step}.aux": out.aux_loss, f"{step}.ids": out.expert_ids})
         res[f"{step}.x_grad"] = x.grad
-        for n, p in ep.named_parameters():
-            res[f"{step}.grad.{n}"] = ep.experts.gather(p.grad) if n in EXPERT_KEYS else p.grad.clone()
-        stats.append(ep.last_exchange.as_dict())
-        res[f"{step}.norm"] = clip_grad_norm_(ep, MAX_NORM)
-        sgd(ep)
-        ep.end_step()
-        res[f"{step}.bias"] = ep.balance_bias_E.clone()
-    full_sd = ep.gather_full_state_dict()
-    res.update({f"sd.{k}": v for k, v in full_sd.items()})
-    # Scatter: a differently initialised layer loads the gathered dict and gives it back.
-    torch.manual_seed(100 + ctx.rank)
-    fresh = ExpertParallelMoGE(ep.config, ctx.ep_group, replica_group=ctx.replica_group)
-    fresh.load_full_state_dict(full_sd)
-    back = fresh.gather_full_state_dict()
+        grads = whole(holder, world, {n: p.grad for n, p in holder.named_parameters()})
+        res.update({f"{step}.grad.{n[4:]}": g for n, g in grads.items()})
+        stats.append(layer.last_exchange.as_dict())
+        res[f"{step}.norm"] = grad_norm(holder, world)
+        clip_grads_(holder, MAX_NORM, res[f"{step}.norm"])
+        sgd(holder)
+        layer.end_step()
+        res[f"{step}.bias"] = layer.balance_bias_E.clone()
+    sd = whole(holder, world, {n: p for n, p in holder.named_parameters()})
+    res.update({f"sd.{k[4:]}": v for k, v in sd.items()})
     info = dict(
-        stats=stats, count_exchanges=ep.experts.count_exchanges, calls=ep.experts.calls,
-        roundtrip=all(torch.equal(back[k], v) for k, v in full_sd.items()) and back.keys() == full_sd.keys(),
-        local_shape=list(ep.experts.w_gate_up_EDH.shape),
+        stats=stats, count_exchanges=layer.experts.count_exchanges, calls=layer.experts.calls,
+        local_shape=list(layer.experts.w_gate_up_EDH.to_local().shape),
     )  # fmt: skip
-    _save(out_dir, f"{tag}{name}.rank{ctx.rank}", res, info)
+    _save(out_dir, f"{tag}{name}.rank{world.rank}", res, info)
 
 
-def _model_scenario(ctx, out_dir: str) -> None:
-    model = build_model()
-    if ctx.rank:
-        with torch.no_grad():  # parallelize_model must copy rank 0's weights over these
-            for p in model.parameters():
-                p.add_(1.0)
-    parallelize_model(model, ctx)
-    batch = model_batch(ctx.world_size)
-    out = model(batch[0, ctx.rank], batch[1, ctx.rank])
+def _model_scenario(out_dir: str, ep: int) -> None:
+    world = connect(ParallelConfig(expert_parallel=ep), BASE["num_groups"])
+    model = parallelize(build_model(), world)
+    batch = model_batch(world.size)
+    out = model(batch[0, world.rank], batch[1, world.rank])
     out.loss.backward()
-    average_replicated_grads(model)
-    norm = clip_grad_norm_(model, MAX_NORM)
-    full_sd = gather_model_state_dict(model)
-    grads = {f"grad.{n}": p.grad for n, p in model.named_parameters()}
-    for n, m in model.named_modules():
-        if isinstance(m, ExpertParallelMoGE):
-            grads.update({f"grad.{n}.{k}": m.experts.gather(m.get_parameter(k).grad) for k in EXPERT_KEYS})
-    # Load a perturbed full dict and gather it back.
-    shifted = {k: v + 1 if v.is_floating_point() else v for k, v in full_sd.items()}
-    load_model_state_dict(model, shifted)
-    back = gather_model_state_dict(model)
+    norm = grad_norm(model, world)
+    clip_grads_(model, MAX_NORM, norm)
+    grads = whole(model, world, {n: p.grad for n, p in model.named_parameters()})
+    weights = whole(model, world, dict(model.named_parameters()))
     info = dict(
-        types=sorted({type(b.ffn).__name__ for b in model.blocks}),
-        moe_layers=len(list(model.moe_layers())),
-        roundtrip=all(torch.equal(back[k], v) for k, v in shifted.items()),
-    )  # fmt: skip
-    tensors = {**grads, **{f"sd.{k}": v for k, v in full_sd.items()}, "norm": norm}
-    _save(out_dir, f"model.rank{ctx.rank}", tensors, info)
+        types=sorted({type(b.ffn).__name__ for b in model.blocks}), moe_layers=len(list(model.moe_layers()))
+    )
+    tensors = {**{f"grad.{k}": v for k, v in grads.items()}, **{f"sd.{k}": v for k, v in weights.items()}}
+    _save(out_dir, f"model.rank{world.rank}", {**tensors, "norm": norm}, info)
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    ctx = init_distributed("gloo", init_method=f"file://{out_dir}/rendezvous", timeout_s=30)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         for name in SCENARIOS:
-            _layer_scenario(ctx, name, out_dir)
-        if world == 4:  # 2 replicas of a 2-rank expert-parallel group
-            _layer_scenario(make_context(expert_parallel=2), "grouped", out_dir, tag="dp_")
-        _model_scenario(ctx, out_dir)
+            _layer_scenario(name, out_dir, world)
+        if world == 4:  # a (dp 2 x ep 2) mesh
+            _layer_scenario("grouped", out_dir, 2, tag="dp_")
+        _model_scenario(out_dir, world)
     finally:
-        destroy()
+        dist.destroy_process_group()
 
 
 def _launch(world: int, out_dir: Path, timeout: float = 120.0) -> None:
@@ -269,8 +261,8 @@ def owners(world: int) -> torch.Tensor:
 # --- tests: placement and validation (no processes) -----------------------------------------
 
 
-def test_placement_is_round_robin_over_groups():
-    assert expert_placement(8, 4, 2).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7]]
+def test_placement_is_contiguous_blocks_of_groups():
+    assert expert_placement(8, 4, 2).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert expert_placement(8, 4, 4).tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert expert_placement(8, 4, 1).tolist() == [list(range(8))]
     assert sorted(expert_placement(64, 8, 4).reshape(-1).tolist()) == list(range(64))
@@ -280,22 +272,6 @@ def test_placement_is_round_robin_over_groups():
 def test_placement_rejects_a_world_that_does_not_divide_the_groups(world):
     with pytest.raises(ValueError, match=r"^parallel\.expert_parallel: "):
         expert_placement(8, 4, world)
-
-
-def test_init_distributed_checks_its_environment(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ValueError, match=r"^RANK: environment variable not set"):
-        init_distributed("gloo")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ValueError, match=r"^parallel\.expert_parallel: 3 does not divide the 4"):
-        init_distributed("gloo", expert_parallel=3)
-    with pytest.raises(ValueError, match=r"^MASTER_ADDR: "):
-        init_distributed("gloo")
-    with pytest.raises(ValueError, match=r"^backend: "):
-        init_distributed("mpi")
-    assert not torch.distributed.is_initialized()
 
 
 def test_static_splits_need_a_quota_router():
@@ -383,7 +359,7 @@ def test_other_routers_exchange_counts_and_split_by_the_routing(run, world, name
 @pytest.mark.parametrize("world", [2, 4])
 def test_zero_splits_when_every_token_picks_the_same_experts(run, world):
     folder = run(world)
-    idle = {1} if world == 2 else {1, 3}  # ranks that hold none of experts 0, 1, 4, 5
+    idle = {1} if world == 2 else {2, 3}  # ranks that hold none of experts 0-3
     for r in range(world):
         _, info = load_rank(folder, "skewed", r)
         for s in info["stats"]:
@@ -393,27 +369,28 @@ def test_zero_splits_when_every_token_picks_the_same_experts(run, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_state_dict_gathers_to_the_single_process_one_and_scatters_back(run, world, name):
+def test_the_shards_make_up_the_single_process_weights(run, world, name):
     folder, ref = run(world), reference(name, world)
     for r in range(world):
-        got, info = load_rank(folder, name, r)
+        got, _ = load_rank(folder, name, r)
         sd = {k: v for k, v in got.items() if k.startswith("sd.")}
-        ref_sd = {k: v for k, v in ref.items() if k.startswith("sd.")}
+        ref_sd = {k: v for k, v in ref.items() if k.startswith("sd.") and not k.endswith("balance_bias_E")}
         assert sd.keys() == ref_sd.keys()
         for k in ref_sd:
             assert_close(sd[k], ref_sd[k], msg=lambda m: f"rank {r} {k}: {m}")
-        assert info["roundtrip"]
-    # A W-rank checkpoint loads into one process.
-    single = MoGELayer(build_layer(name).config)
-    single.load_state_dict({k[3:]: v for k, v in sd.items()})
-    assert_close(single.experts.w_down_EFD, ref["sd.experts.w_down_EFD"])
 
 
-def test_data_parallel_replicas_of_an_expert_parallel_group(run):
+def test_a_dp2_x_ep2_mesh_shards_the_experts_over_both(run):
     folder, ref = run(4), reference("grouped", 4)
     for r in range(4):
         got, info = load_rank(folder, "dp_grouped", r)
-        assert info["local_shape"][0] == BASE["num_experts"] // 2 and info["count_exchanges"] == 0
+        # ep cuts the experts, FSDP2 over dp their second axis
+        assert info["local_shape"] == [
+            BASE["num_experts"] // 2,
+            BASE["d_model"] // 2,
+            2 * BASE["expert_hidden"],
+        ]
+        assert info["count_exchanges"] == 0
         assert all(s["send_slots"] == [T * BASE["top_k"] // 2] * 2 for s in info["stats"])
         for step in range(STEPS):
             assert_close(got[f"{step}.hidden"], ref[f"{step}.hidden.{r}"])
@@ -423,7 +400,7 @@ def test_data_parallel_replicas_of_an_expert_parallel_group(run):
             for n, p in ref.items():
                 if n.startswith(f"{step}.grad."):
                     assert_close(got[n], p, msg=lambda m: f"rank {r} {n}: {m}")
-        for k in (k for k in ref if k.startswith("sd.")):
+        for k in (k for k in ref if k.startswith("sd.") and not k.endswith("balance_bias_E")):
             assert_close(got[k], ref[k])
 
 
@@ -436,9 +413,9 @@ def test_parallelized_model_matches_the_single_process_model(run, world):
     assert norm > 2 * MAX_NORM  # the clipping did scale the grads
     for r in range(world):
         got, info = load_rank(folder, "model", r)
-        assert info["types"] == ["ExpertParallelMoGE"] and info["moe_layers"] == 2 and info["roundtrip"]
+        assert info["types"] == ["ExpertParallelMoGE"] and info["moe_layers"] == 2
         assert_close(got["norm"], norm)
         for n, p in model.named_parameters():
             assert_close(got[f"grad.{n}"], p.grad, msg=lambda m: f"rank {r} {n}: {m}")
-        for k, v in model.state_dict().items():
+        for k, v in model.named_parameters():
             assert torch.equal(got[f"sd.{k}"], v), k

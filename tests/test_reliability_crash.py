@@ -27,15 +27,17 @@ from safetensors.torch import load_file, save_file
 
 import moge.checkpoint as ckpt_mod
 import moge.manifest as manifest_mod
-import moge.train as train_mod
-from moge.checkpoint import find_checkpoint, load_run, save_checkpoint
+import moge.training.loop as train_mod
+from moge.checkpoint import find_checkpoint, load_run, read_tensors, save_checkpoint
 from moge.cli import main
 from moge.config import config_from_dict
 from moge.model import MoGETransformer
+from moge.training import NonFiniteLossError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARD = "shard-00001-model-00001-of-00001.safetensors"  # the one shard of a one-process run
 
 # ============================================================================ checkpoints
 
@@ -86,42 +88,43 @@ def _record_file(folder: Path, name: str) -> None:
 def _damage(run: Path, kind: str) -> str:
     """Break the run's checkpoint one way; return what the error must mention."""
     folder = find_checkpoint(run)
-    model_file = folder / "model.safetensors"
+    model_file = folder / SHARD
     if kind in ("truncated", "truncated_unrecorded"):
         model_file.write_bytes(model_file.read_bytes()[:1000])
         if kind == "truncated_unrecorded":  # its entry dropped: an unverifiable file is refused
             state = json.loads((folder / "state.json").read_text())
-            del state["files"]["model.safetensors"]
+            del state["files"][SHARD]
             write_signed_state(folder, state)
-            return "model.safetensors: not listed in"
-        return "model.safetensors: truncated or corrupted"
+            return f"{SHARD}"  # in the folder but not listed by state.json
+        return f"{SHARD}: truncated or corrupted"
     if kind == "bit_flip":
         data = bytearray(model_file.read_bytes())
         data[-3] ^= 0x10
         model_file.write_bytes(bytes(data))
-        return "model.safetensors: corrupted: its sha256 differs"
+        return f"{SHARD}: corrupted: its sha256 differs"
     if kind == "other_architecture":
         other = copy.deepcopy(TRAIN_CFG)
         other["model"]["d_model"] = 48
         cfg = config_from_dict(other)
-        save_file(MoGETransformer(cfg.model, cfg.moe).state_dict(), str(model_file))
-        _record_file(folder, "model.safetensors")
-        return ("model.safetensors: another architecture (shape mismatch): "
+        sd = MoGETransformer(cfg.model, cfg.moe).state_dict()
+        save_file({f"model.{k}": v for k, v in sd.items()}, str(model_file))
+        _record_file(folder, SHARD)
+        return ("another architecture (shape mismatch): "
                 "embed.weight saved (256, 48) vs model (256, 32)")  # fmt: skip
     if kind == "missing_and_extra_keys":
         weights = load_file(str(model_file))
-        del weights["norm.weight"]
-        weights["blocks.0.ffn.extra_E"] = torch.zeros(8)
+        del weights["model.norm.weight"]
+        weights["model.blocks.0.ffn.extra_E"] = torch.zeros(8)
         save_file(weights, str(model_file))
-        _record_file(folder, "model.safetensors")
+        _record_file(folder, SHARD)
         return "missing keys: norm.weight; unexpected keys: blocks.0.ffn.extra_E"
     if kind == "pickle_instead":  # a torch.save file under the safetensors name
         torch.save({"x": torch.zeros(2)}, model_file)
-        _record_file(folder, "model.safetensors")
-        return "model.safetensors: not a readable safetensors file"
+        _record_file(folder, SHARD)
+        return f"{SHARD}: not a readable safetensors file"
     if kind == "missing_file":
         model_file.unlink()
-        return "model.safetensors: missing from the checkpoint"
+        return f"{SHARD}: missing from the checkpoint"
     if kind == "state_not_json":
         write_signed_state(folder, "{not json")
         return "state.json: not a readable JSON checkpoint state"
@@ -203,13 +206,7 @@ def test_save_fsyncs_every_file_and_folder_before_each_rename(small_run, tmp_pat
         i for i, (k, n) in enumerate(events) if k == "replace" and n.endswith("->step_00000007")
     )
     latest_swap = next(i for i, (k, n) in enumerate(events) if k == "replace" and n.endswith("->LATEST"))
-    for file in (
-        "model.safetensors",
-        "optimizer.safetensors",
-        "rng.safetensors",
-        "state.json",
-        "state.json.sha256",
-    ):
+    for file in (SHARD, "rng.safetensors", "state.json", "state.json.sha256"):
         assert names.index(file) < folder_swap, file
     assert names[folder_swap - 1].startswith(".tmp-step_00000007"), "the folder itself, last"
     assert events[folder_swap + 1] == ("fsync", "checkpoints"), "the rename is made durable"
@@ -239,7 +236,8 @@ def _hook_model(monkeypatch, hook) -> None:
 
 
 def _all_finite(folder: Path) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in load_file(str(folder / "model.safetensors")).values())
+    weights = [t for k, t in read_tensors(folder).items() if k.startswith("model.")]
+    return bool(weights) and all(bool(torch.isfinite(t).all()) for t in weights)
 
 
 @pytest.mark.parametrize(
@@ -289,9 +287,7 @@ def test_nan_in_a_buffer_with_a_finite_loss_writes_no_checkpoint(tmp_path, monke
     run = tmp_path / "run"
     cfg = run_cfg(run)
     cfg.moe.bias_update_rate = 0.01
-    with pytest.raises(
-        train_mod.NonFiniteLossError, match=r"^step 10: blocks\.1\.ffn\.balance_bias_E holds NaN"
-    ):
+    with pytest.raises(NonFiniteLossError, match=r"^step 10: blocks\.1\.ffn\.balance_bias_E holds NaN"):
         train_mod.train(cfg, progress=False)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 10 and all(map(math.isfinite, losses)), "steps 7-10 had a finite loss"
@@ -319,12 +315,12 @@ def pause():
     marker.write_text(where)
     time.sleep(600)
 
-if where == "mid_file":  # half of optimizer.safetensors written inside .tmp-step_N/
+if where == "mid_file":  # the shards written, half of rng.safetensors, inside .tmp-step_N/
     real_save = ckpt.save_file
     def save_file(tensors, path, metadata=None):
         real_save(tensors, path, metadata=metadata)
         p = Path(path)
-        if p.name == "optimizer.safetensors" and p.parent.name.startswith(".tmp-" + target):
+        if p.name == "rng.safetensors" and p.parent.name.startswith(".tmp-" + target):
             p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
             pause()
     ckpt.save_file = save_file
@@ -374,11 +370,7 @@ def _last_step(metrics: Path) -> int:
 
 
 def _final_state(run: Path) -> dict:
-    folder = find_checkpoint(run)
-    out = {}
-    for name in ("model", "optimizer", "rng"):
-        out.update({f"{name}.{k}": v for k, v in load_file(str(folder / f"{name}.safetensors")).items()})
-    return out
+    return read_tensors(run)
 
 
 def _start_and_kill(where: str, folder: Path) -> int:

@@ -19,13 +19,14 @@ import torch
 import yaml
 
 import moge.runfolder as runfolder
-import moge.train as train_mod
+import moge.training.loop as train_mod
 from moge.checkpoint import find_checkpoint, load_run
 from moge.cli import main
 from moge.config import config_from_dict
 from moge.runfolder import RunFolderBusy, RunLock, Terminated, read_metrics, rewrite_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+SHARD = "shard-00001-model-00001-of-00001.safetensors"  # the one shard (model + AdamW state) of one process
 
 CFG = {
     "name": "rf",
@@ -188,7 +189,7 @@ def test_latest_missing_and_newest_step_damaged_refuses_and_changes_nothing(
     (root / "LATEST").unlink()
     newest = root / "step_00000006"
     if damage == "newest_truncated":
-        (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:100])
+        (newest / SHARD).write_bytes((newest / SHARD).read_bytes()[:100])
     elif damage == "newest_no_state":
         (newest / "state.json").unlink()
     elif damage == "newest_state_flipped":
@@ -277,14 +278,14 @@ def test_metrics_that_are_not_utf8_name_the_file(tmp_path, done_run, cli_error, 
 def test_failed_resume_changes_nothing_in_the_run_folder(tmp_path, done_run, cli_error):
     run = copy_run(done_run, tmp_path)
     folder = find_checkpoint(run)
-    data = bytearray((folder / "optimizer.safetensors").read_bytes())
+    data = bytearray((folder / SHARD).read_bytes())
     data[-2] ^= 0x40
-    (folder / "optimizer.safetensors").write_bytes(bytes(data))
+    (folder / SHARD).write_bytes(bytes(data))
     before = snapshot(run)
     line = cli_error(
         ["train", str(train_yaml(tmp_path, run, steps=8, weight_decay=0.5)), "train.resume=true"]
     )
-    assert "optimizer.safetensors: corrupted" in line, line
+    assert f"{SHARD}: corrupted" in line, line
     assert snapshot(run) == before, "config.yaml, metrics.jsonl and the checkpoints are untouched"
 
 
@@ -300,11 +301,7 @@ def test_resume_applies_and_records_changed_optimizer_settings(tmp_path, done_ru
     assert resume == [{"type": "resume", "step": 6, "optimizer_changes": resume[0]["optimizer_changes"]}]
     assert len(resume[0]["optimizer_changes"]) == 3  # weight decay of group 0, betas of both groups
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["weight_decay"] == 0.05
-    groups = json.loads(
-        __import__("safetensors")
-        .safe_open(str(find_checkpoint(run) / "optimizer.safetensors"), "pt")
-        .metadata()["param_groups"]
-    )
+    groups = json.loads((find_checkpoint(run) / "state.json").read_text())["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and groups[0]["betas"] == [0.8, 0.9]
 
 
@@ -369,12 +366,12 @@ def test_second_sigterm_abandons_the_step_and_keeps_the_last_checkpoint(tmp_path
 
 
 def _sigterm_worker(rank: int, world: int, root: str) -> None:
-    import moge.distributed_train as dt
-    from moge.parallel import destroy, init_distributed
+    import torch.distributed as dist
 
+    dt = train_mod
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    init_distributed("gloo", init_method=f"file://{root}/rendezvous", timeout_s=60)
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
     real = dt._train_step
 
     def step_and_signal(step, run):
@@ -391,7 +388,7 @@ def _sigterm_worker(rank: int, world: int, root: str) -> None:
     except Terminated as err:
         got = str(err)
     finally:
-        destroy()
+        dist.destroy_process_group()
     (Path(root) / f"rank{rank}.txt").write_text(got)
 
 

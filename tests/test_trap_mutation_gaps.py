@@ -6,15 +6,20 @@
 - The sampler: an off-by-one that never draws the last window must show.
 """
 
-import json
 import math
+import time
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from moge.checkpoint import load_checkpoint, save_checkpoint
 from moge.config import config_from_dict
 from moge.data import TokenDataset
+from moge.distributed.mesh import MeshShape, World
 from moge.model import MoGETransformer, RotaryEmbedding
 from moge.train import build_optimizer
 
@@ -37,33 +42,49 @@ def test_rope_is_rotate_half_with_known_values():
 
 def _tiny_cfg():
     return config_from_dict(
-        json.loads(
-            json.dumps(
-                {
-                    "name": "rng-test",
-                    "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 16},
-                    "moe": {"num_experts": 4, "num_groups": 2, "top_k": 2, "expert_hidden": 8},
-                    "data": {"seq_len": 8},
-                }
-            )
-        )
+        {
+            "name": "rng-test",
+            "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 16},
+            "moe": {"num_experts": 4, "num_groups": 2, "top_k": 2, "expert_hidden": 8},
+            "data": {"seq_len": 8},
+        }
     )
 
 
+def _rng_rank(rank, world_size, out_dir):
+    """One of two gloo ranks: save with its own torch RNG state, scramble, load, report."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size
+    )
+    try:
+        world = World(rank, world_size, torch.device("cpu"), MeshShape(dp=world_size, ep=1))
+        cfg = _tiny_cfg()
+        torch.manual_seed(0)  # the same replicated model on both ranks
+        model = MoGETransformer(cfg.model, cfg.moe)
+        opt = build_optimizer(model, cfg.train)
+        torch.manual_seed(100 + rank)  # each rank's own RNG stream
+        saved = torch.get_rng_state()
+        save_checkpoint(out_dir / "run", 3, model, opt, torch.Generator().manual_seed(1), cfg, 1, world=world)
+        torch.manual_seed(999)  # a state no rank saved
+        load_checkpoint(out_dir / "run", model, None, torch.Generator(), world=world)
+        save_file({"saved": saved, "restored": torch.get_rng_state()}, f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_each_rank_restores_its_own_rng_state(tmp_path):
-    cfg = _tiny_cfg()
-    model = MoGETransformer(cfg.model, cfg.moe)
-    opt = build_optimizer(model, cfg.train)
-    states = {f"torch_cpu_rank{r}": torch.Generator().manual_seed(100 + r).get_state() for r in range(3)}
-    gen = torch.Generator().manual_seed(1)
-    save_checkpoint(tmp_path, 5, model, opt, gen, cfg, keep_last=1, extra_rng=states)
-    draws = {}
-    for r in range(3):
-        torch.manual_seed(999)  # a state none of the ranks saved
-        load_checkpoint(tmp_path, model, opt, torch.Generator(), rng_key=f"torch_cpu_rank{r}")
-        assert torch.equal(torch.get_rng_state(), states[f"torch_cpu_rank{r}"])
-        draws[r] = torch.rand(4)
-    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    procs = tmp.start_processes(_rng_rank, args=(2, tmp_path), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("2 ranks did not finish in 120 s (a collective hung?)")
+    got = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    assert not torch.equal(got[0]["saved"], got[1]["saved"])
+    for r in range(2):  # rank 1 must not come back with rank 0's state
+        assert torch.equal(got[r]["restored"], got[r]["saved"]), f"rank {r}"
 
 
 def test_the_last_training_window_can_be_drawn():

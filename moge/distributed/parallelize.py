@@ -1,0 +1,158 @@
+"""The parallel plan, applied to a model from outside: the model knows nothing of it.
+
+On a ("dp", "ep") mesh of dp * ep ranks (moge.distributed.mesh), as torchtitan does:
+
+- routed experts: expert parallelism over "ep" (rank e holds experts e*J .. (e+1)*J - 1,
+  tokens travel by moge's own all-to-all), then FSDP2 over "dp" (each of the dp ranks
+  holding the same experts keeps a slice of their second axis, Shard(1));
+- everything else (embeddings, attention, norms, router, shared experts, expert
+  scales, the LM head): FSDP2 over all dp * ep ranks (Shard(0)), one unit per block
+  plus the root;
+- every MoGE layer sums its slot counts over all ranks (GlobalLoadMoGE).
+
+Gradients: FSDP2 reduce-scatters and averages them over each parameter's mesh. An
+expert's gradient already holds the sum over the ep ranks whose tokens reached it, so
+the expert layer scales it by 1/ep first: every gradient is then that of the mean
+loss over all ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from moge.distributed.expert_parallel import ExpertParallelExperts, ExpertParallelMoGE, GlobalLoadMoGE
+from moge.distributed.mesh import World
+from moge.layer import MoGELayer
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's part of t (t itself unless t is a DTensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _swap_layers(model: nn.Module, world: World, static_splits: bool | None) -> None:
+    ep_group = world.mesh["ep"].get_group()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not MoGELayer:
+                continue
+            if world.shape.ep > 1:
+                new = ExpertParallelMoGE.from_layer(child, ep_group, static_splits=static_splits)
+            else:
+                new = GlobalLoadMoGE.from_layer(child)
+            setattr(parent, name, new)
+
+
+def _shard_experts(layer: ExpertParallelMoGE, world: World) -> None:
+    # Shard(1): the first axis is already cut by "ep"; the checkpoint view stays one
+    # DTensor over the 2-D mesh ([Shard(1), Shard(0)] on ("dp", "ep")).
+    fully_shard(layer.experts, mesh=world.mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+    layer.experts.grad_scale = 1.0 / world.shape.ep  # FSDP2 then divides by dp: the world mean
+
+
+def parallelize(model: nn.Module, world: World, static_splits: bool | None = None) -> nn.Module:
+    """Apply the plan (module docstring) to `model` in place; returns it.
+
+    A world of one process is left as it is. `model` must be the same full model on
+    every rank (the same seed): each keeps its share. Expects MoGETransformer's
+    structure (`blocks`), or any module whose MoGE layers are its own children.
+    """
+    if world.size == 1:
+        return model
+    _swap_layers(model, world, static_splits)
+    for block in getattr(model, "blocks", []):
+        ffn = getattr(block, "ffn", None)
+        if isinstance(ffn, ExpertParallelMoGE):
+            _shard_experts(ffn, world)
+        fully_shard(block, mesh=world.fsdp_mesh)
+    for m in model.modules():  # MoGE layers outside blocks (a bare layer)
+        if isinstance(m, ExpertParallelMoGE) and not isinstance(m.experts, FSDPModule):
+            _shard_experts(m, world)
+    fully_shard(model, mesh=world.fsdp_mesh)
+    return model
+
+
+# ---------------------------------------------------------------- gradient norm
+
+
+def _expert_params(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
+
+
+def _norm_sq(grads: list[Tensor], device: torch.device) -> Tensor:
+    """Squared 2-norm of DTensor or plain grads, summed over their meshes' shards."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.float().square()
+
+
+@torch.no_grad()
+def grad_norm(model: nn.Module, world: World) -> Tensor:
+    """The 2-norm of the whole model's gradient, the same value on every rank.
+
+    The FSDP2 parameters' norms are DTensor reductions over their meshes; an expert
+    parameter's mesh ("dp") covers only this rank's experts, so those squares are
+    also summed over "ep" (each expert counted once).
+    """
+    experts = _expert_params(model)
+    params = [p for p in model.parameters() if p.grad is not None]
+    sq = _norm_sq([p.grad for p in params if id(p) not in experts], world.device)
+    expert_sq = _norm_sq([p.grad for p in params if id(p) in experts], world.device)
+    if experts:
+        dist.all_reduce(expert_sq, group=world.mesh["ep"].get_group())
+    return (sq + expert_sq).sqrt()
+
+
+@torch.no_grad()
+def clip_grads_(model: nn.Module, max_norm: float, norm: Tensor) -> None:
+    """Scale every gradient by min(1, max_norm / norm) (torch's own clip, DTensor-aware).
+
+    One call per mesh: DTensor ops do not mix meshes (experts live on "dp")."""
+    by_mesh: dict[object, list[Tensor]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    for params in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+
+# ---------------------------------------------------------------- checkpoint views
+
+
+def _expert_modules(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    """Parameter name -> its expert-parallel module."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, ExpertParallelExperts):
+            out.update({f"{prefix}.{n}": m for n, _ in m.named_parameters()})
+    return out
+
+
+def _global_expert_view(t: Tensor, m: ExpertParallelExperts, world: World) -> DTensor:
+    """This rank's piece of an expert tensor as a DTensor of the full [E, ...] shape.
+
+    t: the parameter (or a moment laid out like it): a DTensor on "dp" holding
+    [J, ...] whose second axis FSDP2 sliced, or the plain [J, ...] tensor.
+    """
+    shape = (m.num_experts, *t.shape[1:])
+    dp_place = t.placements[0] if isinstance(t, DTensor) else Replicate()
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        local(t), world.mesh, [dp_place, Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride
+    )
+
+
+def checkpoint_views(model: nn.Module, world: World) -> dict[str, callable]:
+    """Parameter name -> a function mapping that parameter (or a tensor laid out like
+    it: an AdamW moment) to what a checkpoint stores: the whole model's tensor,
+    as a DTensor when it is sharded. Names absent here are stored as they are."""
+    return {
+        name: (lambda t, m=m: _global_expert_view(t, m, world)) for name, m in _expert_modules(model).items()
+    }

@@ -1,0 +1,178 @@
+"""Memory plan: the bytes one device holds when `moge train` runs a config on N devices.
+
+Legend: N devices as a (dp, ep) mesh, E experts, J = E/ep experts per device, B micro-batch
+(sequences per device), L data.seq_len, T = B*L tokens per device, D d_model, K top_k,
+F expert hidden, S shared hidden, V vocabulary, H/G query/KV heads, C head dim.
+
+Parameters, gradients and AdamW state follow the plan of moge.distributed.parallelize
+exactly (fp32, rank 0, the busiest under torch.chunk's rounding): replicated tensors
+are FSDP2-sharded over all N devices on their first axis, routed experts cut to J by
+ep and their second axis FSDP2-sharded over dp. FSDP2's all-gather buffers hold one
+block unsharded (two with prefetch) and its unsharded gradient. Activations are an
+estimate: the tensors autograd saves per token of one micro-batch in every layer
+(with activation checkpointing: each block's input, plus one block recomputed), and
+the logits in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moge.config import ParallelConfig, RunConfig
+from moge.distributed.mesh import MeshShape, plan_mesh
+from moge.model import MoGETransformer
+
+EXPERT_PARAMS = ("experts.w_gate_up_EDH", "experts.w_down_EFD")
+USABLE = 0.9  # share of a device's memory a plan may fill (allocator, CUDA context, fragmentation)
+GIB = 1 << 30
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes on one device (rank 0). `fits`: total <= USABLE * device_bytes."""
+
+    devices: int
+    dp: int
+    ep: int
+    micro_batch: int
+    dtype: str
+    checkpointing: bool
+    params: int
+    grads: int
+    optimizer: int
+    fsdp_buffers: int
+    activations: int
+    device_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.fsdp_buffers + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= USABLE * self.device_bytes
+
+
+def _chunk(size: int, parts: int) -> int:
+    """Rows rank 0 holds when torch.chunk cuts `size` rows into `parts`."""
+    return min(size, math.ceil(size / parts))
+
+
+def local_numel(name: str, shape: tuple[int, ...], mesh: MeshShape) -> int:
+    """Elements rank 0 holds of the parameter `name` of the whole-model shape `shape`."""
+    if mesh.world == 1 or not shape:
+        return math.prod(shape)
+    if name.endswith(EXPERT_PARAMS):
+        rows, cols, rest = shape[0] // mesh.ep, _chunk(shape[1], mesh.dp), math.prod(shape[2:])
+        return rows * cols * rest
+    return _chunk(shape[0], mesh.world) * math.prod(shape[1:])
+
+
+def _meta_model(cfg: RunConfig) -> MoGETransformer:
+    with torch.device("meta"):
+        return MoGETransformer(cfg.model, cfg.moe)
+
+
+def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape) -> int:
+    """Two blocks' parameters all-gathered (one prefetched) and one block's unsharded grads."""
+    if mesh.world == 1:
+        return 0
+    unit = 0
+    for block in model.blocks:
+        size = 0
+        for name, p in block.named_parameters():
+            numel = p.numel() // mesh.ep if name.endswith(EXPERT_PARAMS) else p.numel()
+            size += numel * 4
+        unit = max(unit, size)
+    return 3 * unit
+
+
+def _activation_elems_per_token(cfg: RunConfig, dense: bool) -> int:
+    """Elements autograd saves per token in one block (attention + FFN), counted by hand."""
+    m, e = cfg.model, cfg.moe
+    C = m.resolved_head_dim
+    attn = 3 * m.d_model + 5 * m.n_heads * C + 3 * m.n_kv_heads * C  # norm, q/k/v, repeated k/v, sdpa, o
+    if dense:
+        ffn = 2 * m.d_model + 3 * m.resolved_dense_hidden
+    else:
+        routed = e.top_k * (3 * m.d_model + 4 * e.expert_hidden)  # gathered x, gate_up, act, down, weighted
+        shared = 3 * e.shared_width + m.d_model if e.shared_width else 0
+        ffn = 2 * m.d_model + 2 * e.num_experts + routed + shared  # norm, logits + scores, experts
+    return attn + ffn
+
+
+def _activations(cfg: RunConfig, micro_batch: int, dtype: str, checkpointing: bool) -> int:
+    m = cfg.model
+    T = micro_batch * cfg.data.seq_len
+    elem = 2 if dtype == "bfloat16" else 4
+    per_block = [_activation_elems_per_token(cfg, not m.is_moe_layer(i)) for i in range(m.n_layers)]
+    if checkpointing:  # each block's input kept; one block's activations live while it is recomputed
+        body = T * m.d_model * m.n_layers + T * max(per_block)
+    else:
+        body = T * sum(per_block)
+    logits = 2 * T * m.vocab_size * 4  # fp32 logits and their softmax for the loss
+    return body * elem + logits
+
+
+def memory_plan(
+    cfg: RunConfig,
+    devices: int,
+    *,
+    expert_parallel: int | None = None,
+    micro_batch: int | None = None,
+    dtype: str | None = None,
+    checkpointing: bool = False,
+    device_gb: float = 80.0,
+) -> MemoryPlan:
+    """The MemoryPlan of `cfg` on `devices` devices (validated like `moge train` under torchrun).
+
+    expert_parallel None: parallel.expert_parallel of the config; micro_batch None:
+    train.batch_size; dtype None: train.dtype (of the activations; weights are fp32).
+    """
+    ep = cfg.parallel.expert_parallel if expert_parallel is None else expert_parallel
+    if devices < 1:
+        raise ValueError(f"--devices: must be >= 1, got {devices}")
+    mesh = plan_mesh(ParallelConfig(expert_parallel=ep), cfg.moe.num_groups, devices)
+    model = _meta_model(cfg)
+    numels = [local_numel(n, tuple(p.shape), mesh) for n, p in model.named_parameters()]
+    params = 4 * sum(numels)
+    optimizer = 2 * params + 4 * len(numels)  # exp_avg, exp_avg_sq; one fp32 step per tensor
+    micro = cfg.train.batch_size if micro_batch is None else micro_batch
+    act_dtype = cfg.train.dtype if dtype is None else dtype
+    return MemoryPlan(
+        devices=devices, dp=mesh.dp, ep=mesh.ep, micro_batch=micro, dtype=act_dtype,
+        checkpointing=checkpointing, params=params, grads=params, optimizer=optimizer,
+        fsdp_buffers=_fsdp_buffers(model, mesh), activations=_activations(cfg, micro, act_dtype, checkpointing),
+        device_bytes=int(device_gb * GIB),
+    )  # fmt: skip
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def format_plan(cfg: RunConfig, plans: list[MemoryPlan]) -> str:
+    """A table: one column per plan, one row per kind of memory."""
+    head = f"{cfg.name}: per-device memory (rank 0), fp32 weights + AdamW, activations in the given dtype"
+    rows = [
+        ("devices (dp x ep)", lambda p: f"{p.devices} ({p.dp} x {p.ep})"),
+        ("micro-batch, act. ckpt", lambda p: f"{p.micro_batch}, {'on' if p.checkpointing else 'off'}"),
+        ("parameters", lambda p: _gib(p.params)),
+        ("gradients", lambda p: _gib(p.grads)),
+        ("AdamW state", lambda p: _gib(p.optimizer)),
+        ("FSDP2 buffers", lambda p: _gib(p.fsdp_buffers)),
+        (f"activations (~, {plans[0].dtype})", lambda p: _gib(p.activations)),
+        ("total", lambda p: _gib(p.total)),
+        (
+            f"fits {plans[0].device_bytes / GIB:.0f} GiB (90%)",
+            lambda p: "yes" if p.fits else "NO",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [head]
+    for label, fn in rows:
+        lines.append(f"{label:<{width}} | " + " | ".join(f"{fn(p):>16}" for p in plans))
+    return "\n".join(lines)
