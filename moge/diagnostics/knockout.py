@@ -113,8 +113,10 @@ def knocked_out(model, plan: dict[int, Intervention]) -> Iterator[None]:
             layer = layers[pos]
             gen = torch.Generator().manual_seed(iv.seed)
 
-            def route_tokens(x_TD, token_ids, lead, domain_ids=None, *, _layer=layer, _iv=iv, _gen=gen):
-                out = MoGELayer.route_tokens(_layer, x_TD, token_ids, lead, domain_ids)
+            def route_tokens(
+                x_TD, token_ids, lead, domain_ids=None, mask_T=None, *, _layer=layer, _iv=iv, _gen=gen
+            ):
+                out = MoGELayer.route_tokens(_layer, x_TD, token_ids, lead, domain_ids, mask_T)
                 tokens_T = token_ids.reshape(-1) if token_ids is not None else None
                 out.expert_ids, out.weights = intervene(_layer, out, tokens_T, _iv, _gen)
                 return out
