@@ -2,7 +2,7 @@
 
 The counts behind the aux-loss-free bias and the global-batch loss must not depend on
 how a batch arrives: 1 x 16 tokens, 4 x 4 micro-batches, or 2 ranks x 2 micro-batches
-whose counts are all-reduced (MoGELayer.step_load, which moge.distributed overrides).
+whose counts are all-reduced (MoGELayer.step_load, all-reduced by moge.distributed.expert_parallel.GlobalLoadMoGE).
 The aux loss averaged over ranks is the one-call loss: not multiplied by the world size
 (a transformers bug).
 """
@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from moge import MoGEConfig, MoGELayer
 from moge.balance import balance_loss_from_counts, load_balancing_loss
+from moge.distributed.expert_parallel import GlobalLoadMoGE
 
 BASE = dict(d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=12)
 
@@ -109,20 +110,12 @@ def test_two_ranks_of_two_micro_batches_equal_one_call():
     assert_close(one.load, counts16, rtol=0, atol=0)
 
 
-class AllReduced(MoGELayer):
-    """A data-parallel rank: the step's counts are summed over ranks with a real all-reduce."""
-
-    def step_load(self, load_E):
-        total_E = load_E.clone()
-        dist.all_reduce(total_E)
-        return total_E
-
-
 def _rank(rank, world, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
-        layer = make(AllReduced, aux_loss_type="global_batch", bias_update_rate=0.05)
+        # The data-parallel layer of moge.distributed: step_load all-reduces the counts.
+        layer = make(GlobalLoadMoGE, aux_loss_type="global_batch", bias_update_rate=0.05)
         mine = tokens16()[rank * 8 : (rank + 1) * 8]
         for part in mine.chunk(2):  # 2 micro-batches of 4 tokens
             out = layer(part)
