@@ -6,6 +6,7 @@ and the bias after a step equal the run without it.
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -14,9 +15,11 @@ from torch.utils.checkpoint import checkpoint
 
 import moge
 from moge import MoGEConfig
-from moge.config import ModelConfig
+from moge.checkpoint import read_tensors
+from moge.config import ModelConfig, config_from_dict
 from moge.model import MoGETransformer
 from moge.recompute import checkpoint_block
+from moge.training import train
 
 MOE = MoGEConfig(d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=12)
 MODEL = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16)
@@ -114,3 +117,36 @@ def test_eval_and_no_grad_do_not_checkpoint():
 def test_field_is_validated():
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         ModelConfig(activation_checkpointing="yes")
+
+
+def _train_run(out_dir, checkpointing):
+    cfg = config_from_dict(
+        {
+            "name": "ckpt-trap",
+            "model": {"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 16,
+                      "activation_checkpointing": checkpointing},
+            "moe": {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 8,
+                    "aux_loss_type": "global_batch", "aux_loss_coef": 0.1, "bias_update_rate": 0.01},
+            "data": {"seq_len": 16},
+            "train": {"steps": 2, "batch_size": 2, "grad_accum": 2, "warmup_steps": 1, "log_every": 1,
+                      "eval_every": 0, "eval_batches": 1, "save_every": 0, "threads": 1, "out_dir": str(out_dir)},
+        }
+    )  # fmt: skip
+    n = torch.get_num_threads()
+    try:
+        train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    losses = [(r["loss"], r["grad_norm"]) for r in map(json.loads, lines) if r["type"] == "train"]
+    return losses, read_tensors(out_dir)
+
+
+def test_the_training_loop_with_checkpointing_matches_without(tmp_path):
+    losses_p, final_p = _train_run(tmp_path / "plain", False)
+    losses_c, final_c = _train_run(tmp_path / "ckpt", True)
+    assert len(losses_p) == 2 and losses_c == losses_p
+    weights = [k for k in final_p if k.startswith("model.")]
+    assert any("balance_bias_E" in k for k in weights)
+    for key in weights:
+        assert_close(final_c[key], final_p[key], rtol=1e-5, atol=1e-7, msg=key)
