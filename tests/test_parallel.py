@@ -45,6 +45,9 @@ SCENARIOS = {
     "random": (dict(router="random", rre_vocab_size=VOCAB, learned_expert_scale=True), {}),
     # Every token picks experts 0-3; "loop" gives no graph for 0 slots on its own.
     "skewed": (dict(router="global", expert_impl="loop"), dict(skew=True)),
+    # Even ranks' tokens pick experts 0-3, odd ranks' 4-7: every expert idle on some rank,
+    # busy on another (the case that doubled expert gradients in DeepSpeed/megablocks at EP=2).
+    "idle_on_some_ranks": (dict(router="global", learned_expert_scale=True), dict(skew="by_rank")),
 }
 FAVOURED = torch.tensor([5.0, 5, 5, 5, -5, -5, -5, -5])
 MAX_NORM = 0.01
@@ -69,6 +72,9 @@ def make_data(name: str, world: int):
     x = torch.randn(STEPS, world * T, BASE["d_model"], generator=gen)
     if SCENARIOS[name][1].get("skew"):
         x[..., 0] = x[..., 0].abs() + 1
+    if SCENARIOS[name][1].get("skew") == "by_rank":
+        sign_R = 1 - 2 * (torch.arange(world) % 2)  # +1 on even ranks, -1 on odd ones
+        x[..., 0] *= sign_R.repeat_interleave(T)
     target = torch.randn(x.shape, generator=gen)
     ids = torch.randint(0, VOCAB, (STEPS, world * T), generator=gen)
     return x, target, ids
@@ -280,6 +286,15 @@ def test_static_splits_need_a_quota_router():
 
 
 # --- tests: against the single-process layer --------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_idle_scenario_leaves_each_expert_idle_on_some_rank(world):
+    ref = reference("idle_on_some_ranks", world)
+    for step in range(STEPS):
+        for r in range(world):
+            used = set(ref[f"{step}.ids.{r}"].flatten().tolist())
+            assert used == ({0, 1, 2, 3} if r % 2 == 0 else {4, 5, 6, 7})
 
 
 @pytest.mark.parametrize("world", [2, 4])
