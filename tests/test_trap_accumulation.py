@@ -99,7 +99,7 @@ def test_two_ranks_of_two_micro_batches_equal_one_call():
     for layer in ranks:
         assert_close(layer.load_accum_E, counts16, rtol=0, atol=0)
     # Each rank's last micro-batch uses the whole batch's counts; averaged over ranks (what
-    # DDP's gradient mean sees) that is f(16 tokens) . mean_r p_r: no factor of the world size.
+    # the data-parallel gradient mean sees) that is f(16 tokens) . mean_r p_r: no factor of the world size.
     f_E = counts16.float() * 8 / (4 * 16)
     p_ranks = torch.stack([last[r].scores.mean(0) for r in range(2)]).mean(0)
     assert_close((last[0].lb_loss + last[1].lb_loss) / 2, (f_E * p_ranks).sum(), rtol=1e-6, atol=0)
@@ -122,7 +122,7 @@ def _rank(rank, world, out_dir):
             (out.aux_loss / 2).backward()
         grad = layer.router.weight.grad.clone()
         dist.all_reduce(grad)
-        grad /= world  # what DDP does: the mean of the ranks' gradients
+        grad /= world  # what data parallelism (DDP, FSDP2) does: the mean of the ranks' gradients
         counts = layer.load_accum_E.clone()
         layer.end_step()
         save_file(
