@@ -5,6 +5,7 @@ ceil(cf * slots / buckets) slots, those of highest router score; ties keep the e
 token. A dropped slot's gate is 0: the token keeps its other experts and the residual.
 """
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,8 @@ from torch.testing import assert_close
 from moge import MoGEConfig, MoGELayer
 from moge.balance import routing_stats
 from moge.capacity import bucket_capacity, keep_within_capacity
+from moge.config import config_from_dict
+from moge.training import train
 
 BASE = dict(d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=12)
 
@@ -120,3 +123,30 @@ def test_bad_capacity_settings_are_refused():
         make(capacity_factor=0.0)
     with pytest.raises(ValueError, match="capacity_scope"):
         make(capacity_factor=1.0, capacity_scope="device")
+
+
+def test_training_records_the_dropped_fraction(tmp_path):
+    def run(name, moe):
+        cfg = config_from_dict(
+            {
+                "name": name,
+                "model": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 16},
+                "moe": {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 8, **moe},
+                "data": {"seq_len": 16},
+                "train": {"steps": 1, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "eval_every": 0,
+                          "eval_batches": 1, "save_every": 0, "threads": 1, "out_dir": str(tmp_path / name)},
+            }
+        )  # fmt: skip
+        n = torch.get_num_threads()
+        try:
+            train(cfg, progress=False)
+        finally:
+            torch.set_num_threads(n)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["type"] == "train"][0]["routing"][0][
+            "dropped_fraction"
+        ]
+
+    assert run("dropless", {}) == 0.0
+    # Under-filled experts do not lend their room, so more than half may go at 0.5.
+    assert 0.0 < run("capped", {"router": "global", "capacity_factor": 0.5}) < 1.0

@@ -13,12 +13,13 @@ from einops import rearrange
 from torch import Tensor
 
 from moge.data import TokenDataset
-from moge.layer import MoGELayer
+from moge.layer import MoGELayer, MoGEOutput
 from moge.model import ModelOutput, MoGETransformer
 
 METRICS = "metrics.jsonl"
-# Per MoE layer and micro-batch, averaged over the step: lb_loss, z_loss, score_entropy.
-_MEANS = ("lb_loss", "z_loss", "score_entropy")
+# Per MoE layer and micro-batch, averaged over the step: lb_loss, z_loss, score_entropy,
+# and the share of slots an expert capacity dropped (0 when dropless).
+_MEANS = ("lb_loss", "z_loss", "score_entropy", "dropped_fraction")
 
 
 def autocast(device: torch.device, dtype: str):
@@ -56,10 +57,19 @@ def _score_entropy(scores_TE: Tensor) -> Tensor:
     return -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean()
 
 
+def _dropped_share(r: MoGEOutput) -> Tensor:
+    if r.dropped is None:
+        return r.lb_loss.new_zeros((), dtype=torch.float32)
+    return r.dropped.sum().float() / r.load.sum().clamp_min(1).float()
+
+
 @torch.no_grad()
 def routing_sums(out: ModelOutput) -> Tensor:
-    """One micro-batch's [layers, 3] (lb_loss, z_loss, score entropy), to be summed."""
-    rows = [torch.stack([r.lb_loss.float(), r.z_loss.float(), _score_entropy(r.scores)]) for r in out.routing]
+    """One micro-batch's [layers, 4] (lb_loss, z_loss, score entropy, dropped share), to be summed."""
+    rows = [
+        torch.stack([r.lb_loss.float(), r.z_loss.float(), _score_entropy(r.scores), _dropped_share(r)])
+        for r in out.routing
+    ]
     return torch.stack(rows).double() if rows else torch.zeros(0, len(_MEANS), dtype=torch.float64)
 
 
