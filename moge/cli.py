@@ -86,7 +86,7 @@ def _write_torchrun_error_file(line: str) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from moge.config import load_config
-    from moge.train import train
+    from moge.training import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, progress=True)
