@@ -34,7 +34,7 @@ from moge.bench import machine_info
 from moge.config import RunConfig, load_config
 from moge.data import load_dataset
 from moge.model import MoGETransformer
-from moge.train import build_optimizer, lr_at
+from moge.training import build_optimizer, lr_at
 
 
 @dataclass
