@@ -227,13 +227,16 @@ def _chunk_backward(
 def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool, plan: Plan) -> Tensor | None:
     """The weight gradient's buffer. One token block: in w's dtype, each expert's slice
     written once (zeroed first only if some expert got no slot: its gradient is an
-    exact 0). Several: a zeroed accumulator in the product dtype, so bf16 weights do
-    not sum their blocks in bf16."""
+    exact 0). Several: a zeroed accumulator in float32 (float64 for float64 products),
+    so bf16 weights never sum their blocks in bf16, even where the products
+    themselves run in bf16 (native-bf16 CPUs): each block's product is rounded once,
+    the sum of blocks is not."""
     if not needed:
         return None
     if plan.blocks == 1:
         return torch.zeros_like(w) if plan.empty_experts else torch.empty_like(w)
-    return torch.zeros(w.shape, dtype=mm, device=w.device)
+    acc = torch.float64 if mm == torch.float64 else torch.float32
+    return torch.zeros(w.shape, dtype=acc, device=w.device)
 
 
 def _as_param(g: Tensor | None, w: Tensor) -> Tensor | None:

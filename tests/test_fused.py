@@ -129,3 +129,17 @@ def test_padding_keeps_a_non_finite_token_inside_its_own_experts(pad, chunk, was
     for a, b in zip(fast, ref):
         assert_close(a, b, equal_nan=True)
     assert fast[0][torch.arange(29) != 3].isfinite().all()
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("chunk,waste", [(2, 0.0), (4, 100.0)])
+def test_many_token_blocks_bfloat16_within_bf16_error(monkeypatch, native, chunk, waste):
+    """64 token blocks add up in the weight-gradient buffer: it must sum in float32
+    whether the bf16 products run natively (flag forced on) or in float32 (off)."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: native)
+    x, ids, w, experts = case(T=512, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=4)
+    # ~8 tokens per block: budget = tokens * 4 bytes * width * slots per token per chunk.
+    set_layout(experts, None, chunk, waste, chunk_bytes=int(8 * 4 * 32 * 2 * chunk / 8))
+    plan = experts._fused_plan(ids, 32, x.device, x.dtype)[1]
+    assert plan.blocks >= 64, plan.blocks
+    assert_within_bf16_error(x, ids, w, experts)
