@@ -166,7 +166,10 @@ class GroupedExperts(nn.Module):
       unless the counts are equal; measured faster, see docs/performance.md);
     - chunk_bytes: token blocks keep a chunk's float32 work buffers near this size;
     - compile_elementwise: run the SwiGLU's elementwise work through torch.compile
-      (one fused kernel each way; the first call compiles for tens of seconds).
+      (one fused kernel each way; the first call compiles for tens of seconds);
+    - combine_float32: where the products run in bf16 (native-bf16 CPUs), add the
+      groups' outputs (and dx) in a float32 accumulator instead of bf16 (slower; by
+      default they add in bf16, as the reference loop and transformers do).
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "auto") -> None:
@@ -178,6 +181,7 @@ class GroupedExperts(nn.Module):
         self.max_pad_waste = MAX_PAD_WASTE
         self.chunk_bytes = CHUNK_BYTES
         self.compile_elementwise = False
+        self.combine_float32 = False
         self.w_gate_up_EDH = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
@@ -209,6 +213,7 @@ class GroupedExperts(nn.Module):
             blocks,
             block_tokens,
         )
+        plan.combine_float32 = self.combine_float32
         return order_S, plan, columns_per_chunk(ids_TK, per_chunk, E)
 
     def _sorted_path(
