@@ -132,7 +132,7 @@ def run_experts(
     counts = counts_E.tolist()
     if impl == "loop":
         return _loop_experts(x_SD, w1, w2, counts)
-    pad = pad_rows or default_pad_rows(x_SD.device, x_SD.dtype)
+    pad = pad_rows or default_pad_rows(x_SD.device, x_SD.dtype, x_SD.shape[0] / max(len(counts), 1))
     plan = Plan(
         counts, len(counts), pad, experts_per_chunk or default_chunk(len(counts)), MAX_PAD_WASTE, x_SD.device
     )
@@ -201,7 +201,7 @@ class GroupedExperts(nn.Module):
         width = max(D, 2 * self.hidden)
         block_tokens, blocks = token_blocks(T, K * per_chunk / E, width, self.chunk_bytes)
         order_S, counts = sort_pieces(ids_TK, E, per_chunk, block_tokens, blocks)
-        pad = self.pad_rows or default_pad_rows(device, dtype)
+        pad = self.pad_rows or default_pad_rows(device, dtype, T * K / E)
         plan = Plan(
             counts,
             E,

@@ -9,12 +9,14 @@ import functools
 
 import torch
 
-# bf16 matmuls on CPUs with AMX are reported to build a kernel per new row count;
-# rounding every expert's rows up to a multiple of this keeps a few shapes there. Not
-# on AVX512-BF16 without AMX: on the AMD EPYC of docs/performance.md a first call at a
-# new row count cost the same as a repeat, and padding to 128 made the whole layer
-# ~7% slower (the extra rows are real work), so there rows are not padded.
+# bf16 matmuls on CPUs with native support (oneDNN kernels for AVX512-BF16 or AMX) build
+# a kernel per new shape: measured ~0.45 ms for a first call at a new row count against
+# 0.05 ms for a repeat ([256, 128] @ [128, 256], AMD EPYC with AVX512-BF16), and the
+# kernel cache holds ~1k shapes. Rounding every expert's rows up to a multiple keeps a
+# few dozen shapes per layer; the multiple scales with the rows an expert gets (about
+# 1/16 of them, so padding adds ~3%), between these bounds.
 PAD_ROWS_NATIVE_LOW_PRECISION = 128
+MIN_PAD_ROWS_NATIVE_LOW_PRECISION = 16
 
 
 @functools.cache
@@ -25,16 +27,6 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return bool(mkldnn._is_mkldnn_fp16_supported())
     return True
-
-
-@functools.cache
-def _cpu_has_amx() -> bool:
-    """AMX tiles in /proc/cpuinfo's flags; True where that cannot be read (pad to be safe)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_tile" in line.split() for line in f)
-    except OSError:
-        return True
 
 
 def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -50,13 +42,18 @@ def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def default_pad_rows(device: torch.device, dtype: torch.dtype) -> int:
-    """Row multiple for per-expert products: 128 for native low-precision CPU kernels
-    on an AMX CPU, else 1."""
+def default_pad_rows(device: torch.device, dtype: torch.dtype, rows_per_expert: float | None = None) -> int:
+    """Row multiple for per-expert products: for native low-precision CPU kernels a power
+    of two near rows_per_expert / 16 in 16..128 (128 when not given), else 1."""
     low = dtype in (torch.bfloat16, torch.float16)
-    if device.type == "cpu" and low and matmul_dtype(device, dtype) == dtype and _cpu_has_amx():
+    if not (device.type == "cpu" and low and matmul_dtype(device, dtype) == dtype):
+        return 1
+    if rows_per_expert is None:
         return PAD_ROWS_NATIVE_LOW_PRECISION
-    return 1
+    pad = MIN_PAD_ROWS_NATIVE_LOW_PRECISION
+    while pad * 2 <= min(rows_per_expert / 16, PAD_ROWS_NATIVE_LOW_PRECISION):
+        pad *= 2
+    return pad
 
 
 class _Float32Linear(torch.autograd.Function):

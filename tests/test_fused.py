@@ -41,13 +41,13 @@ def test_fused_layouts_bfloat16_within_bf16_error(pad, chunk, waste, chunk_bytes
 def test_bfloat16_products_run_in_native_dtype_when_the_cpu_has_it(monkeypatch):
     """With native bf16 products the fused path must still match (rows padded to 128)."""
     monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
-    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: True)
     cpu = torch.device("cpu")
     assert matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
     assert default_pad_rows(cpu, torch.bfloat16) == PAD_ROWS_NATIVE_LOW_PRECISION
-    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: False)
-    assert default_pad_rows(cpu, torch.bfloat16) == 1
-    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: True)
+    # A power of two near 1/16 of an expert's rows, within 16..128.
+    rows = {64: 16, 256: 16, 512: 32, 1024: 64, 2048: 128, 10**6: 128}
+    assert {n: default_pad_rows(cpu, torch.bfloat16, n) for n in rows} == rows
+    assert default_pad_rows(cpu, torch.float32, 1024) == 1
     x, ids, w, experts = case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
     y = experts(x, ids, w)
     ref = reference_experts(x.float(), ids, w, experts.w_gate_up_EDH.float(), experts.w_down_EFD.float())
@@ -135,17 +135,16 @@ def test_padding_keeps_a_non_finite_token_inside_its_own_experts(pad, chunk, was
     assert fast[0][torch.arange(29) != 3].isfinite().all()
 
 
-@pytest.mark.parametrize("native,amx", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("native,pad", [(True, None), (True, 1), (False, None)])
 @pytest.mark.parametrize("chunk,waste", [(2, 0.0), (4, 100.0)])
-def test_many_token_blocks_bfloat16_within_bf16_error(monkeypatch, native, amx, chunk, waste):
+def test_many_token_blocks_bfloat16_within_bf16_error(monkeypatch, native, pad, chunk, waste):
     """64 token blocks add up in the weight-gradient buffer: it must sum in float32
-    whether the bf16 products run natively (flag forced on; rows padded to 128 with AMX)
-    or in float32 (off)."""
+    whether the bf16 products run natively (flag forced on; rows padded by default, or
+    not) or in float32 (off)."""
     monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: native)
-    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: amx)
     x, ids, w, experts = case(T=512, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=4)
     # ~8 tokens per block: budget = tokens * 4 bytes * width * slots per token per chunk.
-    set_layout(experts, None, chunk, waste, chunk_bytes=int(8 * 4 * 32 * 2 * chunk / 8))
+    set_layout(experts, pad, chunk, waste, chunk_bytes=int(8 * 4 * 32 * 2 * chunk / 8))
     plan = experts._fused_plan(ids, 32, x.device, x.dtype)[1]
     assert plan.blocks >= 64, plan.blocks
     assert_within_bf16_error(x, ids, w, experts)
