@@ -6,8 +6,9 @@ torch's fused CPU attention (the flash kernel F.scaled_dot_product_attention pic
 there) was measured 1.5-2x slower than three plain ops in bf16 at the toy configs'
 shapes (forward + backward, [16, 4, 128, 32] and [16, 4, 256, 64], AMD EPYC with
 AVX512-BF16, one thread; docs/performance.md), while it is the fastest in float32.
-So on CPU in bf16/fp16 the scores are two bf16 matmuls around a float32 softmax, as
-long as the [B, H, L, S] scores stay small; everything else goes to torch's kernel.
+So on CPU in bf16/fp16 the attention is two bf16 matmuls around a softmax (computed in
+float32 inside the kernel), as long as the [B, H, L, S] scores stay small; everything
+else goes to torch's kernel.
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ def scaled_dot_product_attention(
         return F.scaled_dot_product_attention(
             q_BHLC, k_BHSC, v_BHSC, attn_mask=attn_mask, is_causal=is_causal
         )
-    scores_BHLS = (q_BHLC @ k_BHSC.transpose(-1, -2)).float() * C**-0.5
+    # The scale is applied inside the product (alpha), before its float32 accumulator is
+    # rounded; softmax of bf16 computes in float32 inside the kernel. No [B, H, L, S]
+    # casts: they cost as much as the products at these sizes.
+    q_GLC, k_GSC = q_BHLC.reshape(B * H, L, C), k_BHSC.reshape(B * H, S, C)
+    scores_GLS = torch.baddbmm(
+        q_GLC.new_empty(B * H, L, S), q_GLC, k_GSC.transpose(1, 2), beta=0.0, alpha=C**-0.5
+    )
     if is_causal:
         attn_mask = torch.ones(L, S, dtype=torch.bool, device=q_BHLC.device).tril()
     if attn_mask is not None:
-        scores_BHLS = scores_BHLS.masked_fill(~attn_mask, float("-inf"))
-    return scores_BHLS.softmax(dim=-1).to(v_BHSC.dtype) @ v_BHSC
+        scores_GLS = scores_GLS.masked_fill(~attn_mask, float("-inf"))
+    return (scores_GLS.softmax(dim=-1) @ v_BHSC.reshape(B * H, S, -1)).view(B, H, L, -1)
