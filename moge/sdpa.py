@@ -3,7 +3,7 @@
 Legend: B batch, H heads, L queries, S keys, C head width.
 
 torch's fused CPU attention (the flash kernel F.scaled_dot_product_attention picks
-there) was measured 1.5-2x slower than three plain ops in bf16 at the toy configs'
+there) was measured 2-3.5x slower than three plain ops in bf16 at the toy configs'
 shapes (forward + backward, [16, 4, 128, 32] and [16, 4, 256, 64], AMD EPYC with
 AVX512-BF16, one thread; docs/performance.md), while it is the fastest in float32.
 So on CPU in bf16/fp16 the attention is two bf16 matmuls around a softmax (computed in
