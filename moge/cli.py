@@ -185,7 +185,7 @@ def _add_fingerprint_parser(sub) -> None:
     p.add_argument(
         "--bootstrap", type=_non_negative_int, default=1000, help="resamples for the interval (0: none)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the permutations and the bootstrap")
     p.add_argument("--out", default=None, help="folder for fingerprint.json, .txt and .png")
     p.set_defaults(handler=_cmd_fingerprint)
 
