@@ -154,7 +154,8 @@ def update_balance_bias(bias_E: Tensor, load_E: Tensor, rate: float) -> Tensor:
 
 
 def device_load(expert_ids: Tensor, num_experts: int, num_devices: int) -> Tensor:
-    """Token-slots per device, experts placed on devices in contiguous blocks. -> [N]."""
+    """Token-slots per device, experts placed on devices in contiguous blocks (the layout
+    of moge.distributed.expert_parallel.expert_placement: whole groups per rank). -> [N]."""
     if num_devices < 1 or num_experts % num_devices:
         raise ValueError(f"num_devices: {num_devices} does not divide num_experts={num_experts}")
     load_E = expert_load(expert_ids, num_experts)

@@ -50,6 +50,7 @@ from moge.bench_cases import (
     dense_cases,
     layer_for,
     moge_case,
+    router_case,
     transformers_version,
 )
 from moge.precision import matmul_dtype
@@ -297,11 +298,14 @@ def run_layer_benchmark(
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
     compiled: bool = False,
+    small_shapes: bool = False,
 ) -> dict:
-    """Time every implementation at `shape` for each dtype, and optionally a token sweep.
+    """Time every implementation at `shape` for each dtype, and optionally a token sweep
+    and the small-shapes table (SMALL_SHAPES: the toy configs' layers).
 
     Returns a JSON-able report: machine, shape, per-dtype rows (each with its ratio to
-    the dense limit), notes, and the sweep (dense limit and MoGE layer per T).
+    the dense limit), notes, the sweep (dense limit and MoGE layer per T) and the
+    small-shapes rows per dtype.
     """
     for d in dtypes:
         if d not in DTYPES:
@@ -317,6 +321,9 @@ def run_layer_benchmark(
         report["tables"][d] = _with_ratios(results)
     for d in dtypes if sweep_tokens else ():
         report["sweep"][d] = _sweep(shape, DTYPES[d], sweep_tokens, iters, max_call_seconds, seed, log)
+    report["small_shapes"] = {}
+    for d in dtypes if small_shapes else ():
+        report["small_shapes"][d] = _shape_table(SMALL_SHAPES, DTYPES[d], iters, max_call_seconds, seed, log)
     report["load_average_end"] = _load_average()
     return report
 
@@ -345,6 +352,28 @@ def _with_ratios(results: list[Result]) -> list[dict]:
             )
             row["act_peak_x_limit"] = act
         rows.append(row)
+    return rows
+
+
+# The layers of configs/tiny-moge.yaml (d=f=128, T=16*128) and small-moge.yaml (d=f=256,
+# T=16*256), each at T=1024..4096: E=16 M=4 K=4 as in those configs.
+SMALL_SHAPES = tuple(BenchShape(T, d, d, 16, 4, 4) for d in (128, 256) for T in (1024, 2048, 4096))
+
+
+def _shape_table(
+    shapes: tuple[BenchShape, ...], dtype: torch.dtype, iters: int, max_call: float, seed: int, log
+) -> list[dict]:
+    """The dense limit, the MoGE layer and its router at every shape: one row each."""
+    rows = []
+    for s in shapes:
+        layer = layer_for(s, "fused", dtype, seed)
+        cases = dense_cases(s, dtype, seed, fastest_only=True) + [
+            moge_case("moge MoGELayer (fused, default)", layer),
+            router_case(layer),
+        ]
+        log(f"small shapes: {s.describe()}")
+        results = time_cases(cases, s, dtype, iters, 2, max_call, seed, log=log)
+        rows.append({"shape": asdict(s), "rows": _with_ratios(results)})
     return rows
 
 
@@ -452,6 +481,26 @@ def format_report(report: dict) -> str:
             lines.append(
                 f"{point['tokens']:>7} {dense:15.1f} {mm:10.1f} {mm / point['tokens'] * 1e3:15.2f} {mm / dense:8.2f}"
             )
+    for d, table in report.get("small_shapes", {}).items():
+        lines += ["", f"small shapes ({d}): the tiny/small configs' layers, E=16 M=4 K=4, forward+backward"]
+        lines.append(
+            f"{'T':>6} {'d':>4} {'f':>4} {'dense ms':>9} {'MoGE ms':>9} {'x limit':>8} {'router %':>9} {'peak x':>7} {'-grads':>7}"
+        )
+        for point in table:
+            s = point["shape"]
+            layer = next((r for r in point["rows"] if r["kind"] == "moge" and "fwd_bwd_ms" in r), None)
+            dense = next((r for r in point["rows"] if r["kind"] == "limit" and "fwd_bwd_ms" in r), None)
+            router = next((r for r in point["rows"] if r["kind"] == "part" and "fwd_bwd_ms" in r), None)
+            if layer is None or dense is None:
+                lines.append(f"{s['tokens']:>6} {s['d_model']:>4} {s['hidden']:>4} skipped")
+                continue
+            px = "-" if layer.get("peak_x_limit") is None else f"{layer['peak_x_limit']:.2f}"
+            ax = "-" if layer.get("act_peak_x_limit") is None else f"{layer['act_peak_x_limit']:.2f}"
+            share = "-" if router is None else f"{100 * router['x_moge']:.1f}"
+            lines.append(
+                f"{s['tokens']:>6} {s['d_model']:>4} {s['hidden']:>4} {dense['fwd_bwd_ms']['median']:9.1f} "
+                f"{layer['fwd_bwd_ms']['median']:9.1f} {layer['x_limit']:8.2f} {share:>9} {px:>7} {ax:>7}"
+            )
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -499,6 +548,17 @@ def build_parser(
         "--sweep-tokens", type=_ints, default=(), help="e.g. 1024,4096,16384,65536: linearity curve"
     )
     p.add_argument(
+        "--small-shapes",
+        action="store_true",
+        help="also the table of the tiny/small configs' layers (d=f=128 and 256, T=1024..4096, E=16)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's own); 1 is steadier on cores shared with other work",
+    )
+    p.add_argument(
         "--max-call-seconds", type=float, default=120.0, help="skip rows whose one call is projected slower"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
@@ -520,12 +580,16 @@ def main(argv: list[str] | None = None, prog: str = "bench_layer.py", **parser_c
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"threads: must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         shape = BenchShape(**base)
         dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
         log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
         report = run_layer_benchmark(
             shape, dtypes, args.iters, args.warmup, not args.no_peers, args.sweep_tokens,
-            args.max_call_seconds, args.seed, log, args.compiled,
+            args.max_call_seconds, args.seed, log, args.compiled, args.small_shapes,
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

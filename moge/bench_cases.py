@@ -133,7 +133,7 @@ def moge_case(name: str, layer: MoGELayer, optional: bool = False) -> Case:
     return Case(name, "moge", layer, step, optional)
 
 
-def _router_case(layer: MoGELayer) -> Case:
+def router_case(layer: MoGELayer) -> Case:
     def step(x: Tensor):
         out = layer.route_tokens(x, None, tuple(x.shape[:-1]))
         return out.weights, out.aux_loss
@@ -246,7 +246,7 @@ def build_cases(
     cases = dense_cases(shape, dtype, seed)
     fused = layer_for(shape, "fused", dtype, seed)
     cases.append(moge_case("moge MoGELayer (fused, default)", fused))
-    cases.append(_router_case(fused))
+    cases.append(router_case(fused))
     notes = []
     if compiled:
         layer = layer_for(shape, "fused", dtype, seed)

@@ -34,7 +34,7 @@ from moge.bench import machine_info
 from moge.config import RunConfig, load_config
 from moge.data import load_dataset
 from moge.model import MoGETransformer
-from moge.train import build_optimizer, lr_at
+from moge.training import build_optimizer, lr_at
 
 
 @dataclass
@@ -46,6 +46,7 @@ class TrainCase:
     optimizer: torch.optim.Optimizer
     loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     after_step: Callable[[], None] = lambda: None  # once per optimiser step, after AdamW
+    autocast: torch.dtype | None = None  # the forward under CPU autocast to this dtype
     step_ms: list[float] = field(default_factory=list)
     lm_losses: list[float] = field(default_factory=list)
     aux_losses: list[float] = field(default_factory=list)
@@ -59,7 +60,8 @@ class TrainCase:
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        lm, aux = self.loss_fn(x_BL, y_BL)
+        with torch.autocast("cpu", dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            lm, aux = self.loss_fn(x_BL, y_BL)
         (lm + aux).backward()
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
@@ -86,6 +88,17 @@ def moge_case(cfg: RunConfig, name: str, seed: int) -> TrainCase:
             layer.end_step()  # as the trainer does: bias update, load counts reset
 
     return TrainCase(name, model, build_optimizer(model, cfg.train), loss_fn, after_step=after_step)
+
+
+DENSE_NAME = "dense FFN of equal activated width (the model-level limit)"
+
+
+def dense_equivalent(cfg: RunConfig) -> RunConfig:
+    """cfg with every block's FFN a dense SwiGLU of the width a token activates in a
+    MoE block: top_k * expert_hidden plus the shared experts' width."""
+    width = cfg.moe.top_k * cfg.moe.expert_hidden + cfg.moe.shared_width
+    model = dataclasses.replace(cfg.model, first_dense_layers=cfg.model.n_layers, dense_hidden=width)
+    return dataclasses.replace(cfg, model=model)
 
 
 def qwen3_config(cfg: RunConfig):
@@ -133,6 +146,7 @@ def qwen3_case(cfg: RunConfig, impl: str, seed: int) -> TrainCase:
 def build_train_cases(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[TrainCase], list[str]]:
     """moge as configured, moge in Qwen3-MoE's shape, and (if installed) the Qwen3-MoE peers."""
     cases = [moge_case(cfg, "moge MoGETransformer (config as written)", seed)]
+    cases.append(moge_case(dense_equivalent(cfg), DENSE_NAME, seed))
     notes: list[str] = []
     if cfg.moe.num_shared_experts:
         bare = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=0))
@@ -158,13 +172,19 @@ def run_train_benchmark(
     seed: int = 0,
     peers: bool = True,
     log: Callable[[str], None] = print,
+    dtype: str = "fp32",
 ) -> dict:
-    """Train every case for warmup + steps optimiser steps on the same batches."""
+    """Train every case for warmup + steps optimiser steps on the same batches; dtype
+    "bf16" runs every forward under bf16 autocast (float32 weights and AdamW)."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps: must be >= 1 (got {steps}) and warmup >= 0 (got {warmup})")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype: expected fp32 or bf16, got {dtype!r}")
     dataset = load_dataset(cfg.data)
     dataset.check_vocab_size(cfg.model.vocab_size)
     cases, notes = build_train_cases(cfg, seed, peers)
+    for case in cases:
+        case.autocast = torch.bfloat16 if dtype == "bf16" else None
     gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
     for i in range(warmup + steps):
@@ -178,6 +198,7 @@ def run_train_benchmark(
     rows = [_row(case, tokens) for case in cases]
     return {
         "machine": machine_info(),
+        "dtype": dtype,
         "tokens_per_step": tokens,
         "steps": steps,
         "warmup": warmup,
@@ -200,7 +221,7 @@ def _row(case: TrainCase, tokens: int) -> dict:
 def format_train_report(report: dict, title: str) -> str:
     m = report["machine"]
     lines = [
-        f"training benchmark: {title}, {report['tokens_per_step']} tokens per step, "
+        f"training benchmark: {title}, {report.get('dtype', 'fp32')}, {report['tokens_per_step']} tokens per step, "
         f"{report['steps']} timed steps after {report['warmup']} warmup",
         f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch {m['torch']}",
         f"{'model':58} {'params':>11} {'step ms [IQR]':>20} {'tokens/s':>9} {'lm loss first->last':>20} {'aux last':>9}",
@@ -217,6 +238,13 @@ def format_train_report(report: dict, title: str) -> str:
         ):
             fastest_peer = r
     lines += report["notes"]
+    dense = next((r for r in report["rows"] if r["name"] == DENSE_NAME), None)
+    if dense is not None:
+        for r in report["rows"]:
+            if r["name"].startswith("moge"):
+                lines.append(
+                    f"{r['name']}: {dense['median_ms'] / r['median_ms']:.2f}x the tokens/s of the {DENSE_NAME}"
+                )
     if fastest_peer is not None:
         for r in report["rows"]:
             if r["name"].startswith("moge"):
@@ -234,6 +262,7 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per model")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocast)")
     p.add_argument("--no-peers", action="store_true", help="moge models only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -257,11 +286,14 @@ def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
     for path in args.configs:
         try:
             cfg = load_config(path, args.set)
-            log(f"{path}:")
-            report = run_train_benchmark(cfg, args.steps, args.warmup, args.seed, not args.no_peers, log)
+            for dtype in (d.strip() for d in args.dtype.split(",") if d.strip()):
+                log(f"{path} ({dtype}):")
+                report = run_train_benchmark(
+                    cfg, args.steps, args.warmup, args.seed, not args.no_peers, log, dtype
+                )
+                print(format_train_report(report, path), flush=True)
+                print()
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(format_train_report(report, path), flush=True)
-        print()
     return 0

@@ -346,6 +346,9 @@ def save_checkpoint(
             tmp.mkdir()
 
     agree(world, f"step {step}: preparing the checkpoint folder", prepare)
+    # A fresh optimizer (step 0: an upcycled or extracted run) has no state yet; AdamW's
+    # zeros are what its first step would create, and what loading it back expects.
+    init_optimizer_state(model, optimizer)
     try:
         _write_shards(checkpoint_state(model, optimizer, world), tmp, world)
         rng = _rng_tensors(data_gen, world)

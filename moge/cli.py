@@ -87,7 +87,7 @@ def _write_torchrun_error_file(line: str) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from moge.config import load_config
-    from moge.train import train
+    from moge.training import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, progress=True)
@@ -185,7 +185,7 @@ def _add_fingerprint_parser(sub) -> None:
     p.add_argument(
         "--bootstrap", type=_non_negative_int, default=1000, help="resamples for the interval (0: none)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the permutations and the bootstrap")
     p.add_argument("--out", default=None, help="folder for fingerprint.json, .txt and .png")
     p.set_defaults(handler=_cmd_fingerprint)
 
@@ -435,13 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_upcycle_parser(sub)
     _add_convert_parser(sub)
     p = _subparser(sub, "plan", "per-device bytes of params, grads, AdamW, activations on N devices")
-    p.add_argument("config", help="YAML run config, e.g. configs/pangu-pro-moe-72b.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--devices", type=_positive_int, nargs="+", required=True)
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help=OVERRIDES_HELP)
+    p.add_argument(
+        "--devices", type=_positive_int, nargs="+", required=True, help="device counts to plan for"
+    )
     p.add_argument("--mesh", default=None, help="ep=E or dp=D,ep=E (default: parallel.expert_parallel)")
     p.add_argument("--micro-batch", type=_positive_int, default=None, dest="micro_batch",
-                   help="sequences per device per micro-batch (default train.batch_size)")  # fmt: skip
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="activations (train.dtype)")
+                   help="sequences per device per micro-batch (default: train.batch_size)")  # fmt: skip
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None,
+        help="dtype of the activations (default: train.dtype)",
+    )  # fmt: skip
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--device-gb", type=float, default=80.0, dest="device_gb", help="memory per device, GiB")
     p.set_defaults(handler=_cmd_plan)

@@ -514,7 +514,7 @@ def _name_the_override(message: str, path: Path, overrides: Sequence[str]) -> st
     match = _FIELD_AT_START.match(message)
     field_ = match.group(1) if match else None
     given = [o for o in overrides if o.partition("=")[0].strip() == field_]
-    where = f"override {given[-1]!r}" if given else str(path)
+    where = f"override {shown(given[-1])}" if given else str(path)  # quoted, cut short
     return message.replace(f"(in {_PENDING})", f"(in {where})")
 
 

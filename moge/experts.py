@@ -132,7 +132,7 @@ def run_experts(
     counts = counts_E.tolist()
     if impl == "loop":
         return _loop_experts(x_SD, w1, w2, counts)
-    pad = pad_rows or default_pad_rows(x_SD.device, x_SD.dtype)
+    pad = pad_rows or default_pad_rows(x_SD.device, x_SD.dtype, x_SD.shape[0] / max(len(counts), 1))
     plan = Plan(
         counts, len(counts), pad, experts_per_chunk or default_chunk(len(counts)), MAX_PAD_WASTE, x_SD.device
     )
@@ -166,7 +166,10 @@ class GroupedExperts(nn.Module):
       unless the counts are equal; measured faster, see docs/performance.md);
     - chunk_bytes: token blocks keep a chunk's float32 work buffers near this size;
     - compile_elementwise: run the SwiGLU's elementwise work through torch.compile
-      (one fused kernel each way; the first call compiles for tens of seconds).
+      (one fused kernel each way; the first call compiles for tens of seconds);
+    - combine_float32: where the products run in bf16 (native-bf16 CPUs), add the
+      groups' outputs (and dx) in a float32 accumulator instead of bf16 (slower; by
+      default they add in bf16, as the reference loop and transformers do).
     """
 
     def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "auto") -> None:
@@ -178,6 +181,7 @@ class GroupedExperts(nn.Module):
         self.max_pad_waste = MAX_PAD_WASTE
         self.chunk_bytes = CHUNK_BYTES
         self.compile_elementwise = False
+        self.combine_float32 = False
         self.w_gate_up_EDH = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
@@ -197,7 +201,7 @@ class GroupedExperts(nn.Module):
         width = max(D, 2 * self.hidden)
         block_tokens, blocks = token_blocks(T, K * per_chunk / E, width, self.chunk_bytes)
         order_S, counts = sort_pieces(ids_TK, E, per_chunk, block_tokens, blocks)
-        pad = self.pad_rows or default_pad_rows(device, dtype)
+        pad = self.pad_rows or default_pad_rows(device, dtype, T * K / E)
         plan = Plan(
             counts,
             E,
@@ -209,6 +213,7 @@ class GroupedExperts(nn.Module):
             blocks,
             block_tokens,
         )
+        plan.combine_float32 = self.combine_float32
         return order_S, plan, columns_per_chunk(ids_TK, per_chunk, E)
 
     def _sorted_path(

@@ -227,13 +227,16 @@ def _chunk_backward(
 def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool, plan: Plan) -> Tensor | None:
     """The weight gradient's buffer. One token block: in w's dtype, each expert's slice
     written once (zeroed first only if some expert got no slot: its gradient is an
-    exact 0). Several: a zeroed accumulator in the product dtype, so bf16 weights do
-    not sum their blocks in bf16."""
+    exact 0). Several: a zeroed accumulator in float32 (float64 for float64 products),
+    so bf16 weights never sum their blocks in bf16, even where the products
+    themselves run in bf16 (native-bf16 CPUs): each block's product is rounded once,
+    the sum of blocks is not."""
     if not needed:
         return None
     if plan.blocks == 1:
         return torch.zeros_like(w) if plan.empty_experts else torch.empty_like(w)
-    return torch.zeros(w.shape, dtype=mm, device=w.device)
+    acc = torch.float64 if mm == torch.float64 else torch.float32
+    return torch.zeros(w.shape, dtype=acc, device=w.device)
 
 
 def _as_param(g: Tensor | None, w: Tensor) -> Tensor | None:
@@ -305,7 +308,7 @@ def _to_slots(dst_SD: Tensor, src_RD: Tensor, chunk: Chunk, plan: Plan) -> None:
 
 
 class _Combine:
-    """Sums each chunk's rows into a [T, D] float32 accumulator, by token.
+    """Sums each chunk's rows into a [T, D] accumulator, by token.
 
     With `cols` (MoGE's grouped router, one group per chunk) the chunk of group g and
     token block b holds exactly the slots of columns g*cols..(g+1)*cols of ids [T, K]
@@ -320,7 +323,12 @@ class _Combine:
     ) -> None:
         self.T, self.D, self.K, self.plan, self.cols = T, D, K, plan, cols
         self.block_tokens = plan.block_tokens if plan.blocks > 1 else max(T, 1)
-        self.dtype = torch.float64 if mm == torch.float64 else torch.float32
+        # Sums in the product dtype: float32 where the products run in float32; bf16 where
+        # they run natively in bf16 (as torch's own index_add_ combine and the reference
+        # loop do), unless plan.combine_float32. A float32 sum there cost ~10% of the
+        # layer (mixed-dtype adds and casts of [T, D]) for ~20% less output error at
+        # M=8 (docs/performance.md).
+        self.dtype = mm if mm in (torch.float32, torch.float64) or not plan.combine_float32 else torch.float32
         self.device = flat_P.device
         self.tmp: Tensor | None = None  # one reused [block tokens, D] buffer for the gathers
         if cols:

@@ -79,6 +79,7 @@ class Plan:
         self.blocks, self.block_tokens = blocks, block_tokens
         self.empty_experts = blocks == 1 and 0 in counts[:num_experts]  # (only needed for one block)
         self.compiled = compiled  # elementwise work through torch.compile (see _compiled)
+        self.combine_float32 = False  # combine bf16 products' outputs in float32 (see _Combine)
         self.chunks: list[Chunk] = []
         pieces: list[tuple[int, int, int, int]] = []  # (row, slot, count, rows) of every expert with rows
         s = p = 0

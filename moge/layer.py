@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F_
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -23,6 +22,7 @@ from moge._validate import (
     check_optional_int,
 )
 from moge.experts import GroupedExperts, SwiGLU
+from moge.precision import float32_linear
 from moge.routing import RouterSettings, compute_scores, make_random_routing_table, route
 from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
 
@@ -297,8 +297,7 @@ class MoGELayer(nn.Module):
 
     def _router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and scores [T, E] in float32 whatever the input or autocast dtype."""
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F_.linear(x_TD.float(), self.router.weight.float())
+        logits_TE = float32_linear(x_TD, self.router.weight)
         return logits_TE, compute_scores(logits_TE, self.config.score_func)
 
     def _input_dtype_router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:

@@ -76,14 +76,18 @@ def parameter_count(model_cfg, moe_cfg):
     Both counts are affine in the numbers of dense and MoE blocks, so three meta-device
     models of one or two blocks give them for any depth (a billion blocks would take hours
     to build even on the meta device). The random router's token table is a buffer, not a
-    parameter, and is built on the CPU: it is counted as the grouped router, whose
-    parameters are the same.
+    parameter, and is built on the CPU: it is counted as the grouped router (one group for
+    PanGu-Sigma's domain routing), whose parameters are the same.
     """
     from moge.model import ParamCount, count_parameters  # meta device: no memory
 
     moe = moe_cfg
     if moe_cfg.router == "random":
-        moe = dataclasses.replace(moe_cfg, router="grouped", rre_vocab_size=None)
+        sigma = moe_cfg.rre_domain_groups is not None or moe_cfg.rre_group_ids is not None
+        moe = dataclasses.replace(
+            moe_cfg, router="grouped", rre_vocab_size=None, rre_domain_groups=None, rre_group_ids=None,
+            num_groups=1 if sigma else moe_cfg.num_groups,  # PanGu-Sigma: one group fits any top_k
+        )  # fmt: skip
 
     def count(n_layers: int, first_dense: int) -> tuple[int, int]:
         m = dataclasses.replace(model_cfg, n_layers=n_layers, first_dense_layers=first_dense, moe_every=1)

@@ -20,6 +20,7 @@ from moge.config import ModelConfig
 from moge.experts import SwiGLU
 from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
 from moge.recompute import checkpoint_block
+from moge.sdpa import scaled_dot_product_attention
 
 IGNORE_INDEX = -100  # targets with this id do not count in the LM loss
 
@@ -136,7 +137,7 @@ class Attention(nn.Module):
             pos_L = torch.arange(start, start + L, device=x_BLD.device)
             mask_LS = torch.arange(S, device=x_BLD.device)[None, :] <= pos_L[:, None]
         # start == 0: S == L and plain causal is right; one new token after a prefix sees all.
-        out_BHLC = F.scaled_dot_product_attention(
+        out_BHLC = scaled_dot_product_attention(
             q_BHLC, k_BHSC, v_BHSC, attn_mask=mask_LS, is_causal=(start == 0 and L > 1)
         )
         return self.o_proj(rearrange(out_BHLC, "b h l c -> b l (h c)"))

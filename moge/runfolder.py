@@ -262,6 +262,9 @@ def append_record(f: TextIO, rec: dict) -> None:
 # ---------------------------------------------------------------- optimizer settings on resume
 
 _NOT_SETTINGS = ("params", "lr", "initial_lr")
+# How the update runs, not what it computes: the trainer picks fused AdamW for plain tensors
+# and the per-tensor loop for DTensors, so a resume on another world size may switch them.
+_KERNEL_CHOICES = ("fused", "foreach", "capturable", "differentiable")
 
 
 def optimizer_settings(optimizer: Any) -> list[dict]:
@@ -283,6 +286,9 @@ def reapply_optimizer_settings(optimizer: Any, wanted: list[dict]) -> list[str]:
     for i, (group, want) in enumerate(zip(optimizer.param_groups, wanted)):
         for key, value in want.items():
             saved = group.get(key)
+            if key in _KERNEL_CHOICES:
+                group[key] = value  # this process's choice, silently: the arithmetic is the same
+                continue
             if isinstance(saved, list):
                 saved = tuple(saved)
             if saved == value:

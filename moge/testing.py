@@ -156,10 +156,11 @@ def assert_device_balanced(
     """Fail unless every device received the same token-slots, within tolerance * mean.
 
     expert_ids [T, K]. By default experts sit on devices in contiguous blocks (expert i
-    on device i // (E / N): one group per device, the paper's layout, as
-    moge.balance.device_load counts). `placement` gives another layout: [E] the device
-    of every expert, or [N, E/N] the experts of every device, which is what
-    moge.parallel.expert_placement returns for moge's expert-parallel training.
+    on device i // (E / N): whole groups per device, the paper's layout, as
+    moge.balance.device_load counts), which is also where moge's expert-parallel
+    training puts them (moge.distributed.expert_parallel.expert_placement). `placement`
+    gives another layout: [E] the device of every expert, or [N, E/N] the experts of
+    every device (expert_placement's form).
     tolerance 0 (the default) demands IS = 0, which the grouped router guarantees when
     every device holds whole groups.
     """

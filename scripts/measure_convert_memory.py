@@ -115,7 +115,7 @@ def main() -> None:
             f"moge -> pangu ({{n}} shards of <= {a.shard_mb} MB)",
             [str(scratch / "run"), str(scratch / "pangu"), "pangu"],
         ),
-        ("pangu -> moge (one file)", [str(scratch / "pangu"), str(scratch / "back"), "moge"]),
+        ("pangu -> moge (one checkpoint shard)", [str(scratch / "pangu"), str(scratch / "back"), "moge"]),
     ]
     print(f"{'peak RSS':>9}  {'imports':>8}  {'conversion':>10}  {'/ checkpoint':>12}  {'seconds':>7}  what")
     for what, args in runs:

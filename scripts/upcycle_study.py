@@ -29,7 +29,8 @@ from moge.config import load_config
 from moge.data import load_dataset
 from moge.interop.upcycle_run import upcycle_run, write_start_checkpoint
 from moge.model import count_parameters, format_params
-from moge.train import METRICS, train, validation_loss
+from moge.training import train
+from moge.training.metrics import METRICS, validation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("dense", "upcycled", "scratch", "dense-continued")

@@ -86,3 +86,32 @@ def test_projection_keeps_fixed_costs_fixed():
     assert project_seconds(3.0, 4.0) == pytest.approx(18.0)
     assert project_seconds(4.0, 4.0) == 4.0  # all fixed cost
     assert project_seconds(5.0, 4.0) == 4.0  # noise: never below the T/8 call
+
+
+def test_small_shapes_table(monkeypatch):
+    shapes = (BenchShape(32, 16, 16, 4, 2, 2), BenchShape(64, 16, 16, 4, 2, 2))
+    monkeypatch.setattr(bench, "SMALL_SHAPES", shapes)
+    report = run_layer_benchmark(TINY, ("fp32",), iters=2, warmup=0, peers=False, small_shapes=True)
+    table = report["small_shapes"]["fp32"]
+    assert [p["shape"]["tokens"] for p in table] == [32, 64]
+    for point in table:
+        kinds = {r["kind"]: r for r in point["rows"]}
+        assert set(kinds) == {"limit", "moge", "part"} and kinds["limit"]["x_limit"] == pytest.approx(1.0)
+    text = format_report(report)
+    assert "small shapes (fp32)" in text and "router %" in text
+    assert len([line for line in text.splitlines() if line.strip().startswith(("32 ", "64 "))]) == 2
+    json.dumps(report)
+
+
+def test_main_threads_option(capsys):
+    n = torch.get_num_threads()
+    argv = ["--tokens", "32", "--d-model", "16", "--hidden", "8", "--experts", "4", "--groups", "2",
+            "--top-k", "2", "--dtype", "fp32", "--iters", "1", "--warmup", "0", "--no-peers", "--quiet",
+            "--threads", "1"]  # fmt: skip
+    try:
+        assert bench.main(argv) == 0
+        assert torch.get_num_threads() == 1
+        assert bench.main(argv[:-1] + ["0"]) == 2
+        assert "threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(n)

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from moge.bench_train import build_train_cases, format_train_report, main, qwen3_config, run_train_benchmark
+from moge.bench_train import (
+    DENSE_NAME,
+    build_train_cases,
+    dense_equivalent,
+    format_train_report,
+    main,
+    qwen3_config,
+    run_train_benchmark,
+)
 from moge.config import config_from_dict
 
 TINY = {
@@ -33,15 +41,16 @@ def test_moge_rows_train_on_the_same_batches():
     names = [r["name"] for r in report["rows"]]
     assert names == [
         "moge MoGETransformer (config as written)",
+        DENSE_NAME,
         "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)",
     ]
-    full, bare = report["rows"]
+    full, dense, bare = report["rows"]
     # The shared expert is 3 * d * f per layer.
     assert full["params"] - bare["params"] == 2 * 3 * 32 * 16
     for r in report["rows"]:
         assert r["median_ms"] > 0 and r["tokens_per_s"] > 0
         assert 4.0 < r["lm_loss_first"] < 7.0  # near ln(256) = 5.55 at init
-        assert r["aux_last"] > 0
+        assert r["aux_last"] > 0 or r["name"] == DENSE_NAME  # the dense model has no router
     assert report["tokens_per_step"] == 32
     text = format_train_report(report, "tiny")
     assert "config as written" in text and "lm loss first->last" in text
@@ -90,3 +99,16 @@ def test_moge_load_counts_reset_after_every_step():
     case.step(x, x.roll(-1, 1), lr=1e-3, grad_clip=1.0, record=True)
     assert all(int(layer.load_accum_E.sum()) == 0 for layer in case.model.moe_layers())
     assert len(case.step_ms) == 1 and len(case.lm_losses) == 1
+
+
+def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
+    cfg = config_from_dict(TINY)
+    dense = dense_equivalent(cfg)
+    assert dense.model.first_dense_layers == 2 and dense.model.dense_hidden == 2 * 16 + 16  # K*f + shared
+    assert dense.moe == cfg.moe
+    report = run_train_benchmark(cfg, steps=2, warmup=0, peers=False, log=lambda s: None, dtype="bf16")
+    assert report["dtype"] == "bf16"
+    text = format_train_report(report, "tiny")
+    assert "x the tokens/s of the dense FFN of equal activated width" in text
+    with pytest.raises(ValueError, match="dtype"):
+        run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, dtype="fp16")

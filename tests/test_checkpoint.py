@@ -15,7 +15,7 @@ import moge.checkpoint as ckpt_mod
 from moge.checkpoint import find_checkpoint, load_checkpoint, load_run, save_checkpoint
 from moge.config import config_from_dict
 from moge.model import MoGETransformer
-from moge.train import build_optimizer
+from moge.training import build_optimizer
 
 SHARD = "shard-00001-model-00001-of-00001.safetensors"  # one process: one shard file
 BASE = {

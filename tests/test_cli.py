@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import moge.train
+import moge.training
 from moge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,14 +128,14 @@ def test_interrupt_and_divergence_exit_codes(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     def diverged(cfg, progress=True):
-        raise moge.train.NonFiniteLossError(
+        raise moge.training.NonFiniteLossError(
             "step 7: the loss is nan at layer 0 (MoE): non-finite router scores"
         )
 
-    monkeypatch.setattr(moge.train, "train", interrupted)
+    monkeypatch.setattr(moge.training, "train", interrupted)
     assert main(["train", str(config)]) == 130
     assert len(capsys.readouterr().err.splitlines()) == 1
-    monkeypatch.setattr(moge.train, "train", diverged)
+    monkeypatch.setattr(moge.training, "train", diverged)
     assert main(["train", str(config)]) == 1
     assert capsys.readouterr().err.strip() == (
         "error: step 7: the loss is nan at layer 0 (MoE): non-finite router scores"

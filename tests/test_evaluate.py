@@ -28,7 +28,7 @@ from moge.evaluate import (
     top_pairs,
 )
 from moge.testing import assert_group_quota
-from moge.train import train
+from moge.training import train
 
 E, M, K = 8, 4, 4
 STEPS, EVAL_BATCHES, EVAL_BS, SEQ = 10, 3, 4, 32

@@ -44,6 +44,10 @@ def test_bfloat16_products_run_in_native_dtype_when_the_cpu_has_it(monkeypatch):
     cpu = torch.device("cpu")
     assert matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
     assert default_pad_rows(cpu, torch.bfloat16) == PAD_ROWS_NATIVE_LOW_PRECISION
+    # A power of two near 1/16 of an expert's rows, within 16..128.
+    rows = {64: 16, 256: 16, 512: 32, 1024: 64, 2048: 128, 10**6: 128}
+    assert {n: default_pad_rows(cpu, torch.bfloat16, n) for n in rows} == rows
+    assert default_pad_rows(cpu, torch.float32, 1024) == 1
     x, ids, w, experts = case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
     y = experts(x, ids, w)
     ref = reference_experts(x.float(), ids, w, experts.w_gate_up_EDH.float(), experts.w_down_EFD.float())
@@ -129,3 +133,38 @@ def test_padding_keeps_a_non_finite_token_inside_its_own_experts(pad, chunk, was
     for a, b in zip(fast, ref):
         assert_close(a, b, equal_nan=True)
     assert fast[0][torch.arange(29) != 3].isfinite().all()
+
+
+@pytest.mark.parametrize("native,pad", [(True, None), (True, 1), (False, None)])
+@pytest.mark.parametrize("chunk,waste", [(2, 0.0), (4, 100.0)])
+def test_many_token_blocks_bfloat16_within_bf16_error(monkeypatch, native, pad, chunk, waste):
+    """64 token blocks add up in the weight-gradient buffer: it must sum in float32
+    whether the bf16 products run natively (flag forced on; rows padded by default, or
+    not) or in float32 (off)."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: native)
+    x, ids, w, experts = case(T=512, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=4)
+    # ~8 tokens per block: budget = tokens * 4 bytes * width * slots per token per chunk.
+    set_layout(experts, pad, chunk, waste, chunk_bytes=int(8 * 4 * 32 * 2 * chunk / 8))
+    plan = experts._fused_plan(ids, 32, x.device, x.dtype)[1]
+    assert plan.blocks >= 64, plan.blocks
+    assert_within_bf16_error(x, ids, w, experts)
+
+
+@pytest.mark.parametrize("combine_float32", [False, True])
+@pytest.mark.parametrize("native", [True, False])
+def test_group_combine_bfloat16_within_bf16_error(monkeypatch, native, combine_float32):
+    """The gather-combine sums groups in bf16 where products are native bf16 (or in
+    float32 when asked, or when the products run in float32): within bf16's error."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: native)
+    gen = torch.Generator().manual_seed(6)
+    T, D, Fh, E, M, K = 64, 32, 16, 16, 8, 8
+    x = torch.randn(T, D, generator=gen).bfloat16()
+    ids = grouped_ids(T, E, M, K, gen)
+    w = torch.rand(T, K, generator=gen)
+    torch.manual_seed(0)
+    experts = set_layout(GroupedExperts(E, D, Fh), 1, E // M, 0.0)
+    experts.reset_parameters(0.3)
+    experts.combine_float32 = combine_float32
+    experts.to(torch.bfloat16)
+    assert columns_per_chunk(ids, E // M, E) == K // M
+    assert_within_bf16_error(x, ids, w, experts)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import moge.train as train_mod
+import moge.training as train_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

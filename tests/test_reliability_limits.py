@@ -41,7 +41,7 @@ BASE_TEXT = yaml.safe_dump(BASE, sort_keys=False)
 
 @pytest.fixture
 def no_training(monkeypatch):
-    import moge.train as train_mod
+    import moge.training as train_mod
 
     def refuse(cfg, progress=True, stop_at=None):
         raise AssertionError("the CLI accepted a config it should refuse")
@@ -411,7 +411,7 @@ def test_trace_that_is_not_a_safetensors_trace_is_one_error_line(tmp_path, cli_e
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    import moge.train as train_mod
+    import moge.training as train_mod
 
     run = tmp_path_factory.mktemp("gen") / "run"
     raw = copy.deepcopy(BASE)

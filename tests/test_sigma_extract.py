@@ -15,7 +15,7 @@ from moge.evaluate import evaluate_run
 from moge.model import MoGETransformer, count_parameters, format_params
 from moge.sigma.extract import extract_model
 from moge.sigma.report import domain_val_loss
-from moge.train import train
+from moge.training import train
 
 DOMAINS = {"statements": [0, 5], "expressions": [1, 4], "library": [2, 7], "datamodel": [3, 6]}
 RAW = {

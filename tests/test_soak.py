@@ -19,7 +19,7 @@ from moge.checkpoint import load_run
 from moge.config import load_config
 from moge.data import load_dataset
 from moge.testing import assert_group_quota
-from moge.train import train
+from moge.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3000

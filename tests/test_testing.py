@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moge import MoGEConfig, MoGELayer
-from moge.parallel import expert_placement
+from moge.balance import device_load
+from moge.distributed.expert_parallel import expert_placement
 from moge.routing import global_topk, grouped_topk
 from moge.testing import (
     DEFAULT_TRIALS,
@@ -142,17 +143,33 @@ def test_device_balanced_fails_for_global_routing_naming_the_device():
 
 
 def test_device_balanced_with_the_expert_parallel_placement():
-    # Expert ids 0..3 on device 0 and 4..7 on device 1 by default; the expert-parallel
-    # layout with 4 groups on 2 ranks puts groups 0, 2 (experts 0, 1, 4, 5) on rank 0.
-    ids = torch.tensor([[0, 1], [4, 5]])  # 2 tokens, all slots in groups 0 and 2
-    with pytest.raises(AssertionError, match=r"slots per device = \[2, 2\]|IS"):
-        assert_device_balanced(ids, num_experts=8, num_devices=2, placement=expert_placement(8, 4, 2))
-    assert_device_balanced(ids, num_experts=8, num_devices=2)  # contiguous blocks: 2 and 2
-    placement_E = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])  # the same layout as [E] device ids
+    # Expert parallelism puts whole groups on ranks in contiguous blocks: with 4 groups on
+    # 2 ranks, groups 0, 1 (experts 0..3) on rank 0. The default layout is the same one.
+    assert expert_placement(8, 4, 2).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    lopsided = torch.tensor([[0, 1], [2, 3]])  # every slot in groups 0 and 1: all on rank 0
+    for placement in (None, expert_placement(8, 4, 2)):
+        with pytest.raises(AssertionError, match=r"slots per device = \[4, 0\]"):
+            assert_device_balanced(lopsided, num_experts=8, num_devices=2, placement=placement)
+    even = torch.tensor([[0, 1], [4, 5]])  # 2 slots on each rank
+    assert_device_balanced(even, num_experts=8, num_devices=2)
+    assert_device_balanced(even, num_experts=8, num_devices=2, placement=expert_placement(8, 4, 2))
+    interleaved_E = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])  # another layout as [E] device ids
     with pytest.raises(AssertionError, match=r"slots per device = \[4, 0\]"):
-        assert_device_balanced(ids, num_experts=8, num_devices=2, placement=placement_E)
+        assert_device_balanced(even, num_experts=8, num_devices=2, placement=interleaved_E)
+    assert_device_balanced(lopsided, num_experts=8, num_devices=2, placement=interleaved_E)
     with pytest.raises(ValueError, match="placement"):
-        assert_device_balanced(ids, num_experts=8, num_devices=2, placement=torch.zeros(3, dtype=torch.long))
+        assert_device_balanced(even, num_experts=8, num_devices=2, placement=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("num_experts, num_groups, world", [(8, 4, 2), (16, 8, 4), (64, 8, 8), (12, 6, 3)])
+def test_device_load_counts_what_the_expert_parallel_ranks_receive(num_experts, num_groups, world):
+    gen = torch.Generator().manual_seed(num_experts + world)
+    ids_TK = torch.randint(0, num_experts, (40, 4), generator=gen)
+    owner_E = torch.empty(num_experts, dtype=torch.long)
+    for rank, experts in enumerate(expert_placement(num_experts, num_groups, world)):
+        owner_E[experts] = rank
+    received_W = torch.bincount(owner_E[ids_TK].reshape(-1), minlength=world)
+    torch.testing.assert_close(device_load(ids_TK, num_experts, world), received_W, rtol=0, atol=0)
 
 
 def test_device_balanced_on_a_fresh_layer():

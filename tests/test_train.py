@@ -244,3 +244,24 @@ def test_nonfinite_gradient_stops_before_the_update(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match=expected):
         train(make_cfg(run, steps=6, save_every=2), progress=False)
     assert find_checkpoint(run).name == "step_00000002"
+
+
+def test_optimizer_is_torchs_fused_adamw_and_steps_like_the_default():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+    copy = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+    copy.load_state_dict(model.state_dict())
+    tc = TrainConfig()
+    fused = build_optimizer(model, tc)
+    assert fused.defaults["fused"] is True
+    groups = [{"params": [p for p in copy.parameters() if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in copy.parameters() if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    plain = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), foreach=False)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for m, opt in ((model, fused), (copy, plain)):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(model.parameters(), copy.parameters()):
+        assert_close(a, b)

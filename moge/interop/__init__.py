@@ -22,7 +22,6 @@ from moge.interop.folder import LayoutFolder
 from moge.interop.llama import LlamaLayout, Qwen2Layout
 from moge.interop.mapping import (
     DEFAULT_SHARD_BYTES,
-    FileSource,
     Layout,
     MogeSource,
     StateDictSource,
@@ -194,9 +193,8 @@ def _open_source(src: Path, dtype) -> tuple[MogeSource, RunConfig]:
         folder = LayoutFolder(src)
         layout, cfg = read_layout_config(folder)
         return _LayoutSource(folder, layout, cfg, dtype), cfg
-    cfg, file = runfolder.weights_file(src)
-    source = FileSource(file)
-    runfolder.check_shapes(source.shapes(), cfg, str(file))
+    cfg, source, folder = runfolder.open_checkpoint(src)
+    runfolder.check_shapes(source.shapes(), cfg, str(folder))
     return source, cfg
 
 

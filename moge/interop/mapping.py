@@ -230,7 +230,7 @@ class StateDictSource:
 
 
 class FileSource:
-    """The tensors of one moge model.safetensors, read one tensor (or one expert) at a time."""
+    """The tensors of one safetensors file by moge name, read one tensor (or one expert) at a time."""
 
     def __init__(self, path: str | Path) -> None:
         self.reader = SafetensorsReader(path)

@@ -129,7 +129,7 @@ def write_start_checkpoint(model: MoGETransformer, cfg: RunConfig, out_dir: Path
     trains on from these weights with cfg's schedule from step 0. Returns the checkpoint.
     """
     from moge.checkpoint import save_checkpoint
-    from moge.train import build_optimizer
+    from moge.training import build_optimizer
 
     if Path(cfg.train.out_dir or "") != out_dir or not cfg.train.resume:
         raise ValueError(f"train.out_dir: must be {out_dir} with train.resume=true to continue from step 0")

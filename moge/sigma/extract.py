@@ -149,7 +149,7 @@ def extract_run(run_dir: str | Path, domain: str, out_dir: str | Path) -> Extrac
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"OUT: {out} already exists and is not an empty folder; choose another")
-    from moge.train import build_optimizer  # the trainer's parameter groups, so the run can resume
+    from moge.training import build_optimizer  # the trainer's parameter groups, so the run can resume
 
     model, cfg, step = load_run(run_dir)
     assert isinstance(model, MoGETransformer)

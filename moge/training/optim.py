@@ -33,4 +33,7 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    # torch's fused AdamW: one kernel over all tensors, measured ~2x faster than the default
+    # per-tensor loop on CPU (docs/performance.md). Plain CPU/CUDA tensors only (not DTensor).
+    plain = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=plain or None)
