@@ -37,6 +37,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -238,7 +240,7 @@ def time_cases(
     if memory:
         for c, r in live:
             _reset(c)
-            r.peak_bytes = peak_memory_bytes(lambda c=c: _call(c, xs[0], gys[0]))
+            r.peak_bytes = peak_memory_bytes(partial(_call, c, xs[0], gys[0]))
             # The weight gradients that call left (the router-only row leaves the experts' None).
             r.grad_bytes = sum(
                 p.grad.numel() * p.grad.element_size() for p in c.module.parameters() if p.grad is not None
@@ -310,8 +312,9 @@ def run_layer_benchmark(
     for d in dtypes:
         if d not in DTYPES:
             raise ValueError(f"dtype: expected some of {', '.join(DTYPES)}; got {d!r}")
-    report = {"machine": machine_info(), "shape": asdict(shape), "iters": iters, "warmup": warmup,
-              "max_call_seconds": max_call_seconds, "tables": {}, "notes": [], "sweep": {}}  # fmt: skip
+    report: dict[str, Any] = {"machine": machine_info(), "shape": asdict(shape), "iters": iters,
+                              "warmup": warmup, "max_call_seconds": max_call_seconds, "tables": {},
+                              "notes": [], "sweep": {}}  # fmt: skip
     for d in dtypes:
         dtype = DTYPES[d]
         cases, notes = build_cases(shape, dtype, peers, seed, compiled)
@@ -347,7 +350,7 @@ def _with_ratios(results: list[Result]) -> list[dict]:
             # The same without the weight gradients: what the dispatch and activations need.
             act = (
                 None
-                if not (dense_peak and r.peak_bytes)
+                if dense is None or not (dense_peak and r.peak_bytes)
                 else (r.peak_bytes - r.grad_bytes) / (dense_peak - dense.grad_bytes)
             )
             row["act_peak_x_limit"] = act

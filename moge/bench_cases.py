@@ -125,6 +125,11 @@ def init_(module: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
     return module
 
 
+def plain_step(module: nn.Module) -> Callable[[Tensor], tuple[Tensor, None]]:
+    """A Case step for a module that returns y and no extra loss."""
+    return lambda x: (module(x), None)
+
+
 def moge_case(name: str, layer: MoGELayer, optional: bool = False) -> Case:
     def step(x: Tensor):
         out = layer(x)
@@ -233,9 +238,7 @@ def dense_cases(
     cases = []
     for fp32, name in variants:
         dense = init_(DenseSwiGLU(shape.d_model, width, fp32), seed=seed).to(dtype)
-        cases.append(
-            Case(name, "limit", dense, lambda x, m=dense: (m(x), None), optional=upcast and not fp32)
-        )
+        cases.append(Case(name, "limit", dense, plain_step(dense), optional=upcast and not fp32))
     return cases
 
 
@@ -262,9 +265,7 @@ def build_cases(
                 moge_case(f"moge MoGELayer ({name})", layer_for(shape, impl, dtype, seed), optional=True)
             )
         naive = NaiveLoopMoE(layer_for(shape, "fused", dtype, seed))
-        cases.append(
-            Case("naive per-expert loop (MoGE router)", "peer", naive, lambda x, m=naive: (m(x), None), True)
-        )
+        cases.append(Case("naive per-expert loop (MoGE router)", "peer", naive, plain_step(naive), True))
         version = transformers_version()
         if version is None:
             notes.append(

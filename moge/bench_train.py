@@ -109,7 +109,8 @@ def qwen3_config(cfg: RunConfig):
     qcfg = Qwen3MoeConfig(
         vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.resolved_dense_hidden,
         num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
-        head_dim=m.resolved_head_dim, max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+        head_dim=m.resolved_head_dim,  # type: ignore[call-arg]  # an accepted extra kwarg the signature omits
+        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, tie_word_embeddings=m.tie_embeddings,
         initializer_range=m.init_std, attention_bias=m.qkv_bias, decoder_sparse_step=1, mlp_only_layers=[],
         moe_intermediate_size=e.expert_hidden, num_experts=e.num_experts, num_experts_per_tok=e.top_k,

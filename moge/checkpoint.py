@@ -38,7 +38,7 @@ import shutil
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -55,6 +55,9 @@ from moge.distributed.parallelize import checkpoint_views
 from moge.distributed.parallelize import local as _local
 from moge.manifest import STATE, read_state, write_manifest
 from moge.manifest import verify_checkpoint as verify_manifest
+
+if TYPE_CHECKING:
+    from moge.model import MoGETransformer
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -311,7 +314,8 @@ def _write_shards(state: dict[str, Tensor], tmp: Path, world: World) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
             dcp.save(state, storage_writer=writer, no_dist=world.size == 1)
     except CheckpointException as err:  # DCP gathers every rank's failure; a disk error stays an OSError
-        errors = [e for e in err.failures.values() if isinstance(e, OSError)]
+        # failures maps rank -> (exception, traceback summary)
+        errors = [e for e, _ in err.failures.values() if isinstance(e, OSError)]
         reason = _os_reason(errors[0]) if errors else str(err)[:300]
         raise OSError(f"{tmp}: writing the shards failed ({reason})") from err
 
@@ -583,6 +587,7 @@ def load_checkpoint(
         agree(world, "checking the optimizer state", lambda: _check_loaded_optimizer(folder, target))
         _restore_groups(model, optimizer, state.get("optimizer", {}).get("param_groups"), folder / STATE)
     if data_gen is not None:
+        assert rng is not None, "prepare reads the RNG file whenever data_gen is given"
         _set_rng(folder, rng, data_gen, world)
     return state["step"]
 
@@ -607,7 +612,7 @@ def checkpoint_config(path_or_run_dir: str | Path) -> RunConfig:
 
 def load_run(
     run_dir: str | Path, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, RunConfig, int]:
+) -> tuple[MoGETransformer, RunConfig, int]:
     """(model in eval mode, its config, step) of a run's newest checkpoint, in one
     process whatever world size wrote it."""
     from moge.limits import check_model_fits

@@ -55,7 +55,9 @@ def config_reference() -> str:
     """Every section's table, in the order of a YAML run config."""
     parts = []
     for section in SECTIONS:
-        parts.append(f"**`{section}`**: {inspect.getdoc(SECTIONS[section]).splitlines()[0]}\n")
+        doc = inspect.getdoc(SECTIONS[section])
+        assert doc, f"{section}: its config dataclass needs a docstring"
+        parts.append(f"**`{section}`**: {doc.splitlines()[0]}\n")
         parts.append(section_table(section) + "\n")
     return "\n".join(parts).rstrip() + "\n"
 

@@ -125,7 +125,8 @@ def cooccurrence_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 def top_pairs(cooc_EE: torch.Tensor, experts_per_group: int, n: int = TOP_PAIRS) -> list[dict]:
     """The n most frequent expert pairs (i < j) of a co-occurrence matrix, most frequent first."""
-    i_P, j_P = torch.triu_indices(*cooc_EE.shape, offset=1)
+    rows, cols = cooc_EE.shape
+    i_P, j_P = torch.triu_indices(rows, cols, offset=1)
     values_P = cooc_EE[i_P, j_P]
     order = torch.sort(values_P, descending=True, stable=True).indices[:n]
     return [

@@ -290,7 +290,7 @@ class FusedSwiGLUExperts(torch.autograd.Function):
             dx_RD, _ = _chunk_backward(
                 dy_RD, h_PH[c.rows], load_x, c, w1, w2, None, buf, dtype, dw1, dw2, dx_out, plan.compiled
             )
-            if need_x:
+            if dx_SD is not None:  # need_x
                 _to_slots(dx_SD, dx_RD, c, plan)
         return dx_SD, _as_param(dw1, w1), _as_param(dw2, w2), None
 
@@ -300,8 +300,10 @@ def _to_slots(dst_SD: Tensor, src_RD: Tensor, chunk: Chunk, plan: Plan) -> None:
     if plan.slot_P is None:
         dst_SD[chunk.rows] = src_RD
     else:
-        slots = plan.slot_P[chunk.rows].index_select(0, chunk.real_local)
-        dst_SD.index_copy_(0, slots, src_RD.index_select(0, chunk.real_local).to(dst_SD.dtype))
+        real = chunk.real_local
+        assert real is not None, "a plan with slot_P indexes every chunk's real rows"
+        slots = plan.slot_P[chunk.rows].index_select(0, real)
+        dst_SD.index_copy_(0, slots, src_RD.index_select(0, real).to(dst_SD.dtype))
 
 
 # --- fused dispatch + experts + combine (GroupedExperts "fused") --------------------------

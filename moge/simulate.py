@@ -34,6 +34,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
@@ -88,7 +89,7 @@ def _check_inputs(
     devices: int,
     tokens: int,
     router: str,
-    trials: int,
+    trials: int | None,  # validated here: a bad value raises
     tflops: float,
     bandwidth_gbs: float,
     trace,
@@ -562,7 +563,7 @@ def simulate_command(
     names = (
         [n.strip() for n in routers.split(",") if n.strip()] if isinstance(routers, str) else list(routers)
     )
-    settings = dict(
+    settings: dict[str, Any] = dict(
         seed=seed,
         sigma=sigma,
         tflops=tflops,

@@ -124,6 +124,23 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert find_checkpoint(tmp_path).name == "step_00000001"
 
 
+def test_shard_write_disk_error_names_the_os_reason(tmp_path, monkeypatch):
+    # DCP reports every rank's failure as (exception, traceback summary) pairs.
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    cfg, model, opt, gen = trained()
+
+    def full_disk(*args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as err:
+            raise CheckpointException("save failed", {0: _wrap_exception(err)}) from None
+
+    monkeypatch.setattr(ckpt_mod.dcp, "save", full_disk)
+    with pytest.raises(OSError, match=r"writing the shards failed \(No space left on device\)\)"):
+        save_checkpoint(tmp_path, 1, model, opt, gen, cfg, keep_last=1)
+
+
 def test_keep_last_prunes_oldest_and_latest_is_newest(tmp_path):
     cfg, model, opt, gen = trained()
     for step in (1, 2, 3, 4):

@@ -130,6 +130,10 @@ class ExpertParallelExperts(nn.Module):
     axis holds only the J local experts: w_gate_up_EDH [J, D, H], w_down_EFD [J, F, D].
     """
 
+    placement_WJ: Tensor  # buffers (register_buffer), declared so they type as tensors
+    owner_E: Tensor
+    local_E: Tensor
+
     def __init__(self, config: MoGEConfig, group=None, static_splits: bool = False) -> None:
         super().__init__()
         c = config
@@ -203,7 +207,8 @@ class ExpertParallelExperts(nn.Module):
 
     def _run_local(self, x_RD: Tensor, local_R: Tensor, dtype: torch.dtype) -> Tensor:
         """The local experts on the received slots, returned in received order."""
-        w1, w2 = self.w_gate_up_EDH, self.w_down_EFD
+        w1: Tensor = self.w_gate_up_EDH
+        w2: Tensor = self.w_down_EFD
         if self.grad_scale != 1.0:
             w1, w2 = _ScaleGrad.apply(w1, self.grad_scale), _ScaleGrad.apply(w2, self.grad_scale)
         w1, w2 = w1.to(dtype), w2.to(dtype)
@@ -304,6 +309,10 @@ class ExpertParallelMoGE(GlobalLoadMoGE):
     this rank's tokens. static_splits None: on for the quota routers; needs the same T
     on every rank.
     """
+
+    # Replaces MoGELayer's GroupedExperts with a module of the same call and parameter
+    # names (not a subclass: it holds J of the E experts).
+    experts: ExpertParallelExperts  # type: ignore[assignment]
 
     def __init__(
         self, config: MoGEConfig, group=None, *, sync_group=None, static_splits: bool | None = None

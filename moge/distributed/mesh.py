@@ -137,8 +137,8 @@ def _join(backend: str, device: str, timeout_s: float | None) -> None:
             raise ValueError(f"{name}: environment variable not set; launch with torchrun (or set it)")
     if device == "cuda":
         torch.cuda.set_device(env_int("LOCAL_RANK", rank))
-    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kw)
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)  # None: torch's default
+    dist.init_process_group(backend, init_method="env://", timeout=timeout, rank=rank, world_size=world)
 
 
 def connect(parallel: ParallelConfig, num_groups: int, device: str = "cpu") -> World:

@@ -18,9 +18,13 @@ loss over all ranks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -34,8 +38,14 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _mesh(world: World) -> DeviceMesh:
+    # Only a world of several processes gets here (parallelize returns early on one).
+    assert world.mesh is not None, "a world of one process has no mesh"
+    return world.mesh
+
+
 def _swap_layers(model: nn.Module, world: World, static_splits: bool | None) -> None:
-    ep_group = world.mesh["ep"].get_group()
+    ep_group = _mesh(world)["ep"].get_group()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not MoGELayer:
@@ -50,7 +60,7 @@ def _swap_layers(model: nn.Module, world: World, static_splits: bool | None) -> 
 def _shard_experts(layer: ExpertParallelMoGE, world: World) -> None:
     # Shard(1): the first axis is already cut by "ep"; the checkpoint view stays one
     # DTensor over the 2-D mesh ([Shard(1), Shard(0)] on ("dp", "ep")).
-    fully_shard(layer.experts, mesh=world.mesh["dp"], shard_placement_fn=lambda p: Shard(1))
+    fully_shard(layer.experts, mesh=_mesh(world)["dp"], shard_placement_fn=lambda p: Shard(1))
     layer.experts.grad_scale = 1.0 / world.shape.ep  # FSDP2 then divides by dp: the world mean
 
 
@@ -102,11 +112,11 @@ def grad_norm(model: nn.Module, world: World) -> Tensor:
     also summed over "ep" (each expert counted once).
     """
     experts = _expert_params(model)
-    params = [p for p in model.parameters() if p.grad is not None]
-    sq = _norm_sq([p.grad for p in params if id(p) not in experts], world.device)
-    expert_sq = _norm_sq([p.grad for p in params if id(p) in experts], world.device)
+    grads = [(id(p), p.grad) for p in model.parameters() if p.grad is not None]
+    sq = _norm_sq([g for i, g in grads if i not in experts], world.device)
+    expert_sq = _norm_sq([g for i, g in grads if i in experts], world.device)
     if experts:
-        dist.all_reduce(expert_sq, group=world.mesh["ep"].get_group())
+        dist.all_reduce(expert_sq, group=_mesh(world)["ep"].get_group())
     return (sq + expert_sq).sqrt()
 
 
@@ -149,10 +159,10 @@ def _global_expert_view(t: Tensor, m: ExpertParallelExperts, world: World) -> DT
     )
 
 
-def checkpoint_views(model: nn.Module, world: World) -> dict[str, callable]:
+def checkpoint_views(model: nn.Module, world: World) -> dict[str, Callable[[Tensor], Tensor]]:
     """Parameter name -> a function mapping that parameter (or a tensor laid out like
     it: an AdamW moment) to what a checkpoint stores: the whole model's tensor,
     as a DTensor when it is sharded. Names absent here are stored as they are."""
     return {
-        name: (lambda t, m=m: _global_expert_view(t, m, world)) for name, m in _expert_modules(model).items()
+        name: partial(_global_expert_view, m=m, world=world) for name, m in _expert_modules(model).items()
     }

@@ -193,8 +193,8 @@ def _open_source(src: Path, dtype) -> tuple[MogeSource, RunConfig]:
         folder = LayoutFolder(src)
         layout, cfg = read_layout_config(folder)
         return _LayoutSource(folder, layout, cfg, dtype), cfg
-    cfg, source, folder = runfolder.open_checkpoint(src)
-    runfolder.check_shapes(source.shapes(), cfg, str(folder))
+    cfg, source, ckpt_folder = runfolder.open_checkpoint(src)
+    runfolder.check_shapes(source.shapes(), cfg, str(ckpt_folder))
     return source, cfg
 
 

@@ -10,7 +10,7 @@ from moge.distributed.agree import failed_ranks, mark
 from moge.distributed.mesh import World
 from moge.distributed.parallelize import local
 from moge.layer import MoGELayer
-from moge.model import ModelOutput, MoGETransformer
+from moge.model import Block, ModelOutput, MoGETransformer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -19,7 +19,7 @@ class NonFiniteLossError(RuntimeError):
 
 def moe_blocks(model: MoGETransformer) -> list[int]:
     """Block index of every MoE layer, in depth order (the "layer" of metrics and errors)."""
-    return [b.index for b in model.blocks if isinstance(b.ffn, MoGELayer)]
+    return [b.index for b in model.blocks if isinstance(b, Block) and isinstance(b.ffn, MoGELayer)]
 
 
 def _first_nonfinite(out: ModelOutput, model: MoGETransformer) -> str:
@@ -41,6 +41,7 @@ def _first_nonfinite(out: ModelOutput, model: MoGETransformer) -> str:
 def _nonfinite_loss_error(step: int, out: ModelOutput, model: MoGETransformer) -> NonFiniteLossError:
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(local(p)).all())]
     hint = f"; non-finite parameters: {', '.join(bad[:4])}" if bad else ""
+    assert out.loss is not None, "a training step computes the loss (targets given)"
     return NonFiniteLossError(
         f"step {step}: the loss is {out.loss.item()} at {_first_nonfinite(out, model)}{hint}; "
         "try a lower train.lr or train.grad_clip > 0 (the last good checkpoint is kept)"
@@ -65,6 +66,9 @@ def global_losses(step: int, out: ModelOutput, model: MoGETransformer, world: Wo
 
     Runs before backward, whose exchanges need every rank.
     """
+    assert out.loss is not None and out.lm_loss is not None, (
+        "a training step computes the loss (targets given)"
+    )
     local_3 = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.aux_loss.detach()]).double()
     total_3 = world.all_reduce(local_3.clone())
     if bool(torch.isfinite(total_3).all()):

@@ -202,6 +202,7 @@ def _train_step(step: int, run: _Run) -> dict:
         routing_L3 = sums if routing_L3 is None else routing_L3 + sums
         (out.loss / tc.grad_accum).backward()
     run.last_routing = out.routing
+    assert routing_L3 is not None, "grad_accum >= 1 micro-batches ran"
     grad_norm_ = _clip(step + 1, run)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -271,6 +272,7 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
             stopping = _any_rank(run.world, stop.requested)  # SIGTERM: all ranks save this step, then stop
             _after_step(run, rec, stop_at, stopping)
             if run.world.main and run.monitor is not None:  # rank 0's routing, as in its train records
+                assert run.last_routing is not None, "set by _train_step"
                 run.monitor.after_step(step + 1, run.last_routing, run.write, tqdm.write)
             if stopping:
                 stop.requested = True
