@@ -242,7 +242,7 @@ def routing_stats(
         max_over_mean=float(load_E.max()) / mean if mean > 0 else math.nan,
         cv=float(load_E.double().std(unbiased=False)) / mean if mean > 0 else math.nan,
         load_entropy=entropy,
-        score_entropy=_score_entropy(scores) if has_scores else None,
+        score_entropy=_score_entropy(scores) if scores is not None and has_scores else None,
         dead_experts=int((load_E == 0).sum()),
         dropped_fraction=0.0 if dropped is None else int(dropped.sum()) / max(total, 1),
     )
