@@ -248,6 +248,7 @@ class MoGELayer(nn.Module):
             self.register_buffer("rre_table_VK", table, persistent=False)
             self.register_buffer("rre_columns_NK", columns, persistent=False)
         elif c.router == "random":
+            assert c.rre_vocab_size is not None, "MoGEConfig requires rre_vocab_size for the random router"
             table = make_random_routing_table(
                 c.rre_vocab_size, c.num_experts, c.num_groups, c.top_k, c.rre_seed
             )
@@ -388,10 +389,13 @@ class MoGELayer(nn.Module):
         else:
             logits_TE, scores_TE = self._router_scores(x_TD)
         tokens_T = token_ids.reshape(-1) if token_ids is not None else None
-        if getattr(self, "rre_columns_NK", None) is not None:  # PanGu-Sigma: domain, then token id
-            weights_TK, ids_TK = two_level_route(
-                token_ids, domain_ids, self.rre_table_VK, self.rre_columns_NK, c.route_scale
-            )
+        columns_NK = getattr(self, "rre_columns_NK", None)
+        if columns_NK is not None:  # PanGu-Sigma: domain, then token id
+            if token_ids is None:
+                raise ValueError("token_ids: the two-level random router routes by token id; pass token_ids")
+            table_VK = self.rre_table_VK
+            assert table_VK is not None, "registered with rre_columns_NK"
+            weights_TK, ids_TK = two_level_route(token_ids, domain_ids, table_VK, columns_NK, c.route_scale)
         else:
             weights_TK, ids_TK = route(
                 scores_TE,

@@ -47,6 +47,9 @@ def _rotate_half(x_BHLC: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE with cos/sin tables for every position up to max_seq_len."""
 
+    cos_PC: torch.Tensor
+    sin_PC: torch.Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
@@ -88,6 +91,7 @@ class KVCache:
             self.k[layer] = k_BNLC.new_zeros(B, N, self.max_len, C)
             self.v[layer] = v_BNLC.new_zeros(B, N, self.max_len, C)
         k_cache, v_cache = self.k[layer], self.v[layer]
+        assert k_cache is not None and v_cache is not None
         assert k_cache.shape[0] == B and self.pos + L <= self.max_len, "checked by the model"
         k_cache[:, :, self.pos : self.pos + L] = k_BNLC
         v_cache[:, :, self.pos : self.pos + L] = v_BNLC
