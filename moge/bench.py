@@ -516,10 +516,18 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(",") if t.strip())
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a help text unless it already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action) or text
+
+
 def build_parser(
     prog: str = "bench_layer.py",
     parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
-    formatter_class: type[argparse.HelpFormatter] = argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class: type[argparse.HelpFormatter] = _DefaultsFormatter,
 ) -> argparse.ArgumentParser:
     # `moge bench` passes its own classes: one-line errors and "(default: ...)" in every help.
     p = parser_class(
