@@ -13,7 +13,7 @@ from __future__ import annotations
 from moge.balance import released_coefficient
 from moge.config import ModelConfig
 from moge.interop.hfconfig import base_config_json, base_model_config, need, refuse
-from moge.interop.mapping import BaseLayout, Piece, expert_pieces, swiglu_pieces
+from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 
 ARCH, MODEL_TYPE = "PanguProMoEForCausalLM", "PanguProMoE"
@@ -21,17 +21,6 @@ AUTO_MAP = {
     "AutoConfig": "configuration_pangu_moe.PanguProMoEConfig",
     "AutoModelForCausalLM": "modeling_pangu_moe.PanguProMoEForCausalLM",
 }
-
-
-def _attention_pieces(m: ModelConfig, i: int) -> list[Piece]:
-    hf, mg = f"model.layers.{i}.self_attn", f"blocks.{i}.attn"
-    C = m.resolved_head_dim
-    widths = {"q": m.n_heads * C, "k": m.n_kv_heads * C, "v": m.n_kv_heads * C, "o": m.d_model}
-    out = []
-    for proj, width in widths.items():
-        out.append(Piece(f"{hf}.{proj}_proj.weight", f"{mg}.{proj}_proj.weight"))
-        out.append(Piece(f"{hf}.{proj}_proj.bias", f"{mg}.{proj}_proj.bias", shape=(width,), fill=0.0))
-    return out
 
 
 class PanguLayout(BaseLayout):
@@ -95,20 +84,13 @@ class PanguLayout(BaseLayout):
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:
-        out = [Piece("model.embed_tokens.weight", "embed.weight"), Piece("model.norm.weight", "norm.weight")]
-        if not m.tie_embeddings:
-            out.append(Piece("lm_head.weight", "lm_head.weight"))
+        out = decoder_pieces(m, biases="qkvo")  # the released attention has all four biases
         for i in range(m.n_layers):
-            hf, mg = f"model.layers.{i}", f"blocks.{i}"
+            hf, mg = f"model.layers.{i}.mlp", f"blocks.{i}.ffn"
             out += [
-                Piece(f"{hf}.input_layernorm.weight", f"{mg}.attn_norm.weight"),
-                Piece(f"{hf}.post_attention_layernorm.weight", f"{mg}.ffn_norm.weight"),
-                Piece(f"{hf}.mlp.gate.weight", f"{mg}.ffn.router.weight"),
-                Piece(
-                    f"{hf}.mlp.router_scale", f"{mg}.ffn.expert_scale_E", shape=(1, e.num_experts), fill=1.0
-                ),
+                Piece(f"{hf}.gate.weight", f"{mg}.router.weight"),
+                Piece(f"{hf}.router_scale", f"{mg}.expert_scale_E", shape=(1, e.num_experts), fill=1.0),
             ]
-            out += _attention_pieces(m, i)
-            out += expert_pieces(f"{hf}.mlp.experts", f"{mg}.ffn.experts", e.num_experts, e.expert_hidden)
-            out += swiglu_pieces(f"{hf}.mlp.shared_expert", f"{mg}.ffn.shared", e.shared_width)
+            out += expert_pieces(f"{hf}.experts", f"{mg}.experts", e.num_experts, e.expert_hidden)
+            out += swiglu_pieces(f"{hf}.shared_expert", f"{mg}.shared", e.shared_width)
         return out
