@@ -2,11 +2,11 @@
 
     moge train CONFIG [KEY=VALUE ...]        train (e.g. train.steps=50 moe.router=global)
     moge params CONFIG [KEY=VALUE ...]       total and activated parameters (meta device)
-    moge eval RUN_DIR [RUN_DIR ...]          report / comparison (moge.evaluate)
+    moge eval RUN_DIR [RUN_DIR ...]          report / comparison (moge.tools.evaluate)
     moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge plan CONFIG --devices N [N ...] [--mesh ep=E]   per-device memory of training on N devices
-    moge bench [OPTIONS]                     time the layer against the dense limit (moge.bench)
+    moge bench [OPTIONS]                     time the layer against the dense limit (moge.tools.bench)
     moge torchrun [TORCHRUN OPTIONS] SUBCOMMAND ...   torchrun whose failed ranks print one line
     moge extract RUN_DIR --domain D OUT      a two-level-RRE run's domain sub-model (moge.sigma)
     moge fingerprint A B [C ...]             attention-weight fingerprints, with p-values
@@ -86,8 +86,8 @@ def _write_torchrun_error_file(line: str) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from moge.config import load_config
     from moge.training import train
+    from moge.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, progress=True)
@@ -101,9 +101,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from moge.config import load_config
-    from moge.limits import parameter_count  # count_parameters in closed form: any depth, at once
     from moge.model import format_params
+    from moge.training.config import load_config
+    from moge.training.limits import parameter_count  # count_parameters in closed form: any depth, at once
 
     cfg = load_config(args.config, args.overrides)
     count = parameter_count(cfg.model, cfg.moe)
@@ -113,7 +113,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from moge.evaluate import eval_command
+    from moge.tools.evaluate import eval_command
 
     eval_command(args.run_dirs, batches=args.batches, out=args.out, knockout=args.knockout)
     return EXIT_OK
@@ -122,8 +122,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from moge.data import decode, encode
     from moge.interop import load_model  # a run folder, a checkpoint, or a layout folder
+    from moge.training.data import decode, encode
 
     if not args.prompt:
         raise ValueError("--prompt: must not be empty")
@@ -145,7 +145,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from moge.simulate import simulate_command
+    from moge.tools.simulate import simulate_command
 
     simulate_command(
         args.config, args.devices, args.tokens, args.routers, args.trials, args.tflops,
@@ -270,8 +270,8 @@ def _parse_mesh(text: str) -> tuple[int, int | None]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from moge.config import load_config
     from moge.tools.plan import format_plan, memory_plan
+    from moge.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     ep, dp = _parse_mesh(args.mesh) if args.mesh else (None, None)
@@ -451,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-gb", type=float, default=80.0, dest="device_gb", help="memory per device, GiB")
     p.set_defaults(handler=_cmd_plan)
 
-    # Listed for --help only: main() hands `moge bench ...` to moge.bench's own parser.
+    # Listed for --help only: main() hands `moge bench ...` to moge.tools.bench's own parser.
     sub.add_parser("bench", help="time the MoGE layer against the dense limit and peers (moge bench --help)")
-    # Likewise `moge torchrun ...` goes to moge.launch.
+    # Likewise `moge torchrun ...` goes to moge.distributed.launch.
     sub.add_parser(
         "torchrun",
         help="torchrun [OPTIONS] SUBCOMMAND ...: launch ranks; a failed rank prints one error line",
@@ -498,17 +498,17 @@ def _add_upcycle_parser(sub) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (see the module docstring)."""
     from moge.distributed.agree import PeerError
-    from moge.runfolder import Terminated
     from moge.training import NonFiniteLossError
+    from moge.training.runfolder import Terminated
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["torchrun"]:  # the launcher owns its options (moge/launch.py)
-            from moge.launch import main as launch_main
+        if argv[:1] == ["torchrun"]:  # the launcher owns its options (moge/distributed/launch.py)
+            from moge.distributed.launch import main as launch_main
 
             return launch_main(argv[1:])
-        if argv[:1] == ["bench"]:  # the benchmark owns its options (moge/bench.py)
-            from moge.bench import main as bench_main
+        if argv[:1] == ["bench"]:  # the benchmark owns its options (moge/tools/bench.py)
+            from moge.tools.bench import main as bench_main
 
             return bench_main(
                 argv[1:], prog="moge bench", parser_class=_Parser, formatter_class=_HelpFormatter
@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
-    except Terminated as stop:  # SIGTERM: the step finished and was saved (moge.runfolder)
+    except Terminated as stop:  # SIGTERM: the step finished and was saved (moge.training.runfolder)
         if _should_print():
             print(_one_line(stop), file=sys.stderr)
         return EXIT_TERMINATED

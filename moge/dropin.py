@@ -60,7 +60,7 @@ class MoGEMLP(MoGELayer):
     ) -> Tensor:
         """x [..., D] (token_ids [...] for router="random"; mask [...]: see MoGELayer) -> [..., D]."""
         out = super().forward(x, token_ids, mask=mask)
-        # An activation-checkpointing recompute (moge.recompute) must not queue the loss twice.
+        # An activation-checkpointing recompute (moge.model.recompute) must not queue the loss twice.
         if self.training and torch.is_grad_enabled() and self.recompute_phase != "recompute":
             self.pending_aux_losses.append(out)
             if len(self.pending_aux_losses) == self.END_STEP_WARN_CALLS:

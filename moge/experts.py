@@ -4,7 +4,7 @@ Legend: T tokens, K experts per token, S = T*K token-slots (sorted by expert),
 D d_model, F expert hidden, H = 2F (gate and up projections, fused), E experts.
 
 GroupedExperts keeps the weights and picks a path: "fused" (the default on CPU;
-moge/fused_plan.py + moge/fused.py: chunks of experts, scratch buffers, hand-written
+moge/kernels/fused_plan.py + moge/kernels/fused.py: chunks of experts, scratch buffers, hand-written
 backward), "grouped_mm" (torch._grouped_mm, the default on CUDA in bf16) or "loop"
 (one matmul per expert through autograd). All match the reference loop in
 tests/reference.py, forward and backward.
@@ -17,8 +17,8 @@ import torch.nn.functional as F_
 from einops import rearrange
 from torch import Tensor, nn
 
-from moge.fused import FusedMoE, FusedSwiGLUExperts
-from moge.fused_plan import (
+from moge.kernels.fused import FusedMoE, FusedSwiGLUExperts
+from moge.kernels.fused_plan import (
     CHUNK_BYTES,
     MAX_PAD_WASTE,
     Plan,
@@ -27,7 +27,7 @@ from moge.fused_plan import (
     sort_pieces,
     token_blocks,
 )
-from moge.precision import default_pad_rows, matmul_dtype
+from moge.kernels.precision import default_pad_rows, matmul_dtype
 
 __all__ = [
     "EXPERT_IMPLS",

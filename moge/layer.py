@@ -22,11 +22,11 @@ from moge._validate import (
     check_optional_int,
 )
 from moge.experts import GroupedExperts, SwiGLU
-from moge.precision import float32_linear
-from moge.routing import RouterSettings, compute_scores, make_random_routing_table, route
+from moge.kernels.precision import float32_linear
+from moge.routing import ROUTER_NAMES, RouterSettings, compute_scores, make_random_routing_table, route
 from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
 
-ROUTERS = ("grouped", "global", "group_limited", "random")
+ROUTERS = ROUTER_NAMES
 SCORE_FUNCS = ("softmax", "sigmoid")
 AUX_LOSS_TYPES = ("batch", "sequence", "global_batch", "released")
 GROUP_SCORES = ("top2_sum", "max")
@@ -237,7 +237,7 @@ class MoGELayer(nn.Module):
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
         self.calls_since_end_step = 0
         self._warned_end_step = False
-        # Activation checkpointing (moge.recompute) runs forward twice; the second run
+        # Activation checkpointing (moge.model.recompute) runs forward twice; the second run
         # must not count again. `recompute_phase` is "forward" or "recompute" inside a
         # checkpointed call (None outside); the counts each first run used wait in
         # `_replay_counts` for its recompute, so the loss's gradient is the same.

@@ -18,6 +18,8 @@ from einops import rearrange
 from torch import Tensor
 
 ROUTER_NAMES = ("grouped", "global", "group_limited", "random")
+# Routers that take a fixed number of experts from every group: static expert-parallel splits.
+QUOTA_ROUTERS = ("grouped", "random")
 
 
 # --- selection primitives ---------------------------------------------------------

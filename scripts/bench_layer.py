@@ -4,12 +4,12 @@
     python scripts/bench_layer.py --shape large        # E=64 M=8 K=8 d=1024 f=512
     python scripts/bench_layer.py --no-peers --sweep-tokens 1024,4096,16384,65536
 
-Options: python scripts/bench_layer.py --help. The work is in moge/bench.py.
+Options: python scripts/bench_layer.py --help. The work is in moge/tools/bench.py.
 """
 
 import sys
 
-from moge.bench import main
+from moge.tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -46,7 +46,7 @@ def _command(args, world: int, out_dir: Path) -> list[str]:
 
 def _tokens_per_s(out_dir: Path, world: int) -> tuple[float, int]:
     """(steady tokens/s over steps 2..N, tokens per step) from metrics.jsonl."""
-    from moge.config import load_config
+    from moge.training.config import load_config
 
     cfg = load_config(out_dir / "config.yaml")
     lines = (out_dir / "metrics.jsonl").read_text().splitlines()

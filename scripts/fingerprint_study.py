@@ -29,11 +29,11 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from moge.checkpoint import CHECKPOINTS
-from moge.config import config_from_dict
 from moge.interop.upcycle_run import upcycle_run
 from moge.tools.fingerprint import Settings, compare_profiles, read_profile, z_normalise
-from moge.train import train
+from moge.training import train
+from moge.training.checkpoint import CHECKPOINTS
+from moge.training.config import config_from_dict
 
 OTHER_DATA = str(Path(email.__file__).parent)  # any Python has it: a reproducible second corpus
 

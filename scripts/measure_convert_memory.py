@@ -24,10 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moge.config import DataConfig, ModelConfig, RunConfig  # noqa: E402
 from moge.interop import runfolder  # noqa: E402
 from moge.layer import MoGEConfig  # noqa: E402
 from moge.model import MoGETransformer  # noqa: E402
+from moge.model.config import ModelConfig  # noqa: E402
+from moge.training.config import DataConfig, RunConfig  # noqa: E402
 
 CHILD = """
 import sys, time

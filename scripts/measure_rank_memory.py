@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moge.config import load_config
 from moge.model import MoGETransformer
+from moge.training.config import load_config
 
 
 def nbytes(t):
@@ -46,8 +46,12 @@ def worker(rank, world, cfgpath, ep, port, out):
         model, opt = _build(cfg, w)
         kind = "after"
     except ImportError:
-        from moge.parallel import average_replicated_grads, init_distributed, parallelize_model
-        from moge.train import build_optimizer
+        from moge.distributed.expert_parallel import (
+            average_replicated_grads,
+            init_distributed,
+            parallelize_model,
+        )
+        from moge.training import build_optimizer
 
         ctx = init_distributed("gloo", expert_parallel=ep)
         torch.manual_seed(cfg.train.seed)

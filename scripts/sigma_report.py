@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from moge.checkpoint import load_run
-from moge.data import load_dataset
 from moge.model import count_parameters, format_params
 from moge.sigma.report import domain_val_loss
+from moge.training.checkpoint import load_run
+from moge.training.data import load_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

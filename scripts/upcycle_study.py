@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from moge.checkpoint import load_run
-from moge.config import load_config
-from moge.data import load_dataset
 from moge.interop.upcycle_run import upcycle_run, write_start_checkpoint
 from moge.model import count_parameters, format_params
 from moge.training import train
+from moge.training.checkpoint import load_run
+from moge.training.config import load_config
+from moge.training.data import load_dataset
 from moge.training.metrics import METRICS, validation_loss
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,12 +2,12 @@
 
     python scripts/update_config_reference.py
 
-tests/test_docs.py fails when README.md and the code disagree; this script mends it.
+tests/tools/test_docs.py fails when README.md and the code disagree; this script mends it.
 """
 
 from pathlib import Path
 
-from moge.docs import README_MARKERS, replace_config_reference
+from moge.tools.docs import README_MARKERS, replace_config_reference
 
 readme = Path(__file__).resolve().parents[1] / "README.md"
 readme.write_text(replace_config_reference(readme.read_text(encoding="utf-8")), encoding="utf-8")

@@ -337,7 +337,7 @@ def test_dropin_aux_loss_pools_released_layers():
 
 
 def test_released_is_a_config_option():
-    from moge.config import load_config
+    from moge.training.config import load_config
 
     cfg = load_config("tiny-moge", ["moe.aux_loss_type=released"])
     assert cfg.moe.aux_loss_type == "released"
@@ -351,8 +351,8 @@ def test_exported_router_aux_loss_coef_follows_the_objective(tmp_path, aux_loss_
     """config.json's router_aux_loss_coef is the released c: alpha / K for Eq. 8, c itself for released."""
     import json
 
-    from moge.config import ModelConfig
     from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
 
     assert balance.released_coefficient(coef, aux_loss_type, 2) == pytest.approx(released_c)
     m = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True)

@@ -83,11 +83,11 @@ def test_generate_too_long_is_a_user_error(trained_run, capsys):
 
 def test_eval_calls_evaluate(monkeypatch):
     calls = []
-    fake = types.ModuleType("moge.evaluate")
+    fake = types.ModuleType("moge.tools.evaluate")
     fake.eval_command = lambda run_dirs, batches=None, out=None, knockout=None: calls.append(
         (run_dirs, batches, out, knockout)
     )
-    monkeypatch.setitem(sys.modules, "moge.evaluate", fake)
+    monkeypatch.setitem(sys.modules, "moge.tools.evaluate", fake)
     assert main(["eval", "runs/a", "runs/b", "--batches", "4", "--out", "cmp"]) == 0
     assert main(["eval", "runs/a", "--knockout"]) == 0
     assert main(["eval", "runs/a", "--knockout", "2"]) == 0

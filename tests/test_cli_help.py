@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
-from moge.bench import build_parser as bench_parser
-from moge.bench import peak_memory_bytes
 from moge.cli import _HelpFormatter, _Parser, build_parser, main
-from moge.config import default_out_dir, load_config, preset_names
+from moge.tools.bench import build_parser as bench_parser
+from moge.tools.bench import peak_memory_bytes
+from moge.training.config import default_out_dir, load_config, preset_names
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

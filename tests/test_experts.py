@@ -6,8 +6,8 @@ from reference import reference_experts
 from torch.testing import assert_close
 
 from moge import experts as experts_module
-from moge import precision
 from moge.experts import SwiGLU, _loop_experts, resolve_impl, run_experts
+from moge.kernels import precision
 
 
 @pytest.mark.parametrize("impl", ["fused", "grouped_mm", "loop"])

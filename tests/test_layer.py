@@ -316,7 +316,7 @@ def test_zero_tokens():
 
 
 def test_fused_chunks_are_groups_and_combine_by_gather():
-    from moge.fused_plan import columns_per_chunk
+    from moge.kernels.fused_plan import columns_per_chunk
 
     layer = make(num_experts=8, num_groups=2, top_k=4)
     assert layer.experts.experts_per_chunk == 4

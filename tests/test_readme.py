@@ -128,7 +128,7 @@ def _kind(argv: list[str]) -> str:
 
 def _cheap_train(args: list[str]) -> list[str]:
     """`train CONFIG OVERRIDES` made small, writing where the command as written would."""
-    from moge.config import load_config
+    from moge.training.config import load_config
 
     config, overrides = args[1], [a for a in args[2:] if "=" in a]
     cfg = load_config(config, overrides)

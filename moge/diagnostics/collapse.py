@@ -92,7 +92,7 @@ class LayerCollapse:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When to warn (see MonitorConfig in moge.config for the meaning of each)."""
+    """When to warn (see MonitorConfig in moge.training.config for the meaning of each)."""
 
     min_effective_share: float = 0.0
     max_logit_growth: float = 0.0

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from moge._validate import check_int
 from moge.experts import run_experts
 from moge.layer import MoGEConfig, MoGELayer
+from moge.routing import QUOTA_ROUTERS
 
 # Routers that take top_k/num_groups experts from every group: static splits.
-QUOTA_ROUTERS = ("grouped", "random")
 EXPERT_KEYS = ("experts.w_gate_up_EDH", "experts.w_down_EFD")
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moge.config import BACKENDS, ParallelConfig
+from moge.distributed.config import BACKENDS, ParallelConfig
 
 MESH_DIMS = ("dp", "ep")
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from moge.config import DataConfig, RunConfig
 from moge.interop import runfolder
 from moge.interop.folder import LayoutFolder
 from moge.interop.llama import LlamaLayout, Qwen2Layout
@@ -33,6 +32,7 @@ from moge.interop.mixtral import MixtralLayout
 from moge.interop.pangu import PanguLayout
 from moge.interop.qwen_moe import Qwen2MoeLayout, Qwen3MoeLayout
 from moge.model import MoGETransformer
+from moge.training.config import DataConfig, RunConfig
 
 __all__ = [
     "LAYOUTS",

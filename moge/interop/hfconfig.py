@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from moge.config import ModelConfig
 from moge.layer import MoGEConfig
+from moge.model.config import ModelConfig
 
 
 def dense_pattern(n_layers: int, moe_layers: set[int], where: str) -> tuple[int, int]:

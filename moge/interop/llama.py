@@ -7,10 +7,10 @@ moge holds them as a model whose `first_dense_layers` is n_layers (no MoE layer)
 
 from __future__ import annotations
 
-from moge.config import ModelConfig
 from moge.interop.hfconfig import base_config_json, base_model_config, dense_moe_placeholder, need, refuse
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
+from moge.model.config import ModelConfig
 
 
 def _dense_pieces(m: ModelConfig, biases: str) -> list[Piece]:

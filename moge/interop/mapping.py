@@ -19,10 +19,10 @@ from typing import Protocol
 
 import torch
 
-from moge.config import ModelConfig
 from moge.interop.folder import INDEX, SINGLE, LayoutFolder
 from moge.interop.tensorfile import SafetensorsReader, SafetensorsWriter
 from moge.layer import MoGEConfig
+from moge.model.config import ModelConfig
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 # Keys a loader skips: RoPE tables some checkpoints carry (moge derives them from the config).

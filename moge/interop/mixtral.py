@@ -7,11 +7,11 @@ the top-k logits. Experts are `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up
 from __future__ import annotations
 
 from moge.balance import released_coefficient
-from moge.config import ModelConfig
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import base_config_json, base_model_config, check_plain_routing, need, refuse
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces
 from moge.layer import MoGEConfig
+from moge.model.config import ModelConfig
 
 NAMES = ("w1", "w3", "w2")  # gate, up, down
 

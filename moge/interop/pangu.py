@@ -11,10 +11,10 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 from __future__ import annotations
 
 from moge.balance import released_coefficient
-from moge.config import ModelConfig
 from moge.interop.hfconfig import base_config_json, base_model_config, need, refuse
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
+from moge.model.config import ModelConfig
 
 ARCH, MODEL_TYPE = "PanguProMoEForCausalLM", "PanguProMoE"
 AUTO_MAP = {

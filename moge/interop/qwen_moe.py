@@ -9,7 +9,6 @@ Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
 from __future__ import annotations
 
 from moge.balance import released_coefficient
-from moge.config import ModelConfig
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import (
     base_config_json,
@@ -21,6 +20,7 @@ from moge.interop.hfconfig import (
 )
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
+from moge.model.config import ModelConfig
 
 
 def hf_moe_layers(hf: dict, n_layers: int, num_experts: int) -> set[int]:

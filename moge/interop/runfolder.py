@@ -1,11 +1,11 @@
 """moge's own side of a conversion: run folders and checkpoints, read and written by streaming.
 
 A converted run folder holds config.yaml, an empty metrics.jsonl (nothing was trained)
-and checkpoints/step_00000000/ with LATEST, in moge.checkpoint's sharded layout as one
+and checkpoints/step_00000000/ with LATEST, in moge.training.checkpoint's sharded layout as one
 process writes it: one shard (shard-00001-model-00001-of-00001.safetensors, every
 "model.<name>" tensor whole, with the DCP sharding header), rng.safetensors, and the
 manifest (state.json listing every file's size and sha256, state.json.sha256). So
-`moge eval`, `moge generate` and `moge.checkpoint.load_run` verify and read it. It has
+`moge eval`, `moge generate` and `moge.training.checkpoint.load_run` verify and read it. It has
 no optimizer state: `train.resume` cannot continue it (train from it by other means).
 
 Reading goes the other way, from any world size: each shard's header says which slice
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from moge import checkpoint as ckpt
-from moge.config import RunConfig, config_to_dict, save_config
 from moge.interop.tensorfile import SafetensorsReader, SafetensorsWriter
-from moge.manifest import write_manifest
+from moge.training import checkpoint as ckpt
+from moge.training.config import RunConfig, config_to_dict, save_config
+from moge.training.manifest import write_manifest
 
 SHARD = "shard-00001-model-00001-of-00001.safetensors"  # the name DCP gives rank 0's only shard
 _PREFIX = "model."  # the model's tensors in a checkpoint (optimizer state: "optim.")
@@ -31,7 +31,7 @@ _SHARDING = "DCP_SHARDING_INFO"  # header metadata: each tensor's offsets in the
 
 
 def load(path: str | Path):
-    """(model, config, step) of a run folder or a checkpoint folder (moge.checkpoint.load_run)."""
+    """(model, config, step) of a run folder or a checkpoint folder (moge.training.checkpoint.load_run)."""
     return ckpt.load_run(path)
 
 
@@ -135,7 +135,7 @@ def write(dst: str | Path, cfg: RunConfig, src, dtype: torch.dtype | None = None
     """Write a step-0 run folder from a MogeSource (tensors read one at a time); returns the shard.
 
     The checkpoint is written into a temporary folder and renamed into place with LATEST
-    (moge.checkpoint's crash-safe publication), so an interrupted conversion leaves no
+    (moge.training.checkpoint's crash-safe publication), so an interrupted conversion leaves no
     checkpoint that looks complete.
     """
     root = Path(dst)

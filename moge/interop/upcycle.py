@@ -56,13 +56,13 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from moge.config import ModelConfig
 from moge.experts import SwiGLU
 from moge.layer import MoGEConfig, MoGELayer
 from moge.model import MoGETransformer
+from moge.model.config import ModelConfig
+from moge.routing import QUOTA_ROUTERS
 
 ROUTER_INITS = ("auto", "uniform", "replicated", "random")
-QUOTA_ROUTERS = ("grouped", "random")  # take a fixed number of experts from every group
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import yaml
 
-from moge.config import RunConfig, apply_overrides, config_from_dict, save_config
 from moge.interop.upcycle import UpcyclePlan, plan_upcycle, upcycle_model
 from moge.model import MoGETransformer
+from moge.training.config import RunConfig, apply_overrides, config_from_dict, save_config
 
 ADJUSTABLE = ("first_dense_layers", "moe_every", "max_seq_len", "init_std")  # model keys CONFIG may set
 PROBE_TOKENS = 32  # tokens per sequence of the step-0 check (2 sequences)
@@ -128,8 +128,8 @@ def write_start_checkpoint(model: MoGETransformer, cfg: RunConfig, out_dir: Path
     `moge train out_dir/config.yaml` (cfg.train.out_dir = out_dir, resume = true) then
     trains on from these weights with cfg's schedule from step 0. Returns the checkpoint.
     """
-    from moge.checkpoint import save_checkpoint
     from moge.training import build_optimizer
+    from moge.training.checkpoint import save_checkpoint
 
     if Path(cfg.train.out_dir or "") != out_dir or not cfg.train.resume:
         raise ValueError(f"train.out_dir: must be {out_dir} with train.resume=true to continue from step 0")

@@ -2,7 +2,7 @@
 
 Legend: B batch, L sequence length, N domains.
 
-Each domain's stream is split into train/val on its own (`moge.data.split_tokens`, the
+Each domain's stream is split into train/val on its own (`moge.training.corpus.split_tokens`, the
 same seed), so domain D's validation windows are the same whether the other domains are
 loaded or not (`data.only_domain`): the full model and D's sub-model are measured on
 identical windows.
@@ -18,9 +18,16 @@ from pathlib import Path
 
 import torch
 
-from moge.config import DataConfig
-from moge.data import BYTE_VOCAB, Batch, TokenDataset, _looks_binary, _text_files_under, split_tokens
 from moge.sigma.domains import TOPIC_FAMILIES, check_names_match, selected_names
+from moge.training.config import DataConfig
+from moge.training.corpus import (
+    BYTE_VOCAB,
+    Batch,
+    TokenDataset,
+    _looks_binary,
+    _text_files_under,
+    split_tokens,
+)
 
 
 def _builtin_items() -> list[tuple[str, bytes]]:

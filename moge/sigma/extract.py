@@ -8,7 +8,7 @@ router rows, learned expert scales and balance biases) and every shared part (em
 attention, norms, shared experts, dense blocks, LM head), renumbers the groups 0..n-1
 and records their old numbers in `moe.rre_group_ids`, which redraws exactly their
 columns of the token-id table. On the domain's data its logits are those of the full
-model, bit for bit (tests/test_sigma_extract.py). The output is a run folder that
+model, bit for bit (tests/sigma/test_sigma_extract.py). The output is a run folder that
 `moge eval` and `moge generate` read like any other.
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from moge.checkpoint import load_run, save_checkpoint
-from moge.config import RunConfig, save_config
 from moge.layer import MoGELayer
 from moge.model import MoGETransformer, count_parameters, format_params
 from moge.sigma.routing import reachable_experts
+from moge.training.checkpoint import load_run, save_checkpoint
+from moge.training.config import RunConfig, save_config
 
 # Tensors of a MoGELayer with one row per routed expert (its state_dict keys).
 PER_EXPERT_KEYS = (

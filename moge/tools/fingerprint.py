@@ -325,7 +325,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
     if (path / "checkpoints").is_dir() or (path / "LATEST").is_file() or (path / "state.json").is_file():
-        from moge.checkpoint import RNG_FILE, find_checkpoint
+        from moge.training.checkpoint import RNG_FILE, find_checkpoint
 
         # Every rank's shard file: a tensor sharded over ranks is read piece by piece.
         return sorted(f for f in find_checkpoint(path).glob("*.safetensors") if f.name != RNG_FILE)

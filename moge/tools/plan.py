@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from moge.config import ParallelConfig, RunConfig
+from moge.distributed.config import ParallelConfig
 from moge.distributed.mesh import MeshShape, plan_mesh
 from moge.model import MoGETransformer
+from moge.training.config import RunConfig
 
 EXPERT_PARAMS = ("experts.w_gate_up_EDH", "experts.w_down_EFD")
 USABLE = 0.9  # share of a device's memory a plan may fill (allocator, CUDA context, fragmentation)

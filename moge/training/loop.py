@@ -31,28 +31,17 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
-from moge.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
-from moge.config import RunConfig, config_to_dict, save_config
-from moge.data import Batch, TokenDataset, load_dataset
 from moge.diagnostics.collapse import CollapseMonitor
 from moge.distributed.agree import agree
 from moge.distributed.mesh import World, close, connect
 from moge.distributed.parallelize import clip_grads_, grad_norm, parallelize
-from moge.limits import check_train_fits
 from moge.model import MoGETransformer, count_parameters, format_params
-from moge.runfolder import (
-    RunLock,
-    StopOnSigterm,
-    append_record,
-    holds_a_run,
-    optimizer_settings,
-    read_metrics,
-    reapply_optimizer_settings,
-    resume_point,
-    rewrite_metrics,
-)
 from moge.sigma.data import check_dataset_domains
+from moge.training.checkpoint import checkpoint_config, load_checkpoint, resume_point, save_checkpoint
 from moge.training.checks import check_weights, global_losses, moe_blocks, nonfinite_grads
+from moge.training.config import RunConfig, config_to_dict, save_config
+from moge.training.data import Batch, TokenDataset, load_dataset
+from moge.training.limits import check_train_fits
 from moge.training.metrics import (
     METRICS,
     autocast,
@@ -63,6 +52,16 @@ from moge.training.metrics import (
     validation_loss,
 )
 from moge.training.optim import build_optimizer, lr_at
+from moge.training.runfolder import (
+    RunLock,
+    StopOnSigterm,
+    append_record,
+    holds_a_run,
+    optimizer_settings,
+    read_metrics,
+    reapply_optimizer_settings,
+    rewrite_metrics,
+)
 
 
 @dataclass

@@ -12,9 +12,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from moge.data import TokenDataset
 from moge.layer import MoGELayer, MoGEOutput
 from moge.model import ModelOutput, MoGETransformer
+from moge.training.data import TokenDataset
 
 METRICS = "metrics.jsonl"
 # Per MoE layer and micro-batch, averaged over the step: lb_loss, z_loss, score_entropy,

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from moge.config import TrainConfig
+from moge.training.config import TrainConfig
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:

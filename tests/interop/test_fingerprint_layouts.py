@@ -53,8 +53,8 @@ def test_fingerprint_reads_transformers_folders_and_their_moge_conversion(layout
 
 
 def test_fingerprint_of_a_pangu_export_equals_the_run(tmp_path):
-    from moge.config import config_from_dict
-    from moge.train import train
+    from moge.training import train
+    from moge.training.config import config_from_dict
 
     cfg = config_from_dict({
         "name": "pangu-fp",

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from moge.checkpoint import find_checkpoint, load_run, read_tensors
 from moge.cli import CONVERT_LAYOUTS, main
 from moge.interop import LAYOUTS, MOGE, from_pretrained
+from moge.training.checkpoint import find_checkpoint, load_run, read_tensors
 
 TINY = {
     "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},

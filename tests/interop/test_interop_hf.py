@@ -128,9 +128,9 @@ def test_grouped_model_refuses_transformers_layouts(tmp_path):
 
 
 def _pangu_like(path):
-    from moge.config import ModelConfig
     from moge.layer import MoGEConfig
     from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
 
     m = ModelConfig(
         vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, qkv_bias=True, o_bias=True
@@ -145,9 +145,9 @@ def _pangu_like(path):
     [("qwen2", False, False), ("llama", True, False), ("llama", False, True)],
 )
 def test_biases_the_layout_has_and_the_model_lacks_export_as_zeros(tmp_path, layout, qkv_bias, o_bias):
-    from moge.config import ModelConfig
     from moge.interop.hfconfig import dense_moe_placeholder
     from moge.model import MoGETransformer
+    from moge.training.config import ModelConfig
 
     torch.manual_seed(0)
     m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=qkv_bias,
@@ -164,8 +164,8 @@ def test_convert_layout_to_layout_and_to_moge_streams_equal_tensors(saved, tmp_p
     """Resharding a layout through convert (expert by expert) keeps every tensor; so does a moge run."""
     from safetensors.torch import load_file
 
-    from moge.checkpoint import load_run
     from moge.interop import convert
+    from moge.training.checkpoint import load_run
 
     layout, _, path = saved
     convert(path, tmp_path / "again", to=layout, max_shard_bytes=30_000)

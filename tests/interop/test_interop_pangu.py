@@ -8,10 +8,10 @@ import pytest
 import torch
 from pangu_oracle import PanguOracle, write_random_checkpoint
 
-from moge.config import ModelConfig
 from moge.interop import from_pretrained, save_pretrained
 from moge.layer import MoGEConfig
 from moge.model import MoGETransformer
+from moge.model.config import ModelConfig
 
 # The released block's own shape (64 experts, top-8, 8 groups), at tiny widths.
 RELEASED_FIELDS = dict(
@@ -124,8 +124,8 @@ def test_the_72b_config_exports_the_released_configuration():
     """configs/pangu-pro-moe-72b.yaml -> config.json: the released configuration's defaults."""
     from pathlib import Path
 
-    from moge.config import load_config
     from moge.interop.pangu import PanguLayout
+    from moge.training.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "pangu-pro-moe-72b.yaml")
     written = PanguLayout().write_config(cfg.model, cfg.moe)

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
 
-from moge.config import ModelConfig
 from moge.experts import SwiGLU
 from moge.interop.upcycle import plan_upcycle, upcycle_ffn, upcycle_model
 from moge.layer import MoGEConfig, MoGELayer
 from moge.model import MoGETransformer
+from moge.model.config import ModelConfig
 
 V, D, F = 64, 32, 64  # vocabulary, d_model, dense hidden
 # Logits are O(1) here (init_std 0.2); fp32 rounding of the re-ordered sums is ~1e-6.

@@ -15,12 +15,12 @@ import yaml
 from hf_cases import VOCAB, hf_model
 from pangu_oracle import PanguOracle
 
-from moge.checkpoint import load_run
 from moge.cli import main
 from moge.interop import save_pretrained
 from moge.interop.upcycle import upcycle_model
 from moge.interop.upcycle_run import load_dense
 from moge.layer import MoGEConfig
+from moge.training.checkpoint import load_run
 
 D = 32  # hf_cases: hidden_size 32, intermediate_size 40
 

@@ -9,11 +9,11 @@ import torch
 import yaml
 from torch.testing import assert_close
 
-from moge.checkpoint import load_run
 from moge.cli import main
-from moge.config import load_config
-from moge.data import load_dataset
 from moge.interop.upcycle_run import upcycle_run
+from moge.training.checkpoint import load_run
+from moge.training.config import load_config
+from moge.training.data import load_dataset
 
 MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, "dense_hidden": 64,
          "init_std": 0.2}  # fmt: skip

@@ -1,0 +1,454 @@
+"""The fused expert path: gather, SwiGLU products and combine, chunk by chunk, with a
+hand-written backward.
+
+Legend: T tokens, K experts per token, S = T*K token-slots, D d_model, F expert
+hidden, H = 2F (gate and up, fused), E experts, P rows of the plan's layout, R rows of
+one chunk (a slice of P).
+
+FusedMoE (GroupedExperts "fused") takes tokens and gates and returns the combined
+output without building any [S, D] tensor; FusedSwiGLUExperts (run_experts "fused",
+used by expert parallelism) runs experts on slots already sorted by expert. Both
+write every gradient directly: autograd through per-expert slicing would
+materialise a full-size zero gradient per expert. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor
+
+from moge.kernels.fused_plan import Chunk, Plan
+from moge.kernels.precision import matmul_dtype
+
+
+class _Scratch:
+    """Per-call work buffers of one chunk's rows, reused chunk after chunk.
+
+    Created on first use, uninitialised: every user writes the rows it reads.
+    Sized by the largest chunk, so they stay a fraction of the [S, *] tensors and are
+    not returned to the OS between chunks (fresh large temporaries page-fault).
+    """
+
+    def __init__(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.n_rows, self.dtype, self.device = rows, dtype, device
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, name: str, cols: int, rows: int) -> Tensor:
+        """The first `rows` rows of the [max rows, cols] buffer called `name`."""
+        buf = self._bufs.get(name)
+        if buf is None:
+            buf = self._bufs[name] = torch.empty(self.n_rows, cols, dtype=self.dtype, device=self.device)
+        return buf[:rows]
+
+
+def _gather(
+    buf: Tensor, src: Tensor, index_P: Tensor | None, chunk: Chunk, zero_pads: bool = False
+) -> Tensor:
+    """The chunk's rows of src in buf's dtype: src[index_P[row]] (index None: src is
+    already laid out by row), padding rows zeroed if zero_pads. A view of src when no
+    copy is needed.
+    """
+    if index_P is None:
+        part = src[chunk.rows]
+        if part.dtype == buf.dtype:
+            return part
+        buf.copy_(part)
+    elif src.dtype == buf.dtype:
+        torch.index_select(src, 0, index_P[chunk.rows], out=buf)
+    else:
+        buf.copy_(src.index_select(0, index_P[chunk.rows]))
+    if zero_pads and chunk.pad_local is not None and chunk.pad_local.numel():
+        buf.index_fill_(0, chunk.pad_local, 0)
+    return buf
+
+
+def _weights(w: Tensor, chunk: Chunk, e: int | None, dtype: torch.dtype, mm: torch.dtype) -> Tensor:
+    """Expert e's weight (e None: the chunk's experts stacked), rounded to the compute
+    dtype, in the product dtype."""
+    part = w[chunk.e0 : chunk.e1] if e is None else w[e]
+    if part.dtype == dtype == mm:  # (the common case: skip two no-op calls per expert)
+        return part
+    return part.to(dtype).to(mm)
+
+
+def _products(a: Tensor, w: Tensor, out: Tensor, chunk: Chunk, dtype, mm, transpose: bool = False) -> Tensor:
+    """out[rows of e] = a[rows of e] @ w[e] (or w[e].T) for every expert of the chunk."""
+    if chunk.cap is not None:
+        n, cap = chunk.e1 - chunk.e0, chunk.cap
+        w_stack = _weights(w, chunk, None, dtype, mm)
+        w_stack = w_stack.transpose(1, 2) if transpose else w_stack
+        torch.bmm(a.view(n, cap, a.shape[1]), w_stack, out=out.view(n, cap, out.shape[1]))
+        return out
+    for e, rows, _ in chunk.experts:
+        w_e = _weights(w, chunk, e, dtype, mm)
+        torch.mm(a[rows], w_e.T if transpose else w_e, out=out[rows])
+    return out
+
+
+def _weight_grads(a: Tensor, b: Tensor, dw: Tensor, chunk: Chunk, add: bool) -> None:
+    """dw[e] = a[rows of e].T @ b[rows of e] for every expert of the chunk, or += when
+    `add` (an expert's token blocks add up in a zeroed accumulator; see _grad_buffer)."""
+    same = dw.dtype == a.dtype
+    if chunk.cap is not None:
+        n, cap = chunk.e1 - chunk.e0, chunk.cap
+        a3, b3 = a.view(n, cap, a.shape[1]).transpose(1, 2), b.view(n, cap, b.shape[1])
+        target = dw[chunk.e0 : chunk.e1]
+        if add and same:
+            target.baddbmm_(a3, b3)
+        elif same:
+            torch.bmm(a3, b3, out=target)
+        elif add:
+            target.add_(torch.bmm(a3, b3))
+        else:
+            target.copy_(torch.bmm(a3, b3))
+        return
+    for e, rows, _ in chunk.experts:
+        a_e, b_e = a[rows].T, b[rows]
+        if add and same:
+            dw[e].addmm_(a_e, b_e)
+        elif same:
+            torch.mm(a_e, b_e, out=dw[e])
+        elif add:
+            dw[e].add_(a_e @ b_e)
+        else:
+            dw[e].copy_(a_e @ b_e)
+
+
+# --- the elementwise work of a chunk: eager in-place ops, or one compiled kernel each --------
+
+
+def _act_eager(h_RH: Tensor, gate_R1: Tensor | None, buf: _Scratch) -> Tensor:
+    """a = silu(gate) * up (* g): [R, 2F] -> [R, F] in a scratch buffer."""
+    R, F = h_RH.shape[0], h_RH.shape[1] // 2
+    a = torch.ops.aten.silu.out(h_RH[:, :F], out=buf.get("a", F, R))
+    a.mul_(h_RH[:, F:])
+    if gate_R1 is not None:
+        # Scaling the [R, F] activations is cheaper than the [R, D] output when F < D.
+        a.mul_(gate_R1)
+    return a
+
+
+def _act_grads_eager(h_RH: Tensor, ga_RF: Tensor, gate_R1: Tensor | None, buf: _Scratch) -> tuple:
+    """From the pre-activations h (any float dtype) and ga = d loss / d(a * g) per unit
+    gate: (a * g [R, F], dh [R, 2F], d loss / d g [R] or None), in scratch buffers of
+    ga's dtype (ga is overwritten)."""
+    R, F = h_RH.shape[0], h_RH.shape[1] // 2
+    gate, up = h_RH[:, :F], h_RH[:, F:]  # mixed-dtype ops below read bf16 h directly
+    dh, a = buf.get("h", 2 * F, R), buf.get("a", F, R)
+    # dh's up half holds silu(gate) first.
+    if gate.dtype == dh.dtype:
+        s = torch.ops.aten.silu.out(gate, out=dh[:, F:])
+    else:  # silu.out wants one dtype
+        s = F_.silu(dh[:, F:].copy_(gate), inplace=True)
+    torch.mul(s, up, out=a)
+    dgate = None
+    if gate_R1 is not None:
+        dgate = torch.linalg.vecdot(a, ga_RF)
+        a.mul_(gate_R1)
+        ga_RF.mul_(gate_R1)
+    s.mul_(ga_RF)  # d loss / d up
+    torch.ops.aten.silu_backward.grad_input(ga_RF.mul_(up), gate, grad_input=dh[:, :F])
+    return a, dh, dgate
+
+
+def _act_pure(h_RH: Tensor, gate_R1: Tensor | None) -> Tensor:
+    """_act_eager without buffers, for torch.compile (one fused kernel)."""
+    F = h_RH.shape[1] // 2
+    a = F_.silu(h_RH[:, :F]) * h_RH[:, F:]
+    return a if gate_R1 is None else a * gate_R1
+
+
+def _act_grads_pure(h_RH: Tensor, ga_RF: Tensor, gate_R1: Tensor | None) -> tuple:
+    """_act_grads_eager without buffers, for torch.compile; h may be in the storage dtype."""
+    F = h_RH.shape[1] // 2
+    gate, up = h_RH[:, :F].to(ga_RF.dtype), h_RH[:, F:].to(ga_RF.dtype)
+    sig = torch.sigmoid(gate)
+    s = gate * sig
+    a = s * up
+    dgate = None if gate_R1 is None else (a * ga_RF).sum(dim=1)
+    if gate_R1 is not None:
+        a, ga_RF = a * gate_R1, ga_RF * gate_R1
+    dgate_in = ga_RF * up * sig * (1 + gate * (1 - sig))
+    return a, torch.cat((dgate_in, ga_RF * s), dim=1), dgate
+
+
+@functools.cache
+def _compiled() -> tuple:
+    """(act, act_grads) compiled once per process, dynamic in the row count."""
+    return torch.compile(_act_pure, dynamic=True), torch.compile(_act_grads_pure, dynamic=True)
+
+
+# --- one chunk's SwiGLUs, shared by both fused Functions ------------------------------------
+
+
+def _chunk_forward(x_RD, h_RH, chunk, w1, w2, gate_R1, buf, dtype, y_out, compiled) -> Tensor:
+    """Every expert of the chunk: (silu(gate) * up) * g @ w2, [gate | up] = x @ w1.
+
+    x_RD [R, D] the chunk's rows (padding rows: zero, or repeats with gate 0), h_RH [R, 2F] receives the
+    pre-activations (saved for backward, storage dtype), gate_R1 [R, 1] or None,
+    y_out [R, D] receives the result (may be x_RD's buffer: x is read first).
+    """
+    R, mm, F = x_RD.shape[0], x_RD.dtype, w2.shape[1]
+    hc = h_RH if h_RH.dtype == mm else buf.get("h", 2 * F, R)
+    _products(x_RD, w1, hc, chunk, dtype, mm)
+    if hc is not h_RH:
+        h_RH.copy_(hc)
+    a = _compiled()[0](hc, gate_R1) if compiled else _act_eager(hc, gate_R1, buf)
+    return _products(a, w2, y_out, chunk, dtype, mm)
+
+
+def _chunk_backward(
+    dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1, dw2, dx_out, compiled
+) -> tuple:
+    """Gradients of _chunk_forward. dy_RD [R, D] (padding rows as x's), h_RH [R, 2F] saved
+    (any float dtype), load_x() -> the chunk's inputs [R, D] (called only for dw1, after
+    the last read of dy); dw1 [E, D, 2F] and dw2 [E, F, D] receive the chunk's experts'
+    slices (or are None); dx_out [R, D] receives dx (may be dy's or x's buffer; None:
+    dx is not needed). -> (dx [R, D] or None, dgate [R] or None).
+    """
+    R, mm, F = dy_RD.shape[0], dy_RD.dtype, w2.shape[1]
+    ga = _products(dy_RD, w2, buf.get("g", F, R), chunk, dtype, mm, transpose=True)
+    if compiled:
+        a, dh, dgate = _compiled()[1](h_RH, ga, gate_R1)
+    else:
+        a, dh, dgate = _act_grads_eager(h_RH, ga, gate_R1, buf)
+    add = chunk.block > 0  # an expert's first token block writes its slice, later ones add
+    if dw2 is not None:
+        _weight_grads(a, dy_RD, dw2, chunk, add)
+    if dw1 is not None:
+        _weight_grads(load_x(), dh, dw1, chunk, add)
+    dx = None if dx_out is None else _products(dh, w1, dx_out, chunk, dtype, mm, transpose=True)
+    return dx, dgate
+
+
+def _grad_buffer(w: Tensor, mm: torch.dtype, needed: bool, plan: Plan) -> Tensor | None:
+    """The weight gradient's buffer. One token block: in w's dtype, each expert's slice
+    written once (zeroed first only if some expert got no slot: its gradient is an
+    exact 0). Several: a zeroed accumulator in float32 (float64 for float64 products),
+    so bf16 weights never sum their blocks in bf16, even where the products
+    themselves run in bf16 (native-bf16 CPUs): each block's product is rounded once,
+    the sum of blocks is not."""
+    if not needed:
+        return None
+    if plan.blocks == 1:
+        return torch.zeros_like(w) if plan.empty_experts else torch.empty_like(w)
+    acc = torch.float64 if mm == torch.float64 else torch.float32
+    return torch.zeros(w.shape, dtype=acc, device=w.device)
+
+
+def _as_param(g: Tensor | None, w: Tensor) -> Tensor | None:
+    return None if g is None else g.to(w.dtype)
+
+
+# --- fused experts on sorted slots (run_experts "fused": also used by parallel.py) ------
+
+
+class FusedSwiGLUExperts(torch.autograd.Function):
+    """Runs each expert's SwiGLU on its contiguous block of sorted slots.
+
+    The hand-written backward writes each expert's gradient slice in place; autograd
+    through per-expert slicing instead materialises a full-size zero gradient for
+    every expert, which costs as much as the matmuls at large E.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, w1: Tensor, w2: Tensor, plan: Plan) -> Tensor:
+        assert plan.num_slots == x_SD.shape[0], "counts must cover every slot"
+        D, F = x_SD.shape[1], w2.shape[1]
+        dtype, mm = x_SD.dtype, matmul_dtype(x_SD.device, x_SD.dtype)
+        y_SD = x_SD.new_empty(x_SD.shape[0], w2.shape[2])
+        h_PH = x_SD.new_empty(plan.num_rows, 2 * F)
+        buf = _Scratch(plan.max_rows, mm, x_SD.device)
+        for c in plan.chunks:
+            x_RD = _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, zero_pads=True)
+            y_RD = _chunk_forward(
+                x_RD, h_PH[c.rows], c, w1, w2, None, buf, dtype, buf.get("y", D, c.n_rows), plan.compiled
+            )
+            _to_slots(y_SD, y_RD, c, plan)
+        ctx.save_for_backward(x_SD, w1, w2, h_PH)
+        ctx.plan = plan
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD: Tensor):
+        x_SD, w1, w2, h_PH = ctx.saved_tensors
+        plan = ctx.plan
+        D = x_SD.shape[1]
+        dtype, mm = x_SD.dtype, matmul_dtype(x_SD.device, x_SD.dtype)
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        dy_SD = dy_SD.contiguous()
+        dx_SD = torch.empty_like(x_SD) if need_x else None
+        dw1, dw2 = _grad_buffer(w1, mm, need_w1, plan), _grad_buffer(w2, mm, need_w2, plan)
+        buf = _Scratch(plan.max_rows, mm, x_SD.device)
+        for c in plan.chunks:
+            dy_RD = _gather(buf.get("dy", D, c.n_rows), dy_SD, plan.slot_P, c, zero_pads=True)
+            load_x = lambda c=c: _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, zero_pads=True)  # noqa: E731
+            dx_out = buf.get("y", D, c.n_rows) if need_x else None
+            dx_RD, _ = _chunk_backward(
+                dy_RD, h_PH[c.rows], load_x, c, w1, w2, None, buf, dtype, dw1, dw2, dx_out, plan.compiled
+            )
+            if dx_SD is not None:  # need_x
+                _to_slots(dx_SD, dx_RD, c, plan)
+        return dx_SD, _as_param(dw1, w1), _as_param(dw2, w2), None
+
+
+def _to_slots(dst_SD: Tensor, src_RD: Tensor, chunk: Chunk, plan: Plan) -> None:
+    """dst[slot] = the chunk's row holding that slot (padding rows dropped)."""
+    if plan.slot_P is None:
+        dst_SD[chunk.rows] = src_RD
+    else:
+        real = chunk.real_local
+        assert real is not None, "a plan with slot_P indexes every chunk's real rows"
+        slots = plan.slot_P[chunk.rows].index_select(0, real)
+        dst_SD.index_copy_(0, slots, src_RD.index_select(0, real).to(dst_SD.dtype))
+
+
+# --- fused dispatch + experts + combine (GroupedExperts "fused") --------------------------
+
+
+class _Combine:
+    """Sums each chunk's rows into a [T, D] accumulator, by token.
+
+    With `cols` (MoGE's grouped router, one group per chunk) the chunk of group g and
+    token block b holds exactly the slots of columns g*cols..(g+1)*cols of ids [T, K]
+    for the block's tokens, each token once per column, so adding its rows is `cols`
+    plain gathers (index_select) by a row-of-slot map. Else index_add_, whose scatter
+    kernel is much more exposed to other processes on the cores (measured 1 ms or 80
+    ms for the same call, depending on the load).
+    """
+
+    def __init__(
+        self, T: int, D: int, K: int, flat_P: Tensor, plan: Plan, mm: torch.dtype, cols: int | None
+    ) -> None:
+        self.T, self.D, self.K, self.plan, self.cols = T, D, K, plan, cols
+        self.block_tokens = plan.block_tokens if plan.blocks > 1 else max(T, 1)
+        # Sums in the product dtype: float32 where the products run in float32; bf16 where
+        # they run natively in bf16 (as torch's own index_add_ combine and the reference
+        # loop do), unless plan.combine_float32. A float32 sum there cost ~10% of the
+        # layer (mixed-dtype adds and casts of [T, D]) for ~20% less output error at
+        # M=8 (docs/performance.md).
+        self.dtype = mm if mm in (torch.float32, torch.float64) or not plan.combine_float32 else torch.float32
+        self.device = flat_P.device
+        self.tmp: Tensor | None = None  # one reused [block tokens, D] buffer for the gathers
+        if cols:
+            self.acc = torch.empty(
+                T, D, dtype=self.dtype, device=self.device
+            )  # group 0 writes every row first
+            rows_P = torch.arange(plan.num_rows, device=self.device)
+            if plan.pad_P is not None:
+                flat_P, rows_P = flat_P.index_select(0, plan.real_P), plan.real_P
+            self.rows_TK = (
+                torch.empty(T * K, dtype=torch.long, device=self.device)
+                .index_copy_(0, flat_P, rows_P)
+                .view(T, K)
+            )
+        else:
+            self.acc = torch.zeros(T, D, dtype=self.dtype, device=self.device)
+            self.tok_P = flat_P // K
+
+    def add(self, y_RD: Tensor, chunk: Chunk) -> None:
+        if not self.cols:
+            self.acc.index_add_(0, self.tok_P[chunk.rows], y_RD.to(self.dtype))  # padding rows add 0
+            return
+        g = chunk.e0 // self.plan.per_chunk
+        t0 = chunk.block * self.block_tokens
+        t1 = min(self.T, t0 + self.block_tokens)
+        acc = self.acc[t0:t1]
+        for k in range(g * self.cols, (g + 1) * self.cols):
+            rows = self.rows_TK[t0:t1, k] - chunk.rows.start
+            if k == 0 and y_RD.dtype == acc.dtype:
+                torch.index_select(y_RD, 0, rows, out=acc)
+            elif k == 0:
+                acc.copy_(y_RD.index_select(0, rows))
+            else:
+                if self.tmp is None or self.tmp.dtype != y_RD.dtype:
+                    self.tmp = torch.empty(self.block_tokens, self.D, dtype=y_RD.dtype, device=self.device)
+                acc.add_(torch.index_select(y_RD, 0, rows, out=self.tmp[: t1 - t0]))
+
+    def result(self, dtype: torch.dtype) -> Tensor:
+        return self.acc.to(dtype)
+
+
+class FusedMoE(torch.autograd.Function):
+    """y_t = sum_k w[t, k] * expert_{ids[t, k]}(x_t) in one Function.
+
+    Chunk by chunk (a group of experts): gather the chunk's token rows, run its
+    experts, add the gated outputs into y by token. No [S, D] tensor is built.
+    Backward does the same with dy and writes every gradient (x, gates, both weights)
+    directly. Saved: x, the pre-activations h [P, 2F] (P >= S rows, in x's dtype),
+    the permutation.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w1, w2, order_S, plan, cols):
+        (T, D), K, F = x_TD.shape, weights_TK.shape[1], w2.shape[1]
+        dtype, mm = x_TD.dtype, matmul_dtype(x_TD.device, x_TD.dtype)
+        flat_P = plan.rows_of(order_S)  # the flat slot t*K+k each row holds
+        tok_P = flat_P // K
+        gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
+        y = _Combine(T, D, K, flat_P, plan, mm, cols)
+        h_PH = x_TD.new_empty(plan.num_rows, 2 * F)
+        buf = _Scratch(plan.max_rows, mm, x_TD.device)
+        for c in plan.chunks:
+            x_RD = _gather(buf.get("x", D, c.n_rows), x_TD, tok_P, c)  # always a copy: tok_P indexes
+            y.add(
+                _chunk_forward(
+                    x_RD, h_PH[c.rows], c, w1, w2, gate_P1[c.rows], buf, dtype, x_RD, plan.compiled
+                ),
+                c,
+            )
+        ctx.save_for_backward(x_TD, weights_TK, w1, w2, order_S, h_PH)
+        ctx.plan, ctx.cols = plan, cols
+        return y.result(dtype)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, weights_TK, w1, w2, order_S, h_PH = ctx.saved_tensors
+        plan = ctx.plan
+        (T, D), K = x_TD.shape, weights_TK.shape[1]
+        dtype, mm = x_TD.dtype, matmul_dtype(x_TD.device, x_TD.dtype)
+        need_x, need_gate, need_w1, need_w2 = ctx.needs_input_grad[:4]
+        dy_TD = dy_TD.contiguous()
+        flat_P = plan.rows_of(order_S)
+        tok_P = flat_P // K
+        gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
+        dx = _Combine(T, D, K, flat_P, plan, mm, ctx.cols) if need_x else None
+        dgate_P = torch.empty(plan.num_rows, dtype=mm, device=x_TD.device)
+        dw1, dw2 = _grad_buffer(w1, mm, need_w1, plan), _grad_buffer(w2, mm, need_w2, plan)
+        buf = _Scratch(plan.max_rows, mm, x_TD.device)
+        for c in plan.chunks:
+            # One [R, D] buffer holds dy, then x (after dy's last read), then dx.
+            rows_RD = _gather(buf.get("x", D, c.n_rows), dy_TD, tok_P, c)
+            load_x = lambda c=c, b=rows_RD: _gather(b, x_TD, tok_P, c)  # noqa: E731
+            dx_RD, dgate_P[c.rows] = _chunk_backward(
+                rows_RD, h_PH[c.rows], load_x, c, w1, w2, gate_P1[c.rows], buf, dtype, dw1, dw2,
+                rows_RD if need_x else None, plan.compiled,
+            )  # fmt: skip
+            if need_x:
+                dx.add(dx_RD, c)
+        dweights_TK = None
+        if need_gate:
+            if plan.pad_P is not None:
+                flat_P, dgate_P = flat_P.index_select(0, plan.real_P), dgate_P.index_select(0, plan.real_P)
+            dweights_TK = torch.empty_like(dgate_P).index_copy_(0, flat_P, dgate_P)
+            dweights_TK = dweights_TK.view(weights_TK.shape).to(weights_TK.dtype)
+        return (
+            dx.result(dtype) if need_x else None,
+            dweights_TK,
+            _as_param(dw1, w1),
+            _as_param(dw2, w2),
+            None,
+            None,
+            None,
+        )
+
+
+def _row_gates(weights_TK: Tensor, flat_P: Tensor, plan: Plan, mm: torch.dtype) -> Tensor:
+    """The gate of the slot each row holds, [P, 1] in the product dtype (padding: 0)."""
+    gate_P1 = weights_TK.reshape(-1, 1).index_select(0, flat_P).to(mm)
+    if plan.pad_P is not None:
+        gate_P1.index_fill_(0, plan.pad_P, 0)
+    return gate_P1

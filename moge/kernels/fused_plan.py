@@ -1,0 +1,169 @@
+"""The fused path's plan: how one call's token-slots become chunks of rows.
+
+Legend: T tokens, K experts per token, S = T*K token-slots (sorted by piece), E
+experts, P rows of the layout (the S slots plus any padding rows).
+
+Pure bookkeeping on the routing (a sort, a bincount, Python lists): no expert maths.
+moge/kernels/fused.py runs the plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# A chunk's experts run as one bmm when equalising their row counts adds at most this
+# fraction of extra rows (see Plan). 0: only when the counts are already equal. On the
+# AVX2 machine of docs/performance.md one mm per expert (no padding) was 4-8% faster
+# for the whole layer than a bmm padded by the ~3% a balanced group needs, at both the
+# small and the large benchmark shape, in fp32 and bf16 (fp32 products).
+MAX_PAD_WASTE = 0.0
+# Token blocks keep one chunk's float32 work buffers [rows, max(D, 2F)] near this size.
+CHUNK_BYTES = 16 * 2**20
+
+
+def _padded(n: int, pad: int) -> int:
+    return -(-n // pad) * pad
+
+
+class Chunk:
+    """Consecutive experts e0..e1 (over one block of tokens) whose gather, elementwise
+    and combine work runs as one op each.
+
+    rows: the chunk's range of rows in the layout; block: its token block; experts:
+    (e, local row slice, slot count) for each expert with rows; cap: rows per expert
+    when every expert of the chunk gets the same number (the products are then one
+    bmm), else None (one mm each); pad_local / real_local: chunk-local indices of the
+    padding rows and of the others (None when the layout has no padding).
+    """
+
+    def __init__(self, e0: int, e1: int, block: int, rows: slice, experts: list, cap: int | None) -> None:
+        self.e0, self.e1, self.block, self.rows, self.experts, self.cap = e0, e1, block, rows, experts, cap
+        self.pad_local: Tensor | None = None
+        self.real_local: Tensor | None = None
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+class Plan:
+    """How one call's sorted slots become chunks of rows for the products.
+
+    The slots arrive sorted by piece: (chunk of `per_chunk` experts, token block,
+    expert), tokens in order within a piece; counts[p] is piece p's slot count and
+    `blocks` the number of token blocks (1: a piece is an expert). MoGELayer's chunk
+    is one group, whose slots number exactly T*K/M; token blocks keep a chunk's buffers
+    about the same size at any T, so they stay in cache and time stays linear in T.
+
+    In a chunk, if giving every expert the largest expert's row count (rounded up to
+    `pad`) adds at most `max_waste` of extra rows, its products run as one bmm each: a
+    few large ops instead of E small ones (fewer chances to stall on a descheduled
+    thread when other processes share the cores). Otherwise each expert's rows are
+    rounded up to `pad` and run as one mm each (the default: see MAX_PAD_WASTE).
+    Padding rows are never written back. A padding row repeats one of its expert's own slots and has gate
+    0, so everything it adds is an exact 0 (as long as that slot's values are finite;
+    a non-finite slot makes its expert's results non-finite anyway); where there are no
+    gates (run_experts) padding rows are zeroed instead.
+
+    slot_P [P]: the sorted slot each row holds (for padding rows: the repeated one;
+    None when rows are the sorted slots themselves); pad_P, real_P: padding rows and
+    the others.
+    """
+
+    def __init__(
+        self, counts: list[int], num_experts: int, pad: int, per_chunk: int, max_waste: float,
+        device: torch.device, compiled: bool = False, blocks: int = 1, block_tokens: int = 0,
+    ) -> None:  # fmt: skip
+        self.pad, self.per_chunk, self.num_slots = pad, per_chunk, sum(counts)
+        self.blocks, self.block_tokens = blocks, block_tokens
+        self.empty_experts = blocks == 1 and 0 in counts[:num_experts]  # (only needed for one block)
+        self.compiled = compiled  # elementwise work through torch.compile (see _compiled)
+        self.combine_float32 = False  # combine bf16 products' outputs in float32 (see _Combine)
+        self.chunks: list[Chunk] = []
+        pieces: list[tuple[int, int, int, int]] = []  # (row, slot, count, rows) of every expert with rows
+        s = p = 0
+        for c0 in range(0, len(counts), per_chunk):
+            group, block = divmod(c0 // per_chunk, blocks)
+            e0 = group * per_chunk
+            part = counts[c0 : c0 + min(per_chunk, num_experts - e0)]  # the last chunk may be short
+            if sum(part) == 0:
+                continue
+            cap = _padded(max(part), pad)
+            # Every expert of a bmm chunk needs a slot of its own to repeat in its padding.
+            uniform = len(part) > 1 and min(part) > 0 and cap * len(part) <= (1 + max_waste) * sum(part)
+            experts, r = [], 0
+            for i, n in enumerate(part):
+                width = _padded(n, pad) if not uniform else cap
+                if n:
+                    experts.append((e0 + i, slice(r, r + width), n))
+                    pieces.append((p + r, s, n, width))
+                r, s = r + width, s + n
+            self.chunks.append(
+                Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None)
+            )
+            p += r
+        self.num_rows = p
+        self.max_rows = max((c.n_rows for c in self.chunks), default=0)
+        self.slot_P: Tensor | None = None
+        self.pad_P: Tensor | None = None
+        if p != self.num_slots:
+            self._index_padding(pieces, device)
+
+    def _index_padding(self, pieces: list, device: torch.device) -> None:
+        real_P = torch.zeros(self.num_rows, dtype=torch.bool)
+        slot_P = torch.zeros(self.num_rows, dtype=torch.long)
+        for row, slot, n, width in pieces:
+            real_P[row : row + n] = True
+            slot_P[row : row + n] = torch.arange(slot, slot + n)
+            slot_P[row + n : row + width] = slot  # padding repeats one of the expert's own slots
+        self.slot_P, self.pad_P = slot_P.to(device), (~real_P).nonzero().squeeze(1).to(device)
+        self.real_P = real_P.nonzero().squeeze(1).to(device)
+        for c in self.chunks:
+            local = real_P[c.rows]
+            c.pad_local = (~local).nonzero().squeeze(1).to(device)
+            c.real_local = local.nonzero().squeeze(1).to(device)
+
+    def rows_of(self, by_slot: Tensor) -> Tensor:
+        """A per-slot vector [S, ...] laid out by row [P, ...] (padding rows: slot 0's)."""
+        return by_slot if self.slot_P is None else by_slot.index_select(0, self.slot_P)
+
+
+def token_blocks(T: int, rows_per_token: float, width: int, budget_bytes: int) -> tuple[int, int]:
+    """(tokens per block, blocks) so that a chunk's [rows, width] float32 buffers stay
+    near budget_bytes, a chunk holding rows_per_token slots per token on average."""
+    tokens = max(1, int(budget_bytes / (4 * width * max(rows_per_token, 1e-9))))
+    tokens = min(tokens, max(T, 1))
+    return tokens, max(1, -(-T // tokens))
+
+
+def sort_pieces(ids_TK: Tensor, num_experts: int, per_chunk: int, block_tokens: int, blocks: int) -> tuple:
+    """Slots sorted by (chunk of experts, token block, expert), stable (token order
+    within a piece). -> (order_S [S] flat slot indices, counts per piece: list)."""
+    T, K = ids_TK.shape
+    flat_S = ids_TK.reshape(-1)
+    if blocks == 1:
+        key_S = flat_S
+    else:
+        block_S = torch.arange(T * K, device=ids_TK.device) // (K * block_tokens)
+        key_S = ((flat_S // per_chunk) * blocks + block_S) * per_chunk + flat_S % per_chunk
+    chunks = -(-num_experts // per_chunk)
+    counts = torch.bincount(key_S, minlength=chunks * blocks * per_chunk)
+    return key_S.argsort(stable=True), counts.tolist()
+
+
+def default_chunk(num_experts: int) -> int:
+    """Experts per chunk when the caller sets none: a quarter of them (MoGELayer sets one group)."""
+    return max(1, num_experts // 4)
+
+
+def columns_per_chunk(ids_TK: Tensor, per_chunk: int, num_experts: int) -> int | None:
+    """K' when column k of ids_TK always holds an expert of chunk k // K' (MoGE's
+    grouped router with one group per chunk: K' = K / M), else None."""
+    K = ids_TK.shape[1]
+    chunks = num_experts // per_chunk
+    if num_experts % per_chunk or K % chunks:
+        return None
+    cols = K // chunks
+    expected_K = torch.arange(K, device=ids_TK.device) // cols
+    return cols if bool((ids_TK // per_chunk == expected_K).all()) else None

@@ -1,0 +1,502 @@
+"""A decoder-only language model whose FFNs are MoGE layers or dense SwiGLUs.
+
+Legend: B batch, L new tokens, S key positions (cached + new), P max positions,
+D d_model, H query heads, N KV heads, C head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from moge.experts import SwiGLU
+from moge.kernels.sdpa import scaled_dot_product_attention
+from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
+from moge.model.config import ModelConfig
+from moge.model.recompute import checkpoint_block
+
+IGNORE_INDEX = -100  # targets with this id do not count in the LM loss
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 so bf16 activations keep their precision."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        x32_BLD = x_BLD.float()
+        y_BLD = x32_BLD * torch.rsqrt(x32_BLD.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y_BLD * self.weight.float()).to(x_BLD.dtype)
+
+
+def _rotate_half(x_BHLC: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHLC.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with cos/sin tables for every position up to max_seq_len."""
+
+    cos_PC: torch.Tensor
+    sin_PC: torch.Tensor
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angle_PC2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angle_PC = torch.cat((angle_PC2, angle_PC2), dim=-1)
+        # Non-persistent: derived from the config, so checkpoints need not carry them.
+        self.register_buffer("cos_PC", angle_PC.cos(), persistent=False)
+        self.register_buffer("sin_PC", angle_PC.sin(), persistent=False)
+
+    def forward(self, x_BHLC: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x [B, heads, L, C] as if it sat at positions start .. start+L-1."""
+        L = x_BHLC.shape[-2]
+        # .float(): stays exact even if someone cast the whole module to bf16.
+        cos_LC = self.cos_PC[start : start + L].float()
+        sin_LC = self.sin_PC[start : start + L].float()
+        x32 = x_BHLC.float()
+        return (x32 * cos_LC + _rotate_half(x32) * sin_LC).to(x_BHLC.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, [B, N, max_len, C] each, plus the next position.
+
+    Tensors are allocated at the first write, so they take the dtype/device the
+    projections produce (bf16 under autocast).
+    """
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.pos = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(
+        self, layer: int, k_BNLC: torch.Tensor, v_BNLC: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values at pos..pos+L; return all of them so far [B, N, S, C]."""
+        B, N, L, C = k_BNLC.shape
+        if self.k[layer] is None:
+            self.k[layer] = k_BNLC.new_zeros(B, N, self.max_len, C)
+            self.v[layer] = v_BNLC.new_zeros(B, N, self.max_len, C)
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        assert k_cache is not None and v_cache is not None
+        assert k_cache.shape[0] == B and self.pos + L <= self.max_len, "checked by the model"
+        k_cache[:, :, self.pos : self.pos + L] = k_BNLC
+        v_cache[:, :, self.pos : self.pos + L] = v_BNLC
+        return k_cache[:, :, : self.pos + L], v_cache[:, :, : self.pos + L]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE; q/k/v and o biases and q/k norms optional."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, C = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * C, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * C, cfg.d_model, bias=cfg.o_bias)
+        # Qwen3: every head's query and key are RMS-normalised (one [C] weight each) before RoPE.
+        self.q_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self, x_BLD: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        start = cache.pos if cache is not None else 0
+        q_BHLC = rearrange(self.q_proj(x_BLD), "b l (h c) -> b h l c", h=self.n_heads)
+        k_BNLC = rearrange(self.k_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
+        if self.q_norm is not None and self.k_norm is not None:
+            q_BHLC, k_BNLC = self.q_norm(q_BHLC), self.k_norm(k_BNLC)
+        q_BHLC, k_BNLC = rope(q_BHLC, start), rope(k_BNLC, start)
+        v_BNLC = rearrange(self.v_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
+        if cache is not None:
+            k_BNSC, v_BNSC = cache.update(layer, k_BNLC, v_BNLC)
+        else:
+            k_BNSC, v_BNSC = k_BNLC, v_BNLC
+        # Query head h reads KV head h // (H/N).
+        rep = self.n_heads // self.n_kv_heads
+        k_BHSC = repeat(k_BNSC, "b n s c -> b (n r) s c", r=rep)
+        v_BHSC = repeat(v_BNSC, "b n s c -> b (n r) s c", r=rep)
+        L, S = q_BHLC.shape[2], k_BHSC.shape[2]
+        mask_LS = None
+        if start > 0 and L > 1:
+            # is_causal aligns the mask top-left, which is wrong once S > L: new token i
+            # sits at position start+i and sees every key up to there.
+            pos_L = torch.arange(start, start + L, device=x_BLD.device)
+            mask_LS = torch.arange(S, device=x_BLD.device)[None, :] <= pos_L[:, None]
+        # start == 0: S == L and plain causal is right; one new token after a prefix sees all.
+        out_BHLC = scaled_dot_product_attention(
+            q_BHLC, k_BHSC, v_BHSC, attn_mask=mask_LS, is_causal=(start == 0 and L > 1)
+        )
+        return self.o_proj(rearrange(out_BHLC, "b h l c -> b l (h c)"))
+
+
+def _check_finite(where: str, t: torch.Tensor) -> None:
+    """Debug check (MoGETransformer.check_finite): raise if `t` holds NaN/Inf, naming `where`.
+
+    Costs a reduction and a host sync per call, which is why it is off by default.
+    """
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        n_nan = int(torch.isnan(t).sum())
+        raise ValueError(
+            f"{where}: {int(bad.sum())} non-finite values ({n_nan} NaN) in an output of shape "
+            f"{tuple(t.shape)}; the first non-finite activations of this forward (check_finite=True)"
+        )
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is MoGE or dense."""
+
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoGEConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn: nn.Module
+        if cfg.is_moe_layer(index):
+            self.ffn = MoGELayer(moe_cfg)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.resolved_dense_hidden)
+
+    def forward(
+        self,
+        x_BLD: torch.Tensor,
+        tokens_BL: torch.Tensor,
+        rope: RotaryEmbedding,
+        cache: KVCache | None,
+        check_finite: bool = False,
+        domains_BL: torch.Tensor | None = None,
+        mask_BL: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MoGEOutput | None]:
+        """check_finite: raise ValueError at the first sub-module whose output holds NaN/Inf."""
+        i = self.index
+        a_BLD = self.attn_norm(x_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{i}.attn_norm", a_BLD)
+        x_BLD = x_BLD + self.attn(a_BLD, rope, cache, i)
+        if check_finite:
+            _check_finite(f"blocks.{i}.attn", x_BLD)
+        h_BLD = self.ffn_norm(x_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{i}.ffn_norm", h_BLD)
+        if isinstance(self.ffn, MoGELayer):
+            routed = self.ffn(
+                h_BLD, token_ids=tokens_BL, domain_ids=domains_BL, mask=mask_BL
+            )  # ids: for the random router
+            if check_finite:
+                _check_finite(f"blocks.{i}.ffn.router (scores)", routed.scores)
+                _check_finite(f"blocks.{i}.ffn (routed + shared experts)", routed.hidden)
+            return x_BLD + routed.hidden, routed
+        y_BLD = self.ffn(h_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{i}.ffn (dense)", y_BLD)
+        return x_BLD + y_BLD, None
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, L, V]; loss = lm_loss + aux_loss (None without targets); routing: one per MoE layer."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    aux_loss: torch.Tensor
+    routing: list[MoGEOutput]
+
+
+def _check_ids(name: str, ids_BL: torch.Tensor, vocab_size: int, allow_ignore: bool = False) -> None:
+    if not isinstance(ids_BL, torch.Tensor) or ids_BL.dim() != 2:
+        shape = tuple(ids_BL.shape) if isinstance(ids_BL, torch.Tensor) else type(ids_BL).__name__
+        raise ValueError(f"{name}: expected a 2-D [batch, length] tensor, got {shape}")
+    if ids_BL.dtype.is_floating_point or ids_BL.dtype.is_complex or ids_BL.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integer token ids, got dtype {ids_BL.dtype}")
+    if ids_BL.numel() == 0:
+        raise ValueError(f"{name}: empty tensor of shape {tuple(ids_BL.shape)}")
+    valid = (ids_BL >= 0) & (ids_BL < vocab_size)
+    if allow_ignore:
+        valid |= ids_BL == IGNORE_INDEX
+    if not bool(valid.all()):
+        bad = ids_BL[~valid][0].item()
+        raise ValueError(f"{name}: id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def _domains_per_token(domain_ids_B: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor:
+    """[B] domain ids -> [B, L], one per token (PanGu-Sigma routes by the sequence's domain)."""
+    if not isinstance(domain_ids_B, torch.Tensor) or domain_ids_B.shape != tokens_BL.shape[:1]:
+        shape = (
+            tuple(domain_ids_B.shape)
+            if isinstance(domain_ids_B, torch.Tensor)
+            else type(domain_ids_B).__name__
+        )
+        raise ValueError(f"domain_ids: expected shape ({tokens_BL.shape[0]},), one per sequence, got {shape}")
+    return domain_ids_B.to(tokens_BL.device)[:, None].expand_as(tokens_BL)
+
+
+class MoGETransformer(nn.Module):
+    """Token embedding, n_layers pre-norm blocks, final RMSNorm, tied or untied LM head."""
+
+    def __init__(self, model_cfg: ModelConfig, moe_cfg: MoGEConfig) -> None:
+        super().__init__()
+        if moe_cfg.d_model != model_cfg.d_model:
+            raise ValueError(f"moe.d_model: {moe_cfg.d_model} differs from model.d_model={model_cfg.d_model}")
+        if moe_cfg.router == "random" and moe_cfg.rre_vocab_size != model_cfg.vocab_size:
+            raise ValueError(
+                f"moe.rre_vocab_size: {moe_cfg.rre_vocab_size} differs from "
+                f"model.vocab_size={model_cfg.vocab_size}"
+            )
+        self.cfg, self.moe_cfg = model_cfg, moe_cfg
+        self.embed = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
+        self.rope = RotaryEmbedding(model_cfg.resolved_head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(model_cfg, moe_cfg, i) for i in range(model_cfg.n_layers))
+        self.norm = RMSNorm(model_cfg.d_model, model_cfg.norm_eps)
+        # Tied: no second module holding the same tensor (safetensors refuses shared storage).
+        self.lm_head = None
+        if not model_cfg.tie_embeddings:
+            self.lm_head = nn.Linear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
+        # Debug switch: forward raises ValueError naming the first sub-module (embed,
+        # blocks.i.attn, blocks.i.ffn.router, ...) whose output holds NaN/Inf. Off by
+        # default: every check is a reduction plus a host sync.
+        self.check_finite = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one place weights are initialised; buffers are left alone.
+
+        Matrices ~ N(0, init_std); residual output projections (o_proj, w_down,
+        w_down_EFD) get init_std / sqrt(2 n_layers) as in GPT-2, so the residual
+        stream's variance does not grow with depth. Biases 0, norms and expert scales 1.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        norm_params = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if id(p) in norm_params or leaf == "expert_scale_E":
+                p.fill_(1.0)
+            elif leaf == "bias":
+                p.zero_()
+            elif p.dim() < 2:
+                raise RuntimeError(f"init_weights: no rule for the 1-D parameter {name}")
+            elif name.endswith(("o_proj.weight", "w_down.weight")) or leaf == "w_down_EFD":
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def moe_layers(self) -> Iterator[MoGELayer]:
+        """The MoGE layers in depth order (the trainer calls end_step() on each)."""
+        for block in self.blocks:
+            if isinstance(block.ffn, MoGELayer):
+                yield block.ffn
+
+    def save_pretrained(self, path, layout: str, **kwargs):
+        """Write the weights in `layout` (pangu, qwen3_moe, qwen2_moe, mixtral, llama, qwen2, moge).
+
+        See moge.interop.save_pretrained (kwargs: dtype, max_shard_bytes); returns the files.
+        """
+        from moge.interop import save_pretrained  # interop imports this module
+
+        return save_pretrained(self, path, layout=layout, **kwargs)
+
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)
+
+    def _check_inputs(
+        self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None, cache: KVCache | None
+    ) -> None:
+        _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
+        start, L = (cache.pos if cache is not None else 0), tokens_BL.shape[1]
+        limit = min(self.cfg.max_seq_len, cache.max_len if cache is not None else self.cfg.max_seq_len)
+        if start + L > limit:
+            where = f" after {start} cached positions" if start else ""
+            raise ValueError(f"tokens: length {L}{where} exceeds the limit of {limit} positions")
+        if targets_BL is not None:
+            _check_ids("targets", targets_BL, self.cfg.vocab_size, allow_ignore=True)
+            if targets_BL.shape != tokens_BL.shape:
+                raise ValueError(
+                    f"targets: shape {tuple(targets_BL.shape)} differs from tokens {tuple(tokens_BL.shape)}"
+                )
+
+    def forward(
+        self,
+        tokens_BL: torch.Tensor,
+        targets_BL: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        domain_ids: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits for tokens [B, L]; with a cache, the tokens continue the cached prefix.
+
+        domain_ids [B]: each sequence's domain, for PanGu-Sigma's two-level router
+        (moe.rre_domain_groups); other routers ignore it.
+        mask [B, L] bool (False: padding): the MoE layers leave padded tokens out of their
+        losses, counts and statistics (MoGELayer's mask). Attention is causal only, so
+        pad on the right: real tokens then never see padding.
+        model.activation_checkpointing: blocks run under moge.model.recompute.checkpoint_block
+        in training with gradients on (each token still counted once).
+        """
+        self._check_inputs(tokens_BL, targets_BL, cache)
+        domains_BL = None if domain_ids is None else _domains_per_token(domain_ids, tokens_BL)
+        check = self.check_finite
+        x_BLD = self.embed(tokens_BL)
+        if check:
+            _check_finite("embed", x_BLD)
+        routing: list[MoGEOutput] = []
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            run = functools.partial(checkpoint_block, block) if recompute else block
+            x_BLD, routed = run(
+                x_BLD, tokens_BL, self.rope, cache, check_finite=check, domains_BL=domains_BL, mask_BL=mask
+            )
+            if routed is not None:
+                routing.append(routed)
+        # The sum of the layers' aux losses (aux_loss_type "released": one pooled loss).
+        aux_loss = total_aux_loss(routing, self.moe_cfg) if routing else torch.zeros((), device=x_BLD.device)
+        if cache is not None:
+            cache.advance(tokens_BL.shape[1])
+        h_BLD = self.norm(x_BLD)
+        head_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits_BLV = F.linear(h_BLD, head_VD)
+        if check:
+            _check_finite("norm", h_BLD)
+            _check_finite("lm_head (logits)", logits_BLV)
+        lm_loss = loss = None
+        if targets_BL is not None:
+            lm_loss = F.cross_entropy(
+                rearrange(logits_BLV.float(), "b l v -> (b l) v"),
+                rearrange(targets_BL, "b l -> (b l)"),
+                ignore_index=IGNORE_INDEX,
+            )
+            loss = lm_loss + aux_loss
+        return ModelOutput(logits_BLV, loss, lm_loss, aux_loss, routing)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens_BL: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        domain_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prompt [B, L] -> [B, L + max_new_tokens]: one prefill, then cached one-token steps.
+
+        temperature 0 is greedy; top_k keeps only the k likeliest tokens before sampling.
+        domain_ids [B]: as in forward (PanGu-Sigma's two-level router).
+        """
+        _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature: must be >= 0, got {temperature}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
+        total = tokens_BL.shape[1] + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens: prompt {tokens_BL.shape[1]} + {max_new_tokens} new tokens exceeds "
+                f"model.max_seq_len={self.cfg.max_seq_len}"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            cache = self.new_cache(total)
+            out = [tokens_BL]
+            logits_BV = self(tokens_BL, cache=cache, domain_ids=domain_ids).logits[:, -1]
+            for step in range(max_new_tokens):
+                next_B1 = sample_next(logits_BV, temperature, top_k, generator)
+                out.append(next_B1)
+                if step + 1 < max_new_tokens:
+                    logits_BV = self(next_B1, cache=cache, domain_ids=domain_ids).logits[:, -1]
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+
+def sample_next(
+    logits_BV: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids [B, 1] from last-position logits [B, V]."""
+    logits_BV = logits_BV.float()
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1, keepdim=True)
+    # Shift the best logit to 0 first, so a tiny temperature (1e-45) gives 0 and -inf (greedy
+    # in the limit) instead of inf - inf = NaN; below float32's smallest normal number T
+    # would round to 0 (0/0 = NaN) and the result is greedy anyway.
+    t = max(temperature, torch.finfo(torch.float32).smallest_normal)
+    logits_BV = (logits_BV - logits_BV.max(dim=-1, keepdim=True).values) / t
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    activated: int  # per token: every parameter except the routed experts it skips
+
+
+def count_parameters(model_cfg: ModelConfig, moe_cfg: MoGEConfig) -> ParamCount:
+    """Parameter counts of the model, built on the meta device (no memory, any size).
+
+    activated: what one token uses, so each MoE layer drops (num_experts - top_k)
+    routed experts; embedding and LM head are counted in both.
+    Sizes whose tensors torch cannot represent (over 2**63 bytes) raise ValueError.
+    """
+    try:
+        with torch.device("meta"):
+            model = MoGETransformer(model_cfg, moe_cfg)
+    except (RuntimeError, TypeError, OverflowError) as err:
+        # torch reports these as "Storage size calculation overflowed" (RuntimeError) or
+        # "Overflow when unpacking long long" (TypeError); anything else is a real bug.
+        if "overflow" not in str(err).lower():
+            raise
+        raise ValueError(
+            "model: a weight of this configuration has more elements than torch can represent; "
+            "lower model.vocab_size, model.d_model, model.head_dim, model.dense_hidden or "
+            "moe.num_experts, moe.expert_hidden, moe.shared_hidden"
+        ) from err
+    total = sum(p.numel() for p in model.parameters())
+    skipped = 0
+    for layer in model.moe_layers():
+        # Per routed expert: its slices of the stacked weights and its learned scale.
+        routed = sum(
+            p.numel()
+            for name, p in layer.named_parameters()
+            if name.startswith("experts.") or name == "expert_scale_E"
+        )
+        assert routed % moe_cfg.num_experts == 0, "stacked expert weights split evenly"
+        skipped += (moe_cfg.num_experts - moe_cfg.top_k) * (routed // moe_cfg.num_experts)
+    return ParamCount(total=total, activated=total - skipped)
+
+
+def format_params(n: int) -> str:
+    """71_988_535_296 -> '71.99B', 12_345_678 -> '12.3M', 950 -> '950'."""
+    for scale, unit, digits in ((1e12, "T", 2), (1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)):
+        if round(n / scale, digits) >= 1:
+            return f"{n / scale:.{digits}f}{unit}"
+    return str(n)

@@ -1,0 +1,300 @@
+"""Training benchmark: tokens/s of a moge model against a transformers Qwen3-MoE model
+of the same shape, same data, same steps, same optimiser.
+
+Legend: B batch, L sequence length, V vocabulary.
+
+The models: moge as the config writes it; moge without its shared expert (Qwen3-MoE
+has none, so this is the same shape and, up to Qwen3's q/k norms and moge's per-expert
+scales, the same parameter count); and the transformers Qwen3-MoE causal LM with its
+"eager" and "grouped_mm" expert code. Qwen3-MoE routes globally (softmax, top-k); moge
+routes by group. Every model starts from its own init (same std) and takes the same
+batches, the trainer's AdamW groups, learning-rate schedule and gradient clipping;
+one round runs one optimiser step of every model, in a rotated order, so
+slow phases of the shared machine hit all of them. Reported: median step time and its
+inter-quartile range, tokens/s from the median, parameters, and both losses (the
+cross-entropy and the auxiliary balance term) at the first and the last steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F_
+from einops import rearrange
+from torch import Tensor, nn
+
+from moge.model import MoGETransformer
+from moge.tools.bench import machine_info
+from moge.training import build_optimizer, lr_at
+from moge.training.config import RunConfig, load_config
+from moge.training.data import load_dataset
+
+
+@dataclass
+class TrainCase:
+    """One model under training. step(x, y) -> (lm loss, aux term), both detached floats."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    after_step: Callable[[], None] = lambda: None  # once per optimiser step, after AdamW
+    autocast: torch.dtype | None = None  # the forward under CPU autocast to this dtype
+    step_ms: list[float] = field(default_factory=list)
+    lm_losses: list[float] = field(default_factory=list)
+    aux_losses: list[float] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def step(self, x_BL: Tensor, y_BL: Tensor, lr: float, grad_clip: float, record: bool) -> None:
+        """One optimiser step as the trainer takes it: loss, backward, clip, AdamW."""
+        start = time.perf_counter()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            lm, aux = self.loss_fn(x_BL, y_BL)
+        (lm + aux).backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.after_step()
+        elapsed = time.perf_counter() - start
+        if record:
+            self.step_ms.append(1e3 * elapsed)
+        self.lm_losses.append(lm.item())
+        self.aux_losses.append(aux.item())
+
+
+def moge_case(cfg: RunConfig, name: str, seed: int) -> TrainCase:
+    torch.manual_seed(seed)
+    model = MoGETransformer(cfg.model, cfg.moe)
+
+    def loss_fn(x_BL: Tensor, y_BL: Tensor):
+        out = model(x_BL, y_BL)
+        return out.lm_loss, out.aux_loss
+
+    def after_step() -> None:
+        for layer in model.moe_layers():
+            layer.end_step()  # as the trainer does: bias update, load counts reset
+
+    return TrainCase(name, model, build_optimizer(model, cfg.train), loss_fn, after_step=after_step)
+
+
+DENSE_NAME = "dense FFN of equal activated width (the model-level limit)"
+
+
+def dense_equivalent(cfg: RunConfig) -> RunConfig:
+    """cfg with every block's FFN a dense SwiGLU of the width a token activates in a
+    MoE block: top_k * expert_hidden plus the shared experts' width."""
+    width = cfg.moe.top_k * cfg.moe.expert_hidden + cfg.moe.shared_width
+    model = dataclasses.replace(cfg.model, first_dense_layers=cfg.model.n_layers, dense_hidden=width)
+    return dataclasses.replace(cfg, model=model)
+
+
+def qwen3_config(cfg: RunConfig):
+    """The transformers Qwen3MoeConfig with the moge config's shape (every block MoE)."""
+    from transformers import Qwen3MoeConfig
+
+    m, e = cfg.model, cfg.moe
+    qcfg = Qwen3MoeConfig(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.resolved_dense_hidden,
+        num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, num_key_value_heads=m.n_kv_heads,
+        head_dim=m.resolved_head_dim,  # type: ignore[call-arg]  # an accepted extra kwarg the signature omits
+        max_position_embeddings=m.max_seq_len, rms_norm_eps=m.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, tie_word_embeddings=m.tie_embeddings,
+        initializer_range=m.init_std, attention_bias=m.qkv_bias, decoder_sparse_step=1, mlp_only_layers=[],
+        moe_intermediate_size=e.expert_hidden, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
+        norm_topk_prob=e.normalize_weights, output_router_logits=True, router_aux_loss_coef=e.aux_loss_coef,
+        use_cache=False,
+    )  # fmt: skip
+    qcfg._attn_implementation = "sdpa"  # moge's attention is F.scaled_dot_product_attention too
+    return qcfg
+
+
+def qwen3_case(cfg: RunConfig, impl: str, seed: int) -> TrainCase:
+    from transformers import Qwen3MoeForCausalLM
+
+    qcfg = qwen3_config(cfg)
+    qcfg._experts_implementation = impl
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Qwen3MoeForCausalLM(qcfg)
+    coef = cfg.moe.aux_loss_coef
+
+    def loss_fn(x_BL: Tensor, y_BL: Tensor):
+        # Our batches are already shifted (y = x moved by one), so the loss is taken
+        # here rather than through `labels`, which would shift once more.
+        out = model(input_ids=x_BL)
+        lm = F_.cross_entropy(
+            rearrange(out.logits.float(), "b l v -> (b l) v"), rearrange(y_BL, "b l -> (b l)")
+        )
+        return lm, coef * out.aux_loss
+
+    return TrainCase(f"transformers Qwen3-MoE ({impl})", model, build_optimizer(model, cfg.train), loss_fn)
+
+
+def build_train_cases(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[TrainCase], list[str]]:
+    """moge as configured, moge in Qwen3-MoE's shape, and (if installed) the Qwen3-MoE peers."""
+    cases = [moge_case(cfg, "moge MoGETransformer (config as written)", seed)]
+    cases.append(moge_case(dense_equivalent(cfg), DENSE_NAME, seed))
+    notes: list[str] = []
+    if cfg.moe.num_shared_experts:
+        bare = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=0))
+        cases.append(moge_case(bare, "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)", seed))
+    if not peers:
+        return cases, notes
+    try:
+        import transformers
+    except ImportError:
+        notes.append("transformers peers skipped: transformers is not installed (pip install 'moge[bench]')")
+        return cases, notes
+    if int(transformers.__version__.split(".")[0]) < 5:
+        notes.append(f"transformers peers skipped: transformers {transformers.__version__} < 5")
+        return cases, notes
+    cases += [qwen3_case(cfg, impl, seed) for impl in ("eager", "grouped_mm")]
+    return cases, notes
+
+
+def run_train_benchmark(
+    cfg: RunConfig,
+    steps: int,
+    warmup: int,
+    seed: int = 0,
+    peers: bool = True,
+    log: Callable[[str], None] = print,
+    dtype: str = "fp32",
+) -> dict:
+    """Train every case for warmup + steps optimiser steps on the same batches; dtype
+    "bf16" runs every forward under bf16 autocast (float32 weights and AdamW)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps: must be >= 1 (got {steps}) and warmup >= 0 (got {warmup})")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype: expected fp32 or bf16, got {dtype!r}")
+    dataset = load_dataset(cfg.data)
+    dataset.check_vocab_size(cfg.model.vocab_size)
+    cases, notes = build_train_cases(cfg, seed, peers)
+    for case in cases:
+        case.autocast = torch.bfloat16 if dtype == "bf16" else None
+    gen = torch.Generator().manual_seed(seed)
+    tc = cfg.train
+    for i in range(warmup + steps):
+        x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
+        k = i % len(cases)
+        for case in cases[k:] + cases[:k]:
+            case.step(x_BL, y_BL, lr_at(i, tc), tc.grad_clip, record=i >= warmup)
+        if (i + 1) % 5 == 0:
+            log(f"  step {i + 1}/{warmup + steps} done")
+    tokens = tc.batch_size * cfg.data.seq_len
+    rows = [_row(case, tokens) for case in cases]
+    return {
+        "machine": machine_info(),
+        "dtype": dtype,
+        "tokens_per_step": tokens,
+        "steps": steps,
+        "warmup": warmup,
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+def _row(case: TrainCase, tokens: int) -> dict:
+    ms = case.step_ms
+    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    last = min(5, len(case.lm_losses))
+    return {
+        "name": case.name, "params": case.params, "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2],
+        "tokens_per_s": tokens / (q[1] / 1e3), "lm_loss_first": case.lm_losses[0], "aux_first": case.aux_losses[0],
+        "lm_loss_last": statistics.fmean(case.lm_losses[-last:]), "aux_last": statistics.fmean(case.aux_losses[-last:]),
+    }  # fmt: skip
+
+
+def format_train_report(report: dict, title: str) -> str:
+    m = report["machine"]
+    lines = [
+        f"training benchmark: {title}, {report.get('dtype', 'fp32')}, {report['tokens_per_step']} tokens per step, "
+        f"{report['steps']} timed steps after {report['warmup']} warmup",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch {m['torch']}",
+        f"{'model':58} {'params':>11} {'step ms [IQR]':>20} {'tokens/s':>9} {'lm loss first->last':>20} {'aux last':>9}",
+    ]
+    fastest_peer = None
+    for r in report["rows"]:
+        step = f"{r['median_ms']:.0f} [{r['q1_ms']:.0f}-{r['q3_ms']:.0f}]"
+        loss = f"{r['lm_loss_first']:.3f} -> {r['lm_loss_last']:.3f}"
+        lines.append(
+            f"{r['name']:58} {r['params']:>11,} {step:>20} {r['tokens_per_s']:>9.0f} {loss:>20} {r['aux_last']:>9.5f}"
+        )
+        if r["name"].startswith("transformers") and (
+            fastest_peer is None or r["median_ms"] < fastest_peer["median_ms"]
+        ):
+            fastest_peer = r
+    lines += report["notes"]
+    dense = next((r for r in report["rows"] if r["name"] == DENSE_NAME), None)
+    if dense is not None:
+        for r in report["rows"]:
+            if r["name"].startswith("moge"):
+                lines.append(
+                    f"{r['name']}: {dense['median_ms'] / r['median_ms']:.2f}x the tokens/s of the {DENSE_NAME}"
+                )
+    if fastest_peer is not None:
+        for r in report["rows"]:
+            if r["name"].startswith("moge"):
+                lines.append(
+                    f"{r['name']}: {fastest_peer['median_ms'] / r['median_ms']:.2f}x the tokens/s of {fastest_peer['name']}"
+                )
+    return "\n".join(lines)
+
+
+def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Training tokens/s: moge vs transformers Qwen3-MoE (CPU)."
+    )
+    p.add_argument("configs", nargs="*", default=["configs/tiny-moge.yaml", "configs/small-moge.yaml"])
+    p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per model")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocast)")
+    p.add_argument("--no-peers", action="store_true", help="moge models only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. train.batch_size=8",
+    )
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
+    import sys
+
+    args = build_parser(prog).parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    for path in args.configs:
+        try:
+            cfg = load_config(path, args.set)
+            for dtype in (d.strip() for d in args.dtype.split(",") if d.strip()):
+                log(f"{path} ({dtype}):")
+                report = run_train_benchmark(
+                    cfg, args.steps, args.warmup, args.seed, not args.no_peers, log, dtype
+                )
+                print(format_train_report(report, path), flush=True)
+                print()
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0

@@ -1,0 +1,437 @@
+"""Expert parallelism + FSDP2 on gloo (moge.distributed): forked workers run the layer
+and the model parallelized by `parallelize` and write what they saw (gradients and
+weights gathered whole through the DTensors); the parent runs the single-process layer
+on every rank's tokens and compares.
+
+One launch per world size (2 and 4) runs every scenario, so the suite pays the
+process start-up twice. Workers are forked, not spawned: a spawned worker re-imports
+torch, which takes seconds per process on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.testing import assert_close
+
+from moge.distributed.config import ParallelConfig
+from moge.distributed.expert_parallel import ExpertParallelMoGE, expert_placement
+from moge.distributed.mesh import connect
+from moge.distributed.parallelize import checkpoint_views, clip_grads_, grad_norm, parallelize
+from moge.layer import MoGEConfig, MoGELayer
+from moge.model import MoGETransformer
+from moge.model.config import ModelConfig
+
+T, STEPS, LR, VOCAB = 6, 2, 0.5, 50  # tokens per rank, steps, SGD rate, random-router vocab
+BASE = dict(
+    d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=8, num_shared_experts=1,
+    aux_loss_coef=0.01, z_loss_coef=0.01, bias_update_rate=0.01,
+)  # fmt: skip
+# name -> (MoGEConfig overrides, test options)
+SCENARIOS = {
+    "grouped": (dict(router="grouped", learned_expert_scale=True), {}),
+    "grouped_counted": (dict(router="grouped"), dict(static=False)),
+    "global": (dict(router="global", normalize_weights=True), {}),
+    "group_limited": (dict(router="group_limited", topk_groups=2, score_func="sigmoid", route_scale=2.0), {}),
+    "random": (dict(router="random", rre_vocab_size=VOCAB, learned_expert_scale=True), {}),
+    # Every token picks experts 0-3; "loop" gives no graph for 0 slots on its own.
+    "skewed": (dict(router="global", expert_impl="loop"), dict(skew=True)),
+    # Even ranks' tokens pick experts 0-3, odd ranks' 4-7: every expert idle on some rank,
+    # busy on another (the case that doubled expert gradients in DeepSpeed/megablocks at EP=2).
+    "idle_on_some_ranks": (dict(router="global", learned_expert_scale=True), dict(skew="by_rank")),
+}
+FAVOURED = torch.tensor([5.0, 5, 5, 5, -5, -5, -5, -5])
+MAX_NORM = 0.01
+TINY_MODEL = dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=8)
+
+
+# --- what the workers and the parent both build ------------------------------------------
+
+
+def build_layer(name: str) -> MoGELayer:
+    kw, opts = SCENARIOS[name]
+    torch.manual_seed(0)
+    layer = MoGELayer(MoGEConfig(**{**BASE, **kw}))
+    if opts.get("skew"):
+        with torch.no_grad():
+            layer.router.weight[:, 0] = FAVOURED  # with x[:, 0] > 0 these 4 experts win
+    return layer
+
+
+def make_data(name: str, world: int):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, world * T, BASE["d_model"], generator=gen)
+    if SCENARIOS[name][1].get("skew"):
+        x[..., 0] = x[..., 0].abs() + 1
+    if SCENARIOS[name][1].get("skew") == "by_rank":
+        sign_R = 1 - 2 * (torch.arange(world) % 2)  # +1 on even ranks, -1 on odd ones
+        x[..., 0] *= sign_R.repeat_interleave(T)
+    target = torch.randn(x.shape, generator=gen)
+    ids = torch.randint(0, VOCAB, (STEPS, world * T), generator=gen)
+    return x, target, ids
+
+
+def rank_loss(layer, x, target, ids):
+    """The loss of one rank's tokens: the output against a fixed target, plus aux."""
+    out = layer(x, token_ids=ids if layer.config.router == "random" else None)
+    return out, (out.hidden * target).sum() + out.aux_loss
+
+
+@torch.no_grad()
+def sgd(module) -> None:
+    for p in module.parameters():
+        p -= LR * p.grad
+
+
+def build_model(seed: int = 0) -> MoGETransformer:
+    torch.manual_seed(seed)
+    moe = MoGEConfig(**{**BASE, "router": "global", "learned_expert_scale": True})
+    return MoGETransformer(ModelConfig(**TINY_MODEL), moe)
+
+
+def model_batch(world: int):
+    """[2 (tokens, targets), world, B, L] token ids."""
+    gen = torch.Generator().manual_seed(2)
+    return torch.randint(0, TINY_MODEL["vocab_size"], (2, world, 2, 4), generator=gen)
+
+
+# --- workers --------------------------------------------------------------------------------
+
+
+def _save(out_dir: str, stem: str, tensors: dict, info: dict) -> None:
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in tensors.items()}, f"{out_dir}/{stem}.safetensors"
+    )
+    Path(f"{out_dir}/{stem}.json").write_text(json.dumps(info))
+
+
+class Holder(nn.Module):
+    """A bare layer as the root FSDP2 module (its forward gathers the shards)."""
+
+    def __init__(self, layer: MoGELayer) -> None:
+        super().__init__()
+        self.ffn = layer
+
+    def forward(self, x, ids):
+        return self.ffn(x, token_ids=ids if self.ffn.config.router == "random" else None)
+
+
+def whole(module, world, tensors: dict) -> dict:
+    """Name -> the whole tensor of a parameter-shaped DTensor (a collective)."""
+    views = checkpoint_views(module, world)
+    return {n: (views[n](t) if n in views else t).full_tensor() for n, t in tensors.items()}
+
+
+def _layer_scenario(name: str, out_dir: str, ep: int, tag: str = "") -> None:
+    static = SCENARIOS[name][1].get("static")
+    world = connect(ParallelConfig(expert_parallel=ep), BASE["num_groups"])
+    holder = parallelize(Holder(build_layer(name)), world, static)
+    layer = holder.ffn
+    x_all, target_all, ids_all = make_data(name, world.size)
+    rows = slice(world.rank * T, (world.rank + 1) * T)
+    res, stats = {}, []
+    for step in range(STEPS):
+        holder.zero_grad()
+        x = x_all[step, rows].clone().requires_grad_()
+        out = holder(x, ids_all[step, rows])
+        ((out.hidden * target_all[step, rows]).sum() + out.aux_loss).backward()
+        res.update({f"{step}.hidden": out.hidden, f"{step}.aux": out.aux_loss, f"{step}.ids": out.expert_ids})
+        res[f"{step}.x_grad"] = x.grad
+        grads = whole(holder, world, {n: p.grad for n, p in holder.named_parameters()})
+        res.update({f"{step}.grad.{n[4:]}": g for n, g in grads.items()})
+        stats.append(layer.last_exchange.as_dict())
+        res[f"{step}.norm"] = grad_norm(holder, world)
+        clip_grads_(holder, MAX_NORM, res[f"{step}.norm"])
+        sgd(holder)
+        layer.end_step()
+        res[f"{step}.bias"] = layer.balance_bias_E.clone()
+    sd = whole(holder, world, {n: p for n, p in holder.named_parameters()})
+    res.update({f"sd.{k[4:]}": v for k, v in sd.items()})
+    info = dict(
+        stats=stats, count_exchanges=layer.experts.count_exchanges, calls=layer.experts.calls,
+        local_shape=list(layer.experts.w_gate_up_EDH.to_local().shape),
+    )  # fmt: skip
+    _save(out_dir, f"{tag}{name}.rank{world.rank}", res, info)
+
+
+def _model_scenario(out_dir: str, ep: int) -> None:
+    world = connect(ParallelConfig(expert_parallel=ep), BASE["num_groups"])
+    model = parallelize(build_model(), world)
+    batch = model_batch(world.size)
+    out = model(batch[0, world.rank], batch[1, world.rank])
+    out.loss.backward()
+    norm = grad_norm(model, world)
+    clip_grads_(model, MAX_NORM, norm)
+    grads = whole(model, world, {n: p.grad for n, p in model.named_parameters()})
+    weights = whole(model, world, dict(model.named_parameters()))
+    info = dict(
+        types=sorted({type(b.ffn).__name__ for b in model.blocks}), moe_layers=len(list(model.moe_layers()))
+    )
+    tensors = {**{f"grad.{k}": v for k, v in grads.items()}, **{f"sd.{k}": v for k, v in weights.items()}}
+    _save(out_dir, f"model.rank{world.rank}", {**tensors, "norm": norm}, info)
+
+
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        for name in SCENARIOS:
+            _layer_scenario(name, out_dir, world)
+        if world == 4:  # a (dp 2 x ep 2) mesh
+            _layer_scenario("grouped", out_dir, 2, tag="dp_")
+        _model_scenario(out_dir, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(world: int, out_dir: Path, timeout: float = 120.0) -> None:
+    procs = tmp.start_processes(
+        _worker, args=(world, str(out_dir)), nprocs=world, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + timeout
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail(f"{world} workers did not finish in {timeout} s (a collective hung?)")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """run(world) -> folder of that world's results; each world is launched once."""
+    done: dict[int, Path] = {}
+
+    def get(world: int) -> Path:
+        if world not in done:
+            folder = tmp_path_factory.mktemp(f"ep{world}")
+            _launch(world, folder)
+            done[world] = folder
+        return done[world]
+
+    return get
+
+
+def load_rank(folder: Path, stem: str, rank: int) -> tuple[dict, dict]:
+    info = json.loads((folder / f"{stem}.rank{rank}.json").read_text())
+    return load_file(folder / f"{stem}.rank{rank}.safetensors"), info
+
+
+# --- the single-process reference ----------------------------------------------------------
+
+
+@functools.cache
+def reference(name: str, world: int) -> dict:
+    """The full layer on every rank's tokens, loss = mean of the per-rank losses."""
+    layer = build_layer(name)
+    x_all, target_all, ids_all = make_data(name, world)
+    ref = {}
+    for step in range(STEPS):
+        layer.zero_grad()
+        xs, total = [], 0.0
+        for r in range(world):
+            rows = slice(r * T, (r + 1) * T)
+            xs.append(x_all[step, rows].clone().requires_grad_())
+            out, loss = rank_loss(layer, xs[-1], target_all[step, rows], ids_all[step, rows])
+            total = total + loss / world
+            ref.update({f"{step}.hidden.{r}": out.hidden.detach(), f"{step}.aux.{r}": out.aux_loss.detach()})
+            ref[f"{step}.ids.{r}"] = out.expert_ids
+        total.backward()
+        for r, x in enumerate(xs):
+            ref[f"{step}.x_grad.{r}"] = x.grad
+        ref.update({f"{step}.grad.{n}": p.grad.clone() for n, p in layer.named_parameters()})
+        ref[f"{step}.norm"] = torch.nn.utils.clip_grad_norm_(layer.parameters(), MAX_NORM)
+        sgd(layer)
+        layer.end_step()  # the per-rank calls accumulated every rank's load
+        ref[f"{step}.bias"] = layer.balance_bias_E.clone()
+    ref.update({f"sd.{k}": v for k, v in layer.state_dict().items()})
+    return ref
+
+
+def owners(world: int) -> torch.Tensor:
+    owner_E = torch.empty(BASE["num_experts"], dtype=torch.long)
+    for r, row in enumerate(expert_placement(BASE["num_experts"], BASE["num_groups"], world)):
+        owner_E[row] = r
+    return owner_E
+
+
+# --- tests: placement and validation (no processes) -----------------------------------------
+
+
+def test_placement_is_contiguous_blocks_of_groups():
+    assert expert_placement(8, 4, 2).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert expert_placement(8, 4, 4).tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert expert_placement(8, 4, 1).tolist() == [list(range(8))]
+    assert sorted(expert_placement(64, 8, 4).reshape(-1).tolist()) == list(range(64))
+
+
+@pytest.mark.parametrize("world", [3, 8, 0])
+def test_placement_rejects_a_world_that_does_not_divide_the_groups(world):
+    with pytest.raises(ValueError, match=r"^parallel\.expert_parallel: "):
+        expert_placement(8, 4, world)
+
+
+def test_static_splits_need_a_quota_router():
+    with pytest.raises(ValueError, match=r"^static_splits: the global router"):
+        ExpertParallelMoGE(MoGEConfig(**{**BASE, "router": "global"}), static_splits=True)
+
+
+# --- tests: against the single-process layer --------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_idle_scenario_leaves_each_expert_idle_on_some_rank(world):
+    ref = reference("idle_on_some_ranks", world)
+    for step in range(STEPS):
+        for r in range(world):
+            used = set(ref[f"{step}.ids.{r}"].flatten().tolist())
+            assert used == ({0, 1, 2, 3} if r % 2 == 0 else {4, 5, 6, 7})
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_outputs_and_grads_match_the_single_process_layer(run, world, name):
+    folder, ref = run(world), reference(name, world)
+    for r in range(world):
+        got, info = load_rank(folder, name, r)
+        assert info["local_shape"] == [
+            BASE["num_experts"] // world,
+            BASE["d_model"],
+            2 * BASE["expert_hidden"],
+        ]
+        for step in range(STEPS):
+            assert torch.equal(got[f"{step}.ids"], ref[f"{step}.ids.{r}"])
+            assert_close(got[f"{step}.hidden"], ref[f"{step}.hidden.{r}"])
+            assert_close(got[f"{step}.aux"], ref[f"{step}.aux.{r}"])
+            # Each rank backpropagates its own loss; the global loss is their mean.
+            assert_close(got[f"{step}.x_grad"], world * ref[f"{step}.x_grad.{r}"])
+            grads = {k.split(".grad.")[1]: v for k, v in got.items() if k.startswith(f"{step}.grad.")}
+            ref_grads = {k.split(".grad.")[1]: v for k, v in ref.items() if k.startswith(f"{step}.grad.")}
+            assert grads.keys() == ref_grads.keys() and len(grads) >= 5
+            for n in ref_grads:
+                assert_close(grads[n], ref_grads[n], msg=lambda m: f"rank {r} step {step} {n}: {m}")
+            # Clipped by the norm of the whole layer, the same on every rank.
+            assert ref[f"{step}.norm"] > 2 * MAX_NORM
+            assert_close(got[f"{step}.norm"], ref[f"{step}.norm"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["grouped", "global"])
+def test_bias_update_uses_the_global_load(run, world, name):
+    folder, ref = run(world), reference(name, world)
+    for step in range(STEPS):
+        for r in range(world):
+            got, _ = load_rank(folder, name, r)
+            assert torch.equal(got[f"{step}.bias"], ref[f"{step}.bias"])
+    assert ref["0.bias"].abs().sum() > 0  # the update did something
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["grouped", "random"])
+def test_quota_routers_skip_the_count_exchange_and_move_equal_volumes(run, world, name):
+    folder = run(world)
+    per_rank = T * BASE["top_k"] // world
+    volumes = set()
+    for r in range(world):
+        _, info = load_rank(folder, name, r)
+        assert info["count_exchanges"] == 0 and info["calls"] == STEPS
+        for s in info["stats"]:
+            assert s["static"] and not s["count_exchange"]
+            assert s["send_slots"] == [per_rank] * world and s["recv_slots"] == [per_rank] * world
+            volumes.add((s["token_bytes"], s["meta_bytes"]))
+    assert volumes == {(2 * T * BASE["top_k"] * BASE["d_model"] * 4, T * BASE["top_k"] * 4)}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["grouped_counted", "global", "group_limited", "skewed"])
+def test_other_routers_exchange_counts_and_split_by_the_routing(run, world, name):
+    folder, ref = run(world), reference(name, world)
+    owner_E = owners(world)
+    sends = []
+    for r in range(world):
+        _, info = load_rank(folder, name, r)
+        assert info["count_exchanges"] == STEPS
+        sends.append([s["send_slots"] for s in info["stats"]])
+        for step, s in enumerate(info["stats"]):
+            assert not s["static"] and s["count_exchange"]
+            expected = torch.bincount(owner_E[ref[f"{step}.ids.{r}"].reshape(-1)], minlength=world)
+            assert s["send_slots"] == expected.tolist()
+    for r in range(world):
+        _, info = load_rank(folder, name, r)
+        for step, s in enumerate(info["stats"]):
+            assert s["recv_slots"] == [sends[src][step][r] for src in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero_splits_when_every_token_picks_the_same_experts(run, world):
+    folder = run(world)
+    idle = {1} if world == 2 else {2, 3}  # ranks that hold none of experts 0-3
+    for r in range(world):
+        _, info = load_rank(folder, "skewed", r)
+        for s in info["stats"]:
+            assert [i for i, n in enumerate(s["send_slots"]) if n == 0] == sorted(idle)
+            assert (sum(s["recv_slots"]) == 0) == (r in idle)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_the_shards_make_up_the_single_process_weights(run, world, name):
+    folder, ref = run(world), reference(name, world)
+    for r in range(world):
+        got, _ = load_rank(folder, name, r)
+        sd = {k: v for k, v in got.items() if k.startswith("sd.")}
+        ref_sd = {k: v for k, v in ref.items() if k.startswith("sd.") and not k.endswith("balance_bias_E")}
+        assert sd.keys() == ref_sd.keys()
+        for k in ref_sd:
+            assert_close(sd[k], ref_sd[k], msg=lambda m: f"rank {r} {k}: {m}")
+
+
+def test_a_dp2_x_ep2_mesh_shards_the_experts_over_both(run):
+    folder, ref = run(4), reference("grouped", 4)
+    for r in range(4):
+        got, info = load_rank(folder, "dp_grouped", r)
+        # ep cuts the experts, FSDP2 over dp their second axis
+        assert info["local_shape"] == [
+            BASE["num_experts"] // 2,
+            BASE["d_model"] // 2,
+            2 * BASE["expert_hidden"],
+        ]
+        assert info["count_exchanges"] == 0
+        assert all(s["send_slots"] == [T * BASE["top_k"] // 2] * 2 for s in info["stats"])
+        for step in range(STEPS):
+            assert_close(got[f"{step}.hidden"], ref[f"{step}.hidden.{r}"])
+            assert_close(got[f"{step}.x_grad"], 4 * ref[f"{step}.x_grad.{r}"])
+            assert torch.equal(got[f"{step}.bias"], ref[f"{step}.bias"])
+            assert_close(got[f"{step}.norm"], ref[f"{step}.norm"])
+            for n, p in ref.items():
+                if n.startswith(f"{step}.grad."):
+                    assert_close(got[n], p, msg=lambda m: f"rank {r} {n}: {m}")
+        for k in (k for k in ref if k.startswith("sd.") and not k.endswith("balance_bias_E")):
+            assert_close(got[k], ref[k])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_parallelized_model_matches_the_single_process_model(run, world):
+    folder = run(world)
+    model, batch = build_model(), model_batch(world)
+    (sum(model(batch[0, r], batch[1, r]).loss for r in range(world)) / world).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+    assert norm > 2 * MAX_NORM  # the clipping did scale the grads
+    for r in range(world):
+        got, info = load_rank(folder, "model", r)
+        assert info["types"] == ["ExpertParallelMoGE"] and info["moe_layers"] == 2
+        assert_close(got["norm"], norm)
+        for n, p in model.named_parameters():
+            assert_close(got[f"grad.{n}"], p.grad, msg=lambda m: f"rank {r} {n}: {m}")
+        for k, v in model.named_parameters():
+            assert torch.equal(got[f"sd.{k}"], v), k

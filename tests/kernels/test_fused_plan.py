@@ -1,0 +1,64 @@
+import torch
+from expert_cases import grouped_ids
+
+from moge.kernels.fused_plan import Plan, columns_per_chunk, sort_pieces, token_blocks
+
+
+def test_plan_uses_one_bmm_per_balanced_chunk_and_pads_rows():
+    counts = [5, 7, 2, 6, 3, 3]
+    uniform = Plan(counts, 6, 1, 3, 100.0, torch.device("cpu"))
+    assert [c.cap for c in uniform.chunks] == [7, 6]  # the largest count of each chunk
+    assert uniform.num_rows == 3 * 7 + 3 * 6 and uniform.pad_P.numel() == uniform.num_rows - sum(counts)
+    # Every real row holds its own sorted slot, each slot exactly once; padding rows
+    # repeat a slot of their own expert (expert 2: rows 14..20, slots 12..13).
+    real = uniform.slot_P[uniform.real_P]
+    assert torch.equal(real.sort().values, torch.arange(sum(counts)))
+    assert set(uniform.slot_P[14:21].tolist()) == {12, 13}
+    ragged = Plan(counts, 6, 4, 3, 0.0, torch.device("cpu"))
+    assert [c.cap for c in ragged.chunks] == [None, None]
+    assert ragged.num_rows == 8 + 8 + 4 + 8 + 4 + 4
+    exact = Plan(counts, 6, 1, 2, 0.0, torch.device("cpu"))
+    assert exact.slot_P is None and exact.num_rows == sum(counts)  # no copies, no padding
+    # A balanced chunk goes to bmm under the default waste bound; a lopsided one, or one
+    # with an expert that got no slot, does not.
+    assert Plan([10, 11, 1, 30], 4, 1, 2, 0.25, torch.device("cpu")).chunks[0].cap == 11
+    assert Plan([10, 11, 1, 30], 4, 1, 2, 0.25, torch.device("cpu")).chunks[1].cap is None
+    assert Plan([10, 0, 9, 9], 4, 1, 2, 100.0, torch.device("cpu")).chunks[0].cap is None
+
+
+def test_columns_per_chunk_only_for_group_aligned_ids():
+    gen = torch.Generator().manual_seed(0)
+    ids = grouped_ids(20, 8, 4, 4, gen)
+    assert columns_per_chunk(ids, 2, 8) == 1
+    assert columns_per_chunk(ids, 4, 8) == 2  # two groups per chunk
+    assert columns_per_chunk(ids, 3, 8) is None  # chunks cut across groups
+    assert columns_per_chunk(ids[:, [1, 0, 2, 3]], 2, 8) is None  # columns out of group order
+
+
+def test_sort_pieces_orders_by_chunk_then_block_then_expert():
+    # 6 tokens, K=2, 4 experts in chunks of 2, token blocks of 3 tokens.
+    ids = torch.tensor([[0, 3], [1, 2], [0, 2], [1, 3], [0, 3], [1, 2]])
+    order, counts = sort_pieces(ids, 4, 2, 3, 2)
+    flat = ids.reshape(-1)
+    chunk, block, expert = flat[order] // 2, order // (2 * 3), flat[order] % 2
+    key = (chunk * 2 + block) * 2 + expert
+    assert torch.equal(key, key.sort().values)  # sorted by (chunk, block, expert)
+    for k in range(len(key)):  # token order kept inside a piece (stable)
+        if k and key[k] == key[k - 1]:
+            assert order[k] > order[k - 1]
+    # counts[p]: slots of piece p = (chunk, block, expert) in that order.
+    assert counts == [2, 1, 1, 2, 2, 1, 1, 2]  # e.g. chunk 0, block 0: expert 0 has tokens 0 and 2
+    assert sum(counts) == ids.numel()
+    # One block: plain stable sort by expert.
+    order1, counts1 = sort_pieces(ids, 4, 2, 6, 1)
+    assert (
+        torch.equal(order1, flat.argsort(stable=True))
+        and counts1 == torch.bincount(flat, minlength=4).tolist()
+    )
+
+
+def test_token_blocks_keep_buffers_near_the_budget():
+    # 1 row per token, 256 columns of float32: 1 KiB per token.
+    assert token_blocks(10_000, 1.0, 256, 64 * 1024) == (64, 157)
+    assert token_blocks(10, 1.0, 256, 64 * 1024) == (10, 1)  # never more than T
+    assert token_blocks(0, 1.0, 256, 64 * 1024) == (1, 1)

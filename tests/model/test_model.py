@@ -1,0 +1,466 @@
+"""Tests of moge/model/transformer.py: the decoder around the MoGE layers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from einops import repeat
+from reference import reference_experts
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+from moge.experts import SwiGLU
+from moge.layer import MoGEConfig, MoGELayer
+from moge.model import (
+    KVCache,
+    MoGETransformer,
+    RMSNorm,
+    RotaryEmbedding,
+    count_parameters,
+    format_params,
+    sample_next,
+)
+from moge.model.config import ModelConfig
+
+V, D = 64, 32
+
+
+def model_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    return ModelConfig(**{**base, **kw})
+
+
+def moe_cfg(**kw) -> MoGEConfig:
+    base = dict(
+        d_model=D, num_experts=8, num_groups=4, top_k=4, expert_hidden=16,
+        num_shared_experts=1, learned_expert_scale=True, aux_loss_coef=0.01,
+    )  # fmt: skip
+    return MoGEConfig(**{**base, **kw})
+
+
+def build(seed: int = 0, moe: MoGEConfig | None = None, **model_kw) -> MoGETransformer:
+    torch.manual_seed(seed)
+    return MoGETransformer(model_cfg(**model_kw), moe or moe_cfg()).eval()
+
+
+def tokens(B: int, L: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+# --- outputs and loss -------------------------------------------------------------
+
+
+def test_output_shapes_and_loss():
+    model = build(first_dense_layers=1)
+    x_BL = tokens(2, 12)
+    out = model(x_BL, x_BL.roll(-1, dims=1))
+    assert out.logits.shape == (2, 12, V)
+    assert torch.isfinite(out.loss) and out.loss.dim() == 0
+    assert_close(out.loss, out.lm_loss + out.aux_loss)
+    no_targets = model(x_BL)
+    assert no_targets.loss is None and no_targets.lm_loss is None
+    assert_close(no_targets.logits, out.logits)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_loss_at_init_is_near_log_vocab(tie):
+    model = build(tie_embeddings=tie)
+    x_BL = tokens(4, 16)
+    lm_loss = model(x_BL, tokens(4, 16, seed=2)).lm_loss
+    assert abs(lm_loss.item() - math.log(V)) < 0.05
+
+
+def test_ignore_index_targets_do_not_count():
+    model = build()
+    x_BL, t_BL = tokens(2, 10), tokens(2, 10, seed=2)
+    masked = t_BL.clone()
+    masked[:, 5:] = -100
+    expected = model(x_BL[:, :5], t_BL[:, :5]).lm_loss  # causal: the first 5 logits are the same
+    assert_close(model(x_BL, masked).lm_loss, expected)
+
+
+def test_rmsnorm_keeps_dtype_and_normalises():
+    norm = RMSNorm(16, eps=1e-6)
+    x = torch.randn(3, 5, 16).to(torch.bfloat16) * 7
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    rms = y.float().pow(2).mean(-1).sqrt()
+    assert_close(rms, torch.ones_like(rms), atol=2e-2, rtol=0)
+
+
+# --- attention ----------------------------------------------------------------------
+
+
+def test_causality():
+    model = build()
+    x_BL = tokens(2, 12)
+    changed = x_BL.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % V
+    before, after = model(x_BL).logits, model(changed).logits
+    assert_close(after[:, :7], before[:, :7])
+    assert not torch.allclose(after[:, 7:], before[:, 7:])
+
+
+def test_rope_relative_position():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(head_dim=16, max_seq_len=64, theta=10000.0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        return (rope(q, m) * rope(k, n)).sum()
+
+    assert_close(score(5, 2), score(20, 17))
+    assert_close(score(5, 2), score(60, 57))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    assert_close(rope(q, 0), q)  # position 0 is the identity
+    assert_close(rope(q, 33).norm(), q.norm())  # a rotation
+
+
+def test_rope_start_offset_equals_position():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(head_dim=8, max_seq_len=32, theta=500.0)
+    x = torch.randn(2, 3, 6, 8)
+    whole = rope(x, 4)
+    for i in range(6):
+        assert_close(whole[:, :, i : i + 1], rope(x[:, :, i : i + 1], 4 + i))
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    gqa = build(n_heads=4, n_kv_heads=2, first_dense_layers=2)
+    mha = build(n_heads=4, n_kv_heads=4, first_dense_layers=2)
+    C = gqa.cfg.resolved_head_dim
+    assert gqa.blocks[0].attn.k_proj.out_features == 2 * C
+    state = gqa.state_dict()
+    for name, w in state.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            # Query head h reads KV head h // 2: copy each KV head to its query heads.
+            state[name] = repeat(w, "(n c) d -> (n r c) d", c=C, r=2)
+    mha.load_state_dict(state)
+    x_BL = tokens(2, 10)
+    assert_close(mha(x_BL).logits, gqa(x_BL).logits)
+
+
+def test_qkv_bias_toggles_parameters():
+    with_bias = dict(build(qkv_bias=True).named_parameters())
+    without = dict(build(qkv_bias=False).named_parameters())
+    extra = set(with_bias) - set(without)
+    assert extra == {f"blocks.{i}.attn.{p}_proj.bias" for i in range(2) for p in "qkv"}
+    assert set(without) <= set(with_bias)
+    for name in extra:
+        assert_close(with_bias[name], torch.zeros_like(with_bias[name]))
+
+
+def test_tied_and_untied_head():
+    tied, untied = build(tie_embeddings=True), build(tie_embeddings=False)
+    n_tied = sum(p.numel() for p in tied.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == V * D
+    assert "lm_head.weight" in dict(untied.named_parameters())
+    assert "lm_head.weight" not in dict(tied.named_parameters())
+    x_BL = torch.randint(0, V // 2, (2, 8))  # ids >= V/2 never appear in the input
+    for model, head_reaches_unused_rows in ((tied, True), (untied, False)):
+        model.zero_grad()
+        model(x_BL, x_BL).loss.backward()
+        unused_rows = model.embed.weight.grad[V // 2 :]
+        assert bool(unused_rows.abs().sum() > 0) == head_reaches_unused_rows
+
+
+def test_tied_model_saves_with_safetensors(tmp_path):
+    model = build(tie_embeddings=True)
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))  # no shared tensors
+
+
+# --- MoE placement and routing -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n_layers, first_dense, every, moe_idx",
+    [(4, 0, 1, [0, 1, 2, 3]), (5, 1, 2, [1, 3]), (6, 2, 3, [2, 5]), (3, 3, 1, [])],
+)
+def test_dense_and_moe_placement(n_layers, first_dense, every, moe_idx):
+    model = build(n_layers=n_layers, first_dense_layers=first_dense, moe_every=every)
+    kinds = [isinstance(b.ffn, MoGELayer) for b in model.blocks]
+    assert [i for i, moe in enumerate(kinds) if moe] == moe_idx
+    assert all(isinstance(b.ffn, SwiGLU) for b, moe in zip(model.blocks, kinds) if not moe)
+    assert list(model.moe_layers()) == [model.blocks[i].ffn for i in moe_idx]
+    for b, moe in zip(model.blocks, kinds):
+        if not moe:  # dense width: 4 * d_model by default
+            assert b.ffn.w_gate_up.out_features == 2 * 4 * D
+    assert len(model(tokens(2, 6)).routing) == len(moe_idx)
+
+
+def test_aux_loss_is_summed_over_moe_layers():
+    model = build(n_layers=4, first_dense_layers=1, moe=moe_cfg(z_loss_coef=0.01))
+    out = model(tokens(2, 8), tokens(2, 8, seed=2))
+    assert len(out.routing) == 3
+    assert_close(out.aux_loss, torch.stack([r.aux_loss for r in out.routing]).sum())
+    assert out.aux_loss.dim() == 0 and out.aux_loss.item() > 0
+    assert_close(out.loss, out.lm_loss + out.aux_loss)
+    for r in out.routing:
+        assert r.expert_ids.shape == (16, 4) and r.hidden.shape == (2, 8, D)
+
+
+def test_dense_only_model_has_zero_aux_loss():
+    out = build(first_dense_layers=2)(tokens(2, 8), tokens(2, 8, seed=2))
+    assert out.routing == []
+    assert_close(out.aux_loss, torch.tensor(0.0))
+    assert_close(out.loss, out.lm_loss)
+
+
+def test_token_ids_reach_random_router():
+    moe = moe_cfg(router="random", rre_vocab_size=V)
+    model = build(n_layers=2, moe=moe)
+    x_BL = tokens(3, 10)
+    out = model(x_BL)
+    assert len(out.routing) == 2
+    for layer, routed in zip(model.moe_layers(), out.routing):
+        # The random router ignores hidden states: any input with the same ids routes the same.
+        direct = layer(torch.randn(3, 10, D), token_ids=x_BL)
+        assert torch.equal(routed.expert_ids, direct.expert_ids)
+
+
+def test_random_router_vocab_must_match():
+    with pytest.raises(ValueError, match="moe.rre_vocab_size"):
+        build(moe=moe_cfg(router="random", rre_vocab_size=V + 1))
+
+
+# --- KV cache and generation ---------------------------------------------------------
+
+
+def test_kv_cache_logits_equal_full_forward():
+    model = build(n_layers=3, first_dense_layers=1, qkv_bias=True)
+    seq_BL = tokens(2, 14)
+    full_BLV = model(seq_BL).logits
+    cache = model.new_cache()
+    assert isinstance(cache, KVCache)
+    assert_close(model(seq_BL[:, :5], cache=cache).logits, full_BLV[:, :5])
+    for t in range(5, 9):  # one token at a time
+        assert_close(model(seq_BL[:, t : t + 1], cache=cache).logits, full_BLV[:, t : t + 1])
+    # several new tokens after a prefix: needs the offset causal mask
+    assert_close(model(seq_BL[:, 9:14], cache=cache).logits, full_BLV[:, 9:14])
+    assert cache.pos == 14
+
+
+def _generate_without_cache(model, prompt_BL, n, temperature, top_k, generator):
+    seq_BL = prompt_BL
+    for _ in range(n):
+        logits_BV = model(seq_BL).logits[:, -1]
+        seq_BL = torch.cat([seq_BL, sample_next(logits_BV, temperature, top_k, generator)], dim=1)
+    return seq_BL
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.8, 5)])
+def test_generate_equals_generation_without_cache(temperature, top_k):
+    model = build(n_layers=2, first_dense_layers=1)
+    prompt_BL = tokens(2, 4)
+    got = model.generate(prompt_BL, 10, temperature, top_k, torch.Generator().manual_seed(7))
+    want = _generate_without_cache(model, prompt_BL, 10, temperature, top_k, torch.Generator().manual_seed(7))
+    assert got.shape == (2, 14)
+    assert torch.equal(got[:, :4], prompt_BL)
+    assert torch.equal(got, want)
+
+
+def test_sampling_top_k_one_is_greedy_and_sampling_differs():
+    model = build()
+    prompt_BL = tokens(2, 4)
+    greedy = model.generate(prompt_BL, 12, temperature=0.0)
+    top1 = model.generate(prompt_BL, 12, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(3))
+    sampled = model.generate(prompt_BL, 12, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(top1, greedy)
+    assert not torch.equal(sampled, greedy)
+
+
+def test_generate_keeps_training_mode_and_load_statistics():
+    model = build(moe=moe_cfg(bias_update_rate=0.1)).train()
+    model.generate(tokens(2, 8), 4, temperature=0.0)
+    assert model.training
+    # Generation runs in eval mode, so it feeds nothing to the balance-bias update.
+    for layer in model.moe_layers():
+        layer.end_step()
+        assert_close(layer.balance_bias_E, torch.zeros(8))
+
+
+def test_generate_stops_at_max_seq_len():
+    model = build(max_seq_len=16)
+    assert model.generate(tokens(1, 10), 6, temperature=0.0).shape == (1, 16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(tokens(1, 10), 7)
+
+
+# --- parameter counts ------------------------------------------------------------------
+
+
+def test_pangu_pro_moe_72b_counts():
+    model = ModelConfig(
+        vocab_size=153376, d_model=5120, n_layers=48, n_heads=40, n_kv_heads=8, head_dim=128,
+        qkv_bias=True, o_bias=True, rope_theta=1.6e7, norm_eps=1e-5, max_seq_len=4096,
+        tie_embeddings=False,
+    )  # fmt: skip
+    moe = MoGEConfig(
+        d_model=5120, num_experts=64, num_groups=8, top_k=8, expert_hidden=1344,
+        num_shared_experts=4, learned_expert_scale=True,
+    )  # fmt: skip
+    assert moe.shared_width == 5376
+    count = count_parameters(model, moe)
+    assert round(count.total / 1e9, 2) == 71.99
+    assert round(count.activated / 1e9, 2) == 16.50
+    assert count.total == 71_988_535_296 + 48 * 5120  # follows exactly from the sizes (+ o_proj bias)
+    per_expert = 3 * 5120 * 1344 + 1  # SwiGLU weights + its learned scale
+    assert count.total - count.activated == 48 * (64 - 8) * per_expert
+    assert (format_params(count.total), format_params(count.activated)) == ("71.99B", "16.50B")
+
+
+def test_pangu_preset_counts():
+    from pathlib import Path
+
+    from moge.training.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "pangu-pro-moe-72b.yaml")
+    count = count_parameters(cfg.model, cfg.moe)
+    assert (format_params(count.total), format_params(count.activated)) == ("71.99B", "16.50B")
+
+
+def test_count_parameters_matches_a_real_model():
+    mc, moe = model_cfg(n_layers=3, first_dense_layers=1, qkv_bias=True), moe_cfg()
+    count = count_parameters(mc, moe)
+    torch.manual_seed(0)
+    real = MoGETransformer(mc, moe)
+    assert count.total == sum(p.numel() for p in real.parameters())
+    assert count.total - count.activated == 2 * (8 - 4) * (3 * D * 16 + 1)
+
+
+@pytest.mark.parametrize(
+    "n, text",
+    [(71_988_535_296, "71.99B"), (12_345_678, "12.3M"), (4_500, "4.5K"), (950, "950"), (999_999, "1.0M")],
+)
+def test_format_params(n, text):
+    assert format_params(n) == text
+
+
+# --- init and bad input ---------------------------------------------------------------
+
+
+def test_init_follows_the_rules():
+    mc = model_cfg(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, qkv_bias=True, init_std=0.05)
+    moe = moe_cfg(d_model=64, expert_hidden=64, bias_update_rate=0.01)
+    torch.manual_seed(0)
+    model = MoGETransformer(mc, moe)
+    out_std = 0.05 / math.sqrt(8)
+    params = dict(model.named_parameters())
+    for name, std in [
+        ("embed.weight", 0.05), ("lm_head.weight", 0.05), ("blocks.0.attn.q_proj.weight", 0.05),
+        ("blocks.0.attn.o_proj.weight", out_std), ("blocks.1.ffn.router.weight", 0.05),
+        ("blocks.1.ffn.experts.w_gate_up_EDH", 0.05), ("blocks.1.ffn.experts.w_down_EFD", out_std),
+        ("blocks.1.ffn.shared.w_down.weight", out_std), ("blocks.1.ffn.shared.w_gate_up.weight", 0.05),
+    ]:  # fmt: skip
+        assert abs(params[name].std().item() / std - 1) < 0.1, name
+        assert abs(params[name].mean().item()) < std / 10, name
+    for name, p in params.items():
+        if name.endswith(("norm.weight", "expert_scale_E")):
+            assert_close(p, torch.ones_like(p))
+        if name.endswith(".bias"):
+            assert_close(p, torch.zeros_like(p))
+    dense = build(first_dense_layers=2, n_layers=2)
+    assert abs(dense.blocks[0].ffn.w_down.weight.std().item() / (0.02 / 2) - 1) < 0.1
+
+
+def test_init_weights_leaves_buffers_alone():
+    model = build(moe=moe_cfg(bias_update_rate=0.01))
+    layer = next(model.moe_layers())
+    layer.balance_bias_E.fill_(0.5)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    model.init_weights()
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: torch.randint(0, V, (8,)), "2-D"),
+        (lambda: torch.rand(2, 8), "integer"),
+        (lambda: torch.full((2, 8), V), "outside the vocabulary"),
+        (lambda: torch.full((2, 8), -1), "outside the vocabulary"),
+        (lambda: torch.zeros(2, 33, dtype=torch.long), "exceeds"),
+        (lambda: torch.zeros(2, 0, dtype=torch.long), "empty"),
+    ],
+)
+def test_bad_tokens_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        build()(make())
+
+
+def test_bad_targets_and_configs_raise():
+    model = build()
+    x_BL = tokens(2, 8)
+    with pytest.raises(ValueError, match="targets: shape"):
+        model(x_BL, tokens(2, 7))
+    with pytest.raises(ValueError, match="targets: id"):
+        model(x_BL, torch.full((2, 8), V))
+    with pytest.raises(ValueError, match="moe.d_model"):
+        MoGETransformer(model_cfg(), moe_cfg(d_model=D * 2))
+    cache = model.new_cache(max_len=10)
+    model(x_BL, cache=cache)
+    with pytest.raises(ValueError, match="after 8 cached positions"):
+        model(tokens(2, 3), cache=cache)
+
+
+# --- training ----------------------------------------------------------------------------
+
+
+def test_every_parameter_gets_a_gradient_and_training_reduces_loss():
+    moe = moe_cfg(z_loss_coef=0.001)
+    model = build(n_layers=3, first_dense_layers=1, qkv_bias=True, moe=moe).train()
+    x_BL = tokens(4, 16)
+    y_BL = x_BL.roll(-1, dims=1)
+    first = model(x_BL, y_BL).loss
+    first.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        opt.step()
+        opt.zero_grad()
+        loss = model(x_BL, y_BL).loss
+        loss.backward()
+    assert loss.item() < first.item() - 1.0
+
+
+def _reference_experts(experts):
+    """experts' forward as the plain per-expert loop of tests/reference.py."""
+    w1, w2 = experts.w_gate_up_EDH, experts.w_down_EFD
+
+    def forward(x_TD, ids_TK, weights_TK, dtype=None):
+        dtype = dtype or x_TD.dtype
+        return reference_experts(x_TD.to(dtype), ids_TK, weights_TK, w1.to(dtype), w2.to(dtype))
+
+    return forward
+
+
+def test_bf16_autocast_forward_and_cache():
+    model = build()
+    moe_layers = [m for m in model.modules() if isinstance(m, MoGELayer)]
+    x_BL = tokens(2, 6)
+    with torch.no_grad():  # experts big enough that their output is a visible part of the logits
+        for layer in moe_layers:
+            layer.experts.reset_parameters(0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x_BL, x_BL)
+        cache = model.new_cache()
+        cached = model(x_BL, cache=cache).logits
+    assert torch.isfinite(out.loss)
+    assert cache.k[0].dtype == torch.bfloat16
+    assert_close(cached.float(), out.logits.float())
+    for layer in moe_layers:  # from here on the experts are the plain reference loop
+        layer.experts.forward = _reference_experts(layer.experts)
+    exact = model(x_BL).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x_BL).logits
+    # Within twice the bf16 reference's own error of the float32 logits (+0.1% of their scale).
+    scale = exact.abs().max().item()
+    err_fast = (out.logits.float() - exact).abs().max().item() / scale
+    err_ref = (ref.float() - exact).abs().max().item() / scale
+    assert err_fast <= 2 * err_ref + 1e-3, (err_fast, err_ref)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from moge.tools.bench_train import (
+    DENSE_NAME,
+    build_train_cases,
+    dense_equivalent,
+    format_train_report,
+    main,
+    qwen3_config,
+    run_train_benchmark,
+)
+from moge.training.config import config_from_dict
+
+TINY = {
+    "name": "bench-tiny",
+    "model": {
+        "vocab_size": 256,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "max_seq_len": 16,
+    },
+    "moe": {
+        "num_experts": 8,
+        "num_groups": 2,
+        "top_k": 2,
+        "expert_hidden": 16,
+        "num_shared_experts": 1,
+        "learned_expert_scale": True,
+    },
+    "data": {"seq_len": 16},
+    "train": {"batch_size": 2, "warmup_steps": 1},
+}
+
+
+def test_moge_rows_train_on_the_same_batches():
+    cfg = config_from_dict(TINY)
+    report = run_train_benchmark(cfg, steps=3, warmup=1, peers=False, log=lambda s: None)
+    names = [r["name"] for r in report["rows"]]
+    assert names == [
+        "moge MoGETransformer (config as written)",
+        DENSE_NAME,
+        "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)",
+    ]
+    full, dense, bare = report["rows"]
+    # The shared expert is 3 * d * f per layer.
+    assert full["params"] - bare["params"] == 2 * 3 * 32 * 16
+    for r in report["rows"]:
+        assert r["median_ms"] > 0 and r["tokens_per_s"] > 0
+        assert 4.0 < r["lm_loss_first"] < 7.0  # near ln(256) = 5.55 at init
+        assert r["aux_last"] > 0 or r["name"] == DENSE_NAME  # the dense model has no router
+    assert report["tokens_per_step"] == 32
+    text = format_train_report(report, "tiny")
+    assert "config as written" in text and "lm loss first->last" in text
+
+
+def test_steps_must_be_positive():
+    with pytest.raises(ValueError, match="steps"):
+        run_train_benchmark(config_from_dict(TINY), steps=0, warmup=0, peers=False, log=lambda s: None)
+
+
+def test_main_reports_bad_config_path(capsys):
+    assert main(["does/not/exist.yaml", "--no-peers", "--quiet"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_qwen3_peer_has_the_same_shape_and_loss_scale():
+    pytest.importorskip("transformers", minversion="5")
+    cfg = config_from_dict(TINY)
+    qcfg = qwen3_config(cfg)
+    assert (qcfg.hidden_size, qcfg.num_hidden_layers, qcfg.num_experts, qcfg.num_experts_per_tok) == (
+        32,
+        2,
+        8,
+        2,
+    )
+    assert qcfg.moe_intermediate_size == 16 and qcfg.head_dim == 8
+    cases, notes = build_train_cases(cfg, seed=0, peers=True)
+    assert not notes
+    bare = next(c for c in cases if "shape" in c.name)
+    for c in cases:
+        if c.name.startswith("transformers"):
+            # Same shape: differs only by Qwen3's q/k norms and moge's per-expert scales.
+            extra_qwen = 2 * 2 * 8  # layers * (q_norm + k_norm of head_dim)
+            extra_moge = 2 * 8  # layers * num_experts
+            assert c.params - bare.params == extra_qwen - extra_moge
+    report = run_train_benchmark(cfg, steps=2, warmup=0, peers=True, log=lambda s: None)
+    for r in report["rows"]:
+        assert 4.0 < r["lm_loss_first"] < 7.0, r
+    assert "x the tokens/s of transformers" in format_train_report(report, "tiny")
+
+
+def test_moge_load_counts_reset_after_every_step():
+    cfg = config_from_dict(TINY)
+    case = build_train_cases(cfg, seed=0, peers=False)[0][0]
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    case.step(x, x.roll(-1, 1), lr=1e-3, grad_clip=1.0, record=True)
+    assert all(int(layer.load_accum_E.sum()) == 0 for layer in case.model.moe_layers())
+    assert len(case.step_ms) == 1 and len(case.lm_losses) == 1
+
+
+def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
+    cfg = config_from_dict(TINY)
+    dense = dense_equivalent(cfg)
+    assert dense.model.first_dense_layers == 2 and dense.model.dense_hidden == 2 * 16 + 16  # K*f + shared
+    assert dense.moe == cfg.moe
+    report = run_train_benchmark(cfg, steps=2, warmup=0, peers=False, log=lambda s: None, dtype="bf16")
+    assert report["dtype"] == "bf16"
+    text = format_train_report(report, "tiny")
+    assert "x the tokens/s of the dense FFN of equal activated width" in text
+    with pytest.raises(ValueError, match="dtype"):
+        run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, dtype="fp16")

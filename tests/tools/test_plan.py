@@ -1,0 +1,100 @@
+"""Tests of moge/tools/plan.py and `moge plan`: the figures against real tensors.
+
+One process here; the 2- and 4-rank figures are checked against the sharded tensors of
+real runs in tests/distributed/test_distributed_train.py (test_the_memory_plan_matches_the_shards).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moge.cli import main
+from moge.tools.plan import USABLE, memory_plan
+from moge.training import build_optimizer
+from moge.training.config import config_from_dict, load_config
+
+RAW = {
+    "name": "plan-test",
+    "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32,
+              "first_dense_layers": 1},
+    "moe": {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 16, "num_shared_experts": 1,
+            "learned_expert_scale": True},
+    "data": {"seq_len": 32},
+    "train": {"batch_size": 2},
+}  # fmt: skip
+
+
+def measured_bytes(model, opt) -> dict:
+    """Bytes of the parameters, their gradients and the AdamW state, from the tensors themselves."""
+
+    def nbytes(t):
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
+    return {
+        "params": sum(nbytes(p) for p in model.parameters()),
+        "grads": sum(nbytes(p.grad) for p in model.parameters()),
+        "optimizer": sum(nbytes(v) for s in opt.state.values() for v in s.values()),
+    }
+
+
+def test_one_process_figures_are_the_real_tensors_bytes():
+    from moge.model import MoGETransformer
+
+    cfg = config_from_dict(RAW)
+    torch.manual_seed(0)
+    model = MoGETransformer(cfg.model, cfg.moe)
+    opt = build_optimizer(model, cfg.train)
+    x_BL = torch.randint(0, 256, (2, 32))
+    model(x_BL, x_BL.roll(-1, 1)).loss.backward()
+    opt.step()
+    plan = memory_plan(cfg, 1)
+    got = measured_bytes(model, opt)
+    assert got == {"params": plan.params, "grads": plan.grads, "optimizer": plan.optimizer}
+    assert plan.fsdp_buffers == 0 and plan.activations > 0
+
+
+def test_sharding_divides_the_state_and_checkpointing_the_activations():
+    cfg = load_config("configs/tiny-moge.yaml")
+    one, four = memory_plan(cfg, 1), memory_plan(cfg, 4, expert_parallel=2)
+    assert (four.dp, four.ep) == (2, 2)
+    assert one.params / 4 <= four.params < one.params / 4 * 1.1  # rounding up by rows only
+    on = memory_plan(cfg, 4, expert_parallel=2, checkpointing=True)
+    assert on.activations < four.activations and on.params == four.params
+    assert memory_plan(cfg, 4, device_gb=1e-6).fits is False and four.fits
+    assert 0 < USABLE < 1
+
+
+def test_the_72b_preset_on_64_devices_fits_80_gb_with_checkpointing():
+    cfg = load_config("configs/pangu-pro-moe-72b.yaml")
+    p = memory_plan(cfg, 64, expert_parallel=8, micro_batch=1, checkpointing=True)
+    total_params = 4 * sum(  # fp32 bytes of the whole model, from the meta model
+        t.numel()
+        for t in __import__("moge.tools.plan", fromlist=["_meta_model"])._meta_model(cfg).parameters()
+    )
+    assert total_params / 64 <= p.params < total_params / 64 * 1.05
+    assert p.fits and not memory_plan(cfg, 8, expert_parallel=8, micro_batch=1, checkpointing=True).fits
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--devices", "2", "--mesh", "ep=3"], "parallel.expert_parallel: 3 ranks do not divide"),
+        (["--devices", "4", "--mesh", "dp=3,ep=2"], "--mesh: dp=3 x ep=2 = 6 devices, but --devices 4"),
+        (["--devices", "4", "--mesh", "tp=2"], "--mesh: expected dp=D,ep=E or ep=E"),
+        (["--devices", "3", "--mesh", "ep=2"], "parallel.expert_parallel: 2 needs a multiple of 2"),
+    ],
+)
+def test_bad_meshes_are_one_error_line(capsys, argv, fragment):
+    assert main(["plan", "configs/tiny-moge.yaml", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+
+
+def test_plan_prints_a_column_per_device_count(capsys):
+    assert main(["plan", "configs/tiny-moge.yaml", "--devices", "1", "2", "4", "--mesh", "ep=2"]) == 2
+    assert "ep=2" not in capsys.readouterr().out  # 1 device cannot hold ep=2
+    assert main(["plan", "configs/tiny-moge.yaml", "--devices", "2", "4", "--mesh", "ep=2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 (1 x 2)" in out and "4 (2 x 2)" in out and "AdamW state" in out
