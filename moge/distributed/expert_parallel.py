@@ -356,6 +356,8 @@ class ExpertParallelMoGE(GlobalLoadMoGE):
         if mask_T is None or self.config.dispatch_padding or not self.experts.static_splits:
             return super()._routed_experts(x_TD, out, dtype)
         keep_T1 = mask_T[:, None]
-        x_TD = torch.where(keep_T1, x_TD, torch.zeros_like(x_TD))  # padding of any size: expert(0) = 0
+        # Zero inputs (a bias-free expert gives 0 on 0, whatever the padding held) and zero
+        # gates: a padded slot adds exactly 0 to the output and to every gradient.
+        x_TD = torch.where(keep_T1, x_TD, torch.zeros_like(x_TD))
         weights_TK = torch.where(keep_T1, out.weights, torch.zeros_like(out.weights))
         return self.experts(x_TD, out.expert_ids, weights_TK, dtype)

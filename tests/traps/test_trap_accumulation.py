@@ -25,6 +25,8 @@ import moge
 from moge import MoGEConfig, MoGELayer
 from moge.balance import load_balancing_loss, released_balance_loss
 from moge.distributed.expert_parallel import ExpertParallelMoGE, GlobalLoadMoGE
+from moge.model import MoGETransformer
+from moge.model.config import ModelConfig
 from moge.training import train
 from moge.training.checkpoint import read_tensors
 from moge.training.config import config_from_dict
@@ -326,3 +328,42 @@ def test_the_training_loop_logs_and_trains_the_one_call_loss(tmp_path):
     assert any("balance_bias_E" in k for k in weights)
     for key in weights:  # AdamW magnifies rounding of near-zero gradients: 1e-5 of the scale
         close(split_w[key], whole_w[key], msg=key, scale=1e-5)
+
+
+# --- a model, with and without activation checkpointing -----------------------------------
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_model_micro_batches_after_a_counting_pass_equal_one_call(checkpointing):
+    """A 2-MoE-layer decoder, 3 micro-batches of 2 sequences after moge.counting_pass:
+    every parameter's gradient (the aux loss also reaches the layers below a router), the
+    losses, counts and bias equal one call on the 6 sequences; under activation
+    checkpointing the recompute neither counts nor changes the counts a call used."""
+    moe = MoGEConfig(**{**BASE, "aux_loss_type": "global_batch", "router": "global"})
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=8,
+                      activation_checkpointing=checkpointing)  # fmt: skip
+    tokens = torch.randint(0, 64, (6, 8), generator=torch.Generator().manual_seed(3))
+
+    def step(parts):
+        torch.manual_seed(0)
+        model = MoGETransformer(cfg, moe).train()
+        if len(parts) > 1:
+            with moge.counting_pass(model):
+                for t in parts:
+                    model(t)
+        aux = []
+        for t in parts:
+            out = model(t, t.roll(-1, 1))
+            (out.loss / len(parts)).backward()
+            aux.append(out.aux_loss.detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        counts = [layer.load_accum_E.clone() for layer in model.moe_layers()]
+        moge.end_step(model)
+        return torch.stack(aux).mean(), grads, counts, [layer.balance_bias_E for layer in model.moe_layers()]
+
+    one, split = step([tokens]), step(list(tokens.split(2)))
+    close(split[0], one[0], rtol=1e-6, msg="aux_loss")
+    for name, grad in one[1].items():
+        close(split[1][name], grad, msg=name)
+    for a, b in zip(split[2] + split[3], one[2] + one[3], strict=True):
+        assert_close(a, b, rtol=0, atol=0)
