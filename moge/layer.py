@@ -43,8 +43,10 @@ class MoGEConfig:
         "group_limited" (DeepSeek-V3: best `topk_groups` groups, then top-k inside),
         "random" (PanGu-Sigma RRE: fixed random token-id -> experts map per group).
     aux_loss_type: "batch" (the paper's Eq. 8 over all tokens of the call),
-        "sequence" (Eq. 8 per sequence, averaged), "global_batch" (f_i accumulated over
-        gradient-accumulation micro-batches until `MoGELayer.end_step()`), "released"
+        "sequence" (Eq. 8 per sequence, averaged), "global_batch" (f_i over the whole
+        step until `MoGELayer.end_step()`: every micro-batch and rank; after a
+        `moge.counting_pass` the step's loss and gradients are one call's on the whole
+        batch, see balance.global_batch_balance_loss), "released"
         (the released code's objective: Mixtral's loss, global top-k counts, scale E,
         one loss over all layers' rows; see balance.released_balance_loss and
         total_aux_loss).
@@ -206,13 +208,17 @@ class MoGELayer(nn.Module):
     global-batch statistics. Where either is on (bias_update_rate > 0 or
     aux_loss_type="global_batch"), a layer that runs END_STEP_WARN_CALLS training calls
     without it warns once (EndStepWarning): the bias would never move and the counts
-    would grow without end. For a layer that returns a tensor, see moge.MoGEMLP.
+    would grow without end. With aux_loss_type="global_batch" and several micro-batches
+    per step, run them first inside `moge.counting_pass(model)`: each micro-batch's loss
+    then uses the whole step's counts (without it: the counts of the step so far).
+    For a layer that returns a tensor, see moge.MoGEMLP.
     """
 
     # Training calls without end_step() before the warning; gradient accumulation of up
     # to this many micro-batches per optimizer step stays silent.
     END_STEP_WARN_CALLS = 64
-    load_accum_E: Tensor  # a buffer (see __init__); annotated for type checkers
+    load_accum_E: Tensor  # buffers (see __init__); annotated for type checkers
+    _local_load_E: Tensor
 
     def __init__(self, config: MoGEConfig) -> None:
         super().__init__()
