@@ -12,7 +12,9 @@ loss averages sequences, so whole sequences per micro-batch give the one-call va
 """
 
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,8 +291,8 @@ def test_two_gloo_ranks_of_two_micro_batches_equal_one_call(two_ranks, name):
 # --- the training loop logs the global loss ---------------------------------------------
 
 
-def _train_run(out_dir, batch_size, grad_accum):
-    cfg = config_from_dict(
+def _train_cfg(out_dir, batch_size, grad_accum, expert_parallel=1):
+    return config_from_dict(
         {
             "name": "accum-trap",
             "model": {"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 8},
@@ -300,23 +302,26 @@ def _train_run(out_dir, batch_size, grad_accum):
             "train": {"steps": 2, "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": 1,
                       "log_every": 1, "eval_every": 0, "eval_batches": 1, "save_every": 0, "threads": 1,
                       "out_dir": str(out_dir)},
+            "parallel": {"expert_parallel": expert_parallel},
         }
     )  # fmt: skip
+
+
+def _train_run(out_dir, batch_size, grad_accum):
     n = torch.get_num_threads()
     try:
-        train(cfg, progress=False)
+        train(_train_cfg(out_dir, batch_size, grad_accum), progress=False)
     finally:
         torch.set_num_threads(n)
+    return _train_records(out_dir)
+
+
+def _train_records(out_dir):
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["type"] == "train"], read_tensors(out_dir)
 
 
-def test_the_training_loop_logs_and_trains_the_one_call_loss(tmp_path):
-    """train.grad_accum 4 x batch_size 1 draws the same sequences as 1 x 4: the logged
-    losses (aux_loss, lb_loss per layer), gradient norms and the weights after 2 steps
-    are the same."""
-    split, split_w = _train_run(tmp_path / "split", 1, 4)
-    whole, whole_w = _train_run(tmp_path / "whole", 4, 1)
+def _same_runs(split, split_w, whole, whole_w):
     assert len(split) == len(whole) == 2
     for a, b in zip(split, whole, strict=True):
         for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
@@ -328,6 +333,45 @@ def test_the_training_loop_logs_and_trains_the_one_call_loss(tmp_path):
     assert any("balance_bias_E" in k for k in weights)
     for key in weights:  # AdamW magnifies rounding of near-zero gradients: 1e-5 of the scale
         close(split_w[key], whole_w[key], msg=key, scale=1e-5)
+
+
+def test_the_training_loop_logs_and_trains_the_one_call_loss(tmp_path):
+    """train.grad_accum 4 x batch_size 1 draws the same sequences as 1 x 4: the logged
+    losses (aux_loss, lb_loss per layer), gradient norms and the weights after 2 steps
+    are the same."""
+    split, split_w = _train_run(tmp_path / "split", 1, 4)
+    whole, whole_w = _train_run(tmp_path / "whole", 4, 1)
+    _same_runs(split, split_w, whole, whole_w)
+
+
+def _train_rank(rank, world, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        train(_train_cfg(Path(out_dir) / "ep2", 1, 2, expert_parallel=2), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_training_loop_on_two_expert_parallel_ranks_trains_the_one_call_loss(tmp_path):
+    """moge train on 2 gloo ranks (expert parallel, FSDP2) x grad_accum 2 x batch_size 1
+    logs and trains what one process does with one micro-batch of 4 sequences."""
+    threads = torch.get_num_threads()
+    try:
+        procs = tmp.start_processes(
+            _train_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="fork"
+        )
+        deadline = time.monotonic() + 180
+        while not procs.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in procs.processes:
+                    p.kill()
+                pytest.fail("2 ranks did not finish in 180 s (a collective hung?)")
+    finally:
+        torch.set_num_threads(threads)
+    whole, whole_w = _train_run(tmp_path / "whole", 4, 1)
+    _same_runs(*_train_records(tmp_path / "ep2"), whole, whole_w)
 
 
 # --- a model, with and without activation checkpointing -----------------------------------
