@@ -1,10 +1,11 @@
 """moge: Mixture of Grouped Experts (Pangu Pro MoE, arXiv 2505.21411) in pure PyTorch."""
 
 from moge import balance, routing, testing
-from moge.dropin import MoGEMLP, aux_loss, end_step, moge_layers, routing_stats
-from moge.layer import EndStepWarning, MoGEConfig, MoGELayer, MoGEOutput
+from moge.dropin import MoGEMLP, aux_loss, counting_pass, end_step, moge_layers, routing_stats
+from moge.layer import CountingPassWarning, EndStepWarning, MoGEConfig, MoGELayer, MoGEOutput
 
 __all__ = [
+    "CountingPassWarning",
     "EndStepWarning",
     "MoGEConfig",
     "MoGELayer",
@@ -12,6 +13,7 @@ __all__ = [
     "MoGEOutput",
     "aux_loss",
     "balance",
+    "counting_pass",
     "end_step",
     "from_pretrained",
     "moge_layers",

@@ -38,6 +38,24 @@ def balance_loss_from_counts(scores_TE: Tensor, counts_E: Tensor, num_tokens: in
     return (f_E * p_E).sum()
 
 
+def global_batch_balance_loss(scores_TE: Tensor, counts_E: Tensor, top_k: int, calls: int) -> Tensor:
+    """One call's share of Eq. 8 over a global batch, times the batch's number of calls.
+
+    counts_E [E]: slots per expert over the step's `calls` calls (every micro-batch of
+    every rank), N = counts.sum() / K their tokens; scores_TE [T, E]: this call's tokens.
+    Returns calls * sum_i f_i * S_i / N with f from counts_E and S_i the sum of this
+    call's scores of expert i. The mean over the step's calls (what `loss / grad_accum`
+    and the data-parallel gradient mean add up to) is then sum_i f_i * P_i with P the mean
+    over all N tokens: Eq. 8 on the whole batch, even with calls of unequal size. With
+    calls of equal size it is f . mean(scores) (the factor T * calls / N is 1).
+    """
+    tokens = int(counts_E.sum()) // top_k
+    if scores_TE.shape[0] == 0 or tokens == 0:
+        return scores_TE.new_zeros((), dtype=torch.float32)
+    share = scores_TE.shape[0] * calls / tokens
+    return balance_loss_from_counts(scores_TE, counts_E, tokens, top_k) * share
+
+
 def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
     """Batch-level balance loss (Eq. 8 without alpha); 1.0 at perfect balance.
 

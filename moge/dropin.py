@@ -19,6 +19,8 @@ Legend: T tokens, D d_model, E experts, K experts per token.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +122,37 @@ def aux_loss(model: nn.Module) -> Tensor:
     if not parts:
         return layers[0][1].router.weight.new_zeros((), dtype=torch.float32)
     return torch.stack([p.float() for p in parts]).sum()
+
+
+@contextmanager
+def counting_pass(model: nn.Module) -> Iterator[None]:
+    """Count a step's routing before training on it: aux_loss_type="global_batch" exact.
+
+    Under gradient accumulation a micro-batch's forward cannot know the counts of the
+    micro-batches after it. Run them all once inside this block (forwards only, under
+    no_grad; the same micro-batches, in training mode, on every rank); every MoGE layer
+    then holds the whole step's counts, and in the training pass each micro-batch's
+    global-batch loss uses them: the step's loss and gradients are one call's on the
+    whole batch. Costs one forward per step. The training pass counts nothing (the bias
+    update and statistics read the counting pass's counts) and may not run more calls
+    than were counted; end_step() warns (CountingPassWarning) if it routed otherwise.
+
+        with moge.counting_pass(model):
+            for x in micro_batches:
+                model(x)
+        for x in micro_batches:
+            (loss_of(model(x)) / len(micro_batches)).backward()
+        optimizer.step(); moge.end_step(model)
+    """
+    layers = [layer for _, layer in moge_layers(model)]
+    if not layers:
+        raise ValueError(f"model: no MoGE layer found in {type(model).__name__}")
+    for layer in layers:
+        layer.begin_counting_pass()
+    with torch.no_grad():
+        yield
+    for layer in layers:
+        layer.end_counting_pass()
 
 
 def end_step(model: nn.Module) -> int:

@@ -43,8 +43,10 @@ class MoGEConfig:
         "group_limited" (DeepSeek-V3: best `topk_groups` groups, then top-k inside),
         "random" (PanGu-Sigma RRE: fixed random token-id -> experts map per group).
     aux_loss_type: "batch" (the paper's Eq. 8 over all tokens of the call),
-        "sequence" (Eq. 8 per sequence, averaged), "global_batch" (f_i accumulated over
-        gradient-accumulation micro-batches until `MoGELayer.end_step()`), "released"
+        "sequence" (Eq. 8 per sequence, averaged), "global_batch" (f_i over the whole
+        step until `MoGELayer.end_step()`: every micro-batch and rank; after a
+        `moge.counting_pass` the step's loss and gradients are one call's on the whole
+        batch, see balance.global_batch_balance_loss), "released"
         (the released code's objective: Mixtral's loss, global top-k counts, scale E,
         one loss over all layers' rows; see balance.released_balance_loss and
         total_aux_loss).
@@ -192,6 +194,10 @@ class EndStepWarning(UserWarning):
     """A MoGE layer ran many training calls without `end_step()` (see MoGELayer)."""
 
 
+class CountingPassWarning(UserWarning):
+    """The training pass routed other tokens than the step's counting pass counted."""
+
+
 class MoGELayer(nn.Module):
     """Router + E routed SwiGLU experts + an optional merged shared SwiGLU.
 
@@ -202,13 +208,17 @@ class MoGELayer(nn.Module):
     global-batch statistics. Where either is on (bias_update_rate > 0 or
     aux_loss_type="global_batch"), a layer that runs END_STEP_WARN_CALLS training calls
     without it warns once (EndStepWarning): the bias would never move and the counts
-    would grow without end. For a layer that returns a tensor, see moge.MoGEMLP.
+    would grow without end. With aux_loss_type="global_batch" and several micro-batches
+    per step, run them first inside `moge.counting_pass(model)`: each micro-batch's loss
+    then uses the whole step's counts (without it: the counts of the step so far).
+    For a layer that returns a tensor, see moge.MoGEMLP.
     """
 
     # Training calls without end_step() before the warning; gradient accumulation of up
     # to this many micro-batches per optimizer step stays silent.
     END_STEP_WARN_CALLS = 64
-    load_accum_E: Tensor  # a buffer (see __init__); annotated for type checkers
+    load_accum_E: Tensor  # buffers (see __init__); annotated for type checkers
+    _local_load_E: Tensor
 
     def __init__(self, config: MoGEConfig) -> None:
         super().__init__()
@@ -232,17 +242,27 @@ class MoGELayer(nn.Module):
             self.register_buffer("balance_bias_E", torch.zeros(c.num_experts, dtype=torch.float32))
         else:
             self.balance_bias_E = None
-        # Slots per expert since the last end_step(): feeds the bias rule and the
-        # global-batch loss. Not saved: checkpoints are taken between steps.
+        # Slots per expert since the last end_step() (every rank's, through step_load):
+        # feeds the bias rule and the global-batch loss; `step_calls` is how many calls
+        # (micro-batches times ranks) they span. Not saved: checkpoints are taken between steps.
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
+        self.step_calls = 0
+        # A counting pass (moge.counting_pass) fills the step's counts before the training
+        # pass, which then counts nothing and weighs every call with the whole step's f.
+        # This rank's own calls and slots of each pass, to check that both routed alike.
+        self.counted_ahead = False
+        self.register_buffer("_local_load_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
+        self._local_calls = 0
+        self._counted: tuple[int, Tensor] | None = None  # (calls, slots [E]) of the counting pass
         self.calls_since_end_step = 0
         self._warned_end_step = False
         # Activation checkpointing (moge.model.recompute) runs forward twice; the second run
         # must not count again. `recompute_phase` is "forward" or "recompute" inside a
         # checkpointed call (None outside); the counts each first run used wait in
-        # `_replay_counts` for its recompute, so the loss's gradient is the same.
+        # `_replay_counts` (with the calls they span) for its recompute, so the loss's
+        # gradient is the same.
         self.recompute_phase: str | None = None
-        self._replay_counts: list[Tensor] = []
+        self._replay_counts: list[tuple[Tensor, int]] = []
         if c.router == "random" and c.rre_domain_groups is not None:  # PanGu-Sigma two levels
             table, columns = layer_tables(c)
             self.register_buffer("rre_table_VK", table, persistent=False)
@@ -316,9 +336,11 @@ class MoGELayer(nn.Module):
         load_E: Tensor,
         lead: tuple,
         mask_T: Tensor | None,
-        accum_E: Tensor,
+        step: tuple[Tensor, int],
     ) -> Tensor:
-        """The unweighted balance loss over the real tokens (mask_T True; None: all)."""
+        """The unweighted balance loss over the real tokens (mask_T True; None: all).
+
+        step: the step's counts [E] and the calls they span, as this call sees them."""
         c = self.config
         if c.aux_loss_type == "sequence" and len(lead) >= 2:
             L = lead[-1]
@@ -332,20 +354,39 @@ class MoGELayer(nn.Module):
         if c.aux_loss_type == "released":  # this layer's rows; a model pools its layers (total_aux_loss)
             return balance.released_balance_loss([real_TE], c.top_k)
         if c.aux_loss_type == "global_batch" and self.training:
-            tokens = int(accum_E.sum()) // c.top_k
-            return balance.balance_loss_from_counts(real_TE, accum_E, tokens, c.top_k)
+            counts_E, calls = step
+            return balance.global_batch_balance_loss(real_TE, counts_E, c.top_k, calls)
         return balance.balance_loss_from_counts(real_TE, load_E, real_TE.shape[0], c.top_k)
 
-    def _count_load(self, load_E: Tensor) -> Tensor:
+    def _count_load(self, load_E: Tensor) -> tuple[Tensor, int]:
         """Add a training call's load to the step's counts once; returns the step's counts
-        as this call sees them (a recompute replays what its first run saw)."""
+        and the calls they span as this call sees them: the whole step's after a counting
+        pass, else the step so far (a recompute replays what its first run saw)."""
+        if self.counted_ahead:
+            if self.recompute_phase != "recompute":
+                self._count_local(load_E)
+            return self.load_accum_E, self.step_calls
         if self.recompute_phase == "recompute":
             return self._replay_counts.pop(0)
         self.load_accum_E += self.step_load(load_E)
+        self.step_calls += self.step_ranks()
+        self._count_local(load_E)
         self._count_call()
         if self.recompute_phase == "forward":
-            self._replay_counts.append(self.load_accum_E.clone())
-        return self.load_accum_E
+            self._replay_counts.append((self.load_accum_E.clone(), self.step_calls))
+        return self.load_accum_E, self.step_calls
+
+    def _count_local(self, load_E: Tensor) -> None:
+        """This rank's calls and slots in the current pass; after a counting pass the
+        training pass may not run more calls than it counted."""
+        if self._counted is not None and self._local_calls == self._counted[0]:
+            raise RuntimeError(
+                f"MoGELayer: the counting pass of this step ran {self._counted[0]} training calls and "
+                f"this is call {self._local_calls + 1}: run the same micro-batches in both passes, then "
+                "end_step() (moge.counting_pass)"
+            )
+        self._local_calls += 1
+        self._local_load_E += load_E
 
     def _drop_over_capacity(
         self, scores_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, mask_T: Tensor | None
@@ -407,11 +448,11 @@ class MoGELayer(nn.Module):
         if self.expert_scale_E is not None:
             weights_TK = weights_TK * self.expert_scale_E.float()[ids_TK]
         load_E = balance.expert_load(ids_TK if mask_T is None else ids_TK[mask_T], c.num_experts)
-        accum_E = self._count_load(load_E) if self.training else self.load_accum_E
+        step = self._count_load(load_E) if self.training else (self.load_accum_E, self.step_calls)
         dropped_E = None
         if c.capacity_factor is not None:
             weights_TK, dropped_E = self._drop_over_capacity(scores_TE, weights_TK, ids_TK, mask_T)
-        lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead, mask_T, accum_E)
+        lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead, mask_T, step)
         z_loss = balance.router_z_loss(logits_TE if mask_T is None else logits_TE[mask_T])
         return MoGEOutput(
             hidden=x_TD, aux_loss=c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss,
@@ -470,6 +511,46 @@ class MoGELayer(nn.Module):
         wrapper (moge.distributed) returns the sum over every rank's tokens here."""
         return load_E
 
+    def step_ranks(self) -> int:
+        """How many ranks' calls one step_load sums (1 here; the data-parallel world there)."""
+        return 1
+
+    # -- counting pass (moge.counting_pass) ------------------------------------------
+
+    def begin_counting_pass(self) -> None:
+        """Before a counting pass: the layer trains and its step has counted no call yet."""
+        if not self.training:
+            raise ValueError(
+                "counting_pass: the layer is in eval mode, which counts nothing; call model.train()"
+            )
+        if self.step_calls or self.counted_ahead:
+            raise ValueError(
+                f"counting_pass: this step has already counted {self.step_calls} calls; run the "
+                "counting pass first in the step, after the previous step's end_step()"
+            )
+
+    def end_counting_pass(self) -> None:
+        """After a counting pass: the step's counts are complete; the training pass adds nothing."""
+        self.counted_ahead = True
+        self._counted = (self._local_calls, self._local_load_E.clone())
+        self._local_calls = 0
+        self._local_load_E.zero_()
+
+    def _check_counted_step(self) -> None:
+        """At end_step: warn if the training pass did not route what the counting pass counted."""
+        if self._counted is None:
+            return
+        calls, load_E = self._counted
+        if self._local_calls != calls or not torch.equal(self._local_load_E, load_E):
+            warnings.warn(
+                f"MoGELayer: the counting pass routed {calls} calls, {load_E.tolist()} slots per expert, "
+                f"the training pass {self._local_calls} calls, {self._local_load_E.tolist()}; the "
+                "global-batch loss and the bias used the counting pass's counts. Feed both passes the "
+                "same micro-batches (a forward that is not deterministic can also differ).",
+                CountingPassWarning,
+                stacklevel=4,  # the caller of end_step (through its no_grad wrapper)
+            )
+
     def _count_call(self) -> None:
         self.calls_since_end_step += 1
         c = self.config
@@ -496,6 +577,7 @@ class MoGELayer(nn.Module):
     @torch.no_grad()
     def end_step(self) -> None:
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
+        self._check_counted_step()
         self.calls_since_end_step = 0
         self._replay_counts = []  # recomputes that never ran (no backward) are forgotten
         # rate 0: a bias loaded from a checkpoint (DeepSeek-V3) stays as it is.
@@ -509,6 +591,9 @@ class MoGELayer(nn.Module):
             )
             self.balance_bias_E.copy_(new_E)
         self.load_accum_E.zero_()
+        self.step_calls = self._local_calls = 0
+        self._local_load_E.zero_()
+        self.counted_ahead, self._counted = False, None
 
 
 def total_aux_loss(outputs: list[MoGEOutput], config: MoGEConfig) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from moge._validate import check_int
 from moge.experts import run_experts
-from moge.layer import MoGEConfig, MoGELayer
+from moge.layer import MoGEConfig, MoGELayer, MoGEOutput
 from moge.routing import QUOTA_ROUTERS
 
 # Routers that take top_k/num_groups experts from every group: static splits.
@@ -276,7 +276,10 @@ class GlobalLoadMoGE(MoGELayer):
     The slot counts of every call are summed over `sync_group` (None: every process)
     before they feed the step's count, so the global-batch balance loss sees the
     global batch's f_i (Eq. 8) and the aux-loss-free bias the global load; every rank
-    keeps the same bias. Per-call losses ("batch", "sequence") stay this rank's.
+    keeps the same bias. Each rank's global-batch loss is its tokens' share times the
+    step's calls (balance.global_batch_balance_loss), so the data-parallel gradient mean
+    gives the one-process loss, no factor of the world size. Per-call losses ("batch",
+    "sequence", "released") stay this rank's.
     """
 
     def __init__(self, config: MoGEConfig, sync_group=None) -> None:
@@ -288,6 +291,9 @@ class GlobalLoadMoGE(MoGELayer):
         total_E = load_E.clone()
         dist.all_reduce(total_E, group=self.sync_group)
         return total_E
+
+    def step_ranks(self) -> int:
+        return dist.get_world_size(self.sync_group)
 
     @classmethod
     def from_layer(cls, layer: MoGELayer, *args, **kwargs) -> GlobalLoadMoGE:
@@ -340,3 +346,18 @@ class ExpertParallelMoGE(GlobalLoadMoGE):
 
     def load_full_state_dict(self, full_sd: dict, strict: bool = True):
         return self.load_state_dict(self.shard_state_dict(full_sd), strict=strict)
+
+    def _routed_experts(self, x_TD: Tensor, out: MoGEOutput, dtype: torch.dtype) -> Tensor:
+        """Static splits send T*K/W slots to every rank, the same T on every rank, so
+        padded tokens cannot stay home (dispatch_padding false): they travel as zeros with
+        gate 0, and their routed output is 0 as when they skip the experts. Counted splits
+        skip them (MoGELayer)."""
+        mask_T = out.token_mask
+        if mask_T is None or self.config.dispatch_padding or not self.experts.static_splits:
+            return super()._routed_experts(x_TD, out, dtype)
+        keep_T1 = mask_T[:, None]
+        # Zero inputs (a bias-free expert gives 0 on 0, whatever the padding held) and zero
+        # gates: a padded slot adds exactly 0 to the output and to every gradient.
+        x_TD = torch.where(keep_T1, x_TD, torch.zeros_like(x_TD))
+        weights_TK = torch.where(keep_T1, out.weights, torch.zeros_like(out.weights))
+        return self.experts(x_TD, out.expert_ids, weights_TK, dtype)

@@ -35,6 +35,7 @@ from moge.diagnostics.collapse import CollapseMonitor
 from moge.distributed.agree import agree
 from moge.distributed.mesh import World, close, connect
 from moge.distributed.parallelize import clip_grads_, grad_norm, parallelize
+from moge.dropin import counting_pass
 from moge.model import MoGETransformer, count_parameters, format_params
 from moge.sigma.data import check_dataset_domains
 from moge.training.checkpoint import checkpoint_config, load_checkpoint, resume_point, save_checkpoint
@@ -177,6 +178,16 @@ def _clip(step: int, run: _Run) -> float:
     return float(norm)
 
 
+def _forward(run: _Run, batch: Batch, targets: bool = False):
+    """The model on one micro-batch (with its targets: the loss), in the run's dtype."""
+    device = run.world.device
+    x_BL, y_BL = batch
+    with autocast(device, run.cfg.train.dtype), warnings.catch_warnings():
+        # FSDP2 cautions that a unit returns a view; nothing here modifies one in place.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module", category=UserWarning)
+        return run.model(x_BL.to(device), y_BL.to(device) if targets else None, **batch.model_kwargs(device))
+
+
 def _train_step(step: int, run: _Run) -> dict:
     """One optimiser step over this rank's grad_accum micro-batches; metrics are global means."""
     tc, world, model = run.cfg.train, run.world, run.model
@@ -186,14 +197,16 @@ def _train_step(step: int, run: _Run) -> dict:
     device = world.device
     totals_3 = torch.zeros(3, dtype=torch.float64, device=device)
     routing_L3 = None
-    for batch in rank_batches(
-        run.dataset, run.data_gen, tc.batch_size, tc.grad_accum, world.rank, world.size
+    batches = rank_batches(run.dataset, run.data_gen, tc.batch_size, tc.grad_accum, world.rank, world.size)
+    if tc.grad_accum > 1 and any(
+        layer.config.aux_loss_type == "global_batch" for layer in model.moe_layers()
     ):
-        x_BL, y_BL = batch
-        with autocast(device, tc.dtype), warnings.catch_warnings():
-            # FSDP2 cautions that a unit returns a view; nothing here modifies one in place.
-            warnings.filterwarnings("ignore", message="FSDP2-wrapped module", category=UserWarning)
-            out = model(x_BL.to(device), y_BL.to(device), **batch.model_kwargs(device))
+        # Every micro-batch's global-batch loss needs the whole step's counts: count first.
+        with counting_pass(model):
+            for batch in batches:
+                _forward(run, batch)
+    for batch in batches:
+        out = _forward(run, batch, targets=True)
         totals_3 += global_losses(
             step + 1, out, model, world
         )  # before backward: its exchanges need every rank

@@ -4,13 +4,21 @@
 A padded batch with a token mask must give what the real tokens alone give.
 """
 
+import copy
+import json
+import time
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 import moge
 from moge import MoGEConfig, MoGELayer
 from moge.balance import load_balancing_loss, released_balance_loss, routing_stats
+from moge.distributed.expert_parallel import ExpertParallelMoGE
 from moge.model import MoGETransformer
 from moge.model.config import ModelConfig
 
@@ -134,3 +142,122 @@ def test_model_released_loss_pools_only_real_rows():
     out = model(tokens, mask=mask)
     rows = [r.scores[mask.reshape(-1)] for r in out.routing]
     assert_close(out.aux_loss, 0.5 * released_balance_loss(rows, 4), rtol=1e-6, atol=0)
+
+
+# --- padding under expert parallelism: 2 gloo ranks --------------------------------------
+
+RANK_LENGTHS = {"uneven": ((6, 4, 1), (2, 0, 5)), "rank1_all_padding": ((6, 4, 1), (0, 0, 0))}
+EP_SCENARIOS = {
+    f"{router}-{aux}-dispatch_{dispatch}-{layout}": (
+        dict(
+            router=router,
+            aux_loss_type=aux,
+            dispatch_padding=dispatch,
+            bias_update_rate=0.05,
+            z_loss_coef=0.1,
+        ),
+        layout,
+    )
+    for router in ("grouped", "global")  # static splits, counted splits
+    for aux in ("batch", "global_batch")
+    for dispatch in (False, True)
+    for layout in RANK_LENGTHS
+}
+
+
+def rank_batch(layout, rank):
+    """Rank r's padded [3, 6, 16] batch, its mask and a target; padding rows are large."""
+    gen = torch.Generator().manual_seed(10 + rank)
+    lengths = torch.tensor(RANK_LENGTHS[layout][rank])
+    mask_BL = torch.arange(6)[None, :] < lengths[:, None]
+    x_BLD = torch.where(mask_BL[..., None], torch.randn(3, 6, 16, generator=gen), 30.0)
+    return x_BLD, mask_BL, torch.randn(3, 6, 16, generator=gen)
+
+
+def _stats(out, mask_T):
+    return routing_stats(out.expert_ids, 8, 4, out.scores, mask=mask_T).as_dict()
+
+
+def _ep_rank(rank, world, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        info = {}
+        for name, (kw, layout) in EP_SCENARIOS.items():
+            layer = ExpertParallelMoGE.from_layer(make(**kw))
+            x_BLD, mask_BL, target_BLD = rank_batch(layout, rank)
+            out = layer(x_BLD, mask=mask_BL)
+            ((out.hidden * target_BLD)[mask_BL].sum() + out.aux_loss).backward()
+            grads = {n: p.grad for n, p in layer.named_parameters()}
+            dist.all_reduce(grads["router.weight"])  # replicated: the sum over ranks
+            counts = layer.load_accum_E.clone()
+            layer.end_step()
+            tensors = {"hidden": out.hidden, "load": out.load, "counts": counts, "bias": layer.balance_bias_E}
+            tensors.update({f"grad.{n}": g for n, g in grads.items()})
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f"{out_dir}/{name}.{rank}.st")
+            info[name] = {
+                "lb": float(out.lb_loss), "z": float(out.z_loss), "aux": float(out.aux_loss),
+                "stats": _stats(out, mask_BL.reshape(-1)),
+            }  # fmt: skip
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(info, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ep_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("padding_ep")
+    procs = tmp.start_processes(_ep_rank, args=(2, str(out)), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("2 ranks did not finish in 120 s (a collective hung?)")
+    return out
+
+
+@pytest.mark.parametrize("name", list(EP_SCENARIOS))
+def test_padded_batch_under_expert_parallelism_equals_its_real_tokens_alone(ep_ranks, name):
+    """2 expert-parallel ranks with padded batches of different real lengths: every rank's
+    real-token outputs, losses, load, statistics and gradients, the step's counts and the
+    bias equal one process running each rank's real tokens alone (one call per rank's
+    tokens, after a counting pass, so global_batch sees both). Padded tokens get 0 from the
+    routed experts (dispatch_padding false; under static splits they travel with gate 0)
+    or what the unmasked layer gives them (true)."""
+    kw, layout = EP_SCENARIOS[name]
+    ref = make(**kw)
+    batches = [rank_batch(layout, r) for r in range(2)]
+    unmasked = [copy.deepcopy(ref).eval()(x).hidden for x, _, _ in batches]  # same weights and bias
+    with moge.counting_pass(ref):
+        for x, mask, _ in batches:
+            ref(x[mask])
+    outs = [ref(x[mask]) for x, mask, _ in batches]
+    sum((o.hidden * t[m]).sum() + o.aux_loss for o, (_, m, t) in zip(outs, batches, strict=True)).backward()
+    counts = ref.load_accum_E.clone()
+    ref.end_step()
+    infos = [json.loads((ep_ranks / f"rank{r}.json").read_text())[name] for r in range(2)]
+    for r, ((_, mask, _), out, info) in enumerate(zip(batches, outs, infos, strict=True)):
+        got = load_file(ep_ranks / f"{name}.{r}.st")
+        assert_close(got["hidden"][mask], out.hidden, rtol=1e-5, atol=1e-6)
+        if kw["dispatch_padding"]:
+            assert_close(got["hidden"][~mask], unmasked[r][~mask], rtol=1e-5, atol=1e-5)
+        else:
+            assert bool((got["hidden"][~mask] == 0).all())
+        for key, value in (("lb", out.lb_loss), ("z", out.z_loss), ("aux", out.aux_loss)):
+            assert info[key] == pytest.approx(float(value.detach()), rel=1e-5, abs=1e-7), key
+        assert_close(got["load"], out.load, rtol=0, atol=0)
+        assert int(got["load"].sum()) == int(mask.sum()) * 4
+        want_stats = _stats(out, None)
+        assert info["stats"].keys() == want_stats.keys()
+        for key, value in want_stats.items():  # an empty rank's max/mean and CV are NaN on both sides
+            want = pytest.approx(value, nan_ok=True) if isinstance(value, float) else value
+            assert info["stats"][key] == want, key
+        assert_close(got["counts"], counts, rtol=0, atol=0)
+        assert_close(got["bias"], ref.balance_bias_E, rtol=0, atol=0)
+        assert_close(got["grad.router.weight"], ref.router.weight.grad, rtol=1e-5, atol=1e-6)
+        for key in ("experts.w_gate_up_EDH", "experts.w_down_EFD"):  # rank r holds experts 4r .. 4r+3
+            want = getattr(ref.experts, key.split(".")[1]).grad[4 * r : 4 * r + 4]
+            assert_close(got[f"grad.{key}"], want, rtol=1e-5, atol=1e-6, msg=key)
+    assert ref.balance_bias_E.abs().sum() > 0
