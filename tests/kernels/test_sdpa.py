@@ -45,3 +45,46 @@ def test_large_scores_go_to_torchs_kernel(monkeypatch):
     q = torch.randn(1, 2, 4, 8).bfloat16()
     out = sdpa.scaled_dot_product_attention(q, q, q, is_causal=True)
     assert torch.equal(out, F.scaled_dot_product_attention(q, q, q, is_causal=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masking", ["causal", "mask", "none"])
+def test_grouped_kv_heads_equal_repeated_heads(dtype, masking):
+    # Query head h reads KV head h // (H/N): the same as repeating every KV head H/N
+    # times, forward and backward, on both paths (torch's kernel in float32, ours in bf16).
+    gen = torch.Generator().manual_seed(1)
+    B, H, N, L, C = 2, 6, 2, 5, 8
+    S = 7 if masking == "mask" else L
+    q = torch.randn(B, H, L, C, generator=gen).to(dtype)
+    k, v = (torch.randn(B, N, S, C, generator=gen).to(dtype) for _ in range(2))
+    g = torch.randn(B, H, L, C, generator=gen)
+    mask = torch.arange(S)[None, :] <= torch.arange(S - L, S)[:, None] if masking == "mask" else None
+    causal = masking == "causal"
+
+    def grouped(q, k, v):
+        return sdpa.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    def repeated(q, k, v):
+        k, v = (t.repeat_interleave(H // N, dim=1) for t in (k, v))
+        return sdpa.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+    ours, theirs = _grads(grouped, q, k, v, g), _grads(repeated, q, k, v, g)
+    if dtype == torch.float32:
+        for a, b in zip(ours, theirs):
+            assert_close(a, b, rtol=1e-5, atol=1e-6)
+        return
+    # bf16: the output and dq are the same products; dk and dv add the R query heads'
+    # parts inside one float32 accumulator instead of adding R rounded bf16 gradients,
+    # so they are at least as close to the float32 result.
+    for a, b in zip(ours[:2], theirs[:2]):
+        assert_close(a, b, rtol=0, atol=0)
+    exact = _grads(repeated, q.float(), k.float(), v.float(), g)
+    for a, b, c in zip(ours[2:], theirs[2:], exact[2:]):
+        scale = c.abs().max().item()
+        assert (a.float() - c).abs().max().item() / scale <= (b.float() - c).abs().max().item() / scale + 1e-3
+
+
+def test_query_heads_must_be_a_multiple_of_kv_heads():
+    q, k = torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="n_heads"):
+        sdpa.scaled_dot_product_attention(q, k, k)
