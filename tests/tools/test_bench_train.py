@@ -112,3 +112,14 @@ def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
     assert "x the tokens/s of the dense FFN of equal activated width" in text
     with pytest.raises(ValueError, match="dtype"):
         run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, dtype="fp16")
+
+
+def test_profile_covers_every_moge_side_model_and_prints():
+    cfg = config_from_dict(TINY)
+    report = run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=1)
+    assert list(report["profiles"]) == [r["name"] for r in report["rows"]]
+    text = format_train_report(report, "tiny")
+    assert "where the time goes" in text and "routed experts" in text and "dense FFN" in text
+    assert "load average" in text
+    with pytest.raises(ValueError, match="profile"):
+        run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=-1)
