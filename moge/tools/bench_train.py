@@ -86,7 +86,7 @@ def _clip(model: nn.Module, max_norm: float) -> None:
     """torch's clip by the global norm, without its scaling pass where it would scale by 1
     (as moge.training.loop does)."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = nn.utils.get_total_norm([p.grad for p in params])
+    norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if bool(max_norm / (norm + 1e-6) < 1.0):
         nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 

@@ -178,8 +178,8 @@ def format_profiles(profiles: dict[str, dict]) -> str:
     )
     for g in GROUPS:
         if any(profiles[n]["items"].get(g) for n in names):
-            cells = "".join(f" {profiles[n]['items'].get(g, 0):26.0f}" for n in names)
-            lines.append(f"{'aten::item calls: ' + g:34}" + cells)
+            counts = "".join(f" {profiles[n]['items'].get(g, 0):26.0f}" for n in names)
+            lines.append(f"{'aten::item calls: ' + g:34}" + counts)
     faults = "".join(f" {profiles[n]['faults']:26.0f}" for n in names)
     lines.append(f"{'minor page faults (unprofiled)':34}" + faults)
     lines += [f"[{i + 1}] {n}" for i, n in enumerate(names)]
