@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +177,34 @@ class Block(nn.Module):
             self.ffn = MoGELayer(moe_cfg)
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.resolved_dense_hidden)
+        # attention_half through torch.compile, for training steps (moge.model.compiled).
+        self.compiled_attention: Callable | None = None
+
+    def attention_half(
+        self, x_BLD: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None, check_finite: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + attn(attn_norm(x)), ffn_norm of that): the block up to its FFN."""
+        a_BLD = self.attn_norm(x_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{self.index}.attn_norm", a_BLD)
+        # Without a cache the layer index is not read, so one compiled graph serves every block.
+        x_BLD = x_BLD + self.attn(a_BLD, rope, cache, self.index if cache is not None else 0)
+        if check_finite:
+            _check_finite(f"blocks.{self.index}.attn", x_BLD)
+        h_BLD = self.ffn_norm(x_BLD)
+        if check_finite:
+            _check_finite(f"blocks.{self.index}.ffn_norm", h_BLD)
+        return x_BLD, h_BLD
+
+    def _compiled_step(self, cache: KVCache | None, check_finite: bool) -> bool:
+        """Whether the compiled attention half runs: a training step (grad, no cache, no checks)."""
+        return (
+            self.compiled_attention is not None
+            and cache is None
+            and not check_finite
+            and self.training
+            and torch.is_grad_enabled()
+        )
 
     def forward(
         self,
@@ -190,15 +218,11 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, MoGEOutput | None]:
         """check_finite: raise ValueError at the first sub-module whose output holds NaN/Inf."""
         i = self.index
-        a_BLD = self.attn_norm(x_BLD)
-        if check_finite:
-            _check_finite(f"blocks.{i}.attn_norm", a_BLD)
-        x_BLD = x_BLD + self.attn(a_BLD, rope, cache, i)
-        if check_finite:
-            _check_finite(f"blocks.{i}.attn", x_BLD)
-        h_BLD = self.ffn_norm(x_BLD)
-        if check_finite:
-            _check_finite(f"blocks.{i}.ffn_norm", h_BLD)
+        if self._compiled_step(cache, check_finite):
+            assert self.compiled_attention is not None
+            x_BLD, h_BLD = self.compiled_attention(self, x_BLD, rope)
+        else:
+            x_BLD, h_BLD = self.attention_half(x_BLD, rope, cache, check_finite)
         if isinstance(self.ffn, MoGELayer):
             routed = self.ffn(
                 h_BLD, token_ids=tokens_BL, domain_ids=domains_BL, mask=mask_BL

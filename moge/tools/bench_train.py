@@ -31,6 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moge.model import MoGETransformer
+from moge.model.compiled import compile_attention
 from moge.tools.bench import machine_info
 from moge.tools.step_profile import format_profiles, profile_steps, step_scope
 from moge.training import build_optimizer, lr_at
@@ -191,10 +192,13 @@ def run_train_benchmark(
     log: Callable[[str], None] = print,
     dtype: str = "fp32",
     profile: int = 0,
+    compile: bool = False,
 ) -> dict:
     """Train every case for warmup + steps optimiser steps on the same batches; dtype
     "bf16" runs every forward under bf16 autocast (float32 weights and AdamW). profile > 0:
-    then profile that many more steps of every moge model (moge.tools.step_profile)."""
+    then profile that many more steps of every moge model (moge.tools.step_profile).
+    compile: every moge model's attention halves through torch.compile first (train.compile;
+    the dense twin's too, the transformers peers stay eager)."""
     if steps < 1 or warmup < 0 or profile < 0:
         raise ValueError(
             f"steps: must be >= 1 (got {steps}), warmup and profile >= 0 (got {warmup}, {profile})"
@@ -207,8 +211,17 @@ def run_train_benchmark(
     cases, notes = build_train_cases(cfg, seed, peers)
     for case in cases:
         case.autocast = torch.bfloat16 if dtype == "bf16" else None
-    gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
+    for case in cases if compile else []:
+        if not case.name.startswith("transformers"):
+            assert isinstance(case.model, MoGETransformer)
+            log(f"  compiling {case.name}")
+            reason = compile_attention(case.model, (tc.batch_size, cfg.data.seq_len), case.autocast)
+            notes.append(
+                f"{case.name}: "
+                + (f"torch.compile failed ({reason}), eager" if reason else "attention compiled")
+            )
+    gen = torch.Generator().manual_seed(seed)
     for i in range(warmup + steps):
         x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
         k = i % len(cases)
@@ -303,6 +316,10 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocast)")
     p.add_argument("--no-peers", action="store_true", help="moge models only")
     p.add_argument(
+        "--compile", action="store_true",
+        help="moge models (and the dense twin) with their attention halves through torch.compile (train.compile)",
+    )  # fmt: skip
+    p.add_argument(
         "--profile", type=int, default=0, metavar="N",
         help="then profile N more steps of every moge model: time by op group, forward and backward",
     )  # fmt: skip
@@ -331,7 +348,15 @@ def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
             for dtype in (d.strip() for d in args.dtype.split(",") if d.strip()):
                 log(f"{path} ({dtype}):")
                 report = run_train_benchmark(
-                    cfg, args.steps, args.warmup, args.seed, not args.no_peers, log, dtype, args.profile
+                    cfg,
+                    args.steps,
+                    args.warmup,
+                    args.seed,
+                    not args.no_peers,
+                    log,
+                    dtype,
+                    args.profile,
+                    args.compile,
                 )
                 print(format_train_report(report, path), flush=True)
                 print()

@@ -38,6 +38,7 @@ from moge.distributed.agree import agree
 from moge.distributed.mesh import World, close, connect, single_process
 from moge.distributed.parallelize import clip_grads_, grad_norm, parallelize
 from moge.model import MoGETransformer, count_parameters, format_params
+from moge.model.compiled import compile_attention
 from moge.sigma.data import check_dataset_domains
 from moge.training.checkpoint import checkpoint_config, load_checkpoint, resume_point, save_checkpoint
 from moge.training.checks import check_weights, global_losses, moe_blocks, nonfinite_grads
@@ -316,8 +317,22 @@ def _build(cfg: RunConfig, world: World) -> tuple[MoGETransformer, torch.optim.O
     model = MoGETransformer(cfg.model, cfg.moe).to(world.device).train()
     rng = torch.get_rng_state()  # the expert-parallel layers draw a throwaway init: keep the stream
     parallelize(model, world, cfg.parallel.static_splits)
-    torch.set_rng_state(rng)
+    if cfg.train.compile:
+        _compile(cfg, world, model)
+    torch.set_rng_state(rng)  # (the compile probe draws random inputs too)
     return model, build_optimizer(model, cfg.train)
+
+
+def _compile(cfg: RunConfig, world: World, model: MoGETransformer) -> None:
+    """train.compile: the attention halves through torch.compile (moge.model.compiled)."""
+    if world.size > 1:
+        raise ValueError("train.compile: supported on one process only (FSDP2 shards are not compiled here)")
+    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+    reason = compile_attention(model, (cfg.train.batch_size, cfg.data.seq_len), dtype)
+    if world.main:
+        tqdm.write(
+            "train.compile: " + (f"failed ({reason}); running eagerly" if reason else "attention compiled")
+        )
 
 
 def _train(cfg: RunConfig, world: World, progress: bool, stop_at: int | None) -> TrainResult:

@@ -123,3 +123,17 @@ def test_profile_covers_every_moge_side_model_and_prints():
     assert "load average" in text
     with pytest.raises(ValueError, match="profile"):
         run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=-1)
+
+
+def test_compile_flag_compiles_the_moge_side_or_says_why(monkeypatch):
+    import moge.tools.bench_train as bt
+
+    seen = []
+    monkeypatch.setattr(
+        bt, "compile_attention", lambda model, shape, dtype: seen.append(shape) or "no compiler"
+    )
+    report = run_train_benchmark(
+        config_from_dict(TINY), steps=1, warmup=0, peers=False, log=lambda s: None, compile=True
+    )
+    assert seen == [(2, 16)] * 3
+    assert all("torch.compile failed (no compiler), eager" in n for n in report["notes"])
