@@ -258,10 +258,16 @@ def _row(case: TrainCase, tokens: int) -> dict:
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
     last = min(5, len(case.lm_losses))
     return {
-        "name": case.name, "params": case.params, "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2],
+        "name": case.name, "params": case.params, "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2], "best_ms": min(ms),
         "tokens_per_s": tokens / (q[1] / 1e3), "lm_loss_first": case.lm_losses[0], "aux_first": case.aux_losses[0],
         "lm_loss_last": statistics.fmean(case.lm_losses[-last:]), "aux_last": statistics.fmean(case.aux_losses[-last:]),
     }  # fmt: skip
+
+
+def _ratio(base: dict, row: dict) -> str:
+    """row's tokens/s over base's: of the medians, then (bracketed) of the fastest steps."""
+    best = f" [{base['best_ms'] / row['best_ms']:.2f}x]" if "best_ms" in row and "best_ms" in base else ""
+    return f"{base['median_ms'] / row['median_ms']:.2f}x{best}"
 
 
 def format_train_report(report: dict, title: str) -> str:
@@ -272,14 +278,17 @@ def format_train_report(report: dict, title: str) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m.get('cpu_capability')}; "
         f"torch {m['torch']}; bf16 products: {m.get('bf16_products')}",
         f"load average (1, 5, 15 min) at start: {m.get('load_average')}, at end: {report.get('load_average_end')}",
-        f"{'model':58} {'params':>11} {'step ms [IQR]':>20} {'tokens/s':>9} {'lm loss first->last':>20} {'aux last':>9}",
+        "ratios: of medians, and (in brackets) of each model's fastest step, the least disturbed by other load",
+        f"{'model':58} {'params':>11} {'step ms [IQR]':>20} {'best':>6} {'tokens/s':>9} {'lm loss first->last':>20} "
+        f"{'aux last':>9}",
     ]
     fastest_peer = None
     for r in report["rows"]:
         step = f"{r['median_ms']:.0f} [{r['q1_ms']:.0f}-{r['q3_ms']:.0f}]"
         loss = f"{r['lm_loss_first']:.3f} -> {r['lm_loss_last']:.3f}"
         lines.append(
-            f"{r['name']:58} {r['params']:>11,} {step:>20} {r['tokens_per_s']:>9.0f} {loss:>20} {r['aux_last']:>9.5f}"
+            f"{r['name']:58} {r['params']:>11,} {step:>20} {r['best_ms']:>6.0f} {r['tokens_per_s']:>9.0f} {loss:>20} "
+            f"{r['aux_last']:>9.5f}"
         )
         if r["name"].startswith("transformers") and (
             fastest_peer is None or r["median_ms"] < fastest_peer["median_ms"]
@@ -290,15 +299,11 @@ def format_train_report(report: dict, title: str) -> str:
     if dense is not None:
         for r in report["rows"]:
             if r["name"].startswith("moge"):
-                lines.append(
-                    f"{r['name']}: {dense['median_ms'] / r['median_ms']:.2f}x the tokens/s of the {DENSE_NAME}"
-                )
+                lines.append(f"{r['name']}: {_ratio(dense, r)} the tokens/s of the {DENSE_NAME}")
     if fastest_peer is not None:
         for r in report["rows"]:
             if r["name"].startswith("moge"):
-                lines.append(
-                    f"{r['name']}: {fastest_peer['median_ms'] / r['median_ms']:.2f}x the tokens/s of {fastest_peer['name']}"
-                )
+                lines.append(f"{r['name']}: {_ratio(fastest_peer, r)} the tokens/s of {fastest_peer['name']}")
     if report.get("profiles"):
         lines += ["", "where the time goes (torch.profiler, self time by op group; moge.tools.step_profile):"]
         lines.append(format_profiles(report["profiles"]))

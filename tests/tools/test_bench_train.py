@@ -89,7 +89,7 @@ def test_qwen3_peer_has_the_same_shape_and_loss_scale():
     report = run_train_benchmark(cfg, steps=2, warmup=0, peers=True, log=lambda s: None)
     for r in report["rows"]:
         assert 4.0 < r["lm_loss_first"] < 7.0, r
-    assert "x the tokens/s of transformers" in format_train_report(report, "tiny")
+    assert "x] the tokens/s of transformers" in format_train_report(report, "tiny")
 
 
 def test_moge_load_counts_reset_after_every_step():
@@ -109,7 +109,7 @@ def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
     report = run_train_benchmark(cfg, steps=2, warmup=0, peers=False, log=lambda s: None, dtype="bf16")
     assert report["dtype"] == "bf16"
     text = format_train_report(report, "tiny")
-    assert "x the tokens/s of the dense FFN of equal activated width" in text
+    assert "x] the tokens/s of the dense FFN of equal activated width" in text
     with pytest.raises(ValueError, match="dtype"):
         run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, dtype="fp16")
 
