@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from moge.model import MoGETransformer
 from moge.model.compiled import compile_attention
 from moge.tools.bench import machine_info
-from moge.tools.step_profile import format_profiles, profile_steps, step_scope
+from moge.tools.step_profile import format_profiles, merge_profiles, profile_steps, step_scope
 from moge.training import build_optimizer, lr_at
 from moge.training.config import RunConfig, load_config
 from moge.training.data import load_dataset
@@ -232,14 +232,18 @@ def run_train_benchmark(
     tokens = tc.batch_size * cfg.data.seq_len
     rows = [_row(case, tokens) for case in cases]
     load_end = machine_info()["load_average"]
-    profiles = {}
-    for case in (c for c in cases if profile and not c.name.startswith("transformers")):
-        batches = [dataset.get_batch("train", tc.batch_size, gen) for _ in range(2 * profile)]
+    mine = [c for c in cases if not c.name.startswith("transformers")]
+    runs: dict[str, list[dict]] = {c.name: [] for c in mine}
+    for i in range(profile):  # round-robin too: one profiled step of each model per round
+        x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
+        k = i % len(mine)
+        for case in mine[k:] + mine[:k]:
 
-        def one_step(case=case, batches=batches) -> None:
-            case.step(*batches.pop(), tc.min_lr, tc.grad_clip, record=False)
+            def one_step(case=case, x_BL=x_BL, y_BL=y_BL) -> None:
+                case.step(x_BL, y_BL, tc.min_lr, tc.grad_clip, record=False)
 
-        profiles[case.name] = profile_steps(case.model, one_step, profile)
+            runs[case.name].append(profile_steps(case.model, one_step, 1))
+    profiles = {name: merge_profiles(p) for name, p in runs.items() if p}
     return {
         "machine": machine,
         "load_average_end": load_end,

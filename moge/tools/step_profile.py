@@ -154,6 +154,18 @@ def profile_steps(model: nn.Module, step: Callable[[], None], steps: int) -> dic
     return {"ms": ms, "items": dict(items), "faults": faults}
 
 
+def merge_profiles(profiles: list[dict]) -> dict:
+    """The mean of several profile_steps results of one model (e.g. one per round)."""
+    n = len(profiles)
+    out: dict = {"ms": defaultdict(float), "items": defaultdict(float), "faults": 0.0}
+    for p in profiles:
+        for key in ("ms", "items"):
+            for k, v in p[key].items():
+                out[key][k] += v / n
+        out["faults"] += p["faults"] / n
+    return {"ms": dict(out["ms"]), "items": dict(out["items"]), "faults": out["faults"]}
+
+
 def format_profiles(profiles: dict[str, dict]) -> str:
     """One column triple (forward or step ms, backward ms, share) per model, one row per
     group, then the host syncs (aten::item calls by group) and the page faults."""
