@@ -25,6 +25,10 @@ import torch.nn.functional as F
 
 # Largest B*H*L*S for which the plain path materialises the scores (float32: 256 MB).
 MAX_SCORES = 2**26
+# Below this many scores torch's kernel is faster: one decoding step at batch 1 (S = 40-96
+# keys, [1, 4 (2 KV), 1, 32]) took 30-36 us there against 83-120 us for the three bf16 ops
+# (their fixed cost), while at batch 16 the three ops won (154-182 against 225-464 us).
+MIN_SCORES = 1024
 
 
 def _keep_mask(
@@ -55,7 +59,7 @@ def scaled_dot_product_attention(
     if H % N:
         raise ValueError(f"n_heads: {H} query heads are not a multiple of the {N} key/value heads")
     low = q_BHLC.dtype in (torch.bfloat16, torch.float16)
-    if q_BHLC.device.type != "cpu" or not low or B * H * L * S > MAX_SCORES:
+    if q_BHLC.device.type != "cpu" or not low or not MIN_SCORES <= B * H * L * S <= MAX_SCORES:
         return F.scaled_dot_product_attention(
             q_BHLC, k_BNSC, v_BNSC, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=H != N
         )

@@ -6,6 +6,12 @@ from torch.testing import assert_close
 from moge.kernels import sdpa
 
 
+@pytest.fixture(autouse=True)
+def _plain_path_at_test_sizes(monkeypatch):
+    # These tensors hold fewer scores than MIN_SCORES: let the bf16 path run on them.
+    monkeypatch.setattr(sdpa, "MIN_SCORES", 0)
+
+
 def _grads(fn, q, k, v, g):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = fn(q, k, v)
@@ -40,11 +46,14 @@ def test_bf16_path_within_torch_kernels_own_bf16_error(masking):
         assert err_fast <= 2 * err_ref + 1e-3, (name, err_fast, err_ref)
 
 
-def test_large_scores_go_to_torchs_kernel(monkeypatch):
-    monkeypatch.setattr(sdpa, "MAX_SCORES", 10)
-    q = torch.randn(1, 2, 4, 8).bfloat16()
+@pytest.mark.parametrize("bound", ["MAX_SCORES", "MIN_SCORES"])
+def test_large_and_tiny_scores_go_to_torchs_kernel(monkeypatch, bound):
+    monkeypatch.setattr(sdpa, bound, 10 if bound == "MAX_SCORES" else 1000)
+    q = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0)).bfloat16()  # 32 scores
     out = sdpa.scaled_dot_product_attention(q, q, q, is_causal=True)
     assert torch.equal(out, F.scaled_dot_product_attention(q, q, q, is_causal=True))
+    monkeypatch.setattr(sdpa, bound, 10**9 if bound == "MAX_SCORES" else 0)
+    assert not torch.equal(sdpa.scaled_dot_product_attention(q, q, q, is_causal=True), out)  # the plain path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
