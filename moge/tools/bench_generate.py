@@ -185,7 +185,7 @@ def _row(case: DecodeCase, new_tokens: int) -> dict:
     q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
     per = case.batch * new_tokens
     return {
-        "name": case.name, "batch": case.batch, "median_s": q[1], "q1_s": q[0], "q3_s": q[2],
+        "name": case.name, "batch": case.batch, "median_s": q[1], "q1_s": q[0], "q3_s": q[2], "best_s": min(s),
         "tokens_per_s": per / q[1], "tokens_per_s_q1": per / q[2], "tokens_per_s_q3": per / q[0],
     }  # fmt: skip
 
@@ -199,6 +199,7 @@ def format_generate_report(report: dict, title: str) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['cpu_capability']}; "
         f"torch {m['torch']}; bf16 products: {m['bf16_products']}; transformers {m['transformers'] or 'not installed'}",
         f"load average (1, 5, 15 min) at start: {m['load_average']}, at end: {report.get('load_average_end')}",
+        "x transformers: ratio of the median rounds, and [of each one's fastest round, the least disturbed]",
         f"{'batch':>5}  {'implementation':40} {'new tokens/s [IQR]':>24} {'ms/token':>9} {'x transformers':>15}",
     ]
     rows = report["rows"]
@@ -206,7 +207,9 @@ def format_generate_report(report: dict, title: str) -> str:
         peer = next(
             (p for p in rows if p["batch"] == r["batch"] and p["name"].startswith("transformers")), None
         )
-        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer is not None else "-"
+        ratio = "-"
+        if peer is not None:
+            ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f} [{peer['best_s'] / r['best_s']:.2f}]"
         rate = f"{r['tokens_per_s']:.0f} [{r['tokens_per_s_q1']:.0f}-{r['tokens_per_s_q3']:.0f}]"
         per_token = 1e3 * r["median_s"] / report["new_tokens"]
         lines.append(f"{r['batch']:>5}  {r['name']:40} {rate:>24} {per_token:>9.2f} {ratio:>15}")
