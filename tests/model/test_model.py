@@ -493,3 +493,23 @@ def test_bf16_autocast_forward_and_cache():
     err_fast = (out.logits.float() - exact).abs().max().item() / scale
     err_ref = (ref.float() - exact).abs().max().item() / scale
     assert err_fast <= 2 * err_ref + 1e-3, (err_fast, err_ref)
+
+
+def test_generate_skips_the_aux_losses_and_restores_them():
+    model = build()
+    seen = []
+    for layer in model.moe_layers():
+        real = layer.route_tokens
+
+        def spy(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            seen.append(float(out.lb_loss.detach()))
+            return out
+
+        layer.route_tokens = spy
+    model.generate(tokens(2, 4), 3, temperature=0.0)
+    assert seen and all(v == 0.0 for v in seen)  # not computed while decoding
+    assert all(layer.compute_losses for layer in model.moe_layers())
+    seen.clear()
+    model(tokens(2, 4))
+    assert seen and all(v > 0.0 for v in seen)
