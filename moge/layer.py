@@ -22,6 +22,7 @@ from moge._validate import (
     check_optional_int,
 )
 from moge.experts import GroupedExperts, SwiGLU
+from moge.kernels.few_tokens import few_token_experts, use_few_token_path
 from moge.kernels.precision import float32_linear
 from moge.routing import ROUTER_NAMES, RouterSettings, compute_scores, make_random_routing_table, route
 from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
@@ -226,6 +227,9 @@ class MoGELayer(nn.Module):
         # Debug: raise at a NaN/Inf input. Off by default: the check costs a reduction
         # and a host sync per call.
         self.check_finite = False
+        # False: skip the balance and z losses (lb_loss, z_loss, aux_loss come back 0), for
+        # callers that read only the hidden output (MoGETransformer.generate's decoding).
+        self.compute_losses = True
         self.settings = RouterSettings(
             router=c.router, top_k=c.top_k, num_groups=c.num_groups, topk_groups=c.topk_groups,
             group_score=c.group_score, normalize_weights=c.normalize_weights, route_scale=c.route_scale,
@@ -452,10 +456,14 @@ class MoGELayer(nn.Module):
         dropped_E = None
         if c.capacity_factor is not None:
             weights_TK, dropped_E = self._drop_over_capacity(scores_TE, weights_TK, ids_TK, mask_T)
-        lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead, mask_T, step)
-        z_loss = balance.router_z_loss(logits_TE if mask_T is None else logits_TE[mask_T])
+        if self.compute_losses:
+            lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead, mask_T, step)
+            z_loss = balance.router_z_loss(logits_TE if mask_T is None else logits_TE[mask_T])
+            aux_loss = c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss
+        else:
+            lb_loss = z_loss = aux_loss = scores_TE.new_zeros(())
         return MoGEOutput(
-            hidden=x_TD, aux_loss=c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss,
+            hidden=x_TD, aux_loss=aux_loss,
             expert_ids=ids_TK, weights=weights_TK, load=load_E, scores=scores_TE, lb_loss=lb_loss, z_loss=z_loss,
             token_mask=mask_T, dropped=dropped_E,
         )  # fmt: skip
@@ -464,10 +472,16 @@ class MoGELayer(nn.Module):
         """The routed experts' sum [T, D]; padded tokens skip them unless dispatch_padding."""
         mask_T = out.token_mask
         if mask_T is None or self.config.dispatch_padding:
-            return self.experts(x_TD, out.expert_ids, out.weights, dtype)
+            return self._run_experts(x_TD, out.expert_ids, out.weights, dtype)
         keep_R = mask_T.nonzero().squeeze(1)
-        y_RD = self.experts(x_TD[keep_R], out.expert_ids[keep_R], out.weights[keep_R], dtype)
+        y_RD = self._run_experts(x_TD[keep_R], out.expert_ids[keep_R], out.weights[keep_R], dtype)
         return y_RD.new_zeros(x_TD.shape).index_copy(0, keep_R, y_RD)
+
+    def _run_experts(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype) -> Tensor:
+        """self.experts, or for a few tokens without gradients (decoding) moge.kernels.few_tokens."""
+        if use_few_token_path(self.experts, x_TD, ids_TK, weights_TK):
+            return few_token_experts(self.experts, x_TD, ids_TK, weights_TK, dtype)
+        return self.experts(x_TD, ids_TK, weights_TK, dtype)
 
     def forward(
         self,

@@ -31,7 +31,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moge.model import MoGETransformer
+from moge.model.compiled import compile_attention
 from moge.tools.bench import machine_info
+from moge.tools.step_profile import format_profiles, merge_profiles, profile_steps, step_scope
 from moge.training import build_optimizer, lr_at
 from moge.training.config import RunConfig, load_config
 from moge.training.data import load_dataset
@@ -56,7 +58,9 @@ class TrainCase:
         return sum(p.numel() for p in self.model.parameters())
 
     def step(self, x_BL: Tensor, y_BL: Tensor, lr: float, grad_clip: float, record: bool) -> None:
-        """One optimiser step as the trainer takes it: loss, backward, clip, AdamW."""
+        """One optimiser step as the trainer takes it: loss, backward, clip, AdamW.
+
+        The step's own parts run in moge.tools.step_profile scopes (free unless profiled)."""
         start = time.perf_counter()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -64,15 +68,28 @@ class TrainCase:
             lm, aux = self.loss_fn(x_BL, y_BL)
         (lm + aux).backward()
         if grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.after_step()
+            with step_scope("clip"):
+                _clip(self.model, grad_clip)
+        with step_scope("optimizer (AdamW)"):
+            self.optimizer.step()
+        with step_scope("zero_grad"):
+            self.optimizer.zero_grad(set_to_none=True)
+        with step_scope("end_step"):
+            self.after_step()
         elapsed = time.perf_counter() - start
         if record:
             self.step_ms.append(1e3 * elapsed)
         self.lm_losses.append(lm.item())
         self.aux_losses.append(aux.item())
+
+
+def _clip(model: nn.Module, max_norm: float) -> None:
+    """torch's clip by the global norm, without its scaling pass where it would scale by 1
+    (as moge.training.loop does)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if bool(max_norm / (norm + 1e-6) < 1.0):
+        nn.utils.clip_grads_with_norm_(params, max_norm, norm)
 
 
 def moge_case(cfg: RunConfig, name: str, seed: int) -> TrainCase:
@@ -174,20 +191,37 @@ def run_train_benchmark(
     peers: bool = True,
     log: Callable[[str], None] = print,
     dtype: str = "fp32",
+    profile: int = 0,
+    compile: bool = False,
 ) -> dict:
     """Train every case for warmup + steps optimiser steps on the same batches; dtype
-    "bf16" runs every forward under bf16 autocast (float32 weights and AdamW)."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps: must be >= 1 (got {steps}) and warmup >= 0 (got {warmup})")
+    "bf16" runs every forward under bf16 autocast (float32 weights and AdamW). profile > 0:
+    then profile that many more steps of every moge model (moge.tools.step_profile).
+    compile: every moge model's attention halves through torch.compile first (train.compile;
+    the dense twin's too, the transformers peers stay eager)."""
+    if steps < 1 or warmup < 0 or profile < 0:
+        raise ValueError(
+            f"steps: must be >= 1 (got {steps}), warmup and profile >= 0 (got {warmup}, {profile})"
+        )
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype: expected fp32 or bf16, got {dtype!r}")
+    machine = machine_info()
     dataset = load_dataset(cfg.data)
     dataset.check_vocab_size(cfg.model.vocab_size)
     cases, notes = build_train_cases(cfg, seed, peers)
     for case in cases:
         case.autocast = torch.bfloat16 if dtype == "bf16" else None
-    gen = torch.Generator().manual_seed(seed)
     tc = cfg.train
+    for case in cases if compile else []:
+        if not case.name.startswith("transformers"):
+            assert isinstance(case.model, MoGETransformer)
+            log(f"  compiling {case.name}")
+            reason = compile_attention(case.model, (tc.batch_size, cfg.data.seq_len), case.autocast)
+            notes.append(
+                f"{case.name}: "
+                + (f"torch.compile failed ({reason}), eager" if reason else "attention compiled")
+            )
+    gen = torch.Generator().manual_seed(seed)
     for i in range(warmup + steps):
         x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
         k = i % len(cases)
@@ -197,14 +231,29 @@ def run_train_benchmark(
             log(f"  step {i + 1}/{warmup + steps} done")
     tokens = tc.batch_size * cfg.data.seq_len
     rows = [_row(case, tokens) for case in cases]
+    load_end = machine_info()["load_average"]
+    mine = [c for c in cases if not c.name.startswith("transformers")]
+    runs: dict[str, list[dict]] = {c.name: [] for c in mine}
+    for i in range(profile):  # round-robin too: one profiled step of each model per round
+        x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
+        k = i % len(mine)
+        for case in mine[k:] + mine[:k]:
+
+            def one_step(case=case, x_BL=x_BL, y_BL=y_BL) -> None:
+                case.step(x_BL, y_BL, tc.min_lr, tc.grad_clip, record=False)
+
+            runs[case.name].append(profile_steps(case.model, one_step, 1))
+    profiles = {name: merge_profiles(p) for name, p in runs.items() if p}
     return {
-        "machine": machine_info(),
+        "machine": machine,
+        "load_average_end": load_end,
         "dtype": dtype,
         "tokens_per_step": tokens,
         "steps": steps,
         "warmup": warmup,
         "rows": rows,
         "notes": notes,
+        "profiles": profiles,
     }
 
 
@@ -213,10 +262,16 @@ def _row(case: TrainCase, tokens: int) -> dict:
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
     last = min(5, len(case.lm_losses))
     return {
-        "name": case.name, "params": case.params, "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2],
+        "name": case.name, "params": case.params, "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2], "best_ms": min(ms),
         "tokens_per_s": tokens / (q[1] / 1e3), "lm_loss_first": case.lm_losses[0], "aux_first": case.aux_losses[0],
         "lm_loss_last": statistics.fmean(case.lm_losses[-last:]), "aux_last": statistics.fmean(case.aux_losses[-last:]),
     }  # fmt: skip
+
+
+def _ratio(base: dict, row: dict) -> str:
+    """row's tokens/s over base's: of the medians, then (bracketed) of the fastest steps."""
+    best = f" [{base['best_ms'] / row['best_ms']:.2f}x]" if "best_ms" in row and "best_ms" in base else ""
+    return f"{base['median_ms'] / row['median_ms']:.2f}x{best}"
 
 
 def format_train_report(report: dict, title: str) -> str:
@@ -224,15 +279,20 @@ def format_train_report(report: dict, title: str) -> str:
     lines = [
         f"training benchmark: {title}, {report.get('dtype', 'fp32')}, {report['tokens_per_step']} tokens per step, "
         f"{report['steps']} timed steps after {report['warmup']} warmup",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch {m['torch']}",
-        f"{'model':58} {'params':>11} {'step ms [IQR]':>20} {'tokens/s':>9} {'lm loss first->last':>20} {'aux last':>9}",
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m.get('cpu_capability')}; "
+        f"torch {m['torch']}; bf16 products: {m.get('bf16_products')}",
+        f"load average (1, 5, 15 min) at start: {m.get('load_average')}, at end: {report.get('load_average_end')}",
+        "ratios: of medians, and (in brackets) of each model's fastest step, the least disturbed by other load",
+        f"{'model':58} {'params':>11} {'step ms [IQR]':>20} {'best':>6} {'tokens/s':>9} {'lm loss first->last':>20} "
+        f"{'aux last':>9}",
     ]
     fastest_peer = None
     for r in report["rows"]:
         step = f"{r['median_ms']:.0f} [{r['q1_ms']:.0f}-{r['q3_ms']:.0f}]"
         loss = f"{r['lm_loss_first']:.3f} -> {r['lm_loss_last']:.3f}"
         lines.append(
-            f"{r['name']:58} {r['params']:>11,} {step:>20} {r['tokens_per_s']:>9.0f} {loss:>20} {r['aux_last']:>9.5f}"
+            f"{r['name']:58} {r['params']:>11,} {step:>20} {r['best_ms']:>6.0f} {r['tokens_per_s']:>9.0f} {loss:>20} "
+            f"{r['aux_last']:>9.5f}"
         )
         if r["name"].startswith("transformers") and (
             fastest_peer is None or r["median_ms"] < fastest_peer["median_ms"]
@@ -243,15 +303,14 @@ def format_train_report(report: dict, title: str) -> str:
     if dense is not None:
         for r in report["rows"]:
             if r["name"].startswith("moge"):
-                lines.append(
-                    f"{r['name']}: {dense['median_ms'] / r['median_ms']:.2f}x the tokens/s of the {DENSE_NAME}"
-                )
+                lines.append(f"{r['name']}: {_ratio(dense, r)} the tokens/s of the {DENSE_NAME}")
     if fastest_peer is not None:
         for r in report["rows"]:
             if r["name"].startswith("moge"):
-                lines.append(
-                    f"{r['name']}: {fastest_peer['median_ms'] / r['median_ms']:.2f}x the tokens/s of {fastest_peer['name']}"
-                )
+                lines.append(f"{r['name']}: {_ratio(fastest_peer, r)} the tokens/s of {fastest_peer['name']}")
+    if report.get("profiles"):
+        lines += ["", "where the time goes (torch.profiler, self time by op group; moge.tools.step_profile):"]
+        lines.append(format_profiles(report["profiles"]))
     return "\n".join(lines)
 
 
@@ -265,6 +324,14 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocast)")
     p.add_argument("--no-peers", action="store_true", help="moge models only")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="moge models (and the dense twin) with their attention halves through torch.compile (train.compile)",
+    )  # fmt: skip
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="then profile N more steps of every moge model: time by op group, forward and backward",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--set",
@@ -290,7 +357,15 @@ def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
             for dtype in (d.strip() for d in args.dtype.split(",") if d.strip()):
                 log(f"{path} ({dtype}):")
                 report = run_train_benchmark(
-                    cfg, args.steps, args.warmup, args.seed, not args.no_peers, log, dtype
+                    cfg,
+                    args.steps,
+                    args.warmup,
+                    args.seed,
+                    not args.no_peers,
+                    log,
+                    dtype,
+                    args.profile,
+                    args.compile,
                 )
                 print(format_train_report(report, path), flush=True)
                 print()

@@ -95,7 +95,7 @@ def _activation_elems_per_token(cfg: RunConfig, dense: bool) -> int:
     """Elements autograd saves per token in one block (attention + FFN), counted by hand."""
     m, e = cfg.model, cfg.moe
     C = m.resolved_head_dim
-    attn = 3 * m.d_model + 5 * m.n_heads * C + 3 * m.n_kv_heads * C  # norm, q/k/v, repeated k/v, sdpa, o
+    attn = 3 * m.d_model + 3 * m.n_heads * C + 3 * m.n_kv_heads * C  # norm, q/k/v, roped q/k, sdpa, o
     if dense:
         ffn = 2 * m.d_model + 3 * m.resolved_dense_hidden
     else:

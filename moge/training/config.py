@@ -81,6 +81,7 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in out_dir
     device: str = "cpu"  # cpu or cuda
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    compile: bool = False  # torch.compile every block's attention half; eager (warned) where it fails
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last"):
@@ -97,6 +98,7 @@ class TrainConfig:
         check_choice("train.dtype", self.dtype, DTYPES)
         check_path("train.out_dir", self.out_dir)
         check_bool("train.resume", self.resume)
+        check_bool("train.compile", self.compile)
         check_choice("train.device", self.device, ("cpu", "cuda"))
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr: {self.min_lr} is above train.lr={self.lr}")

@@ -21,9 +21,11 @@ routing statistics it logs are those of the whole step (every rank's micro-batch
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -33,10 +35,11 @@ from tqdm import tqdm
 
 from moge.diagnostics.collapse import CollapseMonitor
 from moge.distributed.agree import agree
-from moge.distributed.mesh import World, close, connect
+from moge.distributed.mesh import World, close, connect, single_process
 from moge.distributed.parallelize import clip_grads_, grad_norm, parallelize
 from moge.dropin import counting_pass
 from moge.model import MoGETransformer, count_parameters, format_params
+from moge.model.compiled import compile_attention
 from moge.sigma.data import check_dataset_domains
 from moge.training.checkpoint import checkpoint_config, load_checkpoint, resume_point, save_checkpoint
 from moge.training.checks import check_weights, global_losses, moe_blocks, nonfinite_grads
@@ -173,8 +176,11 @@ def _clip(step: int, run: _Run) -> float:
     norm = grad_norm(run.model, run.world)
     if not bool(torch.isfinite(norm)):  # before clipping would spread NaN to every gradient
         nonfinite_grads(step, run.model, run.world)
-    if run.cfg.train.grad_clip > 0:
-        clip_grads_(run.model, run.cfg.train.grad_clip, norm)
+    max_norm = run.cfg.train.grad_clip
+    # torch's clip scales by min(1, max_norm / (norm + 1e-6)): at 1 the pass over every
+    # gradient changes nothing, so it is skipped (the same test, in the same float32).
+    if max_norm > 0 and bool(max_norm / (norm + 1e-6) < 1.0):
+        clip_grads_(run.model, max_norm, norm)
     return float(norm)
 
 
@@ -226,6 +232,31 @@ def _train_step(step: int, run: _Run) -> dict:
     loss, lm_loss, aux_loss = (totals_3 / micro).tolist()
     return {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": grad_norm_,
             "routing": routing}  # fmt: skip
+
+
+def train_stepper(cfg: RunConfig) -> tuple[MoGETransformer, TokenDataset, Callable[[int], dict]]:
+    """(model, dataset, step) of `moge train` for cfg on one process, without a run folder.
+
+    step(i) takes 0-based optimiser step i exactly as the loop does (the same batches
+    from data.seed, LR schedule, bf16 autocast, clipping, routing statistics, end_step)
+    and returns its train record. For benchmarks that interleave several runs in one
+    process (moge.tools.bench_sparsity); nothing is logged, evaluated or saved.
+    """
+    world = single_process(cfg.train.device)
+    dataset = load_dataset(cfg.data)
+    dataset.check_vocab_size(cfg.model.vocab_size)
+    model, optimizer = _build(cfg, world)
+    run = _Run(
+        cfg,
+        world,
+        Path(os.devnull),
+        dataset,
+        model,
+        optimizer,
+        torch.Generator().manual_seed(cfg.data.seed),
+        None,
+    )
+    return model, dataset, lambda step: _train_step(step, run)
 
 
 # ---------------------------------------------------------------- the loop
@@ -299,8 +330,22 @@ def _build(cfg: RunConfig, world: World) -> tuple[MoGETransformer, torch.optim.O
     model = MoGETransformer(cfg.model, cfg.moe).to(world.device).train()
     rng = torch.get_rng_state()  # the expert-parallel layers draw a throwaway init: keep the stream
     parallelize(model, world, cfg.parallel.static_splits)
-    torch.set_rng_state(rng)
+    if cfg.train.compile:
+        _compile(cfg, world, model)
+    torch.set_rng_state(rng)  # (the compile probe draws random inputs too)
     return model, build_optimizer(model, cfg.train)
+
+
+def _compile(cfg: RunConfig, world: World, model: MoGETransformer) -> None:
+    """train.compile: the attention halves through torch.compile (moge.model.compiled)."""
+    if world.size > 1:
+        raise ValueError("train.compile: supported on one process only (FSDP2 shards are not compiled here)")
+    dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
+    reason = compile_attention(model, (cfg.train.batch_size, cfg.data.seq_len), dtype)
+    if world.main:
+        tqdm.write(
+            "train.compile: " + (f"failed ({reason}); running eagerly" if reason else "attention compiled")
+        )
 
 
 def _train(cfg: RunConfig, world: World, progress: bool, stop_at: int | None) -> TrainResult:

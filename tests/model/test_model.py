@@ -90,6 +90,22 @@ def test_rmsnorm_keeps_dtype_and_normalises():
     assert_close(rms, torch.ones_like(rms), atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_without_a_graph_equals_the_autograd_path(dtype):
+    # Without autograd the norm takes torch's F.rms_norm: the same float32 ops, bit for bit.
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    x = (torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+    with torch.no_grad():
+        fast = norm(x)
+    slow = norm(x)
+    assert slow.requires_grad and fast.dtype == dtype
+    x32 = x.float()
+    plain = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).to(dtype)
+    assert torch.equal(fast, slow.detach()) and torch.equal(slow.detach(), plain.detach())
+
+
 # --- attention ----------------------------------------------------------------------
 
 
@@ -116,6 +132,19 @@ def test_rope_relative_position():
     assert not torch.allclose(score(5, 2), score(5, 3))
     assert_close(rope(q, 0), q)  # position 0 is the identity
     assert_close(rope(q, 33).norm(), q.norm())  # a rotation
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_the_rotate_half_formula_bit_for_bit(dtype):
+    C, start = 8, 3
+    rope = RotaryEmbedding(head_dim=C, max_seq_len=32, theta=500.0)
+    x = torch.randn(2, 3, 6, C, generator=torch.Generator().manual_seed(1)).to(dtype)
+    inv_freq = 1.0 / 500.0 ** (torch.arange(0, C, 2, dtype=torch.float32) / C)
+    angle = torch.outer(torch.arange(start, start + 6, dtype=torch.float32), inv_freq).repeat(1, 2)
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    want = (x32 * angle.cos() + torch.cat((-x2, x1), dim=-1) * angle.sin()).to(dtype)
+    assert torch.equal(rope(x, start), want)
 
 
 def test_rope_start_offset_equals_position():
@@ -464,3 +493,23 @@ def test_bf16_autocast_forward_and_cache():
     err_fast = (out.logits.float() - exact).abs().max().item() / scale
     err_ref = (ref.float() - exact).abs().max().item() / scale
     assert err_fast <= 2 * err_ref + 1e-3, (err_fast, err_ref)
+
+
+def test_generate_skips_the_aux_losses_and_restores_them():
+    model = build()
+    seen = []
+    for layer in model.moe_layers():
+        real = layer.route_tokens
+
+        def spy(*args, _real=real, **kwargs):
+            out = _real(*args, **kwargs)
+            seen.append(float(out.lb_loss.detach()))
+            return out
+
+        layer.route_tokens = spy
+    model.generate(tokens(2, 4), 3, temperature=0.0)
+    assert seen and all(v == 0.0 for v in seen)  # not computed while decoding
+    assert all(layer.compute_losses for layer in model.moe_layers())
+    seen.clear()
+    model(tokens(2, 4))
+    assert seen and all(v > 0.0 for v in seen)

@@ -89,7 +89,7 @@ def test_qwen3_peer_has_the_same_shape_and_loss_scale():
     report = run_train_benchmark(cfg, steps=2, warmup=0, peers=True, log=lambda s: None)
     for r in report["rows"]:
         assert 4.0 < r["lm_loss_first"] < 7.0, r
-    assert "x the tokens/s of transformers" in format_train_report(report, "tiny")
+    assert "x] the tokens/s of transformers" in format_train_report(report, "tiny")
 
 
 def test_moge_load_counts_reset_after_every_step():
@@ -109,6 +109,31 @@ def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
     report = run_train_benchmark(cfg, steps=2, warmup=0, peers=False, log=lambda s: None, dtype="bf16")
     assert report["dtype"] == "bf16"
     text = format_train_report(report, "tiny")
-    assert "x the tokens/s of the dense FFN of equal activated width" in text
+    assert "x] the tokens/s of the dense FFN of equal activated width" in text
     with pytest.raises(ValueError, match="dtype"):
         run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, dtype="fp16")
+
+
+def test_profile_covers_every_moge_side_model_and_prints():
+    cfg = config_from_dict(TINY)
+    report = run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=1)
+    assert list(report["profiles"]) == [r["name"] for r in report["rows"]]
+    text = format_train_report(report, "tiny")
+    assert "where the time goes" in text and "routed experts" in text and "dense FFN" in text
+    assert "load average" in text
+    with pytest.raises(ValueError, match="profile"):
+        run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=-1)
+
+
+def test_compile_flag_compiles_the_moge_side_or_says_why(monkeypatch):
+    import moge.tools.bench_train as bt
+
+    seen = []
+    monkeypatch.setattr(
+        bt, "compile_attention", lambda model, shape, dtype: seen.append(shape) or "no compiler"
+    )
+    report = run_train_benchmark(
+        config_from_dict(TINY), steps=1, warmup=0, peers=False, log=lambda s: None, compile=True
+    )
+    assert seen == [(2, 16)] * 3
+    assert all("torch.compile failed (no compiler), eager" in n for n in report["notes"])
