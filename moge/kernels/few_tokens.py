@@ -77,8 +77,8 @@ def _few_token_experts(
     counts = [0] * experts.num_experts
     for e in flat:
         counts[e] += 1
-    order_S = torch.tensor(order, device=x_TD.device)
-    token_S = torch.tensor([s // K for s in order], device=x_TD.device)
+    order_S = torch.tensor(order, dtype=torch.int64, device=x_TD.device)
+    token_S = torch.tensor([s // K for s in order], dtype=torch.int64, device=x_TD.device)
     rows = list(_expert_rows(counts))
     x_SD = prod(x_TD.detach().index_select(0, token_S))
     h_SH = x_SD.new_empty(x_SD.shape[0], 2 * F)

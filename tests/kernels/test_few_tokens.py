@@ -18,6 +18,14 @@ def test_matches_the_reference_loop_float32(T, skip_expert):
         assert_close(few_token_experts(experts, x, ids, w, torch.float32), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_no_tokens_give_an_empty_output():
+    # An expert-parallel rank whose tokens are all padding calls the experts with T = 0.
+    x, ids, w, experts = case(T=4, E=6, K=3)
+    with torch.no_grad():
+        y = few_token_experts(experts, x[:0], ids[:0], w[:0], torch.float32)
+    assert y.shape == (0, x.shape[1]) and y.dtype == torch.float32
+
+
 def test_bf16_within_the_bf16_reference_error():
     x, ids, w, experts = case(T=16, E=6, K=3)
     with torch.no_grad():
