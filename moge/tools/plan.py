@@ -24,6 +24,7 @@ import torch
 from moge.distributed.config import ParallelConfig
 from moge.distributed.mesh import MeshShape, plan_mesh
 from moge.model import MoGETransformer
+from moge.tools.plan_activations import activations, paths_for
 from moge.training.config import RunConfig
 
 EXPERT_PARAMS = ("experts.w_gate_up_EDH", "experts.w_down_EFD")
@@ -91,31 +92,17 @@ def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape) -> int:
     return 3 * unit
 
 
-def _activation_elems_per_token(cfg: RunConfig, dense: bool) -> int:
-    """Elements autograd saves per token in one block (attention + FFN), counted by hand."""
-    m, e = cfg.model, cfg.moe
-    C = m.resolved_head_dim
-    attn = 3 * m.d_model + 5 * m.n_heads * C + 3 * m.n_kv_heads * C  # norm, q/k/v, repeated k/v, sdpa, o
-    if dense:
-        ffn = 2 * m.d_model + 3 * m.resolved_dense_hidden
-    else:
-        routed = e.top_k * (3 * m.d_model + 4 * e.expert_hidden)  # gathered x, gate_up, act, down, weighted
-        shared = 3 * e.shared_width + m.d_model if e.shared_width else 0
-        ffn = 2 * m.d_model + 2 * e.num_experts + routed + shared  # norm, logits + scores, experts
-    return attn + ffn
-
-
-def _activations(cfg: RunConfig, micro_batch: int, dtype: str, checkpointing: bool) -> int:
-    m = cfg.model
-    T = micro_batch * cfg.data.seq_len
-    elem = 2 if dtype == "bfloat16" else 4
-    per_block = [_activation_elems_per_token(cfg, not m.is_moe_layer(i)) for i in range(m.n_layers)]
-    if checkpointing:  # each block's input kept; one block's activations live while it is recomputed
-        body = T * m.d_model * m.n_layers + T * max(per_block)
-    else:
-        body = T * sum(per_block)
-    logits = 2 * T * m.vocab_size * 4  # fp32 logits and their softmax for the loss
-    return body * elem + logits
+def _casts(model: MoGETransformer, mesh: MeshShape) -> tuple[list[int], int]:
+    """Elements of the weights each block (and the LM head) multiplies with: every matrix
+    but the router (float32), unsharded, the experts this device holds."""
+    per_block = []
+    for block in model.blocks:
+        n = 0
+        for name, p in block.named_parameters():
+            if p.dim() >= 2 and not name.endswith("router.weight"):
+                n += p.numel() // mesh.ep if name.endswith(EXPERT_PARAMS) else p.numel()
+        per_block.append(n)
+    return per_block, model.cfg.vocab_size * model.cfg.d_model
 
 
 def memory_plan(
@@ -127,11 +114,13 @@ def memory_plan(
     dtype: str | None = None,
     checkpointing: bool = False,
     device_gb: float = 80.0,
+    device: str = "cuda",
 ) -> MemoryPlan:
     """The MemoryPlan of `cfg` on `devices` devices (validated like `moge train` under torchrun).
 
     expert_parallel None: parallel.expert_parallel of the config; micro_batch None:
-    train.batch_size; dtype None: train.dtype (of the activations; weights are fp32).
+    train.batch_size; dtype None: train.dtype (of the activations; weights are fp32);
+    device: "cuda" or "cpu", whose kernels the activations follow (plan_activations).
     """
     ep = cfg.parallel.expert_parallel if expert_parallel is None else expert_parallel
     if devices < 1:
@@ -143,10 +132,13 @@ def memory_plan(
     optimizer = 2 * params + 4 * len(numels)  # exp_avg, exp_avg_sq; one fp32 step per tensor
     micro = cfg.train.batch_size if micro_batch is None else micro_batch
     act_dtype = cfg.train.dtype if dtype is None else dtype
+    paths = paths_for(cfg, device, act_dtype, micro, mesh.ep > 1)
+    casts, head_cast = _casts(model, mesh)
+    acts = activations(cfg, micro, paths, checkpointing, casts, head_cast)
     return MemoryPlan(
         devices=devices, dp=mesh.dp, ep=mesh.ep, micro_batch=micro, dtype=act_dtype,
         checkpointing=checkpointing, params=params, grads=params, optimizer=optimizer,
-        fsdp_buffers=_fsdp_buffers(model, mesh), activations=_activations(cfg, micro, act_dtype, checkpointing),
+        fsdp_buffers=_fsdp_buffers(model, mesh), activations=acts.peak,
         device_bytes=int(device_gb * GIB),
     )  # fmt: skip
 

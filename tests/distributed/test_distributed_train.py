@@ -342,9 +342,12 @@ def _same_curve(got: list[dict], ref: list[dict]) -> None:
 
 
 def _same_weights(got: dict, ref: dict) -> None:
+    # AdamW divides each element's step by its own gradient scale, so an element whose
+    # gradient nearly cancels turns the float sums' order (ranks vs micro-batches) into
+    # up to ~5e-6 of weight; atol 1e-5 is still 1/300 of one step (lr 3e-3).
     assert got.keys() == ref.keys()
     for key, value in ref.items():
-        assert_close(got[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        assert_close(got[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_ep2_follows_one_process_with_twice_the_grad_accum(runs):
