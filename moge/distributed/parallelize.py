@@ -196,10 +196,11 @@ def materialize(model: nn.Module, world: World, seed: int | None = None) -> nn.M
     world size and mesh starts from the one-process weights of the same seed, and no
     tensor of a sharded parameter's whole shape is ever allocated. Returns model."""
     model.to_empty(device=world.device)
+    empty = dict(model.named_buffers())  # uninitialised until init_buffers replaces them
     init_buffers(model, world.device)
-    meta = [n for n, b in model.named_buffers() if b.is_meta]
-    if meta:
-        raise RuntimeError(f"materialize: buffers {', '.join(meta)} have no init_buffers to re-create them")
+    stale = [n for n, b in model.named_buffers() if b is empty.get(n)]
+    if stale:
+        raise RuntimeError(f"materialize: buffers {', '.join(stale)} have no init_buffers to re-create them")
     views = checkpoint_views(model, world) if world.size > 1 else {}
     model.init_weights(seed, locate=partial(_locate, views=views))  # type: ignore[operator]
     return model

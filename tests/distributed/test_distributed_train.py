@@ -23,14 +23,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+from allocations import LargestAllocation
+from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, Shard
 from torch.multiprocessing.spawn import ProcessException
 from torch.testing import assert_close
 
+import moge.model.init as init_mod
 import moge.training.loop as loop_mod
 from moge.cli import _should_print
 from moge.distributed.agree import PeerError, agree
-from moge.distributed.mesh import connect
+from moge.distributed.mesh import connect, single_process
 from moge.distributed.parallelize import checkpoint_views, local
 from moge.tools.plan import memory_plan
 from moge.training import NonFiniteLossError, train
@@ -132,6 +135,30 @@ def _nan_scenario(rank: int, root: Path, name: str, poison) -> None:
     (root / f"{name}.rank{rank}.json").write_text(json.dumps(got))
 
 
+def _shard_report(model, opt, world) -> dict:
+    """Per parameter: a DTensor of Shard placements only? Its local and whole sizes, one
+    row's size (the most torch.chunk's rounding adds), and its AdamW moments' local sizes."""
+    views = checkpoint_views(model, world)
+    found = {}
+    for name, p in model.named_parameters():
+        whole = views[name](p) if name in views else p
+        moments = (
+            [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")] if opt is not None and p in opt.state else []
+        )
+        found[name] = {
+            "dtensor": isinstance(p, DTensor) and all(isinstance(m, DTensor) for m in moments),
+            "shard": [isinstance(pl, Shard) for pl in p.placements] if isinstance(p, DTensor) else [],
+            "local": local(p).numel(), "moments_local": [local(m).numel() for m in moments],
+            "whole": whole.numel(), "row": whole.numel() // whole.shape[0], "expert": name in views,
+            "meta": local(p).is_meta,
+        }  # fmt: skip
+    return found
+
+
+def _write_report(root: Path, stage: str, rank: int, report: dict) -> None:
+    (root / f"shards.{stage}.rank{rank}.json").write_text(json.dumps(report))
+
+
 def _placements(root: Path, rank: int) -> None:
     """After a real step: every parameter and AdamW moment is a DTensor shard; none is whole."""
     cfg = make_cfg(root / "unused", 2)
@@ -140,18 +167,55 @@ def _placements(root: Path, rank: int) -> None:
     x_BL = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(rank))
     model(x_BL, x_BL.roll(-1, 1)).loss.backward()
     opt.step()
+    _write_report(root, "step", rank, _shard_report(model, opt, world))
+
+
+SMALL_BLOCK = 100  # init blocks in _init_scenario: smaller than most parameters here
+
+
+def _gathered(model, world) -> dict:
+    """Every parameter whole and the persistent buffers (a collective)."""
     views = checkpoint_views(model, world)
-    found = {}
-    for name, p in model.named_parameters():
-        whole = views[name](p) if name in views else p
-        moments = [opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]]
-        found[name] = {
-            "dtensor": isinstance(p, DTensor) and all(isinstance(m, DTensor) for m in moments),
-            "shard": [isinstance(pl, Shard) for pl in p.placements] if isinstance(p, DTensor) else [],
-            "local": local(p).numel(), "moments_local": [local(m).numel() for m in moments],
-            "whole": whole.numel(), "expert": name in views,
-        }  # fmt: skip
-    (root / f"placements.rank{rank}.json").write_text(json.dumps(found))
+    out = {n: (views[n](p) if n in views else p).full_tensor() for n, p in model.named_parameters()}
+    return out | {n: b for n, b in model.state_dict().items() if n not in out}
+
+
+def _init_scenario(root: Path, rank: int, tag: str, expert_parallel: int) -> None:
+    """The loop's build on this world, watched: every parameter on meta when built,
+    sharded by parallelize, allocated only as shards; the initial weights gathered."""
+    cfg = make_cfg(root / "unused", expert_parallel)
+    world = connect(cfg.parallel, cfg.moe.num_groups)
+    real_parallelize, real_materialize, reports = loop_mod.parallelize, loop_mod.materialize, {}
+
+    def parallelize(model, *args):
+        reports["built"] = {n: {"meta": p.is_meta} for n, p in model.named_parameters()}
+        out = real_parallelize(model, *args)
+        reports["parallelized"] = _shard_report(out, None, world)
+        return out
+
+    def materialize(model, *args):
+        out = real_materialize(model, *args)
+        reports["materialized"] = _shard_report(out, None, world)
+        return out
+
+    loop_mod.parallelize, loop_mod.materialize = parallelize, materialize
+    try:
+        with pytest.MonkeyPatch.context() as mp, LargestAllocation() as probe:
+            mp.setattr(init_mod, "BLOCK_NUMEL", SMALL_BLOCK)
+            model, _ = loop_mod._build(cfg, world)
+    finally:
+        loop_mod.parallelize, loop_mod.materialize = real_parallelize, real_materialize
+    small = _gathered(model, world)
+    default = _gathered(loop_mod._build(cfg, world)[0], world)
+    for stage, report in reports.items():
+        _write_report(root, f"{stage}.{tag}", rank, report)
+    info = {"largest": probe.largest, "op": probe.op, "buffers": max(b.nbytes for b in model.buffers())}
+    (root / f"alloc.{tag}.rank{rank}.json").write_text(json.dumps(info))
+    if rank == 0:
+        save_file(
+            {k: v.detach().contiguous() for k, v in small.items()}, root / f"init_small.{tag}.safetensors"
+        )
+        save_file({k: v.detach().contiguous() for k, v in default.items()}, root / f"init.{tag}.safetensors")
 
 
 def _measure(root: Path, rank: int, tag: str, expert_parallel: int) -> None:
@@ -181,6 +245,7 @@ def _resave(root: Path, src: str, dst: str) -> None:
     model, opt = loop_mod._build(cfg, world)
     gen = torch.Generator()
     step = load_checkpoint(root / src, model, opt, gen, world)
+    _write_report(root, "load", world.rank, _shard_report(model, opt, world))
     save_checkpoint(root / dst, step, model, opt, gen, cfg, 1, world)
 
 
@@ -212,6 +277,7 @@ def _worker_four(rank: int, world: int, root: str) -> None:
     try:
         train(make_cfg(root / "four", 2, eval_every=3), progress=False, stop_at=STOP)
         _measure(root, rank, "dp2xep2", 2)
+        _init_scenario(root, rank, "dp2xep2", 2)
     finally:
         dist.destroy_process_group()
 
@@ -225,6 +291,8 @@ def _worker_two(rank: int, world: int, root: str) -> None:
         train(make_cfg(root / "killed", 2, steps=8, save_every=1, resume=True), progress=False)
         _resave(root, "four", "resaved2")
         _placements(root, rank)
+        _init_scenario(root, rank, "ep2", 2)
+        _init_scenario(root, rank, "dp2", 1)
         _measure(root, rank, "ep2", 2)
         _measure(root, rank, "dp2", 1)
         _agree_scenario(connect(make_cfg(root, 2).parallel, 4), root)
@@ -423,14 +491,67 @@ def test_sigkill_of_one_rank_leaves_the_last_checkpoint_intact_and_resumable(run
     assert [r["step"] for r in records(runs / "killed")] == list(range(1, 9))
 
 
+MESHES = [("ep2", 2), ("dp2", 2), ("dp2xep2", 4)]  # tag, processes
+
+
+def _stages(runs: Path):
+    """(stage, world, rank, report) of every shard report the workers wrote."""
+    for tag, world in MESHES:
+        for stage in ("parallelized", "materialized"):
+            for rank in range(world):
+                yield (
+                    f"{stage}.{tag}",
+                    world,
+                    rank,
+                    json.loads((runs / f"shards.{stage}.{tag}.rank{rank}.json").read_text()),
+                )
+    for stage in ("step", "load"):  # 2 ranks, ep 2: after a real step; after loading a 4-rank checkpoint
+        for rank in range(2):
+            yield stage, 2, rank, json.loads((runs / f"shards.{stage}.rank{rank}.json").read_text())
+
+
 def test_no_rank_holds_a_whole_sharded_parameter(runs):
-    for rank in range(2):
-        found = json.loads((runs / f"placements.rank{rank}.json").read_text())
-        assert any(f["expert"] for f in found.values())
-        for name, f in found.items():  # 2 ranks: at most half (rounded up by rows) of anything
-            assert f["dtensor"] and f["shard"] == [True], name
-            assert f["local"] < f["whole"] and f["moments_local"] == [f["local"]] * 2, name
-            assert f["local"] <= f["whole"] // 2 + f["whole"] // 16, (name, f)
+    seen = set()
+    for stage, world, rank, found in _stages(runs):
+        seen.add(stage.split(".")[0])
+        assert any(f["expert"] for f in found.values()) == ("dp2." not in stage + ".")  # ep > 1
+        for name, f in found.items():  # 1/world of anything, give or take a row of torch.chunk's rounding
+            where = (stage, rank, name)
+            assert f["dtensor"] and f["shard"] and all(f["shard"]), where
+            assert f["local"] < f["whole"] and f["local"] * world <= f["whole"] + world * f["row"], (where, f)
+            assert f["meta"] == stage.startswith("parallelized"), where
+            if stage in ("step", "load"):
+                assert f["moments_local"] == [f["local"]] * 2, where
+    assert seen == {"parallelized", "materialized", "step", "load"}
+
+
+def test_the_model_is_built_on_meta_and_only_shards_are_allocated(runs):
+    for tag, world in MESHES:
+        for rank in range(world):
+            built = json.loads((runs / f"shards.built.{tag}.rank{rank}.json").read_text())
+            assert built and all(f["meta"] for f in built.values()), (tag, rank)
+            shards = json.loads((runs / f"shards.materialized.{tag}.rank{rank}.json").read_text())
+            alloc = json.loads((runs / f"alloc.{tag}.rank{rank}.json").read_text())
+            # The largest tensor allocated while building: a shard, an init block or a
+            # buffer, never a whole parameter (the biggest here spans several blocks).
+            allowed = max(4 * max(f["local"] for f in shards.values()), 4 * SMALL_BLOCK, alloc["buffers"])
+            assert alloc["largest"] <= allowed < 4 * max(f["whole"] for f in shards.values()), (
+                tag,
+                rank,
+                alloc,
+            )
+
+
+@pytest.mark.parametrize("tag, block", [(t, b) for t, _ in MESHES for b in (None, SMALL_BLOCK)])
+def test_every_mesh_starts_from_the_one_process_init(runs, monkeypatch, tag, block):
+    if block is not None:
+        monkeypatch.setattr(init_mod, "BLOCK_NUMEL", block)
+    model, _ = loop_mod._build(make_cfg(runs / "unused"), single_process())
+    want = dict(model.named_parameters()) | model.state_dict()
+    got = load_file(runs / f"{'init' if block is None else 'init_small'}.{tag}.safetensors")
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value.detach()), key
 
 
 def test_a_failure_on_one_rank_stops_all_and_prints_once(runs):
