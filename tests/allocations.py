@@ -2,13 +2,14 @@
 
 LargestAllocation: the largest storage any op returns on a real (non-meta) device, seen
 through a TorchDispatchMode (a DTensor's local part counts, not its global shape).
-allocator_peak: the CPU allocator's peak over a call, from torch.profiler's memory
+allocator_use: the CPU allocator's peak (and end) over a call, from torch.profiler's memory
 events (every allocation and free the c10 CPU allocator reports).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -47,19 +48,29 @@ def _walk(nodes):
         yield from _walk(node.children)
 
 
-def allocator_peak(fn: Callable[[], object]) -> int:
-    """Bytes above the start that the CPU allocator held at its peak while fn() ran
-    (what was allocated before and freed during fn does not lower the count)."""
+@dataclass(frozen=True)
+class AllocatorUse:
+    """Bytes the CPU allocator held above the start of a call: at its peak and at its end."""
+
+    peak: int
+    end: int
+
+
+def allocator_use(fn: Callable[[], object]) -> AllocatorUse:
+    """What the CPU allocator held above the start while fn() ran (memory allocated before
+    and freed during fn counts below the start). fn's return value is still alive at the
+    end (it is dropped after)."""
     from torch._C._profiler import _EventType  # the profiler's event tree (private, stable for years)
 
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
-        fn()
+        kept = fn()
     tree = prof.profiler.kineto_results.experimental_event_tree()
     events = sorted((n for n in _walk(tree) if n.tag == _EventType.Allocation), key=lambda n: n.start_time_ns)
     live = peak = 0
     for event in events:
         live += event.extra_fields.alloc_size
         peak = max(peak, live)
-    return peak
+    del kept
+    return AllocatorUse(peak, live)

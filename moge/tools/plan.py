@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from moge.distributed.config import ParallelConfig
+from moge.distributed.expert_parallel import EXPERT_KEYS
 from moge.distributed.mesh import MeshShape, plan_mesh
 from moge.model import MoGETransformer
-from moge.tools.plan_activations import activations, paths_for
+from moge.tools.plan_activations import activations, paths_for, weights_used
 from moge.training.config import RunConfig
 
-EXPERT_PARAMS = ("experts.w_gate_up_EDH", "experts.w_down_EFD")
+EXPERT_PARAMS = EXPERT_KEYS  # their names end so
 USABLE = 0.9  # share of a device's memory a plan may fill (allocator, CUDA context, fragmentation)
 GIB = 1 << 30
 
@@ -92,19 +93,6 @@ def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape) -> int:
     return 3 * unit
 
 
-def _casts(model: MoGETransformer, mesh: MeshShape) -> tuple[list[int], int]:
-    """Elements of the weights each block (and the LM head) multiplies with: every matrix
-    but the router (float32), unsharded, the experts this device holds."""
-    per_block = []
-    for block in model.blocks:
-        n = 0
-        for name, p in block.named_parameters():
-            if p.dim() >= 2 and not name.endswith("router.weight"):
-                n += p.numel() // mesh.ep if name.endswith(EXPERT_PARAMS) else p.numel()
-        per_block.append(n)
-    return per_block, model.cfg.vocab_size * model.cfg.d_model
-
-
 def memory_plan(
     cfg: RunConfig,
     devices: int,
@@ -133,8 +121,7 @@ def memory_plan(
     micro = cfg.train.batch_size if micro_batch is None else micro_batch
     act_dtype = cfg.train.dtype if dtype is None else dtype
     paths = paths_for(cfg, device, act_dtype, micro, mesh.ep > 1)
-    casts, head_cast = _casts(model, mesh)
-    acts = activations(cfg, micro, paths, checkpointing, casts, head_cast)
+    acts = activations(cfg, micro, paths, checkpointing, weights_used(model, mesh.ep, paths))
     return MemoryPlan(
         devices=devices, dp=mesh.dp, ep=mesh.ep, micro_batch=micro, dtype=act_dtype,
         checkpointing=checkpointing, params=params, grads=params, optimizer=optimizer,

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moge.distributed.expert_parallel import EXPERT_KEYS
 from moge.experts import resolve_impl
 from moge.kernels.sdpa import MAX_SCORES
+from moge.model import MoGETransformer
 from moge.model.config import ModelConfig
 from moge.training.config import RunConfig
 
 F32 = 4
+EXPERT_PARAMS = EXPERT_KEYS  # their names end so
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,38 @@ def paths_for(cfg: RunConfig, device: str, dtype: str, micro_batch: int, expert_
 
 
 @dataclass(frozen=True)
+class Weights:
+    """Elements of the weights as the blocks multiply with them (unsharded; this device's
+    experts), for the copies autocast keeps and the weight gradients of backward."""
+
+    casts: list[int]  # per block: the matrices autocast copies and autograd keeps
+    head: int  # the LM head's matrix (tied: the embedding)
+    largest: int  # the largest matrix: its gradient passes backward through its cast
+
+
+def weights_used(model: MoGETransformer, ep: int, paths: Paths) -> Weights:
+    """Weights of `model` (built on meta) on a device of an ep-wide expert group.
+
+    Every matrix but the router (float32) is cast; the fused kernel casts the experts
+    inside, keeping the float32 ones, except under expert parallelism."""
+    casts: list[int] = []
+    largest = 0
+    for block in model.blocks:
+        n = 0
+        for name, p in block.named_parameters():
+            expert = name.endswith(EXPERT_PARAMS)
+            numel = p.numel() // ep if expert else p.numel()
+            if p.dim() >= 2:
+                largest = max(largest, numel)
+            if p.dim() >= 2 and not name.endswith("router.weight"):
+                n += 0 if expert and paths.experts == "fused" and not paths.expert_parallel else numel
+        casts.append(n)
+    cfg = model.cfg
+    head = int(cfg.vocab_size * cfg.d_model)
+    return Weights(casts, head, max(largest, head))
+
+
+@dataclass(frozen=True)
 class Activations:
     """Bytes one device holds for one micro-batch: `held` from the end of forward into
     backward (every block's kept tensors, or with checkpointing each block's input),
@@ -136,30 +171,28 @@ class Activations:
 
 
 def activations(
-    cfg: RunConfig, micro_batch: int, paths: Paths, checkpointing: bool, casts: list[int], head_cast: int
+    cfg: RunConfig, micro_batch: int, paths: Paths, checkpointing: bool, weights: Weights
 ) -> Activations:
-    """The activation bytes of `cfg` (module docstring).
-
-    casts: elements of the weights each block multiplies with in the compute dtype
-    (unsharded, this device's experts; autocast keeps a copy of each for backward);
-    head_cast: the LM head's. Both count only when the compute dtype is 16-bit.
-    """
+    """The activation bytes of `cfg` (module docstring); the weight copies count only
+    when the compute dtype is 16-bit."""
     m = cfg.model
     T = micro_batch * cfg.data.seq_len
-    cast = paths.low != F32
-    blocks = []
+    cast = paths.low if paths.low != F32 else 0
+    tokens = []  # per block: what its tokens keep
     for i in range(m.n_layers):
         ffn = moe_ffn(cfg, paths) if m.is_moe_layer(i) else dense_ffn(m, paths)
-        kept = (attention(m, cfg.data.seq_len, paths) + ffn).nbytes(T, paths)
-        blocks.append(kept + (casts[i] * paths.low if cast else 0))
-    top = head(m, paths).nbytes(T, paths) + (head_cast * paths.low if cast else 0)
+        tokens.append((attention(m, cfg.data.seq_len, paths) + ffn).nbytes(T, paths))
+    top = head(m, paths).nbytes(T, paths) + weights.head * cast
     logits_grad = 2 * T * m.vocab_size * F32  # d(log-softmax) and d(logits) in float32
+    weight_grad = weights.largest * (cast + F32)  # in the compute dtype, then float32
     if checkpointing:  # block inputs (float32 residual stream) and the MoE layers' routing
         # outputs (scores, ids, gates); in backward the logits' gradient, then one block
-        # recomputed at a time
-        routing = (
-            (cfg.moe.num_experts + 3 * cfg.moe.top_k) * F32 * T * sum(map(m.is_moe_layer, range(m.n_layers)))
-        )
+        # recomputed at a time: its tokens' tensors and its weight copies, which backward
+        # frees as it makes their gradients
+        moe = sum(map(m.is_moe_layer, range(m.n_layers)))
+        routing = (cfg.moe.num_experts + 3 * cfg.moe.top_k) * F32 * T * moe
         held = T * m.d_model * F32 * m.n_layers + routing + top
-        return Activations(held=held, backward=max(max(blocks), logits_grad))
-    return Activations(held=sum(blocks) + top, backward=logits_grad)
+        block = max(t + max(c * cast, weight_grad) for t, c in zip(tokens, weights.casts))
+        return Activations(held=held, backward=max(block, logits_grad))
+    held = sum(tokens) + sum(weights.casts) * cast + top
+    return Activations(held=held, backward=max(logits_grad, weight_grad))
