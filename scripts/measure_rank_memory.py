@@ -46,7 +46,9 @@ def _worker(rank: int, args: argparse.Namespace, rendezvous: str) -> None:
     from moge.training.loop import _build
 
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module", category=UserWarning)  # as the loop does
+    warnings.filterwarnings(
+        "ignore", message="FSDP2-wrapped module", category=UserWarning
+    )  # as the loop does
     overrides = [f"parallel.expert_parallel={args.expert_parallel}", f"train.batch_size={args.batch_size}",
                  f"data.seq_len={args.seq_len}"]  # fmt: skip
     cfg = load_config(args.config, overrides)
