@@ -131,7 +131,7 @@ class Weights:
 
     casts: list[int]  # per block: the matrices autocast copies and autograd keeps
     head: int  # the LM head's matrix (tied: the embedding)
-    largest: int  # the largest matrix: its gradient passes backward through its cast
+    largest: int  # the largest matrix of a block: its gradient passes backward through its cast
 
 
 def weights_used(model: MoGETransformer, ep: int, paths: Paths) -> Weights:
@@ -152,8 +152,7 @@ def weights_used(model: MoGETransformer, ep: int, paths: Paths) -> Weights:
                 n += 0 if expert and paths.experts == "fused" and not paths.expert_parallel else numel
         casts.append(n)
     cfg = model.cfg
-    head = int(cfg.vocab_size * cfg.d_model)
-    return Weights(casts, head, max(largest, head))
+    return Weights(casts, int(cfg.vocab_size * cfg.d_model), largest)
 
 
 @dataclass(frozen=True)
@@ -183,8 +182,12 @@ def activations(
         ffn = moe_ffn(cfg, paths) if m.is_moe_layer(i) else dense_ffn(m, paths)
         tokens.append((attention(m, cfg.data.seq_len, paths) + ffn).nbytes(T, paths))
     top = head(m, paths).nbytes(T, paths) + weights.head * cast
-    logits_grad = 2 * T * m.vocab_size * F32  # d(log-softmax) and d(logits) in float32
-    weight_grad = weights.largest * (cast + F32)  # in the compute dtype, then float32
+    # Backward starts at the loss: d(log-softmax) and d(logits) in float32, then d(logits)
+    # in the compute dtype while the LM head's weight gradient forms in it and in float32.
+    logits_grad = max(
+        2 * T * m.vocab_size * F32, T * m.vocab_size * (cast or F32) + weights.head * (cast + F32)
+    )
+    weight_grad = weights.largest * (cast + F32)  # a block's largest, in the compute dtype, then float32
     if checkpointing:  # block inputs (float32 residual stream) and the MoE layers' routing
         # outputs (scores, ids, gates); in backward the logits' gradient, then one block
         # recomputed at a time: its tokens' tensors and its weight copies, which backward
