@@ -7,11 +7,10 @@ F expert hidden, S shared hidden, V vocabulary, H/G query/KV heads, C head dim.
 Parameters, gradients and AdamW state follow the plan of moge.distributed.parallelize
 exactly (fp32, rank 0, the busiest under torch.chunk's rounding): replicated tensors
 are FSDP2-sharded over all N devices on their first axis, routed experts cut to J by
-ep and their second axis FSDP2-sharded over dp. FSDP2's all-gather buffers hold one
+ep and their second axis FSDP2-sharded over dp; they are what moge.distributed.
+parallelize.materialize allocates on a rank. FSDP2's all-gather buffers hold one
 block unsharded (two with prefetch) and its unsharded gradient. Activations are an
-estimate: the tensors autograd saves per token of one micro-batch in every layer
-(with activation checkpointing: each block's input, plus one block recomputed), and
-the logits in fp32.
+estimate counted per op for the device's kernels (moge.tools.plan_activations).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from moge.model import MoGETransformer
 from moge.tools.plan_activations import activations, paths_for, weights_used
 from moge.training.config import RunConfig
 
-EXPERT_PARAMS = EXPERT_KEYS  # their names end so
 USABLE = 0.9  # share of a device's memory a plan may fill (allocator, CUDA context, fragmentation)
 GIB = 1 << 30
 
@@ -68,7 +66,7 @@ def local_numel(name: str, shape: tuple[int, ...], mesh: MeshShape) -> int:
     """Elements rank 0 holds of the parameter `name` of the whole-model shape `shape`."""
     if mesh.world == 1 or not shape:
         return math.prod(shape)
-    if name.endswith(EXPERT_PARAMS):
+    if name.endswith(EXPERT_KEYS):
         rows, cols, rest = shape[0] // mesh.ep, _chunk(shape[1], mesh.dp), math.prod(shape[2:])
         return rows * cols * rest
     return _chunk(shape[0], mesh.world) * math.prod(shape[1:])
@@ -87,7 +85,7 @@ def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape) -> int:
     for block in model.blocks:
         size = 0
         for name, p in block.named_parameters():
-            numel = p.numel() // mesh.ep if name.endswith(EXPERT_PARAMS) else p.numel()
+            numel = p.numel() // mesh.ep if name.endswith(EXPERT_KEYS) else p.numel()
             size += numel * 4
         unit = max(unit, size)
     return 3 * unit

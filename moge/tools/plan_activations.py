@@ -14,14 +14,17 @@ bf16 CPU attention (saves the probabilities, H*L per token); the fused expert ke
 (saves the gate/up activations, 2F per slot) or the autograd path of grouped_mm/loop
 (x, gate/up, SiLU, product and output per slot); expert parallelism (x and y per slot
 too). The peak comes in backward: with everything still held, the loss's gradient
-w.r.t. the logits (two [T, V] float32 tensors); with activation checkpointing, one
-block recomputed and its backward. tests/tools/test_plan_activations.py checks the
-total against the CPU allocator's peak over a forward and backward.
+w.r.t. the logits (two [T, V] float32 tensors, then the LM head's weight gradient);
+with activation checkpointing, one block recomputed with its weight copies (or its
+largest weight gradient). tests/tools/test_plan_activations.py checks the total against
+the CPU allocator's peak over a forward and backward, within 15%.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from moge.distributed.expert_parallel import EXPERT_KEYS
 from moge.experts import resolve_impl
@@ -31,7 +34,6 @@ from moge.model.config import ModelConfig
 from moge.training.config import RunConfig
 
 F32 = 4
-EXPERT_PARAMS = EXPERT_KEYS  # their names end so
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,6 @@ def head(m: ModelConfig, paths: Paths) -> Kept:
 
 def paths_for(cfg: RunConfig, device: str, dtype: str, micro_batch: int, expert_parallel: bool) -> Paths:
     """The paths moge takes for `device` ("cpu" or "cuda") and the compute `dtype`."""
-    import torch
-
     dev, torch_dtype = torch.device(device), getattr(torch, dtype)
     m, L = cfg.model, cfg.data.seq_len
     low = torch_dtype in (torch.bfloat16, torch.float16)
@@ -144,7 +144,7 @@ def weights_used(model: MoGETransformer, ep: int, paths: Paths) -> Weights:
     for block in model.blocks:
         n = 0
         for name, p in block.named_parameters():
-            expert = name.endswith(EXPERT_PARAMS)
+            expert = name.endswith(EXPERT_KEYS)
             numel = p.numel() // ep if expert else p.numel()
             if p.dim() >= 2:
                 largest = max(largest, numel)
