@@ -193,8 +193,9 @@ def materialize(model: nn.Module, world: World, seed: int | None = None) -> nn.M
     (after `parallelize`; in a world of one, the whole model): to_empty on world.device,
     the buffers from the config, then model.init_weights(seed, locate), which fills
     every shard with the values the whole model's init has at its positions. So every
-    world size and mesh starts from the one-process weights of the same seed, and no
-    tensor of a sharded parameter's whole shape is ever allocated. Returns model."""
+    world size and mesh starts from the one-process weights of the same seed, and
+    nothing beyond the shards is allocated but the buffers and one init block at a time
+    (moge.model.init.BLOCK_NUMEL elements, or a smaller parameter whole). Returns model."""
     model.to_empty(device=world.device)
     empty = dict(model.named_buffers())  # uninitialised until init_buffers replaces them
     init_buffers(model, world.device)
