@@ -281,7 +281,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--mesh: dp={dp} x ep={ep} = {dp * (ep or 1)} devices, but --devices {n}")
         plans.append(memory_plan(
             cfg, n, expert_parallel=ep, micro_batch=args.micro_batch, dtype=args.dtype,
-            checkpointing=args.checkpointing, device_gb=args.device_gb,
+            checkpointing=args.checkpointing, device_gb=args.device_gb, device=args.device,
         ))  # fmt: skip
     print(format_plan(cfg, plans))
     return EXIT_OK
@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the activations (default: train.dtype)",
     )  # fmt: skip
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="whose kernels the activations follow (attention, expert path)")  # fmt: skip
     p.add_argument("--device-gb", type=float, default=80.0, dest="device_gb", help="memory per device, GiB")
     p.set_defaults(handler=_cmd_plan)
 

@@ -242,20 +242,13 @@ class MoGELayer(nn.Module):
         self.shared = SwiGLU(c.d_model, c.shared_width) if c.shared_width else None
         self.shared_gate = nn.Linear(c.d_model, 1, bias=False) if c.shared_expert_gate else None
         self.expert_scale_E = nn.Parameter(torch.ones(c.num_experts)) if c.learned_expert_scale else None
-        if c.bias_update_rate > 0:
-            self.register_buffer("balance_bias_E", torch.zeros(c.num_experts, dtype=torch.float32))
-        else:
-            self.balance_bias_E = None
-        # Slots per expert since the last end_step() (every rank's, through step_load):
-        # feeds the bias rule and the global-batch loss; `step_calls` is how many calls
-        # (micro-batches times ranks) they span. Not saved: checkpoints are taken between steps.
-        self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
+        self.init_buffers()
+        # `step_calls` is how many calls (micro-batches times ranks) the step's counts span.
         self.step_calls = 0
         # A counting pass (moge.counting_pass) fills the step's counts before the training
         # pass, which then counts nothing and weighs every call with the whole step's f.
         # This rank's own calls and slots of each pass, to check that both routed alike.
         self.counted_ahead = False
-        self.register_buffer("_local_load_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
         self._local_calls = 0
         self._counted: tuple[int, Tensor] | None = None  # (calls, slots [E]) of the counting pass
         self.calls_since_end_step = 0
@@ -267,6 +260,24 @@ class MoGELayer(nn.Module):
         # gradient is the same.
         self.recompute_phase: str | None = None
         self._replay_counts: list[tuple[Tensor, int]] = []
+        self.reset_parameters()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Create the buffers, which follow from the config alone, on the default device,
+        then move them to `device` (None: they stay there). A layer built on the meta
+        device gets real ones from this once its parameters are allocated
+        (moge.distributed.parallelize.materialize)."""
+        c = self.config
+        if c.bias_update_rate > 0:
+            self.register_buffer("balance_bias_E", torch.zeros(c.num_experts, dtype=torch.float32))
+        else:
+            self.balance_bias_E = None
+        # Slots per expert since the last end_step() (every rank's, through step_load):
+        # feeds the bias rule and the global-batch loss. Not saved: checkpoints are taken
+        # between steps.
+        self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
+        # This rank's own slots of the step (compared between a counting and a training pass).
+        self.register_buffer("_local_load_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
         if c.router == "random" and c.rre_domain_groups is not None:  # PanGu-Sigma two levels
             table, columns = layer_tables(c)
             self.register_buffer("rre_table_VK", table, persistent=False)
@@ -279,7 +290,9 @@ class MoGELayer(nn.Module):
             self.register_buffer("rre_table_VK", table, persistent=False)
         else:
             self.rre_table_VK = None
-        self.reset_parameters()
+        if device is not None:
+            for name, buf in self.named_buffers(recurse=False):
+                setattr(self, name, buf.to(device))
 
     def reset_parameters(self) -> None:
         std = self.config.init_std

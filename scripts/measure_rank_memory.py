@@ -1,88 +1,95 @@
-"""Per-rank bytes of parameters, gradients and AdamW state after one real step, plus peak RSS.
+"""Per-rank memory of `moge train`'s model: bytes of parameters, gradients and AdamW state
+each rank holds after one real step, and the process's peak RSS after building the
+model and after the step (gloo, CPU, forked ranks).
 
-    python scripts/measure_rank_memory.py CONFIG WORLD EP PORT OUT_PREFIX
+    python scripts/measure_rank_memory.py configs/small-moge.yaml --processes 4 --expert-parallel 2
 
-Writes OUT_PREFIX.rank<r>.json for every rank. Runs against whichever moge is on
-PYTHONPATH: this tree (FSDP2 + expert parallelism) or, for the before/after table of
-docs/distributed.md, the tree before it (replicated + expert parallelism), e.g.
-`git worktree add /tmp/old 18dba5f && cd /tmp/old && PYTHONPATH=. python
-$REPO/scripts/measure_rank_memory.py configs/small-moge.yaml 4 2 29701 /tmp/small4`.
+Prints one JSON line per rank. It runs against whichever moge is imported, so the
+same command measures another tree: `git archive bd970cc | tar -x -C /tmp/before`,
+then `PYTHONPATH=/tmp/before python scripts/measure_rank_memory.py ...` (any tree whose
+moge.training.loop has `_build(cfg, world)`).
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import resource
-import sys
+import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moge.model import MoGETransformer
-from moge.training.config import load_config
+MIB = 1 << 20
 
 
-def nbytes(t):
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _nbytes(t: torch.Tensor) -> int:
     t = t.to_local() if hasattr(t, "to_local") else t
     return t.numel() * t.element_size()
 
 
-def worker(rank, world, cfgpath, ep, port, out):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+def _worker(rank: int, args: argparse.Namespace, rendezvous: str) -> None:
+    from moge.distributed.mesh import connect
+    from moge.training.config import load_config
+    from moge.training.loop import _build
+
     torch.set_num_threads(1)
-    cfg = load_config(cfgpath, [f"parallel.expert_parallel={ep}", "train.batch_size=2", "data.seq_len=64"])
-    try:
-        from moge.distributed.mesh import connect
-        from moge.training.loop import _build
-
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        w = connect(cfg.parallel, cfg.moe.num_groups)
-        model, opt = _build(cfg, w)
-        kind = "after"
-    except ImportError:
-        from moge.distributed.expert_parallel import (
-            average_replicated_grads,
-            init_distributed,
-            parallelize_model,
+    warnings.filterwarnings(
+        "ignore", message="FSDP2-wrapped module", category=UserWarning
+    )  # as the loop does
+    overrides = [f"parallel.expert_parallel={args.expert_parallel}", f"train.batch_size={args.batch_size}",
+                 f"data.seq_len={args.seq_len}"]  # fmt: skip
+    cfg = load_config(args.config, overrides)
+    if args.processes > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.processes), LOCAL_RANK=str(rank))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=args.processes
         )
-        from moge.training import build_optimizer
-
-        ctx = init_distributed("gloo", expert_parallel=ep)
-        torch.manual_seed(cfg.train.seed)
-        model = MoGETransformer(cfg.model, cfg.moe)
-        parallelize_model(model, ctx)
-        opt = build_optimizer(model, cfg.train)
-        kind = "before"
-    x = torch.randint(0, cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(rank))
-    model(x, x.roll(-1, 1)).loss.backward()
-    if kind == "before":
-        average_replicated_grads(model)
+    world = connect(cfg.parallel, cfg.moe.num_groups)
+    start = _rss_mib()
+    model, opt = _build(cfg, world)
+    built = _peak_rss_mib()
+    x_BL = torch.randint(0, cfg.model.vocab_size, (args.batch_size, args.seq_len))
+    model(x_BL, x_BL.roll(-1, 1)).loss.backward()
     opt.step()
     got = {
-        "kind": kind,
-        "params": sum(nbytes(p) for p in model.parameters()),
-        "grads": sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
-        "optimizer": sum(nbytes(v) for s in opt.state.values() for v in s.values()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    with open(f"{out}.rank{rank}.json", "w") as f:
-        json.dump(got, f)
-    dist.barrier()
-    dist.destroy_process_group()
+        "config": cfg.name, "processes": args.processes, "rank": rank, "mesh": f"{world.shape.dp}x{world.shape.ep}",
+        "params_mib": sum(_nbytes(p) for p in model.parameters()) / MIB,
+        "grads_mib": sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None) / MIB,
+        "adamw_mib": sum(_nbytes(v) for s in opt.state.values() for v in s.values()) / MIB,
+        "rss_before_build_mib": start, "peak_rss_after_build_mib": built, "peak_rss_after_step_mib": _peak_rss_mib(),
+    }  # fmt: skip
+    print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in got.items()}), flush=True)
+    if args.processes > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="run config (YAML)")
+    parser.add_argument("--processes", type=int, default=2, help="ranks to fork (1: no process group)")
+    parser.add_argument("--expert-parallel", type=int, default=1, dest="expert_parallel",
+                        help="parallel.expert_parallel (1: FSDP2 data parallel only)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=2, dest="batch_size", help="sequences per rank")
+    parser.add_argument("--seq-len", type=int, default=64, dest="seq_len", help="tokens per sequence")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:  # one process is forked too: the same baseline
+        rendezvous = os.path.join(tmp, "rendezvous")
+        mp.start_processes(_worker, args=(args, rendezvous), nprocs=args.processes, start_method="fork")
 
 
 if __name__ == "__main__":
-    cfgpath, world, ep, port, out = (
-        sys.argv[1],
-        int(sys.argv[2]),
-        int(sys.argv[3]),
-        int(sys.argv[4]),
-        sys.argv[5],
-    )
-    mp.start_processes(worker, args=(world, cfgpath, ep, port, out), nprocs=world, start_method="fork")
+    main()

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from moge._validate import check_int
 from moge.experts import run_experts
 from moge.layer import MoGEConfig, MoGELayer, MoGEOutput
+from moge.model.init import init_buffers
 from moge.routing import QUOTA_ROUTERS
 
 # Routers that take top_k/num_groups experts from every group: static splits.
@@ -139,16 +140,10 @@ class ExpertParallelExperts(nn.Module):
         c = config
         self.group, self.static_splits = group, static_splits
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        placement_WJ = expert_placement(c.num_experts, c.num_groups, self.world)
-        self.num_experts, self.num_local = c.num_experts, placement_WJ.shape[1]
+        self.num_experts, self.num_groups = c.num_experts, c.num_groups
+        self.num_local = expert_placement(c.num_experts, c.num_groups, self.world).shape[1]
         self.d_model, self.hidden, self.impl = c.d_model, c.expert_hidden, c.expert_impl
-        flat = placement_WJ.reshape(-1)
-        owner_E, local_E = torch.empty_like(flat), torch.empty_like(flat)
-        owner_E[flat] = torch.arange(self.world).repeat_interleave(self.num_local)
-        local_E[flat] = torch.arange(self.num_local).repeat(self.world)
-        self.register_buffer("placement_WJ", placement_WJ, persistent=False)
-        self.register_buffer("owner_E", owner_E, persistent=False)
-        self.register_buffer("local_E", local_E, persistent=False)
+        self.init_buffers()
         J, D, F = self.num_local, c.d_model, c.expert_hidden
         self.w_gate_up_EDH = nn.Parameter(torch.empty(J, D, 2 * F))
         self.w_down_EFD = nn.Parameter(torch.empty(J, F, D))
@@ -160,6 +155,17 @@ class ExpertParallelExperts(nn.Module):
         self.last_exchange: ExchangeStats | None = None
         self.calls = 0  # forward calls so far
         self.count_exchanges = 0  # count all_to_alls so far (stays 0 with static splits)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """The placement tables, made on the default device (meta in a meta-device build),
+        then moved to `device` (None: they stay there)."""
+        placement_WJ = expert_placement(self.num_experts, self.num_groups, self.world)
+        flat = placement_WJ.reshape(-1)
+        owner_E, local_E = torch.empty_like(flat), torch.empty_like(flat)
+        owner_E[flat] = torch.arange(self.world).repeat_interleave(self.num_local)
+        local_E[flat] = torch.arange(self.num_local).repeat(self.world)
+        for name, t in (("placement_WJ", placement_WJ), ("owner_E", owner_E), ("local_E", local_E)):
+            self.register_buffer(name, t if device is None else t.to(device), persistent=False)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.w_gate_up_EDH, std=std)
@@ -297,10 +303,18 @@ class GlobalLoadMoGE(MoGELayer):
 
     @classmethod
     def from_layer(cls, layer: MoGELayer, *args, **kwargs) -> GlobalLoadMoGE:
-        """This rank's version of a full single-process layer (same config and weights)."""
+        """This rank's version of a single-process layer (same config and weights).
+
+        Built on the meta device, so no full expert tensor is allocated here; a layer on
+        the meta device gives one on meta (its owner allocates and initialises it later,
+        moge.distributed.parallelize.materialize), any other its share of its weights."""
         ref = layer.router.weight
-        new = cls(layer.config, *args, **kwargs).to(device=ref.device, dtype=ref.dtype)
-        new.load_full_state_dict(layer.state_dict())
+        with torch.device("meta"):
+            new = cls(layer.config, *args, **kwargs).to(dtype=ref.dtype)
+        if not ref.is_meta:
+            new.to_empty(device=ref.device)
+            init_buffers(new, ref.device)
+            new.load_full_state_dict(layer.state_dict())
         return new.train(layer.training)
 
     def load_full_state_dict(self, full_sd: dict, strict: bool = True):

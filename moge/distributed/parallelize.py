@@ -28,9 +28,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+# What DTensor itself (and DCP) computes for a shard's place in the whole tensor.
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
 from moge.distributed.expert_parallel import ExpertParallelExperts, ExpertParallelMoGE, GlobalLoadMoGE
 from moge.distributed.mesh import World
 from moge.layer import MoGELayer
+from moge.model.init import init_buffers
 
 
 def local(t: Tensor) -> Tensor:
@@ -67,8 +71,9 @@ def _shard_experts(layer: ExpertParallelMoGE, world: World) -> None:
 def parallelize(model: nn.Module, world: World, static_splits: bool | None = None) -> nn.Module:
     """Apply the plan (module docstring) to `model` in place; returns it.
 
-    A world of one process is left as it is. `model` must be the same full model on
-    every rank (the same seed): each keeps its share. Expects MoGETransformer's
+    A world of one process is left as it is. `model` is either on the meta device
+    (training: then `materialize` allocates and initialises this rank's shards) or the
+    same full model on every rank (each keeps its share). Expects MoGETransformer's
     structure (`blocks`), or any module whose MoGE layers are its own children.
     """
     if world.size == 1:
@@ -166,3 +171,37 @@ def checkpoint_views(model: nn.Module, world: World) -> dict[str, Callable[[Tens
     return {
         name: partial(_global_expert_view, m=m, world=world) for name, m in _expert_modules(model).items()
     }
+
+
+# ---------------------------------------------------------------- allocation and init
+
+
+def _locate(name: str, p: Tensor, views: dict[str, Callable[[Tensor], Tensor]]) -> tuple:
+    """(this rank's tensor, the whole parameter's shape, its offset there) of parameter `name`."""
+    if not isinstance(p, DTensor):
+        return p, None, None
+    whole = views[name](p) if name in views else p  # experts: the [E, ...] view over ("dp", "ep")
+    assert isinstance(whole, DTensor)
+    shape, offset = compute_local_shape_and_global_offset(whole.shape, whole.device_mesh, whole.placements)
+    piece = p.to_local()
+    assert tuple(shape) == tuple(piece.shape), f"{name}: DTensor's local shape is the piece's"
+    return piece, tuple(whole.shape), tuple(offset)
+
+
+def materialize(model: nn.Module, world: World, seed: int | None = None) -> nn.Module:
+    """Allocate and initialise this rank's shards of a model built on the meta device
+    (after `parallelize`; in a world of one, the whole model): to_empty on world.device,
+    the buffers from the config, then model.init_weights(seed, locate), which fills
+    every shard with the values the whole model's init has at its positions. So every
+    world size and mesh starts from the one-process weights of the same seed, and
+    nothing beyond the shards is allocated but the buffers and one init block at a time
+    (moge.model.init.BLOCK_NUMEL elements, or a smaller parameter whole). Returns model."""
+    model.to_empty(device=world.device)
+    empty = dict(model.named_buffers())  # uninitialised until init_buffers replaces them
+    init_buffers(model, world.device)
+    stale = [n for n, b in model.named_buffers() if b is empty.get(n)]
+    if stale:
+        raise RuntimeError(f"materialize: buffers {', '.join(stale)} have no init_buffers to re-create them")
+    views = checkpoint_views(model, world) if world.size > 1 else {}
+    model.init_weights(seed, locate=partial(_locate, views=views))  # type: ignore[operator]
+    return model

@@ -20,6 +20,7 @@ from moge.experts import SwiGLU
 from moge.kernels.sdpa import scaled_dot_product_attention
 from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
 from moge.model.config import ModelConfig
+from moge.model.init import Locate, draw_seed, fill_normal_
 from moge.model.recompute import checkpoint_block
 
 IGNORE_INDEX = -100  # targets with this id do not count in the LM loss
@@ -52,6 +53,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
+        self.args = (head_dim, max_seq_len, theta)
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         angle_PC2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
         angle_PC = torch.cat((angle_PC2, angle_PC2), dim=-1)
@@ -63,6 +65,14 @@ class RotaryEmbedding(nn.Module):
         sin_PC = angle_PC.sin()
         sin_PC[:, : head_dim // 2] *= -1
         self.register_buffer("sin_PC", sin_PC, persistent=False)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """The tables again (a meta-device build has none): computed on the CPU, moved to
+        `device` (None: the default device)."""
+        with torch.device("cpu"):
+            fresh = RotaryEmbedding(*self.args)
+        for name, table in fresh.named_buffers():
+            setattr(self, name, table.to(torch.get_default_device() if device is None else device))
 
     def forward(self, x_BHLC: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate x [B, heads, L, C] as if it sat at positions start .. start+L-1."""
@@ -289,6 +299,10 @@ class MoGETransformer(nn.Module):
                 f"model.vocab_size={model_cfg.vocab_size}"
             )
         self.cfg, self.moe_cfg = model_cfg, moe_cfg
+        # Drawn first, so torch.manual_seed(s) before building fixes the init whatever the
+        # sub-modules' constructors draw. A meta-device build draws nothing (counting
+        # parameters leaves the RNG alone): its init_weights draws the seed.
+        self.init_seed = None if torch.get_default_device().type == "meta" else draw_seed()
         self.embed = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
         self.rope = RotaryEmbedding(model_cfg.resolved_head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(model_cfg, moe_cfg, i) for i in range(model_cfg.n_layers))
@@ -301,31 +315,45 @@ class MoGETransformer(nn.Module):
         # blocks.i.attn, blocks.i.ffn.router, ...) whose output holds NaN/Inf. Off by
         # default: every check is a reduction plus a host sync.
         self.check_finite = False
-        self.init_weights()
+        if not self.embed.weight.is_meta:  # on meta: whoever allocates calls init_weights
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """The one place weights are initialised; buffers are left alone.
+    def init_weights(self, seed: int | None = None, locate: Locate | None = None) -> None:
+        """The one place weights are initialised; buffers are left alone
+        (moge.model.init.init_buffers re-creates them after a meta-device build).
 
         Matrices ~ N(0, init_std); residual output projections (o_proj, w_down,
         w_down_EFD) get init_std / sqrt(2 n_layers) as in GPT-2, so the residual
         stream's variance does not grow with depth. Biases 0, norms and expert scales 1.
+        The normal values are counter-based (moge.model.init.fill_normal_): each one
+        depends only on (seed, the parameter's name, its position in the whole tensor).
+
+        seed None: self.init_seed, drawn from torch's default generator at construction
+        (or, after a meta-device build, now).
+        locate(name, parameter) -> (the tensor to fill, the whole parameter's shape, its
+        offset there), for parameters held in pieces (moge.distributed.parallelize.
+        materialize passes one); None: every parameter is whole.
         """
+        if seed is None:
+            self.init_seed = draw_seed() if self.init_seed is None else self.init_seed
+            seed = self.init_seed
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         norm_params = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
         for name, p in self.named_parameters():
+            piece, whole, offset = (p, None, None) if locate is None else locate(name, p)
             leaf = name.rsplit(".", 1)[-1]
             if id(p) in norm_params or leaf == "expert_scale_E":
-                p.fill_(1.0)
+                piece.fill_(1.0)
             elif leaf == "bias":
-                p.zero_()
+                piece.zero_()
             elif p.dim() < 2:
                 raise RuntimeError(f"init_weights: no rule for the 1-D parameter {name}")
             elif name.endswith(("o_proj.weight", "w_down.weight")) or leaf == "w_down_EFD":
-                p.normal_(0.0, out_std)
+                fill_normal_(piece, seed, name, out_std, whole, offset)
             else:
-                p.normal_(0.0, std)
+                fill_normal_(piece, seed, name, std, whole, offset)
 
     def moe_layers(self) -> Iterator[MoGELayer]:
         """The MoGE layers in depth order (the trainer calls end_step() on each)."""

@@ -7,11 +7,10 @@ F expert hidden, S shared hidden, V vocabulary, H/G query/KV heads, C head dim.
 Parameters, gradients and AdamW state follow the plan of moge.distributed.parallelize
 exactly (fp32, rank 0, the busiest under torch.chunk's rounding): replicated tensors
 are FSDP2-sharded over all N devices on their first axis, routed experts cut to J by
-ep and their second axis FSDP2-sharded over dp. FSDP2's all-gather buffers hold one
+ep and their second axis FSDP2-sharded over dp; they are what moge.distributed.
+parallelize.materialize allocates on a rank. FSDP2's all-gather buffers hold one
 block unsharded (two with prefetch) and its unsharded gradient. Activations are an
-estimate: the tensors autograd saves per token of one micro-batch in every layer
-(with activation checkpointing: each block's input, plus one block recomputed), and
-the logits in fp32.
+estimate counted per op for the device's kernels (moge.tools.plan_activations).
 """
 
 from __future__ import annotations
@@ -22,11 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from moge.distributed.config import ParallelConfig
+from moge.distributed.expert_parallel import EXPERT_KEYS
 from moge.distributed.mesh import MeshShape, plan_mesh
 from moge.model import MoGETransformer
+from moge.tools.plan_activations import activations, paths_for, weights_used
 from moge.training.config import RunConfig
 
-EXPERT_PARAMS = ("experts.w_gate_up_EDH", "experts.w_down_EFD")
 USABLE = 0.9  # share of a device's memory a plan may fill (allocator, CUDA context, fragmentation)
 GIB = 1 << 30
 
@@ -66,7 +66,7 @@ def local_numel(name: str, shape: tuple[int, ...], mesh: MeshShape) -> int:
     """Elements rank 0 holds of the parameter `name` of the whole-model shape `shape`."""
     if mesh.world == 1 or not shape:
         return math.prod(shape)
-    if name.endswith(EXPERT_PARAMS):
+    if name.endswith(EXPERT_KEYS):
         rows, cols, rest = shape[0] // mesh.ep, _chunk(shape[1], mesh.dp), math.prod(shape[2:])
         return rows * cols * rest
     return _chunk(shape[0], mesh.world) * math.prod(shape[1:])
@@ -85,37 +85,10 @@ def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape) -> int:
     for block in model.blocks:
         size = 0
         for name, p in block.named_parameters():
-            numel = p.numel() // mesh.ep if name.endswith(EXPERT_PARAMS) else p.numel()
+            numel = p.numel() // mesh.ep if name.endswith(EXPERT_KEYS) else p.numel()
             size += numel * 4
         unit = max(unit, size)
     return 3 * unit
-
-
-def _activation_elems_per_token(cfg: RunConfig, dense: bool) -> int:
-    """Elements autograd saves per token in one block (attention + FFN), counted by hand."""
-    m, e = cfg.model, cfg.moe
-    C = m.resolved_head_dim
-    attn = 3 * m.d_model + 3 * m.n_heads * C + 3 * m.n_kv_heads * C  # norm, q/k/v, roped q/k, sdpa, o
-    if dense:
-        ffn = 2 * m.d_model + 3 * m.resolved_dense_hidden
-    else:
-        routed = e.top_k * (3 * m.d_model + 4 * e.expert_hidden)  # gathered x, gate_up, act, down, weighted
-        shared = 3 * e.shared_width + m.d_model if e.shared_width else 0
-        ffn = 2 * m.d_model + 2 * e.num_experts + routed + shared  # norm, logits + scores, experts
-    return attn + ffn
-
-
-def _activations(cfg: RunConfig, micro_batch: int, dtype: str, checkpointing: bool) -> int:
-    m = cfg.model
-    T = micro_batch * cfg.data.seq_len
-    elem = 2 if dtype == "bfloat16" else 4
-    per_block = [_activation_elems_per_token(cfg, not m.is_moe_layer(i)) for i in range(m.n_layers)]
-    if checkpointing:  # each block's input kept; one block's activations live while it is recomputed
-        body = T * m.d_model * m.n_layers + T * max(per_block)
-    else:
-        body = T * sum(per_block)
-    logits = 2 * T * m.vocab_size * 4  # fp32 logits and their softmax for the loss
-    return body * elem + logits
 
 
 def memory_plan(
@@ -127,11 +100,13 @@ def memory_plan(
     dtype: str | None = None,
     checkpointing: bool = False,
     device_gb: float = 80.0,
+    device: str = "cuda",
 ) -> MemoryPlan:
     """The MemoryPlan of `cfg` on `devices` devices (validated like `moge train` under torchrun).
 
     expert_parallel None: parallel.expert_parallel of the config; micro_batch None:
-    train.batch_size; dtype None: train.dtype (of the activations; weights are fp32).
+    train.batch_size; dtype None: train.dtype (of the activations; weights are fp32);
+    device: "cuda" or "cpu", whose kernels the activations follow (plan_activations).
     """
     ep = cfg.parallel.expert_parallel if expert_parallel is None else expert_parallel
     if devices < 1:
@@ -143,10 +118,12 @@ def memory_plan(
     optimizer = 2 * params + 4 * len(numels)  # exp_avg, exp_avg_sq; one fp32 step per tensor
     micro = cfg.train.batch_size if micro_batch is None else micro_batch
     act_dtype = cfg.train.dtype if dtype is None else dtype
+    paths = paths_for(cfg, device, act_dtype, micro, mesh.ep > 1)
+    acts = activations(cfg, micro, paths, checkpointing, weights_used(model, mesh.ep, paths))
     return MemoryPlan(
         devices=devices, dp=mesh.dp, ep=mesh.ep, micro_batch=micro, dtype=act_dtype,
         checkpointing=checkpointing, params=params, grads=params, optimizer=optimizer,
-        fsdp_buffers=_fsdp_buffers(model, mesh), activations=_activations(cfg, micro, act_dtype, checkpointing),
+        fsdp_buffers=_fsdp_buffers(model, mesh), activations=acts.peak,
         device_bytes=int(device_gb * GIB),
     )  # fmt: skip
 

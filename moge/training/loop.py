@@ -6,8 +6,9 @@ One process is a world of size one: the same loop runs under torchrun, where
 moge.distributed builds the ("dp", "ep") mesh and shards the model (FSDP2 + expert
 parallelism) from outside; collectives over a world of one return their input.
 
-Seeds: `train.seed` fixes the parameter init (torch.manual_seed before the model is built,
-the same full model on every rank, each keeping its share); `data.seed` fixes the
+Seeds: `train.seed` fixes the parameter init (torch.manual_seed before the model is built
+on the meta device; each rank then allocates and initialises only its shards, with the
+values of the one-process init at their positions: moge.model.init); `data.seed` fixes the
 train/val split and seeds the CPU generator that draws the batches. Every step draws
 P * A micro-batches from that generator and rank r trains on draws r*A .. r*A + A - 1,
 so P processes follow one process with grad_accum P * A up to float rounding. The
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from moge.diagnostics.collapse import CollapseMonitor
 from moge.distributed.agree import agree
 from moge.distributed.mesh import World, close, connect, single_process
-from moge.distributed.parallelize import clip_grads_, grad_norm, parallelize
+from moge.distributed.parallelize import clip_grads_, grad_norm, materialize, parallelize
 from moge.dropin import counting_pass
 from moge.model import MoGETransformer, count_parameters, format_params
 from moge.model.compiled import compile_attention
@@ -325,14 +326,17 @@ def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: l
 
 
 def _build(cfg: RunConfig, world: World) -> tuple[MoGETransformer, torch.optim.Optimizer]:
-    """The full model from train.seed, parallelized (each rank keeps its share)."""
+    """The model on the meta device, parallelized, then only this rank's shards allocated
+    and initialised from train.seed (in one process: the whole model, the same way)."""
     torch.manual_seed(cfg.train.seed)
-    model = MoGETransformer(cfg.model, cfg.moe).to(world.device).train()
-    rng = torch.get_rng_state()  # the expert-parallel layers draw a throwaway init: keep the stream
+    with torch.device("meta"):
+        model = MoGETransformer(cfg.model, cfg.moe)
     parallelize(model, world, cfg.parallel.static_splits)
+    materialize(model, world).train()  # the init seed: the first draw of the generator just seeded
     if cfg.train.compile:
+        rng = torch.get_rng_state()
         _compile(cfg, world, model)
-    torch.set_rng_state(rng)  # (the compile probe draws random inputs too)
+        torch.set_rng_state(rng)  # the compile probe draws random inputs: keep the stream
     return model, build_optimizer(model, cfg.train)
 
 
