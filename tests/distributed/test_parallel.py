@@ -13,13 +13,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp
+from ranks import run_ranks
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.testing import assert_close
@@ -196,15 +195,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def _launch(world: int, out_dir: Path, timeout: float = 120.0) -> None:
-    procs = tmp.start_processes(
-        _worker, args=(world, str(out_dir)), nprocs=world, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + timeout
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail(f"{world} workers did not finish in {timeout} s (a collective hung?)")
+    run_ranks(_worker, world, str(out_dir), timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ranks import run_ranks
 
 import moge.training.loop as train_mod
 import moge.training.runfolder as runfolder
@@ -393,19 +394,7 @@ def _sigterm_worker(rank: int, world: int, root: str) -> None:
 
 
 def test_sigterm_on_one_rank_stops_every_rank_after_saving_the_step(tmp_path):
-    import time
-
-    import torch.multiprocessing as tmp
-
-    procs = tmp.start_processes(
-        _sigterm_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("the ranks did not stop together")
+    run_ranks(_sigterm_worker, 2, str(tmp_path), what="the ranks did not stop together")
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text().startswith("terminated (SIGTERM) after step 3")
     assert find_checkpoint(tmp_path / "run").name == "step_00000003"

@@ -13,13 +13,12 @@ loss averages sequences, so whole sequences per micro-batch give the one-call va
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp
+from ranks import run_ranks
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -254,13 +253,7 @@ def _rank(rank, world, out_dir):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("accum2")
-    procs = tmp.start_processes(_rank, args=(2, str(out)), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("2 ranks did not finish in 120 s (a collective hung?)")
+    run_ranks(_rank, 2, str(out))
     return out
 
 
@@ -359,15 +352,7 @@ def test_the_training_loop_on_two_expert_parallel_ranks_trains_the_one_call_loss
     logs and trains what one process does with one micro-batch of 4 sequences."""
     threads = torch.get_num_threads()
     try:
-        procs = tmp.start_processes(
-            _train_rank, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="fork"
-        )
-        deadline = time.monotonic() + 180
-        while not procs.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in procs.processes:
-                    p.kill()
-                pytest.fail("2 ranks did not finish in 180 s (a collective hung?)")
+        run_ranks(_train_rank, 2, str(tmp_path), timeout=180)
     finally:
         torch.set_num_threads(threads)
     whole, whole_w = _train_run(tmp_path / "whole", 4, 1)

@@ -7,12 +7,10 @@
 """
 
 import math
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp
+from ranks import run_ranks
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -74,13 +72,7 @@ def _rng_rank(rank, world_size, out_dir):
 
 
 def test_each_rank_restores_its_own_rng_state(tmp_path):
-    procs = tmp.start_processes(_rng_rank, args=(2, tmp_path), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("2 ranks did not finish in 120 s (a collective hung?)")
+    run_ranks(_rng_rank, 2, tmp_path)
     got = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     assert not torch.equal(got[0]["saved"], got[1]["saved"])
     for r in range(2):  # rank 1 must not come back with rank 0's state

@@ -6,12 +6,11 @@ A padded batch with a token mask must give what the real tokens alone give.
 
 import copy
 import json
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp
+from ranks import run_ranks
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
@@ -208,13 +207,7 @@ def _ep_rank(rank, world, out_dir):
 @pytest.fixture(scope="module")
 def ep_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("padding_ep")
-    procs = tmp.start_processes(_ep_rank, args=(2, str(out)), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
-    while not procs.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            pytest.fail("2 ranks did not finish in 120 s (a collective hung?)")
+    run_ranks(_ep_rank, 2, str(out))
     return out
 
 
