@@ -44,8 +44,8 @@ def test_bfloat16_products_run_in_native_dtype_when_the_cpu_has_it(monkeypatch):
     cpu = torch.device("cpu")
     assert matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
     assert default_pad_rows(cpu, torch.bfloat16) == PAD_ROWS_NATIVE_LOW_PRECISION
-    # A power of two near 1/16 of an expert's rows, within 16..128.
-    rows = {64: 16, 256: 16, 512: 32, 1024: 64, 2048: 128, 10**6: 128}
+    # A power of two near 1/64 of an expert's rows, within 16..128.
+    rows = {64: 16, 1024: 16, 2048: 32, 4096: 64, 8192: 128, 10**6: 128}
     assert {n: default_pad_rows(cpu, torch.bfloat16, n) for n in rows} == rows
     assert default_pad_rows(cpu, torch.float32, 1024) == 1
     x, ids, w, experts = case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
