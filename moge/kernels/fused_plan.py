@@ -35,7 +35,8 @@ class Chunk:
     of every expert e0..e1 (0 for one without rows), for `Tensor.split`; cap: rows per
     expert when every expert of the chunk gets the same number (the products are then
     one bmm), else None (one mm each); pad_local / real_local: chunk-local indices of
-    the padding rows and of the others (None when the layout has no padding).
+    the padding rows and of the others (None when the layout has no padding, or
+    until Plan.index_chunks()).
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Plan:
         self.max_rows = max((c.n_rows for c in self.chunks), default=0)
         self.slot_P: Tensor | None = None
         self.pad_P: Tensor | None = None
+        self.real_P: Tensor | None = None
         self.flat_P: Tensor | None = None  # set by bind()
         self.tok_P: Tensor | None = None
         self.K = 0
@@ -128,21 +130,28 @@ class Plan:
             self._index_padding(pieces, device)
 
     def _index_padding(self, pieces: list, device: torch.device) -> None:
-        """slot_P, pad_P, real_P and every chunk's pad_local / real_local, in a fixed
-        number of ops (pieces cover the rows in order: (row, slot, count, width))."""
-        row0, slot0, n, width = (torch.tensor(col, dtype=torch.long) for col in zip(*pieces))
+        """slot_P, pad_P and real_P in a fixed number of ops (pieces cover the rows in
+        order: (row, slot, count, width)); chunk-local ones wait for index_chunks()."""
+        row0, slot0, n, width = torch.tensor(pieces, dtype=torch.long).unbind(1)
         piece_P = torch.repeat_interleave(torch.arange(len(pieces)), width)
         local_P = torch.arange(self.num_rows) - row0[piece_P]
         real_P = local_P < n[piece_P]
         # A padding row repeats its expert's first slot.
         slot_P = slot0[piece_P] + local_P * real_P
-        self.slot_P = slot_P.to(device)
-        real_idx, pad_idx = real_P.nonzero().squeeze(1), (~real_P).nonzero().squeeze(1)
-        self.real_P, self.pad_P = real_idx.to(device), pad_idx.to(device)
+        self.real_P, self.pad_P = real_P.nonzero().squeeze(1), (~real_P).nonzero().squeeze(1)
+        self.slot_P = slot_P
+        if device.type != "cpu":
+            self.slot_P, self.real_P, self.pad_P = (t.to(device) for t in (slot_P, self.real_P, self.pad_P))
+
+    def index_chunks(self) -> None:
+        """Every chunk's pad_local / real_local (run_experts' path needs them)."""
+        if self.pad_P is None or self.chunks[0].real_local is not None:
+            return
+        assert self.real_P is not None
         sizes_real = [sum(n for _, _, n in c.experts) for c in self.chunks]
         sizes_pad = [c.n_rows - k for c, k in zip(self.chunks, sizes_real)]
-        for c, real, pad in zip(self.chunks, real_idx.split(sizes_real), pad_idx.split(sizes_pad)):
-            c.real_local, c.pad_local = (real - c.rows.start).to(device), (pad - c.rows.start).to(device)
+        for c, real, pad in zip(self.chunks, self.real_P.split(sizes_real), self.pad_P.split(sizes_pad)):
+            c.real_local, c.pad_local = real - c.rows.start, pad - c.rows.start
 
     def bind(self, order_S: Tensor, K: int) -> tuple[Tensor, Tensor]:
         """(flat_P, tok_P): the flat slot t*K+k and the token each row holds, from the

@@ -112,7 +112,7 @@ def test_compiled_elementwise_matches_reference():
     # The eager helpers and the compiled ones compute the same thing.
     h, ga, gate = torch.randn(9, 8), torch.randn(9, 4), torch.rand(9, 1)
     buf = fused._Scratch(9, torch.float32, torch.device("cpu"))
-    eager = fused._act_grads_eager(h, ga.clone(), gate, buf)
+    eager = fused._act_grads_eager(h, None, ga.clone(), gate, buf)
     for a, b in zip(eager, fused._act_grads_pure(h, ga, gate)):
         assert_close(a, b)
 
