@@ -5,7 +5,9 @@ Legend: none (no tensors here, only dtypes and devices).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
@@ -37,6 +39,22 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
     return True
 
 
+_forced_float32 = False  # inside float32_products(): see there
+
+
+@contextlib.contextmanager
+def float32_products() -> Iterator[None]:
+    """Inside: bf16/fp16 products on CPU run in float32 on up-cast operands, as on a
+    CPU without bf16 matrix instructions, so that a benchmark (or test) measures that
+    path on a CPU that has them. Not thread-safe; not for training code."""
+    global _forced_float32
+    saved, _forced_float32 = _forced_float32, True
+    try:
+        yield
+    finally:
+        _forced_float32 = saved
+
+
 def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the expert products run in for tensors stored in `dtype`.
 
@@ -45,7 +63,8 @@ def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     there the products run in float32 on up-cast operands: the same maths as a bf16
     kernel that accumulates in float32, with storage and outputs still in `dtype`.
     """
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_has_native(dtype):
+    low = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cpu" and low and (_forced_float32 or not _cpu_has_native(dtype)):
         return torch.float32
     return dtype
 
