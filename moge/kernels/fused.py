@@ -415,6 +415,7 @@ class _Combine:
     def add(self, y_RD: Tensor, i: int, chunk: Chunk) -> None:
         """Adds chunk i's rows y_RD [R, D] (padding rows are never read, or add 0)."""
         if not self.cols:
+            assert self.plan.tok_P is not None, "Plan.bind() first"
             self.acc.index_add_(0, self.plan.tok_P[chunk.rows], y_RD.to(self.dtype))
             return
         t0 = chunk.block * self.block_tokens
@@ -490,7 +491,7 @@ class FusedMoE(torch.autograd.Function):
                 dx.add(dx_RD, i, c)
         dweights_TK = None
         if need_gate:
-            if plan.pad_P is not None:
+            if plan.real_P is not None:
                 flat_P, dgate_P = flat_P.index_select(0, plan.real_P), dgate_P.index_select(0, plan.real_P)
             dweights_TK = torch.empty_like(dgate_P).index_copy_(0, flat_P, dgate_P)
             dweights_TK = dweights_TK.view(weights_TK.shape).to(weights_TK.dtype)

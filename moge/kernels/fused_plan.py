@@ -168,7 +168,7 @@ class Plan:
         if self._combine_rows is None:
             assert self.flat_P is not None, "bind() first"
             flat_P, rows_P = self.flat_P, torch.arange(self.num_rows, device=self.flat_P.device)
-            if self.pad_P is not None:
+            if self.real_P is not None:  # (set with padding)
                 flat_P, rows_P = flat_P.index_select(0, self.real_P), self.real_P
             rows_TK = torch.empty(T * self.K, dtype=torch.long, device=flat_P.device)
             rows_TK = rows_TK.index_copy_(0, flat_P, rows_P).view(T, self.K)
