@@ -193,9 +193,9 @@ def _act_grads_eager(
     torch.mul(s, up, out=a)
     dgate = None
     if gate_R1 is not None:
-        # d loss / d g = <a, ga> per row, the product in a scratch buffer (vecdot would
-        # allocate one per call).
-        dgate = torch.sum(torch.mul(a, ga_RF, out=buf.get("p", F, R)), dim=1, out=dgate_R)
+        dgate = torch.linalg.vecdot(a, ga_RF)  # d loss / d g per row
+        if dgate_R is not None:
+            dgate = dgate_R.copy_(dgate)
         a.mul_(gate_R1)
         ga_RF.mul_(gate_R1)
     torch.mul(s, ga_RF, out=dh[:, F:])  # d loss / d up

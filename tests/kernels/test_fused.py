@@ -168,3 +168,26 @@ def test_group_combine_bfloat16_within_bf16_error(monkeypatch, native, combine_f
     experts.to(torch.bfloat16)
     assert columns_per_chunk(ids, E // M, E) == K // M
     assert_within_bf16_error(x, ids, w, experts)
+
+
+@pytest.mark.parametrize("by_cost", [True, False])
+def test_native_bf16_groups_run_as_one_bmm_where_calls_cost_more_than_padding(monkeypatch, by_cost):
+    """With native bf16 products (flag forced on) an mm call's fixed cost outweighs a
+    few padding rows at these tiny sizes, so MoGE's group chunks run as one bmm each
+    (by_cost off: one mm per expert); both within bf16's error of the reference, with
+    silu(gate) saved for backward."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
+    gen = torch.Generator().manual_seed(8)
+    T, D, Fh, E, M, K = 48, 32, 16, 8, 2, 4
+    x = torch.randn(T, D, generator=gen).bfloat16()
+    ids = grouped_ids(T, E, M, K, gen)
+    w = torch.rand(T, K, generator=gen)
+    torch.manual_seed(0)
+    experts = GroupedExperts(E, D, Fh)
+    experts.reset_parameters(0.3)
+    # Unpadded rows (pad 1), so that the experts' row counts differ and a bmm pads.
+    experts.experts_per_chunk, experts.bmm_by_cost, experts.pad_rows = E // M, by_cost, 1
+    experts.to(torch.bfloat16)
+    plan = experts._fused_plan(ids, D, x.device, x.dtype)[1]
+    assert all((c.cap is not None) == by_cost for c in plan.chunks)
+    assert_within_bf16_error(x, ids, w, experts)
