@@ -27,7 +27,7 @@ from moge.kernels.fused_plan import (
     sort_pieces,
     token_blocks,
 )
-from moge.kernels.precision import default_pad_rows, matmul_dtype
+from moge.kernels.precision import default_pad_rows, matmul_dtype, mm_call_rows
 
 __all__ = [
     "EXPERT_IMPLS",
@@ -163,7 +163,10 @@ class GroupedExperts(nn.Module):
       elementwise and combine work (None: E // 4; MoGELayer sets one group's experts);
     - max_pad_waste: a chunk runs as one bmm per product when equalising its experts'
       row counts adds at most this fraction of rows (default 0: one mm per expert
-      unless the counts are equal; measured faster, see docs/performance.md);
+      unless the counts are equal; measured faster, see docs/performance.md), plus,
+      with bmm_by_cost (default on), the rows that the mm calls it saves would cost
+      (precision.mm_call_rows: only for native bf16 products, whose calls have a
+      fixed cost that matters at the toy shapes);
     - chunk_bytes: token blocks keep a chunk's float32 work buffers near this size;
     - compile_elementwise: run the SwiGLU's elementwise work through torch.compile
       (one fused kernel each way; the first call compiles for tens of seconds);
@@ -179,6 +182,7 @@ class GroupedExperts(nn.Module):
         self.pad_rows: int | None = None
         self.experts_per_chunk: int | None = None
         self.max_pad_waste = MAX_PAD_WASTE
+        self.bmm_by_cost = True
         self.chunk_bytes = CHUNK_BYTES
         self.compile_elementwise = False
         self.combine_float32 = False
@@ -202,17 +206,13 @@ class GroupedExperts(nn.Module):
         block_tokens, blocks = token_blocks(T, K * per_chunk / E, width, self.chunk_bytes)
         order_S, counts = sort_pieces(ids_TK, E, per_chunk, block_tokens, blocks)
         pad = self.pad_rows or default_pad_rows(device, dtype, T * K / E)
+        # The six products of a row (gate/up, down; their input and weight gradients)
+        # do 18*D*F flops in six calls.
+        call_rows = mm_call_rows(device, dtype, 3 * D * self.hidden) if self.bmm_by_cost else 0.0
         plan = Plan(
-            counts,
-            E,
-            pad,
-            per_chunk,
-            self.max_pad_waste,
-            device,
-            self.compile_elementwise,
-            blocks,
-            block_tokens,
-        )
+            counts, E, pad, per_chunk, self.max_pad_waste, device, self.compile_elementwise, blocks,
+            block_tokens, call_rows,
+        )  # fmt: skip
         plan.combine_float32 = self.combine_float32
         return order_S, plan, columns_per_chunk(ids_TK, per_chunk, E)
 

@@ -471,7 +471,9 @@ class MoGELayer(nn.Module):
             weights_TK, dropped_E = self._drop_over_capacity(scores_TE, weights_TK, ids_TK, mask_T)
         if self.compute_losses:
             lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead, mask_T, step)
-            z_loss = balance.router_z_loss(logits_TE if mask_T is None else logits_TE[mask_T])
+            z_logits_TE = logits_TE if mask_T is None else logits_TE[mask_T]
+            # Off (coefficient 0), the z-loss is still reported but needs no backward.
+            z_loss = balance.router_z_loss(z_logits_TE if c.z_loss_coef else z_logits_TE.detach())
             aux_loss = c.aux_loss_coef * lb_loss + c.z_loss_coef * z_loss
         else:
             lb_loss = z_loss = aux_loss = scores_TE.new_zeros(())

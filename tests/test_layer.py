@@ -206,6 +206,16 @@ def test_aux_loss_is_weighted_sum():
     assert_close(layer(x).z_loss, router_z_loss(x @ layer.router.weight.T))
 
 
+def test_z_loss_is_reported_when_off_but_adds_no_gradient():
+    x = torch.randn(20, 16)
+    off, on = make(aux_loss_coef=0.0, z_loss_coef=0.0), make(aux_loss_coef=0.0, z_loss_coef=0.5)
+    out_off, out_on = off(x), on(x)
+    assert_close(out_off.z_loss, router_z_loss(x @ off.router.weight.T))  # still reported
+    assert not out_off.z_loss.requires_grad and out_on.z_loss.requires_grad
+    out_on.aux_loss.backward()
+    assert on.router.weight.grad.abs().sum() > 0  # on: the z-loss trains the router
+
+
 def test_aux_loss_trains_the_router_toward_balance():
     layer = make(aux_loss_coef=1.0, router="global")
     with torch.no_grad():

@@ -36,20 +36,23 @@ class _Scratch:
         self.n_rows, self.dtype, self.device = rows, dtype, device
         self._bufs: dict[str, Tensor] = {}
 
-    def get(self, name: str, cols: int, rows: int) -> Tensor:
-        """The first `rows` rows of the [max rows, cols] buffer called `name`."""
+    def get(self, name: str, cols: int, rows: int, dtype: torch.dtype | None = None) -> Tensor:
+        """The first `rows` rows of the [max rows, cols] buffer called `name` (in the
+        products' dtype unless `dtype` is given)."""
         buf = self._bufs.get(name)
         if buf is None:
-            buf = self._bufs[name] = torch.empty(self.n_rows, cols, dtype=self.dtype, device=self.device)
+            buf = torch.empty(self.n_rows, cols, dtype=dtype or self.dtype, device=self.device)
+            self._bufs[name] = buf
         return buf[:rows]
 
 
 def _gather(
-    buf: Tensor, src: Tensor, index_P: Tensor | None, chunk: Chunk, zero_pads: bool = False
+    buf: Tensor, src: Tensor, index_P: Tensor | None, chunk: Chunk, scratch: _Scratch, zero_pads: bool = False
 ) -> Tensor:
     """The chunk's rows of src in buf's dtype: src[index_P[row]] (index None: src is
     already laid out by row), padding rows zeroed if zero_pads. A view of src when no
-    copy is needed.
+    copy is needed. Another dtype (bf16 rows for float32 products) goes through a
+    scratch buffer of src's dtype, not a fresh temporary.
     """
     if index_P is None:
         part = src[chunk.rows]
@@ -59,32 +62,61 @@ def _gather(
     elif src.dtype == buf.dtype:
         torch.index_select(src, 0, index_P[chunk.rows], out=buf)
     else:
-        buf.copy_(src.index_select(0, index_P[chunk.rows]))
+        rows = scratch.get(f"gather {src.dtype}", src.shape[1], buf.shape[0], src.dtype)
+        buf.copy_(torch.index_select(src, 0, index_P[chunk.rows], out=rows))
     if zero_pads and chunk.pad_local is not None and chunk.pad_local.numel():
         buf.index_fill_(0, chunk.pad_local, 0)
     return buf
 
 
-def _weights(w: Tensor, chunk: Chunk, e: int | None, dtype: torch.dtype, mm: torch.dtype) -> Tensor:
-    """Expert e's weight (e None: the chunk's experts stacked), rounded to the compute
-    dtype, in the product dtype."""
-    part = w[chunk.e0 : chunk.e1] if e is None else w[e]
-    if part.dtype == dtype == mm:  # (the common case: skip two no-op calls per expert)
-        return part
-    return part.to(dtype).to(mm)
+class _Weights:
+    """One call's per-expert views of a stacked weight [E, A, B] in the product dtype:
+    w[e] and w[e].T for every e, made by a few ops per chunk instead of a few per
+    expert and product (at the toy shapes those view ops cost as much as the products).
+
+    Stored in another dtype than the products (bf16 on a CPU without bf16 matrix
+    instructions): each chunk's experts are rounded to the compute dtype and cast once.
+    """
+
+    def __init__(self, w: Tensor, dtype: torch.dtype, mm: torch.dtype) -> None:
+        self.w, self.dtype, self.mm = w, dtype, mm
+        self.same = w.dtype == dtype == mm
+        self._views: dict[bool, tuple[Tensor, ...]] = {}
+        self._cast: dict[tuple[int, int], Tensor] = {}
+
+    def stack(self, chunk: Chunk) -> Tensor:
+        """The chunk's experts [e1 - e0, A, B] in the product dtype."""
+        part = self.w[chunk.e0 : chunk.e1]
+        if self.same:
+            return part
+        key = (chunk.e0, chunk.e1)
+        if key not in self._cast:
+            self._cast = {key: part.to(self.dtype).to(self.mm)}  # one chunk at a time: small
+        return self._cast[key]
+
+    def experts(self, chunk: Chunk, transpose: bool) -> tuple[Tensor, ...]:
+        """w[e] (or w[e].T) for e in e0..e1, as a tuple indexed by e - e0."""
+        if self.same:  # views of the whole stack, made once per call
+            if transpose not in self._views:
+                self._views[transpose] = (self.w.transpose(1, 2) if transpose else self.w).unbind(0)
+            return self._views[transpose][chunk.e0 : chunk.e1]
+        part = self.stack(chunk)
+        return (part.transpose(1, 2) if transpose else part).unbind(0)
 
 
-def _products(a: Tensor, w: Tensor, out: Tensor, chunk: Chunk, dtype, mm, transpose: bool = False) -> Tensor:
+def _products(a: Tensor, w: _Weights, out: Tensor, chunk: Chunk, transpose: bool = False) -> Tensor:
     """out[rows of e] = a[rows of e] @ w[e] (or w[e].T) for every expert of the chunk."""
     if chunk.cap is not None:
         n, cap = chunk.e1 - chunk.e0, chunk.cap
-        w_stack = _weights(w, chunk, None, dtype, mm)
+        w_stack = w.stack(chunk)
         w_stack = w_stack.transpose(1, 2) if transpose else w_stack
         torch.bmm(a.view(n, cap, a.shape[1]), w_stack, out=out.view(n, cap, out.shape[1]))
         return out
-    for e, rows, _ in chunk.experts:
-        w_e = _weights(w, chunk, e, dtype, mm)
-        torch.mm(a[rows], w_e.T if transpose else w_e, out=out[rows])
+    w_e = w.experts(chunk, transpose)
+    a_e, out_e = a.split(chunk.widths), out.split(chunk.widths)
+    for e, _, _ in chunk.experts:
+        i = e - chunk.e0
+        torch.mm(a_e[i], w_e[i], out=out_e[i])
     return out
 
 
@@ -105,51 +137,68 @@ def _weight_grads(a: Tensor, b: Tensor, dw: Tensor, chunk: Chunk, add: bool) -> 
         else:
             target.copy_(torch.bmm(a3, b3))
         return
-    for e, rows, _ in chunk.experts:
-        a_e, b_e = a[rows].T, b[rows]
+    a_e, b_e, dw_e = a.split(chunk.widths), b.split(chunk.widths), dw[chunk.e0 : chunk.e1].unbind(0)
+    for e, _, _ in chunk.experts:
+        i = e - chunk.e0
         if add and same:
-            dw[e].addmm_(a_e, b_e)
+            dw_e[i].addmm_(a_e[i].T, b_e[i])
         elif same:
-            torch.mm(a_e, b_e, out=dw[e])
+            torch.mm(a_e[i].T, b_e[i], out=dw_e[i])
         elif add:
-            dw[e].add_(a_e @ b_e)
+            dw_e[i].add_(a_e[i].T @ b_e[i])
         else:
-            dw[e].copy_(a_e @ b_e)
+            dw_e[i].copy_(a_e[i].T @ b_e[i])
 
 
 # --- the elementwise work of a chunk: eager in-place ops, or one compiled kernel each --------
 
 
-def _act_eager(h_RH: Tensor, gate_R1: Tensor | None, buf: _Scratch) -> Tensor:
-    """a = silu(gate) * up (* g): [R, 2F] -> [R, F] in a scratch buffer."""
+def _act_eager(h_RH: Tensor, gate_R1: Tensor | None, s_RF: Tensor | None, buf: _Scratch) -> Tensor:
+    """a = silu(gate) * up (* g): [R, 2F] -> [R, F] in a scratch buffer; silu(gate)
+    also goes to s_RF (saved for backward, any float dtype) unless it is None."""
     R, F = h_RH.shape[0], h_RH.shape[1] // 2
-    a = torch.ops.aten.silu.out(h_RH[:, :F], out=buf.get("a", F, R))
-    a.mul_(h_RH[:, F:])
+    a = buf.get("a", F, R)
+    if s_RF is not None and s_RF.dtype == a.dtype:
+        torch.mul(torch.ops.aten.silu.out(h_RH[:, :F], out=s_RF), h_RH[:, F:], out=a)
+    else:
+        torch.ops.aten.silu.out(h_RH[:, :F], out=a)
+        if s_RF is not None:
+            s_RF.copy_(a)
+        a.mul_(h_RH[:, F:])
     if gate_R1 is not None:
         # Scaling the [R, F] activations is cheaper than the [R, D] output when F < D.
         a.mul_(gate_R1)
     return a
 
 
-def _act_grads_eager(h_RH: Tensor, ga_RF: Tensor, gate_R1: Tensor | None, buf: _Scratch) -> tuple:
-    """From the pre-activations h (any float dtype) and ga = d loss / d(a * g) per unit
-    gate: (a * g [R, F], dh [R, 2F], d loss / d g [R] or None), in scratch buffers of
-    ga's dtype (ga is overwritten)."""
+def _act_grads_eager(
+    h_RH: Tensor, s_RF: Tensor | None, ga_RF: Tensor, gate_R1: Tensor | None, buf: _Scratch,
+    dgate_R: Tensor | None = None,
+) -> tuple:  # fmt: skip
+    """From the pre-activations h and silu(gate) s (saved; any float dtype; s None:
+    recomputed) and ga = d loss / d(a * g) per unit gate: (a * g [R, F], dh [R, 2F],
+    d loss / d g [R] (into dgate_R if given) or None), in scratch buffers of ga's dtype
+    (ga is overwritten)."""
     R, F = h_RH.shape[0], h_RH.shape[1] // 2
     gate, up = h_RH[:, :F], h_RH[:, F:]  # mixed-dtype ops below read bf16 h directly
     dh, a = buf.get("h", 2 * F, R), buf.get("a", F, R)
-    # dh's up half holds silu(gate) first.
-    if gate.dtype == dh.dtype:
+    if s_RF is not None and s_RF.dtype == dh.dtype:
+        s = s_RF
+    elif s_RF is not None:
+        s = dh[:, F:].copy_(s_RF)  # dh's up half holds silu(gate) first
+    elif gate.dtype == dh.dtype:
         s = torch.ops.aten.silu.out(gate, out=dh[:, F:])
     else:  # silu.out wants one dtype
         s = F_.silu(dh[:, F:].copy_(gate), inplace=True)
     torch.mul(s, up, out=a)
     dgate = None
     if gate_R1 is not None:
-        dgate = torch.linalg.vecdot(a, ga_RF)
+        dgate = torch.linalg.vecdot(a, ga_RF)  # d loss / d g per row
+        if dgate_R is not None:
+            dgate = dgate_R.copy_(dgate)
         a.mul_(gate_R1)
         ga_RF.mul_(gate_R1)
-    s.mul_(ga_RF)  # d loss / d up
+    torch.mul(s, ga_RF, out=dh[:, F:])  # d loss / d up
     torch.ops.aten.silu_backward.grad_input(ga_RF.mul_(up), gate, grad_input=dh[:, :F])
     return a, dh, dgate
 
@@ -184,43 +233,47 @@ def _compiled() -> tuple:
 # --- one chunk's SwiGLUs, shared by both fused Functions ------------------------------------
 
 
-def _chunk_forward(x_RD, h_RH, chunk, w1, w2, gate_R1, buf, dtype, y_out, compiled) -> Tensor:
+def _chunk_forward(x_RD, h_RH, s_RF, chunk, w1, w2, gate_R1, buf, y_out, compiled) -> Tensor:
     """Every expert of the chunk: (silu(gate) * up) * g @ w2, [gate | up] = x @ w1.
 
-    x_RD [R, D] the chunk's rows (padding rows: zero, or repeats with gate 0), h_RH [R, 2F] receives the
-    pre-activations (saved for backward, storage dtype), gate_R1 [R, 1] or None,
-    y_out [R, D] receives the result (may be x_RD's buffer: x is read first).
+    x_RD [R, D] the chunk's rows (padding rows: zero, or repeats with gate 0), h_RH
+    [R, 2F] and s_RF [R, F] (None when compiled) receive the pre-activations and
+    silu(gate) (saved for backward, storage dtype), w1 / w2 the _Weights, gate_R1 [R, 1]
+    or None, y_out [R, D] receives the result (may be x_RD's buffer: x is read first).
     """
-    R, mm, F = x_RD.shape[0], x_RD.dtype, w2.shape[1]
+    R, mm, F = x_RD.shape[0], x_RD.dtype, h_RH.shape[1] // 2
     hc = h_RH if h_RH.dtype == mm else buf.get("h", 2 * F, R)
-    _products(x_RD, w1, hc, chunk, dtype, mm)
+    _products(x_RD, w1, hc, chunk)
     if hc is not h_RH:
         h_RH.copy_(hc)
-    a = _compiled()[0](hc, gate_R1) if compiled else _act_eager(hc, gate_R1, buf)
-    return _products(a, w2, y_out, chunk, dtype, mm)
+    a = _compiled()[0](hc, gate_R1) if compiled else _act_eager(hc, gate_R1, s_RF, buf)
+    return _products(a, w2, y_out, chunk)
 
 
 def _chunk_backward(
-    dy_RD, h_RH, load_x, chunk, w1, w2, gate_R1, buf, dtype, dw1, dw2, dx_out, compiled
+    dy_RD, h_RH, s_RF, load_x, chunk, w1, w2, gate_R1, buf, dw1, dw2, dx_out, compiled, dgate_out=None
 ) -> tuple:
-    """Gradients of _chunk_forward. dy_RD [R, D] (padding rows as x's), h_RH [R, 2F] saved
-    (any float dtype), load_x() -> the chunk's inputs [R, D] (called only for dw1, after
-    the last read of dy); dw1 [E, D, 2F] and dw2 [E, F, D] receive the chunk's experts'
-    slices (or are None); dx_out [R, D] receives dx (may be dy's or x's buffer; None:
-    dx is not needed). -> (dx [R, D] or None, dgate [R] or None).
+    """Gradients of _chunk_forward. dy_RD [R, D] (padding rows as x's), h_RH [R, 2F] and
+    s_RF [R, F] (or None) saved (any float dtype), load_x() -> the chunk's inputs [R, D]
+    (called only for dw1, after the last read of dy); dw1 [E, D, 2F] and dw2 [E, F, D]
+    receive the chunk's experts' slices (or are None); dx_out [R, D] receives dx (may
+    be dy's or x's buffer; None: dx is not needed); dgate_out [R] receives d loss / d
+    gate (with gates). -> (dx [R, D] or None, dgate [R] or None).
     """
-    R, mm, F = dy_RD.shape[0], dy_RD.dtype, w2.shape[1]
-    ga = _products(dy_RD, w2, buf.get("g", F, R), chunk, dtype, mm, transpose=True)
+    R, F = dy_RD.shape[0], h_RH.shape[1] // 2
+    ga = _products(dy_RD, w2, buf.get("g", F, R), chunk, transpose=True)
     if compiled:
         a, dh, dgate = _compiled()[1](h_RH, ga, gate_R1)
+        if dgate_out is not None and dgate is not None:
+            dgate = dgate_out.copy_(dgate)
     else:
-        a, dh, dgate = _act_grads_eager(h_RH, ga, gate_R1, buf)
+        a, dh, dgate = _act_grads_eager(h_RH, s_RF, ga, gate_R1, buf, dgate_out)
     add = chunk.block > 0  # an expert's first token block writes its slice, later ones add
     if dw2 is not None:
         _weight_grads(a, dy_RD, dw2, chunk, add)
     if dw1 is not None:
         _weight_grads(load_x(), dh, dw1, chunk, add)
-    dx = None if dx_out is None else _products(dh, w1, dx_out, chunk, dtype, mm, transpose=True)
+    dx = None if dx_out is None else _products(dh, w1, dx_out, chunk, transpose=True)
     return dx, dgate
 
 
@@ -257,24 +310,27 @@ class FusedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: Tensor, w1: Tensor, w2: Tensor, plan: Plan) -> Tensor:
         assert plan.num_slots == x_SD.shape[0], "counts must cover every slot"
+        plan.index_chunks()
         D, F = x_SD.shape[1], w2.shape[1]
         dtype, mm = x_SD.dtype, matmul_dtype(x_SD.device, x_SD.dtype)
         y_SD = x_SD.new_empty(x_SD.shape[0], w2.shape[2])
-        h_PH = x_SD.new_empty(plan.num_rows, 2 * F)
+        h_PH, s_PF = _saved_activations(x_SD, plan, F)
         buf = _Scratch(plan.max_rows, mm, x_SD.device)
+        w1v, w2v = _Weights(w1, dtype, mm), _Weights(w2, dtype, mm)
         for c in plan.chunks:
-            x_RD = _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, zero_pads=True)
+            x_RD = _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, buf, zero_pads=True)
             y_RD = _chunk_forward(
-                x_RD, h_PH[c.rows], c, w1, w2, None, buf, dtype, buf.get("y", D, c.n_rows), plan.compiled
-            )
+                x_RD, h_PH[c.rows], _rows(s_PF, c), c, w1v, w2v, None, buf, buf.get("y", D, c.n_rows),
+                plan.compiled,
+            )  # fmt: skip
             _to_slots(y_SD, y_RD, c, plan)
-        ctx.save_for_backward(x_SD, w1, w2, h_PH)
+        ctx.save_for_backward(x_SD, w1, w2, h_PH, s_PF)
         ctx.plan = plan
         return y_SD
 
     @staticmethod
     def backward(ctx, dy_SD: Tensor):
-        x_SD, w1, w2, h_PH = ctx.saved_tensors
+        x_SD, w1, w2, h_PH, s_PF = ctx.saved_tensors
         plan = ctx.plan
         D = x_SD.shape[1]
         dtype, mm = x_SD.dtype, matmul_dtype(x_SD.device, x_SD.dtype)
@@ -283,16 +339,34 @@ class FusedSwiGLUExperts(torch.autograd.Function):
         dx_SD = torch.empty_like(x_SD) if need_x else None
         dw1, dw2 = _grad_buffer(w1, mm, need_w1, plan), _grad_buffer(w2, mm, need_w2, plan)
         buf = _Scratch(plan.max_rows, mm, x_SD.device)
+        w1v, w2v = _Weights(w1, dtype, mm), _Weights(w2, dtype, mm)
         for c in plan.chunks:
-            dy_RD = _gather(buf.get("dy", D, c.n_rows), dy_SD, plan.slot_P, c, zero_pads=True)
-            load_x = lambda c=c: _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, zero_pads=True)  # noqa: E731
+            dy_RD = _gather(buf.get("dy", D, c.n_rows), dy_SD, plan.slot_P, c, buf, zero_pads=True)
+            load_x = lambda c=c: _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, buf, zero_pads=True)  # noqa: E731
             dx_out = buf.get("y", D, c.n_rows) if need_x else None
             dx_RD, _ = _chunk_backward(
-                dy_RD, h_PH[c.rows], load_x, c, w1, w2, None, buf, dtype, dw1, dw2, dx_out, plan.compiled
-            )
+                dy_RD, h_PH[c.rows], _rows(s_PF, c), load_x, c, w1v, w2v, None, buf, dw1, dw2, dx_out,
+                plan.compiled,
+            )  # fmt: skip
             if dx_SD is not None:  # need_x
                 _to_slots(dx_SD, dx_RD, c, plan)
         return dx_SD, _as_param(dw1, w1), _as_param(dw2, w2), None
+
+
+def _saved_activations(x: Tensor, plan: Plan, F: int) -> tuple[Tensor, Tensor | None]:
+    """(h [P, 2F], silu(gate) [P, F] or None) in x's dtype, filled chunk by chunk and
+    saved for backward. Saving silu(gate) (half of h's size) spares the backward its
+    recomputation, the costliest elementwise pass (an exp per element). Not saved
+    where the compiled elementwise kernels recompute it inside their one pass, nor
+    where the products run in float32 for bf16 storage: there the saved bf16 copy
+    costs a cast each way and measured no faster (1.064 against 1.069 the limit)."""
+    own_dtype = matmul_dtype(x.device, x.dtype) == x.dtype
+    s_PF = x.new_empty(plan.num_rows, F) if own_dtype and not plan.compiled else None
+    return x.new_empty(plan.num_rows, 2 * F), s_PF
+
+
+def _rows(t: Tensor | None, chunk: Chunk) -> Tensor | None:
+    return None if t is None else t[chunk.rows]
 
 
 def _to_slots(dst_SD: Tensor, src_RD: Tensor, chunk: Chunk, plan: Plan) -> None:
@@ -315,15 +389,14 @@ class _Combine:
     With `cols` (MoGE's grouped router, one group per chunk) the chunk of group g and
     token block b holds exactly the slots of columns g*cols..(g+1)*cols of ids [T, K]
     for the block's tokens, each token once per column, so adding its rows is `cols`
-    plain gathers (index_select) by a row-of-slot map. Else index_add_, whose scatter
-    kernel is much more exposed to other processes on the cores (measured 1 ms or 80
-    ms for the same call, depending on the load).
+    plain gathers (index_select) by a row-of-slot map (Plan.combine_rows, built once
+    per call for forward and backward). Else index_add_, whose scatter kernel is much
+    more exposed to other processes on the cores (measured 1 ms or 80 ms for the same
+    call, depending on the load).
     """
 
-    def __init__(
-        self, T: int, D: int, K: int, flat_P: Tensor, plan: Plan, mm: torch.dtype, cols: int | None
-    ) -> None:
-        self.T, self.D, self.K, self.plan, self.cols = T, D, K, plan, cols
+    def __init__(self, T: int, D: int, plan: Plan, mm: torch.dtype, cols: int | None, device) -> None:
+        self.T, self.D, self.plan, self.cols = T, D, plan, cols
         self.block_tokens = plan.block_tokens if plan.blocks > 1 else max(T, 1)
         # Sums in the product dtype: float32 where the products run in float32; bf16 where
         # they run natively in bf16 (as torch's own index_add_ combine and the reference
@@ -331,42 +404,31 @@ class _Combine:
         # layer (mixed-dtype adds and casts of [T, D]) for ~20% less output error at
         # M=8 (docs/performance.md).
         self.dtype = mm if mm in (torch.float32, torch.float64) or not plan.combine_float32 else torch.float32
-        self.device = flat_P.device
+        self.device = device
         self.tmp: Tensor | None = None  # one reused [block tokens, D] buffer for the gathers
         if cols:
-            self.acc = torch.empty(
-                T, D, dtype=self.dtype, device=self.device
-            )  # group 0 writes every row first
-            rows_P = torch.arange(plan.num_rows, device=self.device)
-            if plan.pad_P is not None:
-                flat_P, rows_P = flat_P.index_select(0, plan.real_P), plan.real_P
-            self.rows_TK = (
-                torch.empty(T * K, dtype=torch.long, device=self.device)
-                .index_copy_(0, flat_P, rows_P)
-                .view(T, K)
-            )
+            self.acc = torch.empty(T, D, dtype=self.dtype, device=device)  # group 0 writes every row first
+            self.rows = plan.combine_rows(T, cols)
         else:
-            self.acc = torch.zeros(T, D, dtype=self.dtype, device=self.device)
-            self.tok_P = flat_P // K
+            self.acc = torch.zeros(T, D, dtype=self.dtype, device=device)
 
-    def add(self, y_RD: Tensor, chunk: Chunk) -> None:
+    def add(self, y_RD: Tensor, i: int, chunk: Chunk) -> None:
+        """Adds chunk i's rows y_RD [R, D] (padding rows are never read, or add 0)."""
         if not self.cols:
-            self.acc.index_add_(0, self.tok_P[chunk.rows], y_RD.to(self.dtype))  # padding rows add 0
+            assert self.plan.tok_P is not None, "Plan.bind() first"
+            self.acc.index_add_(0, self.plan.tok_P[chunk.rows], y_RD.to(self.dtype))
             return
-        g = chunk.e0 // self.plan.per_chunk
         t0 = chunk.block * self.block_tokens
-        t1 = min(self.T, t0 + self.block_tokens)
-        acc = self.acc[t0:t1]
-        for k in range(g * self.cols, (g + 1) * self.cols):
-            rows = self.rows_TK[t0:t1, k] - chunk.rows.start
-            if k == 0 and y_RD.dtype == acc.dtype:
+        acc = self.acc[t0 : min(self.T, t0 + self.block_tokens)]
+        for j, rows in enumerate(self.rows[i]):
+            if j == 0 and chunk.e0 == 0 and y_RD.dtype == acc.dtype:
                 torch.index_select(y_RD, 0, rows, out=acc)
-            elif k == 0:
+            elif j == 0 and chunk.e0 == 0:
                 acc.copy_(y_RD.index_select(0, rows))
             else:
                 if self.tmp is None or self.tmp.dtype != y_RD.dtype:
                     self.tmp = torch.empty(self.block_tokens, self.D, dtype=y_RD.dtype, device=self.device)
-                acc.add_(torch.index_select(y_RD, 0, rows, out=self.tmp[: t1 - t0]))
+                acc.add_(torch.index_select(y_RD, 0, rows, out=self.tmp[: acc.shape[0]]))
 
     def result(self, dtype: torch.dtype) -> Tensor:
         return self.acc.to(dtype)
@@ -386,52 +448,50 @@ class FusedMoE(torch.autograd.Function):
     def forward(ctx, x_TD, weights_TK, w1, w2, order_S, plan, cols):
         (T, D), K, F = x_TD.shape, weights_TK.shape[1], w2.shape[1]
         dtype, mm = x_TD.dtype, matmul_dtype(x_TD.device, x_TD.dtype)
-        flat_P = plan.rows_of(order_S)  # the flat slot t*K+k each row holds
-        tok_P = flat_P // K
+        flat_P, tok_P = plan.bind(order_S, K)  # the flat slot t*K+k each row holds, its token
         gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
-        y = _Combine(T, D, K, flat_P, plan, mm, cols)
-        h_PH = x_TD.new_empty(plan.num_rows, 2 * F)
+        y = _Combine(T, D, plan, mm, cols, x_TD.device)
+        h_PH, s_PF = _saved_activations(x_TD, plan, F)
         buf = _Scratch(plan.max_rows, mm, x_TD.device)
-        for c in plan.chunks:
-            x_RD = _gather(buf.get("x", D, c.n_rows), x_TD, tok_P, c)  # always a copy: tok_P indexes
-            y.add(
-                _chunk_forward(
-                    x_RD, h_PH[c.rows], c, w1, w2, gate_P1[c.rows], buf, dtype, x_RD, plan.compiled
-                ),
-                c,
+        w1v, w2v = _Weights(w1, dtype, mm), _Weights(w2, dtype, mm)
+        for i, c in enumerate(plan.chunks):
+            x_RD = _gather(buf.get("x", D, c.n_rows), x_TD, tok_P, c, buf)  # always a copy: tok_P indexes
+            y_RD = _chunk_forward(
+                x_RD, h_PH[c.rows], _rows(s_PF, c), c, w1v, w2v, gate_P1[c.rows], buf, x_RD, plan.compiled
             )
-        ctx.save_for_backward(x_TD, weights_TK, w1, w2, order_S, h_PH)
+            y.add(y_RD, i, c)
+        ctx.save_for_backward(x_TD, weights_TK, w1, w2, order_S, h_PH, s_PF)
         ctx.plan, ctx.cols = plan, cols
         return y.result(dtype)
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_TD, weights_TK, w1, w2, order_S, h_PH = ctx.saved_tensors
+        x_TD, weights_TK, w1, w2, order_S, h_PH, s_PF = ctx.saved_tensors
         plan = ctx.plan
         (T, D), K = x_TD.shape, weights_TK.shape[1]
         dtype, mm = x_TD.dtype, matmul_dtype(x_TD.device, x_TD.dtype)
         need_x, need_gate, need_w1, need_w2 = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
-        flat_P = plan.rows_of(order_S)
-        tok_P = flat_P // K
+        flat_P, tok_P = plan.bind(order_S, K)
         gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
-        dx = _Combine(T, D, K, flat_P, plan, mm, ctx.cols) if need_x else None
+        dx = _Combine(T, D, plan, mm, ctx.cols, x_TD.device) if need_x else None
         dgate_P = torch.empty(plan.num_rows, dtype=mm, device=x_TD.device)
         dw1, dw2 = _grad_buffer(w1, mm, need_w1, plan), _grad_buffer(w2, mm, need_w2, plan)
         buf = _Scratch(plan.max_rows, mm, x_TD.device)
-        for c in plan.chunks:
+        w1v, w2v = _Weights(w1, dtype, mm), _Weights(w2, dtype, mm)
+        for i, c in enumerate(plan.chunks):
             # One [R, D] buffer holds dy, then x (after dy's last read), then dx.
-            rows_RD = _gather(buf.get("x", D, c.n_rows), dy_TD, tok_P, c)
-            load_x = lambda c=c, b=rows_RD: _gather(b, x_TD, tok_P, c)  # noqa: E731
-            dx_RD, dgate_P[c.rows] = _chunk_backward(
-                rows_RD, h_PH[c.rows], load_x, c, w1, w2, gate_P1[c.rows], buf, dtype, dw1, dw2,
-                rows_RD if need_x else None, plan.compiled,
+            rows_RD = _gather(buf.get("x", D, c.n_rows), dy_TD, tok_P, c, buf)
+            load_x = lambda c=c, b=rows_RD: _gather(b, x_TD, tok_P, c, buf)  # noqa: E731
+            dx_RD, _ = _chunk_backward(
+                rows_RD, h_PH[c.rows], _rows(s_PF, c), load_x, c, w1v, w2v, gate_P1[c.rows], buf, dw1, dw2,
+                rows_RD if need_x else None, plan.compiled, dgate_P[c.rows],
             )  # fmt: skip
             if need_x:
-                dx.add(dx_RD, c)
+                dx.add(dx_RD, i, c)
         dweights_TK = None
         if need_gate:
-            if plan.pad_P is not None:
+            if plan.real_P is not None:
                 flat_P, dgate_P = flat_P.index_select(0, plan.real_P), dgate_P.index_select(0, plan.real_P)
             dweights_TK = torch.empty_like(dgate_P).index_copy_(0, flat_P, dgate_P)
             dweights_TK = dweights_TK.view(weights_TK.shape).to(weights_TK.dtype)

@@ -31,14 +31,19 @@ class Chunk:
     and combine work runs as one op each.
 
     rows: the chunk's range of rows in the layout; block: its token block; experts:
-    (e, local row slice, slot count) for each expert with rows; cap: rows per expert
-    when every expert of the chunk gets the same number (the products are then one
-    bmm), else None (one mm each); pad_local / real_local: chunk-local indices of the
-    padding rows and of the others (None when the layout has no padding).
+    (e, local row slice, slot count) for each expert with rows; widths: the row count
+    of every expert e0..e1 (0 for one without rows), for `Tensor.split`; cap: rows per
+    expert when every expert of the chunk gets the same number (the products are then
+    one bmm), else None (one mm each); pad_local / real_local: chunk-local indices of
+    the padding rows and of the others (None when the layout has no padding, or
+    until Plan.index_chunks()).
     """
 
-    def __init__(self, e0: int, e1: int, block: int, rows: slice, experts: list, cap: int | None) -> None:
+    def __init__(
+        self, e0: int, e1: int, block: int, rows: slice, experts: list, cap: int | None, widths: list[int]
+    ) -> None:
         self.e0, self.e1, self.block, self.rows, self.experts, self.cap = e0, e1, block, rows, experts, cap
+        self.widths = widths
         self.pad_local: Tensor | None = None
         self.real_local: Tensor | None = None
 
@@ -57,10 +62,12 @@ class Plan:
     about the same size at any T, so they stay in cache and time stays linear in T.
 
     In a chunk, if giving every expert the largest expert's row count (rounded up to
-    `pad`) adds at most `max_waste` of extra rows, its products run as one bmm each: a
-    few large ops instead of E small ones (fewer chances to stall on a descheduled
-    thread when other processes share the cores). Otherwise each expert's rows are
-    rounded up to `pad` and run as one mm each (the default: see MAX_PAD_WASTE).
+    `pad`) adds at most `max_waste` of the chunk's slots plus `call_rows` per mm call
+    it saves in rows beyond those of one mm per expert, its products run as one bmm
+    each: a few large ops instead of E small ones. `call_rows` is the fixed cost of
+    one mm call in rows of work (precision.mm_call_rows: ~0 for float32 kernels, tens
+    to hundreds of rows for native bf16 ones at the toy shapes). Otherwise each
+    expert's rows are rounded up to `pad` and run as one mm each (see MAX_PAD_WASTE).
     Padding rows are never written back. A padding row repeats one of its expert's own slots and has gate
     0, so everything it adds is an exact 0 (as long as that slot's values are finite;
     a non-finite slot makes its expert's results non-finite anyway); where there are no
@@ -74,6 +81,7 @@ class Plan:
     def __init__(
         self, counts: list[int], num_experts: int, pad: int, per_chunk: int, max_waste: float,
         device: torch.device, compiled: bool = False, blocks: int = 1, block_tokens: int = 0,
+        call_rows: float = 0.0,
     ) -> None:  # fmt: skip
         self.pad, self.per_chunk, self.num_slots = pad, per_chunk, sum(counts)
         self.blocks, self.block_tokens = blocks, block_tokens
@@ -90,39 +98,87 @@ class Plan:
             if sum(part) == 0:
                 continue
             cap = _padded(max(part), pad)
+            extra = cap * len(part) - sum(_padded(n, pad) for n in part)  # rows a bmm adds
             # Every expert of a bmm chunk needs a slot of its own to repeat in its padding.
-            uniform = len(part) > 1 and min(part) > 0 and cap * len(part) <= (1 + max_waste) * sum(part)
-            experts, r = [], 0
+            uniform = (
+                len(part) > 1
+                and min(part) > 0
+                and extra <= max_waste * sum(part) + (len(part) - 1) * call_rows
+            )
+            experts, widths, r = [], [], 0
             for i, n in enumerate(part):
-                width = _padded(n, pad) if not uniform else cap
+                width = (_padded(n, pad) if not uniform else cap) if n else 0
                 if n:
                     experts.append((e0 + i, slice(r, r + width), n))
                     pieces.append((p + r, s, n, width))
+                widths.append(width)
                 r, s = r + width, s + n
             self.chunks.append(
-                Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None)
+                Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None, widths)
             )
             p += r
         self.num_rows = p
         self.max_rows = max((c.n_rows for c in self.chunks), default=0)
         self.slot_P: Tensor | None = None
         self.pad_P: Tensor | None = None
+        self.real_P: Tensor | None = None
+        self.flat_P: Tensor | None = None  # set by bind()
+        self.tok_P: Tensor | None = None
+        self.K = 0
+        self._combine_rows: list[tuple[Tensor, ...]] | None = None
         if p != self.num_slots:
             self._index_padding(pieces, device)
 
     def _index_padding(self, pieces: list, device: torch.device) -> None:
-        real_P = torch.zeros(self.num_rows, dtype=torch.bool)
-        slot_P = torch.zeros(self.num_rows, dtype=torch.long)
-        for row, slot, n, width in pieces:
-            real_P[row : row + n] = True
-            slot_P[row : row + n] = torch.arange(slot, slot + n)
-            slot_P[row + n : row + width] = slot  # padding repeats one of the expert's own slots
-        self.slot_P, self.pad_P = slot_P.to(device), (~real_P).nonzero().squeeze(1).to(device)
-        self.real_P = real_P.nonzero().squeeze(1).to(device)
-        for c in self.chunks:
-            local = real_P[c.rows]
-            c.pad_local = (~local).nonzero().squeeze(1).to(device)
-            c.real_local = local.nonzero().squeeze(1).to(device)
+        """slot_P, pad_P and real_P in a fixed number of ops (pieces cover the rows in
+        order: (row, slot, count, width)); chunk-local ones wait for index_chunks()."""
+        row0, slot0, n, width = torch.tensor(pieces, dtype=torch.long).unbind(1)
+        piece_P = torch.repeat_interleave(torch.arange(len(pieces)), width)
+        local_P = torch.arange(self.num_rows) - row0[piece_P]
+        real_P = local_P < n[piece_P]
+        # A padding row repeats its expert's first slot.
+        slot_P = slot0[piece_P] + local_P * real_P
+        self.real_P, self.pad_P = real_P.nonzero().squeeze(1), (~real_P).nonzero().squeeze(1)
+        self.slot_P = slot_P
+        if device.type != "cpu":
+            self.slot_P, self.real_P, self.pad_P = (t.to(device) for t in (slot_P, self.real_P, self.pad_P))
+
+    def index_chunks(self) -> None:
+        """Every chunk's pad_local / real_local (run_experts' path needs them)."""
+        if self.pad_P is None or self.chunks[0].real_local is not None:
+            return
+        assert self.real_P is not None
+        sizes_real = [sum(n for _, _, n in c.experts) for c in self.chunks]
+        sizes_pad = [c.n_rows - k for c, k in zip(self.chunks, sizes_real)]
+        for c, real, pad in zip(self.chunks, self.real_P.split(sizes_real), self.pad_P.split(sizes_pad)):
+            c.real_local, c.pad_local = real - c.rows.start, pad - c.rows.start
+
+    def bind(self, order_S: Tensor, K: int) -> tuple[Tensor, Tensor]:
+        """(flat_P, tok_P): the flat slot t*K+k and the token each row holds, from the
+        sort's order_S [S]; computed once per call, for forward and backward."""
+        if self.flat_P is None:
+            self.flat_P = self.rows_of(order_S)
+            self.tok_P, self.K = self.flat_P // K, K
+        assert self.tok_P is not None
+        return self.flat_P, self.tok_P
+
+    def combine_rows(self, T: int, cols: int) -> list[tuple[Tensor, ...]]:
+        """For every chunk (one group g, one token block), the chunk-local row that holds
+        column g*cols + j of each of its block's tokens, j = 0..cols-1 (see _Combine)."""
+        if self._combine_rows is None:
+            assert self.flat_P is not None, "bind() first"
+            flat_P, rows_P = self.flat_P, torch.arange(self.num_rows, device=self.flat_P.device)
+            if self.real_P is not None:  # (set with padding)
+                flat_P, rows_P = flat_P.index_select(0, self.real_P), self.real_P
+            rows_TK = torch.empty(T * self.K, dtype=torch.long, device=flat_P.device)
+            rows_TK = rows_TK.index_copy_(0, flat_P, rows_P).view(T, self.K)
+            tokens = self.block_tokens if self.blocks > 1 else max(T, 1)
+            self._combine_rows = []
+            for c in self.chunks:
+                g, t0 = c.e0 // self.per_chunk, c.block * tokens
+                local = rows_TK[t0 : t0 + tokens, g * cols : (g + 1) * cols] - c.rows.start
+                self._combine_rows.append(local.T.contiguous().unbind(0))
+        return self._combine_rows
 
     def rows_of(self, by_slot: Tensor) -> Tensor:
         """A per-slot vector [S, ...] laid out by row [P, ...] (padding rows: slot 0's)."""

@@ -5,18 +5,28 @@ Legend: none (no tensors here, only dtypes and devices).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 
 # bf16 matmuls on CPUs with native support (oneDNN kernels for AVX512-BF16 or AMX) build
 # a kernel per new shape: measured ~0.45 ms for a first call at a new row count against
 # 0.05 ms for a repeat ([256, 128] @ [128, 256], AMD EPYC with AVX512-BF16), and the
-# kernel cache holds ~1k shapes. Rounding every expert's rows up to a multiple keeps a
-# few dozen shapes per layer; the multiple scales with the rows an expert gets (about
-# 1/16 of them, so padding adds ~3%), between these bounds.
+# kernel cache holds ~1k shapes. Rounding every expert's rows up to a multiple keeps
+# about a hundred shapes per layer; the multiple scales with the rows an expert gets
+# (about 1/PAD_ROWS_FRACTION of them, so padding adds ~1%), between these bounds.
+# 1/16 (~3% extra rows) measured 1.22 against 1.18 the dense limit for 1/64 at the
+# default benchmark shape (1,024 rows per expert: pad 64 against 16), bf16, one thread.
 PAD_ROWS_NATIVE_LOW_PRECISION = 128
 MIN_PAD_ROWS_NATIVE_LOW_PRECISION = 16
+PAD_ROWS_FRACTION = 64
+# A native bf16 mm call (oneDNN) costs a fixed ~15-20 us beyond its work: four mm of
+# [256, 128] @ [128, 256] took 0.41 ms against 0.34 ms for one bmm of the same four,
+# one thread, AMD EPYC with AVX512-BF16 (~200 GFLOP/s there); float32 mm (MKL) showed
+# no such cost (0.687 against 0.669 ms). In flops of the same kernel:
+MM_CALL_FLOPS_NATIVE_LOW_PRECISION = 17e-6 * 2e11
 
 
 @functools.cache
@@ -29,6 +39,22 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
     return True
 
 
+_forced_float32 = False  # inside float32_products(): see there
+
+
+@contextlib.contextmanager
+def float32_products() -> Iterator[None]:
+    """Inside: bf16/fp16 products on CPU run in float32 on up-cast operands, as on a
+    CPU without bf16 matrix instructions, so that a benchmark (or test) measures that
+    path on a CPU that has them. Not thread-safe; not for training code."""
+    global _forced_float32
+    saved, _forced_float32 = _forced_float32, True
+    try:
+        yield
+    finally:
+        _forced_float32 = saved
+
+
 def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype the expert products run in for tensors stored in `dtype`.
 
@@ -37,23 +63,41 @@ def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     there the products run in float32 on up-cast operands: the same maths as a bf16
     kernel that accumulates in float32, with storage and outputs still in `dtype`.
     """
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_has_native(dtype):
+    low = dtype in (torch.bfloat16, torch.float16)
+    if device.type == "cpu" and low and (_forced_float32 or not _cpu_has_native(dtype)):
         return torch.float32
     return dtype
 
 
 def default_pad_rows(device: torch.device, dtype: torch.dtype, rows_per_expert: float | None = None) -> int:
     """Row multiple for per-expert products: for native low-precision CPU kernels a power
-    of two near rows_per_expert / 16 in 16..128 (128 when not given), else 1."""
+    of two near rows_per_expert / PAD_ROWS_FRACTION in 16..128 (128 when not given), else 1."""
     low = dtype in (torch.bfloat16, torch.float16)
     if not (device.type == "cpu" and low and matmul_dtype(device, dtype) == dtype):
         return 1
     if rows_per_expert is None:
         return PAD_ROWS_NATIVE_LOW_PRECISION
     pad = MIN_PAD_ROWS_NATIVE_LOW_PRECISION
-    while pad * 2 <= min(rows_per_expert / 16, PAD_ROWS_NATIVE_LOW_PRECISION):
+    while pad * 2 <= min(rows_per_expert / PAD_ROWS_FRACTION, PAD_ROWS_NATIVE_LOW_PRECISION):
         pad *= 2
     return pad
+
+
+def mm_call_rows(device: torch.device, dtype: torch.dtype, flops_per_row: float) -> float:
+    """The fixed cost of one expert product call in rows of its work (flops_per_row
+    flops each): where it is large, one bmm over padded rows beats one mm per expert
+    (fused_plan.Plan). 0 where the products are float32 (no measurable call cost)."""
+    if dtype not in (torch.bfloat16, torch.float16) or default_pad_rows(device, dtype) == 1:
+        return 0.0
+    return MM_CALL_FLOPS_NATIVE_LOW_PRECISION / max(flops_per_row, 1.0)
+
+
+# Rows per block of the float32 router (for inputs of another dtype): its float32
+# copies of x and of dx ([block, D]) stay in cache instead of being written to memory
+# whole ([T, D] float32, twice the bf16 input): 4.5 against 3.1 ms for the backward at
+# T=4096 D=512 E=16, one thread, caches flushed (AMD EPYC with AVX512-BF16); in the
+# layer the forward's whole-x cast alone took 2.6 ms there.
+ROUTER_BLOCK_ROWS = 512
 
 
 class _Float32Linear(torch.autograd.Function):
@@ -62,15 +106,28 @@ class _Float32Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_TD, w_ED)
-        return x_TD.float() @ w_ED.float().T
+        w_DE = w_ED.float().T
+        logits_TE = x_TD.new_empty(x_TD.shape[0], w_ED.shape[0], dtype=torch.float32)
+        for t0 in range(0, x_TD.shape[0], ROUTER_BLOCK_ROWS):
+            x_BD = x_TD[t0 : t0 + ROUTER_BLOCK_ROWS]
+            torch.mm(x_BD.float(), w_DE, out=logits_TE[t0 : t0 + x_BD.shape[0]])
+        return logits_TE
 
     @staticmethod
     def backward(ctx, g_TE: torch.Tensor):
         x_TD, w_ED = ctx.saved_tensors
-        g_TE = g_TE.float()
-        dx = (g_TE @ w_ED.float()).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
-        dw = (g_TE.T @ x_TD.float()).to(w_ED.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw
+        need_x, need_w = ctx.needs_input_grad[:2]
+        g_TE, w_f = g_TE.float(), w_ED.float()
+        dx = torch.empty_like(x_TD) if need_x else None
+        dw = torch.zeros_like(w_f) if need_w else None
+        dx_block = x_TD.new_empty(min(ROUTER_BLOCK_ROWS, x_TD.shape[0]), x_TD.shape[1], dtype=torch.float32)
+        for t0 in range(0, x_TD.shape[0], ROUTER_BLOCK_ROWS):
+            g_BE = g_TE[t0 : t0 + ROUTER_BLOCK_ROWS]
+            if dx is not None:
+                dx[t0 : t0 + ROUTER_BLOCK_ROWS].copy_(torch.mm(g_BE, w_f, out=dx_block[: g_BE.shape[0]]))
+            if dw is not None:
+                dw.addmm_(g_BE.T, x_TD[t0 : t0 + ROUTER_BLOCK_ROWS].float())
+        return dx, None if dw is None else dw.to(w_ED.dtype)
 
 
 def float32_linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moge.kernels.precision import matmul_dtype
+from moge.kernels.precision import float32_products, matmul_dtype
 from moge.tools.bench_cases import (
     DTYPES,
     SHAPES,
@@ -56,6 +56,7 @@ from moge.tools.bench_cases import (
     router_case,
     transformers_version,
 )
+from moge.tools.bench_report import format_report
 
 # --- measuring -------------------------------------------------------------------------------------
 
@@ -73,10 +74,11 @@ def _reset(case: Case) -> None:
         p.grad = None
 
 
-def _call(case: Case, x: Tensor, gy: Tensor) -> tuple[float, float]:
-    """One training call: forward, backward. -> (forward seconds, forward+backward seconds)."""
+def _call(case: Case, x: Tensor, gy: Tensor) -> tuple[float, float, float]:
+    """One training call: forward, backward. -> (forward seconds, forward+backward
+    seconds, forward+backward seconds of process CPU time)."""
     x = x.detach().requires_grad_()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     y, extra = case.step(x)
     t1 = time.perf_counter()
     g = gy if y.shape == gy.shape else torch.ones_like(y)
@@ -84,8 +86,8 @@ def _call(case: Case, x: Tensor, gy: Tensor) -> tuple[float, float]:
         y.backward(g)
     else:
         torch.autograd.backward([y, extra], [g, torch.ones_like(extra)])
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t0
+    t2, c2 = time.perf_counter(), time.process_time()
+    return t1 - t0, t2 - t0, c2 - c0
 
 
 @contextlib.contextmanager
@@ -135,6 +137,7 @@ class Result:
     tokens: int
     fwd_s: list = field(default_factory=list)
     fb_s: list = field(default_factory=list)
+    fb_cpu_s: list = field(default_factory=list)  # process CPU time of the same calls
     peak_bytes: int | None = None
     grad_bytes: int = 0  # the weight gradients inside peak_bytes (a MoE has E/K times the limit's)
     skipped: str = ""
@@ -152,6 +155,10 @@ class Result:
         return statistics.median(self.fb_s) if self.fb_s else math.nan
 
     @property
+    def fb_cpu_median(self) -> float:
+        return statistics.median(self.fb_cpu_s) if self.fb_cpu_s else math.nan
+
+    @property
     def fwd_median(self) -> float:
         return statistics.median(self.fwd_s) if self.fwd_s else math.nan
 
@@ -161,7 +168,7 @@ class Result:
         if self.skipped:
             d["skipped"] = self.skipped
             return d
-        for key, v in (("fwd", self.fwd_s), ("fwd_bwd", self.fb_s)):
+        for key, v in (("fwd", self.fwd_s), ("fwd_bwd", self.fb_s), ("fwd_bwd_cpu", self.fb_cpu_s)):
             q1, med, q3 = self._quartiles(v)
             d[f"{key}_ms"] = {
                 "median": med * 1e3,
@@ -199,7 +206,7 @@ def _probe(case: Case, shape: BenchShape, dtype: torch.dtype, seed: int) -> floa
 def time_cases(
     cases: list[Case], shape: BenchShape, dtype: torch.dtype, iters: int, warmup: int,
     max_call_seconds: float, seed: int = 0, memory: bool = True, log: Callable[[str], None] = lambda s: None,
-    slow_call_seconds: float = 10.0, slow_rounds: int = 3,
+    slow_call_seconds: float = 10.0, slow_rounds: int = 3, label: str | None = None,
 ) -> list[Result]:  # fmt: skip
     """Round-robin timing of every case (rotated order per round), then peak memory.
 
@@ -208,7 +215,7 @@ def time_cases(
     `slow_rounds` timed rounds and no warm-up round (its probe calls warmed it up).
     Every other case runs every round.
     """
-    name = next(k for k, v in DTYPES.items() if v == dtype)
+    name = label or next(k for k, v in DTYPES.items() if v == dtype)
     results = [Result(c.name, c.kind, name, shape.tokens, optional=c.optional) for c in cases]
     live, rounds = [], {}
     for c, r in zip(cases, results):
@@ -232,10 +239,11 @@ def time_cases(
             if not first <= i < stop:
                 continue
             _reset(c)
-            fwd, fb = _call(c, xs[i % len(xs)], gys[i % len(gys)])
+            fwd, fb, cpu = _call(c, xs[i % len(xs)], gys[i % len(gys)])
             if i >= warmup:
                 r.fwd_s.append(fwd)
                 r.fb_s.append(fb)
+                r.fb_cpu_s.append(cpu)
         log(f"  {name} T={shape.tokens} round {i + 1}/{warmup + iters} done")
     if memory:
         for c, r in live:
@@ -265,6 +273,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_features": cpu_features(),
         "bf16_products": "native"
         if matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
         else "fp32 (no bf16 matrix instructions)",
@@ -272,6 +281,22 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "load_average": _load_average(),
     }
+
+
+# The instruction-set flags that decide which kernels the products get.
+_FEATURES = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> str:
+    """The matrix-relevant flags of /proc/cpuinfo that this CPU has, e.g. "avx2 avx512f
+    avx512_bf16 (no amx_bf16)"; "unknown" where /proc/cpuinfo is not readable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    have = [name for name in _FEATURES if name in flags]
+    return " ".join(have) + ("" if "amx_bf16" in flags else " (no amx_bf16)")
 
 
 def _load_average() -> str | None:
@@ -289,6 +314,25 @@ def _limit(results: list[Result]) -> float:
     return min(meds) if meds else math.nan
 
 
+def _limit_cpu(results: list[Result]) -> float:
+    """The same dense variant's median in process CPU time."""
+    limit = _limit(results)
+    return next((r.fb_cpu_median for r in results if r.kind == "limit" and r.fb_median == limit), math.nan)
+
+
+# bf16 storage with the products forced to float32 (precision.float32_products): the
+# path a CPU without bf16 matrix instructions takes, measured on one that has them.
+FORCED_FP32 = "bf16/f32"
+DTYPE_NAMES = (*DTYPES, FORCED_FP32)
+
+
+def _dtype(name: str) -> tuple[torch.dtype, Callable[[], contextlib.AbstractContextManager]]:
+    """(storage dtype, the context to build and time it in) of a name of DTYPE_NAMES."""
+    if name == FORCED_FP32:
+        return torch.bfloat16, float32_products
+    return DTYPES[name], contextlib.nullcontext
+
+
 def run_layer_benchmark(
     shape: BenchShape = SHAPES["small"],
     dtypes: tuple[str, ...] = ("fp32", "bf16"),
@@ -302,38 +346,47 @@ def run_layer_benchmark(
     compiled: bool = False,
     small_shapes: bool = False,
 ) -> dict:
-    """Time every implementation at `shape` for each dtype, and optionally a token sweep
-    and the small-shapes table (SMALL_SHAPES: the toy configs' layers).
+    """Time every implementation at `shape` for each dtype name (DTYPE_NAMES), and
+    optionally a token sweep and the small-shapes table (SMALL_SHAPES: the toy
+    configs' layers).
 
     Returns a JSON-able report: machine, shape, per-dtype rows (each with its ratio to
-    the dense limit), notes, the sweep (dense limit and MoGE layer per T) and the
-    small-shapes rows per dtype.
+    the dense limit, in wall and in CPU time), notes, the sweep (dense limit and MoGE
+    layer per T) and the small-shapes rows per dtype.
     """
     for d in dtypes:
-        if d not in DTYPES:
-            raise ValueError(f"dtype: expected some of {', '.join(DTYPES)}; got {d!r}")
+        if d not in DTYPE_NAMES:
+            raise ValueError(f"dtype: expected some of {', '.join(DTYPE_NAMES)}; got {d!r}")
     report: dict[str, Any] = {"machine": machine_info(), "shape": asdict(shape), "iters": iters,
                               "warmup": warmup, "max_call_seconds": max_call_seconds, "tables": {},
-                              "notes": [], "sweep": {}}  # fmt: skip
+                              "notes": [], "sweep": {}, "small_shapes": {}}  # fmt: skip
+    cpu = torch.device("cpu")
+    if FORCED_FP32 in dtypes and matmul_dtype(cpu, torch.bfloat16) != torch.bfloat16:
+        dtypes = tuple(d for d in dtypes if d != FORCED_FP32)
+        report["notes"].append(f"{FORCED_FP32} left out: bf16 products already run in float32 on this CPU")
     for d in dtypes:
-        dtype = DTYPES[d]
-        cases, notes = build_cases(shape, dtype, peers, seed, compiled)
-        report["notes"] = sorted(set(report["notes"] + notes))
-        log(f"{d}: {len(cases)} implementations, {shape.describe()}")
-        results = time_cases(cases, shape, dtype, iters, warmup, max_call_seconds, seed, log=log)
+        dtype, context = _dtype(d)
+        with context():
+            # Forced: torch's own bf16 matmul still runs natively, so only the float32-products
+            # dense SwiGLU is the limit; the peers would repeat the bf16 table's rows.
+            forced = d == FORCED_FP32
+            cases, notes = build_cases(shape, dtype, peers and not forced, seed, compiled, forced)
+            report["notes"] = sorted(set(report["notes"] + notes))
+            log(f"{d}: {len(cases)} implementations, {shape.describe()}")
+            results = time_cases(cases, shape, dtype, iters, warmup, max_call_seconds, seed, log=log, label=d)
         report["tables"][d] = _with_ratios(results)
     for d in dtypes if sweep_tokens else ():
-        report["sweep"][d] = _sweep(shape, DTYPES[d], sweep_tokens, iters, max_call_seconds, seed, log)
-    report["small_shapes"] = {}
+        report["sweep"][d] = _sweep(shape, d, sweep_tokens, iters, max_call_seconds, seed, log)
     for d in dtypes if small_shapes else ():
-        report["small_shapes"][d] = _shape_table(SMALL_SHAPES, DTYPES[d], iters, max_call_seconds, seed, log)
+        report["small_shapes"][d] = _shape_table(SMALL_SHAPES, d, iters, max_call_seconds, seed, log)
     report["load_average_end"] = _load_average()
     return report
 
 
 def _with_ratios(results: list[Result]) -> list[dict]:
-    limit = _limit(results)
+    limit, limit_cpu = _limit(results), _limit_cpu(results)
     layer = next((r.fb_median for r in results if r.kind == "moge" and r.fb_s), math.nan)
+    layer_cpu = next((r.fb_cpu_median for r in results if r.kind == "moge" and r.fb_s), math.nan)
     # Memory is compared with the same row as time: the fastest dense variant.
     dense = next((r for r in results if r.kind == "limit" and r.fb_median == limit), None)
     dense_peak = None if dense is None else dense.peak_bytes
@@ -346,6 +399,8 @@ def _with_ratios(results: list[Result]) -> list[dict]:
                 x.fwd_median for x in results if x.kind == "limit" and x.fb_median == limit
             )
             row["x_moge"] = r.fb_median / layer
+            row["x_limit_cpu"] = r.fb_cpu_median / limit_cpu
+            row["x_moge_cpu"] = r.fb_cpu_median / layer_cpu
             row["peak_x_limit"] = None if not (dense_peak and r.peak_bytes) else r.peak_bytes / dense_peak
             # The same without the weight gradients: what the dispatch and activations need.
             act = (
@@ -363,26 +418,39 @@ def _with_ratios(results: list[Result]) -> list[dict]:
 SMALL_SHAPES = tuple(BenchShape(T, d, d, 16, 4, 4) for d in (128, 256) for T in (1024, 2048, 4096))
 
 
+def rounds_for(shape: BenchShape, iters: int) -> int:
+    """Timed rounds at a shape cheaper than the default one: more of them (up to 8x
+    `iters`, in proportion to T*d*f), so that its median is as steady for about the
+    same time as the default shape's."""
+    base = SHAPES["small"]
+    work = shape.tokens * shape.d_model * shape.hidden
+    scale = base.tokens * base.d_model * base.hidden / max(work, 1)
+    return iters * max(1, min(8, int(scale)))
+
+
 def _shape_table(
-    shapes: tuple[BenchShape, ...], dtype: torch.dtype, iters: int, max_call: float, seed: int, log
+    shapes: tuple[BenchShape, ...], name: str, iters: int, max_call: float, seed: int, log
 ) -> list[dict]:
     """The dense limit, the MoGE layer and its router at every shape: one row each."""
     rows = []
+    dtype, context = _dtype(name)
     for s in shapes:
-        layer = layer_for(s, "fused", dtype, seed)
-        cases = dense_cases(s, dtype, seed, fastest_only=True) + [
-            moge_case("moge MoGELayer (fused, default)", layer),
-            router_case(layer),
-        ]
-        log(f"small shapes: {s.describe()}")
-        results = time_cases(cases, s, dtype, iters, 2, max_call, seed, log=log)
-        rows.append({"shape": asdict(s), "rows": _with_ratios(results)})
+        with context():
+            layer = layer_for(s, "fused", dtype, seed)
+            cases = dense_cases(s, dtype, seed, fastest_only=True) + [
+                moge_case("moge MoGELayer (fused, default)", layer),
+                router_case(layer),
+            ]
+            n = rounds_for(s, iters)
+            log(f"small shapes ({name}): {s.describe()}, {n} rounds")
+            results = time_cases(cases, s, dtype, n, 2, max_call, seed, log=log, label=name)
+        rows.append({"shape": asdict(s), "rounds": n, "rows": _with_ratios(results)})
     return rows
 
 
 def _sweep(
     shape: BenchShape,
-    dtype: torch.dtype,
+    name: str,
     tokens: tuple[int, ...],
     iters: int,
     max_call: float,
@@ -391,122 +459,19 @@ def _sweep(
 ) -> list[dict]:
     """Dense limit(s) and the MoGE layer at every T: time per call and per 1k tokens."""
     rows = []
+    dtype, context = _dtype(name)
     for T in tokens:
         s = BenchShape(T, shape.d_model, shape.hidden, shape.experts, shape.groups, shape.top_k)
-        layer = layer_for(s, "fused", dtype, seed)
-        cases = dense_cases(s, dtype, seed, fastest_only=True) + [
-            moge_case("moge MoGELayer (fused, default)", layer)
-        ]
-        n = max(3, min(iters, iters * 4096 // T))
-        log(f"sweep T={T}: {n} rounds")
-        results = time_cases(cases, s, dtype, n, 1, max_call, seed, log=log)
+        with context():
+            layer = layer_for(s, "fused", dtype, seed)
+            cases = dense_cases(s, dtype, seed, fastest_only=True) + [
+                moge_case("moge MoGELayer (fused, default)", layer)
+            ]
+            n = max(3, min(iters, iters * 4096 // T))
+            log(f"sweep ({name}) T={T}: {n} rounds")
+            results = time_cases(cases, s, dtype, n, 1, max_call, seed, log=log, label=name)
         rows.append({"tokens": T, "rows": _with_ratios(results)})
     return rows
-
-
-# --- printing ----------------------------------------------------------------------------------
-
-
-def _ms(d: dict | None) -> str:
-    if not d:
-        return "-"
-    return f"{d['median']:9.1f} [{d['q1']:.0f}-{d['q3']:.0f}]"
-
-
-def _headline(dtype: str, rows: list[dict]) -> str:
-    """The issue's targets for one dtype, from the table's own rows."""
-    timed = [r for r in rows if "fwd_bwd_ms" in r]
-    layer = next((r for r in timed if r["kind"] == "moge"), None)
-    if layer is None:
-        return f"{dtype}: the MoGE layer was not timed"
-    parts = [f"{dtype}: MoGE layer {layer['x_limit']:.2f}x the dense limit"]
-    hf = [r for r in timed if r["name"].startswith("transformers")]
-    if hf:
-        best = min(hf, key=lambda r: r["fwd_bwd_ms"]["median"])
-        parts.append(
-            f"fastest transformers block, {best['name'][len('transformers ') :]}, takes {best['x_moge']:.2f}x its time"
-        )
-    router = next((r for r in timed if r["kind"] == "part"), None)
-    if router is not None:
-        parts.append(f"router {100 * router['x_moge']:.1f}% of the layer")
-    if layer.get("peak_x_limit") is not None:
-        parts.append(
-            f"peak memory {layer['peak_x_limit']:.2f}x the limit's ({layer['act_peak_x_limit']:.2f}x without weight gradients)"
-        )
-    return "; ".join(parts)
-
-
-def format_report(report: dict) -> str:
-    """The report as plain-text tables (one per dtype, then the sweep)."""
-    m, s = report["machine"], BenchShape(**report["shape"])
-    lines = [
-        f"MoGE layer benchmark, {s.describe()}; forward+backward, routing changes every call",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['cpu_capability']}; "
-        f"torch {m['torch']}; bf16 products: {m['bf16_products']}; transformers {m['transformers'] or 'not installed'}",
-        f"load average (1, 5, 15 min) at start: {m['load_average']}, at end: {report.get('load_average_end')}",
-        f"median [IQR] over {report['iters']} rounds (round-robin, after {report['warmup']} warm-up); "
-        "x limit = forward+backward / fastest dense SwiGLU of width K*f in the same dtype",
-        "peak MB: allocator peak of one forward+backward, weight gradients (grads MB) included; "
-        "peak x: that / the limit's; -grads: the same without the weight gradients on both sides",
-    ]
-    head = (
-        f"{'dtype':5} {'implementation':58} {'fwd ms [IQR]':>20} {'fwd+bwd ms [IQR]':>22} {'n':>3} "
-        f"{'tok/s':>7} {'peak MB':>8} {'grads':>6} {'x limit':>7} {'peak x':>6} {'-grads':>6}"
-    )
-    for d, rows in report["tables"].items():
-        lines += ["", head, "-" * len(head)]
-        for r in rows:
-            if "skipped" in r:
-                lines.append(f"{d:5} {r['name']:58} skipped: {r['skipped']}")
-                continue
-            peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-            px = "-" if r.get("peak_x_limit") is None else f"{r['peak_x_limit']:.2f}"
-            ax = "-" if r.get("act_peak_x_limit") is None else f"{r['act_peak_x_limit']:.2f}"
-            lines.append(
-                f"{d:5} {r['name']:58} {_ms(r['fwd_ms']):>20} {_ms(r['fwd_bwd_ms']):>22} {r['samples']:3d} "
-                f"{r['tokens_per_s']:7.0f} {peak:>8} {r['grad_mb']:6.1f} {r['x_limit']:7.2f} {px:>6} {ax:>6}"
-            )
-        lines.append(_headline(d, rows))
-    for d, sweep in report.get("sweep", {}).items():
-        lines += ["", f"token sweep ({d}): forward+backward median ms, and ms per 1k tokens"]
-        lines.append(f"{'T':>7} {'dense limit ms':>15} {'MoGE ms':>10} {'MoGE ms/1k tok':>15} {'x limit':>8}")
-        for point in sweep:
-            rows = point["rows"]
-            dense = min(
-                (r["fwd_bwd_ms"]["median"] for r in rows if r["kind"] == "limit" and "fwd_bwd_ms" in r),
-                default=math.nan,
-            )
-            moge = next((r for r in rows if r["kind"] == "moge"), None)
-            if moge is None or "fwd_bwd_ms" not in moge:
-                lines.append(f"{point['tokens']:>7} {dense:15.1f} {'skipped':>10}")
-                continue
-            mm = moge["fwd_bwd_ms"]["median"]
-            lines.append(
-                f"{point['tokens']:>7} {dense:15.1f} {mm:10.1f} {mm / point['tokens'] * 1e3:15.2f} {mm / dense:8.2f}"
-            )
-    for d, table in report.get("small_shapes", {}).items():
-        lines += ["", f"small shapes ({d}): the tiny/small configs' layers, E=16 M=4 K=4, forward+backward"]
-        lines.append(
-            f"{'T':>6} {'d':>4} {'f':>4} {'dense ms':>9} {'MoGE ms':>9} {'x limit':>8} {'router %':>9} {'peak x':>7} {'-grads':>7}"
-        )
-        for point in table:
-            s = point["shape"]
-            layer = next((r for r in point["rows"] if r["kind"] == "moge" and "fwd_bwd_ms" in r), None)
-            dense = next((r for r in point["rows"] if r["kind"] == "limit" and "fwd_bwd_ms" in r), None)
-            router = next((r for r in point["rows"] if r["kind"] == "part" and "fwd_bwd_ms" in r), None)
-            if layer is None or dense is None:
-                lines.append(f"{s['tokens']:>6} {s['d_model']:>4} {s['hidden']:>4} skipped")
-                continue
-            px = "-" if layer.get("peak_x_limit") is None else f"{layer['peak_x_limit']:.2f}"
-            ax = "-" if layer.get("act_peak_x_limit") is None else f"{layer['act_peak_x_limit']:.2f}"
-            share = "-" if router is None else f"{100 * router['x_moge']:.1f}"
-            lines.append(
-                f"{s['tokens']:>6} {s['d_model']:>4} {s['hidden']:>4} {dense['fwd_bwd_ms']['median']:9.1f} "
-                f"{layer['fwd_bwd_ms']['median']:9.1f} {layer['x_limit']:8.2f} {share:>9} {px:>7} {ax:>7}"
-            )
-    for note in report.get("notes", []):
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
 
 
 # --- command line (scripts/bench_layer.py and `moge bench` forward here) ---------------------------
@@ -546,7 +511,12 @@ def build_parser(
         p.add_argument(
             flag, type=int, default=None, help=f"override the preset's {key} (default: the preset's)"
         )
-    p.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument(
+        "--dtype",
+        default=f"fp32,bf16,{FORCED_FP32}",
+        help=f"comma-separated: fp32, bf16, {FORCED_FP32} (bf16 with the products forced to float32, "
+        "as on CPUs without bf16 matrix instructions; left out on those CPUs, where bf16 already is that)",
+    )
     p.add_argument("--iters", type=int, default=10, help="timed rounds (each runs every implementation once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
     p.add_argument(

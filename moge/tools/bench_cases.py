@@ -243,10 +243,12 @@ def dense_cases(
 
 
 def build_cases(
-    shape: BenchShape, dtype: torch.dtype, peers: bool, seed: int = 0, compiled: bool = False
-) -> tuple[list[Case], list[str]]:
-    """Every implementation at `shape` in `dtype`, and notes on what was left out."""
-    cases = dense_cases(shape, dtype, seed)
+    shape: BenchShape, dtype: torch.dtype, peers: bool, seed: int = 0, compiled: bool = False,
+    fastest_limit_only: bool = False,
+) -> tuple[list[Case], list[str]]:  # fmt: skip
+    """Every implementation at `shape` in `dtype`, and notes on what was left out.
+    fastest_limit_only: only the dense variant that is the limit (see dense_cases)."""
+    cases = dense_cases(shape, dtype, seed, fastest_only=fastest_limit_only)
     fused = layer_for(shape, "fused", dtype, seed)
     cases.append(moge_case("moge MoGELayer (fused, default)", fused))
     cases.append(router_case(fused))

@@ -44,8 +44,8 @@ def test_bfloat16_products_run_in_native_dtype_when_the_cpu_has_it(monkeypatch):
     cpu = torch.device("cpu")
     assert matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
     assert default_pad_rows(cpu, torch.bfloat16) == PAD_ROWS_NATIVE_LOW_PRECISION
-    # A power of two near 1/16 of an expert's rows, within 16..128.
-    rows = {64: 16, 256: 16, 512: 32, 1024: 64, 2048: 128, 10**6: 128}
+    # A power of two near 1/64 of an expert's rows, within 16..128.
+    rows = {64: 16, 1024: 16, 2048: 32, 4096: 64, 8192: 128, 10**6: 128}
     assert {n: default_pad_rows(cpu, torch.bfloat16, n) for n in rows} == rows
     assert default_pad_rows(cpu, torch.float32, 1024) == 1
     x, ids, w, experts = case(T=64, D=32, Fh=16, E=8, K=2, dtype=torch.bfloat16, seed=1)
@@ -112,7 +112,7 @@ def test_compiled_elementwise_matches_reference():
     # The eager helpers and the compiled ones compute the same thing.
     h, ga, gate = torch.randn(9, 8), torch.randn(9, 4), torch.rand(9, 1)
     buf = fused._Scratch(9, torch.float32, torch.device("cpu"))
-    eager = fused._act_grads_eager(h, ga.clone(), gate, buf)
+    eager = fused._act_grads_eager(h, None, ga.clone(), gate, buf)
     for a, b in zip(eager, fused._act_grads_pure(h, ga, gate)):
         assert_close(a, b)
 
@@ -167,4 +167,27 @@ def test_group_combine_bfloat16_within_bf16_error(monkeypatch, native, combine_f
     experts.combine_float32 = combine_float32
     experts.to(torch.bfloat16)
     assert columns_per_chunk(ids, E // M, E) == K // M
+    assert_within_bf16_error(x, ids, w, experts)
+
+
+@pytest.mark.parametrize("by_cost", [True, False])
+def test_native_bf16_groups_run_as_one_bmm_where_calls_cost_more_than_padding(monkeypatch, by_cost):
+    """With native bf16 products (flag forced on) an mm call's fixed cost outweighs a
+    few padding rows at these tiny sizes, so MoGE's group chunks run as one bmm each
+    (by_cost off: one mm per expert); both within bf16's error of the reference, with
+    silu(gate) saved for backward."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
+    gen = torch.Generator().manual_seed(8)
+    T, D, Fh, E, M, K = 48, 32, 16, 8, 2, 4
+    x = torch.randn(T, D, generator=gen).bfloat16()
+    ids = grouped_ids(T, E, M, K, gen)
+    w = torch.rand(T, K, generator=gen)
+    torch.manual_seed(0)
+    experts = GroupedExperts(E, D, Fh)
+    experts.reset_parameters(0.3)
+    # Unpadded rows (pad 1), so that the experts' row counts differ and a bmm pads.
+    experts.experts_per_chunk, experts.bmm_by_cost, experts.pad_rows = E // M, by_cost, 1
+    experts.to(torch.bfloat16)
+    plan = experts._fused_plan(ids, D, x.device, x.dtype)[1]
+    assert all((c.cap is not None) == by_cost for c in plan.chunks)
     assert_within_bf16_error(x, ids, w, experts)

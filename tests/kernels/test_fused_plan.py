@@ -1,3 +1,4 @@
+import pytest
 import torch
 from expert_cases import grouped_ids
 
@@ -62,3 +63,78 @@ def test_token_blocks_keep_buffers_near_the_budget():
     assert token_blocks(10_000, 1.0, 256, 64 * 1024) == (64, 157)
     assert token_blocks(10, 1.0, 256, 64 * 1024) == (10, 1)  # never more than T
     assert token_blocks(0, 1.0, 256, 64 * 1024) == (1, 1)
+
+
+def _padding_by_loop(plan, pieces):
+    """slot_P and the real-row mask built row by row (what _index_padding vectorises)."""
+    slot_P = torch.zeros(plan.num_rows, dtype=torch.long)
+    real_P = torch.zeros(plan.num_rows, dtype=torch.bool)
+    for row, slot, n, width in pieces:
+        for j in range(width):
+            slot_P[row + j] = slot + j if j < n else slot
+            real_P[row + j] = j < n
+    return slot_P, real_P
+
+
+def _pieces(plan):
+    """(row, first slot, count, width) of every expert with slots, in row order; the
+    sorted slots follow the same order (sort_pieces)."""
+    pieces, slot = [], 0
+    for c in plan.chunks:
+        for _, rows, n in c.experts:
+            pieces.append((c.rows.start + rows.start, slot, n, rows.stop - rows.start))
+            slot += n
+    return pieces
+
+
+@pytest.mark.parametrize("pad,waste", [(1, 0.0), (4, 0.0), (8, 100.0), (3, 0.5)])
+def test_padding_indices_match_a_row_by_row_construction(pad, waste):
+    gen = torch.Generator().manual_seed(pad)
+    counts = torch.randint(0, 9, (12,), generator=gen).tolist()
+    counts[4] = 0  # an expert without slots
+    plan = Plan(counts, 12, pad, 3, waste, torch.device("cpu"))
+    if plan.slot_P is None:
+        assert plan.num_rows == sum(counts)
+        return
+    slot_P, real_P = _padding_by_loop(plan, _pieces(plan))
+    assert torch.equal(plan.slot_P, slot_P)
+    assert torch.equal(plan.real_P, real_P.nonzero().squeeze(1))
+    assert torch.equal(plan.pad_P, (~real_P).nonzero().squeeze(1))
+    plan.index_chunks()
+    for c in plan.chunks:
+        local = real_P[c.rows]
+        assert torch.equal(c.real_local, local.nonzero().squeeze(1))
+        assert torch.equal(c.pad_local, (~local).nonzero().squeeze(1))
+
+
+def test_bmm_when_the_mm_calls_it_saves_cost_more_than_its_padding():
+    cpu = torch.device("cpu")
+    counts = [10, 12, 9, 11]  # one chunk of 4: a bmm pads every expert to 12 rows, 6 more
+    assert Plan(counts, 4, 1, 4, 0.0, cpu).chunks[0].cap is None  # no call cost: one mm each
+    assert Plan(counts, 4, 1, 4, 0.0, cpu, call_rows=2.0).chunks[0].cap == 12  # 6 <= 3 * 2
+    assert Plan(counts, 4, 1, 4, 0.0, cpu, call_rows=1.9).chunks[0].cap is None  # 6 > 3 * 1.9
+    # Padded to 4 rows, one mm per expert already runs 12 + 12 + 12 + 12: a bmm adds nothing.
+    assert Plan(counts, 4, 4, 4, 0.0, cpu).chunks[0].cap == 12
+    # Still never with an expert that has no slot (it has no slot to repeat).
+    assert Plan([10, 0, 9, 11], 4, 1, 4, 0.0, cpu, call_rows=1e9).chunks[0].cap is None
+
+
+@pytest.mark.parametrize("pad,blocks", [(1, 1), (4, 1), (1, 3), (4, 3)])
+def test_combine_rows_point_at_the_rows_holding_each_tokens_columns(pad, blocks):
+    gen = torch.Generator().manual_seed(pad + blocks)
+    T, E, M, K = 23, 8, 4, 8  # two columns per group
+    ids = grouped_ids(T, E, M, K, gen)
+    per_chunk, cols = E // M, K // M
+    block_tokens = -(-T // blocks)
+    order, counts = sort_pieces(ids, E, per_chunk, block_tokens, blocks)
+    plan = Plan(counts, E, pad, per_chunk, 0.0, torch.device("cpu"), blocks=blocks, block_tokens=block_tokens)
+    flat_P, tok_P = plan.bind(order, K)
+    assert torch.equal(tok_P, flat_P // K)
+    rows = plan.combine_rows(T, cols)
+    for c, per_col in zip(plan.chunks, rows):
+        g, t0 = c.e0 // per_chunk, c.block * block_tokens
+        tokens = torch.arange(t0, min(T, t0 + block_tokens))
+        assert len(per_col) == cols
+        for j, local in enumerate(per_col):
+            # The row of chunk c at `local` holds slot t*K + g*cols + j of token t.
+            assert torch.equal(flat_P[c.rows][local], tokens * K + g * cols + j)

@@ -115,3 +115,54 @@ def test_main_threads_option(capsys):
         assert "threads" in capsys.readouterr().err
     finally:
         torch.set_num_threads(n)
+
+
+def test_forced_float32_products_table_only_where_bf16_is_native(monkeypatch):
+    from moge.kernels import precision
+
+    monkeypatch.setattr(bench_cases, "transformers_version", lambda: None)
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
+    report = run_layer_benchmark(TINY, ("bf16/f32",), iters=2, warmup=0, peers=True)
+    rows = report["tables"]["bf16/f32"]
+    # The limit is the float32-products dense SwiGLU alone (torch's bf16 matmul is native here).
+    assert [r["name"] for r in rows if r["kind"] == "limit"] == ["dense SwiGLU width K*f=16 (fp32 products)"]
+    assert {r["kind"] for r in rows} == {"limit", "moge", "part"}  # no peers: the bf16 table has them
+    assert all(r["dtype"] == "bf16/f32" for r in rows)
+    text = format_report(report)
+    assert "bf16/f32" in text and "products forced to float32" in text
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: False)
+    report = run_layer_benchmark(TINY, ("fp32", "bf16/f32"), iters=1, warmup=0, peers=False)
+    assert list(report["tables"]) == ["fp32"]
+    assert any("bf16/f32 left out" in n for n in report["notes"])
+    with pytest.raises(ValueError, match="dtype"):
+        run_layer_benchmark(TINY, ("fp16",), iters=1, warmup=0, peers=False)
+
+
+def test_cpu_time_ratios_and_machine_flags_in_every_table(monkeypatch):
+    monkeypatch.setattr(bench, "SMALL_SHAPES", (BenchShape(32, 16, 16, 4, 2, 2),))
+    report = run_layer_benchmark(
+        TINY, ("fp32",), iters=2, warmup=0, peers=False, sweep_tokens=(32,), small_shapes=True
+    )
+    layer = next(r for r in report["tables"]["fp32"] if r["kind"] == "moge")
+    assert layer["fwd_bwd_cpu_ms"]["median"] > 0
+    limit = next(r for r in report["tables"]["fp32"] if r["kind"] == "limit")
+    assert limit["x_limit_cpu"] == pytest.approx(1.0)
+    assert layer["x_limit_cpu"] == pytest.approx(
+        layer["fwd_bwd_cpu_ms"]["median"] / limit["fwd_bwd_cpu_ms"]["median"]
+    )
+    text = format_report(report)
+    flags = report["machine"]["cpu_features"]
+    assert flags and text.count(flags) == 3  # the header, the sweep and the small-shapes table
+    assert "cpu x" in text and "in CPU time" in text
+
+
+def test_cheap_shapes_get_more_rounds():
+    assert bench.rounds_for(bench_cases.SHAPES["small"], 4) == 4
+    assert bench.rounds_for(BenchShape(2048, 128, 128, 16, 4, 4), 4) == 32  # 16x cheaper: capped at 8x
+    assert bench.rounds_for(BenchShape(4096, 256, 256, 16, 4, 4), 4) == 8
+    assert bench.rounds_for(bench_cases.SHAPES["large"], 4) == 4  # never fewer
+
+
+def test_cpu_features_names_the_matrix_flags():
+    text = bench.cpu_features()
+    assert text == "unknown" or "amx_bf16" in text  # either listed or "(no amx_bf16)"
