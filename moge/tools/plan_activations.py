@@ -11,7 +11,8 @@ input is a bf16 copy, and so is every weight a block multiplies with). The kerne
 change what is saved, so the count follows the path moge takes for the device and
 dtype: torch's attention kernel (saves q, k, v, the output and a log-sum-exp) or moge's
 bf16 CPU attention (saves the probabilities, H*L per token); the fused expert kernel
-(saves the gate/up activations, 2F per slot) or the autograd path of grouped_mm/loop
+(saves the gate/up activations, 2F per slot, and silu(gate), F more, where
+the products run in the storage dtype) or the autograd path of grouped_mm/loop
 (x, gate/up, SiLU, product and output per slot); expert parallelism (x and y per slot
 too). The peak comes in backward: with everything still held, the loss's gradient
 w.r.t. the logits (two [T, V] float32 tensors, then the LM head's weight gradient);
@@ -22,12 +23,14 @@ the CPU allocator's peak over a forward and backward, within 15%.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from moge.distributed.expert_parallel import EXPERT_KEYS
 from moge.experts import resolve_impl
+from moge.kernels.precision import default_pad_rows, matmul_dtype
 from moge.kernels.sdpa import MAX_SCORES
 from moge.model import MoGETransformer
 from moge.model.config import ModelConfig
@@ -44,6 +47,8 @@ class Paths:
     experts: str  # "fused" or "autograd" (grouped_mm / loop)
     expert_parallel: bool  # routed experts on their ranks (moge.distributed.expert_parallel)
     low: int  # bytes per element of the compute dtype; 4: no autocast copies
+    saved_silu: bool = False  # the fused kernel also keeps silu(gate) (products in the storage dtype)
+    padded_rows: float = 1.0  # the fused kernel's rows per slot (each expert's rows padded up)
 
 
 @dataclass(frozen=True)
@@ -87,10 +92,11 @@ def moe_ffn(cfg: RunConfig, paths: Paths) -> Kept:
     D, K, F = m.d_model, e.top_k, e.expert_hidden
     cast = paths.low != F32
     kept = _norm_and_input(m, 0, paths) + Kept(f32=(D if cast else 0) + 2 * e.num_experts + 6 * K + 1)
+    fused = round((3 if paths.saved_silu else 2) * F * paths.padded_rows)  # gate/up (and silu(gate)) per row
     if paths.expert_parallel:  # slots gathered, sent, received: x and y per slot kept
-        routed = K * (2 * D + (2 * F if paths.experts == "fused" else 4 * F))
+        routed = K * (2 * D + (fused if paths.experts == "fused" else 4 * F))
     elif paths.experts == "fused":  # the input copy and the gate/up activations of every slot
-        routed = (D if cast else 0) + K * 2 * F
+        routed = (D if cast else 0) + K * fused
     else:
         routed = K * (2 * D + 4 * F)
     kept += Kept(low=routed)
@@ -122,7 +128,19 @@ def paths_for(cfg: RunConfig, device: str, dtype: str, micro_batch: int, expert_
         experts="fused" if impl == "fused" else "autograd",
         expert_parallel=expert_parallel,
         low=torch_dtype.itemsize,
+        # moge.kernels.fused saves silu(gate) where the products run in the storage dtype.
+        saved_silu=impl == "fused" and matmul_dtype(dev, torch_dtype) == torch_dtype,
+        padded_rows=_padded_rows(cfg, dev, torch_dtype, micro_batch) if impl == "fused" else 1.0,
     )
+
+
+def _padded_rows(cfg: RunConfig, dev: torch.device, dtype: torch.dtype, micro_batch: int) -> float:
+    """Rows per slot of the fused kernel at an even load: native bf16 CPU products pad each
+    expert's rows up to a multiple of default_pad_rows (up to 2x at a few rows each)."""
+    e = cfg.moe
+    rows = micro_batch * cfg.data.seq_len * e.top_k / e.num_experts  # per expert
+    pad = default_pad_rows(dev, dtype, rows)
+    return math.ceil(rows / pad) * pad / rows
 
 
 @dataclass(frozen=True)
