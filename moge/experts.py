@@ -17,6 +17,7 @@ import torch.nn.functional as F_
 from einops import rearrange
 from torch import Tensor, nn
 
+from moge.kernels.few_tokens import few_token_experts, use_few_token_path
 from moge.kernels.fused import FusedMoE, FusedSwiGLUExperts
 from moge.kernels.fused_plan import (
     CHUNK_BYTES,
@@ -242,6 +243,8 @@ class GroupedExperts(nn.Module):
         one autograd Function with a hand-written backward.
         """
         dtype = dtype or x_TD.dtype
+        if use_few_token_path(self, x_TD, ids_TK, weights_TK):  # decoding: a few slots, no graph
+            return few_token_experts(self, x_TD, ids_TK, weights_TK, dtype)
         x_TD = x_TD.to(dtype)
         impl = resolve_impl(self.impl, x_TD.device, dtype)
         if impl != "fused":

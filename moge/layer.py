@@ -22,7 +22,6 @@ from moge._validate import (
     check_optional_int,
 )
 from moge.experts import GroupedExperts, SwiGLU
-from moge.kernels.few_tokens import few_token_experts, use_few_token_path
 from moge.kernels.precision import float32_linear
 from moge.routing import ROUTER_NAMES, RouterSettings, compute_scores, make_random_routing_table, route
 from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
@@ -493,9 +492,7 @@ class MoGELayer(nn.Module):
         return y_RD.new_zeros(x_TD.shape).index_copy(0, keep_R, y_RD)
 
     def _run_experts(self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype) -> Tensor:
-        """self.experts, or for a few tokens without gradients (decoding) moge.kernels.few_tokens."""
-        if use_few_token_path(self.experts, x_TD, ids_TK, weights_TK):
-            return few_token_experts(self.experts, x_TD, ids_TK, weights_TK, dtype)
+        """self.experts (which picks its path: fused, grouped_mm, loop, or a few tokens)."""
         return self.experts(x_TD, ids_TK, weights_TK, dtype)
 
     def forward(

@@ -15,11 +15,27 @@ reference loop (tests/reference.py), forward only.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
-from moge.experts import GroupedExperts, matmul_dtype
+from moge.kernels.precision import matmul_dtype
+
+
+class StackedExperts(Protocol):
+    """What this path reads of moge.experts.GroupedExperts (which calls it)."""
+
+    @property
+    def w_gate_up_EDH(self) -> Tensor: ...
+    @property
+    def w_down_EFD(self) -> Tensor: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def num_experts(self) -> int: ...
+
 
 # Calls with at most this many token-slots (T*K) and no gradient take this path: it
 # measured faster than the fused path up to a few hundred slots at the toy shapes
@@ -29,10 +45,11 @@ MAX_FEW_SLOTS = 128
 
 def use_few_token_path(experts: object, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> bool:
     """Whether this call should take `few_token_experts`: plain (not sharded) stacked
-    experts on the CPU, no autograd graph to build, at most MAX_FEW_SLOTS slots."""
-    if not isinstance(experts, GroupedExperts) or x_TD.device.type != "cpu":
-        return False  # CUDA: torch._grouped_mm is one kernel; expert-parallel: not here
-    w1, w2 = experts.w_gate_up_EDH, experts.w_down_EFD
+    experts (moge.experts.GroupedExperts, which asks) on the CPU, no autograd graph to
+    build, at most MAX_FEW_SLOTS slots."""
+    w1, w2 = getattr(experts, "w_gate_up_EDH", None), getattr(experts, "w_down_EFD", None)
+    if w1 is None or w2 is None or x_TD.device.type != "cpu":
+        return False  # CUDA: torch._grouped_mm is one kernel
     if type(w1.data) is not torch.Tensor or type(w2.data) is not torch.Tensor:
         return False  # DTensor shards (FSDP2)
     graph = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, w1, w2))
@@ -40,7 +57,7 @@ def use_few_token_path(experts: object, x_TD: Tensor, ids_TK: Tensor, weights_TK
 
 
 def few_token_experts(
-    experts: GroupedExperts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype
+    experts: StackedExperts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype
 ) -> Tensor:
     """y_t = sum_k weights[t, k] * expert_{ids[t, k]}(x_t), computed in `dtype`, no graph.
 
@@ -54,7 +71,7 @@ def few_token_experts(
 
 
 def _few_token_experts(
-    experts: GroupedExperts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype
+    experts: StackedExperts, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype
 ) -> Tensor:
     T, K = ids_TK.shape
     F = experts.hidden

@@ -68,7 +68,7 @@ def test_layer_takes_the_path_only_without_a_graph(monkeypatch):
         calls.append(args[1].shape[0])
         return real(*args)
 
-    monkeypatch.setattr("moge.layer.few_token_experts", spy)
+    monkeypatch.setattr("moge.experts.few_token_experts", spy)
     x = torch.randn(3, 16)
     with torch.no_grad():
         fast = layer(x).hidden
