@@ -134,8 +134,13 @@ class _Window:
         self.score_entropy_sum = 0.0
         self.logit_rms_sum = 0.0
 
-    def add(self, ids_TK: Tensor, scores_TE: Tensor, score_func: str) -> None:
+    def add(self, ids_TK: Tensor, scores_TE: Tensor, score_func: str, mask_T: Tensor | None = None) -> None:
+        """One call's routing; padded tokens (mask_T False) are left out."""
+        if mask_T is not None:
+            ids_TK, scores_TE = ids_TK[mask_T], scores_TE[mask_T]
         T = scores_TE.shape[0]
+        if T == 0:
+            return
         self.load_E += torch.bincount(ids_TK.detach().reshape(-1).cpu(), minlength=len(self.load_E))
         self.tokens += T
         self.score_entropy_sum += score_entropy(scores_TE) * T
@@ -183,7 +188,7 @@ class CollapseMonitor:
         """Add one forward's routing (MoGEOutput per MoE layer: expert_ids, scores)."""
         assert len(routing) == len(self._windows), "one MoGEOutput per MoE layer"
         for window, routed, func in zip(self._windows, routing, self.score_funcs):
-            window.add(routed.expert_ids, routed.scores, func)
+            window.add(routed.expert_ids, routed.scores, func, getattr(routed, "token_mask", None))
 
     def summarise(self) -> tuple[list[LayerCollapse], list[str]]:
         """Statistics of the window so far and the warnings of newly crossed thresholds; resets."""

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from moge.model import MoGETransformer
 from moge.model.compiled import compile_attention
 from moge.tools.bench import machine_info
+from moge.tools.bench_isolated import RemoteCase
 from moge.tools.step_profile import format_profiles, merge_profiles, profile_steps, step_scope
 from moge.training import build_optimizer, lr_at
 from moge.training.config import RunConfig, load_config
@@ -81,6 +82,24 @@ class TrainCase:
             self.step_ms.append(1e3 * elapsed)
         self.lm_losses.append(lm.item())
         self.aux_losses.append(aux.item())
+
+    def set_autocast(self, dtype: torch.dtype | None) -> None:
+        self.autocast = dtype
+
+    def compile_attention(self, shape: tuple[int, int]) -> str | None:
+        """train.compile on a moge model: None, or why torch.compile failed (then eager)."""
+        assert isinstance(self.model, MoGETransformer), "only moge models compile their attention"
+        return compile_attention(self.model, shape, self.autocast)
+
+    def profile_step(self, x_BL: Tensor, y_BL: Tensor, lr: float, grad_clip: float) -> dict:
+        """One more step (unrecorded) under the profiler (moge.tools.step_profile)."""
+        return profile_steps(self.model, lambda: self.step(x_BL, y_BL, lr, grad_clip, record=False), 1)
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name, "params": self.params, "step_ms": list(self.step_ms),
+            "lm_losses": list(self.lm_losses), "aux_losses": list(self.aux_losses),
+        }  # fmt: skip
 
 
 def _clip(model: nn.Module, max_norm: float) -> None:
@@ -161,26 +180,42 @@ def qwen3_case(cfg: RunConfig, impl: str, seed: int) -> TrainCase:
     return TrainCase(f"transformers Qwen3-MoE ({impl})", model, build_optimizer(model, cfg.train), loss_fn)
 
 
-def build_train_cases(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[TrainCase], list[str]]:
-    """moge as configured, moge in Qwen3-MoE's shape, and (if installed) the Qwen3-MoE peers."""
-    cases = [moge_case(cfg, "moge MoGETransformer (config as written)", seed)]
-    cases.append(moge_case(dense_equivalent(cfg), DENSE_NAME, seed))
+def train_case_specs(
+    cfg: RunConfig, seed: int, peers: bool
+) -> tuple[list[tuple[Callable, tuple]], list[str]]:
+    """How to build every case, as (module-level function, arguments): moge as
+    configured, the dense twin, moge in Qwen3-MoE's shape, and (if installed) the
+    Qwen3-MoE peers; and notes on what was left out."""
+    specs: list[tuple[Callable, tuple]] = [
+        (moge_case, (cfg, "moge MoGETransformer (config as written)", seed))
+    ]
+    specs.append((moge_case, (dense_equivalent(cfg), DENSE_NAME, seed)))
     notes: list[str] = []
     if cfg.moe.num_shared_experts:
         bare = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=0))
-        cases.append(moge_case(bare, "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)", seed))
+        specs.append((moge_case, (bare, "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)", seed)))
     if not peers:
-        return cases, notes
+        return specs, notes
     try:
         import transformers
     except ImportError:
         notes.append("transformers peers skipped: transformers is not installed (pip install 'moge[bench]')")
-        return cases, notes
+        return specs, notes
     if int(transformers.__version__.split(".")[0]) < 5:
         notes.append(f"transformers peers skipped: transformers {transformers.__version__} < 5")
-        return cases, notes
-    cases += [qwen3_case(cfg, impl, seed) for impl in ("eager", "grouped_mm")]
-    return cases, notes
+        return specs, notes
+    specs += [(qwen3_case, (cfg, impl, seed)) for impl in ("eager", "grouped_mm")]
+    return specs, notes
+
+
+def build_train_cases(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[TrainCase], list[str]]:
+    """The cases of train_case_specs, built in this process."""
+    specs, notes = train_case_specs(cfg, seed, peers)
+    return [build(*args) for build, args in specs], notes
+
+
+def _is_peer(name: str) -> bool:
+    return name.startswith("transformers")
 
 
 def run_train_benchmark(
@@ -193,12 +228,15 @@ def run_train_benchmark(
     dtype: str = "fp32",
     profile: int = 0,
     compile: bool = False,
+    isolate: bool = True,
 ) -> dict:
     """Train every case for warmup + steps optimiser steps on the same batches; dtype
     "bf16" runs every forward under bf16 autocast (float32 weights and AdamW). profile > 0:
     then profile that many more steps of every moge model (moge.tools.step_profile).
     compile: every moge model's attention halves through torch.compile first (train.compile;
-    the dense twin's too, the transformers peers stay eager)."""
+    the dense twin's too, the transformers peers stay eager). isolate: every case in a
+    process of its own, still one step of each in turn (moge.tools.bench_isolated: one
+    process's oneDNN kernel cache cannot hold every model's shapes); False: all in this one."""
     if steps < 1 or warmup < 0 or profile < 0:
         raise ValueError(
             f"steps: must be >= 1 (got {steps}), warmup and profile >= 0 (got {warmup}, {profile})"
@@ -208,18 +246,52 @@ def run_train_benchmark(
     machine = machine_info()
     dataset = load_dataset(cfg.data)
     dataset.check_vocab_size(cfg.model.vocab_size)
-    cases, notes = build_train_cases(cfg, seed, peers)
+    specs, notes = train_case_specs(cfg, seed, peers)
+    cases: list = []
+    try:
+        if isolate:
+            cases = [RemoteCase(build, args) for build, args in specs]
+            for case in cases:
+                case.wait_ready()
+        else:
+            cases = [build(*args) for build, args in specs]
+        return _run_cases(
+            cases,
+            [case.name for case in cases],
+            cfg,
+            dataset,
+            steps,
+            warmup,
+            seed,
+            log,
+            dtype,
+            profile,
+            compile,
+            machine,
+            notes,
+            isolate,
+        )
+    finally:
+        for case in cases:
+            if isinstance(case, RemoteCase):
+                case.close()
+
+
+def _run_cases(
+    cases: list, names: list[str], cfg: RunConfig, dataset, steps: int, warmup: int, seed: int,
+    log: Callable[[str], None], dtype: str, profile: int, compile: bool, machine: dict, notes: list[str],
+    isolate: bool,
+) -> dict:  # fmt: skip
+    """run_train_benchmark's rounds on built cases (local TrainCases or RemoteCases)."""
     for case in cases:
-        case.autocast = torch.bfloat16 if dtype == "bf16" else None
+        case.set_autocast(torch.bfloat16 if dtype == "bf16" else None)
     tc = cfg.train
-    for case in cases if compile else []:
-        if not case.name.startswith("transformers"):
-            assert isinstance(case.model, MoGETransformer)
-            log(f"  compiling {case.name}")
-            reason = compile_attention(case.model, (tc.batch_size, cfg.data.seq_len), case.autocast)
+    for case, name in zip(cases, names):
+        if compile and not _is_peer(name):
+            log(f"  compiling {name}")
+            reason = case.compile_attention((tc.batch_size, cfg.data.seq_len))
             notes.append(
-                f"{case.name}: "
-                + (f"torch.compile failed ({reason}), eager" if reason else "attention compiled")
+                f"{name}: " + (f"torch.compile failed ({reason}), eager" if reason else "attention compiled")
             )
     gen = torch.Generator().manual_seed(seed)
     for i in range(warmup + steps):
@@ -230,19 +302,15 @@ def run_train_benchmark(
         if (i + 1) % 5 == 0:
             log(f"  step {i + 1}/{warmup + steps} done")
     tokens = tc.batch_size * cfg.data.seq_len
-    rows = [_row(case, tokens) for case in cases]
+    rows = [_row(case.summary(), tokens) for case in cases]
     load_end = machine_info()["load_average"]
-    mine = [c for c in cases if not c.name.startswith("transformers")]
-    runs: dict[str, list[dict]] = {c.name: [] for c in mine}
+    mine = [(c, n) for c, n in zip(cases, names) if not _is_peer(n)]
+    runs: dict[str, list[dict]] = {n: [] for _, n in mine}
     for i in range(profile):  # round-robin too: one profiled step of each model per round
         x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
         k = i % len(mine)
-        for case in mine[k:] + mine[:k]:
-
-            def one_step(case=case, x_BL=x_BL, y_BL=y_BL) -> None:
-                case.step(x_BL, y_BL, tc.min_lr, tc.grad_clip, record=False)
-
-            runs[case.name].append(profile_steps(case.model, one_step, 1))
+        for case, name in mine[k:] + mine[:k]:
+            runs[name].append(case.profile_step(x_BL, y_BL, tc.min_lr, tc.grad_clip))
     profiles = {name: merge_profiles(p) for name, p in runs.items() if p}
     return {
         "machine": machine,
@@ -254,17 +322,19 @@ def run_train_benchmark(
         "rows": rows,
         "notes": notes,
         "profiles": profiles,
+        "isolated": isolate,
     }
 
 
-def _row(case: TrainCase, tokens: int) -> dict:
-    ms = case.step_ms
+def _row(summary: dict, tokens: int) -> dict:
+    """A case's table row from its TrainCase.summary()."""
+    ms, lm, aux = summary["step_ms"], summary["lm_losses"], summary["aux_losses"]
     q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-    last = min(5, len(case.lm_losses))
+    last = min(5, len(lm))
     return {
-        "name": case.name, "params": case.params, "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2], "best_ms": min(ms),
-        "tokens_per_s": tokens / (q[1] / 1e3), "lm_loss_first": case.lm_losses[0], "aux_first": case.aux_losses[0],
-        "lm_loss_last": statistics.fmean(case.lm_losses[-last:]), "aux_last": statistics.fmean(case.aux_losses[-last:]),
+        "name": summary["name"], "params": summary["params"], "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2],
+        "best_ms": min(ms), "tokens_per_s": tokens / (q[1] / 1e3), "lm_loss_first": lm[0], "aux_first": aux[0],
+        "lm_loss_last": statistics.fmean(lm[-last:]), "aux_last": statistics.fmean(aux[-last:]),
     }  # fmt: skip
 
 
@@ -282,6 +352,10 @@ def format_train_report(report: dict, title: str) -> str:
         f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m.get('cpu_capability')}; "
         f"torch {m['torch']}; bf16 products: {m.get('bf16_products')}",
         f"load average (1, 5, 15 min) at start: {m.get('load_average')}, at end: {report.get('load_average_end')}",
+        "every model in a process of its own, one step of each in turn (own oneDNN kernel cache, as when it "
+        "trains alone)"
+        if report.get("isolated")
+        else "every model in this one process, one step of each in turn (they share oneDNN's kernel cache)",
         "ratios: of medians, and (in brackets) of each model's fastest step, the least disturbed by other load",
         f"{'model':58} {'params':>11} {'step ms [IQR]':>20} {'best':>6} {'tokens/s':>9} {'lm loss first->last':>20} "
         f"{'aux last':>9}",
@@ -332,6 +406,10 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
         "--profile", type=int, default=0, metavar="N",
         help="then profile N more steps of every moge model: time by op group, forward and backward",
     )  # fmt: skip
+    p.add_argument(
+        "--one-process", action="store_true",
+        help="every model in this process (by default each runs in its own, with its own oneDNN kernel cache)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--set",
@@ -366,6 +444,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
                     dtype,
                     args.profile,
                     args.compile,
+                    isolate=not args.one_process,
                 )
                 print(format_train_report(report, path), flush=True)
                 print()

@@ -51,10 +51,14 @@ def validation_loss(
     return total / count
 
 
-def _score_entropy(scores_TE: Tensor) -> Tensor:
-    """Mean per-token entropy (nats) of the scores, renormalised (sigmoid scores too)."""
+def _score_entropy(scores_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """Mean per-token entropy (nats) of the scores, renormalised (sigmoid scores too),
+    over the real tokens (mask_T True; None: all); 0 when there are none."""
+    if mask_T is not None:
+        scores_TE = scores_TE[mask_T]
     p_TE = scores_TE.float() / scores_TE.float().sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    return -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean()
+    entropy_T = -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1)
+    return entropy_T.sum() / max(entropy_T.numel(), 1)
 
 
 def _dropped_share(r: MoGEOutput) -> Tensor:
@@ -67,7 +71,9 @@ def _dropped_share(r: MoGEOutput) -> Tensor:
 def routing_sums(out: ModelOutput) -> Tensor:
     """One micro-batch's [layers, 4] (lb_loss, z_loss, score entropy, dropped share), to be summed."""
     rows = [
-        torch.stack([r.lb_loss.float(), r.z_loss.float(), _score_entropy(r.scores), _dropped_share(r)])
+        torch.stack(
+            [r.lb_loss.float(), r.z_loss.float(), _score_entropy(r.scores, r.token_mask), _dropped_share(r)]
+        )
         for r in out.routing
     ]
     return torch.stack(rows).double() if rows else torch.zeros(0, len(_MEANS), dtype=torch.float64)

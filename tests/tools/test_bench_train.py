@@ -37,7 +37,7 @@ TINY = {
 
 def test_moge_rows_train_on_the_same_batches():
     cfg = config_from_dict(TINY)
-    report = run_train_benchmark(cfg, steps=3, warmup=1, peers=False, log=lambda s: None)
+    report = run_train_benchmark(cfg, steps=3, warmup=1, peers=False, log=lambda s: None, isolate=False)
     names = [r["name"] for r in report["rows"]]
     assert names == [
         "moge MoGETransformer (config as written)",
@@ -58,7 +58,9 @@ def test_moge_rows_train_on_the_same_batches():
 
 def test_steps_must_be_positive():
     with pytest.raises(ValueError, match="steps"):
-        run_train_benchmark(config_from_dict(TINY), steps=0, warmup=0, peers=False, log=lambda s: None)
+        run_train_benchmark(
+            config_from_dict(TINY), steps=0, warmup=0, peers=False, log=lambda s: None, isolate=False
+        )
 
 
 def test_main_reports_bad_config_path(capsys):
@@ -86,7 +88,7 @@ def test_qwen3_peer_has_the_same_shape_and_loss_scale():
             extra_qwen = 2 * 2 * 8  # layers * (q_norm + k_norm of head_dim)
             extra_moge = 2 * 8  # layers * num_experts
             assert c.params - bare.params == extra_qwen - extra_moge
-    report = run_train_benchmark(cfg, steps=2, warmup=0, peers=True, log=lambda s: None)
+    report = run_train_benchmark(cfg, steps=2, warmup=0, peers=True, log=lambda s: None, isolate=False)
     for r in report["rows"]:
         assert 4.0 < r["lm_loss_first"] < 7.0, r
     assert "x] the tokens/s of transformers" in format_train_report(report, "tiny")
@@ -106,23 +108,31 @@ def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
     dense = dense_equivalent(cfg)
     assert dense.model.first_dense_layers == 2 and dense.model.dense_hidden == 2 * 16 + 16  # K*f + shared
     assert dense.moe == cfg.moe
-    report = run_train_benchmark(cfg, steps=2, warmup=0, peers=False, log=lambda s: None, dtype="bf16")
+    report = run_train_benchmark(
+        cfg, steps=2, warmup=0, peers=False, log=lambda s: None, dtype="bf16", isolate=False
+    )
     assert report["dtype"] == "bf16"
     text = format_train_report(report, "tiny")
     assert "x] the tokens/s of the dense FFN of equal activated width" in text
     with pytest.raises(ValueError, match="dtype"):
-        run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, dtype="fp16")
+        run_train_benchmark(
+            cfg, steps=1, warmup=0, peers=False, log=lambda s: None, dtype="fp16", isolate=False
+        )
 
 
 def test_profile_covers_every_moge_side_model_and_prints():
     cfg = config_from_dict(TINY)
-    report = run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=1)
+    report = run_train_benchmark(
+        cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=1, isolate=False
+    )
     assert list(report["profiles"]) == [r["name"] for r in report["rows"]]
     text = format_train_report(report, "tiny")
     assert "where the time goes" in text and "routed experts" in text and "dense FFN" in text
     assert "load average" in text
     with pytest.raises(ValueError, match="profile"):
-        run_train_benchmark(cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=-1)
+        run_train_benchmark(
+            cfg, steps=1, warmup=0, peers=False, log=lambda s: None, profile=-1, isolate=False
+        )
 
 
 def test_compile_flag_compiles_the_moge_side_or_says_why(monkeypatch):
@@ -133,7 +143,39 @@ def test_compile_flag_compiles_the_moge_side_or_says_why(monkeypatch):
         bt, "compile_attention", lambda model, shape, dtype: seen.append(shape) or "no compiler"
     )
     report = run_train_benchmark(
-        config_from_dict(TINY), steps=1, warmup=0, peers=False, log=lambda s: None, compile=True
+        config_from_dict(TINY),
+        steps=1,
+        warmup=0,
+        peers=False,
+        log=lambda s: None,
+        compile=True,
+        isolate=False,
     )
     assert seen == [(2, 16)] * 3
     assert all("torch.compile failed (no compiler), eager" in n for n in report["notes"])
+
+
+def test_isolated_cases_train_like_one_process_and_report_failures():
+    """Each case in its own process (the default) takes the same steps: the same losses
+    bit for bit as all cases in this process, profiles included; a case that fails to
+    build in its worker raises here with the worker's traceback."""
+    cfg = config_from_dict(TINY)
+    kw = dict(steps=2, warmup=1, peers=False, log=lambda s: None)
+    alone = run_train_benchmark(cfg, **kw, profile=1)
+    shared = run_train_benchmark(cfg, **kw, isolate=False)
+    assert alone["isolated"] and not shared["isolated"]
+    assert [r["name"] for r in alone["rows"]] == [r["name"] for r in shared["rows"]]
+    for a, b in zip(alone["rows"], shared["rows"]):
+        for key in ("params", "lm_loss_first", "lm_loss_last", "aux_first", "aux_last"):
+            assert a[key] == b[key], (a["name"], key)
+    assert list(alone["profiles"]) == [r["name"] for r in alone["rows"]]
+    assert "a process of its own" in format_train_report(alone, "tiny")
+    from moge.tools.bench_isolated import RemoteCase
+    from moge.tools.bench_train import moge_case
+
+    bad = RemoteCase(moge_case, (None, "no config", 0))  # fails in the child: None has no .model
+    try:
+        with pytest.raises(RuntimeError, match="(?s)failed:.*AttributeError"):
+            bad.wait_ready()
+    finally:
+        bad.close()

@@ -119,6 +119,40 @@ def test_model_mask_counts_only_real_tokens():
         assert_close(routed.load, torch.bincount(ids.flatten(), minlength=8), rtol=0, atol=0)
 
 
+def test_logged_routing_sums_and_collapse_window_leave_padding_out():
+    """The trainer's logged statistics (routing_sums) and the collapse monitor's window
+    see only the real tokens of a padded batch: the same as the real tokens alone."""
+    from moge.diagnostics.collapse import _Window
+    from moge.training.metrics import routing_sums
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=16)
+    model = MoGETransformer(cfg, MoGEConfig(**BASE, aux_loss_type="released"))
+    with torch.no_grad():  # sharper routing than at init, so that padding rows matter
+        for layer in model.moe_layers():
+            layer.router.weight.mul_(40)
+    tokens = torch.randint(0, 64, (2, 8))
+    mask = torch.arange(8)[None, :] < torch.tensor([8, 3])[:, None]
+    out = model(tokens, mask=mask)
+    real = model(tokens[:1])  # sequence 0 is whole: its routing is the same alone
+    short = model(tokens[1:, :3])
+    sums, sums_real, sums_short = routing_sums(out), routing_sums(real), routing_sums(short)
+    # Score entropy (column 2): the mean over the 11 real tokens of both sequences.
+    pooled = (8 * sums_real[:, 2] + 3 * sums_short[:, 2]) / 11
+    assert_close(sums[:, 2], pooled, rtol=1e-6, atol=0)
+    unmasked = routing_sums(model(tokens))
+    assert (unmasked[:, 2] - pooled).abs().max() > 1e-2  # the padded rows would move it
+    for i, routed in enumerate(out.routing):
+        padded_w, alone_w = _Window(8), _Window(8)
+        padded_w.add(routed.expert_ids, routed.scores, "softmax", routed.token_mask)
+        for part in (real, short):
+            alone_w.add(part.routing[i].expert_ids, part.routing[i].scores, "softmax")
+        assert padded_w.tokens == alone_w.tokens == 11
+        assert padded_w.load_E.tolist() == alone_w.load_E.tolist()
+        assert padded_w.score_entropy_sum == pytest.approx(alone_w.score_entropy_sum, rel=1e-6)
+        assert padded_w.logit_rms_sum == pytest.approx(alone_w.logit_rms_sum, rel=1e-6)
+
+
 def test_dropin_layer_stats_leave_padding_out():
     torch.manual_seed(0)
     mlp = moge.MoGEMLP(MoGEConfig(**BASE, capacity_factor=1.0))
