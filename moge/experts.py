@@ -25,6 +25,7 @@ from moge.kernels.fused_plan import (
     Plan,
     columns_per_chunk,
     default_chunk,
+    expert_slices,
     sort_pieces,
     token_blocks,
 )
@@ -78,20 +79,11 @@ class SwiGLU(nn.Module):
 # --- other paths ---------------------------------------------------------------------
 
 
-def _slices(counts: list[int]):
-    """(expert, row slice) for every expert that received token-slots."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-        start += n
-
-
 def _loop_experts(x_SD: Tensor, w1: Tensor, w2: Tensor, counts: list[int]) -> Tensor:
     """The plain per-expert loop through autograd: correct, simple, slow backward."""
     F = w2.shape[1]
     outs = []
-    for e, rows in _slices(counts):
+    for e, rows in expert_slices(counts):
         gate, up = (x_SD[rows] @ w1[e]).split(F, dim=-1)
         outs.append((F_.silu(gate) * up) @ w2[e])
     return torch.cat(outs) if outs else x_SD.new_zeros(0, w2.shape[2])

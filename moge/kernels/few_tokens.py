@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F_
 from torch import Tensor
 
+from moge.kernels.fused_plan import expert_slices
 from moge.kernels.precision import matmul_dtype
 
 
@@ -96,7 +97,7 @@ def _few_token_experts(
         counts[e] += 1
     order_S = torch.tensor(order, dtype=torch.int64, device=x_TD.device)
     token_S = torch.tensor([s // K for s in order], dtype=torch.int64, device=x_TD.device)
-    rows = list(_expert_rows(counts))
+    rows = list(expert_slices(counts))
     x_SD = prod(x_TD.detach().index_select(0, token_S))
     h_SH = x_SD.new_empty(x_SD.shape[0], 2 * F)
     for e, r in rows:
@@ -111,12 +112,3 @@ def _few_token_experts(
     gate_S1 = weights_TK.detach().reshape(-1).index_select(0, order_S)[:, None]
     y_SD = y_SD.to(dtype) * gate_S1.to(dtype)
     return y_SD.new_zeros(T, x_TD.shape[1]).index_add_(0, token_S, y_SD)
-
-
-def _expert_rows(counts: list[int]):
-    """(expert, its slice of the sorted slots) for every expert that received slots."""
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            yield e, slice(start, start + n)
-        start += n

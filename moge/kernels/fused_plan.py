@@ -185,6 +185,15 @@ class Plan:
         return by_slot if self.slot_P is None else by_slot.index_select(0, self.slot_P)
 
 
+def expert_slices(counts: list[int]):
+    """(expert, its slice of the sorted slots) for every expert that received slots."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
 def token_blocks(T: int, rows_per_token: float, width: int, budget_bytes: int) -> tuple[int, int]:
     """(tokens per block, blocks) so that a chunk's [rows, width] float32 buffers stay
     near budget_bytes, a chunk holding rows_per_token slots per token on average."""

@@ -259,6 +259,18 @@ def time_cases(
 # --- the whole benchmark ------------------------------------------------------------------------
 
 
+def cli_start(threads: int | None, quiet: bool) -> Callable[[str], None]:
+    """What every benchmark CLI does first: torch's thread count (None: torch's own), and
+    the progress log (to stderr; a no-op when quiet)."""
+    import sys
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: must be >= 1, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+
+
 def machine_info() -> dict:
     model = platform.processor() or "unknown"
     try:
@@ -561,13 +573,9 @@ def main(argv: list[str] | None = None, prog: str = "bench_layer.py", **parser_c
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"threads: must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        log = cli_start(args.threads, args.quiet)
         shape = BenchShape(**base)
         dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
-        log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
         report = run_layer_benchmark(
             shape, dtypes, args.iters, args.warmup, not args.no_peers, args.sweep_tokens,
             args.max_call_seconds, args.seed, log, args.compiled, args.small_shapes,

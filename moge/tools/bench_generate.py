@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from moge.model import MoGETransformer
-from moge.tools.bench import machine_info
+from moge.tools.bench import cli_start, machine_info
 from moge.training.config import RunConfig, load_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -244,9 +244,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_generate.py") -> int:
     import sys
 
     args = build_parser(prog).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = cli_start(args.threads, args.quiet)
     try:
         cfg = load_config(args.config, args.set)
         batches = tuple(int(b) for b in args.batch.split(",") if b.strip())

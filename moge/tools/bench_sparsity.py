@@ -28,10 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from moge.model import count_parameters
-from moge.tools.bench import machine_info
+from moge.tools.bench import cli_start, machine_info
 from moge.tools.bench_train import dense_equivalent
 from moge.training.config import RunConfig, load_config
 from moge.training.loop import train_stepper
@@ -187,9 +185,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_sparsity.py") -> int:
     import sys
 
     args = build_parser(prog).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = cli_start(args.threads, args.quiet)
     try:
         if args.steps is not None and args.seconds is not None:
             raise ValueError("--steps and --seconds: give one budget, not both")

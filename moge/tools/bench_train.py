@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 import warnings
@@ -32,11 +33,11 @@ from torch import Tensor, nn
 
 from moge.model import MoGETransformer
 from moge.model.compiled import compile_attention
-from moge.tools.bench import machine_info
+from moge.tools.bench import cli_start, machine_info
 from moge.tools.bench_isolated import RemoteCase
 from moge.tools.step_profile import format_profiles, merge_profiles, profile_steps, step_scope
 from moge.training import build_optimizer, lr_at
-from moge.training.config import RunConfig, load_config
+from moge.training.config import RunConfig, config_from_dict, config_to_dict, load_config
 from moge.training.data import load_dataset
 
 
@@ -99,6 +100,7 @@ class TrainCase:
         return {
             "name": self.name, "params": self.params, "step_ms": list(self.step_ms),
             "lm_losses": list(self.lm_losses), "aux_losses": list(self.aux_losses),
+            "pid": os.getpid(),  # the process it trained in
         }  # fmt: skip
 
 
@@ -180,20 +182,20 @@ def qwen3_case(cfg: RunConfig, impl: str, seed: int) -> TrainCase:
     return TrainCase(f"transformers Qwen3-MoE ({impl})", model, build_optimizer(model, cfg.train), loss_fn)
 
 
-def train_case_specs(
-    cfg: RunConfig, seed: int, peers: bool
-) -> tuple[list[tuple[Callable, tuple]], list[str]]:
-    """How to build every case, as (module-level function, arguments): moge as
-    configured, the dense twin, moge in Qwen3-MoE's shape, and (if installed) the
-    Qwen3-MoE peers; and notes on what was left out."""
-    specs: list[tuple[Callable, tuple]] = [
-        (moge_case, (cfg, "moge MoGETransformer (config as written)", seed))
-    ]
-    specs.append((moge_case, (dense_equivalent(cfg), DENSE_NAME, seed)))
+def train_case_specs(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[dict], list[str]]:
+    """Every case as JSON data for build_case: moge as configured, the dense twin, moge
+    in Qwen3-MoE's shape, and (if installed) the Qwen3-MoE peers; and notes on what
+    was left out."""
+
+    def spec(kind: str, c: RunConfig, arg: str) -> dict:
+        return {"kind": kind, "config": config_to_dict(c), "arg": arg, "seed": seed}
+
+    specs = [spec("moge", cfg, "moge MoGETransformer (config as written)")]
+    specs.append(spec("moge", dense_equivalent(cfg), DENSE_NAME))
     notes: list[str] = []
     if cfg.moe.num_shared_experts:
         bare = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=0))
-        specs.append((moge_case, (bare, "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)", seed)))
+        specs.append(spec("moge", bare, "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)"))
     if not peers:
         return specs, notes
     try:
@@ -204,14 +206,23 @@ def train_case_specs(
     if int(transformers.__version__.split(".")[0]) < 5:
         notes.append(f"transformers peers skipped: transformers {transformers.__version__} < 5")
         return specs, notes
-    specs += [(qwen3_case, (cfg, impl, seed)) for impl in ("eager", "grouped_mm")]
+    specs += [spec("qwen3", cfg, impl) for impl in ("eager", "grouped_mm")]
     return specs, notes
+
+
+def build_case(spec: dict) -> TrainCase:
+    """The case a train_case_specs entry describes (here, or in a benchmark worker)."""
+    cfg = config_from_dict(spec["config"])
+    if spec["kind"] == "moge":
+        return moge_case(cfg, spec["arg"], spec["seed"])
+    assert spec["kind"] == "qwen3", f"unknown case kind {spec['kind']!r}"
+    return qwen3_case(cfg, spec["arg"], spec["seed"])
 
 
 def build_train_cases(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[TrainCase], list[str]]:
     """The cases of train_case_specs, built in this process."""
     specs, notes = train_case_specs(cfg, seed, peers)
-    return [build(*args) for build, args in specs], notes
+    return [build_case(s) for s in specs], notes
 
 
 def _is_peer(name: str) -> bool:
@@ -250,11 +261,11 @@ def run_train_benchmark(
     cases: list = []
     try:
         if isolate:
-            cases = [RemoteCase(build, args) for build, args in specs]
+            cases = [RemoteCase("moge.tools.bench_train:build_case", spec) for spec in specs]
             for case in cases:
                 case.wait_ready()
         else:
-            cases = [build(*args) for build, args in specs]
+            cases = [build_case(spec) for spec in specs]
         return _run_cases(
             cases,
             [case.name for case in cases],
@@ -335,6 +346,7 @@ def _row(summary: dict, tokens: int) -> dict:
         "name": summary["name"], "params": summary["params"], "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2],
         "best_ms": min(ms), "tokens_per_s": tokens / (q[1] / 1e3), "lm_loss_first": lm[0], "aux_first": aux[0],
         "lm_loss_last": statistics.fmean(lm[-last:]), "aux_last": statistics.fmean(aux[-last:]),
+        "pid": summary["pid"],
     }  # fmt: skip
 
 
@@ -426,9 +438,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
     import sys
 
     args = build_parser(prog).parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    log = cli_start(args.threads, args.quiet)
     for path in args.configs:
         try:
             cfg = load_config(path, args.set)

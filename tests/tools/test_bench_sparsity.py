@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from moge.tools.bench_sparsity import format_sparsity_report, main, run_sparsity_benchmark
 from moge.training.config import config_from_dict
@@ -20,12 +19,7 @@ def _cfg(router: str):
     )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_equal_steps_trains_every_model_and_reports_val_loss():

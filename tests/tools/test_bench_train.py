@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -164,6 +166,9 @@ def test_isolated_cases_train_like_one_process_and_report_failures():
     alone = run_train_benchmark(cfg, **kw, profile=1)
     shared = run_train_benchmark(cfg, **kw, isolate=False)
     assert alone["isolated"] and not shared["isolated"]
+    pids = [r["pid"] for r in alone["rows"]]  # every case trained in a process of its own
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    assert {r["pid"] for r in shared["rows"]} == {os.getpid()}
     assert [r["name"] for r in alone["rows"]] == [r["name"] for r in shared["rows"]]
     for a, b in zip(alone["rows"], shared["rows"]):
         for key in ("params", "lm_loss_first", "lm_loss_last", "aux_first", "aux_last"):
@@ -171,11 +176,12 @@ def test_isolated_cases_train_like_one_process_and_report_failures():
     assert list(alone["profiles"]) == [r["name"] for r in alone["rows"]]
     assert "a process of its own" in format_train_report(alone, "tiny")
     from moge.tools.bench_isolated import RemoteCase
-    from moge.tools.bench_train import moge_case
 
-    bad = RemoteCase(moge_case, (None, "no config", 0))  # fails in the child: None has no .model
-    try:
-        with pytest.raises(RuntimeError, match="(?s)failed:.*AttributeError"):
+    bad = RemoteCase(
+        "moge.tools.bench_train:build_case", {"kind": "moge", "config": {"model": {}}, "arg": "x"}
+    )
+    try:  # fails in the child: the config lacks its required fields
+        with pytest.raises(RuntimeError, match="(?s)failed:.*ValueError"):
             bad.wait_ready()
     finally:
         bad.close()

@@ -12,13 +12,7 @@ from moge.distributed.mesh import single_process
 from moge.model import MoGETransformer
 from moge.training import loop, train
 
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_train_stepper_takes_the_steps_train_takes(tmp_path):
