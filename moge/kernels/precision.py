@@ -27,6 +27,18 @@ PAD_ROWS_FRACTION = 64
 # one thread, AMD EPYC with AVX512-BF16 (~200 GFLOP/s there); float32 mm (MKL) showed
 # no such cost (0.687 against 0.669 ms). In flops of the same kernel:
 MM_CALL_FLOPS_NATIVE_LOW_PRECISION = 17e-6 * 2e11
+# With AMX (Intel Xeon, amx_bf16) an extra mm call against one bmm costs 15-25 MFLOP
+# of the bmm's own speed (27-52 us at 340-730 GFLOP/s, [256..512, 128] @ [128, 128..256],
+# one thread; scripts/measure_bmm_call_cost.py): ~5x the flops above. With this cost
+# the layer measured 1-7% faster there than with the one above (docs/performance.md).
+MM_CALL_FLOPS_AMX = 50e-6 * 3.4e11
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether torch's CPU kernels can use AMX tiles (private torch API; False without it)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
 
 
 @functools.cache
@@ -89,7 +101,9 @@ def mm_call_rows(device: torch.device, dtype: torch.dtype, flops_per_row: float)
     (fused_plan.Plan). 0 where the products are float32 (no measurable call cost)."""
     if dtype not in (torch.bfloat16, torch.float16) or default_pad_rows(device, dtype) == 1:
         return 0.0
-    return MM_CALL_FLOPS_NATIVE_LOW_PRECISION / max(flops_per_row, 1.0)
+    amx = dtype == torch.bfloat16 and _cpu_has_amx()
+    call_flops = MM_CALL_FLOPS_AMX if amx else MM_CALL_FLOPS_NATIVE_LOW_PRECISION
+    return call_flops / max(flops_per_row, 1.0)
 
 
 # Rows per block of the float32 router (for inputs of another dtype): its float32

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from moge.model import MoGETransformer
 from moge.tools.bench import cli_start, machine_info
+from moge.tools.bench_report import machine_line
 from moge.training.config import RunConfig, load_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -196,8 +197,7 @@ def format_generate_report(report: dict, title: str) -> str:
         f"decoding benchmark: {title}, {report['dtype']}, greedy, prompt {report['prompt_len']} tokens + "
         f"{report['new_tokens']} new tokens (prefill included), {report['rounds']} timed rounds after "
         f"{report['warmup']} warm-up, round-robin",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['cpu_capability']}; "
-        f"torch {m['torch']}; bf16 products: {m['bf16_products']}; transformers {m['transformers'] or 'not installed'}",
+        machine_line(m),
         f"load average (1, 5, 15 min) at start: {m['load_average']}, at end: {report.get('load_average_end')}",
         "x transformers: ratio of the median rounds, and [of each one's fastest round, the least disturbed]",
         f"{'batch':>5}  {'implementation':40} {'new tokens/s [IQR]':>24} {'ms/token':>9} {'x transformers':>15}",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from moge.model import count_parameters
 from moge.tools.bench import cli_start, machine_info
+from moge.tools.bench_report import machine_line
 from moge.tools.bench_train import dense_equivalent
 from moge.training.config import RunConfig, load_config
 from moge.training.loop import train_stepper
@@ -145,8 +146,7 @@ def format_sparsity_report(report: dict) -> str:
     rows = report["rows"]
     lines = [
         f"validation loss at {what}; {rows[0]['dtype']}, {rows[0]['eval_batches']} val batches",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['cpu_capability']}; "
-        f"torch {m['torch']}; bf16 products: {m['bf16_products']}",
+        machine_line(m),
         f"load average (1, 5, 15 min) at start: {m['load_average']}, at end: {report.get('load_average_end')}",
         f"{'model':52} {'params':>11} {'activated':>11} {'steps':>6} {'train s':>8} {'tokens/s':>9} "
         f"{'train loss':>10} {'val loss':>9}",

@@ -35,6 +35,7 @@ from moge.model import MoGETransformer
 from moge.model.compiled import compile_attention
 from moge.tools.bench import cli_start, machine_info
 from moge.tools.bench_isolated import RemoteCase
+from moge.tools.bench_report import machine_line
 from moge.tools.step_profile import format_profiles, merge_profiles, profile_steps, step_scope
 from moge.training import build_optimizer, lr_at
 from moge.training.config import RunConfig, config_from_dict, config_to_dict, load_config
@@ -361,8 +362,7 @@ def format_train_report(report: dict, title: str) -> str:
     lines = [
         f"training benchmark: {title}, {report.get('dtype', 'fp32')}, {report['tokens_per_step']} tokens per step, "
         f"{report['steps']} timed steps after {report['warmup']} warmup",
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m.get('cpu_capability')}; "
-        f"torch {m['torch']}; bf16 products: {m.get('bf16_products')}",
+        machine_line(m),
         f"load average (1, 5, 15 min) at start: {m.get('load_average')}, at end: {report.get('load_average_end')}",
         "every model in a process of its own, one step of each in turn (own oneDNN kernel cache, as when it "
         "trains alone)"

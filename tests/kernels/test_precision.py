@@ -1,6 +1,7 @@
 import torch
 from torch.testing import assert_close
 
+from moge.experts import GroupedExperts
 from moge.kernels import precision
 from moge.kernels.precision import default_pad_rows, float32_linear, matmul_dtype
 
@@ -75,9 +76,36 @@ def test_float32_products_forces_the_float32_path_inside_only(monkeypatch):
 def test_mm_call_rows_only_where_native_low_precision_calls_cost(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
+    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: False)
     rows = precision.mm_call_rows(cpu, torch.bfloat16, 1000.0)
     assert rows == precision.MM_CALL_FLOPS_NATIVE_LOW_PRECISION / 1000.0 > 0
     assert precision.mm_call_rows(cpu, torch.bfloat16, 2000.0) == rows / 2  # in rows of that work
     assert precision.mm_call_rows(cpu, torch.float32, 1000.0) == 0.0
+    # AMX: a call costs more of the (faster) kernel's work; bf16 only (AMX-BF16).
+    monkeypatch.setattr(precision, "_cpu_has_amx", lambda: True)
+    assert precision.mm_call_rows(cpu, torch.bfloat16, 1000.0) == precision.MM_CALL_FLOPS_AMX / 1000.0 > rows
+    assert precision.mm_call_rows(cpu, torch.float16, 1000.0) == rows
+    assert precision.mm_call_rows(cpu, torch.float32, 1000.0) == 0.0
     monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: False)
     assert precision.mm_call_rows(cpu, torch.bfloat16, 1000.0) == 0.0
+
+
+def test_amx_call_cost_makes_an_uneven_group_one_bmm(monkeypatch):
+    """Group 0's experts get 700, 400, 500 and 448 of T=2048 tokens (d=f=128, rows padded
+    to 16): a bmm adds 752 rows. At the AVX512-BF16 call cost the three mm calls it
+    saves are worth ~207 rows (one mm per expert); at the AMX one ~1,038 (one bmm)."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
+    T, E, K = 2048, 16, 4
+    first = torch.tensor([0] * 700 + [1] * 400 + [2] * 500 + [3] * 448)
+    ids = torch.stack([first] + [4 * g + torch.arange(T) % 4 for g in (1, 2, 3)], dim=1)
+    experts = GroupedExperts(E, 128, 128)
+    experts.experts_per_chunk = E // K
+
+    def group0_cap(amx: bool):
+        monkeypatch.setattr(precision, "_cpu_has_amx", lambda: amx)
+        plan = experts._fused_plan(ids, 128, torch.device("cpu"), torch.bfloat16)[1]
+        assert plan.chunks[0].e0 == 0 and plan.chunks[1].cap == 512  # even groups: a bmm either way
+        return plan.chunks[0].cap
+
+    assert group0_cap(False) is None
+    assert group0_cap(True) == 704

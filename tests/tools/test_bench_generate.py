@@ -79,6 +79,7 @@ def test_report_rows_and_ratio():
     assert set(report["same_tokens"]) == {1, 2}  # random init: the tokens usually agree, not asserted
     text = format_generate_report(report, "tiny")
     assert "x transformers" in text and "load average" in text and "greedy tokens" in text
+    assert report["machine"]["cpu_features"] in text  # the table names the CPU's matrix flags
 
 
 def test_moge_only_and_bad_arguments():

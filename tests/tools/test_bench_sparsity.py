@@ -32,6 +32,7 @@ def test_equal_steps_trains_every_model_and_reports_val_loss():
     dense = report["rows"][2]
     assert dense["params"] == dense["activated"] < report["rows"][0]["params"]
     assert "equal steps (3 each)" in format_sparsity_report(report)
+    assert report["machine"]["cpu_features"] in format_sparsity_report(report)  # names the matrix flags
 
 
 def test_equal_time_takes_the_steps_its_calibration_affords():

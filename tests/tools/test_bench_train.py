@@ -56,6 +56,7 @@ def test_moge_rows_train_on_the_same_batches():
     assert report["tokens_per_step"] == 32
     text = format_train_report(report, "tiny")
     assert "config as written" in text and "lm loss first->last" in text
+    assert report["machine"]["cpu_features"] in text  # the table names the CPU's matrix flags
 
 
 def test_steps_must_be_positive():
