@@ -198,6 +198,24 @@ class CountingPassWarning(UserWarning):
     """The training pass routed other tokens than the step's counting pass counted."""
 
 
+class Router(nn.Linear):
+    """The router's projection, weight [E, D]: x_TD [T, D] -> logits [T, E] in float32
+    (dtype None, whatever the input or autocast dtype) or in `dtype` (autocast off).
+
+    Called as a module, not read as `.weight` by its layer, so that a wrapper which
+    gathers parameters around a module's forward (FSDP2, parallel.mixed_precision's
+    float32 router unit) sees the call."""
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__(d_model, num_experts, bias=False)
+
+    def forward(self, x_TD: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        if dtype is None:
+            return float32_linear(x_TD, self.weight)
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return x_TD.to(dtype) @ self.weight.to(dtype).T
+
+
 class MoGELayer(nn.Module):
     """Router + E routed SwiGLU experts + an optional merged shared SwiGLU.
 
@@ -233,7 +251,7 @@ class MoGELayer(nn.Module):
             router=c.router, top_k=c.top_k, num_groups=c.num_groups, topk_groups=c.topk_groups,
             group_score=c.group_score, normalize_weights=c.normalize_weights, route_scale=c.route_scale,
         )  # fmt: skip
-        self.router = nn.Linear(c.d_model, c.num_experts, bias=False)
+        self.router = Router(c.d_model, c.num_experts)
         self.experts = GroupedExperts(c.num_experts, c.d_model, c.expert_hidden, c.expert_impl)
         # One group per chunk of the fused path: under the grouped router every chunk
         # then holds exactly T*K/M slots, so its buffers have the same size every call.
@@ -334,15 +352,14 @@ class MoGELayer(nn.Module):
 
     def _router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and scores [T, E] in float32 whatever the input or autocast dtype."""
-        logits_TE = float32_linear(x_TD, self.router.weight)
+        logits_TE = self.router(x_TD)
         return logits_TE, compute_scores(logits_TE, self.config.score_func)
 
     def _input_dtype_router_scores(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """router_dtype "input": logits [T, E] in the compute dtype (the input's, or
         autocast's), as the released code does; scores [T, E] in float32 as there."""
         dtype = self._compute_dtype(x_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = x_TD.to(dtype) @ self.router.weight.to(dtype).T
+        logits_TE = self.router(x_TD, dtype)
         return logits_TE, compute_scores(logits_TE, self.config.score_func)
 
     def _balance_loss(

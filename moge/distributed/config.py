@@ -21,6 +21,9 @@ class ParallelConfig:
     data_parallel: int | None = None  # mesh dim "dp"; None: WORLD_SIZE / expert_parallel
     backend: str | None = None  # gloo or nccl; None: nccl with train.device=cuda, else gloo
     static_splits: bool | None = None  # None: on for the quota routers (grouped, random)
+    # FSDP2 gathers blocks in bf16 (no autocast copy kept for backward); the router, the
+    # gradient reduction, the shards and AdamW stay float32. Needs train.dtype bfloat16.
+    mixed_precision: bool = False  # FSDP2 bf16 blocks, float32 router and grad reduction
 
     def __post_init__(self) -> None:
         check_int("parallel.expert_parallel", self.expert_parallel, minimum=1)
@@ -29,3 +32,4 @@ class ParallelConfig:
             check_choice("parallel.backend", self.backend, BACKENDS)
         if self.static_splits is not None:
             check_bool("parallel.static_splits", self.static_splits)
+        check_bool("parallel.mixed_precision", self.mixed_precision)

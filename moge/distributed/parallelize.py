@@ -8,7 +8,13 @@ On a ("dp", "ep") mesh of dp * ep ranks (moge.distributed.mesh), as torchtitan d
 - everything else (embeddings, attention, norms, router, shared experts, expert
   scales, the LM head): FSDP2 over all dp * ep ranks (Shard(0)), one unit per block
   plus the root;
-- every MoGE layer sums its slot counts over all ranks (GlobalLoadMoGE).
+- every MoGE layer sums its slot counts over all ranks (GlobalLoadMoGE);
+- with mixed_precision (parallel.mixed_precision), FSDP2's MixedPrecisionPolicy: the
+  blocks' and experts' parameters are all-gathered in bf16 and their gradients
+  reduce-scattered in float32, while the router (whose logits and scores are float32,
+  as in the released code) and the root's embedding, final norm and LM head keep
+  float32 parameters; block inputs are not cast, so the residual stream stays float32
+  as under autocast. The shards, the optimizer and the checkpoints stay float32.
 
 Gradients: FSDP2 reduce-scatters and averages them over each parameter's mesh. An
 expert's gradient already holds the sum over the ep ranks whose tokens reached it, so
@@ -25,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 # What DTensor itself (and DCP) computes for a shard's place in the whole tensor.
@@ -61,33 +67,58 @@ def _swap_layers(model: nn.Module, world: World, static_splits: bool | None) -> 
             setattr(parent, name, new)
 
 
-def _shard_experts(layer: ExpertParallelMoGE, world: World) -> None:
+# bf16 parameters for the blocks' products, float32 gradient reduction; inputs are
+# left as they come (the float32 residual stream, as under autocast).
+BF16_PARAMS = MixedPrecisionPolicy(
+    param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+)
+FLOAT32 = MixedPrecisionPolicy()  # parameters used as they are stored
+
+
+def _shard_experts(layer: ExpertParallelMoGE, world: World, policy: MixedPrecisionPolicy) -> None:
     # Shard(1): the first axis is already cut by "ep"; the checkpoint view stays one
     # DTensor over the 2-D mesh ([Shard(1), Shard(0)] on ("dp", "ep")).
-    fully_shard(layer.experts, mesh=_mesh(world)["dp"], shard_placement_fn=lambda p: Shard(1))
+    fully_shard(
+        layer.experts, mesh=_mesh(world)["dp"], shard_placement_fn=lambda p: Shard(1), mp_policy=policy
+    )
     layer.experts.grad_scale = 1.0 / world.shape.ep  # FSDP2 then divides by dp: the world mean
 
 
-def parallelize(model: nn.Module, world: World, static_splits: bool | None = None) -> nn.Module:
+def _keep_routers_float32(module: nn.Module, world: World) -> None:
+    """The MoGE layers' routers as FSDP2 units of their own, float32 parameters."""
+    for m in module.modules():
+        if isinstance(m, MoGELayer) and not isinstance(m.router, FSDPModule):
+            fully_shard(m.router, mesh=world.fsdp_mesh, mp_policy=FLOAT32)
+
+
+def parallelize(
+    model: nn.Module, world: World, static_splits: bool | None = None, mixed_precision: bool = False
+) -> nn.Module:
     """Apply the plan (module docstring) to `model` in place; returns it.
 
-    A world of one process is left as it is. `model` is either on the meta device
-    (training: then `materialize` allocates and initialises this rank's shards) or the
-    same full model on every rank (each keeps its share). Expects MoGETransformer's
-    structure (`blocks`), or any module whose MoGE layers are its own children.
+    A world of one process is left as it is (there, train.dtype bfloat16 is autocast
+    alone). `model` is either on the meta device (training: then `materialize`
+    allocates and initialises this rank's shards) or the same full model on every rank
+    (each keeps its share). Expects MoGETransformer's structure (`blocks`), or any
+    module whose MoGE layers are its own children.
     """
     if world.size == 1:
         return model
+    policy = BF16_PARAMS if mixed_precision else FLOAT32
     _swap_layers(model, world, static_splits)
     for block in getattr(model, "blocks", []):
         ffn = getattr(block, "ffn", None)
         if isinstance(ffn, ExpertParallelMoGE):
-            _shard_experts(ffn, world)
-        fully_shard(block, mesh=world.fsdp_mesh)
+            _shard_experts(ffn, world, policy)
+        if mixed_precision:
+            _keep_routers_float32(block, world)
+        fully_shard(block, mesh=world.fsdp_mesh, mp_policy=policy)
     for m in model.modules():  # MoGE layers outside blocks (a bare layer)
         if isinstance(m, ExpertParallelMoGE) and not isinstance(m.experts, FSDPModule):
-            _shard_experts(m, world)
-    fully_shard(model, mesh=world.fsdp_mesh)
+            _shard_experts(m, world, policy)
+    if mixed_precision:
+        _keep_routers_float32(model, world)
+    fully_shard(model, mesh=world.fsdp_mesh)  # embedding, final norm, LM head: float32
     return model
 
 

@@ -9,12 +9,15 @@ exactly (fp32, rank 0, the busiest under torch.chunk's rounding): replicated ten
 are FSDP2-sharded over all N devices on their first axis, routed experts cut to J by
 ep and their second axis FSDP2-sharded over dp; they are what moge.distributed.
 parallelize.materialize allocates on a rank. FSDP2's all-gather buffers hold one
-block unsharded (two with prefetch) and its unsharded gradient. Activations are an
+block unsharded (two with prefetch) and its unsharded gradient (in bf16, with a float32
+copy for the reduce-scatter, under parallel.mixed_precision, which also keeps no bf16
+copy of the block weights for backward). Activations are an
 estimate counted per op for the device's kernels (moge.tools.plan_activations).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,6 +44,7 @@ class MemoryPlan:
     micro_batch: int
     dtype: str
     checkpointing: bool
+    mixed_precision: bool  # parallel.mixed_precision on several devices: no bf16 weight copies kept
     params: int
     grads: int
     optimizer: int
@@ -77,8 +81,10 @@ def _meta_model(cfg: RunConfig) -> MoGETransformer:
         return MoGETransformer(cfg.model, cfg.moe)
 
 
-def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape) -> int:
-    """Two blocks' parameters all-gathered (one prefetched) and one block's unsharded grads."""
+def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape, mixed_precision: bool) -> int:
+    """Two blocks' parameters all-gathered (one prefetched) and one block's unsharded
+    grads: float32, or with mixed precision bf16 parameters (the router's float32) and
+    bf16 gradients plus their float32 copy for the reduce-scatter."""
     if mesh.world == 1:
         return 0
     unit = 0
@@ -86,9 +92,10 @@ def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape) -> int:
         size = 0
         for name, p in block.named_parameters():
             numel = p.numel() // mesh.ep if name.endswith(EXPERT_KEYS) else p.numel()
-            size += numel * 4
+            low = mixed_precision and not name.endswith("router.weight")
+            size += numel * ((2 * 2 + 2 + 4) if low else 3 * 4)
         unit = max(unit, size)
-    return 3 * unit
+    return unit
 
 
 def memory_plan(
@@ -118,12 +125,18 @@ def memory_plan(
     optimizer = 2 * params + 4 * len(numels)  # exp_avg, exp_avg_sq; one fp32 step per tensor
     micro = cfg.train.batch_size if micro_batch is None else micro_batch
     act_dtype = cfg.train.dtype if dtype is None else dtype
+    if cfg.parallel.mixed_precision and act_dtype != "bfloat16":
+        raise ValueError(f"--dtype: parallel.mixed_precision runs the blocks in bfloat16, not {act_dtype}")
+    mixed = cfg.parallel.mixed_precision and mesh.world > 1  # one process: autocast alone
     paths = paths_for(cfg, device, act_dtype, micro, mesh.ep > 1)
-    acts = activations(cfg, micro, paths, checkpointing, weights_used(model, mesh.ep, paths))
+    weights = weights_used(model, mesh.ep, paths)
+    if mixed:  # FSDP2 frees its bf16 unsharded parameters after each block: no copies kept
+        weights = dataclasses.replace(weights, casts=[0] * len(weights.casts))
+    acts = activations(cfg, micro, paths, checkpointing, weights)
     return MemoryPlan(
         devices=devices, dp=mesh.dp, ep=mesh.ep, micro_batch=micro, dtype=act_dtype,
-        checkpointing=checkpointing, params=params, grads=params, optimizer=optimizer,
-        fsdp_buffers=_fsdp_buffers(model, mesh), activations=acts.peak,
+        checkpointing=checkpointing, mixed_precision=mixed, params=params, grads=params, optimizer=optimizer,
+        fsdp_buffers=_fsdp_buffers(model, mesh, mixed), activations=acts.peak,
         device_bytes=int(device_gb * GIB),
     )  # fmt: skip
 
@@ -135,6 +148,8 @@ def _gib(n: int) -> str:
 def format_plan(cfg: RunConfig, plans: list[MemoryPlan]) -> str:
     """A table: one column per plan, one row per kind of memory."""
     head = f"{cfg.name}: per-device memory (rank 0), fp32 weights + AdamW, activations in the given dtype"
+    if cfg.parallel.mixed_precision:
+        head += "; FSDP2 mixed precision (bf16 blocks) on more than one device"
     rows = [
         ("devices (dp x ep)", lambda p: f"{p.devices} ({p.dp} x {p.ep})"),
         ("micro-batch, act. ckpt", lambda p: f"{p.micro_batch}, {'on' if p.checkpointing else 'off'}"),

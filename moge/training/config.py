@@ -178,6 +178,11 @@ class RunConfig:
                 f"parallel.backend: {p.backend} does not fit train.device={self.train.device} "
                 "(nccl is for cuda, gloo for cpu; leave it null to choose automatically)"
             )
+        if p.mixed_precision and self.train.dtype != "bfloat16":
+            raise ValueError(
+                f"parallel.mixed_precision: casts the parameters to bf16, which needs train.dtype "
+                f"bfloat16 (got {self.train.dtype})"
+            )
         if p.static_splits and self.moe.router not in QUOTA_ROUTERS:
             raise ValueError(
                 f"parallel.static_splits: the {self.moe.router} router gives no per-group quota, so its "

@@ -132,9 +132,13 @@ def _open_run(cfg: RunConfig, world: World, out_dir: Path, dataset, start: int, 
     params = count_parameters(cfg.model, cfg.moe)
     tqdm.write(f"{cfg.name}: {format_params(params.total)} parameters, {format_params(params.activated)} "
                f"activated; data: {dataset.source}; out_dir: {out_dir}")  # fmt: skip
+    mixed = cfg.parallel.mixed_precision
     if world.size > 1:
         tqdm.write(f"parallel: {world.size} processes, mesh dp={world.shape.dp} x ep={world.shape.ep} "
-                   "(FSDP2 over all ranks, experts over ep then FSDP2 over dp)")  # fmt: skip
+                   "(FSDP2 over all ranks, experts over ep then FSDP2 over dp"
+                   + ("; mixed precision: bf16 blocks, float32 router and gradient reduction)" if mixed else ")"))  # fmt: skip
+    elif mixed:
+        tqdm.write("parallel.mixed_precision: one process, no FSDP2: bf16 autocast on float32 weights")
     records = []
     if ckpt is not None:
         tqdm.write(f"resuming from {ckpt} (step {start})" + "".join(f"; applied {c}" for c in changes))
@@ -331,7 +335,7 @@ def _build(cfg: RunConfig, world: World) -> tuple[MoGETransformer, torch.optim.O
     torch.manual_seed(cfg.train.seed)
     with torch.device("meta"):
         model = MoGETransformer(cfg.model, cfg.moe)
-    parallelize(model, world, cfg.parallel.static_splits)
+    parallelize(model, world, cfg.parallel.static_splits, cfg.parallel.mixed_precision)
     materialize(model, world).train()  # the init seed: the first draw of the generator just seeded
     if cfg.train.compile:
         rng = torch.get_rng_state()

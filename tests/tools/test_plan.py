@@ -98,3 +98,25 @@ def test_plan_prints_a_column_per_device_count(capsys):
     assert main(["plan", "configs/tiny-moge.yaml", "--devices", "2", "4", "--mesh", "ep=2"]) == 0
     out = capsys.readouterr().out
     assert "2 (1 x 2)" in out and "4 (2 x 2)" in out and "AdamW state" in out
+
+
+def test_mixed_precision_drops_the_weight_copies_and_halves_the_gathered_blocks():
+    raw = {**RAW, "train": {"batch_size": 2, "dtype": "bfloat16"}}
+    auto = config_from_dict(raw)
+    mixed = config_from_dict({**raw, "parallel": {"mixed_precision": True}})
+    from moge.tools.plan import _meta_model
+    from moge.tools.plan_activations import paths_for, weights_used
+
+    paths = paths_for(auto, "cuda", "bfloat16", 2, expert_parallel=True)
+    copies = 2 * sum(weights_used(_meta_model(auto), 2, paths).casts)  # what autocast keeps, bf16
+    a, m = memory_plan(auto, 2, expert_parallel=2), memory_plan(mixed, 2, expert_parallel=2)
+    assert copies > 0 and not a.mixed_precision and m.mixed_precision
+    assert a.activations - m.activations == copies
+    assert (a.params, a.grads, a.optimizer) == (m.params, m.grads, m.optimizer)  # the shards stay float32
+    # 12 bytes an element (two float32 blocks, one float32 gradient) -> 10 (two bf16
+    # blocks, a bf16 gradient and its float32 copy); the router stays float32.
+    assert 10 / 12 <= m.fsdp_buffers / a.fsdp_buffers < 10 / 12 + 0.02
+    one = memory_plan(mixed, 1)  # one process: no FSDP2, autocast alone
+    assert not one.mixed_precision and one == memory_plan(auto, 1)
+    with pytest.raises(ValueError, match=r"^--dtype: parallel\.mixed_precision runs the blocks in bfloat16"):
+        memory_plan(mixed, 2, dtype="float32")

@@ -325,7 +325,7 @@ FIELD_ERRORS = [
     (
         {"parallel.ranks": 2},
         [],
-        "parallel.ranks: unknown key; valid keys: backend, data_parallel, expert_parallel, static_splits",
+        "parallel.ranks: unknown key; valid keys: backend, data_parallel, expert_parallel, mixed_precision, static_splits",
     ),
     ({}, ["parallel.expert_parallel=8"], "parallel.expert_parallel: 8 ranks"),
     ({"name": 5}, [], "name"),
