@@ -590,13 +590,23 @@ def load_run(
     run_dir: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[MoGETransformer, RunConfig, int]:
     """(model in eval mode, its config, step) of a run's newest checkpoint, in one
-    process whatever world size wrote it."""
+    process whatever world size wrote it.
+
+    Built on the meta device and allocated uninitialised on map_location: the checkpoint
+    writes every parameter and persistent buffer (load_checkpoint checks that its keys
+    are the model's), so an init would be wasted work; the other buffers come from the
+    config (init_buffers)."""
     from moge.model import MoGETransformer  # model imports config only; keep this module light
+    from moge.model.init import init_buffers
     from moge.training.limits import check_model_fits
 
     cfg = checkpoint_config(run_dir)
-    check_model_fits(cfg, f"{find_checkpoint(run_dir) / STATE}", str(torch.device(map_location).type))
-    model = MoGETransformer(cfg.model, cfg.moe).to(map_location)
+    device = torch.device(map_location)
+    check_model_fits(cfg, f"{find_checkpoint(run_dir) / STATE}", str(device.type))
+    with torch.device("meta"):
+        model = MoGETransformer(cfg.model, cfg.moe)
+    model.to_empty(device=device)
+    init_buffers(model, device)
     step = load_checkpoint(run_dir, model)
     return model.eval(), cfg, step
 

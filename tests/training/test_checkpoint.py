@@ -221,3 +221,24 @@ def test_load_run_builds_model_from_saved_config(tmp_path):
     assert step == 3 and cfg2 == cfg and not loaded.training
     x_BL = torch.arange(16)[None]
     assert_close(loaded(x_BL).logits, model.eval()(x_BL).logits, rtol=0, atol=0)
+
+
+def test_load_run_skips_the_init_and_fills_every_tensor(tmp_path, monkeypatch):
+    cfg, model, opt, gen = trained()
+    save_checkpoint(tmp_path, 3, model, opt, gen, cfg, keep_last=1)
+    ref = MoGETransformer(cfg.model, cfg.moe)  # a fresh model's buffers
+
+    def no_init(self, *args, **kwargs):
+        raise AssertionError("load_run initialised weights the checkpoint overwrites")
+
+    monkeypatch.setattr(MoGETransformer, "init_weights", no_init)
+    loaded, _, _ = load_run(tmp_path)
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():  # bitwise: parameters and persistent buffers (the balance biases)
+        assert_close(got[k], v, rtol=0, atol=0, msg=k)
+    # Buffers not in the checkpoint come from the config, as in a fresh model.
+    for (name, b), (_, r) in zip(loaded.named_buffers(), ref.named_buffers()):
+        if name not in want:
+            assert_close(b, r, rtol=0, atol=0, msg=name)
