@@ -32,10 +32,13 @@ from moge.training.config import config_from_dict
 STEPS = 4
 
 
-def make_cfg(out_dir, expert_parallel: int = 1, mixed_precision: bool = False, **train_kw):
+def make_cfg(
+    out_dir, expert_parallel: int = 1, mixed_precision: bool = False, checkpointing: bool = False, **train_kw
+):
     raw = {
         "name": "tiny-mp",
-        "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32},
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32,
+                  "activation_checkpointing": checkpointing},
         "moe": {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 16, "num_shared_experts": 1,
                 "learned_expert_scale": True, "aux_loss_coef": 0.01},
         "data": {"seq_len": 32},
@@ -106,6 +109,7 @@ def _worker(rank: int, world: int, root: str) -> None:
         train(make_cfg(root / "autocast", 2), progress=False)
         train(make_cfg(root / "mp_ep2", 2, True), progress=False)
         train(make_cfg(root / "mp_dp2", 1, True), progress=False)
+        train(make_cfg(root / "mp_ep2_ckpt", 2, True, checkpointing=True), progress=False)
         _probe(root, rank, False)
         _probe(root, rank, True)
     finally:
@@ -137,6 +141,12 @@ def test_mixed_precision_follows_the_autocast_run(runs):
         # gradients leave the fused kernel in bf16: measured within 3e-5 of the loss.
         assert_close(got, ref, rtol=1e-3, atol=0, msg=name)
         assert got != ref, f"{name}: bitwise equal to autocast: was the policy applied at all?"
+
+
+def test_mixed_precision_with_activation_checkpointing(runs):
+    # The recompute gathers the block's bf16 parameters again: the same products, the same loss.
+    # (measured bitwise equal)
+    assert_close(_losses(runs / "mp_ep2_ckpt"), _losses(runs / "mp_ep2"), rtol=0, atol=0)
 
 
 def test_blocks_run_on_bf16_weights_while_the_router_and_root_stay_float32(runs):
