@@ -87,7 +87,7 @@ def _shard_experts(layer: ExpertParallelMoGE, world: World, policy: MixedPrecisi
 def _keep_routers_float32(module: nn.Module, world: World) -> None:
     """The MoGE layers' routers as FSDP2 units of their own, float32 parameters."""
     for m in module.modules():
-        if isinstance(m, MoGELayer) and not isinstance(m.router, FSDPModule):
+        if isinstance(m, MoGELayer):
             fully_shard(m.router, mesh=world.fsdp_mesh, mp_policy=FLOAT32)
 
 
@@ -106,18 +106,16 @@ def parallelize(
         return model
     policy = BF16_PARAMS if mixed_precision else FLOAT32
     _swap_layers(model, world, static_splits)
+    if mixed_precision:  # innermost units first, as FSDP2 nests them
+        _keep_routers_float32(model, world)
     for block in getattr(model, "blocks", []):
         ffn = getattr(block, "ffn", None)
         if isinstance(ffn, ExpertParallelMoGE):
             _shard_experts(ffn, world, policy)
-        if mixed_precision:
-            _keep_routers_float32(block, world)
         fully_shard(block, mesh=world.fsdp_mesh, mp_policy=policy)
     for m in model.modules():  # MoGE layers outside blocks (a bare layer)
         if isinstance(m, ExpertParallelMoGE) and not isinstance(m.experts, FSDPModule):
             _shard_experts(m, world, policy)
-    if mixed_precision:
-        _keep_routers_float32(model, world)
     fully_shard(model, mesh=world.fsdp_mesh)  # embedding, final norm, LM head: float32
     return model
 

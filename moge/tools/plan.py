@@ -27,7 +27,7 @@ from moge.distributed.config import ParallelConfig
 from moge.distributed.expert_parallel import EXPERT_KEYS
 from moge.distributed.mesh import MeshShape, plan_mesh
 from moge.model import MoGETransformer
-from moge.tools.plan_activations import activations, paths_for, weights_used
+from moge.tools.plan_activations import Paths, Weights, activations, paths_for, weights_used
 from moge.training.config import RunConfig
 
 USABLE = 0.9  # share of a device's memory a plan may fill (allocator, CUDA context, fragmentation)
@@ -98,6 +98,14 @@ def _fsdp_buffers(model: MoGETransformer, mesh: MeshShape, mixed_precision: bool
     return unit
 
 
+def weights_kept(model: MoGETransformer, ep: int, paths: Paths, mixed_precision: bool) -> Weights:
+    """plan_activations.weights_used, less the bf16 weight copies autocast keeps for
+    backward where parallel.mixed_precision runs (FSDP2 frees its bf16 unsharded
+    parameters after each block instead)."""
+    weights = weights_used(model, ep, paths)
+    return dataclasses.replace(weights, casts=[0] * len(weights.casts)) if mixed_precision else weights
+
+
 def memory_plan(
     cfg: RunConfig,
     devices: int,
@@ -129,10 +137,7 @@ def memory_plan(
         raise ValueError(f"--dtype: parallel.mixed_precision runs the blocks in bfloat16, not {act_dtype}")
     mixed = cfg.parallel.mixed_precision and mesh.world > 1  # one process: autocast alone
     paths = paths_for(cfg, device, act_dtype, micro, mesh.ep > 1)
-    weights = weights_used(model, mesh.ep, paths)
-    if mixed:  # FSDP2 frees its bf16 unsharded parameters after each block: no copies kept
-        weights = dataclasses.replace(weights, casts=[0] * len(weights.casts))
-    acts = activations(cfg, micro, paths, checkpointing, weights)
+    acts = activations(cfg, micro, paths, checkpointing, weights_kept(model, mesh.ep, paths, mixed))
     return MemoryPlan(
         devices=devices, dp=mesh.dp, ep=mesh.ep, micro_batch=micro, dtype=act_dtype,
         checkpointing=checkpointing, mixed_precision=mixed, params=params, grads=params, optimizer=optimizer,

@@ -7,7 +7,6 @@ sees in forward, and counts what autograd keeps; the parent compares.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ import moge.training.loop as loop_mod
 from moge.distributed.config import ParallelConfig
 from moge.distributed.mesh import connect
 from moge.distributed.parallelize import local
-from moge.tools.plan import _meta_model
+from moge.tools.plan import _meta_model, weights_kept
 from moge.tools.plan_activations import activations, paths_for, weights_used
 from moge.training import train
 from moge.training.checkpoint import load_run
@@ -178,8 +177,7 @@ def test_mixed_precision_keeps_no_bf16_copy_of_the_weights(runs):
 def test_the_memory_plan_follows_what_mixed_precision_keeps(runs):
     cfg = make_cfg(runs / "unused", 2, True)
     paths = paths_for(cfg, "cpu", "bfloat16", 2, expert_parallel=True)
-    weights = weights_used(_meta_model(cfg), 2, paths)
-    planned = activations(cfg, 2, paths, False, dataclasses.replace(weights, casts=[0] * len(weights.casts)))
+    planned = activations(cfg, 2, paths, False, weights_kept(_meta_model(cfg), 2, paths, True))
     for rank in range(2):
         held = _probe_report(runs, "mp", rank)["held"]
         # tolerance as for the float32 shards (tests/distributed/test_distributed_train.py)

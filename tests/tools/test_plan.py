@@ -100,7 +100,7 @@ def test_plan_prints_a_column_per_device_count(capsys):
     assert "2 (1 x 2)" in out and "4 (2 x 2)" in out and "AdamW state" in out
 
 
-def test_mixed_precision_drops_the_weight_copies_and_halves_the_gathered_blocks():
+def test_mixed_precision_drops_the_weight_copies_and_shrinks_the_gathered_blocks():
     raw = {**RAW, "train": {"batch_size": 2, "dtype": "bfloat16"}}
     auto = config_from_dict(raw)
     mixed = config_from_dict({**raw, "parallel": {"mixed_precision": True}})
