@@ -163,8 +163,9 @@ class Plan:
         return self.flat_P, self.tok_P
 
     def combine_rows(self, T: int, cols: int) -> list[tuple[Tensor, ...]]:
-        """For every chunk (one group g, one token block), the chunk-local row that holds
-        column g*cols + j of each of its block's tokens, j = 0..cols-1 (see _Combine)."""
+        """For every chunk of the first group (one per token block), the chunk-local row
+        that holds column j of each of its block's tokens, j = 0..cols-1; () for the
+        chunks of the other groups, which _Combine adds by token instead."""
         if self._combine_rows is None:
             assert self.flat_P is not None, "bind() first"
             flat_P, rows_P = self.flat_P, torch.arange(self.num_rows, device=self.flat_P.device)
@@ -175,8 +176,11 @@ class Plan:
             tokens = self.block_tokens if self.blocks > 1 else max(T, 1)
             self._combine_rows = []
             for c in self.chunks:
-                g, t0 = c.e0 // self.per_chunk, c.block * tokens
-                local = rows_TK[t0 : t0 + tokens, g * cols : (g + 1) * cols] - c.rows.start
+                if c.e0 > 0:
+                    self._combine_rows.append(())
+                    continue
+                t0 = c.block * tokens
+                local = rows_TK[t0 : t0 + tokens, :cols] - c.rows.start
                 self._combine_rows.append(local.T.contiguous().unbind(0))
         return self._combine_rows
 

@@ -78,7 +78,7 @@ def test_fused_layouts_zero_tokens_and_frozen_weights(pad, chunk, waste, chunk_b
 )
 @pytest.mark.parametrize("K", [2, 4])
 def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K):
-    """Chunks equal to MoGE groups combine by gathers (no scatter); K/M = 1 and 2."""
+    """Chunks equal to MoGE groups: the first group gathers, later ones add by token; K/M = 1 and 2."""
     gen = torch.Generator().manual_seed(5)
     T, D, Fh, E, M = 37, 12, 8, 8, 2
     x = torch.randn(T, D, generator=gen)
@@ -96,6 +96,35 @@ def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K):
     )
     for a, b in zip(fast, ref):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize("pad,chunk_bytes", [(8, None), (8, 600)])
+def test_group_aligned_combine_keeps_a_non_finite_token_to_itself(pad, chunk_bytes):
+    """The later groups add their rows by token (index_add_), padding rows included: a
+    padding row repeats a slot of the NaN token and adds to that token only."""
+    gen = torch.Generator().manual_seed(6)
+    T, D, Fh, E, M, K = 37, 12, 8, 8, 2, 2
+    x = torch.randn(T, D, generator=gen)
+    ids = grouped_ids(T, E, M, K, gen)
+    w = torch.rand(T, K, generator=gen)
+    torch.manual_seed(0)
+    experts = set_layout(GroupedExperts(E, D, Fh), pad, E // M, 0.0, chunk_bytes)
+    experts.reset_parameters(0.3)
+    order, plan, _ = experts._fused_plan(ids, D, x.device, x.dtype)
+    _, tok_P = plan.bind(order, K)
+    assert plan.pad_P is not None
+    later = [c for c in plan.chunks if c.e0 > 0]  # chunks that add by token
+    pads = [r for r in plan.pad_P.tolist() if any(c.rows.start <= r < c.rows.stop for c in later)]
+    assert pads, "the layout has padding rows in a later group"
+    bad = int(tok_P[pads[0]])  # the token whose slot that padding row repeats
+    x[bad] = float("nan")
+    fast = grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    ref = grads(
+        lambda x, w: reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD), x, w, experts
+    )
+    for a, b in zip(fast, ref):
+        assert_close(a, b, equal_nan=True)
+    assert fast[0][torch.arange(T) != bad].isfinite().all()
 
 
 @pytest.mark.slow  # torch.compile takes tens of seconds on two cores

@@ -131,10 +131,14 @@ def test_combine_rows_point_at_the_rows_holding_each_tokens_columns(pad, blocks)
     flat_P, tok_P = plan.bind(order, K)
     assert torch.equal(tok_P, flat_P // K)
     rows = plan.combine_rows(T, cols)
-    for c, per_col in zip(plan.chunks, rows):
-        g, t0 = c.e0 // per_chunk, c.block * block_tokens
+    assert len(rows) == len(plan.chunks)
+    first = [(c, per_col) for c, per_col in zip(plan.chunks, rows) if c.e0 == 0]
+    assert len(first) == blocks  # the first group's chunk of every token block
+    assert all(per_col == () for c, per_col in zip(plan.chunks, rows) if c.e0 > 0)  # added by token
+    for c, per_col in first:
+        t0 = c.block * block_tokens
         tokens = torch.arange(t0, min(T, t0 + block_tokens))
         assert len(per_col) == cols
         for j, local in enumerate(per_col):
-            # The row of chunk c at `local` holds slot t*K + g*cols + j of token t.
-            assert torch.equal(flat_P[c.rows][local], tokens * K + g * cols + j)
+            # The row of chunk c at `local` holds slot t*K + j of token t.
+            assert torch.equal(flat_P[c.rows][local], tokens * K + j)
