@@ -12,6 +12,8 @@ tests/reference.py, forward and backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F_
 from einops import rearrange
@@ -40,6 +42,7 @@ __all__ = [
     "resolve_impl",
     "run_experts",
     "sort_slots",
+    "swiglu_act",
 ]
 
 EXPERT_IMPLS = ("auto", "fused", "grouped_mm", "loop")
@@ -58,10 +61,18 @@ def _linear(x: Tensor, w: Tensor) -> Tensor:
         return F_.linear(x.to(dtype).to(mm), w.to(dtype).to(mm)).to(dtype)
 
 
+def swiglu_act(h: Tensor) -> Tensor:
+    """silu(gate) * up of the fused [..., 2F] projection [gate | up] -> [..., F]."""
+    gate, up = h.chunk(2, dim=-1)
+    return F_.silu(gate) * up
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU FFN, no bias: down(silu(gate(x)) * up(x)), gate and up fused.
 
-    Used for the shared experts (added unweighted) and for dense blocks.
+    Used for the shared experts (added unweighted) and for dense blocks. `compiled_act`
+    (None: eager) is swiglu_act through torch.compile, set by moge.model.compiled for
+    training steps (train.compile): used only in training mode with gradients on.
     """
 
     def __init__(self, d_model: int, hidden: int) -> None:
@@ -69,11 +80,14 @@ class SwiGLU(nn.Module):
         self.hidden = hidden
         self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.compiled_act: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> [..., D]."""
-        gate, up = _linear(x, self.w_gate_up.weight).chunk(2, dim=-1)
-        return _linear(F_.silu(gate) * up, self.w_down.weight)
+        h = _linear(x, self.w_gate_up.weight)
+        if self.compiled_act is not None and self.training and torch.is_grad_enabled():
+            return _linear(self.compiled_act(h), self.w_down.weight)
+        return _linear(swiglu_act(h), self.w_down.weight)
 
 
 # --- other paths ---------------------------------------------------------------------

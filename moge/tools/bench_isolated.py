@@ -15,7 +15,7 @@ one process computes at a time; the others wait on their pipe).
 
 The child is `python -m moge.tools.bench_isolated`; driver and child speak JSON lines
 (nothing is pickled, as everywhere in moge). RemoteCase has TrainCase's interface
-(step, set_autocast, compile_attention, profile_step, summary); the child builds its
+(step, set_autocast, compile_model, profile_step, summary); the child builds its
 case with `builder(spec)`, builder named "module:function" and spec JSON data.
 """
 
@@ -62,8 +62,8 @@ def _run(case: Any, method: str, args: list) -> Any:
         return _encode_profile(case.profile_step(_unpack(args[0]), _unpack(args[1]), *args[2:]))
     if method == "set_autocast":
         return case.set_autocast(None if args[0] is None else _DTYPES[args[0]])
-    if method == "compile_attention":
-        return case.compile_attention(tuple(args[0]))
+    if method == "compile_model":
+        return case.compile_model(tuple(args[0]))
     if method == "summary":
         return case.summary()
     raise ValueError(f"unknown benchmark worker call {method!r}")
@@ -141,8 +141,8 @@ class RemoteCase:
         assert (name is None) == (dtype is None), f"no JSON name for {dtype}"
         self._call("set_autocast", name)
 
-    def compile_attention(self, shape: tuple[int, int]) -> str | None:
-        return self._call("compile_attention", list(shape))
+    def compile_model(self, shape: tuple[int, int]) -> str | None:
+        return self._call("compile_model", list(shape))
 
     def step(self, x_BL: Tensor, y_BL: Tensor, lr: float, grad_clip: float, record: bool) -> None:
         self._call("step", _pack(x_BL), _pack(y_BL), lr, grad_clip, record)

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moge.model import MoGETransformer
-from moge.model.compiled import compile_attention
+from moge.model.compiled import compile_model
 from moge.tools.bench import cli_start, machine_info
 from moge.tools.bench_isolated import RemoteCase
 from moge.tools.bench_report import machine_line
@@ -88,10 +88,10 @@ class TrainCase:
     def set_autocast(self, dtype: torch.dtype | None) -> None:
         self.autocast = dtype
 
-    def compile_attention(self, shape: tuple[int, int]) -> str | None:
+    def compile_model(self, shape: tuple[int, int]) -> str | None:
         """train.compile on a moge model: None, or why torch.compile failed (then eager)."""
-        assert isinstance(self.model, MoGETransformer), "only moge models compile their attention"
-        return compile_attention(self.model, shape, self.autocast)
+        assert isinstance(self.model, MoGETransformer), "only moge models compile (train.compile)"
+        return compile_model(self.model, shape, self.autocast)
 
     def profile_step(self, x_BL: Tensor, y_BL: Tensor, lr: float, grad_clip: float) -> dict:
         """One more step (unrecorded) under the profiler (moge.tools.step_profile)."""
@@ -301,9 +301,14 @@ def _run_cases(
     for case, name in zip(cases, names):
         if compile and not _is_peer(name):
             log(f"  compiling {name}")
-            reason = case.compile_attention((tc.batch_size, cfg.data.seq_len))
+            reason = case.compile_model((tc.batch_size, cfg.data.seq_len))
             notes.append(
-                f"{name}: " + (f"torch.compile failed ({reason}), eager" if reason else "attention compiled")
+                f"{name}: "
+                + (
+                    f"torch.compile failed ({reason}), eager"
+                    if reason
+                    else "attention and FFN elementwise compiled"
+                )
             )
     gen = torch.Generator().manual_seed(seed)
     for i in range(warmup + steps):
@@ -412,7 +417,8 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="moge models only")
     p.add_argument(
         "--compile", action="store_true",
-        help="moge models (and the dense twin) with their attention halves through torch.compile (train.compile)",
+        help="moge models (and the dense twin) with their attention halves and FFN elementwise work through "
+        "torch.compile (train.compile)",
     )  # fmt: skip
     p.add_argument(
         "--profile", type=int, default=0, metavar="N",

@@ -81,7 +81,7 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in out_dir
     device: str = "cpu"  # cpu or cuda
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
-    compile: bool = False  # torch.compile every block's attention half; eager (warned) where it fails
+    compile: bool = False  # torch.compile attention halves + FFN elementwise; eager (warned) if it fails
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last"):

@@ -40,7 +40,7 @@ from moge.distributed.mesh import World, close, connect, single_process
 from moge.distributed.parallelize import clip_grads_, grad_norm, materialize, parallelize
 from moge.dropin import counting_pass
 from moge.model import MoGETransformer, count_parameters, format_params
-from moge.model.compiled import compile_attention
+from moge.model.compiled import compile_model
 from moge.sigma.data import check_dataset_domains
 from moge.training.checkpoint import checkpoint_config, load_checkpoint, resume_point, save_checkpoint
 from moge.training.checks import check_weights, global_losses, moe_blocks, nonfinite_grads
@@ -345,14 +345,16 @@ def _build(cfg: RunConfig, world: World) -> tuple[MoGETransformer, torch.optim.O
 
 
 def _compile(cfg: RunConfig, world: World, model: MoGETransformer) -> None:
-    """train.compile: the attention halves through torch.compile (moge.model.compiled)."""
+    """train.compile: the attention halves and the FFNs' elementwise work through
+    torch.compile (moge.model.compiled)."""
     if world.size > 1:
         raise ValueError("train.compile: supported on one process only (FSDP2 shards are not compiled here)")
     dtype = torch.bfloat16 if cfg.train.dtype == "bfloat16" else None
-    reason = compile_attention(model, (cfg.train.batch_size, cfg.data.seq_len), dtype)
+    reason = compile_model(model, (cfg.train.batch_size, cfg.data.seq_len), dtype)
     if world.main:
         tqdm.write(
-            "train.compile: " + (f"failed ({reason}); running eagerly" if reason else "attention compiled")
+            "train.compile: "
+            + (f"failed ({reason}); running eagerly" if reason else "attention and FFN elementwise compiled")
         )
 
 

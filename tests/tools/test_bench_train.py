@@ -142,9 +142,7 @@ def test_compile_flag_compiles_the_moge_side_or_says_why(monkeypatch):
     import moge.tools.bench_train as bt
 
     seen = []
-    monkeypatch.setattr(
-        bt, "compile_attention", lambda model, shape, dtype: seen.append(shape) or "no compiler"
-    )
+    monkeypatch.setattr(bt, "compile_model", lambda model, shape, dtype: seen.append(shape) or "no compiler")
     report = run_train_benchmark(
         config_from_dict(TINY),
         steps=1,
