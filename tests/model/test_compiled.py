@@ -49,6 +49,18 @@ def _tokens(B=2, L=8):
     return torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(0))
 
 
+def _logits_and_grads(models, dtype: torch.dtype | None) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(float32 logits, parameter gradients) of one training step of each model on the same batch."""
+    x = _tokens()
+    out_ = []
+    for model in models:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = model(x, x)
+        out.loss.backward()
+        out_.append((out.logits.detach().float(), [p.grad.clone() for p in model.parameters()]))
+    return out_
+
+
 def test_compiled_half_runs_only_for_training_steps():
     model = _model()
     calls = []
@@ -107,13 +119,7 @@ def test_compile_is_a_bool_and_one_process_only():
 def test_compiled_attention_equals_eager_forward_and_backward(dtype):
     eager, fast = _model(), _model()
     assert compile_attention(fast, (2, 8), dtype, strict=True) is None
-    x = _tokens()
-    grads = []
-    for model in (eager, fast):
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = model(x, x)
-        out.loss.backward()
-        grads.append((out.logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    grads = _logits_and_grads((eager, fast), dtype)
     tol = {} if dtype is None else {"rtol": 2e-2, "atol": 2e-2}
     assert_close(grads[1][0], grads[0][0], **tol)
     for a, b in zip(grads[1][1], grads[0][1]):
@@ -191,13 +197,7 @@ def test_a_failing_ffn_compile_warns_and_leaves_the_ffns_eager(monkeypatch, fres
 def test_compiled_model_equals_eager_forward_and_backward(dtype, fresh_fused_compile):
     eager, fast = _mixed_model(), _mixed_model()
     assert compile_model(fast, (2, 8), dtype, strict=True) is None
-    x = _tokens()
-    grads = []
-    for model in (eager, fast):
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            out = model(x, x)
-        out.loss.backward()
-        grads.append((out.logits.detach().float(), [p.grad.clone() for p in model.parameters()]))
+    grads = _logits_and_grads((eager, fast), dtype)
     scale = grads[0][0].abs().max()
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype is None else {"rtol": 0.0, "atol": 2e-2 * float(scale)}
     assert_close(grads[1][0], grads[0][0], **tol)
