@@ -31,7 +31,7 @@ from moge.kernels.fused_plan import (
     sort_pieces,
     token_blocks,
 )
-from moge.kernels.precision import default_pad_rows, matmul_dtype, mm_call_rows
+from moge.kernels.precision import combine_by_index_add, default_pad_rows, matmul_dtype, mm_call_rows
 
 __all__ = [
     "EXPERT_IMPLS",
@@ -177,6 +177,9 @@ class GroupedExperts(nn.Module):
     - chunk_bytes: token blocks keep a chunk's float32 work buffers near this size;
     - compile_elementwise: run the SwiGLU's elementwise work through torch.compile
       (one fused kernel each way; the first call compiles for tens of seconds);
+    - combine_index_add: the groups after the first add into the combine by one
+      index_add_ by token instead of gathers and an add_ (None: where
+      precision.combine_by_index_add says: on CPU, not on CUDA);
     - combine_float32: where the products run in bf16 (native-bf16 CPUs), add the
       groups' outputs (and dx) in a float32 accumulator instead of bf16 (slower; by
       default they add in bf16, as the reference loop and transformers do).
@@ -193,6 +196,7 @@ class GroupedExperts(nn.Module):
         self.chunk_bytes = CHUNK_BYTES
         self.compile_elementwise = False
         self.combine_float32 = False
+        self.combine_index_add: bool | None = None
         self.w_gate_up_EDH = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
@@ -221,6 +225,8 @@ class GroupedExperts(nn.Module):
             block_tokens, call_rows,
         )  # fmt: skip
         plan.combine_float32 = self.combine_float32
+        by_index = self.combine_index_add
+        plan.combine_index_add = combine_by_index_add(device) if by_index is None else by_index
         return order_S, plan, columns_per_chunk(ids_TK, per_chunk, E)
 
     def _sorted_path(

@@ -391,12 +391,14 @@ class _Combine:
     for the block's tokens, each token once per column, so the first group's chunk
     of a block writes every row of it by `cols` plain gathers (index_select) by a
     row-of-slot map (Plan.combine_rows, built once per call for forward and
-    backward), and no zeroed [T, D] is needed. Every later chunk (and every chunk
-    without `cols`) adds its rows with index_add_ by the token each row holds: one
-    pass instead of a gather into a buffer and an add, 2.3 against 0.9 ms per group
-    at T=4096 D=512 in bf16 (docs/performance.md). Each token gets one add per row
-    of it, in chunk order, as the gathers gave; padding rows add exact zeros to the
-    token whose slot they repeat.
+    backward), and no zeroed [T, D] is needed. Every later chunk adds its rows by
+    the same gathers into a buffer and an add_, or, with plan.combine_index_add
+    (precision.combine_by_index_add: on CPU), by one index_add_ by the token each
+    row holds: one pass instead of two, 2.3 against 0.9 ms per group at T=4096
+    D=512 in bf16 on an AMX Xeon (docs/performance.md); on CUDA index_add_'s order
+    is not deterministic. Chunks without `cols` always add by index_add_. Each
+    token gets one add per row of it, in chunk order, either way; padding rows are
+    never gathered, and add exact zeros to the token whose slot they repeat.
     """
 
     def __init__(self, T: int, D: int, plan: Plan, mm: torch.dtype, cols: int | None, device) -> None:
@@ -418,16 +420,17 @@ class _Combine:
 
     def add(self, y_RD: Tensor, i: int, chunk: Chunk) -> None:
         """Adds chunk i's rows y_RD [R, D] (padding rows are never read, or add 0)."""
-        if not self.cols or chunk.e0 > 0:
+        if not self.cols or (chunk.e0 > 0 and self.plan.combine_index_add):
             assert self.plan.tok_P is not None, "Plan.bind() first"
             self.acc.index_add_(0, self.plan.tok_P[chunk.rows], y_RD.to(self.dtype))
             return
         t0 = chunk.block * self.block_tokens
         acc = self.acc[t0 : min(self.T, t0 + self.block_tokens)]
+        first = chunk.e0 == 0  # the first group's chunk writes its block's rows
         for j, rows in enumerate(self.rows[i]):
-            if j == 0 and y_RD.dtype == acc.dtype:
+            if j == 0 and first and y_RD.dtype == acc.dtype:
                 torch.index_select(y_RD, 0, rows, out=acc)
-            elif j == 0:
+            elif j == 0 and first:
                 acc.copy_(y_RD.index_select(0, rows))
             else:
                 if self.tmp is None or self.tmp.dtype != y_RD.dtype:

@@ -88,6 +88,7 @@ class Plan:
         self.empty_experts = blocks == 1 and 0 in counts[:num_experts]  # (only needed for one block)
         self.compiled = compiled  # elementwise work through torch.compile (see _compiled)
         self.combine_float32 = False  # combine bf16 products' outputs in float32 (see _Combine)
+        self.combine_index_add = False  # groups after the first add by token (see _Combine)
         self.chunks: list[Chunk] = []
         pieces: list[tuple[int, int, int, int]] = []  # (row, slot, count, rows) of every expert with rows
         s = p = 0
@@ -163,9 +164,10 @@ class Plan:
         return self.flat_P, self.tok_P
 
     def combine_rows(self, T: int, cols: int) -> list[tuple[Tensor, ...]]:
-        """For every chunk of the first group (one per token block), the chunk-local row
-        that holds column j of each of its block's tokens, j = 0..cols-1; () for the
-        chunks of the other groups, which _Combine adds by token instead."""
+        """For every chunk (one group g, one token block), the chunk-local row that holds
+        column g*cols + j of each of its block's tokens, j = 0..cols-1; with
+        combine_index_add, () for the chunks of the groups after the first, which
+        _Combine adds by token instead."""
         if self._combine_rows is None:
             assert self.flat_P is not None, "bind() first"
             flat_P, rows_P = self.flat_P, torch.arange(self.num_rows, device=self.flat_P.device)
@@ -176,11 +178,11 @@ class Plan:
             tokens = self.block_tokens if self.blocks > 1 else max(T, 1)
             self._combine_rows = []
             for c in self.chunks:
-                if c.e0 > 0:
+                if c.e0 > 0 and self.combine_index_add:
                     self._combine_rows.append(())
                     continue
-                t0 = c.block * tokens
-                local = rows_TK[t0 : t0 + tokens, :cols] - c.rows.start
+                g, t0 = c.e0 // self.per_chunk, c.block * tokens
+                local = rows_TK[t0 : t0 + tokens, g * cols : (g + 1) * cols] - c.rows.start
                 self._combine_rows.append(local.T.contiguous().unbind(0))
         return self._combine_rows
 

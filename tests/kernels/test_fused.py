@@ -77,8 +77,10 @@ def test_fused_layouts_zero_tokens_and_frozen_weights(pad, chunk, waste, chunk_b
     "pad,waste,chunk_bytes", [(1, 0.0, None), (1, 100.0, None), (8, 0.0, 600), (8, 100.0, 600)]
 )
 @pytest.mark.parametrize("K", [2, 4])
-def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K):
-    """Chunks equal to MoGE groups: the first group gathers, later ones add by token; K/M = 1 and 2."""
+@pytest.mark.parametrize("index_add", [False, True])
+def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K, index_add):
+    """Chunks equal to MoGE groups: the first group gathers, later ones add by gathers
+    or by token (index_add); K/M = 1 and 2."""
     gen = torch.Generator().manual_seed(5)
     T, D, Fh, E, M = 37, 12, 8, 8, 2
     x = torch.randn(T, D, generator=gen)
@@ -87,6 +89,8 @@ def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K):
     torch.manual_seed(0)
     experts = set_layout(GroupedExperts(E, D, Fh), pad, E // M, waste, chunk_bytes)
     experts.reset_parameters(0.3)
+    experts.combine_index_add = index_add
+    assert experts._fused_plan(ids, D, x.device, x.dtype)[1].combine_index_add is index_add
     assert columns_per_chunk(ids, E // M, E) == K // M
     if chunk_bytes is not None:  # several token blocks per group
         assert experts._fused_plan(ids, D, x.device, x.dtype)[1].blocks > 2
@@ -99,9 +103,11 @@ def test_group_aligned_combine_matches_reference(pad, waste, chunk_bytes, K):
 
 
 @pytest.mark.parametrize("pad,chunk_bytes", [(8, None), (8, 600)])
-def test_group_aligned_combine_keeps_a_non_finite_token_to_itself(pad, chunk_bytes):
-    """The later groups add their rows by token (index_add_), padding rows included: a
-    padding row repeats a slot of the NaN token and adds to that token only."""
+@pytest.mark.parametrize("index_add", [False, True])
+def test_group_aligned_combine_keeps_a_non_finite_token_to_itself(pad, chunk_bytes, index_add):
+    """A padding row of a later group repeats a slot of the NaN token: adding by token
+    (index_add_), padding rows included, it adds to that token only; by gathers it is
+    never read."""
     gen = torch.Generator().manual_seed(6)
     T, D, Fh, E, M, K = 37, 12, 8, 8, 2, 2
     x = torch.randn(T, D, generator=gen)
@@ -110,10 +116,11 @@ def test_group_aligned_combine_keeps_a_non_finite_token_to_itself(pad, chunk_byt
     torch.manual_seed(0)
     experts = set_layout(GroupedExperts(E, D, Fh), pad, E // M, 0.0, chunk_bytes)
     experts.reset_parameters(0.3)
+    experts.combine_index_add = index_add
     order, plan, _ = experts._fused_plan(ids, D, x.device, x.dtype)
     _, tok_P = plan.bind(order, K)
     assert plan.pad_P is not None
-    later = [c for c in plan.chunks if c.e0 > 0]  # chunks that add by token
+    later = [c for c in plan.chunks if c.e0 > 0]  # chunks that add to the first group's rows
     pads = [r for r in plan.pad_P.tolist() if any(c.rows.start <= r < c.rows.stop for c in later)]
     assert pads, "the layout has padding rows in a later group"
     bad = int(tok_P[pads[0]])  # the token whose slot that padding row repeats

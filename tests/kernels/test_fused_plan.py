@@ -120,7 +120,8 @@ def test_bmm_when_the_mm_calls_it_saves_cost_more_than_its_padding():
 
 
 @pytest.mark.parametrize("pad,blocks", [(1, 1), (4, 1), (1, 3), (4, 3)])
-def test_combine_rows_point_at_the_rows_holding_each_tokens_columns(pad, blocks):
+@pytest.mark.parametrize("index_add", [False, True])
+def test_combine_rows_point_at_the_rows_holding_each_tokens_columns(pad, blocks, index_add):
     gen = torch.Generator().manual_seed(pad + blocks)
     T, E, M, K = 23, 8, 4, 8  # two columns per group
     ids = grouped_ids(T, E, M, K, gen)
@@ -128,17 +129,18 @@ def test_combine_rows_point_at_the_rows_holding_each_tokens_columns(pad, blocks)
     block_tokens = -(-T // blocks)
     order, counts = sort_pieces(ids, E, per_chunk, block_tokens, blocks)
     plan = Plan(counts, E, pad, per_chunk, 0.0, torch.device("cpu"), blocks=blocks, block_tokens=block_tokens)
+    plan.combine_index_add = index_add
     flat_P, tok_P = plan.bind(order, K)
     assert torch.equal(tok_P, flat_P // K)
     rows = plan.combine_rows(T, cols)
     assert len(rows) == len(plan.chunks)
-    first = [(c, per_col) for c, per_col in zip(plan.chunks, rows) if c.e0 == 0]
-    assert len(first) == blocks  # the first group's chunk of every token block
-    assert all(per_col == () for c, per_col in zip(plan.chunks, rows) if c.e0 > 0)  # added by token
-    for c, per_col in first:
-        t0 = c.block * block_tokens
+    gathered = [(c, per_col) for c, per_col in zip(plan.chunks, rows) if c.e0 == 0 or not index_add]
+    assert len(gathered) == (blocks if index_add else len(plan.chunks))  # index_add: group 0's only
+    assert all(per_col == () for c, per_col in zip(plan.chunks, rows) if c.e0 > 0 and index_add)
+    for c, per_col in gathered:
+        g, t0 = c.e0 // per_chunk, c.block * block_tokens
         tokens = torch.arange(t0, min(T, t0 + block_tokens))
         assert len(per_col) == cols
         for j, local in enumerate(per_col):
-            # The row of chunk c at `local` holds slot t*K + j of token t.
-            assert torch.equal(flat_P[c.rows][local], tokens * K + j)
+            # The row of chunk c at `local` holds slot t*K + g*cols + j of token t.
+            assert torch.equal(flat_P[c.rows][local], tokens * K + g * cols + j)

@@ -109,3 +109,17 @@ def test_amx_call_cost_makes_an_uneven_group_one_bmm(monkeypatch):
 
     assert group0_cap(False) is None
     assert group0_cap(True) == 704
+
+
+def test_combine_adds_by_index_on_cpu_not_on_cuda():
+    """The later groups' combine by index_add_ on CPU (in order), by gathers on CUDA
+    (index_add_'s order is not deterministic there); combine_index_add overrides it."""
+    cpu = torch.device("cpu")
+    assert precision.combine_by_index_add(cpu) is True
+    assert precision.combine_by_index_add(torch.device("cuda")) is False  # (a device object only)
+    ids = torch.stack([torch.arange(64) % 4, 4 + torch.arange(64) % 4], dim=1)  # E=8, M=2, K=2
+    experts = GroupedExperts(8, 16, 8)
+    experts.experts_per_chunk = 4
+    assert experts._fused_plan(ids, 16, cpu, torch.float32)[1].combine_index_add is True
+    experts.combine_index_add = False
+    assert experts._fused_plan(ids, 16, cpu, torch.float32)[1].combine_index_add is False
