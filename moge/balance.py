@@ -221,10 +221,29 @@ class RoutingStats:
         }
 
 
-def _score_entropy(scores_TE: Tensor) -> float:
-    # Renormalise first so sigmoid scores give a distribution too.
-    p_TE = scores_TE.float() / scores_TE.float().sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    return float(-(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1).mean())
+def load_entropy(load_E: Tensor) -> float:
+    """Entropy (nats) of the slot shares of an [E] count vector (log E: uniform); 0 when
+    it counts nothing."""
+    frac_E = load_E.detach().double().cpu()
+    total = float(frac_E.sum())
+    if total <= 0:
+        return 0.0
+    frac_E = frac_E / total
+    return float(-(frac_E * frac_E.clamp_min(1e-300).log()).sum())
+
+
+def score_entropy(scores_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
+    """Mean per-token entropy (nats) of the scores [T, E], each row renormalised to sum
+    to 1 (so sigmoid scores give a distribution too), over the real tokens (mask_T [T]
+    True; None: all). A 0-dim tensor in float32 (float64 for float64 scores), 0 when
+    there are no tokens; no host sync without a mask."""
+    if mask_T is not None:
+        scores_TE = scores_TE[mask_T]
+    p_TE = scores_TE.detach()
+    p_TE = p_TE if p_TE.dtype == torch.float64 else p_TE.float()
+    p_TE = p_TE / p_TE.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    h_T = -(p_TE * p_TE.clamp_min(1e-30).log()).sum(dim=-1)
+    return h_T.sum() / max(h_T.numel(), 1)
 
 
 @torch.no_grad()
@@ -250,8 +269,6 @@ def routing_stats(
     group_M = rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1)
     mean = load_E.double().mean().item()
     total = int(load_E.sum())
-    frac_E = load_E.double() / max(total, 1)
-    entropy = float(-(frac_E * frac_E.clamp_min(1e-300).log()).sum())
     has_scores = scores is not None and scores.shape[0] > 0
     return RoutingStats(
         expert_load=load_E,
@@ -259,8 +276,8 @@ def routing_stats(
         imbalance_score=imbalance_score(expert_ids, num_experts, num_groups),
         max_over_mean=float(load_E.max()) / mean if mean > 0 else math.nan,
         cv=float(load_E.double().std(unbiased=False)) / mean if mean > 0 else math.nan,
-        load_entropy=entropy,
-        score_entropy=_score_entropy(scores) if scores is not None and has_scores else None,
+        load_entropy=load_entropy(load_E),
+        score_entropy=float(score_entropy(scores)) if scores is not None and has_scores else None,
         dead_experts=int((load_E == 0).sum()),
         dropped_fraction=0.0 if dropped is None else int(dropped.sum()) / max(total, 1),
     )

@@ -35,20 +35,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from moge.balance import load_entropy, score_entropy
+
 _TINY = 1e-30  # floor of a score before its log: float32 softmax underflows past ~1e-38
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def load_entropy(load_E: Tensor) -> float:
-    """Entropy (nats) of the load shares of an [E] count vector; 0 for an empty one."""
-    total = float(load_E.sum())
-    if total <= 0:
-        return 0.0
-    p_E = load_E.double() / total
-    p_E = p_E[p_E > 0]
-    return float(-(p_E * p_E.log()).sum())
 
 
 def centred_logits(scores_TE: Tensor, score_func: str) -> Tensor:
@@ -66,14 +58,6 @@ def logit_rms(scores_TE: Tensor, score_func: str) -> float:
     """Mean over tokens of the RMS over experts of the centred router logits."""
     c_TE = centred_logits(scores_TE, score_func)
     return float(c_TE.pow(2).mean(-1).sqrt().mean())
-
-
-def score_entropy(scores_TE: Tensor) -> float:
-    """Mean per-token entropy (nats) of the scores, each row normalised to sum to 1."""
-    p_TE = scores_TE.detach().double()
-    p_TE = p_TE / p_TE.sum(-1, keepdim=True).clamp_min(_TINY)
-    h_T = -(p_TE * p_TE.clamp_min(_TINY).log()).sum(-1)
-    return float(h_T.mean())
 
 
 @dataclass(frozen=True)
@@ -143,7 +127,7 @@ class _Window:
             return
         self.load_E += torch.bincount(ids_TK.detach().reshape(-1).cpu(), minlength=len(self.load_E))
         self.tokens += T
-        self.score_entropy_sum += score_entropy(scores_TE) * T
+        self.score_entropy_sum += float(score_entropy(scores_TE.double())) * T
         self.logit_rms_sum += logit_rms(scores_TE, score_func) * T
 
 

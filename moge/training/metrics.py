@@ -12,6 +12,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from moge.balance import load_entropy, score_entropy
 from moge.layer import MoGELayer, MoGEOutput
 from moge.model import ModelOutput, MoGETransformer
 from moge.training.data import TokenDataset
@@ -51,16 +52,6 @@ def validation_loss(
     return total / count
 
 
-def _score_entropy(scores_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
-    """Mean per-token entropy (nats) of the scores, renormalised (sigmoid scores too),
-    over the real tokens (mask_T True; None: all); 0 when there are none."""
-    if mask_T is not None:
-        scores_TE = scores_TE[mask_T]
-    p_TE = scores_TE.float() / scores_TE.float().sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    entropy_T = -(p_TE * p_TE.clamp_min(1e-20).log()).sum(dim=-1)
-    return entropy_T.sum() / max(entropy_T.numel(), 1)
-
-
 def _dropped_share(r: MoGEOutput) -> Tensor:
     if r.dropped is None:
         return r.lb_loss.new_zeros((), dtype=torch.float32)
@@ -72,7 +63,7 @@ def routing_sums(out: ModelOutput) -> Tensor:
     """One micro-batch's [layers, 4] (lb_loss, z_loss, score entropy, dropped share), to be summed."""
     rows = [
         torch.stack(
-            [r.lb_loss.float(), r.z_loss.float(), _score_entropy(r.scores, r.token_mask), _dropped_share(r)]
+            [r.lb_loss.float(), r.z_loss.float(), score_entropy(r.scores, r.token_mask), _dropped_share(r)]
         )
         for r in out.routing
     ]
@@ -88,12 +79,11 @@ def load_stats(load_E: Tensor, num_groups: int, top_k: int) -> dict:
     total, E = float(load_E.sum()), load_E.numel()
     mean = total / E
     group_M = rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1)
-    frac_E = load_E / max(total, 1.0)
     tokens = total / top_k
     return {
         "imbalance_score": float(group_M.max() - group_M.min()) / tokens if tokens > 0 else 0.0,
         "max_over_mean": float(load_E.max()) / mean if mean > 0 else math.nan,
-        "load_entropy": float(-(frac_E * frac_E.clamp_min(1e-300).log()).sum()),
+        "load_entropy": load_entropy(load_E),
         "dead_experts": int((load_E == 0).sum()),
         "cv": float(load_E.std(unbiased=False)) / mean if mean > 0 else math.nan,
     }

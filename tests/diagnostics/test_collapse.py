@@ -10,14 +10,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from moge.diagnostics.collapse import (
-    CollapseMonitor,
-    Thresholds,
-    centred_logits,
-    load_entropy,
-    logit_rms,
-    score_entropy,
-)
+from moge.balance import load_entropy, score_entropy
+from moge.diagnostics.collapse import CollapseMonitor, Thresholds, centred_logits, logit_rms
 from moge.training import train
 from moge.training.config import config_from_dict
 
@@ -40,8 +34,14 @@ def test_logits_recovered_from_scores():
 
 
 def test_score_entropy_known_values():
-    assert score_entropy(torch.full((3, 8), 1 / 8)) == pytest.approx(math.log(8))
-    assert score_entropy(torch.eye(4)) == pytest.approx(0.0, abs=1e-12)
+    assert float(score_entropy(torch.full((3, 8), 1 / 8))) == pytest.approx(math.log(8))
+    assert float(score_entropy(torch.eye(4))) == pytest.approx(0.0, abs=1e-12)
+    # Rows renormalised (sigmoid scores); padded tokens (mask False) left out; none: 0.
+    halves = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    assert float(score_entropy(halves * 0.3)) == pytest.approx(math.log(2) / 2)
+    assert float(score_entropy(halves, torch.tensor([True, False]))) == pytest.approx(math.log(2))
+    assert float(score_entropy(halves, torch.tensor([False, False]))) == 0.0
+    assert score_entropy(halves.double()).dtype == torch.float64
 
 
 def _routed(ids, logits):
