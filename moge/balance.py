@@ -232,6 +232,24 @@ def load_entropy(load_E: Tensor) -> float:
     return float(-(frac_E * frac_E.clamp_min(1e-300).log()).sum())
 
 
+def load_summary(load_E: Tensor, num_groups: int, tokens: float) -> dict:
+    """The statistics of slot counts per expert [E] over `tokens` tokens, experts in
+    num_groups contiguous groups (one per device): imbalance_score (Eq. 3, 0 without
+    tokens), max_over_mean and cv (nan without slots), load_entropy, dead_experts."""
+    if num_groups < 1 or load_E.numel() % num_groups:
+        raise ValueError(f"num_groups: {num_groups} does not divide num_experts={load_E.numel()}")
+    load_E = load_E.detach().double().cpu()
+    mean = float(load_E.mean())
+    group_M = rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1)
+    return {
+        "imbalance_score": float(group_M.max() - group_M.min()) / tokens if tokens > 0 else 0.0,
+        "max_over_mean": float(load_E.max()) / mean if mean > 0 else math.nan,
+        "cv": float(load_E.std(unbiased=False)) / mean if mean > 0 else math.nan,
+        "load_entropy": load_entropy(load_E),
+        "dead_experts": int((load_E == 0).sum()),
+    }
+
+
 def score_entropy(scores_TE: Tensor, mask_T: Tensor | None = None) -> Tensor:
     """Mean per-token entropy (nats) of the scores [T, E], each row renormalised to sum
     to 1 (so sigmoid scores give a distribution too), over the real tokens (mask_T [T]
@@ -266,18 +284,12 @@ def routing_stats(
         expert_ids = expert_ids[mask]
         scores = None if scores is None else scores[mask]
     load_E = expert_load(expert_ids, num_experts).cpu()
-    group_M = rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1)
-    mean = load_E.double().mean().item()
     total = int(load_E.sum())
     has_scores = scores is not None and scores.shape[0] > 0
     return RoutingStats(
         expert_load=load_E,
-        group_load=group_M,
-        imbalance_score=imbalance_score(expert_ids, num_experts, num_groups),
-        max_over_mean=float(load_E.max()) / mean if mean > 0 else math.nan,
-        cv=float(load_E.double().std(unbiased=False)) / mean if mean > 0 else math.nan,
-        load_entropy=load_entropy(load_E),
+        group_load=rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1),
+        **load_summary(load_E, num_groups, expert_ids.shape[0]),
         score_entropy=float(score_entropy(scores)) if scores is not None and has_scores else None,
-        dead_experts=int((load_E == 0).sum()),
         dropped_fraction=0.0 if dropped is None else int(dropped.sum()) / max(total, 1),
     )

@@ -361,3 +361,18 @@ def test_exported_router_aux_loss_coef_follows_the_objective(tmp_path, aux_loss_
     MoGETransformer(m, e).save_pretrained(tmp_path / "out", layout="qwen3_moe")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["router_aux_loss_coef"] == pytest.approx(released_c)
+
+
+def test_load_summary_of_counts():
+    """The statistics the loop logs from a step's counts, and routing_stats from one call's."""
+    s = balance.load_summary(torch.tensor([4, 0, 2, 2]), 2, tokens=4)  # groups [4, 0] and [2, 2]
+    assert s["imbalance_score"] == 0.0 and s["dead_experts"] == 1
+    assert s["max_over_mean"] == 2.0 and s["cv"] == pytest.approx(math.sqrt(2.0) / 2)
+    assert s["load_entropy"] == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    s = balance.load_summary(torch.tensor([6, 0, 2, 0]), 2, tokens=4)  # groups 6 and 2: IS = 1
+    assert s["imbalance_score"] == 1.0
+    empty = balance.load_summary(torch.zeros(4, dtype=torch.long), 2, tokens=0)
+    assert empty["imbalance_score"] == 0.0 and empty["load_entropy"] == 0.0 and empty["dead_experts"] == 4
+    assert math.isnan(empty["max_over_mean"]) and math.isnan(empty["cv"])
+    with pytest.raises(ValueError, match="num_groups: 3 does not divide num_experts=4"):
+        balance.load_summary(torch.ones(4), 3, tokens=1)

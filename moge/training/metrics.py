@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
-from moge.balance import load_entropy, score_entropy
+from moge.balance import load_summary, score_entropy
 from moge.layer import MoGELayer, MoGEOutput
 from moge.model import ModelOutput, MoGETransformer
 from moge.training.data import TokenDataset
@@ -70,31 +68,13 @@ def routing_sums(out: ModelOutput) -> Tensor:
     return torch.stack(rows).double() if rows else torch.zeros(0, len(_MEANS), dtype=torch.float64)
 
 
-def load_stats(load_E: Tensor, num_groups: int, top_k: int) -> dict:
-    """Statistics of a step's slot counts per expert [E] (every rank's, every micro-batch).
-
-    imbalance_score: Eq. 3 with one group per device, (max - min group load) / tokens.
-    """
-    load_E = load_E.double().cpu()
-    total, E = float(load_E.sum()), load_E.numel()
-    mean = total / E
-    group_M = rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1)
-    tokens = total / top_k
-    return {
-        "imbalance_score": float(group_M.max() - group_M.min()) / tokens if tokens > 0 else 0.0,
-        "max_over_mean": float(load_E.max()) / mean if mean > 0 else math.nan,
-        "load_entropy": load_entropy(load_E),
-        "dead_experts": int((load_E == 0).sum()),
-        "cv": float(load_E.std(unbiased=False)) / mean if mean > 0 else math.nan,
-    }
-
-
 def routing_record(layers: list[MoGELayer], blocks: list[int], means_L3: Tensor) -> list[dict]:
     """The `routing` list of a train record: call before end_step() resets the counts."""
     records = []
     for index, layer, means in zip(blocks, layers, means_L3.tolist()):
         c = layer.config
-        rec = {"layer": index, **load_stats(layer.load_accum_E, c.num_groups, c.top_k)}
+        load_E = layer.load_accum_E
+        rec = {"layer": index, **load_summary(load_E, c.num_groups, float(load_E.sum()) / c.top_k)}
         rec.update(dict(zip(_MEANS, means)))
         records.append(rec)
     return records
