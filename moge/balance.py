@@ -284,12 +284,13 @@ def routing_stats(
         expert_ids = expert_ids[mask]
         scores = None if scores is None else scores[mask]
     load_E = expert_load(expert_ids, num_experts).cpu()
+    summary = load_summary(load_E, num_groups, expert_ids.shape[0])  # first: it checks num_groups
     total = int(load_E.sum())
     has_scores = scores is not None and scores.shape[0] > 0
     return RoutingStats(
         expert_load=load_E,
         group_load=rearrange(load_E, "(m g) -> m g", m=num_groups).sum(dim=1),
-        **load_summary(load_E, num_groups, expert_ids.shape[0]),
+        **summary,
         score_entropy=float(score_entropy(scores)) if scores is not None and has_scores else None,
         dropped_fraction=0.0 if dropped is None else int(dropped.sum()) / max(total, 1),
     )

@@ -376,3 +376,5 @@ def test_load_summary_of_counts():
     assert math.isnan(empty["max_over_mean"]) and math.isnan(empty["cv"])
     with pytest.raises(ValueError, match="num_groups: 3 does not divide num_experts=4"):
         balance.load_summary(torch.ones(4), 3, tokens=1)
+    with pytest.raises(ValueError, match="num_groups: 3 does not divide num_experts=8"):
+        balance.routing_stats(torch.zeros(4, 2, dtype=torch.long), 8, 3)  # a ValueError, not einops'
