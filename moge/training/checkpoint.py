@@ -93,9 +93,15 @@ def init_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """Give every parameter AdamW's state as its first step would (zeros), so a
     checkpoint can be loaded into it in place; parameters that have state keep it."""
     amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+    # Fused and capturable AdamW keep `step` on the parameter's device (a CUDA kernel
+    # reads it); the plain one keeps it on the CPU. As torch's own first step does.
+    on_device = {
+        id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]
+    }
     for p in model.parameters():
         if p.requires_grad and p not in optimizer.state:
-            state = {"step": torch.zeros((), dtype=torch.float32)}
+            step_device = p.device if id(p) in on_device else None
+            state = {"step": torch.zeros((), dtype=torch.float32, device=step_device)}
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if amsgrad:
