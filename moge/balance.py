@@ -15,9 +15,23 @@ from einops import rearrange
 from torch import Tensor
 
 
+def count_ids(ids_N: Tensor, n: int) -> Tensor:
+    """How often each of 0..n-1 occurs in ids_N [N] int64 -> [n] int64.
+
+    torch.bincount on CUDA reads the largest id back to the host to size its output (a
+    sync that stalls the queue every call); a scatter-add of ones into [n] does not, and
+    integer sums are exact in any order. On CPU bincount is the plain way.
+    """
+    if ids_N.device.type == "cpu":
+        return torch.bincount(ids_N, minlength=n)
+    return torch.zeros(n, dtype=torch.int64, device=ids_N.device).scatter_add_(
+        0, ids_N, torch.ones_like(ids_N)
+    )
+
+
 def expert_load(expert_ids: Tensor, num_experts: int) -> Tensor:
     """Token-slots per expert. expert_ids [T, K] (any shape) -> [E] int64."""
-    return torch.bincount(expert_ids.reshape(-1), minlength=num_experts)
+    return count_ids(expert_ids.reshape(-1), num_experts)
 
 
 # --- balance losses (Eq. 8 of the paper, without its coefficient alpha) -------------
@@ -49,11 +63,15 @@ def global_batch_balance_loss(scores_TE: Tensor, counts_E: Tensor, top_k: int, c
     over all N tokens: Eq. 8 on the whole batch, even with calls of unequal size. With
     calls of equal size it is f . mean(scores) (the factor T * calls / N is 1).
     """
-    tokens = int(counts_E.sum()) // top_k
-    if scores_TE.shape[0] == 0 or tokens == 0:
+    if scores_TE.shape[0] == 0:
         return scores_TE.new_zeros((), dtype=torch.float32)
+    # N stays on the device (reading it back would stall a GPU's queue every call). The
+    # clamp only guards all-zero counts, whose loss is 0 either way.
+    tokens = (counts_E.sum() // top_k).clamp_min(1).to(torch.float32)
+    E = scores_TE.shape[1]
+    f_E = counts_E.to(torch.float32) * (E / top_k) / tokens
     share = scores_TE.shape[0] * calls / tokens
-    return balance_loss_from_counts(scores_TE, counts_E, tokens, top_k) * share
+    return (f_E * share * scores_TE.float().mean(dim=0)).sum()
 
 
 def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
