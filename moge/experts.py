@@ -5,7 +5,7 @@ D d_model, F expert hidden, H = 2F (gate and up projections, fused), E experts.
 
 GroupedExperts keeps the weights and picks a path: "fused" (the default on CPU;
 moge/kernels/fused_plan.py + moge/kernels/fused.py: chunks of experts, scratch buffers, hand-written
-backward), "grouped_mm" (torch._grouped_mm, the default on CUDA in bf16) or "loop"
+backward), "grouped_mm" (torch._grouped_mm, the default on CUDA) or "loop"
 (one matmul per expert through autograd). All match the reference loop in
 tests/reference.py, forward and backward.
 """
@@ -19,6 +19,7 @@ import torch.nn.functional as F_
 from einops import rearrange
 from torch import Tensor, nn
 
+from moge.balance import count_ids
 from moge.kernels.few_tokens import few_token_experts, use_few_token_path
 from moge.kernels.fused import FusedMoE, FusedSwiGLUExperts
 from moge.kernels.fused_plan import (
@@ -112,13 +113,40 @@ def _grouped_mm_experts(x_SD: Tensor, w1: Tensor, w2: Tensor, counts_E: Tensor) 
     return torch._grouped_mm(act, w2, offs=offs)
 
 
+class _GatherRows(torch.autograd.Function):
+    """src_ND.index_select(0, index_R) whose backward gathers too, with no atomic adds.
+
+    index_R must take every row of src exactly `repeats` times (as a sort by expert takes
+    each token's K slots), and back_R list, in src's row order, where those copies went:
+    src row n's copies are at back_R[n*repeats : (n+1)*repeats]. Autograd's own backward
+    (index_add_) adds with atomics on CUDA: nondeterministic, and on an H200 29% of the
+    bf16 layer's device time at d=2048 E=64 K=8 (docs/performance.md).
+    """
+
+    @staticmethod
+    def forward(ctx, src_ND: Tensor, index_R: Tensor, back_R: Tensor, repeats: int) -> Tensor:
+        ctx.save_for_backward(back_R)
+        ctx.repeats = repeats
+        return src_ND.index_select(0, index_R)
+
+    @staticmethod
+    def backward(ctx, g_RD: Tensor):
+        (back_R,) = ctx.saved_tensors
+        g_RD = g_RD.index_select(0, back_R)
+        if ctx.repeats > 1:  # each source row's copies, summed (float32 accumulation inside sum)
+            g_RD = rearrange(g_RD, "(n r) d -> n r d", r=ctx.repeats).sum(dim=1)
+        return g_RD, None, None, None
+
+
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """ "auto": grouped_mm on CUDA in bf16 (a real grouped kernel), else the fused path."""
+    """ "auto": grouped_mm on CUDA in bf16 and float32 (a real grouped kernel), else the
+    fused path (built for CPUs: on an H200 it ran 1.4-2.0x slower than grouped_mm in
+    float32, docs/performance.md)."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl: expected one of {', '.join(EXPERT_IMPLS)}; got {impl!r}")
     if impl != "auto":
         return impl
-    if device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float32) and hasattr(torch, "_grouped_mm"):
         return "grouped_mm"
     return "fused"
 
@@ -153,7 +181,7 @@ def sort_slots(ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     within an expert slots keep token order); counts_E [E] int64 slots per expert.
     """
     flat_S = ids_TK.reshape(-1)
-    return flat_S.argsort(stable=True), torch.bincount(flat_S, minlength=num_experts)
+    return flat_S.argsort(stable=True), count_ids(flat_S, num_experts)
 
 
 # --- the module ----------------------------------------------------------------------
@@ -235,13 +263,13 @@ class GroupedExperts(nn.Module):
         """Gather sorted slots, run_experts, gather back to token order, weighted sum."""
         K = weights_TK.shape[1]
         dtype = x_TD.dtype
-        x_SD = x_TD.index_select(0, order_S // K)
-        w1, w2 = self.w_gate_up_EDH.to(dtype), self.w_down_EFD.to(dtype)
-        y_SD = run_experts(x_SD, w1, w2, counts_E, impl, self.pad_rows, self.experts_per_chunk)
-        # Back to token order: sorted slot s is flat slot order_S[s], so invert the permutation.
+        # Sorted slot s is flat slot order_S[s] (token order_S[s] // K); inverse_S undoes it.
         inverse_S = torch.empty_like(order_S)
         inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        y_TKD = rearrange(y_SD.index_select(0, inverse_S), "(t k) d -> t k d", k=K)
+        x_SD = _GatherRows.apply(x_TD, order_S // K, inverse_S, K)
+        w1, w2 = self.w_gate_up_EDH.to(dtype), self.w_down_EFD.to(dtype)
+        y_SD = run_experts(x_SD, w1, w2, counts_E, impl, self.pad_rows, self.experts_per_chunk)
+        y_TKD = rearrange(_GatherRows.apply(y_SD, inverse_S, order_S, 1), "(t k) d -> t k d", k=K)
         return torch.einsum("tk,tkd->td", weights_TK.to(dtype), y_TKD)
 
     def forward(

@@ -36,6 +36,18 @@ def test_fast_paths_match_reference_bfloat16(impl):
         assert_close(a.float(), c, atol=0.03 * c.abs().max().item(), rtol=0.03)
 
 
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_gather_rows_backward_is_the_gather_transpose(repeats):
+    """_GatherRows (the sorted paths' dispatch and combine) against torch's gradcheck."""
+    gen = torch.Generator().manual_seed(0)
+    n = 5
+    index = torch.randperm(n * repeats, generator=gen) // repeats  # every row `repeats` times
+    back = torch.sort(index, stable=True).indices  # where row 0's copies went, then row 1's, ...
+    src = torch.randn(n, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.autograd.gradcheck(lambda s: experts_module._GatherRows.apply(s, index, back, repeats), (src,))
+    assert_close(experts_module._GatherRows.apply(src, index, back, repeats), src[index])
+
+
 def test_fused_backward_respects_frozen_weights():
     x, ids, w, experts = case()
     experts.w_gate_up_EDH.requires_grad_(False)

@@ -123,8 +123,13 @@ def mm_call_rows(device: torch.device, dtype: torch.dtype, flops_per_row: float)
 # copies of x and of dx ([block, D]) stay in cache instead of being written to memory
 # whole ([T, D] float32, twice the bf16 input): 4.5 against 3.1 ms for the backward at
 # T=4096 D=512 E=16, one thread, caches flushed (AMD EPYC with AVX512-BF16); in the
-# layer the forward's whole-x cast alone took 2.6 ms there.
+# layer the forward's whole-x cast alone took 2.6 ms there. On CUDA one block (one
+# launch per product): there the per-block launches, not the copy, would cost.
 ROUTER_BLOCK_ROWS = 512
+
+
+def _router_block_rows(x_TD: torch.Tensor) -> int:
+    return ROUTER_BLOCK_ROWS if x_TD.device.type == "cpu" else max(x_TD.shape[0], 1)
 
 
 class _Float32Linear(torch.autograd.Function):
@@ -135,8 +140,9 @@ class _Float32Linear(torch.autograd.Function):
         ctx.save_for_backward(x_TD, w_ED)
         w_DE = w_ED.float().T
         logits_TE = x_TD.new_empty(x_TD.shape[0], w_ED.shape[0], dtype=torch.float32)
-        for t0 in range(0, x_TD.shape[0], ROUTER_BLOCK_ROWS):
-            x_BD = x_TD[t0 : t0 + ROUTER_BLOCK_ROWS]
+        rows = _router_block_rows(x_TD)
+        for t0 in range(0, x_TD.shape[0], rows):
+            x_BD = x_TD[t0 : t0 + rows]
             torch.mm(x_BD.float(), w_DE, out=logits_TE[t0 : t0 + x_BD.shape[0]])
         return logits_TE
 
@@ -147,13 +153,14 @@ class _Float32Linear(torch.autograd.Function):
         g_TE, w_f = g_TE.float(), w_ED.float()
         dx = torch.empty_like(x_TD) if need_x else None
         dw = torch.zeros_like(w_f) if need_w else None
-        dx_block = x_TD.new_empty(min(ROUTER_BLOCK_ROWS, x_TD.shape[0]), x_TD.shape[1], dtype=torch.float32)
-        for t0 in range(0, x_TD.shape[0], ROUTER_BLOCK_ROWS):
-            g_BE = g_TE[t0 : t0 + ROUTER_BLOCK_ROWS]
+        rows = _router_block_rows(x_TD)
+        dx_block = x_TD.new_empty(min(rows, x_TD.shape[0]), x_TD.shape[1], dtype=torch.float32)
+        for t0 in range(0, x_TD.shape[0], rows):
+            g_BE = g_TE[t0 : t0 + rows]
             if dx is not None:
-                dx[t0 : t0 + ROUTER_BLOCK_ROWS].copy_(torch.mm(g_BE, w_f, out=dx_block[: g_BE.shape[0]]))
+                dx[t0 : t0 + rows].copy_(torch.mm(g_BE, w_f, out=dx_block[: g_BE.shape[0]]))
             if dw is not None:
-                dw.addmm_(g_BE.T, x_TD[t0 : t0 + ROUTER_BLOCK_ROWS].float())
+                dw.addmm_(g_BE.T, x_TD[t0 : t0 + rows].float())
         return dx, None if dw is None else dw.to(w_ED.dtype)
 
 
