@@ -35,7 +35,7 @@ def grads(fn, x, w, experts):
     w = w.clone().requires_grad_()
     experts.zero_grad()
     y = fn(x, w)
-    gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype)
+    gy = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape).to(y.dtype)
     (y * gy).sum().backward()
     return y.detach(), x.grad, w.grad, experts.w_gate_up_EDH.grad.clone(), experts.w_down_EFD.grad.clone()
 

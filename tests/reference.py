@@ -51,4 +51,51 @@ def brute_force_route(sel_TE, router, top_k, num_groups, topk_groups=None, group
         else:
             raise ValueError(router)
         rows.append(row)
-    return torch.tensor(rows, dtype=torch.int64).reshape(T, top_k)
+    return torch.tensor(rows, dtype=torch.int64, device=sel_TE.device).reshape(T, top_k)
+
+
+def reference_layer(layer, x, token_ids=None):
+    """The whole layer written the plain way, from the layer's own parameters."""
+    c = layer.config
+    x_TD = x.reshape(-1, c.d_model)
+    logits = x_TD.float() @ layer.router.weight.float().T
+    scores = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
+    sel = scores if layer.balance_bias_E is None else scores + layer.balance_bias_E
+    if c.router == "random":
+        ids = layer.rre_table_VK[token_ids.reshape(-1)]
+    else:  # routed token by token, not with moge.routing (a routing bug must show)
+        ids = brute_force_route(sel, c.router, c.top_k, c.num_groups, c.topk_groups, c.group_score)
+    w = scores.gather(1, ids)
+    if c.normalize_weights:
+        w = w / w.sum(-1, keepdim=True)
+    w = w * c.route_scale
+    if layer.expert_scale_E is not None:
+        w = w * layer.expert_scale_E[ids]
+    y = reference_experts(x_TD, ids, w, layer.experts.w_gate_up_EDH, layer.experts.w_down_EFD)
+    if layer.shared is not None:
+        s = layer.shared
+        g, u = (x_TD @ s.w_gate_up.weight.T).chunk(2, -1)
+        y = y + (F.silu(g) * u) @ s.w_down.weight.T
+    return y.reshape(x.shape), ids
+
+
+def all_grads(layer, x, fn):
+    """[y, dx, every parameter's grad] of fn(x) under a fixed output gradient."""
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    y = fn(x)
+    gy = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape).to(y.dtype)
+    (y * gy).sum().backward()
+    return [y.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
+def within_bf16_error(fast, ref, exact, names):
+    """Each fast bf16 value's error against the float32 reference stays within twice
+    the bf16 reference's own error, plus 0.1% of the values' scale (errors are judged
+    relative to the scale of what they compare: layer outputs here are ~1e-2)."""
+    for name, a, b, c in zip(names, fast, ref, exact):
+        scale = c.abs().max().item()
+        assert scale > 0, name
+        err_fast = (a.float() - c).abs().max().item() / scale
+        err_ref = (b.float() - c).abs().max().item() / scale
+        assert err_fast <= 2 * err_ref + 1e-3, (name, err_fast, err_ref)

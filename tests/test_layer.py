@@ -2,8 +2,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
-from reference import brute_force_route, reference_experts
+from reference import all_grads, reference_layer, within_bf16_error
 from torch.testing import assert_close
 
 import moge
@@ -17,40 +16,6 @@ BASE = dict(d_model=16, num_experts=8, num_groups=4, top_k=4, expert_hidden=12)
 def make(**kw):
     torch.manual_seed(0)
     return MoGELayer(MoGEConfig(**{**BASE, **kw}))
-
-
-def reference_layer(layer, x, token_ids=None):
-    """The whole layer written the plain way, from the layer's own parameters."""
-    c = layer.config
-    x_TD = x.reshape(-1, c.d_model)
-    logits = x_TD.float() @ layer.router.weight.float().T
-    scores = logits.softmax(-1) if c.score_func == "softmax" else logits.sigmoid()
-    sel = scores if layer.balance_bias_E is None else scores + layer.balance_bias_E
-    if c.router == "random":
-        ids = layer.rre_table_VK[token_ids.reshape(-1)]
-    else:  # routed token by token, not with moge.routing (a routing bug must show)
-        ids = brute_force_route(sel, c.router, c.top_k, c.num_groups, c.topk_groups, c.group_score)
-    w = scores.gather(1, ids)
-    if c.normalize_weights:
-        w = w / w.sum(-1, keepdim=True)
-    w = w * c.route_scale
-    if layer.expert_scale_E is not None:
-        w = w * layer.expert_scale_E[ids]
-    y = reference_experts(x_TD, ids, w, layer.experts.w_gate_up_EDH, layer.experts.w_down_EFD)
-    if layer.shared is not None:
-        s = layer.shared
-        g, u = (x_TD @ s.w_gate_up.weight.T).chunk(2, -1)
-        y = y + (F.silu(g) * u) @ s.w_down.weight.T
-    return y.reshape(x.shape), ids
-
-
-def _all_grads(layer, x, fn):
-    layer.zero_grad()
-    x = x.clone().requires_grad_()
-    y = fn(x)
-    gy = torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(y.dtype)
-    (y * gy).sum().backward()
-    return [y.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
 
 
 # --- public API -----------------------------------------------------------------------
@@ -133,23 +98,11 @@ def test_layer_matches_reference_forward_and_backward_float32(kw):
         with torch.no_grad():
             layer.expert_scale_E.uniform_(0.5, 1.5)
     x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
-    fast = _all_grads(layer, x, lambda x: layer(x).hidden)
-    ref = _all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
+    fast = all_grads(layer, x, lambda x: layer(x).hidden)
+    ref = all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
     assert len(fast) == len(ref)
     for a, b in zip(fast, ref):
         assert_close(a, b)
-
-
-def _within_bf16_error(fast, ref, exact, names):
-    """Each fast bf16 value's error against the float32 reference stays within twice
-    the bf16 reference's own error, plus 0.1% of the values' scale (errors are judged
-    relative to the scale of what they compare: layer outputs here are ~1e-2)."""
-    for name, a, b, c in zip(names, fast, ref, exact):
-        scale = c.abs().max().item()
-        assert scale > 0, name
-        err_fast = (a.float() - c).abs().max().item() / scale
-        err_ref = (b.float() - c).abs().max().item() / scale
-        assert err_fast <= 2 * err_ref + 1e-3, (name, err_fast, err_ref)
 
 
 def test_layer_matches_reference_bfloat16():
@@ -159,14 +112,14 @@ def test_layer_matches_reference_bfloat16():
     assert out.hidden.dtype == torch.bfloat16 and out.scores.dtype == torch.float32
     ref, ref_ids = reference_layer(layer, x)
     torch.testing.assert_close(out.expert_ids, ref_ids)
-    fast = _all_grads(layer, x, lambda x: layer(x).hidden)
-    slow = _all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
+    fast = all_grads(layer, x, lambda x: layer(x).hidden)
+    slow = all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
     exact_layer = make(num_shared_experts=1, learned_expert_scale=True)
     exact_layer.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
-    exact = _all_grads(exact_layer, x.float(), lambda x: reference_layer(exact_layer, x)[0])
+    exact = all_grads(exact_layer, x.float(), lambda x: reference_layer(exact_layer, x)[0])
     assert torch.equal(reference_layer(exact_layer, x.float())[1], ref_ids)  # the same routing
     names = ["y", "dx"] + [n for n, _ in layer.named_parameters()]
-    _within_bf16_error(fast, slow, exact, names)
+    within_bf16_error(fast, slow, exact, names)
 
 
 def test_random_router_uses_token_ids():
@@ -334,8 +287,8 @@ def test_fused_chunks_are_groups_and_combine_by_gather():
     out = layer.route_tokens(x, None, (33,))
     # Grouped routing fills columns group by group, so chunks combine with gathers.
     assert columns_per_chunk(out.expert_ids, 4, 8) == 2
-    fast = _all_grads(layer, x, lambda x: layer(x).hidden)
-    ref = _all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
+    fast = all_grads(layer, x, lambda x: layer(x).hidden)
+    ref = all_grads(layer, x, lambda x: reference_layer(layer, x)[0])
     for a, b in zip(fast, ref):
         assert_close(a, b)
 

@@ -200,7 +200,7 @@ def _hf_blocks(shape: BenchShape) -> list[tuple[str, Callable[[str], nn.Module]]
     return [("Qwen3-MoE", qwen), ("Mixtral", mixtral), ("DeepSeek-V3", deepseek)]
 
 
-def _hf_cases(shape: BenchShape, dtype: torch.dtype, seed: int) -> list[Case]:
+def hf_cases(shape: BenchShape, dtype: torch.dtype, seed: int) -> list[Case]:
     cases = []
     for name, build in _hf_blocks(shape):
         for impl in ("eager", "grouped_mm"):
@@ -226,12 +226,13 @@ def layer_for(shape: BenchShape, impl: str, dtype: torch.dtype, seed: int) -> Mo
 
 
 def dense_cases(
-    shape: BenchShape, dtype: torch.dtype, seed: int = 0, fastest_only: bool = False
-) -> list[Case]:
+    shape: BenchShape, dtype: torch.dtype, seed: int = 0, fastest_only: bool = False,
+    device: torch.device | None = None,
+) -> list[Case]:  # fmt: skip
     """The dense limit. In a dtype the CPU has no matrix instructions for, the fp32
     products variant is the limit and torch's own (slow) matmul an optional row."""
     width = shape.top_k * shape.hidden
-    upcast = matmul_dtype(torch.device("cpu"), dtype) != dtype
+    upcast = matmul_dtype(device or torch.device("cpu"), dtype) != dtype
     variants = [] if upcast and fastest_only else [(False, f"dense SwiGLU width K*f={width} (torch matmul)")]
     if upcast:
         variants.append((True, f"dense SwiGLU width K*f={width} (fp32 products)"))
@@ -244,11 +245,13 @@ def dense_cases(
 
 def build_cases(
     shape: BenchShape, dtype: torch.dtype, peers: bool, seed: int = 0, compiled: bool = False,
-    fastest_limit_only: bool = False,
+    fastest_limit_only: bool = False, device: torch.device | None = None,
 ) -> tuple[list[Case], list[str]]:  # fmt: skip
     """Every implementation at `shape` in `dtype`, and notes on what was left out.
-    fastest_limit_only: only the dense variant that is the limit (see dense_cases)."""
-    cases = dense_cases(shape, dtype, seed, fastest_only=fastest_limit_only)
+    fastest_limit_only: only the dense variant that is the limit (see dense_cases).
+    device: whose matmul decides the dense variants (None: the CPU); the modules are
+    built on the CPU (the caller moves them)."""
+    cases = dense_cases(shape, dtype, seed, fastest_only=fastest_limit_only, device=device)
     fused = layer_for(shape, "fused", dtype, seed)
     cases.append(moge_case("moge MoGELayer (fused, default)", fused))
     cases.append(router_case(fused))
@@ -276,5 +279,5 @@ def build_cases(
         elif int(version.split(".")[0]) < 5:
             notes.append(f"transformers peers skipped: transformers {version} < 5")
         else:
-            cases.extend(_hf_cases(shape, dtype, seed))
+            cases.extend(hf_cases(shape, dtype, seed))
     return cases, notes

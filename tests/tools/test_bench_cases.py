@@ -44,7 +44,7 @@ def test_transformers_blocks_eager_and_grouped_mm_agree():
     transformers = pytest.importorskip("transformers")
     if int(transformers.__version__.split(".")[0]) < 5:
         pytest.skip("needs transformers >= 5")
-    cases = bench_cases._hf_cases(TINY, torch.float32, seed=0)
+    cases = bench_cases.hf_cases(TINY, torch.float32, seed=0)
     assert len(cases) == 6
     x = torch.randn(TINY.tokens, TINY.d_model, generator=torch.Generator().manual_seed(1))
     for eager, grouped in zip(cases[::2], cases[1::2]):
