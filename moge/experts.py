@@ -140,7 +140,7 @@ class _GatherRows(torch.autograd.Function):
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """ "auto": grouped_mm on CUDA in bf16 and float32 (a real grouped kernel), else the
-    fused path (built for CPUs: on an H200 it ran 1.4-2.0x slower than grouped_mm in
+    fused path (built for CPUs: on an H200 it ran 1.2-2.0x slower than grouped_mm in
     float32, docs/performance.md)."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl: expected one of {', '.join(EXPERT_IMPLS)}; got {impl!r}")
