@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 from expert_cases import assert_within_bf16_error, case, grads, set_layout
 from reference import all_grads, reference_experts, reference_layer, within_bf16_error
 from torch.testing import assert_close
@@ -247,7 +246,6 @@ def test_train_on_cuda_lowers_the_loss_and_resumes(tmp_path, dtype):
         "train": {"steps": 60, "batch_size": 8, "warmup_steps": 5, "eval_every": 0, "eval_batches": 2,
                   "save_every": 30, "device": "cuda", "dtype": dtype, "out_dir": str(tmp_path / "run")},
     }  # fmt: skip
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     cfg = config_from_dict(raw)
     half = train(cfg, progress=False, stop_at=30)
     assert half.step == 30
