@@ -37,17 +37,23 @@ def expert_load(expert_ids: Tensor, num_experts: int) -> Tensor:
 # --- balance losses (Eq. 8 of the paper, without its coefficient alpha) -------------
 
 
-def balance_loss_from_counts(scores_TE: Tensor, counts_E: Tensor, num_tokens: int, top_k: int) -> Tensor:
+def balance_loss_from_counts(
+    scores_TE: Tensor, counts_E: Tensor, num_tokens: int | Tensor, top_k: int
+) -> Tensor:
     """sum_i f_i * p_i with f_i = E / (K * num_tokens) * counts_i, p_i = mean_t scores[t, i].
 
     `counts_E` and `num_tokens` may span more tokens than `scores_TE` (global batch).
-    f carries no gradient (counts are integers); the gradient reaches the router
-    through p. Returns a 0-dim float32 tensor; 0 when there are no tokens.
+    num_tokens may be a 0-dim tensor (>= 1) on counts_E's device, so that it need not be
+    read back to the host. f carries no gradient (counts are integers); the gradient
+    reaches the router through p. Returns a 0-dim float32 tensor; 0 when there are no tokens.
     """
-    if scores_TE.shape[0] == 0 or num_tokens == 0:
+    if scores_TE.shape[0] == 0 or (isinstance(num_tokens, int) and num_tokens == 0):
         return scores_TE.new_zeros(())
     E = scores_TE.shape[1]
-    f_E = counts_E.to(torch.float32) * (E / (top_k * num_tokens))
+    if isinstance(num_tokens, Tensor):
+        f_E = counts_E.to(torch.float32) * (E / top_k) / num_tokens.to(torch.float32)
+    else:
+        f_E = counts_E.to(torch.float32) * (E / (top_k * num_tokens))
     p_E = scores_TE.float().mean(dim=0)
     return (f_E * p_E).sum()
 
@@ -67,11 +73,9 @@ def global_batch_balance_loss(scores_TE: Tensor, counts_E: Tensor, top_k: int, c
         return scores_TE.new_zeros((), dtype=torch.float32)
     # N stays on the device (reading it back would stall a GPU's queue every call). The
     # clamp only guards all-zero counts, whose loss is 0 either way.
-    tokens = (counts_E.sum() // top_k).clamp_min(1).to(torch.float32)
-    E = scores_TE.shape[1]
-    f_E = counts_E.to(torch.float32) * (E / top_k) / tokens
-    share = scores_TE.shape[0] * calls / tokens
-    return (f_E * share * scores_TE.float().mean(dim=0)).sum()
+    tokens = (counts_E.sum() // top_k).clamp_min(1)
+    share = scores_TE.shape[0] * calls / tokens.to(torch.float32)
+    return balance_loss_from_counts(scores_TE, counts_E, tokens, top_k) * share
 
 
 def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:

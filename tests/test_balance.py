@@ -114,6 +114,21 @@ def test_global_batch_counts_over_micro_batches():
     assert balance_loss_from_counts(skew, counts, 8, 1) < load_balancing_loss(skew, ids_a, 2)
 
 
+def test_global_batch_loss_keeps_the_token_count_a_tensor():
+    """N as a 0-dim tensor (what global_batch_balance_loss passes, so a GPU need not read
+    it back) gives the int's value; and the global-batch loss is f . S / N times calls."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.rand(6, 4, generator=gen).softmax(-1)
+    counts = torch.tensor([7, 1, 5, 3])  # 16 slots of K=2 over the step: N = 8 tokens, T = 6 here
+    assert_close(
+        balance_loss_from_counts(scores, counts, torch.tensor(8), 2),
+        balance_loss_from_counts(scores, counts, 8, 2),
+    )
+    by_hand = (counts.float() * 4 / (2 * 8) * scores.sum(0) / 8).sum() * 3
+    assert_close(balance.global_batch_balance_loss(scores, counts, 2, calls=3), by_hand)
+    assert balance.global_batch_balance_loss(scores, torch.zeros(4, dtype=torch.long), 2, 3).item() == 0.0
+
+
 # --- z-loss and bias ---------------------------------------------------------------------
 
 

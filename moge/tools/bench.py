@@ -49,10 +49,12 @@ from moge.tools.bench_cases import (
     SHAPES,
     BenchShape,
     Case,
+    backward_of,
     build_cases,
     dense_cases,
     layer_for,
     moge_case,
+    reset_grads,
     router_case,
     transformers_version,
 )
@@ -69,11 +71,6 @@ def _inputs(shape: BenchShape, dtype: torch.dtype, count: int, seed: int, tokens
     return xs, gys
 
 
-def _reset(case: Case) -> None:
-    for p in case.module.parameters():
-        p.grad = None
-
-
 def _call(case: Case, x: Tensor, gy: Tensor) -> tuple[float, float, float]:
     """One training call: forward, backward. -> (forward seconds, forward+backward
     seconds, forward+backward seconds of process CPU time)."""
@@ -81,11 +78,7 @@ def _call(case: Case, x: Tensor, gy: Tensor) -> tuple[float, float, float]:
     c0, t0 = time.process_time(), time.perf_counter()
     y, extra = case.step(x)
     t1 = time.perf_counter()
-    g = gy if y.shape == gy.shape else torch.ones_like(y)
-    if extra is None:
-        y.backward(g)
-    else:
-        torch.autograd.backward([y, extra], [g, torch.ones_like(extra)])
+    backward_of(y, extra, gy)
     t2, c2 = time.perf_counter(), time.process_time()
     return t1 - t0, t2 - t0, c2 - c0
 
@@ -198,7 +191,7 @@ def _probe(case: Case, shape: BenchShape, dtype: torch.dtype, seed: int) -> floa
     times = {}
     for div in (16, 16, 8):  # the first call warms up
         xs, gys = _inputs(shape, dtype, 1, seed + 7, tokens=max(shape.tokens // div, 1))
-        _reset(case)
+        reset_grads(case)
         times[div] = _call(case, xs[0], gys[0])[1]
     return project_seconds(times[16], times[8])
 
@@ -238,7 +231,7 @@ def time_cases(
             first, stop = rounds[c.name]
             if not first <= i < stop:
                 continue
-            _reset(c)
+            reset_grads(c)
             fwd, fb, cpu = _call(c, xs[i % len(xs)], gys[i % len(gys)])
             if i >= warmup:
                 r.fwd_s.append(fwd)
@@ -247,7 +240,7 @@ def time_cases(
         log(f"  {name} T={shape.tokens} round {i + 1}/{warmup + iters} done")
     if memory:
         for c, r in live:
-            _reset(c)
+            reset_grads(c)
             r.peak_bytes = peak_memory_bytes(partial(_call, c, xs[0], gys[0]))
             # The weight gradients that call left (the router-only row leaves the experts' None).
             r.grad_bytes = sum(

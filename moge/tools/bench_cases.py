@@ -117,6 +117,22 @@ class NaiveLoopMoE(nn.Module):
         return y_TD
 
 
+def reset_grads(case: Case) -> None:
+    """Every timed call starts with no weight gradient (none to accumulate into)."""
+    for p in case.module.parameters():
+        p.grad = None
+
+
+def backward_of(y: Tensor, extra: Tensor | None, gy: Tensor) -> None:
+    """A training call's backward: gy seeds y (ones where y has another shape, as the
+    router-only case's gates) and the extra loss adds with weight 1."""
+    g = gy if y.shape == gy.shape else torch.ones_like(y)
+    if extra is None:
+        y.backward(g)
+    else:
+        torch.autograd.backward([y, extra], [g, torch.ones_like(extra)])
+
+
 def init_(module: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -230,7 +246,8 @@ def dense_cases(
     device: torch.device | None = None,
 ) -> list[Case]:  # fmt: skip
     """The dense limit. In a dtype the CPU has no matrix instructions for, the fp32
-    products variant is the limit and torch's own (slow) matmul an optional row."""
+    products variant is the limit and torch's own (slow) matmul an optional row.
+    device: whose matmul decides that (None: the CPU); the modules are built on the CPU."""
     width = shape.top_k * shape.hidden
     upcast = matmul_dtype(device or torch.device("cpu"), dtype) != dtype
     variants = [] if upcast and fastest_only else [(False, f"dense SwiGLU width K*f={width} (torch matmul)")]
@@ -245,13 +262,11 @@ def dense_cases(
 
 def build_cases(
     shape: BenchShape, dtype: torch.dtype, peers: bool, seed: int = 0, compiled: bool = False,
-    fastest_limit_only: bool = False, device: torch.device | None = None,
+    fastest_limit_only: bool = False,
 ) -> tuple[list[Case], list[str]]:  # fmt: skip
     """Every implementation at `shape` in `dtype`, and notes on what was left out.
-    fastest_limit_only: only the dense variant that is the limit (see dense_cases).
-    device: whose matmul decides the dense variants (None: the CPU); the modules are
-    built on the CPU (the caller moves them)."""
-    cases = dense_cases(shape, dtype, seed, fastest_only=fastest_limit_only, device=device)
+    fastest_limit_only: only the dense variant that is the limit (see dense_cases)."""
+    cases = dense_cases(shape, dtype, seed, fastest_only=fastest_limit_only)
     fused = layer_for(shape, "fused", dtype, seed)
     cases.append(moge_case("moge MoGELayer (fused, default)", fused))
     cases.append(router_case(fused))

@@ -30,10 +30,13 @@ from moge.tools.bench_cases import (
     BenchShape,
     Case,
     NaiveLoopMoE,
+    backward_of,
     dense_cases,
     hf_cases,
     layer_for,
     moge_case,
+    plain_step,
+    reset_grads,
     router_case,
     transformers_version,
 )
@@ -78,9 +81,7 @@ def cuda_cases(shape: BenchShape, dtype: torch.dtype, device: torch.device, peer
             if impl != auto:
                 cases.append(moge_case(f"moge MoGELayer ({impl})", layer_for(shape, impl, dtype, seed), True))
         naive = NaiveLoopMoE(layer_for(shape, "fused", dtype, seed))
-        cases.append(
-            Case("naive per-expert loop (MoGE router)", "peer", naive, lambda x: (naive(x), None), True)
-        )
+        cases.append(Case("naive per-expert loop (MoGE router)", "peer", naive, plain_step(naive), True))
         version = transformers_version()
         if version is not None and int(version.split(".")[0]) >= 5:
             try:
@@ -93,18 +94,7 @@ def cuda_cases(shape: BenchShape, dtype: torch.dtype, device: torch.device, peer
 
 
 def _train_call(case: Case, x: Tensor, gy: Tensor) -> None:
-    x = x.detach().requires_grad_()
-    y, extra = case.step(x)
-    g = gy if y.shape == gy.shape else torch.ones_like(y)
-    if extra is None:
-        y.backward(g)
-    else:
-        torch.autograd.backward([y, extra], [g, torch.ones_like(extra)])
-
-
-def _reset(case: Case) -> None:
-    for p in case.module.parameters():
-        p.grad = None
+    backward_of(*case.step(x.detach().requires_grad_()), gy)
 
 
 def _seconds(device: torch.device, fn: Callable[[], None]) -> float:
@@ -123,7 +113,7 @@ def _seconds(device: torch.device, fn: Callable[[], None]) -> float:
 
 def _peak(case: Case, device: torch.device, x: Tensor, gy: Tensor) -> tuple[int, int]:
     """(peak bytes above the level before one call, bytes of the weight gradients it left)."""
-    _reset(case)
+    reset_grads(case)
     if device.type != "cuda":
         return 0, 0
     torch.cuda.synchronize()
@@ -155,7 +145,7 @@ def time_cuda(
 
             def run(case=case):
                 for i in range(calls):
-                    _reset(case)
+                    reset_grads(case)
                     _train_call(case, xs[i], gys[i])
 
             try:
@@ -270,11 +260,11 @@ def profile_call(
     gen = torch.Generator().manual_seed(9)
     x, gy = (torch.randn(shape.tokens, shape.d_model, generator=gen).to(device, dtype) for _ in range(2))
     for _ in range(2):
-        _reset(case)
+        reset_grads(case)
         _train_call(case, x, gy)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _reset(case)
+    reset_grads(case)
     with profile(activities=activities) as prof:
         _train_call(case, x, gy)
         if cuda:
