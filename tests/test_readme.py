@@ -23,7 +23,10 @@ later commands (`moge eval runs/...`, `train.resume=true`) find what they expect
 `moge eval` gets `--batches 1`, `moge simulate` `--trials 2`, `moge bench` one tiny
 round; `python scripts/X.py ...` runs `--help` only, in this process (the scripts are
 benchmarks of minutes). With MOGE_README_FULL=1 (and `-m slow`) every command runs exactly as written,
-which takes as long as the README says.
+which takes as long as the README says (hours on 2 cores; no command may take over 15
+minutes). MOGE_README_FULL_FROM=N runs the blocks that open at README line N or later as
+written and the ones before cheaply, so a full run can resume at a section;
+MOGE_README_LOG=DIR keeps what every command run as written printed, and its time.
 
 All of it runs in a fresh temporary folder holding a link to configs/, like a fresh clone.
 """
@@ -36,6 +39,7 @@ import runpy
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +49,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FULL = os.environ.get("MOGE_README_FULL") == "1"
+FULL_FROM = int(os.environ.get("MOGE_README_FULL_FROM", "1"))  # first README line run as written
+COMMAND_SECONDS = 900  # the most one README command may take, as written, on 2 cores
+LOG = os.environ.get("MOGE_README_LOG")  # folder for the output of commands run as written
 SHELLS = ("bash", "sh", "shell", "console")
 CHEAP_TRAIN = ("train.steps=2", "train.eval_batches=1", "train.eval_every=0", "train.save_every=0",
                "train.warmup_steps=1", "train.log_every=1")  # fmt: skip
@@ -136,16 +143,17 @@ def _cheap_train(args: list[str]) -> list[str]:
     return [*args, *CHEAP_TRAIN, f"train.out_dir={out_dir}"]
 
 
-def cheap_moge_args(args: list[str]) -> list[str]:
-    """The arguments after `moge` (or `-m moge`), made cheap; see the module docstring."""
-    if FULL or not args:
+def cheap_moge_args(args: list[str], full: bool = FULL) -> list[str]:
+    """The arguments after `moge` (or `-m moge`), made cheap unless `full`; see the
+    module docstring."""
+    if full or not args:
         return args
     sub = args[0]
     if sub == "train":
         return _cheap_train(args)
     if sub == "torchrun":
         i = next(i for i, a in enumerate(args) if a in ("train", "params", "eval", "generate", "simulate"))
-        return [*args[:i], *cheap_moge_args(args[i:])]
+        return [*args[:i], *cheap_moge_args(args[i:], full)]
     if sub == "eval":
         return [*args, "--batches", "1"]
     if sub == "simulate":
@@ -155,21 +163,33 @@ def cheap_moge_args(args: list[str]) -> list[str]:
     return args
 
 
+def _log(argv: list[str], proc: subprocess.CompletedProcess, seconds: float) -> None:
+    """Append one command's output and wall time to LOG/commands.txt."""
+    assert LOG is not None
+    Path(LOG).mkdir(parents=True, exist_ok=True)
+    with open(Path(LOG) / "commands.txt", "a", encoding="utf-8") as f:
+        f.write(f"$ {shlex.join(argv)}\n{proc.stdout}{proc.stderr}")
+        f.write(f"[exit {proc.returncode} after {seconds:.0f} s]\n\n")
+
+
 def _subprocess(argv: list[str], cwd: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    start = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=COMMAND_SECONDS)
+    if LOG:
+        _log(argv, proc, time.perf_counter() - start)
     assert proc.returncode == 0, (
         f"{shlex.join(argv)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     )
 
 
-def run_command(argv: list[str], cwd: Path) -> None:
+def run_command(argv: list[str], cwd: Path, full: bool = FULL) -> None:
     from moge.cli import main
 
     kind = _kind(argv)
     if kind == "moge":
-        args = cheap_moge_args(argv[1:])
+        args = cheap_moge_args(argv[1:], full)
         if args[:1] == ["torchrun"]:  # spawns ranks that import moge: run it as a process
             _subprocess([sys.executable, "-m", "moge", *args], cwd)
             return
@@ -183,9 +203,9 @@ def run_command(argv: list[str], cwd: Path) -> None:
         i = argv.index("-m")
         assert argv[i + 1] == "moge", argv
         _subprocess([sys.executable, "-m", "torch.distributed.run", *argv[1 : i + 2],
-                     *cheap_moge_args(argv[i + 2 :])], cwd)  # fmt: skip
+                     *cheap_moge_args(argv[i + 2 :], full)], cwd)  # fmt: skip
     elif kind == "script":
-        if FULL:
+        if full:
             _subprocess([sys.executable, str(ROOT / argv[1]), *argv[2:]], cwd)
         else:
             _script_help(ROOT / argv[1])
@@ -264,12 +284,12 @@ def run_block(block: Block, namespace: dict, cwd: Path) -> int:
         except Exception as err:
             raise AssertionError(f"README.md:{block.line}: the Python block fails: {err!r}") from err
         return 1
-    ran = 0
+    ran, full = 0, FULL and block.line >= FULL_FROM
     for argv in shell_commands(block.code):
         if _kind(argv) == "skip":
             continue
         try:
-            run_command(argv, cwd)
+            run_command(argv, cwd, full)
         except AssertionError as err:
             raise AssertionError(f"README.md:{block.line}: {shlex.join(argv)}\n{err}") from err
         ran += 1
