@@ -23,10 +23,11 @@ later commands (`moge eval runs/...`, `train.resume=true`) find what they expect
 `moge eval` gets `--batches 1`, `moge simulate` `--trials 2`, `moge bench` one tiny
 round; `python scripts/X.py ...` runs `--help` only, in this process (the scripts are
 benchmarks of minutes). With MOGE_README_FULL=1 (and `-m slow`) every command runs exactly as written,
-which takes as long as the README says (hours on 2 cores; no command may take over 15
-minutes). MOGE_README_FULL_FROM=N runs the blocks that open at README line N or later as
+which takes as long as the README says (hours on 2 cores; no command run as a process may
+take over 15 minutes). MOGE_README_FULL_FROM=N runs the blocks that open at README line N or later as
 written and the ones before cheaply, so a full run can resume at a section;
-MOGE_README_LOG=DIR keeps what every command run as written printed, and its time.
+MOGE_README_LOG=DIR keeps what every command run as a process (scripts, torchrun) printed,
+and its time, in DIR/commands.txt.
 
 All of it runs in a fresh temporary folder holding a link to configs/, like a fresh clone.
 """
