@@ -20,7 +20,8 @@ Method (the noise comes from other processes sharing the cores):
   tensors, blind to Python objects and to allocator slack;
 - a peer (or torch's bf16 matmul on a CPU without bf16 instructions) whose single
   call is projected (a line through calls at T/16 and T/8 tokens) to exceed
-  `max_call_seconds` is skipped, with its projection printed; one above
+  `max_call_seconds` (or, with `max_call_x`, that many times the dense limit's call,
+  projected the same way) is skipped, with its projection printed; one above
   `slow_call_seconds` gets only `slow_rounds` samples (the n column).
 """
 
@@ -200,16 +201,23 @@ def time_cases(
     cases: list[Case], shape: BenchShape, dtype: torch.dtype, iters: int, warmup: int,
     max_call_seconds: float, seed: int = 0, memory: bool = True, log: Callable[[str], None] = lambda s: None,
     slow_call_seconds: float = 10.0, slow_rounds: int = 3, label: str | None = None,
+    max_call_x: float | None = None,
 ) -> list[Result]:  # fmt: skip
     """Round-robin timing of every case (rotated order per round), then peak memory.
 
     An optional case (peers; torch's bf16 matmul where the CPU lacks bf16) projected
-    above max_call_seconds per call is skipped; one above slow_call_seconds joins only
-    `slow_rounds` timed rounds and no warm-up round (its probe calls warmed it up).
-    Every other case runs every round.
+    above max_call_seconds per call, or above max_call_x times the fastest dense
+    limit's call (projected alike; None: no such bound), is skipped; one above
+    slow_call_seconds joins only `slow_rounds` timed rounds and no warm-up round (its
+    probe calls warmed it up). Every other case runs every round.
     """
     name = label or next(k for k, v in DTYPES.items() if v == dtype)
     results = [Result(c.name, c.kind, name, shape.tokens, optional=c.optional) for c in cases]
+    bound, why = max_call_seconds, f"max_call_seconds={max_call_seconds:g}"
+    if max_call_x is not None:
+        limit_s = min((_probe(c, shape, dtype, seed) for c in cases if c.kind == "limit"), default=math.inf)
+        if max_call_x * limit_s < bound:
+            bound, why = max_call_x * limit_s, f"max_call_x={max_call_x:g} times the limit's ~{limit_s:.1f} s"
     live, rounds = [], {}
     for c, r in zip(cases, results):
         if not c.optional:  # the limit and the layer always get every round
@@ -217,8 +225,8 @@ def time_cases(
             live.append((c, r))
             continue
         projected = _probe(c, shape, dtype, seed)
-        if projected > max_call_seconds:
-            r.skipped = f"one call projected at ~{projected:.0f} s from T/16 and T/8 (> max_call_seconds={max_call_seconds:g})"
+        if projected > bound:
+            r.skipped = f"one call projected at ~{projected:.0f} s from T/16 and T/8 (> {why})"
             log(f"  skip {c.name}: {r.skipped}")
             continue
         slow = projected > slow_call_seconds
@@ -350,6 +358,7 @@ def run_layer_benchmark(
     log: Callable[[str], None] = lambda s: None,
     compiled: bool = False,
     small_shapes: bool = False,
+    max_call_x: float | None = None,
 ) -> dict:
     """Time every implementation at `shape` for each dtype name (DTYPE_NAMES), and
     optionally a token sweep and the small-shapes table (SMALL_SHAPES: the toy
@@ -362,8 +371,11 @@ def run_layer_benchmark(
     for d in dtypes:
         if d not in DTYPE_NAMES:
             raise ValueError(f"dtype: expected some of {', '.join(DTYPE_NAMES)}; got {d!r}")
+    if max_call_x is not None and not max_call_x > 0:
+        raise ValueError(f"max_call_x: must be > 0 (a multiple of the dense limit's call), got {max_call_x}")
     report: dict[str, Any] = {"machine": machine_info(), "shape": asdict(shape), "iters": iters,
-                              "warmup": warmup, "max_call_seconds": max_call_seconds, "tables": {},
+                              "warmup": warmup, "max_call_seconds": max_call_seconds,
+                              "max_call_x": max_call_x, "tables": {},
                               "notes": [], "sweep": {}, "small_shapes": {}}  # fmt: skip
     cpu = torch.device("cpu")
     if FORCED_FP32 in dtypes and matmul_dtype(cpu, torch.bfloat16) != torch.bfloat16:
@@ -378,7 +390,18 @@ def run_layer_benchmark(
             cases, notes = build_cases(shape, dtype, peers and not forced, seed, compiled, forced)
             report["notes"] = sorted(set(report["notes"] + notes))
             log(f"{d}: {len(cases)} implementations, {shape.describe()}")
-            results = time_cases(cases, shape, dtype, iters, warmup, max_call_seconds, seed, log=log, label=d)
+            results = time_cases(
+                cases,
+                shape,
+                dtype,
+                iters,
+                warmup,
+                max_call_seconds,
+                seed,
+                log=log,
+                label=d,
+                max_call_x=max_call_x,
+            )
         report["tables"][d] = _with_ratios(results)
     for d in dtypes if sweep_tokens else ():
         report["sweep"][d] = _sweep(shape, d, sweep_tokens, iters, max_call_seconds, seed, log)
@@ -547,6 +570,13 @@ def build_parser(
     p.add_argument(
         "--max-call-seconds", type=float, default=120.0, help="skip rows whose one call is projected slower"
     )
+    p.add_argument(
+        "--max-call-x",
+        type=float,
+        default=None,
+        help="also skip rows whose one call is projected slower than this many times the dense limit's "
+        "(e.g. 2.5 keeps the grouped_mm peers and leaves out the per-expert loops; default: no such bound)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
     p.add_argument("--json", default=None, help="also write the full report to this file (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -571,7 +601,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_layer.py", **parser_c
         dtypes = tuple(d.strip() for d in args.dtype.split(",") if d.strip())
         report = run_layer_benchmark(
             shape, dtypes, args.iters, args.warmup, not args.no_peers, args.sweep_tokens,
-            args.max_call_seconds, args.seed, log, args.compiled, args.small_shapes,
+            args.max_call_seconds, args.seed, log, args.compiled, args.small_shapes, args.max_call_x,
         )  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

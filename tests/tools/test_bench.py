@@ -69,6 +69,25 @@ def test_slow_peers_are_skipped_or_sampled_less_but_never_the_layer(monkeypatch)
     assert all(r["samples"] == (3 if r["optional"] else 4) for r in report["tables"]["fp32"])
 
 
+def test_max_call_x_skips_by_the_limit_s_projected_call(monkeypatch):
+    """Peers projected over max_call_x times the dense limit's projected call are skipped,
+    whatever the machine's speed; those under it run; the limit and the layer always run."""
+    monkeypatch.setattr(bench_cases, "transformers_version", lambda: None)
+    speeds = {"limit": 2.0, "moge": 4.0, "peer": 9.0}  # seconds per projected call, by kind
+    monkeypatch.setattr(bench, "_probe", lambda case, shape, dtype, seed: speeds[case.kind])
+    report = run_layer_benchmark(TINY, ("fp32",), iters=2, warmup=0, peers=True, max_call_x=2.5)
+    rows = report["tables"]["fp32"]
+    skipped = {r["kind"] for r in rows if r.get("skipped")}
+    timed = {r["kind"] for r in rows if r["samples"]}
+    assert skipped == {"peer"} and {"limit", "moge"} <= timed
+    assert all("max_call_x=2.5 times the limit's ~2.0 s" in r["skipped"] for r in rows if r.get("skipped"))
+    assert report["max_call_x"] == 2.5
+    report = run_layer_benchmark(TINY, ("fp32",), iters=2, warmup=0, peers=True, max_call_x=5.0)
+    assert not any(r.get("skipped") for r in report["tables"]["fp32"])
+    with pytest.raises(ValueError, match="max_call_x"):
+        run_layer_benchmark(TINY, ("fp32",), iters=1, warmup=0, max_call_x=0.0)
+
+
 def test_main_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = ["--tokens", "32", "--d-model", "16", "--hidden", "8", "--experts", "4", "--groups", "2",
