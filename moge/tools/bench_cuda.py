@@ -275,7 +275,7 @@ def profile_call(
     return head + "\n" + prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def _names(text: str, valid, what: str) -> list[str]:
+def parse_names(text: str, valid, what: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in valid]
     if bad or not names:
@@ -292,12 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rounds", "calls"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name}: must be >= 1")
-    shapes = _names(args.shapes, CUDA_SHAPES, "--shapes")
-    dtypes = _names(args.dtype, DTYPES, "--dtype")
+    shapes = parse_names(args.shapes, CUDA_SHAPES, "--shapes")
+    dtypes = parse_names(args.dtype, DTYPES, "--dtype")
     fp32_shapes = (
-        shapes if args.fp32_shapes is None else _names(args.fp32_shapes, CUDA_SHAPES, "--fp32-shapes")
+        shapes if args.fp32_shapes is None else parse_names(args.fp32_shapes, CUDA_SHAPES, "--fp32-shapes")
     )
-    peer_shapes = None if args.peer_shapes is None else _names(args.peer_shapes, CUDA_SHAPES, "--peer-shapes")
+    peer_shapes = (
+        None if args.peer_shapes is None else parse_names(args.peer_shapes, CUDA_SHAPES, "--peer-shapes")
+    )
     info = device_info(device)
     print(json.dumps(info), flush=True)
     report: dict = {"machine": info, "tables": [], "summary": []}
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump(report, f, indent=1)
-    for shape_name in _names(args.profile, CUDA_SHAPES, "--profile") if args.profile else []:
+    for shape_name in parse_names(args.profile, CUDA_SHAPES, "--profile") if args.profile else []:
         shape = CUDA_SHAPES[shape_name]
         for case in cuda_cases(shape, torch.bfloat16, device, peers=False)[:2]:
             print(f"{shape_name} " + profile_call(case, shape, torch.bfloat16, device) + "\n", flush=True)

@@ -32,7 +32,7 @@ from torch import Tensor
 from moge.experts import _GatherRows, sort_slots
 from moge.routing import grouped_topk
 from moge.tools.bench_cases import DTYPES, BenchShape
-from moge.tools.bench_cuda import CUDA_SHAPES, _names, _seconds
+from moge.tools.bench_cuda import CUDA_SHAPES, _seconds, parse_names
 
 VARIANTS = ("einsum", "mul+sum", "gated")
 
@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         raise SystemExit("error: --rounds: must be >= 1")
     print(f"down product + combine of the sorted path, forward+backward, on {device}")
-    for name in _names(args.shapes, CUDA_SHAPES, "--shapes"):
+    for name in parse_names(args.shapes, CUDA_SHAPES, "--shapes"):
         shape = CUDA_SHAPES[name]
         if args.tokens:
             shape = BenchShape(
                 args.tokens, shape.d_model, shape.hidden, shape.experts, shape.groups, shape.top_k
             )
-        for dname in _names(args.dtype, DTYPES, "--dtype"):
+        for dname in parse_names(args.dtype, DTYPES, "--dtype"):
             dtype = DTYPES[dname]
             errors = relative_errors(shape, dtype, device)
             times = time_variants(shape, dtype, device, args.rounds)
