@@ -390,18 +390,8 @@ def run_layer_benchmark(
             cases, notes = build_cases(shape, dtype, peers and not forced, seed, compiled, forced)
             report["notes"] = sorted(set(report["notes"] + notes))
             log(f"{d}: {len(cases)} implementations, {shape.describe()}")
-            results = time_cases(
-                cases,
-                shape,
-                dtype,
-                iters,
-                warmup,
-                max_call_seconds,
-                seed,
-                log=log,
-                label=d,
-                max_call_x=max_call_x,
-            )
+            results = time_cases(cases, shape, dtype, iters, warmup, max_call_seconds, seed,
+                                 log=log, label=d, max_call_x=max_call_x)  # fmt: skip
         report["tables"][d] = _with_ratios(results)
     for d in dtypes if sweep_tokens else ():
         report["sweep"][d] = _sweep(shape, d, sweep_tokens, iters, max_call_seconds, seed, log)
