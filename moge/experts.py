@@ -138,6 +138,21 @@ class _GatherRows(torch.autograd.Function):
         return g_RD, None, None, None
 
 
+def inverse_permutation(order_S: Tensor) -> Tensor:
+    """inverse_S [S] with inverse_S[order_S[s]] = s: where each flat slot was sorted to."""
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    return inverse_S
+
+
+def combine_sorted(y_SD: Tensor, order_S: Tensor, inverse_S: Tensor, weights_TK: Tensor) -> Tensor:
+    """The sorted slots' outputs back in token order, each token's K rows summed weighted
+    by their gates: y_SD [S, D] (sorted slot s is flat slot order_S[s]) -> [T, D]."""
+    K = weights_TK.shape[1]
+    y_TKD = rearrange(_GatherRows.apply(y_SD, inverse_S, order_S, 1), "(t k) d -> t k d", k=K)
+    return torch.einsum("tk,tkd->td", weights_TK.to(y_SD.dtype), y_TKD)
+
+
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """ "auto": grouped_mm on CUDA in bf16 and float32 (a real grouped kernel), else the
     fused path (built for CPUs: on an H200 it ran 1.2-2.0x slower than grouped_mm in
@@ -264,13 +279,11 @@ class GroupedExperts(nn.Module):
         K = weights_TK.shape[1]
         dtype = x_TD.dtype
         # Sorted slot s is flat slot order_S[s] (token order_S[s] // K); inverse_S undoes it.
-        inverse_S = torch.empty_like(order_S)
-        inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+        inverse_S = inverse_permutation(order_S)
         x_SD = _GatherRows.apply(x_TD, order_S // K, inverse_S, K)
         w1, w2 = self.w_gate_up_EDH.to(dtype), self.w_down_EFD.to(dtype)
         y_SD = run_experts(x_SD, w1, w2, counts_E, impl, self.pad_rows, self.experts_per_chunk)
-        y_TKD = rearrange(_GatherRows.apply(y_SD, inverse_S, order_S, 1), "(t k) d -> t k d", k=K)
-        return torch.einsum("tk,tkd->td", weights_TK.to(dtype), y_TKD)
+        return combine_sorted(y_SD, order_S, inverse_S, weights_TK)
 
     def forward(
         self, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor, dtype: torch.dtype | None = None

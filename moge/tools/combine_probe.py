@@ -29,7 +29,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from moge.experts import _GatherRows, sort_slots
+from moge.experts import _GatherRows, combine_sorted, inverse_permutation, sort_slots
 from moge.routing import grouped_topk
 from moge.tools.bench_cases import DTYPES, BenchShape
 from moge.tools.bench_cuda import CUDA_SHAPES, _seconds, parse_names
@@ -39,16 +39,17 @@ VARIANTS = ("einsum", "mul+sum", "gated")
 
 def _down_and_combine(variant: str, act_SF: Tensor, w2_EFD: Tensor, offs_E: Tensor, order_S: Tensor,
                       inverse_S: Tensor, weights_TK: Tensor) -> Tensor:  # fmt: skip
-    """The down product of the sorted slots and the gated sum by token -> [T, D]."""
+    """The down product of the sorted slots and the gated sum by token -> [T, D].
+    "einsum" is the layer's own combine (experts.combine_sorted)."""
     K = weights_TK.shape[1]
     gates_TK = weights_TK.to(act_SF.dtype)
     if variant == "gated":
         gate_S1 = _GatherRows.apply(gates_TK.reshape(-1, 1), order_S, inverse_S, 1)
         act_SF = act_SF * gate_S1
     y_SD = torch._grouped_mm(act_SF, w2_EFD, offs=offs_E)
-    y_TKD = rearrange(_GatherRows.apply(y_SD, inverse_S, order_S, 1), "(t k) d -> t k d", k=K)
     if variant == "einsum":
-        return torch.einsum("tk,tkd->td", gates_TK, y_TKD)
+        return combine_sorted(y_SD, order_S, inverse_S, weights_TK)
+    y_TKD = rearrange(_GatherRows.apply(y_SD, inverse_S, order_S, 1), "(t k) d -> t k d", k=K)
     if variant == "mul+sum":
         return (y_TKD * gates_TK.unsqueeze(-1)).sum(dim=1)
     assert variant == "gated", variant
@@ -62,8 +63,7 @@ def probe_inputs(shape: BenchShape, dtype: torch.dtype, device: torch.device, se
     scores_TE = torch.randn(T, E, generator=gen).softmax(dim=-1)
     weights_TK, ids_TK = grouped_topk(scores_TE, K, shape.groups)
     order_S, counts_E = sort_slots(ids_TK, E)
-    inverse_S = torch.empty_like(order_S)
-    inverse_S[order_S] = torch.arange(order_S.numel())
+    inverse_S = inverse_permutation(order_S)
     leaves = {
         "act_SF": torch.randn(T * K, F, generator=gen),
         "w2_EFD": torch.randn(E, F, D, generator=gen) / F**0.5,
