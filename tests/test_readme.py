@@ -312,3 +312,33 @@ def test_readme_shell_commands_as_written(fresh_clone):
     if not FULL:
         pytest.skip("set MOGE_README_FULL=1 to run the README's commands as written")
     test_readme_runs_top_to_bottom(fresh_clone, None)
+
+
+def test_full_from_runs_only_the_later_blocks_as_written(monkeypatch, tmp_path):
+    """MOGE_README_FULL_FROM=N: blocks opening before line N get the cheap commands."""
+    harness = sys.modules[__name__]
+    seen = []
+    monkeypatch.setattr(harness, "FULL", True)
+    monkeypatch.setattr(harness, "FULL_FROM", 10)
+    monkeypatch.setattr(harness, "run_command", lambda argv, cwd, full: seen.append((argv[1], full)))
+    code = "moge train configs/tiny-moge.yaml\n"
+    for line in (5, 10, 12):
+        harness.run_block(Block(line, "bash", (), code), {}, tmp_path)
+    assert seen == [("train", False), ("train", True), ("train", True)]
+    assert "train.steps=2" in cheap_moge_args(["train", "configs/tiny-moge.yaml"], full=False)
+    assert cheap_moge_args(["train", "configs/tiny-moge.yaml"], full=True) == [
+        "train",
+        "configs/tiny-moge.yaml",
+    ]
+
+
+def test_readme_log_keeps_each_process_output_and_time(monkeypatch, tmp_path):
+    harness = sys.modules[__name__]
+    monkeypatch.setattr(harness, "LOG", str(tmp_path / "log"))
+    harness._subprocess([sys.executable, "-c", "print(42*1000+7)"], tmp_path)
+    text = (tmp_path / "log" / "commands.txt").read_text()
+    assert "print(42*1000+7)" in text and "\n42007\n" in text
+    assert re.search(r"\[exit 0 after \d+ s\]", text)
+    with pytest.raises(AssertionError, match="-> 3"):
+        harness._subprocess([sys.executable, "-c", "raise SystemExit(3)"], tmp_path)
+    assert text.count("[exit") == 1 and (tmp_path / "log" / "commands.txt").read_text().count("[exit 3") == 1
