@@ -18,6 +18,7 @@ import torch
 
 from moge.interop import runfolder
 from moge.interop.folder import LayoutFolder
+from moge.interop.hfconfig import check_dropless
 from moge.interop.llama import LlamaLayout, Qwen2Layout
 from moge.interop.mapping import (
     DEFAULT_SHARD_BYTES,
@@ -31,7 +32,9 @@ from moge.interop.mapping import (
 from moge.interop.mixtral import MixtralLayout
 from moge.interop.pangu import PanguLayout
 from moge.interop.qwen_moe import Qwen2MoeLayout, Qwen3MoeLayout
+from moge.layer import MoGEConfig
 from moge.model import MoGETransformer
+from moge.model.config import ModelConfig
 from moge.training.config import DataConfig, RunConfig
 
 __all__ = [
@@ -129,6 +132,13 @@ def from_pretrained(
     return model.eval(), cfg
 
 
+def _write_config(lay: Layout, m: ModelConfig, e: MoGEConfig) -> dict:
+    """The layout's config.json for the model, or the ValueError of what it cannot express."""
+    if any(m.is_moe_layer(i) for i in range(m.n_layers)):
+        check_dropless(lay.name, e)
+    return lay.write_config(m, e)
+
+
 def save_pretrained(
     model: MoGETransformer,
     path: str | Path,
@@ -144,7 +154,7 @@ def save_pretrained(
         cfg = _run_config(Path(path).name or "model", model.cfg, model.moe_cfg)
         return [runfolder.write(path, cfg, StateDictSource(model.state_dict()), dtype)]
     lay = _layout(layout)
-    config = lay.write_config(model.cfg, model.moe_cfg)
+    config = _write_config(lay, model.cfg, model.moe_cfg)
     return write_layout(
         path, lay.pieces(model.cfg, model.moe_cfg), StateDictSource(model.state_dict()), config, dtype,
         max_shard_bytes,
@@ -221,5 +231,5 @@ def convert(
         cfg = dataclasses.replace(cfg, name=dst.name or cfg.name, train=train)
         return [runfolder.write(dst, cfg, source, dtype)]
     lay = _layout(to)
-    config = lay.write_config(cfg.model, cfg.moe)
+    config = _write_config(lay, cfg.model, cfg.moe)
     return write_layout(dst, lay.pieces(cfg.model, cfg.moe), source, config, dtype, max_shard_bytes)

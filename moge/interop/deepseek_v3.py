@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moge.interop.folder import LayoutFolder
-from moge.interop.hfconfig import need
+from moge.interop.hfconfig import check_dropless, need
 from moge.interop.mapping import Piece, check_pieces, expert_pieces, read_params, swiglu_pieces
 from moge.layer import MoGEConfig, MoGELayer
 
@@ -71,6 +71,19 @@ def _expert_names(prefix: str, e: int) -> tuple[str, str, str]:
     return gate, up, down
 
 
+def _check_moe_layer(hf: dict, layer: int, where: str) -> None:
+    """ValueError unless model.layers.{layer} exists and is an MoE block, as transformers
+    builds it: every layer from first_k_dense_replace on."""
+    n = hf.get("num_hidden_layers")
+    if layer < 0 or (n is not None and layer >= int(n)):
+        raise ValueError(f"layer: {layer} is not a layer of the model ({where}: num_hidden_layers {n})")
+    first = int(hf.get("first_k_dense_replace") or 0)
+    if layer < first:
+        raise ValueError(
+            f"layer: model.layers.{layer} is a dense MLP, not an MoE block ({where}: first_k_dense_replace {first})"
+        )
+
+
 def load_block(
     source: str | Path | dict[str, torch.Tensor],
     layer: int | None = None,
@@ -94,6 +107,7 @@ def load_block(
         config = folder.config
         if layer is None:
             raise ValueError("layer: name the block to load (its index in model.layers)")
+        _check_moe_layer(config, layer, str(folder.path / "config.json"))
         prefix = f"model.layers.{layer}.mlp."
     cfg = block_config(config, str(folder.path / "config.json"), **overrides)
     moe = MoGELayer(cfg)
@@ -119,6 +133,7 @@ def block_state_dict(layer: MoGELayer, prefix: str = "") -> dict[str, torch.Tens
         )
     if c.learned_expert_scale or c.shared_expert_gate:
         raise ValueError("layout deepseek_v3: cannot express learned_expert_scale or shared_expert_gate")
+    check_dropless("deepseek_v3", c)
     state = dict(layer.state_dict())
     if "balance_bias_E" not in state:
         state["balance_bias_E"] = torch.zeros(c.num_experts)

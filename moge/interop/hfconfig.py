@@ -5,10 +5,30 @@ Every function names `where` (the config.json) and the field in its ValueError.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
+
+# What each layout's own configuration class takes for a field config.json leaves out
+# (transformers 5's LlamaConfig, Qwen2Config, MixtralConfig, Qwen2MoeConfig,
+# Qwen3MoeConfig; the released PanguProMoEConfig), so that a sparse config.json builds
+# the model its own code would build: Mixtral and Pangu normalise with eps 1e-5, the rest
+# 1e-6. num_key_value_heads None: as many as the attention heads (Llama). Checked against
+# the transformers classes by tests/interop/test_interop_hf.py.
+CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(rms_norm_eps=1e-6, num_key_value_heads=None, rope_theta=1e4, max_position_embeddings=2048),
+    "qwen2": dict(rms_norm_eps=1e-6, num_key_value_heads=32, rope_theta=1e4, max_position_embeddings=32768),
+    "mixtral": dict(rms_norm_eps=1e-5, num_key_value_heads=8, rope_theta=1e6, max_position_embeddings=131072),
+    "qwen2_moe": dict(
+        rms_norm_eps=1e-6, num_key_value_heads=16, rope_theta=1e4, max_position_embeddings=32768
+    ),
+    "qwen3_moe": dict(
+        rms_norm_eps=1e-6, num_key_value_heads=4, rope_theta=1e4, max_position_embeddings=32768
+    ),
+    "pangu": dict(rms_norm_eps=1e-5, num_key_value_heads=8, rope_theta=1.6e7, max_position_embeddings=131072),
+}
 
 
 def dense_pattern(n_layers: int, moe_layers: set[int], where: str) -> tuple[int, int]:
@@ -63,8 +83,12 @@ def check_no_sliding(hf: dict, where: str) -> None:
         raise ValueError(f"{where}: use_sliding_window is true; moge has full causal attention only")
 
 
-def base_model_config(hf: dict, where: str, **fields) -> ModelConfig:
-    """The ModelConfig fields every layout names the same way; `fields` adds the rest."""
+def base_model_config(hf: dict, where: str, defaults: Mapping[str, Any], **fields) -> ModelConfig:
+    """The ModelConfig fields every layout names the same way; `fields` adds the rest.
+    defaults: the layout's CLASS_DEFAULTS, for the fields config.json leaves out (or sets
+    to null; a null num_key_value_heads means as many as the attention heads)."""
+    kv = hf["num_key_value_heads"] if "num_key_value_heads" in hf else defaults.get("num_key_value_heads")
+    hf = {**defaults, **{k: v for k, v in hf.items() if v is not None}}
     check_silu(hf, where)
     check_no_sliding(hf, where)
     heads = int(need(hf, "num_attention_heads", where))
@@ -75,11 +99,11 @@ def base_model_config(hf: dict, where: str, **fields) -> ModelConfig:
         d_model=d,
         n_layers=int(need(hf, "num_hidden_layers", where)),
         n_heads=heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        n_kv_heads=int(kv or heads),
         head_dim=int(head_dim) if head_dim and int(head_dim) != d // heads else None,
         rope_theta=rope_theta(hf, where),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=int(hf.get("max_position_embeddings") or 4096),
+        norm_eps=float(hf["rms_norm_eps"]),
+        max_seq_len=int(hf["max_position_embeddings"]),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
     )
@@ -119,6 +143,15 @@ def dense_moe_placeholder(d_model: int) -> MoGEConfig:
 
 def refuse(layout: str, what: str, why: str = "") -> ValueError:
     return ValueError(f"layout {layout}: cannot express {what}" + (f" ({why})" if why else ""))
+
+
+def check_dropless(layout: str, e: MoGEConfig) -> None:
+    """Every layout's block (and DeepSeek-V3's) runs every token through its experts."""
+    if e.capacity_factor is not None:
+        raise refuse(
+            layout, f"capacity_factor {e.capacity_factor}",
+            "its block never drops a token, so the exported model would compute another function",
+        )  # fmt: skip
 
 
 def check_plain_routing(layout: str, e: MoGEConfig, *, normalize: bool | None) -> None:

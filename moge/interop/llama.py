@@ -7,7 +7,14 @@ moge holds them as a model whose `first_dense_layers` is n_layers (no MoE layer)
 
 from __future__ import annotations
 
-from moge.interop.hfconfig import base_config_json, base_model_config, dense_moe_placeholder, need, refuse
+from moge.interop.hfconfig import (
+    CLASS_DEFAULTS,
+    base_config_json,
+    base_model_config,
+    dense_moe_placeholder,
+    need,
+    refuse,
+)
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
@@ -37,7 +44,7 @@ class LlamaLayout(BaseLayout):
         bias = bool(hf.get("attention_bias", False))
         n = int(need(hf, "num_hidden_layers", where))
         m = base_model_config(
-            hf, where, qkv_bias=bias, o_bias=bias, dense_hidden=int(need(hf, "intermediate_size", where)),
+            hf, where, CLASS_DEFAULTS["llama"], qkv_bias=bias, o_bias=bias, dense_hidden=int(need(hf, "intermediate_size", where)),
             first_dense_layers=n,
         )  # fmt: skip
         return m, dense_moe_placeholder(m.d_model)
@@ -62,7 +69,7 @@ class Qwen2Layout(BaseLayout):
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))
         m = base_model_config(
-            hf, where, qkv_bias=True, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
+            hf, where, CLASS_DEFAULTS["qwen2"], qkv_bias=True, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
             first_dense_layers=n,
         )  # fmt: skip
         return m, dense_moe_placeholder(m.d_model)

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from moge.balance import released_coefficient
 from moge.interop.folder import LayoutFolder
-from moge.interop.hfconfig import base_config_json, base_model_config, check_plain_routing, need, refuse
+from moge.interop.hfconfig import (
+    CLASS_DEFAULTS,
+    base_config_json,
+    base_model_config,
+    check_plain_routing,
+    need,
+    refuse,
+)
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
@@ -25,7 +32,7 @@ class MixtralLayout(BaseLayout):
             raise ValueError(
                 f"{where}: sliding_window {hf['sliding_window']}: moge has full causal attention only"
             )
-        m = base_model_config(hf, where)
+        m = base_model_config(hf, where, CLASS_DEFAULTS["mixtral"])
         K = int(need(hf, "num_experts_per_tok", where))
         try:
             e = MoGEConfig(

@@ -11,7 +11,7 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 from __future__ import annotations
 
 from moge.balance import released_coefficient
-from moge.interop.hfconfig import base_config_json, base_model_config, need, refuse
+from moge.interop.hfconfig import CLASS_DEFAULTS, base_config_json, base_model_config, need, refuse
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
@@ -32,7 +32,7 @@ class PanguLayout(BaseLayout):
         if d % heads:
             raise ValueError(f"{where}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
         hf = {**hf, "head_dim": None}  # the released attention derives it: hidden / heads
-        m = base_model_config(hf, where, qkv_bias=True, o_bias=True)
+        m = base_model_config(hf, where, CLASS_DEFAULTS["pangu"], qkv_bias=True, o_bias=True)
         E, K = int(need(hf, "num_experts", where)), int(need(hf, "num_experts_per_tok", where))
         try:
             e = MoGEConfig(
@@ -40,6 +40,9 @@ class PanguLayout(BaseLayout):
                 expert_hidden=int(need(hf, "moe_intermediate_size", where)),
                 num_shared_experts=1, shared_hidden=int(need(hf, "shared_expert_intermediate_size", where)),
                 router="grouped", learned_expert_scale=True,
+                # The released gate is a Linear in the input's dtype (softmax in float32): in
+                # bf16, float32 logits would pick another expert set for ~1.7% of tokens.
+                router_dtype="input",
                 # The released objective (Mixtral's function) with its coefficient: the same signal.
                 aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
             )  # fmt: skip

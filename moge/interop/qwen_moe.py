@@ -11,6 +11,7 @@ from __future__ import annotations
 from moge.balance import released_coefficient
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import (
+    CLASS_DEFAULTS,
     base_config_json,
     base_model_config,
     check_plain_routing,
@@ -98,7 +99,7 @@ class Qwen2MoeLayout(BaseLayout):
         first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where)), where)
         bias = bool(hf.get("qkv_bias", True))
         m = base_model_config(
-            hf, where, qkv_bias=bias, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
+            hf, where, CLASS_DEFAULTS["qwen2_moe"], qkv_bias=bias, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
             first_dense_layers=first, moe_every=every,
         )  # fmt: skip
         try:
@@ -137,7 +138,7 @@ class Qwen3MoeLayout(BaseLayout):
         first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where)), where)
         bias = bool(hf.get("attention_bias", False))
         m = base_model_config(
-            hf, where, qkv_bias=bias, o_bias=bias, qk_norm=True,
+            hf, where, CLASS_DEFAULTS["qwen3_moe"], qkv_bias=bias, o_bias=bias, qk_norm=True,
             dense_hidden=int(need(hf, "intermediate_size", where)), first_dense_layers=first, moe_every=every,
         )  # fmt: skip
         try:

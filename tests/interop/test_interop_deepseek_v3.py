@@ -79,3 +79,25 @@ def test_wrong_shape_names_the_key():
     state = dict(_block().state_dict())
     with pytest.raises(ValueError, match=r"gate\.weight: expected shape \[8, 16\].*found \[8, 12\]"):
         load_block({**state, "gate.weight": torch.zeros(8, 12)}, config=FIELDS)
+
+
+def test_a_dense_or_missing_layer_is_named_as_such(tmp_path):
+    """Layers below first_k_dense_replace are dense MLPs in transformers; past the last there are none."""
+    state = {
+        f"model.layers.1.mlp.{k}": v
+        for k, v in block_state_dict(load_block(_block().state_dict(), config=FIELDS)).items()
+    }
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    fields = {**FIELDS, "model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 1}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert load_block(tmp_path, layer=1).config.num_experts == 8
+    with pytest.raises(ValueError, match=r"model\.layers\.0 is a dense MLP.*first_k_dense_replace 1"):
+        load_block(tmp_path, layer=0)
+    with pytest.raises(ValueError, match="layer: 2 is not a layer of the model.*num_hidden_layers 2"):
+        load_block(tmp_path, layer=2)
+
+
+def test_capacity_factor_is_refused_on_export():
+    moe = load_block(_block().state_dict(), config=FIELDS, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="layout deepseek_v3: cannot express capacity_factor 1.0"):
+        block_state_dict(moe)

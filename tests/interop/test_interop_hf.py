@@ -182,3 +182,93 @@ def test_convert_layout_to_layout_and_to_moge_streams_equal_tensors(saved, tmp_p
     ref, _ = from_pretrained(path)
     for k, v in ref.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_class_defaults_are_the_transformers_classes_own():
+    """A field config.json leaves out takes the value the layout's own class would."""
+    import transformers as T
+
+    from moge.interop.hfconfig import CLASS_DEFAULTS
+
+    classes = {
+        "llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mixtral": T.MixtralConfig,
+        "qwen2_moe": T.Qwen2MoeConfig, "qwen3_moe": T.Qwen3MoeConfig,
+    }  # fmt: skip
+    assert set(classes) == set(LAYOUT_NAMES)
+    for layout, cls in classes.items():
+        theirs = cls(hidden_size=48, num_attention_heads=6)
+        ours = CLASS_DEFAULTS[layout]
+        kv = ours["num_key_value_heads"] or 6  # None: as many as the attention heads
+        assert (theirs.rms_norm_eps, theirs.num_key_value_heads, theirs.max_position_embeddings) == (
+            ours["rms_norm_eps"], kv, ours["max_position_embeddings"]
+        ), layout  # fmt: skip
+        assert theirs.rope_parameters["rope_theta"] == ours["rope_theta"], layout
+
+
+def test_a_sparse_config_json_builds_the_model_transformers_builds(tmp_path):
+    """Mixtral normalises with eps 1e-5 by default, not the 1e-6 of the other layouts: a
+    config.json without rms_norm_eps (or max_position_embeddings) must load as transformers
+    loads it. Small hidden states make the eps weigh in the logits."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    hf = T.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.2)
+        hf.model.embed_tokens.weight.mul_(1e-2)  # mean square ~4e-6: eps 1e-5 against 1e-6 shows
+    hf.save_pretrained(tmp_path)
+    fields = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rms_norm_eps", "max_position_embeddings"):
+        del fields[key]
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    theirs = T.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    model, run = from_pretrained(tmp_path)
+    assert (run.model.norm_eps, run.model.max_seq_len) == (1e-5, 131072)
+    x = _tokens(seed=3)
+    with torch.no_grad():
+        _close(model(x).logits, theirs(x).logits)
+    # The old fallback (eps 1e-6) builds visibly another function from the same folder.
+    (tmp_path / "config.json").write_text(json.dumps({**fields, "rms_norm_eps": 1e-6}))
+    other, _ = from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert not torch.allclose(other(x).logits, theirs(x).logits, atol=1e-3, rtol=0)
+
+
+def _capacity_model(router: str, shared: int, qk_norm: bool):
+    from moge.layer import MoGEConfig
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, qk_norm=qk_norm,
+                    qkv_bias=router == "grouped", o_bias=router == "grouped")  # fmt: skip
+    e = MoGEConfig(d_model=32, num_experts=4, num_groups=2 if router == "grouped" else 1, top_k=2,
+                   expert_hidden=8, num_shared_experts=shared, router=router, learned_expert_scale=False,
+                   normalize_weights=router == "global", capacity_factor=1.0)  # fmt: skip
+    return MoGETransformer(m, e)
+
+
+@pytest.mark.parametrize(
+    ("layout", "router", "shared", "qk_norm"),
+    [("qwen3_moe", "global", 0, True), ("mixtral", "global", 0, False), ("pangu", "grouped", 1, False)],
+)
+def test_capacity_factor_is_refused_by_every_moe_layout(tmp_path, layout, router, shared, qk_norm):
+    """Their blocks never drop a token: a dropping model would export as another function."""
+    from moge.interop import convert
+
+    model = _capacity_model(router, shared, qk_norm)
+    with pytest.raises(ValueError, match=f"layout {layout}: cannot express capacity_factor 1.0"):
+        save_pretrained(model, tmp_path / "out", layout=layout)
+    assert not (tmp_path / "out").exists()
+    save_pretrained(model, tmp_path / "run", layout="moge")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        convert(tmp_path / "run", tmp_path / "converted", to=layout)
+    assert not (tmp_path / "converted").exists()
+    model.moe_cfg.capacity_factor = None  # the same model, dropless: exports
+    for layer in model.moe_layers():
+        layer.config.capacity_factor = None
+    save_pretrained(model, tmp_path / "dropless", layout=layout)

@@ -139,5 +139,29 @@ def test_the_72b_config_exports_the_released_configuration():
     assert {k: written[k] for k in released} == released
     assert written["max_position_embeddings"] == cfg.model.max_seq_len
     back_model, back_moe = PanguLayout().read_config(written, "config.json")
-    assert back_moe == cfg.moe.__class__(**{**cfg.moe.__dict__, "num_shared_experts": 1})
+    # Read back as the released code runs it: router logits in the input's dtype.
+    expected = cfg.moe.__class__(**{**cfg.moe.__dict__, "num_shared_experts": 1, "router_dtype": "input"})
+    assert back_moe == expected
     assert (back_model.n_heads, back_model.resolved_head_dim, back_model.o_bias) == (40, 128, True)
+
+
+def test_imported_router_computes_logits_in_the_input_dtype_as_released():
+    """The released gate is a Linear in the model's dtype with the softmax in float32. In
+    bf16 the imported layer picks exactly the experts of that rule (each group's arg-max,
+    first index on ties), where float32 logits pick others for some tokens."""
+    from moge.interop.pangu import PanguLayout
+    from moge.layer import MoGELayer
+
+    D = 256
+    _, e = PanguLayout().read_config({**RELEASED_FIELDS, "hidden_size": D}, "config.json")
+    assert e.router_dtype == "input"
+    torch.manual_seed(0)
+    layer = MoGELayer(e).to(torch.bfloat16).eval()
+    h = torch.randn(4096, D).to(torch.bfloat16)
+    with torch.no_grad():
+        probs = torch.softmax(torch.nn.functional.linear(h, layer.router.weight).float(), dim=-1)
+        released = probs.view(-1, 8, 8).argmax(dim=-1) + 8 * torch.arange(8)
+        assert torch.equal(layer(h).expert_ids, released)
+        layer.config.router_dtype = "float32"
+        changed = (layer(h).expert_ids != released).any(dim=1).sum().item()
+    assert changed > 0, "float32 logits should change some token's choice: the check above has teeth"
