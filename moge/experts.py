@@ -32,7 +32,13 @@ from moge.kernels.fused_plan import (
     sort_pieces,
     token_blocks,
 )
-from moge.kernels.precision import combine_by_index_add, default_pad_rows, matmul_dtype, mm_call_rows
+from moge.kernels.precision import (
+    combine_by_index_add,
+    compute_dtype,
+    default_pad_rows,
+    matmul_dtype,
+    mm_call_rows,
+)
 
 __all__ = [
     "EXPERT_IMPLS",
@@ -51,9 +57,7 @@ EXPERT_IMPLS = ("auto", "fused", "grouped_mm", "loop")
 
 def _linear(x: Tensor, w: Tensor) -> Tensor:
     """F.linear that honours `matmul_dtype` (and autocast's dtype) for the product."""
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = compute_dtype(x)
     mm = matmul_dtype(x.device, dtype)
     if mm == dtype:
         return F_.linear(x, w)
@@ -159,6 +163,11 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     float32, docs/performance.md)."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl: expected one of {', '.join(EXPERT_IMPLS)}; got {impl!r}")
+    if impl == "grouped_mm" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"expert_impl: grouped_mm (torch._grouped_mm) takes float32, bfloat16 or float16 products, "
+            f"not {str(dtype).removeprefix('torch.')}; use fused or loop"
+        )
     if impl != "auto":
         return impl
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float32) and hasattr(torch, "_grouped_mm"):

@@ -22,7 +22,7 @@ from moge._validate import (
     check_optional_int,
 )
 from moge.experts import GroupedExperts, SwiGLU
-from moge.kernels.precision import float32_linear
+from moge.kernels.precision import compute_dtype, float32_linear
 from moge.routing import ROUTER_NAMES, RouterSettings, compute_scores, make_random_routing_table, route
 from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
 
@@ -439,9 +439,7 @@ class MoGELayer(nn.Module):
         return torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK)), dropped_E
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return x.dtype
+        return compute_dtype(x)
 
     def route_tokens(
         self,

@@ -26,6 +26,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from moge._validate import check_int
 from moge.balance import device_load
 from moge.routing import RouterSettings, route
 
@@ -220,6 +221,11 @@ def expected_imbalance(
     one per device (num_groups = num_devices). IS ranges over [0, K]: a device can hold
     up to K slots per token, so values above 1 are possible.
     """
+    for name, value in (("num_experts", num_experts), ("num_devices", num_devices), ("tokens", tokens),
+                        ("trials", trials), ("top_k", top_k)):  # fmt: skip
+        check_int(name, value, minimum=1)
+    if num_experts % num_devices:
+        raise ValueError(f"num_devices: {num_devices} devices do not divide num_experts={num_experts}")
     M = num_groups or num_devices
     settings = RouterSettings(router=router, top_k=top_k, num_groups=M, topk_groups=topk_groups)
     gen = torch.Generator().manual_seed(seed)

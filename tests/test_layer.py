@@ -300,3 +300,25 @@ def test_route_tokens_is_forward_without_experts():
     routed = layer.route_tokens(x.reshape(-1, 16), None, (2, 9))
     for name in ("expert_ids", "weights", "load", "scores", "lb_loss", "z_loss", "aux_loss"):
         torch.testing.assert_close(getattr(routed, name), getattr(full, name))
+
+
+def test_a_float64_layer_stays_float64_under_bf16_autocast():
+    """Autocast leaves float64 alone (as torch's own ops do), shared expert included."""
+    torch.manual_seed(0)
+    cfg = MoGEConfig(d_model=16, num_experts=4, num_groups=2, top_k=2, expert_hidden=8, num_shared_experts=1)
+    layer = MoGELayer(cfg).double().eval()
+    x = torch.randn(5, 16, dtype=torch.float64)
+    plain = layer(x).hidden
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = layer(x).hidden
+    assert under.dtype == torch.float64
+    assert_close(under, plain, atol=0, rtol=0)
+
+
+def test_grouped_mm_refuses_float64_with_a_value_error():
+    cfg = MoGEConfig(
+        d_model=16, num_experts=4, num_groups=2, top_k=2, expert_hidden=8, expert_impl="grouped_mm"
+    )
+    layer = MoGELayer(cfg).double()
+    with pytest.raises(ValueError, match="expert_impl: grouped_mm .* not float64; use fused or loop"):
+        layer(torch.randn(64, 16, dtype=torch.float64))

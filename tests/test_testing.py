@@ -177,3 +177,19 @@ def test_device_balanced_on_a_fresh_layer():
     layer = MoGELayer(MoGEConfig(d_model=32, num_experts=16, num_groups=4, top_k=4, expert_hidden=16))
     out = layer(torch.randn(2, 8, 32))
     assert_device_balanced(out.expert_ids, num_experts=16, num_devices=4)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_devices": 7}, "num_devices: 7 devices do not divide num_experts=64"),
+        ({"num_devices": 128}, "num_devices: 128 devices do not divide"),
+        ({"trials": 0}, "trials: must be >= 1"),
+        ({"tokens": 0}, "tokens: must be >= 1"),
+    ],
+)
+def test_expected_imbalance_refuses_settings_it_cannot_estimate(change, message):
+    from moge.testing import expected_imbalance
+
+    with pytest.raises(ValueError, match=message):
+        expected_imbalance(**{**dict(num_experts=64, num_devices=8, top_k=8, tokens=16), **change})

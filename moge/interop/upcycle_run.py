@@ -23,11 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from moge.interop.upcycle import UpcyclePlan, plan_upcycle, upcycle_model
 from moge.model import MoGETransformer
-from moge.training.config import RunConfig, apply_overrides, config_from_dict, save_config
+from moge.training.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    read_config_yaml,
+    resolve_config_path,
+    save_config,
+)
 
 ADJUSTABLE = ("first_dense_layers", "moe_every", "max_seq_len", "init_std")  # model keys CONFIG may set
 PROBE_TOKENS = 32  # tokens per sequence of the step-0 check (2 sequences)
@@ -53,18 +59,13 @@ def load_dense(src: str | Path) -> MoGETransformer:
     return model.float().eval()
 
 
-def _read_config(path: str | Path, overrides: Sequence[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got a YAML {type(raw).__name__}")
+def _read_config(config: str | Path, overrides: Sequence[str]) -> tuple[dict[str, Any], Path]:
+    """CONFIG's sections (a path or a preset name, read as strictly as `moge train` reads
+    it) with the overrides applied, and the file's path."""
+    path = resolve_config_path(config)
+    raw = read_config_yaml(path)
     raw.setdefault("name", path.stem)
-    return apply_overrides(raw, overrides)
+    return apply_overrides(raw, overrides), path
 
 
 def upcycle_config(
@@ -155,7 +156,8 @@ def upcycle_run(
     out_dir = Path(dst)
     _check_out_dir(out_dir)
     dense = load_dense(src)
-    cfg = upcycle_config(dense, _read_config(config, overrides), out_dir, source=str(config))
+    raw, config_path = _read_config(config, overrides)
+    cfg = upcycle_config(dense, raw, out_dir, source=str(config_path))
     seed = cfg.train.seed if seed is None else seed
     _check_plan(dense, cfg, router_init, str(config))
     model, plan = upcycle_model(dense, cfg.moe, cfg.model, router_init=router_init, seed=seed)

@@ -81,6 +81,15 @@ def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes x's products in: its dtype where it is on for x's device
+    and x is of a dtype it casts (float32, float16, bfloat16: float64 it leaves alone, as
+    torch's own ops do), else x's own."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def default_pad_rows(device: torch.device, dtype: torch.dtype, rows_per_expert: float | None = None) -> int:
     """Row multiple for per-expert products: for native low-precision CPU kernels a power
     of two near rows_per_expert / PAD_ROWS_FRACTION in 16..128 (128 when not given), else 1."""

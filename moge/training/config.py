@@ -253,6 +253,14 @@ def _unknown_key(dotted: str, valid: Sequence[str]) -> str:
     return f"{dotted}: unknown key; valid keys: {', '.join(valid)}"
 
 
+def _key_text(key: Any) -> str:
+    """A section's key as written: a string bare, anything else (YAML reads `on:` as
+    True, `1:` as 1) as its repr with what it is."""
+    if isinstance(key, str):
+        return shown(key)[1:-1]
+    return f"{shown(key)} (a {type(key).__name__} key, not a string)"
+
+
 def _section_dict(raw: Mapping[str, Any], section: str, source: str) -> dict[str, Any]:
     value = raw.get(section)
     if value is None:
@@ -265,7 +273,7 @@ def _section_dict(raw: Mapping[str, Any], section: str, source: str) -> dict[str
     extra = ("d_model",) if section == "moe" else ()
     for key in value:
         if key not in valid and key not in extra:
-            raise ValueError(f"{_unknown_key(f'{section}.{shown(key)[1:-1]}', valid)} (in {source})")
+            raise ValueError(f"{_unknown_key(f'{section}.{_key_text(key)}', valid)} (in {source})")
     return dict(value)
 
 
@@ -352,7 +360,8 @@ def apply_overrides(d: Mapping[str, Any], overrides: Sequence[str]) -> dict[str,
     return out
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_yaml(path: Path) -> dict[str, Any]:
+    """A run config file's mapping of sections, read strictly."""
     # Regular files only, bounded size, depth and alias expansion, duplicate keys refused.
     data = safeyaml.read_file(path)
     if data is None:
@@ -420,16 +429,45 @@ def default_out_dir(name: str, overrides: Sequence[str]) -> str:
     return str(Path("runs") / folder)
 
 
-_FIELD_AT_START = re.compile(r"^(\w+\.\w+):")
+_FIELD_AT_START = re.compile(r"^([\w.]+):")
+
+
+def _mentions(message: str, text: str) -> bool:
+    return bool(text) and re.search(rf"(?<![\w.]){re.escape(text)}(?![\w])", message) is not None
+
+
+def _blamed_overrides(message: str, overrides: Sequence[str]) -> list[str]:
+    """The overrides an error comes from: the one that set the field it names, else (a
+    rule between fields, e.g. num_groups against num_experts) those of the same section
+    whose field, or whose value when it is a word, the message names."""
+    match = _FIELD_AT_START.match(message)
+    field_ = match.group(1) if match else None
+    parts = [(o, o.partition("=")[0].strip(), o.partition("=")[2].strip()) for o in overrides]
+    exact = [o for o, key, _ in parts if key == field_]
+    if exact or not field_ or "." not in field_:
+        return exact[-1:]
+    section = field_.split(".")[0] + "."
+    return [
+        o
+        for o, key, value in parts
+        if key.startswith(section)
+        and (
+            _mentions(message, key[len(section) :])
+            or (re.search("[A-Za-z]", value) and _mentions(message, value))
+        )
+    ]
 
 
 def _name_the_override(message: str, path: Path, overrides: Sequence[str]) -> str:
-    """An error's "(in <file>)" becomes "(in override 'KEY=VALUE')" when the field it
-    names was set on the command line."""
-    match = _FIELD_AT_START.match(message)
-    field_ = match.group(1) if match else None
-    given = [o for o in overrides if o.partition("=")[0].strip() == field_]
-    where = f"override {shown(given[-1])}" if given else str(path)  # quoted, cut short
+    """An error's "(in <file>)" becomes "(in override 'KEY=VALUE')" when what it names
+    was set on the command line (see _blamed_overrides)."""
+    given = _blamed_overrides(message, overrides)
+    if not given:
+        where = str(path)
+    elif len(given) == 1:
+        where = f"override {shown(given[0])}"  # quoted, cut short
+    else:
+        where = "overrides " + ", ".join(shown(o) for o in given)
     return message.replace(f"(in {_PENDING})", f"(in {where})")
 
 
@@ -444,7 +482,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     A bad value is reported as coming from the override that set it, else the file.
     """
     path = resolve_config_path(path)
-    raw = _read_yaml(path)
+    raw = read_config_yaml(path)
     raw.setdefault("name", path.stem)
     merged = apply_overrides(raw, overrides)
     train = merged.get("train")

@@ -149,3 +149,19 @@ def test_a_step0_mismatch_is_refused_before_anything_is_written(
     with pytest.raises(RuntimeError, match="upcycling is not exact"):
         upcycle_run(dense_run, tmp_path / "up", upcycle_yaml)
     assert not (tmp_path / "up").exists()
+
+
+def test_config_is_read_as_strictly_as_moge_train_reads_it(dense_run, upcycle_yaml, tmp_path, cli_error):
+    """A duplicate section is refused (plain YAML would keep the second silently), and a
+    preset name resolves as for `moge train` (here to a file of the working folder)."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(upcycle_yaml.read_text() + "moe:\n  num_experts: 4\n")
+    line = cli_error(["upcycle", str(dense_run), str(tmp_path / "up"), "--config", str(dup)])
+    assert "duplicate key 'moe'" in line
+    assert not (tmp_path / "up").exists()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "my-upcycle.yaml").write_text(upcycle_yaml.read_text())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        r = upcycle_run(dense_run, tmp_path / "up", "my-upcycle")
+    assert load_run(r.out_dir)[1].name == "my-upcycle"

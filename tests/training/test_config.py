@@ -397,3 +397,37 @@ def test_config_from_dict_rejects_a_non_mapping_naming_the_source():
         config_from_dict(["model"], source="ckpt/step_10")
     with pytest.raises(ValueError, match="^" + re.escape("name: required")):
         config_from_dict(copy.deepcopy(BASE))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "moe.num_experts=15",
+            "moe.num_groups: 4 groups do not divide num_experts=15 (in override 'moe.num_experts=15')",
+        ),
+        ("moe.router=group_limited", "needs topk_groups (in override 'moe.router=group_limited')"),
+        ("name=", "(in override 'name=')"),
+        ("moe.num_groups=3", "(in override 'moe.num_groups=3')"),
+    ],
+)
+def test_an_error_between_fields_names_the_override_that_caused_it(override, message):
+    with pytest.raises(ValueError) as err:
+        load_config("tiny-moge", [override, "train.steps=3"])
+    assert message in str(err.value)
+
+
+def test_an_error_of_the_file_itself_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text((CONFIGS / "tiny-moge.yaml").read_text().replace("num_experts: 16", "num_experts: 15"))
+    with pytest.raises(ValueError, match=rf"do not divide num_experts=15 \(in {re.escape(str(path))}\)"):
+        load_config(path, ["train.steps=3"])
+
+
+def test_a_key_that_is_not_a_string_is_shown_as_what_it_is():
+    """YAML 1.1 reads `on:` as True: the error shows the key, not a slice of its repr."""
+    d = config_to_dict(load_config("tiny-moge"))
+    with pytest.raises(ValueError, match=r"train\.True \(a bool key, not a string\): unknown key"):
+        config_from_dict({**d, "train": {**d["train"], True: 5}})
+    with pytest.raises(ValueError, match=r"train\.123 \(a int key, not a string\): unknown key"):
+        config_from_dict({**d, "train": {**d["train"], 123: 5}})
