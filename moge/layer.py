@@ -375,6 +375,11 @@ class MoGELayer(nn.Module):
 
         step: the step's counts [E] and the calls they span, as this call sees them."""
         c = self.config
+        if c.score_func == "sigmoid" and c.aux_loss_type != "released":
+            # As DeepSeek-V3's balance loss: each token's affinities normalised to sum to 1,
+            # so p means a share (1.0 at balance) and the loss cannot fall by shrinking every
+            # score at once.
+            scores_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         if c.aux_loss_type == "sequence" and len(lead) >= 2:
             L = lead[-1]
             return balance.sequence_load_balancing_loss(

@@ -159,6 +159,26 @@ def test_aux_loss_is_weighted_sum():
     assert_close(layer(x).z_loss, router_z_loss(x @ layer.router.weight.T))
 
 
+@pytest.mark.parametrize("aux_loss_type", ["batch", "sequence"])
+def test_sigmoid_balance_loss_uses_each_tokens_normalised_scores(aux_loss_type):
+    """DeepSeek-V3's balance loss: p from s / sum(s) per token, so 1.0 at balance, and
+    scaling every score down (a sigmoid router can) does not lower it."""
+    layer = make(router="group_limited", topk_groups=2, score_func="sigmoid", normalize_weights=True,
+                 aux_loss_type=aux_loss_type)  # fmt: skip
+    x = torch.randn(3, 20, 16)
+    out = layer(x)
+    shares = out.scores / out.scores.sum(dim=-1, keepdim=True)
+    ids = out.expert_ids.view(3, 20, -1)
+    if aux_loss_type == "batch":
+        expected = load_balancing_loss(shares, out.expert_ids, 8)
+    else:
+        expected = torch.stack(
+            [load_balancing_loss(s, i, 8) for s, i in zip(shares.view(3, 20, 8), ids)]
+        ).mean()
+    assert_close(out.lb_loss, expected)
+    assert not torch.allclose(out.lb_loss, load_balancing_loss(out.scores, out.expert_ids, 8))
+
+
 def test_z_loss_is_reported_when_off_but_adds_no_gradient():
     x = torch.randn(20, 16)
     off, on = make(aux_loss_coef=0.0, z_loss_coef=0.0), make(aux_loss_coef=0.0, z_loss_coef=0.5)

@@ -44,7 +44,7 @@ def _nonfinite_loss_error(step: int, out: ModelOutput, model: MoGETransformer) -
     assert out.loss is not None, "a training step computes the loss (targets given)"
     return NonFiniteLossError(
         f"step {step}: the loss is {out.loss.item()} at {_first_nonfinite(out, model)}{hint}; "
-        "try a lower train.lr or train.grad_clip > 0 (the last good checkpoint is kept)"
+        "try a lower train.lr or train.grad_clip > 0 (nothing is saved after it: the last checkpoint written, if any, is kept)"
     )
 
 
@@ -52,13 +52,24 @@ def stop_together(world: World, mine: NonFiniteLossError | None, what: str) -> N
     """Every rank raises: this rank's own error if it has one (reported by the lowest
     such rank), else a NonFiniteLossError naming the rank that saw it (a collective)."""
     if world.size == 1:
-        raise mine if mine is not None else NonFiniteLossError(f"{what} (the last good checkpoint is kept)")
+        raise (
+            mine
+            if mine is not None
+            else NonFiniteLossError(
+                f"{what} (nothing is saved after it: the last checkpoint written, if any, is kept)"
+            )
+        )
     kinds = failed_ranks(world, mine)
     first = next((r for r, k in enumerate(kinds) if k), 0)  # none: the sum overflowed; rank 0 says so
     if mine is not None:
         raise mark(mine, world.rank == first)
     where = f"on rank {first}" if kinds[first] else "in the sum over the ranks"
-    raise mark(NonFiniteLossError(f"{what} {where} (the last good checkpoint is kept)"), world.rank == first)
+    raise mark(
+        NonFiniteLossError(
+            f"{what} {where} (nothing is saved after it: the last checkpoint written, if any, is kept)"
+        ),
+        world.rank == first,
+    )
 
 
 def global_losses(step: int, out: ModelOutput, model: MoGETransformer, world: World) -> Tensor:
@@ -90,7 +101,7 @@ def nonfinite_grads(step: int, model: nn.Module, world: World) -> None:
         where = f" on rank {world.rank}" if world.size > 1 else ""
         mine = NonFiniteLossError(
             f"step {step}: the gradient norm is not finite; non-finite gradients in {len(bad)} "
-            f"parameter(s){where}: {', '.join(bad[:4])} (the last good checkpoint is kept)"
+            f"parameter(s){where}: {', '.join(bad[:4])} (nothing is saved after it: the last checkpoint written, if any, is kept)"
         )
     stop_together(world, mine, f"step {step}: the gradient norm is not finite")
 

@@ -273,7 +273,7 @@ def test_nonfinite_loss_exits_1_naming_step_and_layer(
     run = tmp_path / "run"
     line = cli_error(["train", str(config), f"train.out_dir={run}"], expected_code=1)
     assert re.search(fragment, line), line
-    assert "the last good checkpoint is kept" in line
+    assert "nothing is saved after it: the last checkpoint written, if any, is kept" in line
     assert find_checkpoint(run).name == "step_00000005" and _all_finite(find_checkpoint(run))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["LATEST", "step_00000005"]
 
