@@ -148,6 +148,10 @@ class MoGEConfig:
                 )
             if self.group_score == "top2_sum" and E // M < 2:
                 raise ValueError("group_score: top2_sum needs at least 2 experts per group")
+        if self.shared_hidden is not None and self.num_shared_experts == 0:
+            raise ValueError(
+                f"shared_hidden: {self.shared_hidden} sizes the shared experts, but num_shared_experts is 0"
+            )
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate: gates the shared experts, but num_shared_experts is 0")
         if self.router == "random" and self.rre_vocab_size is None:

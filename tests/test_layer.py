@@ -53,6 +53,8 @@ def test_public_names_and_config_fields():
         (dict(normalize_weights="yes"), "normalize_weights"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
         (dict(expert_impl="cuda"), "expert_impl"),
+        (dict(num_shared_experts=0, shared_hidden=32), "shared_hidden"),
+        (dict(num_shared_experts=0, shared_expert_gate=True), "shared_expert_gate"),
     ],
 )
 def test_bad_settings_name_the_field(kw, field):
