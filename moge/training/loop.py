@@ -42,7 +42,13 @@ from moge.dropin import counting_pass
 from moge.model import MoGETransformer, count_parameters, format_params
 from moge.model.compiled import compile_model
 from moge.sigma.data import check_dataset_domains
-from moge.training.checkpoint import checkpoint_config, load_checkpoint, resume_point, save_checkpoint
+from moge.training.checkpoint import (
+    checkpoint_config,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+)
 from moge.training.checks import check_weights, global_losses, moe_blocks, nonfinite_grads
 from moge.training.config import RunConfig, config_to_dict, save_config
 from moge.training.data import Batch, TokenDataset, load_dataset
@@ -121,6 +127,21 @@ def _check_same_architecture(cfg: RunConfig, ckpt: Path) -> None:
             )
 
 
+def _same_run_hint(out_dir: Path) -> str:
+    """Where a run of the same overrides in another order keeps its checkpoints (the
+    default run folder names the overrides in the order given), as a note; else ""."""
+    parts = out_dir.name.split(",")
+    if len(parts) < 3 or not out_dir.parent.is_dir():
+        return ""
+    same = sorted(
+        str(other) for other in out_dir.parent.glob(f"{parts[0]},*")
+        if other != out_dir and sorted(other.name.split(",")) == sorted(parts) and latest_checkpoint(other)
+    )  # fmt: skip
+    return (
+        f" (a run of the same overrides in another order has checkpoints: {', '.join(same)})" if same else ""
+    )
+
+
 def _open_run(cfg: RunConfig, world: World, out_dir: Path, dataset, start: int, ckpt, changes: list[str]):
     """Rank 0: config.yaml, the header, metrics.jsonl cut back to `start` -> (file, records).
 
@@ -142,10 +163,14 @@ def _open_run(cfg: RunConfig, world: World, out_dir: Path, dataset, start: int, 
     records = []
     if ckpt is not None:
         tqdm.write(f"resuming from {ckpt} (step {start})" + "".join(f"; applied {c}" for c in changes))
+        if start >= tc.steps:
+            tqdm.write(
+                f"train.steps: the checkpoint is at step {start}, train.steps={tc.steps}: nothing to train"
+            )
         records = read_metrics(out_dir / METRICS, start)
         records += [{"type": "resume", "step": start, "optimizer_changes": changes}] if changes else []
     elif tc.resume:
-        tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh")
+        tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh" + _same_run_hint(out_dir))
     save_config(cfg, out_dir / "config.yaml")
     rewrite_metrics(out_dir / METRICS, records)  # atomic: drops what a killed run logged later
     metrics = open(out_dir / METRICS, "a", encoding="utf-8")  # noqa: SIM115 (held for the run)

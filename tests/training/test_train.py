@@ -165,6 +165,27 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path, capsys):
     assert result.step == 2 and "starting fresh" in capsys.readouterr().out
 
 
+def test_resume_notes_a_run_of_the_same_overrides_in_another_order(tmp_path, capsys):
+    """The default run folder spells the overrides in the order given: resuming with
+    them reordered finds no checkpoint, and says where the run is."""
+    first = tmp_path / "tiny,train.steps=2,moe.aux_loss_coef=0.0"
+    train(make_cfg(first, steps=2), progress=False)
+    capsys.readouterr()
+    train(
+        make_cfg(tmp_path / "tiny,moe.aux_loss_coef=0.0,train.steps=2", steps=2, resume=True), progress=False
+    )
+    out = capsys.readouterr().out
+    assert "starting fresh" in out and f"another order has checkpoints: {first}" in out
+
+
+def test_resume_past_train_steps_says_there_is_nothing_to_train(tmp_path, capsys):
+    train(make_cfg(tmp_path / "run", steps=4), progress=False)
+    capsys.readouterr()
+    result = train(make_cfg(tmp_path / "run", steps=2, resume=True), progress=False)
+    assert result.step == 4
+    assert "checkpoint is at step 4, train.steps=2: nothing to train" in capsys.readouterr().out
+
+
 def test_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "empty").mkdir()
     train(make_cfg(tmp_path / "empty", steps=2), progress=False)  # an empty folder is fine
