@@ -266,6 +266,8 @@ def _parse_mesh(text: str) -> tuple[int, int | None]:
         sizes = {k: int(v) for k, v in parts.items()}
     except ValueError:
         raise ValueError(f"--mesh: sizes must be integers, got {text!r}") from None
+    if min(sizes.values()) < 1:
+        raise ValueError(f"--mesh: sizes must be >= 1, got {text!r}")
     return sizes.get("ep", 1), sizes.get("dp")
 
 
@@ -277,6 +279,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     ep, dp = _parse_mesh(args.mesh) if args.mesh else (None, None)
     plans = []
     for n in args.devices:
+        if ep is not None and n % ep:
+            raise ValueError(f"--mesh: ep={ep} does not divide --devices {n}")
         if dp is not None and dp * (ep or 1) != n:
             raise ValueError(f"--mesh: dp={dp} x ep={ep} = {dp * (ep or 1)} devices, but --devices {n}")
         plans.append(memory_plan(

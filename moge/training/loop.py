@@ -99,6 +99,17 @@ def rank_batches(
 # ---------------------------------------------------------------- run directory
 
 
+def _check_out_dir_path(out_dir: Path) -> None:
+    """ValueError naming train.out_dir when a folder cannot be made there (a file on its path)."""
+    for above in (out_dir, *out_dir.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(
+                    f"train.out_dir: {out_dir} cannot be a folder: {above} exists and is not one"
+                )
+            return
+
+
 def _prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (or None); refuses to overwrite a previous run."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -388,6 +399,7 @@ def _train(cfg: RunConfig, world: World, progress: bool, stop_at: int | None) ->
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     out_dir = Path(tc.out_dir) if tc.out_dir is not None else Path("runs") / cfg.name
+    _check_out_dir_path(out_dir)
     lock = RunLock(out_dir)  # rank 0 holds the run folder's lock for the life of the run
     try:
         return _train_locked(cfg, world, out_dir, lock, progress, stop_at)

@@ -80,10 +80,12 @@ def test_the_72b_preset_on_64_devices_fits_80_gb_with_checkpointing():
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--devices", "2", "--mesh", "ep=3"], "parallel.expert_parallel: 3 ranks do not divide"),
+        (["--devices", "3", "--mesh", "ep=3"], "parallel.expert_parallel: 3 ranks do not divide"),
         (["--devices", "4", "--mesh", "dp=3,ep=2"], "--mesh: dp=3 x ep=2 = 6 devices, but --devices 4"),
         (["--devices", "4", "--mesh", "tp=2"], "--mesh: expected dp=D,ep=E or ep=E"),
-        (["--devices", "3", "--mesh", "ep=2"], "parallel.expert_parallel: 2 needs a multiple of 2"),
+        (["--devices", "3", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 3"),
+        (["--devices", "1", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 1"),
+        (["--devices", "2", "--mesh", "ep=0"], "--mesh: sizes must be >= 1"),
     ],
 )
 def test_bad_meshes_are_one_error_line(capsys, argv, fragment):
