@@ -104,9 +104,8 @@ def _check_out_dir_path(out_dir: Path) -> None:
     for above in (out_dir, *out_dir.parents):
         if above.exists():
             if not above.is_dir():
-                raise ValueError(
-                    f"train.out_dir: {out_dir} cannot be a folder: {above} exists and is not one"
-                )
+                where = "" if above == out_dir else f" (on the path of {out_dir})"
+                raise ValueError(f"train.out_dir: {above} exists and is not a folder{where}")
             return
 
 

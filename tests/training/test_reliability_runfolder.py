@@ -155,7 +155,9 @@ def test_lock_on_an_out_dir_that_is_a_file(tmp_path):
 def test_an_out_dir_under_a_file_names_the_field(tmp_path, cli_error):
     (tmp_path / "f").write_text("x")
     line = cli_error(["train", "tiny-moge", f"train.out_dir={tmp_path / 'f' / 'run'}", "train.steps=1"])
-    assert line.startswith("error: train.out_dir: ") and "exists and is not one" in line
+    assert line.startswith(
+        f"error: train.out_dir: {tmp_path / 'f'} exists and is not a folder (on the path of"
+    )
 
 
 def test_lock_file_alone_is_not_a_previous_run(tmp_path):
