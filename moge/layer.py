@@ -178,9 +178,9 @@ class MoGEOutput:
     hidden: Tensor  # x's shape: routed experts + shared experts
     aux_loss: Tensor  # aux_loss_coef * lb_loss + z_loss_coef * z_loss (what to add to the loss)
     expert_ids: Tensor  # [T, K] int64, the selection dispatch used
-    weights: Tensor  # [T, K] float32 gates (after renormalisation, scales)
+    weights: Tensor  # [T, K] float32 gates (after renormalisation, scales); float64 in a float64 layer
     load: Tensor  # [E] int64 token-slots per expert in this call
-    scores: Tensor  # [T, E] float32 router scores (softmax or sigmoid), before any bias
+    scores: Tensor  # [T, E] float32 router scores (softmax or sigmoid), before any bias; float64 in a float64 layer
     lb_loss: Tensor  # balance loss of the configured aux_loss_type, unweighted
     z_loss: Tensor  # router z-loss, unweighted
     token_mask: Tensor | None = None  # [T] bool, False: a padded token (counted nowhere); None: all real
@@ -486,7 +486,7 @@ class MoGELayer(nn.Module):
                 table_VK=self.rre_table_VK,
             )
         if self.expert_scale_E is not None:
-            weights_TK = weights_TK * self.expert_scale_E.float()[ids_TK]
+            weights_TK = weights_TK * self.expert_scale_E.to(weights_TK.dtype)[ids_TK]
         load_E = balance.expert_load(ids_TK if mask_T is None else ids_TK[mask_T], c.num_experts)
         step = self._count_load(load_E) if self.training else (self.load_accum_E, self.step_calls)
         dropped_E = None

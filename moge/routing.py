@@ -183,8 +183,9 @@ def random_routed(scores: Tensor, token_ids: Tensor, table_VK: Tensor) -> tuple[
 
 
 def compute_scores(logits: Tensor, score_func: str) -> Tensor:
-    """Router probabilities in float32: softmax over all experts (Eq. 5) or sigmoid."""
-    logits = logits.float()
+    """Router probabilities in float32 (float64 for float64 logits): softmax over all
+    experts (Eq. 5) or sigmoid."""
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     if score_func == "softmax":
         return logits.softmax(dim=-1)
     if score_func == "sigmoid":

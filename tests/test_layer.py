@@ -344,3 +344,32 @@ def test_grouped_mm_refuses_float64_with_a_value_error():
     layer = MoGELayer(cfg).double()
     with pytest.raises(ValueError, match="expert_impl: grouped_mm .* not float64; use fused or loop"):
         layer(torch.randn(64, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl", ["fused", "loop"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(learned_expert_scale=True, num_shared_experts=1),
+        dict(router="global", top_k=2, normalize_weights=True),
+        dict(router="group_limited", topk_groups=2, score_func="sigmoid", route_scale=2.5),
+    ],
+)
+def test_a_float64_layer_passes_gradcheck(impl, kw):
+    """Router logits, scores and gates stay float64 in a float64 layer, so the whole
+    layer's gradient (input, router, expert weights, expert scale) passes finite differences."""
+    torch.manual_seed(0)
+    cfg = MoGEConfig(**{**BASE, "d_model": 8, "expert_hidden": 6, "expert_impl": impl, **kw})
+    layer = MoGELayer(cfg).double()
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    names = [n for n, _ in layer.named_parameters()]
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+
+    def hidden(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,)).hidden
+
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+    out = layer(x)
+    assert out.scores.dtype == out.weights.dtype == torch.float64
+    assert torch.autograd.gradcheck(hidden, (x, *params))

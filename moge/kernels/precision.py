@@ -176,8 +176,12 @@ class _Float32Linear(torch.autograd.Function):
 def float32_linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
     """F.linear(x.float(), w.float()) (router logits) without keeping a float32 copy of x
     for backward: a bf16 x [T, D] would otherwise be saved twice, once as a float32
-    copy twice its size. x_TD [T, D], w_ED [E, D] -> [T, E] float32 (autocast off)."""
+    copy twice its size. x_TD [T, D], w_ED [E, D] -> [T, E] float32 (autocast off);
+    float64 when x or w is (never less precise than the input: a float64 layer stays
+    float64 end to end, so torch.autograd.gradcheck can check it)."""
     with torch.autocast(device_type=x_TD.device.type, enabled=False):
+        if torch.float64 in (x_TD.dtype, w_ED.dtype):
+            return torch.nn.functional.linear(x_TD.double(), w_ED.double())
         if x_TD.dtype == torch.float32 and w_ED.dtype == torch.float32:
             return torch.nn.functional.linear(x_TD, w_ED)
         return _Float32Linear.apply(x_TD, w_ED)
