@@ -225,6 +225,11 @@ def convert(
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: the destination is the source")
+    if to == MOGE and dtype not in (None, torch.float32):
+        raise ValueError(
+            f"--dtype: a moge run holds float32 weights ({str(dtype).removeprefix('torch.')} asked; "
+            "train.dtype sets what its steps compute in); cast only a layout export"
+        )
     source, cfg = _open_source(src, dtype)
     if to == MOGE:  # keep a run's other sections; the new run lives in dst
         train = dataclasses.replace(cfg.train, out_dir=str(dst), resume=False)

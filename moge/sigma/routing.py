@@ -166,6 +166,12 @@ def check_sigma_config(cfg: Any) -> None:
         )
     if cfg.rre_domain_groups is None:
         raise ValueError("rre_group_ids: only meaningful with rre_domain_groups (a domain sub-model)")
+    if cfg.capacity_factor is not None:
+        raise ValueError(
+            "capacity_factor: with rre_domain_groups a domain's tokens reach only its groups' experts, "
+            "so capacity sized over all experts drops another set of slots than in its sub-model "
+            "(moge extract would no longer be exact); leave it null"
+        )
     check_domain_groups(cfg.rre_domain_groups, cfg.num_groups, cfg.num_experts // cfg.num_groups, cfg.top_k)
     check_group_ids(cfg.rre_group_ids, cfg.num_groups)
 

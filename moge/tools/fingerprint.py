@@ -395,6 +395,12 @@ def read_profile(path: str | Path, name: str | None = None) -> Profile:
                         handles[file] = safe_open(str(file), framework="pt")
                     summary = _merge(summary, _summary(handles[file].get_tensor(key)))  # type: ignore[attr-defined]
                 row.append(_std(summary))
+            bad = [i for i, v in enumerate(row) if not math.isfinite(v)]
+            if bad:  # a NaN/inf weight: no std, and a NaN would slip through every later test
+                raise ValueError(
+                    f"{path}: {signal} weights of layers {bad[:8]} hold non-finite values (NaN or inf): "
+                    "their std is undefined"
+                )
             values[signal] = row
     finally:
         handles.clear()

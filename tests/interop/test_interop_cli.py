@@ -67,6 +67,13 @@ def test_convert_casts_dtype(run, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+def test_convert_to_a_moge_run_refuses_a_cast(run, tmp_path, capsys):
+    """A run holds float32 weights (every command loads it so); a bf16 one could not be read."""
+    assert main(["convert", str(run), str(tmp_path / "r"), "--to", "moge", "--dtype", "bfloat16"]) == 2
+    assert "--dtype: a moge run holds float32 weights" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_generate_and_eval_read_a_layout_folder(run, tmp_path, capsys):
     pangu = tmp_path / "pangu"
     assert main(["convert", str(run), str(pangu), "--to", "pangu"]) == 0

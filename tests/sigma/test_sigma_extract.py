@@ -142,3 +142,9 @@ def test_extract_cli_errors_are_one_line(trained, cli_error):
     assert "not an empty folder" in cli_error(["extract", run, "--domain", "library", str(trained / "busy")])
     line = cli_error(["generate", run, "--prompt", "a", "--tokens", "4"])
     assert "needs the domain of every sequence" in line and "moge extract" in line
+
+
+def test_capacity_is_refused_with_domain_groups():
+    """Capacity over all experts would drop other slots than a sub-model's: extraction would not be exact."""
+    with pytest.raises(ValueError, match="capacity_factor: with rre_domain_groups"):
+        config_from_dict({**RAW, "moe": {**RAW["moe"], "capacity_factor": 1.25}})

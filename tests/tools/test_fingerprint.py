@@ -294,3 +294,12 @@ def test_cli_fingerprint(tmp_path, capsys, cli_error):
     assert "needs at least two models" in cli_error(["fingerprint", str(a)])
     assert "no such model folder" in cli_error(["fingerprint", str(a), str(tmp_path / "missing")])
     assert "permutations" in cli_error(["fingerprint", str(a), str(hf), "--permutations", "-1"])
+
+
+def test_non_finite_weights_are_an_error_not_a_nan_result(tmp_path):
+    sd = _moge_state(SCALES)
+    sd["blocks.1.attn.q_proj.weight"] = sd["blocks.1.attn.q_proj.weight"].clone()
+    sd["blocks.1.attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match=r"q weights of layers \[1\] hold non-finite values"):
+        read_profile(tmp_path / "nan.safetensors")
