@@ -4,7 +4,7 @@ Legend: E experts, M groups, G experts per group, n groups of the domain, D d_mo
 
 A domain's tokens only ever reach the experts of its groups (moge.sigma.routing), so
 the sub-model keeps those groups' experts (their slices of the stacked expert weights,
-router rows, learned expert scales and balance biases) and every shared part (embedding,
+router rows and learned expert scales) and every shared part (embedding,
 attention, norms, shared experts, dense blocks, LM head), renumbers the groups 0..n-1
 and records their old numbers in `moe.rre_group_ids`, which redraws exactly their
 columns of the token-id table. On the domain's data its logits are those of the full
@@ -50,7 +50,7 @@ def resolve_domain(cfg: RunConfig, domain: str) -> str:
     names = list(groups)
     if domain in groups:
         return domain
-    if domain.isdigit() and int(domain) < len(names):
+    if domain.isdigit() and str(int(domain)) == domain and int(domain) < len(names):  # "01" is no id
         return names[int(domain)]
     raise ValueError(f"--domain: unknown domain {domain!r}; the run's domains are {', '.join(names)}")
 
@@ -95,17 +95,28 @@ def extract_state_dict(model: MoGETransformer, domain: str) -> dict[str, torch.T
 
 
 def extract_model(model: MoGETransformer, cfg: RunConfig, domain: str) -> tuple[MoGETransformer, RunConfig]:
-    """(sub-model in eval mode, its config) of `domain` (a name or id) of a two-level-RRE model."""
+    """(sub-model in eval mode, its config) of `domain` (a name or id) of a two-level-RRE model.
+
+    Every tensor keeps the full model's dtype and device (a bf16 model gives a bf16
+    sub-model) and is a copy: training the sub-model leaves the full model alone.
+    """
     domain = resolve_domain(cfg, domain)
     sub_cfg = domain_config(cfg, domain)
-    device = next(model.parameters()).device
     with torch.device("meta"):
         sub = MoGETransformer(sub_cfg.model, sub_cfg.moe)
-    sub = sub.to_empty(device=device)
-    # Buffers derived from the config (RoPE tables, the RRE table) are not in the state dict.
+    state = {k: v.clone() for k, v in extract_state_dict(model, domain).items()}
+    sub.load_state_dict(state, strict=True, assign=True)
+    # Buffers derived from the config (RoPE tables, the RRE table) are not in the state
+    # dict: made afresh, in the dtype and on the device of the full model's same buffer.
+    device = next(model.parameters()).device
+    source = dict(model.named_buffers())
     for name, buf in MoGETransformer(sub_cfg.model, sub_cfg.moe).named_buffers():
-        sub.get_buffer(name).copy_(buf)
-    sub.load_state_dict(extract_state_dict(model, domain), strict=True)
+        if name in state:
+            continue
+        like = source.get(name)
+        dtype = like.dtype if like is not None and like.is_floating_point() and buf.is_floating_point() else buf.dtype
+        owner, _, attr = name.rpartition(".")
+        setattr(sub.get_submodule(owner), attr, buf.to(device=device, dtype=dtype))
     return sub.eval(), sub_cfg
 
 

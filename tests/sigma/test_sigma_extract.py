@@ -24,7 +24,7 @@ RAW = {
               "first_dense_layers": 1, "dense_hidden": 48, "qkv_bias": True},
     "moe": {"num_experts": 24, "num_groups": 8, "top_k": 4, "expert_hidden": 16, "router": "random",
             "rre_domain_groups": DOMAINS, "num_shared_experts": 1, "learned_expert_scale": True,
-            "bias_update_rate": 0.01, "rre_seed": 5},
+            "rre_seed": 5},
     "data": {"seq_len": 32, "domains": "topics"},
     "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "eval_batches": 1,
               "save_every": 0, "threads": 1},
@@ -37,11 +37,9 @@ def full():
     cfg = config_from_dict(RAW)
     torch.manual_seed(0)
     model = MoGETransformer(cfg.model, cfg.moe).eval()
-    with torch.no_grad():  # weights away from their init: scales, biases and norms all matter
+    with torch.no_grad():  # weights away from their init: scales and norms all matter
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-        for layer in model.moe_layers():
-            layer.balance_bias_E.normal_()
     return model, cfg, load_dataset(cfg.data)
 
 
@@ -79,6 +77,22 @@ def test_a_sub_model_of_a_sub_model_is_still_exact(full):
         assert torch.equal(again(batch[0]).logits, model(batch[0], domain_ids=batch.domain_ids).logits)
 
 
+def test_a_bf16_model_gives_a_bf16_sub_model_of_copies(full):
+    model, cfg, ds = full
+    half = MoGETransformer(cfg.model, cfg.moe).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    sub, _ = extract_model(half, cfg, "datamodel")
+    assert {p.dtype for p in sub.parameters()} == {torch.bfloat16}
+    batch = next(ds.iter_eval_batches("val", 4, 1, domain="datamodel"))
+    with torch.no_grad():
+        want = half(batch[0], domain_ids=batch.domain_ids).logits
+        assert torch.equal(sub(batch[0]).logits, want)
+        for p in sub.parameters():  # copies: changing the sub-model leaves the full one alone
+            p.zero_()
+        assert torch.equal(half(batch[0], domain_ids=batch.domain_ids).logits, want)
+
+
 def test_only_two_level_models_have_domains(full):
     model, cfg, _ = full
     with pytest.raises(
@@ -89,6 +103,8 @@ def test_only_two_level_models_have_domains(full):
     with pytest.raises(ValueError, match="routes without domains"):
         extract_model(MoGETransformer(plain.model, plain.moe), plain, "library")
     assert extract_model(model, cfg, "2")[1].moe.rre_domain_groups == {"library": [0, 1]}  # by id
+    with pytest.raises(ValueError, match="unknown domain '02'"):  # an id is written as one
+        extract_model(model, cfg, "02")
 
 
 @pytest.fixture(scope="module")
