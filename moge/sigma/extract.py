@@ -114,7 +114,11 @@ def extract_model(model: MoGETransformer, cfg: RunConfig, domain: str) -> tuple[
         if name in state:
             continue
         like = source.get(name)
-        dtype = like.dtype if like is not None and like.is_floating_point() and buf.is_floating_point() else buf.dtype
+        dtype = (
+            like.dtype
+            if like is not None and like.is_floating_point() and buf.is_floating_point()
+            else buf.dtype
+        )
         owner, _, attr = name.rpartition(".")
         setattr(sub.get_submodule(owner), attr, buf.to(device=device, dtype=dtype))
     return sub.eval(), sub_cfg
