@@ -257,8 +257,9 @@ def _add_extract(sub) -> None:
     p.set_defaults(handler=_cmd_extract)
 
 
-def _parse_mesh(text: str) -> tuple[int, int | None]:
-    """--mesh "ep=8" or "dp=2,ep=8" -> ep (dp follows from --devices; checked against it later)."""
+def _parse_mesh(text: str) -> tuple[int | None, int | None]:
+    """--mesh "ep=8", "dp=2" or "dp=2,ep=8" -> (ep, dp), None where not given (checked
+    against --devices later: a missing one follows from it)."""
     parts = dict(item.split("=", 1) for item in text.split(",") if "=" in item)
     if not parts or set(parts) - {"dp", "ep"} or len(parts) != len(text.split(",")):
         raise ValueError(f"--mesh: expected dp=D,ep=E or ep=E, got {text!r}")
@@ -268,7 +269,7 @@ def _parse_mesh(text: str) -> tuple[int, int | None]:
         raise ValueError(f"--mesh: sizes must be integers, got {text!r}") from None
     if min(sizes.values()) < 1:
         raise ValueError(f"--mesh: sizes must be >= 1, got {text!r}")
-    return sizes.get("ep", 1), sizes.get("dp")
+    return sizes.get("ep"), sizes.get("dp")
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -276,13 +277,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from moge.training.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    ep, dp = _parse_mesh(args.mesh) if args.mesh else (None, None)
+    mesh_ep, dp = _parse_mesh(args.mesh) if args.mesh else (None, None)
+    if mesh_ep is not None and cfg.moe.num_groups % mesh_ep:
+        raise ValueError(f"--mesh: ep={mesh_ep} does not divide moe.num_groups={cfg.moe.num_groups}")
     plans = []
     for n in args.devices:
+        ep = mesh_ep
+        if dp is not None and ep is None:  # dp=D alone: ep is what is left of the devices
+            if n % dp:
+                raise ValueError(f"--mesh: dp={dp} does not divide --devices {n}")
+            ep = n // dp
         if ep is not None and n % ep:
             raise ValueError(f"--mesh: ep={ep} does not divide --devices {n}")
-        if dp is not None and dp * (ep or 1) != n:
-            raise ValueError(f"--mesh: dp={dp} x ep={ep} = {dp * (ep or 1)} devices, but --devices {n}")
+        if dp is not None and ep is not None and dp * ep != n:
+            raise ValueError(f"--mesh: dp={dp} x ep={ep} = {dp * ep} devices, but --devices {n}")
         plans.append(memory_plan(
             cfg, n, expert_parallel=ep, micro_batch=args.micro_batch, dtype=args.dtype,
             checkpointing=args.checkpointing, device_gb=args.device_gb, device=args.device,
@@ -444,7 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--devices", type=_positive_int, nargs="+", required=True, help="device counts to plan for"
     )
-    p.add_argument("--mesh", default=None, help="ep=E or dp=D,ep=E (default: parallel.expert_parallel)")
+    p.add_argument(
+        "--mesh",
+        default=None,
+        help="ep=E, dp=D or dp=D,ep=E (default: parallel.expert_parallel; a missing size follows from --devices)",
+    )
     p.add_argument("--micro-batch", type=_positive_int, default=None, dest="micro_batch",
                    help="sequences per device per micro-batch (default: train.batch_size)")  # fmt: skip
     p.add_argument(

@@ -17,11 +17,25 @@ from collections.abc import Sequence
 SUBCOMMANDS = ("train", "params", "eval", "generate", "simulate", "bench", "convert", "extract")
 
 
+def _options_with_values() -> set[str]:
+    """torchrun's options that take a value (`--rdzv_id JOB`), in every spelling."""
+    from torch.distributed.run import get_args_parser
+
+    return {
+        name for action in get_args_parser()._actions if action.nargs != 0 for name in action.option_strings
+    }
+
+
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(torchrun options, moge arguments): the moge part starts at the first subcommand name."""
-    for i, arg in enumerate(argv):
+    """(torchrun options, moge arguments): the moge part starts at the first subcommand name
+    that is not the value of a torchrun option (`--rdzv_id train` names a job)."""
+    with_value = _options_with_values()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
         if arg in SUBCOMMANDS:
             return list(argv[:i]), list(argv[i:])
+        i += 2 if arg in with_value else 1
     raise ValueError(
         f"moge torchrun: expected [TORCHRUN OPTIONS] then a moge subcommand ({', '.join(SUBCOMMANDS)}), "
         "e.g. moge torchrun --standalone --nproc_per_node 2 train configs/tiny-moge.yaml parallel.expert_parallel=2"

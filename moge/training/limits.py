@@ -108,13 +108,15 @@ def total_parameters(model_cfg, moe_cfg) -> int:
     return parameter_count(model_cfg, moe_cfg).total
 
 
-def train_memory(cfg) -> dict[str, int]:
-    """Lower bound of what `moge train` allocates for `cfg` (a RunConfig), by part, in bytes."""
+def train_memory(cfg, processes: int = 1) -> dict[str, int]:
+    """Lower bound of what `moge train` allocates for `cfg` (a RunConfig), by part, in bytes,
+    on the busiest of `processes` ranks: FSDP2 and expert parallelism give each rank about
+    1/processes of the weights, gradients and AdamW moments (rank 0 at least that share)."""
     m, t, moe = cfg.model, cfg.train, cfg.moe
     params = total_parameters(m, moe)
     act = 2 if t.dtype == "bfloat16" else 4
     parts = {
-        "weights, gradients and AdamW moments": params * 4 * 4,
+        "weights, gradients and AdamW moments": params * 4 * 4 // processes,
         "RoPE tables": 2 * m.max_seq_len * m.resolved_head_dim * 4,  # cos and sin, float32
         "one batch of logits": t.batch_size * cfg.data.seq_len * m.vocab_size * act,
     }
@@ -124,13 +126,14 @@ def train_memory(cfg) -> dict[str, int]:
     return parts
 
 
-def check_train_fits(cfg, available: int | None = None) -> None:
-    """Refuse a run whose model, optimizer, RoPE tables and logits cannot fit in memory."""
+def check_train_fits(cfg, available: int | None = None, processes: int = 1) -> None:
+    """Refuse a run whose model, optimizer, RoPE tables and logits cannot fit in memory
+    (with several processes: this rank's share of the model and optimizer)."""
     if available is None:
         available = available_memory(cfg.train.device)
     check_fits(
         f"config {cfg.name}",
-        train_memory(cfg),
+        train_memory(cfg, processes),
         "lower model.max_seq_len, train.batch_size, data.seq_len or the model's sizes",
         available,
     )

@@ -22,6 +22,7 @@ routing statistics it logs are those of the whole step (every rank's micro-batch
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -109,13 +110,14 @@ def _check_out_dir_path(out_dir: Path) -> None:
             return
 
 
-def _prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (or None); refuses to overwrite a previous run."""
+def _prepare_out_dir(out_dir: Path, resume: bool, main: bool = True) -> Path | None:
+    """The checkpoint to resume from (or None); refuses to overwrite a previous run.
+    main: this rank prints the log (rank 0); every rank looks at out_dir."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"train.out_dir: {out_dir} exists and is not a folder")
     if resume:
         ckpt, note = resume_point(out_dir)  # LATEST lost: the newest verified step, or an error
-        if note:
+        if note and main:
             tqdm.write(note)
         return ckpt
     if holds_a_run(out_dir):
@@ -330,11 +332,25 @@ def _after_step(run: _Run, rec: dict, stop_at: int | None, stopping: bool = Fals
         _save(run, done)
 
 
+def _from_rank0(world: World, values: tuple[float | None, ...]) -> list[float | None]:
+    """Rank 0's values on every rank (a collective): only rank 0 reads metrics.jsonl, and
+    a resumed run that trains no further step returns what it logged."""
+    if world.size == 1:
+        return list(values)
+    t = torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float64, device=world.device)
+    return [None if math.isnan(v) else v for v in world.broadcast(t).tolist()]
+
+
 def _loop(run: _Run, start: int, stop_at: int | None, progress: bool, records: list[dict]) -> TrainResult:
     tc = run.cfg.train
     end = stop_at if stop_at is not None else tc.steps
-    train_loss, run.val_loss = last(records, "train", "loss"), last(records, "eval", "val_loss")
-    elapsed0 = last(records, "train", "elapsed_s") or 0.0
+    logged = (
+        last(records, "train", "loss"),
+        last(records, "eval", "val_loss"),
+        last(records, "train", "elapsed_s"),
+    )
+    train_loss, run.val_loss, elapsed0 = _from_rank0(run.world, logged)
+    elapsed0 = elapsed0 or 0.0
     tokens_per_step = tc.batch_size * tc.grad_accum * run.cfg.data.seq_len * run.world.size
     t0, train_time, tok_s = time.perf_counter(), 0.0, 0.0
     show = progress and run.world.main and sys.stderr.isatty()
@@ -425,11 +441,11 @@ def _train_locked(
                 tqdm.write(
                     f"{lock.path}: left by pid {lock.stale_pid}, which is no longer running; taken over"
                 )
-        check_train_fits(cfg)  # sizes that validate but cannot fit: refused before any allocation
+        check_train_fits(cfg, processes=world.size)  # sizes that cannot fit: refused before any allocation
         dataset = load_dataset(cfg.data)
         dataset.check_vocab_size(cfg.model.vocab_size)
         check_dataset_domains(dataset, cfg.moe)  # PanGu-Sigma: the data's domains are the model's
-        ckpt = _prepare_out_dir(out_dir, tc.resume)
+        ckpt = _prepare_out_dir(out_dir, tc.resume, world.main)
         if ckpt is not None:
             _check_same_architecture(cfg, ckpt)
         return dataset, ckpt

@@ -297,7 +297,10 @@ def _worker_two(rank: int, world: int, root: str) -> None:
     root = Path(root)
     _init(rank, world, root, "two")
     try:
-        train(make_cfg(root / "ep2", 2, eval_every=3), progress=False)
+        first = train(make_cfg(root / "ep2", 2, eval_every=3), progress=False)
+        again = train(make_cfg(root / "ep2", 2, eval_every=3, resume=True), progress=False)  # nothing left
+        report = {k: [getattr(r, k) for r in (first, again)] for k in ("step", "train_loss", "val_loss")}
+        _write_report(root, "finished", rank, report)
         train(make_cfg(root / "on2", 2, eval_every=3, grad_accum=2, resume=True), progress=False)
         train(make_cfg(root / "killed", 2, steps=8, save_every=1, resume=True), progress=False)
         _resave(root, "four", "resaved2")
@@ -519,6 +522,13 @@ def _stages(runs: Path):
     for stage in ("step", "load"):  # 2 ranks, ep 2: after a real step; after loading a 4-rank checkpoint
         for rank in range(2):
             yield stage, 2, rank, json.loads((runs / f"shards.{stage}.rank{rank}.json").read_text())
+
+
+def test_a_finished_run_resumed_returns_its_metrics_on_every_rank(runs):
+    reports = [json.loads((runs / f"shards.finished.rank{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0] == reports[1], reports  # only rank 0 reads metrics.jsonl: broadcast
+    for key, (first, again) in reports[0].items():
+        assert again == first and again is not None, (key, first, again)
 
 
 def test_no_rank_holds_a_whole_sharded_parameter(runs):

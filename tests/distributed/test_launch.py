@@ -21,6 +21,14 @@ def test_split_argv():
         split_argv(["--standalone"])
 
 
+def test_split_argv_skips_option_values_that_look_like_a_subcommand():
+    argv = ["--rdzv_id", "train", "--log-dir", "eval", "--nproc_per_node", "2", "train", "tiny-moge"]
+    launcher, rest = split_argv(argv)
+    assert launcher == argv[:6] and rest == ["train", "tiny-moge"]
+    launcher, rest = split_argv(["--rdzv_id=train", "--standalone", "eval", "runs/x"])
+    assert launcher == ["--rdzv_id=train", "--standalone"] and rest == ["eval", "runs/x"]
+
+
 def _moge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(

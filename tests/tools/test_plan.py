@@ -80,7 +80,8 @@ def test_the_72b_preset_on_64_devices_fits_80_gb_with_checkpointing():
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--devices", "3", "--mesh", "ep=3"], "parallel.expert_parallel: 3 ranks do not divide"),
+        (["--devices", "3", "--mesh", "ep=3"], "--mesh: ep=3 does not divide moe.num_groups=4"),
+        (["--devices", "3", "--mesh", "dp=2"], "--mesh: dp=2 does not divide --devices 3"),
         (["--devices", "4", "--mesh", "dp=3,ep=2"], "--mesh: dp=3 x ep=2 = 6 devices, but --devices 4"),
         (["--devices", "4", "--mesh", "tp=2"], "--mesh: expected dp=D,ep=E or ep=E"),
         (["--devices", "3", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 3"),
@@ -100,6 +101,9 @@ def test_plan_prints_a_column_per_device_count(capsys):
     assert main(["plan", "configs/tiny-moge.yaml", "--devices", "2", "4", "--mesh", "ep=2"]) == 0
     out = capsys.readouterr().out
     assert "2 (1 x 2)" in out and "4 (2 x 2)" in out and "AdamW state" in out
+    assert main(["plan", "configs/tiny-moge.yaml", "--devices", "4", "8", "--mesh", "dp=2"]) == 0
+    out = capsys.readouterr().out  # dp alone: ep is the rest of the devices
+    assert "4 (2 x 2)" in out and "8 (2 x 4)" in out
 
 
 def test_mixed_precision_drops_the_weight_copies_and_shrinks_the_gathered_blocks():

@@ -305,6 +305,27 @@ def test_check_train_fits_uses_the_available_memory():
         limits.check_train_fits(cfg, available=needed - 1)
 
 
+def test_check_train_fits_counts_one_rank_share_of_the_model_under_several_processes():
+    cfg = config_from_dict(BASE)
+    key = "weights, gradients and AdamW moments"
+    whole, two = limits.train_memory(cfg), limits.train_memory(cfg, processes=2)
+    assert two[key] == whole[key] // 2 and {k: v for k, v in two.items() if k != key} == {
+        k: v for k, v in whole.items() if k != key
+    }
+    needed = sum(two.values())
+    limits.check_train_fits(cfg, available=needed, processes=2)  # each rank holds half the model
+    with pytest.raises(limits.TooLargeError, match="needs at least"):
+        limits.check_train_fits(cfg, available=needed, processes=1)
+
+
+def test_the_72b_preset_on_64_devices_is_not_refused_for_the_whole_model():
+    # moge plan: rank 0 of 64 (dp 8 x ep 8) needs about 35 GiB of an 80 GiB device
+    cfg = load_config("pangu-pro-moe-72b", ["parallel.expert_parallel=8", "train.batch_size=1"])
+    limits.check_train_fits(cfg, available=80 * limits.GIB, processes=64)
+    with pytest.raises(limits.TooLargeError, match="needs at least 1.0 TiB"):
+        limits.check_train_fits(cfg, available=80 * limits.GIB, processes=1)
+
+
 def test_available_memory_is_known_here():
     assert limits.available_memory() is None or limits.available_memory() > 0
 

@@ -170,6 +170,16 @@ def test_lock_file_alone_is_not_a_previous_run(tmp_path):
 # ============================================================================ LATEST missing
 
 
+def test_latest_missing_is_noted_by_rank_0_only(tmp_path, done_run, capsys):
+    run = copy_run(done_run, tmp_path)
+    (run / "checkpoints" / "LATEST").unlink()
+    newest = run / "checkpoints" / "step_00000006"
+    assert train_mod._prepare_out_dir(run, True, main=False) == newest  # rank 1 of 2: same folder
+    assert "LATEST is missing" not in "".join(capsys.readouterr())
+    assert train_mod._prepare_out_dir(run, True, main=True) == newest
+    assert "LATEST is missing; resuming from the newest verified checkpoint" in "".join(capsys.readouterr())
+
+
 def test_latest_missing_resumes_from_the_newest_verified_step(tmp_path, done_run, capsys):
     run = copy_run(done_run, tmp_path)
     (run / "checkpoints" / "LATEST").unlink()
