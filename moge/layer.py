@@ -154,11 +154,6 @@ class MoGEConfig:
             )
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ValueError("shared_expert_gate: gates the shared experts, but num_shared_experts is 0")
-        if self.router == "random" and self.bias_update_rate > 0:
-            raise ValueError(
-                f"bias_update_rate: {self.bias_update_rate}, but the random router looks its experts up "
-                "by token id, so a balancing bias on the scores changes no choice; leave it 0"
-            )
         if self.router == "random" and self.rre_vocab_size is None:
             raise ValueError(
                 "rre_vocab_size: the random router maps token ids, so it needs the vocabulary size"

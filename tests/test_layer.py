@@ -50,7 +50,6 @@ def test_public_names_and_config_fields():
         (dict(router="group_limited"), "topk_groups"),
         (dict(router="group_limited", topk_groups=5), "topk_groups"),
         (dict(router="random"), "rre_vocab_size"),
-        (dict(router="random", rre_vocab_size=8, bias_update_rate=0.01), "bias_update_rate"),
         (dict(normalize_weights="yes"), "normalize_weights"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
         (dict(expert_impl="cuda"), "expert_impl"),

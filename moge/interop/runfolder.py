@@ -99,13 +99,18 @@ def open_checkpoint(path: str | Path) -> tuple[RunConfig, CheckpointSource, Path
     return ckpt.checkpoint_config(folder), CheckpointSource(folder), folder
 
 
-def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
-    """moge's state-dict shapes for cfg (built on the meta device: no memory)."""
+def _meta_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """moge's state dict for cfg, built on the meta device (no memory)."""
     from moge.model import MoGETransformer  # the model imports config only; keep this module light
 
     with torch.device("meta"):
         meta = MoGETransformer(cfg.model, cfg.moe)
-    return {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    return meta.state_dict()
+
+
+def expected_shapes(cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """moge's state-dict shapes for cfg (built on the meta device: no memory)."""
+    return {k: tuple(v.shape) for k, v in _meta_state(cfg).items()}
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: RunConfig, where: str) -> None:
@@ -122,9 +127,13 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: RunConfig, where: str)
 
 
 def _write_shard(file: Path, cfg: RunConfig, src, dtype: torch.dtype | None) -> None:
-    """One shard holding every model tensor whole, streamed from src in the model's order."""
-    expected = expected_shapes(cfg)
-    plan = [(_PREFIX + k, dtype or src.dtype(k), expected[k]) for k in expected]
+    """One shard holding every model tensor whole, streamed from src in the model's order.
+
+    dtype None: the dtype of the model load_run builds (float32 parameters), whatever the
+    source holds; load_checkpoint never casts, so a bf16 source kept as bf16 could not be read.
+    """
+    expected = _meta_state(cfg)
+    plan = [(_PREFIX + k, dtype or t.dtype, tuple(t.shape)) for k, t in expected.items()]
     sharding = {name: {"saved_offsets": [0] * len(shape)} for name, _, shape in plan}
     with SafetensorsWriter(file, plan, metadata={_SHARDING: json.dumps(sharding)}) as w:
         for name, dt, shape in plan:

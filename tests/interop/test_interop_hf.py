@@ -272,3 +272,21 @@ def test_capacity_factor_is_refused_by_every_moe_layout(tmp_path, layout, router
     for layer in model.moe_layers():
         layer.config.capacity_factor = None
     save_pretrained(model, tmp_path / "dropless", layout=layout)
+
+
+def test_bf16_layout_converts_to_a_readable_moge_run(tmp_path):
+    """A bf16 checkpoint (as most released ones are) becomes a float32 run that load_run reads."""
+    from moge.interop import convert, load_model
+
+    hf = hf_model("llama").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "run", to="moge")
+    model, _, _ = load_model(tmp_path / "run")
+    ref, _ = from_pretrained(tmp_path / "hf", dtype=None)
+    assert next(ref.parameters()).dtype == torch.bfloat16
+    save_pretrained(ref, tmp_path / "run2", layout="moge")  # a bf16 moge model: the same run
+    again, _, _ = load_model(tmp_path / "run2")
+    for k, v in ref.state_dict().items():
+        assert model.state_dict()[k].dtype == torch.float32, k
+        torch.testing.assert_close(model.state_dict()[k], v.float(), atol=0, rtol=0)
+        torch.testing.assert_close(again.state_dict()[k], v.float(), atol=0, rtol=0)
