@@ -4,7 +4,7 @@ Legend: E experts, M groups, G experts per group, n groups of the domain, D d_mo
 
 A domain's tokens only ever reach the experts of its groups (moge.sigma.routing), so
 the sub-model keeps those groups' experts (their slices of the stacked expert weights,
-router rows and learned expert scales) and every shared part (embedding,
+router rows, learned expert scales and balance biases) and every shared part (embedding,
 attention, norms, shared experts, dense blocks, LM head), renumbers the groups 0..n-1
 and records their old numbers in `moe.rre_group_ids`, which redraws exactly their
 columns of the token-id table. On the domain's data its logits are those of the full
@@ -114,13 +114,10 @@ def extract_model(model: MoGETransformer, cfg: RunConfig, domain: str) -> tuple[
         if name in state:
             continue
         like = source.get(name)
-        dtype = (
-            like.dtype
-            if like is not None and like.is_floating_point() and buf.is_floating_point()
-            else buf.dtype
-        )
+        if like is not None and like.is_floating_point() and buf.is_floating_point():
+            buf = buf.to(like.dtype)
         owner, _, attr = name.rpartition(".")
-        setattr(sub.get_submodule(owner), attr, buf.to(device=device, dtype=dtype))
+        setattr(sub.get_submodule(owner), attr, buf.to(device))
     return sub.eval(), sub_cfg
 
 

@@ -24,7 +24,7 @@ RAW = {
               "first_dense_layers": 1, "dense_hidden": 48, "qkv_bias": True},
     "moe": {"num_experts": 24, "num_groups": 8, "top_k": 4, "expert_hidden": 16, "router": "random",
             "rre_domain_groups": DOMAINS, "num_shared_experts": 1, "learned_expert_scale": True,
-            "rre_seed": 5},
+            "bias_update_rate": 0.01, "rre_seed": 5},
     "data": {"seq_len": 32, "domains": "topics"},
     "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 0, "eval_batches": 1,
               "save_every": 0, "threads": 1},
@@ -37,9 +37,11 @@ def full():
     cfg = config_from_dict(RAW)
     torch.manual_seed(0)
     model = MoGETransformer(cfg.model, cfg.moe).eval()
-    with torch.no_grad():  # weights away from their init: scales and norms all matter
+    with torch.no_grad():  # weights away from their init: scales, biases and norms all matter
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for layer in model.moe_layers():
+            layer.balance_bias_E.normal_()
     return model, cfg, load_dataset(cfg.data)
 
 
