@@ -5,7 +5,8 @@ The block maps to `router: group_limited` with sigmoid scores, groups ranked by 
 of their two best biased scores, `topk_group` groups kept, gates from the unbiased
 scores, renormalised when norm_topk_prob, times routed_scaling_factor. The correction
 bias becomes the layer's `balance_bias_E` buffer, created here even when
-bias_update_rate is 0 (then the layer routes with it and never changes it).
+bias_update_rate is 0 (then the layer routes with it and never changes it). Fields
+config.json leaves out take DeepseekV3Config's defaults (HF_DEFAULTS), as transformers does.
 
 Keys (relative to the block, e.g. `model.layers.3.mlp.`): gate.weight [E, D],
 gate.e_score_correction_bias [E], experts.{e}.{gate,up,down}_proj.weight (or transformers
@@ -26,6 +27,18 @@ from moge.layer import MoGEConfig, MoGELayer
 
 BIAS = "gate.e_score_correction_bias"
 
+# transformers' DeepseekV3Config defaults for the fields that change what the block
+# computes: a config.json without them means these values to transformers, so to us too
+# (a hand-written config without routed_scaling_factor is scaled by 2.5 there).
+HF_DEFAULTS: dict[str, Any] = {
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "n_shared_experts": 1,
+    "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
+}  # fmt: skip
+
+
+def _field(hf: dict, key: str) -> Any:
+    return hf[key] if key in hf else HF_DEFAULTS[key]
+
 
 def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfig:
     """The MoGEConfig of one DeepSeek-V3 MoE block from config.json fields."""
@@ -35,14 +48,14 @@ def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfi
     if E is None:
         raise ValueError(f"{where}: config.json lacks the field 'n_routed_experts'")
     F = int(need(hf, "moe_intermediate_size", where))
-    shared = int(hf.get("n_shared_experts") or 0)
+    shared = int(_field(hf, "n_shared_experts") or 0)
     fields: dict[str, Any] = dict(
-        d_model=int(need(hf, "hidden_size", where)), num_experts=int(E), num_groups=int(need(hf, "n_group", where)),
+        d_model=int(need(hf, "hidden_size", where)), num_experts=int(E), num_groups=int(_field(hf, "n_group")),
         top_k=int(need(hf, "num_experts_per_tok", where)), expert_hidden=F, num_shared_experts=shared,
         shared_hidden=F * shared or None, router="group_limited", score_func="sigmoid",
-        topk_groups=int(need(hf, "topk_group", where)), group_score="top2_sum",
-        normalize_weights=bool(hf.get("norm_topk_prob", True)),
-        route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+        topk_groups=int(_field(hf, "topk_group")), group_score="top2_sum",
+        normalize_weights=bool(_field(hf, "norm_topk_prob")),
+        route_scale=float(_field(hf, "routed_scaling_factor")),
     )  # fmt: skip
     fields.update(overrides)
     try:
@@ -77,7 +90,7 @@ def _check_moe_layer(hf: dict, layer: int, where: str) -> None:
     n = hf.get("num_hidden_layers")
     if layer < 0 or (n is not None and layer >= int(n)):
         raise ValueError(f"layer: {layer} is not a layer of the model ({where}: num_hidden_layers {n})")
-    first = int(hf.get("first_k_dense_replace") or 0)
+    first = int(_field(hf, "first_k_dense_replace") or 0)
     if layer < first:
         raise ValueError(
             f"layer: model.layers.{layer} is a dense MLP, not an MoE block ({where}: first_k_dense_replace {first})"

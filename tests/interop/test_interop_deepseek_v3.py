@@ -63,7 +63,8 @@ def test_from_a_checkpoint_folder_and_back(tmp_path):
     }
     state["model.layers.0.mlp.down_proj.weight"] = torch.zeros(16, 4)  # another layer: not ours
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    (tmp_path / "config.json").write_text(json.dumps({**FIELDS, "model_type": "deepseek_v3"}))
+    fields = {**FIELDS, "model_type": "deepseek_v3", "first_k_dense_replace": 1}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
     moe = load_block(tmp_path, layer=1).eval()
     x = _x(3)
     with torch.no_grad():
@@ -73,6 +74,31 @@ def test_from_a_checkpoint_folder_and_back(tmp_path):
     back = block_state_dict(moe, "model.layers.1.mlp.")
     for k, v in back.items():
         assert torch.equal(v, state[k]), k
+
+
+def test_a_config_without_the_routing_fields_means_what_it_means_to_transformers(tmp_path):
+    """A config.json that leaves out routed_scaling_factor, n_shared_experts, n_group,
+    topk_group, norm_topk_prob and first_k_dense_replace gets transformers' defaults
+    (2.5, 1, 8, 4, True, 3), not moge's: the same weights give the same output."""
+    sizes = dict(hidden_size=16, n_routed_experts=16, num_experts_per_tok=3, moe_intermediate_size=6)
+    torch.manual_seed(4)
+    block = DeepseekV3MoE(DeepseekV3Config(**sizes)).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.3)
+        block.gate.e_score_correction_bias.normal_(0.0, 0.5)
+    state = {f"model.layers.3.mlp.{k}": v for k, v in block.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({**sizes, "model_type": "deepseek_v3"}))
+    moe = load_block(tmp_path, layer=3).eval()
+    c = moe.config
+    assert (c.route_scale, c.num_shared_experts, c.num_groups, c.topk_groups) == (2.5, 1, 8, 4)
+    x = _x(5)
+    with torch.no_grad():
+        theirs = block(x)
+        torch.testing.assert_close(moe(x).hidden, theirs, atol=1e-5 * theirs.abs().max().item(), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"model\.layers\.2 is a dense MLP.*first_k_dense_replace 3"):
+        load_block(tmp_path, layer=2)
 
 
 def test_wrong_shape_names_the_key():
