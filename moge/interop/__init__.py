@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moge.interop import runfolder
+from moge.interop import runfolder, sidefiles
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import check_dropless
 from moge.interop.llama import LlamaLayout, Qwen2Layout
@@ -208,6 +208,14 @@ def _open_source(src: Path, dtype) -> tuple[MogeSource, RunConfig]:
     return source, cfg
 
 
+def _side_source(src: Path, source: MogeSource) -> tuple[Path, bool]:
+    """(the folder holding the source's token ids and side files, whether it is a layout folder)."""
+    if isinstance(source, _LayoutSource):
+        return src, True
+    assert isinstance(source, runfolder.CheckpointSource)
+    return sidefiles.run_side_dir(sidefiles.run_root_of(source.folder)), False
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -220,7 +228,9 @@ def convert(
     src: a layout folder (config.json), a moge run folder or checkpoint folder.
     to: a name in LAYOUTS, or "moge" for a moge run folder. Returns the weight files written.
     Peak memory: about the largest moge tensor (the stacked experts of one layer, when
-    reading a layout) plus one tensor being written.
+    reading a layout) plus one tensor being written. The source's special-token ids,
+    generation_config.json and tokenizer files go along (moge.interop.sidefiles; a moge
+    run keeps them in hf/).
     """
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
@@ -231,10 +241,17 @@ def convert(
             "train.dtype sets what its steps compute in); cast only a layout export"
         )
     source, cfg = _open_source(src, dtype)
+    side, from_layout = _side_source(src, source)
+    ids = sidefiles.read_token_ids(side, from_layout)
     if to == MOGE:  # keep a run's other sections; the new run lives in dst
         train = dataclasses.replace(cfg.train, out_dir=str(dst), resume=False)
         cfg = dataclasses.replace(cfg, name=dst.name or cfg.name, train=train)
-        return [runfolder.write(dst, cfg, source, dtype)]
+        written = [runfolder.write(dst, cfg, source, dtype)]
+        sidefiles.copy_side_files(side, sidefiles.run_side_dir(dst))
+        sidefiles.write_token_ids(sidefiles.run_side_dir(dst), ids)
+        return written
     lay = _layout(to)
-    config = _write_config(lay, cfg.model, cfg.moe)
-    return write_layout(dst, lay.pieces(cfg.model, cfg.moe), source, config, dtype, max_shard_bytes)
+    config = {**_write_config(lay, cfg.model, cfg.moe), **ids}
+    written = write_layout(dst, lay.pieces(cfg.model, cfg.moe), source, config, dtype, max_shard_bytes)
+    sidefiles.copy_side_files(side, dst)
+    return written

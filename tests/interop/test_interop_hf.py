@@ -290,3 +290,65 @@ def test_bf16_layout_converts_to_a_readable_moge_run(tmp_path):
         assert model.state_dict()[k].dtype == torch.float32, k
         torch.testing.assert_close(model.state_dict()[k], v.float(), atol=0, rtol=0)
         torch.testing.assert_close(again.state_dict()[k], v.float(), atol=0, rtol=0)
+
+
+def _with_tokens_and_tokenizer(path):
+    """A saved qwen3_moe model whose config names special tokens, with a generation config
+    and a (word-level) tokenizer beside it, as a hub checkpoint has."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    hf = hf_model("qwen3_moe")
+    hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = 1, 2, 0
+    hf.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_new_tokens=7)
+    hf.save_pretrained(path)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.save_pretrained(path)
+    return hf
+
+
+def test_token_ids_generation_config_and_tokenizer_travel_through_a_moge_run(tmp_path):
+    """layout -> moge run -> layout: transformers reads back the same special tokens,
+    generation config and tokenizer (moge's config has no field for them; the run keeps
+    them in hf/)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from moge.interop import convert
+
+    _with_tokens_and_tokenizer(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "run", to="moge")
+    assert (tmp_path / "run" / "hf" / "generation_config.json").is_file()
+    convert(tmp_path / "run", tmp_path / "back", to="qwen3_moe")
+    convert(tmp_path / "src", tmp_path / "direct", to="qwen3_moe")
+    for out in ("back", "direct"):
+        config = AutoConfig.from_pretrained(tmp_path / out)
+        assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 0), out
+        gen = GenerationConfig.from_pretrained(tmp_path / out)
+        assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id, gen.max_new_tokens) == (1, 2, 0, 7), out
+        tok = AutoTokenizer.from_pretrained(tmp_path / out)
+        assert tok("w5 w7 w3")["input_ids"] == [5, 7, 3] and tok.eos_token_id == 2, out
+
+
+def test_a_layout_without_side_files_converts_without_them(saved, tmp_path):
+    """Nothing is invented: no token ids in, none out; no side files, no hf/ folder."""
+    import shutil
+
+    from moge.interop import convert
+    from moge.interop.sidefiles import TOKEN_FIELDS
+
+    layout, _, path = saved
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copyfile(path / "model.safetensors", bare / "model.safetensors")
+    config = {
+        k: v for k, v in json.loads((path / "config.json").read_text()).items() if k not in TOKEN_FIELDS
+    }
+    (bare / "config.json").write_text(json.dumps(config))
+    convert(bare, tmp_path / "run", to="moge")
+    assert not (tmp_path / "run" / "hf").exists()
+    convert(tmp_path / "run", tmp_path / "back", to=layout)
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["config.json", "model.safetensors"]
+    assert not set(TOKEN_FIELDS) & set(json.loads((tmp_path / "back" / "config.json").read_text()))

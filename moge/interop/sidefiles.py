@@ -1,0 +1,77 @@
+"""What travels with the weights besides them: token ids, generation config, tokenizer files.
+
+A layout folder's config.json names the special tokens (bos/eos/pad ids) that its
+generation_config.json and tokenizer files also use; moge's own config has no field for
+them (its models are byte-level). So that a checkpoint converted layout -> layout, or
+layout -> moge run -> layout, still generates and tokenizes as before, convert copies
+these files verbatim and carries the token ids into the new config.json. A moge run keeps
+them in `<run>/hf/` (the ids in hf/token_ids.json), where nothing else reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+RUN_DIR = "hf"  # where a moge run folder keeps them
+TOKEN_IDS = "token_ids.json"
+
+
+def token_ids(config: dict[str, Any]) -> dict[str, Any]:
+    """The special-token fields a config.json sets (null ones included: they mean "none")."""
+    return {k: config[k] for k in TOKEN_FIELDS if k in config}
+
+
+def run_side_dir(run_root: Path) -> Path:
+    return run_root / RUN_DIR
+
+
+def run_root_of(checkpoint_folder: Path) -> Path:
+    """The run folder that holds <run>/checkpoints/<step>/ (a checkpoint folder kept
+    elsewhere: itself, so that no unrelated hf/ folder is read)."""
+    parent = checkpoint_folder.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else checkpoint_folder
+
+
+def read_token_ids(side_dir: Path, layout_folder: bool) -> dict[str, Any]:
+    """The token ids a source carries: its config.json's (a layout folder) or hf/token_ids.json."""
+    file = side_dir / ("config.json" if layout_folder else TOKEN_IDS)
+    if not file.is_file():
+        return {}
+    try:
+        found = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ValueError(f"{file}: not JSON ({err})") from err
+    if not isinstance(found, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return token_ids(found)
+
+
+def copy_side_files(src_dir: Path, dst_dir: Path) -> list[Path]:
+    """Copy every side file src_dir has into dst_dir (created when there is one); returns the copies."""
+    present = [src_dir / name for name in SIDE_FILES if (src_dir / name).is_file()]
+    if not present:
+        return []
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copyfile(f, dst_dir / f.name)) for f in present]
+
+
+def write_token_ids(dst_dir: Path, ids: dict[str, Any]) -> None:
+    if ids:
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        (dst_dir / TOKEN_IDS).write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
