@@ -37,7 +37,9 @@ the total weight of every slice must be 1 for every token:
 Routers that give no per-group quota (global, group_limited) may take all of a token's
 experts from one group, so they only upcycle exactly with P = 1; the random (RRE) router
 keeps the quota but picks by token id, so with renormalised gates and P > 1 only the
-uniform init is exact. `plan_upcycle` raises ValueError naming the field and the reason
+uniform init is exact. A capacity factor must leave room for every slot a bucket can
+receive when the copies tie (an expert: T, cf >= E/K; a group under a quota router: its
+quota, cf >= 1). `plan_upcycle` raises ValueError naming the field and the reason
 for every split that cannot be exact.
 
 Symmetry: copies of one slice are identical at step 0. With renormalised gates the
@@ -172,6 +174,33 @@ def _resolve_router_init(router_init: str, moe: MoGEConfig, P: int) -> str:
     return router_init
 
 
+def _check_capacity(moe: MoGEConfig) -> None:
+    """ValueError unless the capacity can never drop a slot.
+
+    At step 0 the copies of a slice tie, so the uniform router sends every token to the
+    same first experts of each group, and any router may: a bucket must hold the most
+    slots it can receive. A token's slots land in an expert at most once (T per expert
+    in all), in a group K' times under a quota router and up to min(K, G) times under
+    the others, while a bucket holds cf * T * K / buckets.
+    """
+    cf = moe.capacity_factor
+    if cf is None:
+        return
+    K, G = moe.top_k, moe.experts_per_group
+    if moe.capacity_scope == "group":
+        buckets, most = moe.num_groups, (K // moe.num_groups if moe.router in QUOTA_ROUTERS else min(K, G))
+    else:
+        buckets, most = moe.num_experts, 1
+    need = most * buckets / K  # the smallest factor whose bucket holds `most` slots per token
+    if round(cf, 9) < round(need, 9):
+        raise ValueError(
+            f"capacity_factor: {cf:g} gives each {moe.capacity_scope} room for {cf * K / buckets:g} slots "
+            f"per token, but at step 0 the upcycled copies tie and one {moe.capacity_scope} can receive "
+            f"{most} per token, so slots would be dropped and the model would not equal the dense one; "
+            f"upcycle dropless (capacity_factor null; set it for training afterwards) or use >= {need:g}"
+        )
+
+
 def plan_upcycle(dense_hidden: int, moe: MoGEConfig, router_init: str = "auto") -> UpcyclePlan:
     """Check that a dense SwiGLU of width `dense_hidden` upcycles exactly into `moe`.
 
@@ -183,6 +212,7 @@ def plan_upcycle(dense_hidden: int, moe: MoGEConfig, router_init: str = "auto") 
         raise ValueError(f"dense_hidden: expected an integer >= 1, got {dense_hidden!r}")
     P = _check_split(dense_hidden, moe)
     init = _resolve_router_init(router_init, moe, P)
+    _check_capacity(moe)
     if moe.normalize_weights:
         scale = P / moe.route_scale
     else:

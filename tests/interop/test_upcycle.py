@@ -192,6 +192,8 @@ def test_replicated_router_repeats_the_rows_of_one_group():
             ["router_init:", "grouped router"],
         ),  # fmt: skip
         (dict(), "zeros", ["router_init:", "expected one of"]),
+        (dict(capacity_factor=1.5), "auto", ["capacity_factor:", "would be dropped", ">= 2"]),
+        (dict(capacity_factor=0.9, capacity_scope="group"), "auto", ["capacity_factor:", ">= 1"]),
     ],
 )
 def test_impossible_splits_raise_naming_the_field(overrides, router_init, fragments):
@@ -205,7 +207,34 @@ def test_impossible_splits_raise_naming_the_field(overrides, router_init, fragme
         "router",
         "num_groups",
         "router_init",
+        "capacity_factor",
     )
+
+
+@pytest.mark.parametrize(
+    "router, scope, need",
+    [("grouped", "expert", 2.0), ("grouped", "group", 1.0), ("global", "expert", 2.0),
+     ("global", "group", 2.0), ("random", "expert", 2.0), ("random", "group", 1.0)],
+)  # fmt: skip
+def test_a_capacity_is_accepted_exactly_where_no_slot_can_drop(router, scope, need):
+    """E=8 in M=4 groups, K=4: the tied copies can send every token to one expert (cf >= E/K)
+    or K'=1 (quota routers) / min(K, G)=2 (global) slots of it to one group."""
+    kw = dict(router=router, capacity_scope=scope, rre_vocab_size=V)
+    with pytest.raises(ValueError, match=rf"capacity_factor: .* use >= {need:g}"):
+        plan_upcycle(F, moe(capacity_factor=need * 0.9, **kw))
+    cfg = moe(capacity_factor=need, **kw)
+    torch.manual_seed(0)
+    dense = SwiGLU(D, F)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layer = MoGELayer(cfg)
+    upcycle_ffn(
+        dense, layer, plan_upcycle(F, cfg), router_std=0.5, generator=torch.Generator().manual_seed(0)
+    )
+    x_TD = torch.randn(40, D, generator=torch.Generator().manual_seed(1))
+    out = layer(x_TD, token_ids=torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(2)))
+    assert out.dropped is not None and int(out.dropped.sum()) == 0
+    assert_close(out.hidden, dense(x_TD), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_picks_uniform_for_the_random_router_with_renormalised_slices():
@@ -244,6 +273,8 @@ def layer_settings(draw):
         normalize_weights=draw(st.booleans()), learned_expert_scale=draw(st.booleans()),
         route_scale=draw(st.sampled_from([1.0, 2.5])), rre_vocab_size=V,
         shared_expert_gate=bool(Fs) and draw(st.booleans()),
+        capacity_factor=draw(st.sampled_from([None, None, 1.0, 2.0, 4.0, 16.0])),
+        capacity_scope=draw(st.sampled_from(["expert", "group"])),
     )  # fmt: skip
     dense_hidden = Fs + Fe * draw(st.sampled_from([1, 2, 3, 4]))
     return dense_hidden, kw, draw(st.sampled_from(["auto", "auto", "uniform", "replicated", "random"]))
