@@ -570,7 +570,7 @@ def load_checkpoint(
         _restore_groups(model, optimizer, state.get("optimizer", {}).get("param_groups"), folder / STATE)
     if data_gen is not None:
         assert rng is not None, "prepare reads the RNG file whenever data_gen is given"
-        _set_rng(folder, rng, data_gen, world)
+        agree(world, "restoring the RNG state", lambda: _set_rng(folder, rng, data_gen, world))
     return state["step"]
 
 
@@ -578,11 +578,18 @@ def _check_rng(file: Path, rng: dict, rng_key: str) -> None:
     missing = [k for k in ("torch_cpu", "data_gen") if k not in rng]
     if missing:
         raise ValueError(f"{file}: missing keys: {_list(missing)}")
+    # The size too: checked here, inside the ranks' agreement on reading, setting a state
+    # of another size would fail later on one rank alone and leave the others waiting.
+    size = torch.Generator().get_state().numel()  # a CPU generator's state, as torch_cpu's
     for key in ("data_gen", rng_key if rng_key in rng else "torch_cpu"):
         t = rng[key]
         if t.dtype != torch.uint8 or t.dim() != 1:
             raise ValueError(
                 f"{file}: RNG state {key!r} must be a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}"
+            )
+        if t.numel() != size:
+            raise ValueError(
+                f"{file}: not a valid RNG state: {key!r} holds {t.numel()} bytes, a CPU generator's state {size}"
             )
 
 

@@ -94,6 +94,35 @@ def _agree_scenario(world, root: Path) -> None:
     (root / f"agree.rank{world.rank}.json").write_text(json.dumps(got))
 
 
+def _bad_rng_scenario(world, root: Path) -> None:
+    """Rank 1's own RNG state is cut short: both ranks stop while reading the checkpoint
+    (rank 1 reports, rank 0 a PeerError), so neither trains on waiting for the other."""
+    from safetensors import safe_open
+
+    from moge.training.manifest import write_manifest
+
+    bad = root / "bad_rng"
+    if world.rank == 0:
+        shutil.copytree(root / "ep2", bad)
+        folder = find_checkpoint(bad)
+        file = folder / "rng.safetensors"
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(file))
+        tensors["torch_cpu_rank1"] = tensors["torch_cpu_rank1"][:10].clone()
+        save_file(tensors, str(file), metadata=meta)
+        write_manifest(folder, json.loads((folder / "state.json").read_text()))  # vouches for it
+    dist.barrier()
+    model, opt = loop_mod._build(make_cfg(bad, 2), world)
+    try:
+        load_checkpoint(bad, model, opt, torch.Generator(), world)
+        got = {"type": "none"}
+    except (ValueError, PeerError) as err:
+        got = {"type": type(err).__name__, "report": err.moge_report, "message": str(err)}
+    got["ok"] = agree(world, "testing", lambda: "fine")
+    (root / f"bad_rng.rank{world.rank}.json").write_text(json.dumps(got))
+
+
 def _poison_router(model, rank, calls):
     def hook(layer, args):
         calls["n"] += 1
@@ -310,6 +339,7 @@ def _worker_two(rank: int, world: int, root: str) -> None:
         _measure(root, rank, "ep2", 2)
         _measure(root, rank, "dp2", 1)
         _agree_scenario(connect(make_cfg(root, 2).parallel, 4), root)
+        _bad_rng_scenario(connect(make_cfg(root, 2).parallel, 4), root)
         _nan_scenario(rank, root, "nan_loss", _poison_router)
         _nan_scenario(rank, root, "nan_grad", _poison_grad)
     finally:
@@ -581,6 +611,14 @@ def test_a_failure_on_one_rank_stops_all_and_prints_once(runs):
                      "usage": None, "ok": "fine"}  # fmt: skip
     assert rank0["type"] == "PeerError" and rank0["report"] is False and rank0["usage"] is True
     assert rank0["message"] == "testing: rank 1 failed (see its error)" and rank0["ok"] == "fine"
+
+
+def test_a_bad_rng_state_of_one_rank_stops_both_at_reading(runs):
+    rank0, rank1 = (json.loads((runs / f"bad_rng.rank{r}.json").read_text()) for r in range(2))
+    assert rank1["type"] == "ValueError" and rank1["report"] is True
+    assert "rng.safetensors: not a valid RNG state: 'torch_cpu_rank1' holds 10 bytes" in rank1["message"]
+    assert rank0["type"] == "PeerError" and rank0["report"] is False, rank0
+    assert rank0["ok"] == rank1["ok"] == "fine"
 
 
 def test_a_nan_loss_on_one_rank_stops_all_and_names_the_culprit(runs):

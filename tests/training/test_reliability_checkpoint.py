@@ -359,6 +359,10 @@ BAD_RNG = {
     "data_gen_int64": (lambda t: t.update(data_gen=t["data_gen"].long()), "'data_gen' must be a 1-D uint8"),
     "torch_2d": (lambda t: t.update(torch_cpu=t["torch_cpu"].view(2, -1)), "must be a 1-D uint8"),
     "torch_short": (lambda t: t.update(torch_cpu=t["torch_cpu"][:10].clone()), "not a valid RNG state"),
+    "data_gen_long": (
+        lambda t: t.update(data_gen=torch.cat([t["data_gen"], t["data_gen"][:4]])),
+        "'data_gen' holds 5060 bytes",
+    ),
     "missing": (lambda t: t.pop("data_gen"), "missing keys: data_gen"),
 }
 
@@ -367,9 +371,13 @@ BAD_RNG = {
 def test_rng_state_of_the_wrong_dtype_or_shape_names_the_file(run, kind):
     fn, fragment = BAD_RNG[kind]
     rewrite_tensors(find_checkpoint(run), "rng.safetensors", fn)
+    cfg = cfg_of(run)
+    torch.manual_seed(0)
+    model = MoGETransformer(cfg.model, cfg.moe)
+    opt = train_mod.build_optimizer(model, cfg.train)
     state = torch.get_rng_state()
     with pytest.raises(ValueError, match="rng.safetensors") as err:
-        load_everything(run)
+        load_checkpoint(run, model, opt, torch.Generator())
     assert fragment in str(err.value)
     assert torch.equal(torch.get_rng_state(), state), "nothing was restored"
 
