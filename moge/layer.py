@@ -6,6 +6,7 @@ F expert hidden, B batch, L sequence length.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -465,12 +466,16 @@ class MoGELayer(nn.Module):
         MoGEOutput whose `hidden` is x_TD itself (the experts have not run yet).
         """
         c = self.config
-        if c.router_dtype == "input":
-            logits_TE, scores_TE = self._input_dtype_router_scores(x_TD)
-        else:
-            logits_TE, scores_TE = self._router_scores(x_TD)
-        tokens_T = token_ids.reshape(-1) if token_ids is not None else None
         columns_NK = getattr(self, "rre_columns_NK", None)
+        # The two-level router's gates do not read the scores, so its balance and z losses are
+        # statistics only: through the router their gradient would move nothing but the
+        # hidden states (and the unused router weight). The scores are taken without a graph.
+        with torch.no_grad() if columns_NK is not None else contextlib.nullcontext():
+            if c.router_dtype == "input":
+                logits_TE, scores_TE = self._input_dtype_router_scores(x_TD)
+            else:
+                logits_TE, scores_TE = self._router_scores(x_TD)
+        tokens_T = token_ids.reshape(-1) if token_ids is not None else None
         if columns_NK is not None:  # PanGu-Sigma: domain, then token id
             if token_ids is None:
                 raise ValueError("token_ids: the two-level random router routes by token id; pass token_ids")

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moge.layer import MoGEConfig, MoGELayer
+from moge.layer import MoGEConfig, MoGELayer, total_aux_loss
 from moge.sigma.routing import (
     domain_columns,
     domain_routed,
@@ -92,6 +92,27 @@ def test_gates_are_uniform_and_nothing_is_learned_by_the_routing():
     out = route(layer, torch.arange(10), torch.zeros(10, dtype=torch.long))
     out.hidden.sum().backward()
     assert layer.router.weight.grad is None
+
+
+@pytest.mark.parametrize("aux_type", ["batch", "sequence", "released"])
+def test_balance_and_z_losses_are_reported_but_move_nothing(aux_type):
+    # The gates do not read the router, so a loss on its scores could only push the hidden
+    # states through it: the losses are statistics, with their values, and no gradient.
+    torch.manual_seed(0)
+    layer = MoGELayer(layer_cfg(aux_loss_coef=0.5, z_loss_coef=0.5, aux_loss_type=aux_type))
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    out = layer(x, token_ids=torch.arange(12).view(2, 6), domain_ids=torch.zeros(2, 6, dtype=torch.long))
+    assert out.lb_loss.item() > 0 and out.z_loss.item() > 0
+    torch.testing.assert_close(out.aux_loss, 0.5 * out.lb_loss + 0.5 * out.z_loss, rtol=1e-6, atol=0)
+    assert not out.aux_loss.requires_grad and not out.scores.requires_grad
+    (out.hidden.sum() + total_aux_loss([out], layer.config)).backward()
+    assert layer.router.weight.grad is None
+    plain = x.grad.clone()
+    x.grad = None
+    layer(
+        x, token_ids=torch.arange(12).view(2, 6), domain_ids=torch.zeros(2, 6, dtype=torch.long)
+    ).hidden.sum().backward()
+    torch.testing.assert_close(x.grad, plain, rtol=0, atol=0)
 
 
 def test_table_columns_of_kept_groups_are_redrawn_exactly():
