@@ -134,6 +134,17 @@ def test_k_equals_m_takes_the_argmax_of_every_group():
     torch.testing.assert_close(ids, expected)
 
 
+@pytest.mark.parametrize("G", [2, 4, 7, 16, 64])
+def test_one_per_group_ties_anywhere_go_to_the_first(G):
+    # Scores rounded to three levels tie all over a group; the first best must win, as
+    # a stable descending sort says (the k == 1 path does not sort).
+    gen = torch.Generator().manual_seed(G)
+    scores = torch.randint(0, 3, (300, 3 * G), generator=gen).float() / 4
+    _, ids = grouped_topk(scores, top_k=3, num_groups=3)
+    order = torch.sort(scores.view(300, 3, G), dim=-1, descending=True, stable=True).indices
+    torch.testing.assert_close(ids, order[..., 0] + torch.arange(3) * G, rtol=0, atol=0)
+
+
 def test_single_token():
     weights, ids = grouped_topk(_scores(1, 8), 4, 4)
     assert ids.shape == weights.shape == (1, 4)
