@@ -279,7 +279,8 @@ class MoGELayer(nn.Module):
         # must not count again. `recompute_phase` is "forward" or "recompute" inside a
         # checkpointed call (None outside); the counts each first run used wait in
         # `_replay_counts` (with the calls they span) for its recompute, so the loss's
-        # gradient is the same.
+        # gradient is the same. Inside a checkpointed call `_replay_counts` is that call's
+        # own queue (moge.model.recompute), so recomputes in any order replay their own.
         self.recompute_phase: str | None = None
         self._replay_counts: list[tuple[Tensor, int]] = []
         self.reset_parameters()
@@ -634,7 +635,6 @@ class MoGELayer(nn.Module):
         """Once per optimizer step: aux-loss-free bias update, then reset the load counts."""
         self._check_counted_step()
         self.calls_since_end_step = 0
-        self._replay_counts = []  # recomputes that never ran (no backward) are forgotten
         # rate 0: a bias loaded from a checkpoint (DeepSeek-V3) stays as it is.
         if (
             self.balance_bias_E is not None

@@ -82,6 +82,30 @@ def test_checkpointing_with_capacity_and_padding_changes_nothing():
         assert_close(b.balance_bias_E, a.balance_bias_E, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("order", ["one_backward_for_two_calls", "a_call_without_backward_first"])
+def test_each_recompute_replays_the_counts_of_its_own_call(order):
+    """A global-batch loss without a counting pass weighs each call with the counts of the
+    step so far, which differ from call to call. A recompute must replay the counts of
+    the call it recomputes, whatever order the backwards run in: two calls summed into one
+    backward (autograd recomputes the later call first), or a call whose loss is never
+    backpropagated before one that is."""
+    kw = dict(aux_loss_type="global_batch", aux_loss_coef=1.0)
+    tokens_a, tokens_b = micro_batches()[:2]
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(checkpointing, **kw)
+        if order == "one_backward_for_two_calls":
+            sum(model(t, t.roll(-1, 1)).loss for t in (tokens_a, tokens_b)).backward()
+        else:
+            model(tokens_a, tokens_a.roll(-1, 1))  # counted; its graph is dropped
+            model(tokens_b, tokens_b.roll(-1, 1)).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        assert all(int(layer.load_accum_E.sum()) == 2 * 16 * 4 for layer in model.moe_layers())
+    plain, ckpt = grads
+    for name, grad in plain.items():
+        assert_close(ckpt[name], grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
 def test_naive_checkpoint_would_count_twice():
     """Why checkpoint_block exists: plain torch checkpoint doubles the counts."""
     model = make_model(False)
