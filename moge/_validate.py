@@ -7,6 +7,7 @@ mistyped a YAML value is told which field is wrong and why.
 from __future__ import annotations
 
 import reprlib
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,6 +56,8 @@ def check_float(
         raise ValueError(f"{field}: expected a number, got {shown(value)} ({_type_name(value)})")
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{field}: must be finite, got {value}")
+    if isinstance(value, int) and abs(value) > sys.float_info.max:  # float(value) would overflow
+        raise ValueError(f"{field}: must be finite, got {shown(value)} (an integer too large for a float)")
     if minimum is not None:
         if strict_min and value <= minimum:
             raise ValueError(f"{field}: must be > {minimum}, got {value}")

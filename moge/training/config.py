@@ -240,7 +240,10 @@ def _coerce_float(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # beyond every float: check_float names the field
+            return value
     if isinstance(value, str):
         try:
             return float(value)

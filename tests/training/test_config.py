@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moge import MoGEConfig
 from moge.training.config import (
     RunConfig,
     apply_overrides,
@@ -210,6 +211,14 @@ def test_float_fields_accept_ints_and_numeric_strings(tmp_path):
     cfg = load_config(path)
     assert cfg.train.lr == 1e-3 and cfg.train.min_lr == 1e-4 and cfg.moe.route_scale == 2.5
     assert cfg.model.rope_theta == 10000.0 and isinstance(cfg.model.rope_theta, float)
+
+
+def test_an_integer_too_large_for_a_float_is_a_value_error_naming_the_field():
+    """YAML reads 1 followed by 400 zeros as an int; float() of it overflows."""
+    with pytest.raises(ValueError, match=r"^train\.lr: must be finite, got 1000.*too large for a float"):
+        load_config(CONFIGS / "tiny-moge.yaml", ["train.lr=1" + "0" * 400])
+    with pytest.raises(ValueError, match=r"^route_scale: must be finite"):  # the dataclass itself
+        MoGEConfig(d_model=8, num_experts=4, num_groups=2, top_k=2, expert_hidden=4, route_scale=10**400)
 
 
 def test_empty_or_missing_sections_take_defaults(tmp_path):

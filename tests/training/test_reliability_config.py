@@ -79,6 +79,8 @@ FIELD_CASES = [
     ({"data.seq_len": 32.0}, "data.seq_len"),
     ({"train.lr": "fast"}, "train.lr"),
     ({"train.lr": "nan"}, "train.lr"),
+    ({"train.lr": 10**400}, "train.lr"),  # an integer beyond every float
+    ({"moe.capacity_factor": -(10**400)}, "moe.capacity_factor"),
     ({"train.resume": "no"}, "train.resume"),
     ({"train.out_dir": 3}, "train.out_dir"),
     ({"eval.batch_size": "8"}, "eval.batch_size"),
@@ -169,6 +171,7 @@ AS_OVERRIDES = [
     {"moe.top_k": True},
     {"data.seq_len": 32.0},
     {"train.lr": "nan"},
+    {"train.lr": 10**400},
     {"name": 5},
     {"data.val_fraction": 0.9},
     {"train.beta2": 1.5},
