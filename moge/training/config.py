@@ -441,8 +441,9 @@ def _mentions(message: str, text: str) -> bool:
 
 def _blamed_overrides(message: str, overrides: Sequence[str]) -> list[str]:
     """The overrides an error comes from: the one that set the field it names, else (a
-    rule between fields, e.g. num_groups against num_experts) those of the same section
-    whose field, or whose value when it is a word, the message names."""
+    rule between fields, e.g. num_groups against num_experts) those whose dotted key the
+    message names (min_lr against train.lr, data.seq_len against model.max_seq_len) and
+    those of the same section whose field, or whose value when it is a word, it names."""
     match = _FIELD_AT_START.match(message)
     field_ = match.group(1) if match else None
     parts = [(o, o.partition("=")[0].strip(), o.partition("=")[2].strip()) for o in overrides]
@@ -453,10 +454,13 @@ def _blamed_overrides(message: str, overrides: Sequence[str]) -> list[str]:
     return [
         o
         for o, key, value in parts
-        if key.startswith(section)
-        and (
-            _mentions(message, key[len(section) :])
-            or (re.search("[A-Za-z]", value) and _mentions(message, value))
+        if ("." in key and _mentions(message, key))
+        or (
+            key.startswith(section)
+            and (
+                _mentions(message, key[len(section) :])
+                or (re.search("[A-Za-z]", value) and _mentions(message, value))
+            )
         )
     ]
 

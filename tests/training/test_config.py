@@ -418,6 +418,12 @@ def test_config_from_dict_rejects_a_non_mapping_naming_the_source():
         ("moe.router=group_limited", "needs topk_groups (in override 'moe.router=group_limited')"),
         ("name=", "(in override 'name=')"),
         ("moe.num_groups=3", "(in override 'moe.num_groups=3')"),
+        # The rule's other field, named with its section: the same section, then another one.
+        ("train.lr=1e-7", "train.min_lr: 0.0003 is above train.lr=1e-07 (in override 'train.lr=1e-7')"),
+        (
+            "model.max_seq_len=64",
+            "data.seq_len: 128 exceeds model.max_seq_len=64 (in override 'model.max_seq_len=64')",
+        ),
     ],
 )
 def test_an_error_between_fields_names_the_override_that_caused_it(override, message):
