@@ -159,13 +159,13 @@ def reachable_experts(
 
 def check_sigma_config(cfg: Any) -> None:
     """The two-level fields of a MoGEConfig: rre_domain_groups and rre_group_ids."""
+    if cfg.rre_domain_groups is None:  # only rre_group_ids was set: name it, whatever the router
+        raise ValueError("rre_group_ids: only meaningful with rre_domain_groups (a domain sub-model)")
     if cfg.router != "random":
         raise ValueError(
             f"rre_domain_groups: the two-level (domain) routing is PanGu-Sigma's Random Routed "
             f"Experts; it needs router: random, got router: {cfg.router}"
         )
-    if cfg.rre_domain_groups is None:
-        raise ValueError("rre_group_ids: only meaningful with rre_domain_groups (a domain sub-model)")
     if cfg.capacity_factor is not None:
         raise ValueError(
             "capacity_factor: with rre_domain_groups a domain's tokens reach only its groups' experts, "

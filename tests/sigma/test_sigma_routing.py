@@ -150,6 +150,11 @@ def test_a_single_domain_layer_needs_no_domain_ids():
         (dict(rre_domain_groups={}), "non-empty mapping"),
         (dict(router="grouped", top_k=8), "needs router: random"),
         (dict(rre_domain_groups=None, rre_group_ids=[0, 1]), "only meaningful with rre_domain_groups"),
+        # rre_group_ids alone with another router: the error names the field that was set.
+        (
+            dict(router="grouped", top_k=8, rre_domain_groups=None, rre_group_ids=[0, 1]),
+            "rre_group_ids: only meaningful with rre_domain_groups",
+        ),
         (dict(rre_group_ids=[0, 0, 1, 2, 3, 4, 5, 6]), "distinct group numbers"),
     ],
 )
