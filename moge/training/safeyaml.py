@@ -7,6 +7,9 @@
 - Aliases are counted as what they expand to: a document whose values, expanded, number
   more than `MAX_NODES` is an error (a "billion laughs" file of a few hundred bytes
   expands to gigabytes the moment anything prints or copies it).
+- An integer that YAML 1.1 (PyYAML) and YAML 1.2 read differently is an error naming its
+  line: a leading zero means octal in 1.1 (`seed: 0042` would be 34) and decimal in 1.2,
+  a colon means base 60 in 1.1 (`1:30` would be 90) and a string in 1.2.
 - Errors never quote more than a bounded excerpt of a value (`moge._validate.shown`).
 """
 
@@ -57,6 +60,26 @@ class _StrictLoader(yaml.SafeLoader):
                     )
                 seen.setdefault(key, line)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: Any) -> Any:
+        value = super().construct_yaml_int(node)
+        digits = node.value.replace("_", "")
+        unsigned = digits.lstrip("+-")
+        line = node.start_mark.line + 1
+        if ":" in unsigned:
+            raise yaml.YAMLError(
+                f"line {line}: {shown(node.value)[1:-1]} is a base-60 number in YAML 1.1 ({value}) but "
+                "a string in YAML 1.2; write the number, or quote the text"
+            )
+        if len(unsigned) > 1 and unsigned[0] == "0" and unsigned[1].isdigit() and int(digits, 10) != value:
+            raise yaml.YAMLError(
+                f"line {line}: {shown(node.value)[1:-1]} is octal in YAML 1.1 ({value}) but "
+                f"{int(digits, 10)} in YAML 1.2; write it without the leading zero"
+            )
+        return value
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
 
 
 def _check_expansion(root: Any) -> None:

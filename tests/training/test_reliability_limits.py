@@ -87,6 +87,29 @@ def test_keys_equal_once_parsed_are_duplicates():
     assert loads("a: &x {k: 1}\nb:\n  <<: *x\n  j: 2\n", "t.yaml") == {"a": {"k": 1}, "b": {"k": 1, "j": 2}}
 
 
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("seed: 0042\n", "line 1: 0042 is octal in YAML 1.1 (34) but 42 in YAML 1.2"),
+        ("a: 1\nsteps: -010\n", "line 2: -010 is octal in YAML 1.1 (-8) but -10 in YAML 1.2"),
+        ("steps: 1:30\n", "line 1: 1:30 is a base-60 number in YAML 1.1 (90)"),
+    ],
+)
+def test_integers_yaml_versions_read_differently_are_refused_naming_the_line(text, fragment):
+    """PyYAML reads YAML 1.1, where a leading zero means octal and a colon base 60: a
+    researcher's `seed: 0042` would silently become 34. Refused; the readings that agree
+    (0, 07, 0x10, 1_000) stay."""
+    from moge.training.safeyaml import loads
+
+    with pytest.raises(ValueError, match=re.escape(f"t.yaml: not valid YAML: {fragment}")):
+        loads(text, "t.yaml")
+    assert loads("a: 0\nb: 07\nc: 0x10\nd: 1_000\ne: -3\nf: 00\n", "t.yaml") == dict(
+        a=0, b=7, c=16, d=1000, e=-3, f=0
+    )
+    with pytest.raises(ValueError, match="octal in YAML 1.1"):
+        load_config("tiny-moge", ["train.seed=0042"])
+
+
 @pytest.mark.parametrize("kind", list(DUPLICATES))
 @pytest.mark.parametrize("command", ["train", "params"])
 def test_duplicate_yaml_keys_are_refused_naming_the_line(tmp_path, cli_error, no_training, kind, command):
