@@ -97,6 +97,13 @@ class TrainConfig:
         check_float("train.grad_clip", self.grad_clip, minimum=0.0)
         check_choice("train.dtype", self.dtype, DTYPES)
         check_path("train.out_dir", self.out_dir)
+        if self.out_dir is not None and not self.out_dir.strip():
+            # "" would be the current folder (Path("") is "."): a typo such as `train.out_dir=`
+            # must not spread a run over wherever the command was started.
+            raise ValueError(
+                f"train.out_dir: is empty ({self.out_dir!r}); leave it out for runs/<name>, "
+                "or name a folder ('.' for the current one)"
+            )
         check_bool("train.resume", self.resume)
         check_bool("train.compile", self.compile)
         check_choice("train.device", self.device, ("cpu", "cuda"))

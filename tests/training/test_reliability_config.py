@@ -83,6 +83,7 @@ FIELD_CASES = [
     ({"moe.capacity_factor": -(10**400)}, "moe.capacity_factor"),
     ({"train.resume": "no"}, "train.resume"),
     ({"train.out_dir": 3}, "train.out_dir"),
+    ({"train.out_dir": ""}, "train.out_dir"),  # would be the current folder
     ({"eval.batch_size": "8"}, "eval.batch_size"),
     ({"eval.plots": "no"}, "eval.plots"),
     ({"name": 5}, "name"),
@@ -359,3 +360,15 @@ def test_out_dir_that_is_a_file_or_a_previous_run(tmp_path, cli_error):
     (tmp_path / "old" / "metrics.jsonl").write_text("")
     line = cli_error(["train", str(config), f"train.out_dir={tmp_path / 'old'}"])
     assert line.startswith("error: train.out_dir: ") and "train.resume=true" in line
+
+
+def test_an_empty_out_dir_writes_nothing_here(tmp_path, cli_error, monkeypatch):
+    raw = copy.deepcopy(BASE)
+    raw.setdefault("train", {})["out_dir"] = ""  # Path("") is the current folder
+    config = _write_yaml(tmp_path / "run.yaml", raw)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    line = cli_error(["train", str(config)])
+    assert line.startswith("error: train.out_dir: is empty"), line
+    assert not any(here.iterdir()), "nothing is written into the current folder"
