@@ -142,6 +142,9 @@ def test_default_out_dir_names_the_overrides():
     assert load_config("tiny-moge", ["train.out_dir=elsewhere", "train.steps=5"]).train.out_dir == "elsewhere"
     assert load_config("tiny-moge", ["name=x", "train.steps=5"]).train.out_dir == "runs/x,train.steps=5"
     assert default_out_dir("a", ["data.path=/tmp/my corpus.txt"]) == "runs/a,data.path=_tmp_my_corpus.txt"
+    # Spaces around "=" do not change the override, so they do not change its run either.
+    spaced = load_config("tiny-moge", ["train.steps = 50", " moe.router= global"])
+    assert spaced.train.out_dir == cfg.train.out_dir and spaced.train.steps == 50
     long = default_out_dir("a", [f"train.seed={i}" for i in range(40)])
     assert len(Path(long).name) <= 111 and long != default_out_dir(
         "a", [f"train.seed={i}" for i in range(41)]

@@ -429,9 +429,10 @@ def default_out_dir(name: str, overrides: Sequence[str]) -> str:
     """
     parts = []
     for text in overrides:
-        key = text.partition("=")[0].strip()
+        key, sep, value = (piece.strip() for piece in text.partition("="))
         if key not in BOOKKEEPING_OVERRIDES:
-            parts.append(re.sub(r"[^A-Za-z0-9._=+-]", "_", text.strip()))
+            # Named as parsed: "model.d_model = 64" is the run of "model.d_model=64".
+            parts.append(re.sub(r"[^A-Za-z0-9._=+-]", "_", f"{key}{sep}{value}"))
     folder = ",".join([name, *parts])
     if len(folder) > 120:
         digest = hashlib.sha1(folder.encode()).hexdigest()[:10]
