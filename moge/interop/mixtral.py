@@ -38,6 +38,7 @@ class MixtralLayout(BaseLayout):
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=int(need(hf, "num_local_experts", where)), num_groups=1, top_k=K,
                 expert_hidden=int(need(hf, "intermediate_size", where)), router="global", normalize_weights=True,
+                router_dtype="input",  # transformers' gate: logits in the model's dtype, softmax in float32
                 aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
             )  # fmt: skip
         except ValueError as err:

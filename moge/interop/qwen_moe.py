@@ -45,6 +45,9 @@ def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
         expert_hidden=int(need(hf, "moe_intermediate_size", where)),
         num_shared_experts=1 if shared else 0, shared_hidden=shared or None, shared_expert_gate=bool(shared),
         router="global", normalize_weights=bool(hf.get("norm_topk_prob", False)),
+        # Their gate is a Linear in the model's dtype (softmax in float32): in bf16, float32
+        # logits would pick other experts than transformers does for some tokens.
+        router_dtype="input",
         # Their objective (Mixtral's function) with their coefficient: the same training signal.
         aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
     )  # fmt: skip

@@ -352,3 +352,62 @@ def test_a_layout_without_side_files_converts_without_them(saved, tmp_path):
     convert(tmp_path / "run", tmp_path / "back", to=layout)
     assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["config.json", "model.safetensors"]
     assert not set(TOKEN_FIELDS) & set(json.loads((tmp_path / "back" / "config.json").read_text()))
+
+
+def _wide_moe(layout: str) -> torch.nn.Module:
+    """A one-block transformers MoE model of `layout`, wide enough (D = 256, 64 experts,
+    top-8) that bf16 rounding of the router logits changes some tokens' top-k."""
+    import transformers as T
+
+    sizes = dict(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=8,
+    )  # fmt: skip
+    moe = dict(num_experts=64, moe_intermediate_size=8)
+    cls, cfg = {
+        "qwen3_moe": (T.Qwen3MoeForCausalLM, lambda: T.Qwen3MoeConfig(**sizes, **moe)),
+        "qwen2_moe": (
+            T.Qwen2MoeForCausalLM,
+            lambda: T.Qwen2MoeConfig(**sizes, **moe, shared_expert_intermediate_size=24),
+        ),
+        "mixtral": (T.MixtralForCausalLM, lambda: T.MixtralConfig(**sizes, num_local_experts=64)),
+    }[layout]
+    torch.manual_seed(0)
+    model = cls(cfg()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_bf16_import_routes_as_the_transformers_gate(layout, tmp_path):
+    """transformers' MoE gates compute their logits in the model's dtype (softmax in
+    float32). Read in bf16, the imported layer takes the experts and the gates of that
+    gate exactly, on every token without a tie at the k-th place (a tie in bf16 logits is
+    torch.topk's to break); float32 logits give gates up to ~5% off."""
+    hf = _wide_moe(layout).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    model, cfg = from_pretrained(tmp_path, dtype=None)
+    assert cfg.moe.router_dtype == "input"
+    layer, gate = model.blocks[0].ffn, hf.model.layers[0].mlp.gate
+    h = torch.randn(4096, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def sorted_choice(ids, gates):
+        ids, order = ids.sort(dim=-1)
+        return ids[untied], gates.gather(1, order)[untied].float()
+
+    with torch.no_grad():
+        logits, gates, ids = gate(h)
+        probs = torch.softmax(logits.float(), dim=-1).sort(dim=-1, descending=True).values
+        untied = probs[:, 7] != probs[:, 8]
+        assert untied.float().mean() > 0.9
+        theirs_ids, theirs_gates = sorted_choice(ids, gates)
+        out = layer(h)
+        ours_ids, ours_gates = sorted_choice(out.expert_ids, out.weights.to(gates.dtype))
+        assert torch.equal(ours_ids, theirs_ids)
+        torch.testing.assert_close(ours_gates, theirs_gates, atol=0, rtol=0)
+        layer.config.router_dtype = "float32"  # the teeth: float32 logits give other gates
+        out = layer(h)
+        _, float32_gates = sorted_choice(out.expert_ids, out.weights.to(gates.dtype))
+    assert ((float32_gates - theirs_gates).abs() / theirs_gates).max() > 0.01
