@@ -58,16 +58,20 @@ def need(hf: dict, key: str, where: str):
 
 
 def rope_theta(hf: dict, where: str) -> float:
-    """rope_theta from transformers 5's rope_parameters or the older top-level field."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", "default") if params else (scaling.get("rope_type") or scaling.get("type"))
-    if kind not in (None, "default"):
-        raise ValueError(f"{where}: rope_type {kind!r}: moge implements plain RoPE only (rope_type default)")
+    """rope_theta as transformers 5 resolves it (PreTrainedConfig.convert_rope_params_to_dict):
+    a legacy rope_scaling replaces rope_parameters whole; the kind is its rope_type, else
+    its legacy `type`; the theta its rope_theta, else the top-level field."""
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(field) or {}
+    kind = params["rope_type"] if "rope_type" in params else params.get("type", "default")
+    if kind != "default":
+        raise ValueError(
+            f"{where}: {field}: rope_type {kind!r}: moge implements plain RoPE only (rope_type default)"
+        )
     theta = params.get("rope_theta", hf.get("rope_theta"))
     if theta is None:
         raise ValueError(
-            f"{where}: config.json gives no rope_theta (neither rope_parameters.rope_theta nor rope_theta)"
+            f"{where}: config.json gives no rope_theta (neither {field}.rope_theta nor rope_theta)"
         )
     return float(theta)
 

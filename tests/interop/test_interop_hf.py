@@ -411,3 +411,39 @@ def test_bf16_import_routes_as_the_transformers_gate(layout, tmp_path):
         out = layer(h)
         _, float32_gates = sorted_choice(out.expert_ids, out.weights.to(gates.dtype))
     assert ((float32_gates - theirs_gates).abs() / theirs_gates).max() > 0.01
+
+
+def _llama_with_rope(path, **fields):
+    """A saved tiny Llama whose config.json gets `fields` (RoPE settings) on top."""
+    hf_model("llama").save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # The legacy `type` key inside rope_parameters: transformers reads it as the kind.
+        {"rope_parameters": {"type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+        # A legacy rope_scaling replaces rope_parameters whole in transformers.
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+         "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    ],
+)  # fmt: skip
+def test_rope_scaling_transformers_applies_is_refused(tmp_path, fields):
+    """Either spelling makes transformers scale the RoPE positions; moge refuses, naming it."""
+    _llama_with_rope(tmp_path, **fields)
+    assert hf_class("llama").from_pretrained(tmp_path).config.rope_parameters["rope_type"] == "linear"
+    with pytest.raises(ValueError, match=r"config\.json: rope_(parameters|scaling): rope_type 'linear'"):
+        from_pretrained(tmp_path)
+
+
+def test_rope_theta_is_taken_where_transformers_takes_it(tmp_path):
+    """A plain rope_scaling replaces rope_parameters, its theta included: theta 50, not 1e4."""
+    _llama_with_rope(tmp_path, rope_scaling={"rope_type": "default", "rope_theta": 50.0})
+    theirs = hf_class("llama").from_pretrained(tmp_path).eval()
+    model, cfg = from_pretrained(tmp_path)
+    assert cfg.model.rope_theta == theirs.config.rope_parameters["rope_theta"] == 50.0
+    x = _tokens(seed=6)
+    with torch.no_grad():
+        _close(model(x).logits, theirs(x).logits)
