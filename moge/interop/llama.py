@@ -51,6 +51,11 @@ class LlamaLayout(BaseLayout):
 
     def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:
         _check_dense(self.name, m)
+        if m.d_model % m.n_heads:
+            raise refuse(
+                self.name, f"d_model {m.d_model} with {m.n_heads} heads",
+                "LlamaConfig requires hidden_size to be a multiple of num_attention_heads, head_dim or not",
+            )  # fmt: skip
         cfg = base_config_json(m, "LlamaForCausalLM", "llama")
         # One flag for all four: a model with only some biases writes zeros for the others.
         cfg.update(

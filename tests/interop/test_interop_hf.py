@@ -447,3 +447,25 @@ def test_rope_theta_is_taken_where_transformers_takes_it(tmp_path):
     x = _tokens(seed=6)
     with torch.no_grad():
         _close(model(x).logits, theirs(x).logits)
+
+
+def test_llama_export_refuses_a_width_transformers_refuses(tmp_path):
+    """LlamaConfig validates hidden_size % num_attention_heads == 0 even when head_dim is
+    set: such a model is refused before anything is written, not exported unloadable."""
+    import transformers as T
+
+    from moge.interop.hfconfig import dense_moe_placeholder
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    with pytest.raises(
+        Exception, match="multiple of the number of attention heads"
+    ):  # a strict-dataclass error
+        T.LlamaConfig(hidden_size=30, num_attention_heads=4, head_dim=8)
+    m = ModelConfig(
+        vocab_size=VOCAB, d_model=30, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=8, first_dense_layers=1
+    )
+    model = MoGETransformer(m, dense_moe_placeholder(30))
+    with pytest.raises(ValueError, match="layout llama: cannot express d_model 30 with 4 heads"):
+        save_pretrained(model, tmp_path / "out", layout="llama")
+    assert not (tmp_path / "out").exists()
