@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moge.interop.folder import LayoutFolder
-from moge.interop.hfconfig import check_dropless, need
+from moge.interop.hfconfig import check_dropless, check_silu, need
 from moge.interop.mapping import Piece, check_pieces, expert_pieces, read_params, swiglu_pieces
 from moge.layer import MoGEConfig, MoGELayer
 
@@ -44,6 +44,7 @@ def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfi
     """The MoGEConfig of one DeepSeek-V3 MoE block from config.json fields."""
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ValueError(f"{where}: only DeepSeek-V3's sigmoid scores with noaux_tc selection are supported")
+    check_silu(hf, where)  # transformers' experts and shared experts apply ACT2FN[hidden_act]
     E = hf.get("n_routed_experts", hf.get("num_local_experts"))
     if E is None:
         raise ValueError(f"{where}: config.json lacks the field 'n_routed_experts'")

@@ -127,3 +127,16 @@ def test_capacity_factor_is_refused_on_export():
     moe = load_block(_block().state_dict(), config=FIELDS, capacity_factor=1.0)
     with pytest.raises(ValueError, match="layout deepseek_v3: cannot express capacity_factor 1.0"):
         block_state_dict(moe)
+
+
+def test_an_activation_other_than_silu_is_refused():
+    """transformers' block applies config.hidden_act in every expert: a gelu block is
+    another function of the same weights, so it is refused, not computed with SiLU."""
+    block = _block()
+    gelu = DeepseekV3MoE(DeepseekV3Config(**FIELDS, hidden_act="gelu")).eval()
+    gelu.load_state_dict(block.state_dict())
+    x = _x()
+    with torch.no_grad():
+        assert not torch.allclose(gelu(x), block(x), atol=1e-2)
+    with pytest.raises(ValueError, match="config.json: hidden_act 'gelu': moge's FFNs are SwiGLU"):
+        load_block(gelu.state_dict(), config={**FIELDS, "hidden_act": "gelu"})
