@@ -83,10 +83,9 @@ class Qwen2Layout(BaseLayout):
         _check_dense(self.name, m)
         if m.o_bias:
             raise refuse(self.name, "an o_proj bias", "Qwen2 has q/k/v biases only")
-        if m.head_dim is not None and m.head_dim != m.d_model // m.n_heads:
-            raise refuse(self.name, f"head_dim {m.head_dim}", "Qwen2 derives it as hidden_size / heads")
+        # head_dim: not a Qwen2Config field, but Qwen2Attention reads config.head_dim when
+        # config.json has it (as the reader here does), else hidden_size / heads.
         cfg = base_config_json(m, "Qwen2ForCausalLM", "qwen2")
-        del cfg["head_dim"]
         cfg.update(intermediate_size=m.resolved_dense_hidden, use_sliding_window=False)
         return cfg
 

@@ -469,3 +469,25 @@ def test_llama_export_refuses_a_width_transformers_refuses(tmp_path):
     with pytest.raises(ValueError, match="layout llama: cannot express d_model 30 with 4 heads"):
         save_pretrained(model, tmp_path / "out", layout="llama")
     assert not (tmp_path / "out").exists()
+
+
+def test_qwen2_export_keeps_a_head_dim_other_than_hidden_over_heads(tmp_path):
+    """Qwen2Attention reads config.head_dim when config.json has one (Qwen2Config has no
+    such field, but keeps it): a model with head_dim 16 at d_model 32, 4 heads exports and
+    runs in transformers with its logits, and reads back with the same head size."""
+    from moge.interop.hfconfig import dense_moe_placeholder
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, qkv_bias=True,
+                    first_dense_layers=2, init_std=0.2)  # fmt: skip
+    model = MoGETransformer(m, dense_moe_placeholder(32)).eval()
+    save_pretrained(model, tmp_path, layout="qwen2")
+    theirs = hf_class("qwen2").from_pretrained(tmp_path).eval()
+    assert theirs.model.layers[0].self_attn.head_dim == 16
+    x = _tokens(seed=7)
+    with torch.no_grad():
+        _close(theirs(x).logits, model(x).logits)
+    _, cfg = from_pretrained(tmp_path)
+    assert cfg.model.resolved_head_dim == 16
