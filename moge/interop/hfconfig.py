@@ -78,7 +78,7 @@ def rope_theta(hf: dict, where: str) -> float:
 
 def check_silu(hf: dict, where: str) -> None:
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers' ACT2FN: both names are SiLU
         raise ValueError(f"{where}: hidden_act {act!r}: moge's FFNs are SwiGLU (silu)")
 
 

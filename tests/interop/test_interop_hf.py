@@ -414,7 +414,7 @@ def test_bf16_import_routes_as_the_transformers_gate(layout, tmp_path):
 
 
 def _llama_with_rope(path, **fields):
-    """A saved tiny Llama whose config.json gets `fields` (RoPE settings) on top."""
+    """A saved tiny Llama whose config.json gets `fields` on top."""
     hf_model("llama").save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, **fields}))
@@ -491,3 +491,13 @@ def test_qwen2_export_keeps_a_head_dim_other_than_hidden_over_heads(tmp_path):
         _close(theirs(x).logits, model(x).logits)
     _, cfg = from_pretrained(tmp_path)
     assert cfg.model.resolved_head_dim == 16
+
+
+def test_hidden_act_swish_is_silu(tmp_path):
+    """transformers' ACT2FN maps "swish" to SiLU too: such a config.json loads with its logits."""
+    _llama_with_rope(tmp_path, hidden_act="swish")
+    theirs = hf_class("llama").from_pretrained(tmp_path).eval()
+    model, _ = from_pretrained(tmp_path)
+    x = _tokens(seed=8)
+    with torch.no_grad():
+        _close(model(x).logits, theirs(x).logits)
