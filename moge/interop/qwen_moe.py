@@ -94,7 +94,7 @@ class Qwen2MoeLayout(BaseLayout):
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = int(need(hf, "num_hidden_layers", where))
-        shared = int(hf.get("shared_expert_intermediate_size") or 0)
+        shared = int(need(hf, "shared_expert_intermediate_size", where))
         if shared <= 0:
             raise ValueError(
                 f"{where}: shared_expert_intermediate_size must be > 0 (moge has no zero-width expert)"

@@ -501,3 +501,23 @@ def test_hidden_act_swish_is_silu(tmp_path):
     x = _tokens(seed=8)
     with torch.no_grad():
         _close(model(x).logits, theirs(x).logits)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(None, "config.json lacks the field 'shared_expert_intermediate_size'"), (0, "must be > 0")],
+)
+def test_a_qwen2_moe_shared_width_that_is_missing_or_zero_is_named(value, message):
+    from moge.interop.qwen_moe import Qwen2MoeLayout
+
+    hf = {
+        "model_type": "qwen2_moe", "vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 32, "num_experts": 4,
+        "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+    }  # fmt: skip
+    if value is not None:
+        hf["shared_expert_intermediate_size"] = value
+    with pytest.raises(ValueError, match=message):
+        Qwen2MoeLayout().read_config(hf, "config.json")
+    _, moe = Qwen2MoeLayout().read_config({**hf, "shared_expert_intermediate_size": 24}, "config.json")
+    assert moe.shared_width == 24  # the rest of the config reads
