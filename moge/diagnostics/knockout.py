@@ -16,6 +16,14 @@ Interventions on one MoE layer's routing (its experts and the rest of the model 
   is dropped (gate 0). With MoGE's K' = K/M = 1 that drops every routed expert and leaves
   the shared expert alone.
 
+PanGu-Sigma's two-level router (moe.rre_domain_groups) takes its experts from the
+sequence's domain and the token id alone and gives each the gate 1/K (times route_scale
+and the learned expert scale): there is no next best to fall back on and no preference
+to erase. There remove zeroes the removed experts' gates (as zeroing their weights
+would), uniform changes nothing, and drop_one_per_group drops the lowest-gated chosen
+expert of every group (the first on ties). The batches carry their domains
+(`moge.training.corpus.Batch`), which the model is given.
+
 `knockout_sweep` measures the val loss with each expert removed and each group removed
 (one layer at a time), with each layer's routing forced uniform and with one fewer expert
 per group, and both of those in every layer at once. Differences are loss - baseline.
@@ -34,6 +42,7 @@ from torch import Tensor
 
 from moge.layer import MoGELayer, MoGEOutput
 from moge.routing import finalize_weights, select_experts
+from moge.training.corpus import Batch
 
 _MASKED = -1e9  # a removed expert's score for selection: below any softmax/sigmoid score plus bias
 
@@ -85,6 +94,8 @@ def intervene(
 ) -> tuple[Tensor, Tensor]:
     """(expert ids [T, K], gates [T, K]) of the layer's routing `out` under the intervention."""
     c = layer.config
+    if getattr(layer, "rre_columns_NK", None) is not None:
+        return _intervene_two_level(layer, out, iv)
     scores_TE = out.scores
     if iv.kind == "remove":
         removed_E = torch.zeros(c.num_experts, dtype=torch.bool, device=scores_TE.device)
@@ -101,6 +112,19 @@ def intervene(
         raw_TK = scores_TE.gather(1, ids_TK)
         raw_TK = raw_TK * drop_lowest_per_group(raw_TK, ids_TK, c.num_groups, c.num_experts)
     return ids_TK, _gates(layer, raw_TK, ids_TK)
+
+
+def _intervene_two_level(layer: MoGELayer, out: MoGEOutput, iv: Intervention) -> tuple[Tensor, Tensor]:
+    """The two-level router's (ids, gates) under `iv`: its experts are fixed by (domain, token id)."""
+    c = layer.config
+    ids_TK, gates_TK = out.expert_ids, out.weights
+    if iv.kind == "remove":
+        removed_E = torch.zeros(c.num_experts, dtype=torch.bool, device=ids_TK.device)
+        removed_E[list(iv.experts)] = True
+        return ids_TK, gates_TK.masked_fill(removed_E[ids_TK], 0.0)
+    if iv.kind == "drop_one_per_group":
+        return ids_TK, gates_TK * drop_lowest_per_group(gates_TK, ids_TK, c.num_groups, c.num_experts)
+    return ids_TK, gates_TK  # uniform: every gate is already 1/K, the experts those of the fixed table
 
 
 @contextmanager
@@ -131,11 +155,13 @@ def knocked_out(model, plan: dict[int, Intervention]) -> Iterator[None]:
 
 @torch.no_grad()
 def mean_loss(model, batches: Sequence[tuple[Tensor, Tensor]]) -> float:
-    """Token-weighted mean LM loss (nats) of `model` over (x_BL, y_BL) batches."""
+    """Token-weighted mean LM loss (nats) of `model` over (x_BL, y_BL) batches (a Batch gives its domains)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for x_BL, y_BL in batches:
-        out = model(x_BL.to(device), y_BL.to(device))
+    for batch in batches:
+        x_BL, y_BL = batch
+        kwargs = batch.model_kwargs(device) if isinstance(batch, Batch) else {}
+        out = model(x_BL.to(device), y_BL.to(device), **kwargs)
         total += float(out.lm_loss) * y_BL.numel()
         count += y_BL.numel()
     return total / count

@@ -22,6 +22,7 @@ from moge.layer import MoGEConfig, MoGELayer
 from moge.model import MoGETransformer
 from moge.training import train
 from moge.training.config import config_from_dict
+from moge.training.corpus import Batch
 
 SCORES = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
 
@@ -138,3 +139,50 @@ def test_eval_knockout_cli(tmp_path, capsys):
     assert len(report["knockout"]["experts"]) == 2 and len(report["knockout"]["experts"][0]) == 4
     assert report["collapse"]["step"] == 2 and len(report["collapse"]["layers"]) == 2
     assert (tmp_path / "run" / "knockout.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _two_level_model():
+    """Two domains on the PanGu-Sigma router (K = 4 over a domain's 2 groups: 2 experts of each)."""
+    torch.manual_seed(0)
+    cfg = config_from_dict({
+        "name": "ko-sigma", "model": {"d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "max_seq_len": 8},
+        "moe": {"num_experts": 12, "num_groups": 4, "top_k": 4, "expert_hidden": 8, "router": "random",
+                "rre_domain_groups": {"a": [0, 3], "b": [1, 2]}, "learned_expert_scale": True,
+                "num_shared_experts": 1, "route_scale": 1.5},
+        "data": {"seq_len": 8, "domains": {"a": ["*"], "b": ["b*"]}},
+    })  # fmt: skip
+    model = MoGETransformer(cfg.model, cfg.moe).eval()
+    with torch.no_grad():  # experts far from their init, so that each one matters
+        for layer in model.moe_layers():
+            layer.experts.w_gate_up_EDH.normal_(std=1.0)
+            layer.experts.w_down_EFD.normal_(std=1.0)
+            layer.expert_scale_E.uniform_(0.5, 2.0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 8), generator=gen)
+    return model, [Batch(x[0], x[1], torch.tensor([0, 1, 0])), Batch(x[1], x[0], torch.tensor([1, 1, 0]))]
+
+
+def test_sweep_on_the_two_level_router_gives_the_batches_domains_and_keeps_its_table():
+    model, batches = _two_level_model()
+    k = knockout_sweep(model, batches, [0, 1])
+    assert k["baseline"] == pytest.approx(mean_loss(model, batches), abs=0)
+    # The fixed table has nothing else to offer: removing an expert is zeroing its weights.
+    for pos, e in ((0, 0), (1, 7), (1, 11)):
+        bare = copy.deepcopy(model)
+        with torch.no_grad():
+            list(bare.moe_layers())[pos].experts.w_down_EFD[e].zero_()
+        expected = mean_loss(bare, batches) - k["baseline"]
+        assert abs(expected) > 1e-4 and k["experts"][pos][e] == pytest.approx(expected, abs=1e-6)
+    # The gates are already those of a router without preferences: uniform changes nothing.
+    assert k["uniform"] == [0.0, 0.0] and k["all_layers"]["uniform"] == 0.0
+    # One fewer per group keeps the higher-gated of a group's two experts, at its own gate.
+    layer = next(model.moe_layers())
+    x_TD = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    tokens_T, domains_T = torch.tensor([3, 7, 200, 3, 9]), torch.tensor([0, 1, 1, 0, 0])
+    with torch.no_grad():
+        out = layer(x_TD, tokens_T, domains_T)
+    ids, gates = intervene(layer, out, tokens_T, Intervention("drop_one_per_group"), torch.Generator())
+    assert torch.equal(ids, out.expert_ids)
+    pairs_TMq = gates.reshape(5, 2, 2)  # a domain's two groups, two experts each
+    assert ((pairs_TMq == 0).sum(-1) == 1).all()
+    assert_close(pairs_TMq.amax(-1), out.weights.reshape(5, 2, 2).amax(-1), rtol=0, atol=0)
