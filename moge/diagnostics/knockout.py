@@ -24,6 +24,11 @@ would), uniform changes nothing, and drop_one_per_group drops the lowest-gated c
 expert of every group (the first on ties). The batches carry their domains
 (`moge.training.corpus.Batch`), which the model is given.
 
+With a capacity factor (moe.capacity_factor) the intervened routing goes through the
+layer's capacity again, as the router's own does (the baseline is measured with it): the
+same room per expert or group, the slots of highest router score kept; a slot the
+intervention gave gate 0 takes no room.
+
 `knockout_sweep` measures the val loss with each expert removed and each group removed
 (one layer at a time), with each layer's routing forced uniform and with one fewer expert
 per group, and both of those in every layer at once. Differences are loss - baseline.
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moge import capacity
 from moge.layer import MoGELayer, MoGEOutput
 from moge.routing import finalize_weights, select_experts
 from moge.training.corpus import Batch
@@ -127,6 +133,30 @@ def _intervene_two_level(layer: MoGELayer, out: MoGEOutput, iv: Intervention) ->
     return ids_TK, gates_TK  # uniform: every gate is already 1/K, the experts those of the fixed table
 
 
+def within_capacity(layer: MoGELayer, out: MoGEOutput, mask_T: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(gates [T, K], dropped [E]) of an intervened routing `out` under the layer's capacity.
+
+    The room is the layer's (real tokens x K slots over the buckets); slots of gate 0 (taken
+    away by the intervention) go to an extra bucket, so they take none of it.
+    """
+    c = layer.config
+    assert c.capacity_factor is not None, "only called with a capacity"
+    ids_TK, gates_TK = out.expert_ids, out.weights
+    group = c.capacity_scope == "group"
+    buckets = c.num_groups if group else c.num_experts
+    bucket_TK = (ids_TK // c.experts_per_group if group else ids_TK).masked_fill(gates_TK == 0, buckets)
+    real = ids_TK.shape[0] if mask_T is None else int(mask_T.sum())
+    room = capacity.bucket_capacity(real * c.top_k, buckets, c.capacity_factor)
+    keep_TK = capacity.keep_within_capacity(
+        out.scores.gather(1, ids_TK), bucket_TK, buckets + 1, room, mask_T
+    )
+    lost_TK = ~keep_TK & (gates_TK != 0)
+    if mask_T is not None:
+        lost_TK &= mask_T[:, None]
+    dropped_E = torch.bincount(ids_TK[lost_TK], minlength=c.num_experts)
+    return torch.where(keep_TK, gates_TK, torch.zeros_like(gates_TK)), dropped_E
+
+
 @contextmanager
 def knocked_out(model, plan: dict[int, Intervention]) -> Iterator[None]:
     """Apply {MoE layer position (0 = first MoE layer): intervention} inside the block."""
@@ -143,6 +173,8 @@ def knocked_out(model, plan: dict[int, Intervention]) -> Iterator[None]:
                 out = MoGELayer.route_tokens(_layer, x_TD, token_ids, lead, domain_ids, mask_T)
                 tokens_T = token_ids.reshape(-1) if token_ids is not None else None
                 out.expert_ids, out.weights = intervene(_layer, out, tokens_T, _iv, _gen)
+                if _layer.config.capacity_factor is not None:
+                    out.weights, out.dropped = within_capacity(_layer, out, mask_T)
                 return out
 
             layer.route_tokens = route_tokens  # the instance attribute shadows the method

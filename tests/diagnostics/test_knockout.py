@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from moge import capacity
 from moge.cli import main
 from moge.diagnostics.knockout import (
     Intervention,
@@ -186,3 +187,31 @@ def test_sweep_on_the_two_level_router_gives_the_batches_domains_and_keeps_its_t
     pairs_TMq = gates.reshape(5, 2, 2)  # a domain's two groups, two experts each
     assert ((pairs_TMq == 0).sum(-1) == 1).all()
     assert_close(pairs_TMq.amax(-1), out.weights.reshape(5, 2, 2).amax(-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("scope", "factor", "buckets", "room"), [("expert", 1.0, 4, 32), ("group", 0.75, 2, 48)]
+)
+def test_interventions_go_through_the_capacity_like_the_router(scope, factor, buckets, room):
+    """The baseline drops the slots over capacity; an intervention must not lift that limit."""
+    layer = _layer(capacity_factor=factor, capacity_scope=scope).eval()  # 4 experts, 2 groups, K' = 1
+    x_TD = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))  # 128 slots over the buckets
+    model = type("Model", (), {"moe_layers": lambda self: [layer]})()
+    with torch.no_grad():
+        base = layer(x_TD)
+        for iv in (Intervention("remove", (0,)), Intervention("uniform", seed=3)):
+            want_ids, gates = intervene(layer, base, None, iv, torch.Generator().manual_seed(iv.seed))
+            with knocked_out(model, {0: iv}):
+                got = layer(x_TD)
+            assert torch.equal(got.expert_ids, want_ids)
+            bucket_TK = want_ids if scope == "expert" else want_ids // 2
+            live_TK = gates != 0  # a slot the intervention zeroed takes no room
+            keep_TK = capacity.keep_within_capacity(
+                base.scores.gather(1, want_ids), bucket_TK.masked_fill(~live_TK, buckets), buckets + 1, room
+            )
+            assert_close(got.weights, torch.where(keep_TK, gates, 0.0), rtol=0, atol=0)
+            kept_B = torch.bincount(bucket_TK[got.weights != 0], minlength=buckets)
+            assert int(kept_B.max()) <= room, iv.kind
+            assert torch.equal(got.dropped, torch.bincount(want_ids[live_TK & ~keep_TK], minlength=4))
+            if iv.kind == "remove" and scope == "expert":  # expert 1 takes all 64 tokens of group 0
+                assert int(got.dropped[1]) == 64 - room
