@@ -265,13 +265,18 @@ class ExpertParallelExperts(nn.Module):
 # --- the layer --------------------------------------------------------------------------
 
 
-def _resolve_static(router: str, static_splits: bool | None) -> bool:
+def _resolve_static(config: MoGEConfig, static_splits: bool | None) -> bool:
+    # The two-level random router (PanGu-Sigma, rre_domain_groups) sends a domain's tokens
+    # to that domain's groups only: no per-group quota, so its splits follow the routing.
+    two_level = config.router == "random" and config.rre_domain_groups is not None
+    quota = config.router in QUOTA_ROUTERS and not two_level
     if static_splits is None:
-        return router in QUOTA_ROUTERS
-    if static_splits and router not in QUOTA_ROUTERS:
+        return quota
+    if static_splits and not quota:
+        router = "random router with rre_domain_groups" if two_level else f"{config.router} router"
         raise ValueError(
-            f"static_splits: the {router} router gives no per-group quota, so its splits vary "
-            f"(static splits need one of {', '.join(QUOTA_ROUTERS)})"
+            f"static_splits: the {router} gives no per-group quota, so its splits vary "
+            f"(static splits need one of {', '.join(QUOTA_ROUTERS)}, without rre_domain_groups)"
         )
     return bool(static_splits)
 
@@ -326,8 +331,8 @@ class ExpertParallelMoGE(GlobalLoadMoGE):
 
     Router, shared experts, expert_scale_E and balance_bias_E are full copies on every
     rank; `experts` holds this rank's groups only. forward has MoGELayer's semantics on
-    this rank's tokens. static_splits None: on for the quota routers; needs the same T
-    on every rank.
+    this rank's tokens. static_splits None: on for the quota routers (grouped, random
+    without rre_domain_groups); needs the same T on every rank.
     """
 
     # Replaces MoGELayer's GroupedExperts with a module of the same call and parameter
@@ -337,7 +342,7 @@ class ExpertParallelMoGE(GlobalLoadMoGE):
     def __init__(
         self, config: MoGEConfig, group=None, *, sync_group=None, static_splits: bool | None = None
     ) -> None:
-        static = _resolve_static(config.router, static_splits)
+        static = _resolve_static(config, static_splits)
         super().__init__(config, sync_group)
         # Replaces the full GroupedExperts that MoGELayer built.
         self.experts = ExpertParallelExperts(config, group, static)

@@ -426,3 +426,65 @@ def test_parallelized_model_matches_the_single_process_model(run, world):
             assert_close(got[f"grad.{n}"], p.grad, msg=lambda m: f"rank {r} {n}: {m}")
         for k, v in model.named_parameters():
             assert torch.equal(got[f"sd.{k}"], v), k
+
+
+# --- the two-level random router (PanGu-Sigma): no per-group quota ------------------------------
+
+# Domain "low" reaches groups 0-1 only, "high" groups 2-3: under ep 2 a rank whose tokens
+# are all "low" sends every slot to rank 0, so the splits follow the routing.
+TWO_LEVEL = dict(
+    router="random", rre_vocab_size=VOCAB, top_k=2, rre_domain_groups={"low": [0, 1], "high": [2, 3]}
+)
+
+
+def _two_level_data(world: int):
+    gen = torch.Generator().manual_seed(3)
+    x_RTD = torch.randn(world, T, BASE["d_model"], generator=gen)
+    target_RTD = torch.randn(x_RTD.shape, generator=gen)
+    ids_RT = torch.randint(0, VOCAB, (world, T), generator=gen)
+    domains_RT = torch.zeros(world, T, dtype=torch.long)
+    domains_RT[0, T // 2 :] = 1  # rank 0: both domains; rank 1: "low" only
+    return x_RTD, target_RTD, ids_RT, domains_RT
+
+
+def _two_level_layer() -> MoGELayer:
+    torch.manual_seed(0)
+    return MoGELayer(MoGEConfig(**{**BASE, **TWO_LEVEL}))
+
+
+def _two_level_worker(rank: int, world: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        layer = ExpertParallelMoGE.from_layer(_two_level_layer(), group)  # static_splits: the default
+        x_RTD, target_RTD, ids_RT, domains_RT = _two_level_data(world)
+        x_TD = x_RTD[rank].clone().requires_grad_()
+        out = layer(x_TD, token_ids=ids_RT[rank], domain_ids=domains_RT[rank])
+        (out.hidden * target_RTD[rank]).sum().backward()
+        info = {"static": layer.experts.static_splits, "send": list(layer.last_exchange.send_slots)}
+        _save(out_dir, f"two_level.rank{rank}", {"hidden": out.hidden, "x_grad": x_TD.grad}, info)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_two_level_random_router_has_no_quota_for_static_splits():
+    with pytest.raises(ValueError, match=r"^static_splits: the random router with rre_domain_groups"):
+        ExpertParallelMoGE(MoGEConfig(**{**BASE, **TWO_LEVEL}), static_splits=True)
+
+
+def test_the_two_level_random_router_exchanges_counts_and_matches_one_process(tmp_path):
+    world = 2
+    run_ranks(_two_level_worker, world, str(tmp_path), timeout=60)
+    layer, (x_RTD, target_RTD, ids_RT, domains_RT) = _two_level_layer(), _two_level_data(world)
+    for r in range(world):
+        got, info = load_rank(tmp_path, "two_level", r)
+        x_TD = x_RTD[r].clone().requires_grad_()
+        out = layer(x_TD, token_ids=ids_RT[r], domain_ids=domains_RT[r])
+        (out.hidden * target_RTD[r]).sum().backward()
+        assert info["static"] is False
+        assert_close(got["hidden"], out.hidden, rtol=1e-5, atol=1e-6)
+        assert_close(got["x_grad"], x_TD.grad, rtol=1e-5, atol=1e-6)
+    # Rank 1's tokens are all "low": every slot goes to rank 0 (uneven, as static splits cannot be).
+    assert load_rank(tmp_path, "two_level", 1)[1]["send"] == [T * TWO_LEVEL["top_k"], 0]
