@@ -287,6 +287,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             if n % dp:
                 raise ValueError(f"--mesh: dp={dp} does not divide --devices {n}")
             ep = n // dp
+            if cfg.moe.num_groups % ep:
+                raise ValueError(
+                    f"--mesh: dp={dp} leaves ep={ep} of --devices {n}, which does not divide "
+                    f"moe.num_groups={cfg.moe.num_groups}"
+                )
         if ep is not None and n % ep:
             raise ValueError(f"--mesh: ep={ep} does not divide --devices {n}")
         if dp is not None and ep is not None and dp * ep != n:

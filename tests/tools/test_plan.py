@@ -87,6 +87,11 @@ def test_the_72b_preset_on_64_devices_fits_80_gb_with_checkpointing():
         (["--devices", "3", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 3"),
         (["--devices", "1", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 1"),
         (["--devices", "2", "--mesh", "ep=0"], "--mesh: sizes must be >= 1"),
+        # dp alone: the ep left over (8 / 1) must divide the groups too, and the error names --mesh
+        (
+            ["--devices", "8", "--mesh", "dp=1"],
+            "--mesh: dp=1 leaves ep=8 of --devices 8, which does not divide moe.num_groups=4",
+        ),
     ],
 )
 def test_bad_meshes_are_one_error_line(capsys, argv, fragment):
