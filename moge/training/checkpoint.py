@@ -31,6 +31,7 @@ reads them, and the optimizer and RNG state's values after.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -224,12 +225,15 @@ def _prune(root: Path, keep_last: int, latest: str) -> None:
 
 
 def _remove_stale_temps(root: Path) -> None:
-    # Left behind only by a crash mid-save; never referenced by LATEST.
+    # Left behind only by a crash mid-save; never referenced by LATEST. Best effort, as
+    # _prune: once LATEST names the new step the save has happened, and a temp file that
+    # cannot go (a permission, a busy file system) must not report it failed.
     for path in root.glob(_TMP_PREFIX + "*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
 def _os_reason(err: OSError) -> str:

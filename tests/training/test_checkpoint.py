@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +140,26 @@ def test_shard_write_disk_error_names_the_os_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod.dcp, "save", full_disk)
     with pytest.raises(OSError, match=r"writing the shards failed \(No space left on device\)\)"):
         save_checkpoint(tmp_path, 1, model, opt, gen, cfg, keep_last=1)
+
+
+def test_a_stale_temp_that_cannot_go_does_not_fail_a_published_save(tmp_path, monkeypatch):
+    # Once LATEST names the new step the save has happened: clearing an old crash's temp
+    # file is best effort, like pruning, and must not report the save as failed.
+    cfg, model, opt, gen = trained()
+    save_checkpoint(tmp_path, 1, model, opt, gen, cfg, keep_last=2)
+    stale = tmp_path / "checkpoints" / ".tmp-LATEST-crashed"
+    stale.write_text("step_00000001\n")
+    real_unlink = Path.unlink
+
+    def refuse_stale(self, missing_ok=False):
+        if self.name == stale.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse_stale)
+    assert save_checkpoint(tmp_path, 2, model, opt, gen, cfg, keep_last=2).name == "step_00000002"
+    monkeypatch.undo()
+    assert find_checkpoint(tmp_path).name == "step_00000002" and stale.exists()
 
 
 def test_keep_last_prunes_oldest_and_latest_is_newest(tmp_path):
