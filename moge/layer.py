@@ -283,7 +283,7 @@ class MoGELayer(nn.Module):
         # own queue (moge.model.recompute), so recomputes in any order replay their own.
         self.recompute_phase: str | None = None
         self._replay_counts: list[tuple[Tensor, int]] = []
-        self.reset_parameters()
+        self._init_parameters()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Create the buffers, which follow from the config alone, on the default device,
@@ -318,6 +318,14 @@ class MoGELayer(nn.Module):
                 setattr(self, name, buf.to(device))
 
     def reset_parameters(self) -> None:
+        """Re-initialise the parameters and re-create the buffers (on the parameters'
+        device): after a meta-device build and `to_empty`, the usual
+        `layer.reset_parameters()` leaves no buffer holding uninitialised memory (the
+        random router's table, the load counts, the balance bias)."""
+        self._init_parameters()
+        self.init_buffers(self.router.weight.device)
+
+    def _init_parameters(self) -> None:
         std = self.config.init_std
         nn.init.normal_(self.router.weight, std=std)
         self.experts.reset_parameters(std)

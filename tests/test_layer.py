@@ -297,6 +297,29 @@ def test_zero_tokens():
     (out.hidden.sum() + out.aux_loss).backward()
 
 
+def test_meta_build_then_to_empty_and_reset_parameters_gives_the_fresh_buffers():
+    """The usual meta-device recipe (build on meta, to_empty, reset_parameters) leaves no
+    buffer holding what to_empty allocated: the random router's table, the load counts
+    and the balance bias are a fresh layer's."""
+    kw = dict(router="random", rre_vocab_size=50, rre_seed=3, bias_update_rate=0.1)
+    fresh = make(**kw)
+    with torch.device("meta"):
+        layer = MoGELayer(MoGEConfig(**{**BASE, **kw}))
+    layer.to_empty(device="cpu")
+    for buf in layer.buffers():
+        buf.fill_(7)  # to_empty's memory holds any bits; 7 is a valid expert id
+    layer.reset_parameters()
+    expected = dict(fresh.named_buffers())
+    assert sorted(dict(layer.named_buffers())) == sorted(expected)
+    for name, buf in layer.named_buffers():
+        assert buf.device.type == "cpu" and buf.dtype == expected[name].dtype, name
+        assert_close(buf, expected[name], rtol=0, atol=0, msg=name)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = layer(torch.randn(2, 6, 16), token_ids=tokens)
+    assert_close(out.expert_ids, fresh.rre_table_VK[tokens.reshape(-1)], rtol=0, atol=0)
+    assert int(out.load.sum()) == 12 * 4 and int(layer.load_accum_E.sum()) == 12 * 4
+
+
 # --- the fused path's chunks are the groups ------------------------------------------------------
 
 
