@@ -337,6 +337,19 @@ class MoGELayer(nn.Module):
         if self.expert_scale_E is not None:
             nn.init.ones_(self.expert_scale_E)
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module's conversions (`.to(dtype)`, `.half()`, `.bfloat16()`), except that the
+        balance bias stays float32 (exactly its values) when the layer goes to a narrower
+        float: the sign rule adds steps of bias_update_rate, which a bf16 bias of 0.03 or
+        more would round away (as transformers keeps DeepSeek-V3's correction bias float32)."""
+        bias_E = self._buffers.get("balance_bias_E")
+        out = super()._apply(fn, recurse)
+        new_E = self._buffers.get("balance_bias_E")
+        if bias_E is not None and new_E is not None and new_E.dtype in (torch.float16, torch.bfloat16):
+            keep = bias_E.dtype == torch.float32 and (new_E.is_meta or not bias_E.is_meta)
+            self._buffers["balance_bias_E"] = bias_E.to(new_E.device) if keep else new_E.float()
+        return out
+
     # -- forward pieces ------------------------------------------------------------
 
     def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:

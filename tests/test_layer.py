@@ -279,6 +279,33 @@ def test_bias_shifts_selection_not_weights_and_updates_once_per_step():
     assert "balance_bias_E" in layer.state_dict() and "load_accum_E" not in layer.state_dict()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_balance_bias_stays_float32_in_a_half_precision_layer(dtype):
+    """`.to(bf16)` / `.half()` keep the bias float32 and its values: bf16 steps are 2e-3
+    at |bias| 0.3, which would round every sign-rule step of 1e-4 away."""
+    layer = make(bias_update_rate=1e-4)
+    with torch.no_grad():
+        layer.balance_bias_E.copy_(torch.linspace(-0.3, 0.3, 8) + 1e-4)
+    bias_E = layer.balance_bias_E.clone()
+    for low in (make(bias_update_rate=1e-4).to(dtype), make(bias_update_rate=1e-4).half().to(dtype)):
+        low.load_state_dict(layer.state_dict())
+        assert low.router.weight.dtype == dtype and low.balance_bias_E.dtype == torch.float32
+        assert_close(low.balance_bias_E, bias_E, rtol=0, atol=0)
+    low = layer.to(dtype)
+    assert low.router.weight.dtype == dtype and low.balance_bias_E.dtype == torch.float32
+    assert_close(low.balance_bias_E, bias_E, rtol=0, atol=0)
+    with torch.no_grad():
+        out = low(torch.randn(40, 16, generator=torch.Generator().manual_seed(4)).to(dtype))
+    low.end_step()
+    load_E = out.load.float()
+    step_E = torch.sign(load_E.mean() - load_E) * 1e-4
+    assert step_E.abs().sum() > 0
+    expected_E = bias_E + step_E
+    assert_close(low.balance_bias_E, expected_E - expected_E.mean(), rtol=0, atol=1e-6)
+    assert low.float().balance_bias_E.dtype == torch.float32  # float64 too: not narrower
+    assert low.double().balance_bias_E.dtype == torch.float64
+
+
 def test_end_step_without_forward_keeps_bias():
     layer = make(bias_update_rate=0.1)
     layer.end_step()
