@@ -26,7 +26,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from moge._validate import check_int
+from moge._validate import check_float, check_int, check_optional_int
 from moge.balance import device_load
 from moge.routing import RouterSettings, route
 
@@ -78,6 +78,8 @@ def assert_group_quota(expert_ids: Tensor, *, num_experts: int, num_groups: int,
 
     expert_ids [T, K]. The message names the first offending token and group.
     """
+    for name, value in (("num_experts", num_experts), ("num_groups", num_groups), ("top_k", top_k)):
+        check_int(name, value, minimum=1)
     if num_experts % num_groups or top_k % num_groups:
         raise ValueError(f"num_groups: {num_groups} must divide num_experts={num_experts} and top_k={top_k}")
     ids_TK = _as_ids(expert_ids, num_experts)
@@ -111,6 +113,7 @@ def assert_balanced(load: Tensor, *, tolerance: float) -> None:
     experts on 1024 tokens are 10-20% apart): test experts on many tokens or with a
     wide tolerance, and test devices with assert_device_balanced.
     """
+    check_float("tolerance", tolerance, minimum=0.0)
     load_f = load.detach().double().reshape(-1)
     if load_f.numel() == 0:
         raise AssertionError("load: empty")
@@ -134,10 +137,11 @@ def _device_of_expert(placement: Tensor, num_experts: int, num_devices: int) -> 
                 f"placement: expected [{num_devices}, {num_experts // max(num_devices, 1)}] expert ids, "
                 f"got {tuple(placement.shape)}"
             )
+        flat = placement.reshape(-1).long().cpu()
+        if int(flat.min()) < 0 or int(flat.max()) >= num_experts:
+            raise ValueError(f"placement: expert ids must lie in 0..{num_experts - 1}")
         owner_E = torch.full((num_experts,), -1, dtype=torch.long)
-        owner_E[placement.reshape(-1).long()] = torch.arange(num_devices).repeat_interleave(
-            placement.shape[1]
-        )
+        owner_E[flat] = torch.arange(num_devices).repeat_interleave(placement.shape[1])
         if bool((owner_E < 0).any()):
             raise ValueError("placement: some experts are on no device")
         return owner_E
@@ -165,6 +169,9 @@ def assert_device_balanced(
     tolerance 0 (the default) demands IS = 0, which the grouped router guarantees when
     every device holds whole groups.
     """
+    check_int("num_experts", num_experts, minimum=1)
+    check_int("num_devices", num_devices, minimum=1)
+    check_float("tolerance", tolerance, minimum=0.0)
     ids_TK = _as_ids(expert_ids, num_experts)
     if placement is None:
         load_N = device_load(ids_TK, num_experts, num_devices)
@@ -224,6 +231,12 @@ def expected_imbalance(
     for name, value in (("num_experts", num_experts), ("num_devices", num_devices), ("tokens", tokens),
                         ("trials", trials), ("top_k", top_k)):  # fmt: skip
         check_int(name, value, minimum=1)
+    check_optional_int("num_groups", num_groups, minimum=1)
+    if router == "random":
+        raise ValueError(
+            "router: random routes by token id, not by scores, so random scores cannot estimate it; "
+            "it takes top_k/num_groups experts from every group, as grouped does"
+        )
     if num_experts % num_devices:
         raise ValueError(f"num_devices: {num_devices} devices do not divide num_experts={num_experts}")
     M = num_groups or num_devices

@@ -193,3 +193,51 @@ def test_expected_imbalance_refuses_settings_it_cannot_estimate(change, message)
 
     with pytest.raises(ValueError, match=message):
         expected_imbalance(**{**dict(num_experts=64, num_devices=8, top_k=8, tokens=16), **change})
+
+
+IDS = torch.tensor([[0, 4], [1, 5]])
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: assert_group_quota(IDS, num_experts=8, num_groups=0, top_k=2), "num_groups: must be >= 1"),
+        (
+            lambda: assert_group_quota(IDS, num_experts="8", num_groups=2, top_k=2),
+            "num_experts: expected an integer",
+        ),
+        (
+            lambda: assert_group_quota(IDS, num_experts=8, num_groups=2, top_k=2.0),
+            "top_k: expected an integer",
+        ),
+        (lambda: assert_balanced(torch.tensor([1, 1]), tolerance=-0.1), "tolerance: must be >= 0.0"),
+        (lambda: assert_balanced(torch.tensor([1, 1]), tolerance="10%"), "tolerance: expected a number"),
+        (
+            lambda: assert_device_balanced(IDS, num_experts=8, num_devices=2, tolerance=-1),
+            "tolerance: must be >= 0.0",
+        ),
+        (
+            lambda: assert_device_balanced(IDS, num_experts=8, num_devices=2.0),
+            "num_devices: expected an integer",
+        ),
+        (
+            lambda: assert_device_balanced(
+                IDS, num_experts=8, num_devices=2, placement=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 9]])
+            ),
+            r"placement: expert ids must lie in 0\.\.7",
+        ),
+        (
+            lambda: expected_imbalance(num_experts=8, num_groups=0, num_devices=2, top_k=2, tokens=4),
+            "num_groups: must be >= 1",
+        ),
+        (
+            lambda: expected_imbalance(num_experts=8, num_devices=2, top_k=2, tokens=4, router="random"),
+            "router: random routes by token id",
+        ),
+    ],
+)
+def test_bad_settings_raise_a_value_error_naming_the_field(call, message):
+    """Not a ZeroDivisionError, TypeError or IndexError, not an assertion that can never
+    pass (a negative tolerance), not num_groups=0 read as 'one group per device'."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        call()
