@@ -58,10 +58,16 @@ class MoGEMLP(MoGELayer):
         self.last: LastRouting | None = None
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, token_ids: Tensor | None = None, *, mask: Tensor | None = None
+        self,
+        x: Tensor,
+        token_ids: Tensor | None = None,
+        domain_ids: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
     ) -> Tensor:
-        """x [..., D] (token_ids [...] for router="random"; mask [...]: see MoGELayer) -> [..., D]."""
-        out = super().forward(x, token_ids, mask=mask)
+        """x [..., D] (token_ids [...] for router="random"; domain_ids [...] with
+        rre_domain_groups; mask [...]: see MoGELayer) -> [..., D]."""
+        out = super().forward(x, token_ids, domain_ids, mask=mask)
         # An activation-checkpointing recompute (moge.model.recompute) must not queue the loss twice.
         if self.training and torch.is_grad_enabled() and self.recompute_phase != "recompute":
             self.pending_aux_losses.append(out)

@@ -38,6 +38,27 @@ def test_mlp_returns_the_typed_layers_hidden_and_aux_loss():
     assert torch.equal(mlp.last.expert_ids, out.expert_ids) and torch.equal(mlp.last.load, out.load)
 
 
+def test_mlp_takes_the_domain_ids_of_a_two_level_random_router():
+    """With rre_domain_groups the layer needs domain_ids; the MLP passes them on as the
+    typed layer takes them (the third argument, or by keyword)."""
+    cfg = MoGEConfig(**{**CFG, "top_k": 2, "router": "random", "rre_vocab_size": 50,
+                        "rre_domain_groups": {"code": [0, 1], "text": [2, 3]}})  # fmt: skip
+    torch.manual_seed(0)
+    typed = MoGELayer(cfg)
+    mlp = MoGEMLP(cfg)
+    mlp.load_state_dict(typed.state_dict())
+    x = torch.randn(2, 5, 16)
+    tokens = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(1))
+    domains = torch.tensor([[0] * 5, [1] * 5])
+    out = typed(x, tokens, domains)
+    torch.testing.assert_close(mlp(x, tokens, domains), out.hidden, rtol=0, atol=0)
+    torch.testing.assert_close(mlp.last.expert_ids, out.expert_ids, rtol=0, atol=0)
+    torch.testing.assert_close(mlp(x, token_ids=tokens, domain_ids=domains), out.hidden, rtol=0, atol=0)
+    assert mlp.last.expert_ids[:5].lt(4).all() and mlp.last.expert_ids[5:].ge(4).all()  # each domain's groups
+    with pytest.raises(ValueError, match="^domain_ids: "):
+        mlp(x, tokens)
+
+
 def test_in_sequential_and_hf_block_the_aux_loss_reaches_the_router():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), HFStyleBlock(MoGEMLP(MoGEConfig(**CFG))),
