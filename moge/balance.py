@@ -29,6 +29,17 @@ def count_ids(ids_N: Tensor, n: int) -> Tensor:
     )
 
 
+def check_expert_ids(expert_ids: Tensor, num_experts: int) -> None:
+    """ValueError unless every id lies in 0..num_experts-1 (reads two numbers back to the
+    host: for the statistics users call, not for the layer's forward)."""
+    if expert_ids.numel():
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(
+                f"expert_ids: id {lo if lo < 0 else hi} is outside 0..{num_experts - 1} (num_experts={num_experts})"
+            )
+
+
 def expert_load(expert_ids: Tensor, num_experts: int) -> Tensor:
     """Token-slots per expert. expert_ids [T, K] (any shape) -> [E] int64."""
     return count_ids(expert_ids.reshape(-1), num_experts)
@@ -90,6 +101,7 @@ def load_balancing_loss(scores: Tensor, expert_ids: Tensor, num_experts: int) ->
         raise ValueError(
             f"expert_ids: expected [{scores.shape[0]}, top_k] to match scores, got {tuple(expert_ids.shape)}"
         )
+    check_expert_ids(expert_ids, num_experts)
     T, K = expert_ids.shape
     return balance_loss_from_counts(scores, expert_load(expert_ids, num_experts), T, K)
 
@@ -198,6 +210,7 @@ def device_load(expert_ids: Tensor, num_experts: int, num_devices: int) -> Tenso
     of moge.distributed.expert_parallel.expert_placement: whole groups per rank). -> [N]."""
     if num_devices < 1 or num_experts % num_devices:
         raise ValueError(f"num_devices: {num_devices} does not divide num_experts={num_experts}")
+    check_expert_ids(expert_ids, num_experts)
     load_E = expert_load(expert_ids, num_experts)
     return load_E.view(num_devices, num_experts // num_devices).sum(dim=1)
 
@@ -305,6 +318,7 @@ def routing_stats(
     if mask is not None:
         expert_ids = expert_ids[mask]
         scores = None if scores is None else scores[mask]
+    check_expert_ids(expert_ids, num_experts)
     load_E = expert_load(expert_ids, num_experts).cpu()
     summary = load_summary(load_E, num_groups, expert_ids.shape[0])  # first: it checks num_groups
     total = int(load_E.sum())

@@ -217,6 +217,25 @@ def test_routing_stats():
     assert stats.as_dict()["expert_load"] == [3, 2, 1, 0]
 
 
+@pytest.mark.parametrize("bad", [4, -1])
+def test_statistics_refuse_expert_ids_outside_num_experts(bad):
+    """An id past num_experts (the wrong num_experts, or ids of another layer) is refused
+    by name: routing_stats counted it as a fifth expert and split five "experts" into
+    the groups, load_balancing_loss and imbalance_score failed on a tensor size."""
+    ids = torch.tensor([[0, 1], [2, bad]])
+    message = f"^expert_ids: id {bad} is outside 0..3 \\(num_experts=4\\)"
+    for call in (
+        lambda: routing_stats(ids, 4, 2),
+        lambda: imbalance_score(ids, 4, 2),
+        lambda: device_load(ids, 4, 2),
+        lambda: load_balancing_loss(torch.full((2, 4), 0.25), ids, 4),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call()
+    masked = routing_stats(ids, 4, 2, mask=torch.tensor([True, False]))  # a padded row is not read
+    assert masked.expert_load.tolist() == [1, 1, 0, 0]
+
+
 def test_routing_stats_uniform_has_max_entropy():
     ids = torch.arange(8).view(4, 2)
     stats = routing_stats(ids, 8, 4)
