@@ -1,6 +1,7 @@
 """moge.testing: one calling convention, keyword-only settings, the documented defaults."""
 
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from moge import MoGEConfig, MoGELayer
 from moge.balance import device_load
 from moge.distributed.expert_parallel import expert_placement
-from moge.routing import global_topk, grouped_topk
+from moge.routing import global_topk, grouped_topk, make_random_routing_table, random_routed
 from moge.testing import (
     DEFAULT_TRIALS,
     assert_balanced,
@@ -241,3 +242,17 @@ def test_bad_settings_raise_a_value_error_naming_the_field(call, message):
     pass (a negative tolerance), not num_groups=0 read as 'one group per device'."""
     with pytest.raises(ValueError, match=f"^{message}"):
         call()
+
+
+def test_random_router_loads_every_device_equally_as_the_readme_table_says():
+    """Random Routed Experts take top_k/num_groups experts of every group for any token id,
+    so even one token id repeated loads every device (one group each) with T*K/M slots."""
+    table = make_random_routing_table(50, 16, 4, 8, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for tokens in (torch.randint(0, 50, (37,), generator=gen), torch.full((37,), 3)):
+        _, ids = random_routed(torch.rand(37, 16, generator=gen).softmax(-1), tokens, table)
+        assert_device_balanced(ids, num_experts=16, num_devices=4)
+        assert device_load(ids, 16, 4).tolist() == [37 * 8 // 4] * 4
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `random` |"))
+    assert "IS = 0" in row.split(" | ")[3], row
