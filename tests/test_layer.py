@@ -149,6 +149,29 @@ def test_router_in_float32_under_autocast():
     assert_close(out.scores, (x @ layer.router.weight.T).softmax(-1))
 
 
+def test_a_float32_router_beside_bfloat16_experts_takes_bfloat16_inputs():
+    """As transformers keeps DeepSeek-V3's gate.weight float32 in a bf16 model: the
+    layer's bf16 input is accepted and routed exactly as by a bf16 router holding the
+    same (bf16-representable) weights, whose logits are float32 too."""
+    layer = make(num_shared_experts=1, learned_expert_scale=True).to(torch.bfloat16)
+    mixed = make(num_shared_experts=1, learned_expert_scale=True).to(torch.bfloat16)
+    mixed.load_state_dict(layer.state_dict())
+    mixed.router.float()
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ref, out = layer(x), mixed(x)
+    assert out.hidden.dtype == torch.bfloat16 and mixed.router.weight.dtype == torch.float32
+    for name in ("hidden", "expert_ids", "weights", "scores", "lb_loss"):
+        assert_close(getattr(out, name), getattr(ref, name), rtol=0, atol=0, msg=name)
+    (ref.hidden.float().pow(2).sum() + ref.aux_loss).backward()
+    (out.hidden.float().pow(2).sum() + out.aux_loss).backward()
+    assert_close(mixed.router.weight.grad.bfloat16(), layer.router.weight.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^x: dtype torch.float16 differs from the layer's parameters "
+                                         r"\(experts torch.bfloat16, router torch.float32\)"):  # fmt: skip
+        mixed(x.half())
+    with pytest.raises(ValueError, match=r"^x: dtype torch.float32 differs .* \(torch.bfloat16\)"):
+        layer(x.float())
+
+
 # --- losses --------------------------------------------------------------------------------------
 
 
