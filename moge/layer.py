@@ -362,15 +362,16 @@ class MoGELayer(nn.Module):
             raise ValueError(
                 f"token_ids: expected shape {tuple(x.shape[:-1])} (x without d_model), got {tuple(token_ids.shape)}"
             )
-        # x may have the experts' dtype or the router's: a float32 router beside bf16 experts
-        # (as transformers keeps DeepSeek-V3's gate.weight) computes the same float32 logits.
+        # x must have the experts' dtype; the router's may differ: a float32 router beside
+        # bf16 experts (as transformers keeps DeepSeek-V3's gate.weight) casts both operands
+        # to float32 for its logits, whichever is narrower.
         experts_w, router_w = self.experts.w_gate_up_EDH.dtype, self.router.weight.dtype
         w = str(experts_w) if experts_w == router_w else f"experts {experts_w}, router {router_w}"
-        if x.dtype == torch.float64 and torch.float64 not in (experts_w, router_w):
+        if x.dtype == torch.float64 and experts_w != torch.float64:
             raise ValueError(
                 f"x: dtype {x.dtype} is wider than the layer's parameters ({w}); cast x or the layer"
             )
-        if x.dtype not in (experts_w, router_w) and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != experts_w and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"x: dtype {x.dtype} differs from the layer's parameters ({w}); "
                              "cast x or the layer, or run under torch.autocast")  # fmt: skip
         if self.check_finite:

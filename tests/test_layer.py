@@ -170,6 +170,11 @@ def test_a_float32_router_beside_bfloat16_experts_takes_bfloat16_inputs():
         mixed(x.half())
     with pytest.raises(ValueError, match=r"^x: dtype torch.float32 differs .* \(torch.bfloat16\)"):
         layer(x.float())
+    # The router's float32 does not admit a float32 x: the bf16 experts could not take it.
+    with pytest.raises(
+        ValueError, match=r"^x: dtype torch.float32 differs .* \(experts torch.bfloat16, router"
+    ):
+        mixed(x.float())
 
 
 # --- losses --------------------------------------------------------------------------------------
