@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from moge import balance
-from moge.layer import EndStepWarning, MoGELayer, MoGEOutput, total_aux_loss
+from moge.layer import EndStepWarning, MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
 
 
 @dataclass
@@ -104,27 +104,29 @@ def aux_loss(model: nn.Module) -> Tensor:
     """Sum of the aux losses every MoGEMLP in `model` produced since the last collection.
 
     Add it to your loss before backward. Layers with aux_loss_type="released" are pooled
-    into one loss over all their rows, as in the released code (layer.total_aux_loss). Returns a 0-dim float32 tensor (0 when nothing
-    is pending: eval mode, no_grad, or no MoGEMLP). Raises ValueError if `model` holds
+    into one loss over all their rows, as in the released code (layer.total_aux_loss);
+    released layers of different experts, top_k or coefficients pool apart. Returns a
+    0-dim float32 tensor (0 when nothing is pending: eval mode, no_grad, or no MoGEMLP). Raises ValueError if `model` holds
     no MoGE layer at all (a likely mistake).
     """
     layers = moge_layers(model)
     if not layers:
         raise ValueError(f"model: no MoGE layer found in {type(model).__name__}")
     parts = []
-    released: list[MoGEOutput] = []
-    released_config = None
+    # Released-loss layers pool their rows, as in the released code; layers whose settings
+    # differ (experts, top_k, coefficients) cannot share one loss, so each kind pools apart.
+    released: dict[tuple, tuple[MoGEConfig, list[MoGEOutput]]] = {}
     for _, m in layers:
         if not isinstance(m, MoGEMLP):
             continue
         pending = m.collect_pending()
-        if m.config.aux_loss_type == "released":  # pooled over every layer, as released
-            released += pending
-            released_config = m.config
+        c = m.config
+        if c.aux_loss_type == "released":
+            key = (c.num_experts, c.top_k, c.aux_loss_coef, c.z_loss_coef)
+            released.setdefault(key, (c, []))[1].extend(pending)
         else:
             parts += [o.aux_loss for o in pending]
-    if released and released_config is not None:
-        parts.append(total_aux_loss(released, released_config))
+    parts += [total_aux_loss(outs, c) for c, outs in released.values() if outs]
     if not parts:
         return layers[0][1].router.weight.new_zeros((), dtype=torch.float32)
     return torch.stack([p.float() for p in parts]).sum()

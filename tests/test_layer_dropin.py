@@ -38,6 +38,25 @@ def test_mlp_returns_the_typed_layers_hidden_and_aux_loss():
     assert torch.equal(mlp.last.expert_ids, out.expert_ids) and torch.equal(mlp.last.load, out.load)
 
 
+def test_released_losses_of_layers_with_other_settings_pool_apart():
+    """Released-loss layers pool their rows as the released code does, but only with
+    layers of the same experts, top_k and coefficients: 8 and 16 experts cannot share one."""
+    released = {**CFG, "aux_loss_type": "released"}
+    kinds = [
+        dict(released),
+        dict(released),
+        {**released, "num_experts": 16, "top_k": 8, "aux_loss_coef": 0.02},
+    ]
+    torch.manual_seed(0)
+    model = nn.Sequential(*(HFStyleBlock(MoGEMLP(MoGEConfig(**k))) for k in kinds))
+    model(torch.randn(2, 5, 16))
+    outs = [block.mlp.pending_aux_losses[-1] for block in model]
+    expected = moge.layer.total_aux_loss(outs[:2], model[0].mlp.config) + moge.layer.total_aux_loss(
+        outs[2:], model[2].mlp.config
+    )
+    torch.testing.assert_close(moge.aux_loss(model), expected, rtol=1e-6, atol=0)
+
+
 def test_mlp_takes_the_domain_ids_of_a_two_level_random_router():
     """With rre_domain_groups the layer needs domain_ids; the MLP passes them on as the
     typed layer takes them (the third argument, or by keyword)."""
