@@ -61,7 +61,14 @@ def _legacy_positional(names: tuple[str, ...], leading: int):
     return wrap
 
 
+def _check_integer(name: str, t: Tensor) -> None:
+    # .long() would truncate 4.7 to 4 and pass: ids are never read from another dtype.
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integer ids, got dtype {t.dtype}")
+
+
 def _as_ids(expert_ids: Tensor, num_experts: int) -> Tensor:
+    _check_integer("expert_ids", expert_ids)
     if expert_ids.dim() != 2:
         raise AssertionError(f"expert_ids: expected [tokens, top_k], got shape {tuple(expert_ids.shape)}")
     if expert_ids.numel():
@@ -131,6 +138,7 @@ def assert_balanced(load: Tensor, *, tolerance: float) -> None:
 
 def _device_of_expert(placement: Tensor, num_experts: int, num_devices: int) -> Tensor:
     """[E] device ids from either placement form (see assert_device_balanced)."""
+    _check_integer("placement", placement)
     if placement.dim() == 2:
         if placement.shape[0] != num_devices or placement.numel() != num_experts:
             raise ValueError(

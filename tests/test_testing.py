@@ -231,6 +231,21 @@ IDS = torch.tensor([[0, 4], [1, 5]])
             lambda: expected_imbalance(num_experts=8, num_groups=0, num_devices=2, top_k=2, tokens=4),
             "num_groups: must be >= 1",
         ),
+        # Float ids are refused, not truncated (4.7 would read as expert 4 and pass).
+        (
+            lambda: assert_group_quota(IDS + 0.7, num_experts=8, num_groups=2, top_k=2),
+            "expert_ids: expected integer ids, got dtype torch.float32",
+        ),
+        (
+            lambda: assert_device_balanced(IDS.float(), num_experts=8, num_devices=2),
+            "expert_ids: expected integer ids",
+        ),
+        (
+            lambda: assert_device_balanced(
+                IDS, num_experts=8, num_devices=2, placement=torch.tensor([0.0, 0, 0, 0, 1, 1, 1, 1])
+            ),
+            "placement: expected integer ids",
+        ),
         (
             lambda: expected_imbalance(num_experts=8, num_devices=2, top_k=2, tokens=4, router="random"),
             "router: random routes by token id",
