@@ -85,6 +85,12 @@ class MoGEMLP(MoGELayer):
         )  # fmt: skip
         return out.hidden
 
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, pickle, torch.optim.swa_utils.AveragedModel) takes the layer,
+        # not the pending outputs of calls it did not make: they hold autograd graphs, which
+        # cannot be copied, and their losses belong to the original's step.
+        return {**super().__getstate__(), "pending_aux_losses": []}
+
     def collect_pending(self) -> list[MoGEOutput]:
         """The pending outputs (see the class docstring); clears them."""
         pending, self.pending_aux_losses = self.pending_aux_losses, []

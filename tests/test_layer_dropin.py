@@ -57,6 +57,25 @@ def test_released_losses_of_layers_with_other_settings_pool_apart():
     torch.testing.assert_close(moge.aux_loss(model), expected, rtol=1e-6, atol=0)
 
 
+def test_a_copy_with_losses_pending_takes_the_layer_not_the_losses():
+    """deepcopy (AveragedModel makes one) and pickle of an MLP whose aux losses were not
+    collected yet: the graphs they hold cannot be copied, and they stay the original's."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    mlp = MoGEMLP(MoGEConfig(**CFG))
+    x = torch.randn(2, 5, 16)
+    mlp(x)
+    twin = copy.deepcopy(mlp)
+    loaded = pickle.loads(pickle.dumps(mlp))  # the bytes this test just made
+    assert len(mlp.pending_aux_losses) == 1
+    for other in (twin, loaded):
+        assert other.pending_aux_losses == []
+        torch.testing.assert_close(other(x), mlp(x), rtol=0, atol=0)
+    torch.optim.swa_utils.AveragedModel(mlp)
+
+
 def test_mlp_takes_the_domain_ids_of_a_two_level_random_router():
     """With rre_domain_groups the layer needs domain_ids; the MLP passes them on as the
     typed layer takes them (the third argument, or by keyword)."""
