@@ -15,7 +15,8 @@ Legend: B batch, L sequence length, T tokens, E experts, K experts per token, M 
 - routing_trace.safetensors: the eval set's expert_ids [T, K] int64 per MoE layer, keys
   "layer_<i>" with i the block index (depth), plus string metadata (num_experts,
   num_groups, top_k, router, layers, batch_tokens: tokens of each eval batch, in order).
-- training_curve.png, expert_load_heatmap.png, imbalance_per_layer.png (if cfg.eval.plots).
+- training_curve.png, expert_load_heatmap.png, imbalance_per_layer.png (if cfg.eval.plots;
+  a dense model, without MoE layers, gets the training curve only).
 `compare_runs(run_dirs)` writes comparison.json, comparison.txt and comparison.png into
 `out_dir`, by default `<parent of the first run>/compare-<name1>-vs-<name2>...`.
 
@@ -250,6 +251,8 @@ def _write_plots(report: dict, records: list[dict], out_dir: Path) -> list[str]:
 
     curve, heatmap, imbalance = (out_dir / name for name in PLOT_NAMES)
     plots.plot_training_curve(records, curve, title=f"{report['name']}: training curve")
+    if not report["routing"]:  # a dense model (every block dense): no routing to draw
+        return [str(curve)]
     plots.plot_expert_load_heatmap(report, heatmap)
     plots.plot_imbalance_per_layer(report, imbalance)
     return [str(p) for p in (curve, heatmap, imbalance)]
@@ -423,19 +426,21 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values)
 
 
+def _over_layers(reduce, key: str):
+    """A report's `key` of every MoE layer reduced to one value; None (n/a) for a dense
+    model, which has no MoE layer."""
+    return lambda r: reduce([x[key] for x in r["routing"]]) if r["routing"] else None
+
+
 # (label, how to get the value from a report, format) per row of the comparison table.
 _ROWS = (
     ("val_loss", lambda r: r["val_loss"], ".4f"),
     ("val_ppl", lambda r: r["val_ppl"], ".3f"),
     ("val_bpb", lambda r: r["val_bpb"], ".4f"),
-    (
-        "IS per batch (mean of layers)",
-        lambda r: _mean([x["imbalance_score_batch_mean"] for x in r["routing"]]),
-        ".4f",
-    ),
-    ("IS eval set (mean of layers)", lambda r: _mean([x["imbalance_score"] for x in r["routing"]]), ".4f"),
-    ("max/mean load (worst layer)", lambda r: max(x["max_over_mean"] for x in r["routing"]), ".3f"),
-    ("dead experts (all layers)", lambda r: sum(x["dead_experts"] for x in r["routing"]), "d"),
+    ("IS per batch (mean of layers)", _over_layers(_mean, "imbalance_score_batch_mean"), ".4f"),
+    ("IS eval set (mean of layers)", _over_layers(_mean, "imbalance_score"), ".4f"),
+    ("max/mean load (worst layer)", _over_layers(max, "max_over_mean"), ".3f"),
+    ("dead experts (all layers)", _over_layers(sum, "dead_experts"), "d"),
     # Measured while training, so it says how busy the machine was, not only the router.
     ("train tokens/s (machine-load dependent)", lambda r: r["train"]["tokens_per_s"], ",.0f"),
     ("params total", lambda r: r["params"]["total"], "params"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -235,6 +236,25 @@ def test_compare_runs_writes_table_figure_and_json(runs, reports):
     assert json.loads((out / "comparison.json").read_text())["rows"] == result["rows"]
     data = (out / "comparison.png").read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 5_000
+
+
+def test_a_dense_run_is_evaluated_plotted_and_compared(runs, reports, tmp_path):
+    # Every block dense (the dense run the README upcycles): no routing to report or draw;
+    # the plots and the comparison's routing rows used to fail on the empty routing list.
+    cfg = tiny_config("grouped", tmp_path / "dense", plots=True)
+    dense = dataclasses.replace(cfg.model, first_dense_layers=cfg.model.n_layers)
+    train(
+        dataclasses.replace(cfg, model=dense, train=dataclasses.replace(cfg.train, steps=1)), progress=False
+    )
+    report = evaluate_run(tmp_path / "dense", batches=1)
+    assert report["routing"] == [] and math.isfinite(report["val_loss"])
+    assert [Path(p).name for p in report["files"]["plots"]] == ["training_curve.png"]
+    result = compare_runs(
+        [runs["grouped"], tmp_path / "dense"], tmp_path / "cmp", reports=[reports["grouped"], report]
+    )
+    assert result["rows"]["IS per batch (mean of layers)"] == [0.0, None]
+    assert result["rows"]["dead experts (all layers)"][1] is None
+    assert "n/a" in result["table"]
 
 
 def test_eval_command_one_and_several_runs(runs, tmp_path, capsys):
