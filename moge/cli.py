@@ -131,8 +131,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model, cfg, _ = load_model(args.run_dir)
     prompt_L = encode(args.prompt)
     limit = cfg.model.max_seq_len
+    if prompt_L.numel() > limit:
+        raise ValueError(
+            f"--prompt: {prompt_L.numel()} bytes, longer than model.max_seq_len={limit} of {args.run_dir} "
+            f"(the longest sequence the model was built for); shorten it by {prompt_L.numel() - limit} bytes"
+        )
     if prompt_L.numel() + args.tokens > limit:
-        room = max(limit - prompt_L.numel(), 0)
+        room = limit - prompt_L.numel()
         raise ValueError(
             f"--tokens: the prompt ({prompt_L.numel()} bytes) + {args.tokens} new tokens = "
             f"{prompt_L.numel() + args.tokens} exceed model.max_seq_len={limit} of {args.run_dir} "

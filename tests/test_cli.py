@@ -81,6 +81,14 @@ def test_generate_too_long_is_a_user_error(trained_run, capsys):
     assert_one_error_line(capsys, code, "--tokens", "max_seq_len=64")
 
 
+def test_generate_with_a_prompt_too_long_names_the_prompt(trained_run, capsys):
+    # 70 bytes > max_seq_len 64: no --tokens fits (it said "at most 0 new tokens fit").
+    code = main(["generate", str(trained_run), "--prompt", "x" * 70, "--tokens", "0"])
+    assert_one_error_line(capsys, code, "--prompt: 70 bytes", "max_seq_len=64", "shorten it by 6 bytes")
+    assert main(["generate", str(trained_run), "--prompt", "x" * 64, "--tokens", "0"]) == 0
+    assert capsys.readouterr().out == "x" * 64 + "\n"
+
+
 def test_eval_calls_evaluate(monkeypatch):
     calls = []
     fake = types.ModuleType("moge.tools.evaluate")
