@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -461,9 +462,12 @@ class MoGETransformer(nn.Module):
         _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+        # bool is an int (and a Real): True would pass as temperature 1 or top_k 1.
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
         if not temperature >= 0:
             raise ValueError(f"temperature: must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
         total = tokens_BL.shape[1] + max_new_tokens
         if total > self.cfg.max_seq_len:

@@ -318,6 +318,21 @@ def test_generate_stops_at_max_seq_len():
         model.generate(tokens(1, 10), 7)
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"top_k": True}, "^top_k: expected an integer"),  # was a TypeError from torch.topk
+        ({"top_k": 0}, "^top_k: expected an integer"),
+        ({"temperature": True}, "^temperature: expected a number"),  # was sampling at temperature 1
+        ({"temperature": "0.8"}, "^temperature: expected a number"),  # was a TypeError from >=
+        ({"temperature": float("nan")}, "^temperature: must be >= 0"),
+    ],
+)
+def test_generate_refuses_bad_sampling_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build().generate(tokens(1, 4), 2, **kwargs)
+
+
 # --- parameter counts ------------------------------------------------------------------
 
 
