@@ -436,11 +436,15 @@ class MoGETransformer(nn.Module):
             _check_finite("lm_head (logits)", logits_BLV)
         lm_loss = loss = None
         if targets_BL is not None:
-            lm_loss = F.cross_entropy(
+            # The mean over the counted targets, as cross_entropy's own mean (bit for bit),
+            # but 0 rather than 0/0 = NaN when none counts (a micro-batch of padding only).
+            nll_sum = F.cross_entropy(
                 rearrange(logits_BLV.float(), "b l v -> (b l) v"),
                 rearrange(targets_BL, "b l -> (b l)"),
                 ignore_index=IGNORE_INDEX,
+                reduction="sum",
             )
+            lm_loss = nll_sum / (targets_BL != IGNORE_INDEX).sum().clamp_min(1)
             loss = lm_loss + aux_loss
         return ModelOutput(logits_BLV, loss, lm_loss, aux_loss, routing)
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from einops import repeat
 from reference import reference_experts
 from safetensors.torch import save_file
@@ -79,6 +80,22 @@ def test_ignore_index_targets_do_not_count():
     masked[:, 5:] = -100
     expected = model(x_BL[:, :5], t_BL[:, :5]).lm_loss  # causal: the first 5 logits are the same
     assert_close(model(x_BL, masked).lm_loss, expected)
+
+
+def test_targets_that_are_all_ignored_give_a_zero_lm_loss():
+    # A batch of padding only: nothing counts, so the LM loss is 0 and adds no gradient
+    # (the mean was 0/0 = NaN, which made the whole loss NaN).
+    model = build().train()
+    x_BL = tokens(2, 6)
+    out = model(x_BL, torch.full_like(x_BL, -100))
+    assert out.lm_loss.item() == 0.0 and torch.isfinite(out.loss)
+    out.lm_loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    # the mean of the counted targets otherwise, as cross_entropy's own
+    t_BL = tokens(2, 6, seed=2)
+    t_BL[0, :4] = -100
+    want = F.cross_entropy(model(x_BL).logits.flatten(0, 1), t_BL.flatten(), ignore_index=-100)
+    assert_close(model(x_BL, t_BL).lm_loss, want, rtol=0, atol=0)
 
 
 def test_rmsnorm_keeps_dtype_and_normalises():
