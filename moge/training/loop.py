@@ -139,6 +139,15 @@ def _check_same_architecture(cfg: RunConfig, ckpt: Path) -> None:
             )
 
 
+def _data_changes(cfg: RunConfig, ckpt: Path) -> list[str]:
+    """The data fields a resume changes against the checkpoint's config, as "data.K: a -> b".
+    Allowed (training on from a checkpoint with other data is a real use), but said: a
+    new path, seed or val_fraction draws another train/val split, so the validation loss
+    may then be measured on chunks the run has trained on."""
+    saved, now = config_to_dict(checkpoint_config(ckpt))["data"], config_to_dict(cfg)["data"]
+    return [f"data.{k}: {saved.get(k)!r} -> {now[k]!r}" for k in sorted(now) if saved.get(k) != now[k]]
+
+
 def _same_run_hint(out_dir: Path) -> str:
     """Where a run of the same overrides in another order keeps its checkpoints (the
     default run folder names the overrides in the order given), as a note; else ""."""
@@ -175,12 +184,22 @@ def _open_run(cfg: RunConfig, world: World, out_dir: Path, dataset, start: int, 
     records = []
     if ckpt is not None:
         tqdm.write(f"resuming from {ckpt} (step {start})" + "".join(f"; applied {c}" for c in changes))
+        data_changes = _data_changes(cfg, ckpt)
+        if data_changes:
+            tqdm.write(
+                f"resuming with other data than the checkpoint's ({'; '.join(data_changes)}): "
+                "another train/val split may hold validation chunks the run has trained on"
+            )
         if start >= tc.steps:
             tqdm.write(
                 f"train.steps: the checkpoint is at step {start}, train.steps={tc.steps}: nothing to train"
             )
         records = read_metrics(out_dir / METRICS, start)
-        records += [{"type": "resume", "step": start, "optimizer_changes": changes}] if changes else []
+        if changes or data_changes:
+            record: dict = {"type": "resume", "step": start}
+            record.update({"optimizer_changes": changes} if changes else {})
+            record.update({"data_changes": data_changes} if data_changes else {})
+            records.append(record)
     elif tc.resume:
         tqdm.write(f"train.resume: no checkpoint in {out_dir}; starting fresh" + _same_run_hint(out_dir))
     save_config(cfg, out_dir / "config.yaml")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -176,6 +177,25 @@ def test_resume_notes_a_run_of_the_same_overrides_in_another_order(tmp_path, cap
     )
     out = capsys.readouterr().out
     assert "starting fresh" in out and f"another order has checkpoints: {first}" in out
+
+
+def test_resume_with_other_data_says_so_and_records_it(tmp_path, capsys):
+    """Training on with other data is allowed, but another seed draws another train/val
+    split: the resume says which data fields changed, and metrics.jsonl keeps it."""
+    train(make_cfg(tmp_path / "run", steps=2), progress=False)
+    capsys.readouterr()
+    cfg = make_cfg(tmp_path / "run", steps=3, resume=True)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=cfg.data.seed + 1))
+    train(cfg, progress=False)
+    out = capsys.readouterr().out
+    seed = cfg.data.seed
+    assert f"resuming with other data than the checkpoint's (data.seed: {seed - 1} -> {seed})" in out, out
+    assert records(tmp_path / "run", "resume") == [
+        {"type": "resume", "step": 2, "data_changes": [f"data.seed: {seed - 1} -> {seed}"]}
+    ]
+    # The run's config is now the new one: resuming with it says nothing more.
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4)), progress=False)
+    assert "other data" not in capsys.readouterr().out
 
 
 def test_resume_past_train_steps_says_there_is_nothing_to_train(tmp_path, capsys):
