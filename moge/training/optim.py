@@ -14,7 +14,8 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     """LR of 0-based step `step`: linear warm-up to lr, then cosine from lr down to min_lr.
 
     Warm-up step i uses lr * (i+1) / warmup_steps; the cosine starts at lr on the first
-    step after warm-up and reaches min_lr on the last step (steps - 1).
+    step after warm-up and reaches min_lr on the last step (steps - 1); a single step
+    after warm-up is both, and runs at lr.
     """
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
