@@ -26,8 +26,10 @@ def bucket_capacity(num_slots: int, num_buckets: int, factor: float) -> int:
     """Slots one bucket may take: ceil(factor * num_slots / num_buckets)."""
     if factor <= 0:
         raise ValueError(f"capacity_factor: must be > 0, got {factor}")
-    # round() first: 1.0 * 48 / 8 must give 6, not 7 from a float error above 6.
-    return math.ceil(round(factor * num_slots / num_buckets, 9))
+    # round() first: 1.0 * 48 / 8 must give 6, not 7 from a float error above 6; but a
+    # positive share below the rounding (a tiny factor) is still ceil() = 1, not 0.
+    share = factor * num_slots / num_buckets
+    return max(math.ceil(round(share, 9)), 1 if share > 0 else 0)
 
 
 def keep_within_capacity(

@@ -47,6 +47,8 @@ def test_capacity_rounds_up_exactly():
     assert bucket_capacity(48, 8, 1.0) == 6
     assert bucket_capacity(48, 8, 1.1) == 7  # 6.6
     assert bucket_capacity(10, 4, 1.0) == 3  # 2.5
+    assert bucket_capacity(16, 8, 1e-12) == 1  # a positive share below the rounding: still ceil = 1
+    assert bucket_capacity(0, 8, 1.0) == 0  # no slots, no room
     with pytest.raises(ValueError, match="capacity_factor"):
         bucket_capacity(10, 4, 0.0)
 
