@@ -300,11 +300,12 @@ class GroupedExperts(nn.Module):
         """y_t = sum_k weights[t, k] * expert_{ids[t, k]}(x_t).
 
         x_TD [T, D], ids_TK [T, K] int64, weights_TK [T, K] -> y_TD [T, D] in `dtype`
-        (the compute dtype; default x's). Slots are sorted by expert id (stable) and
+        (the compute dtype; default: autocast's where it is on for x, else x's, as
+        precision.compute_dtype and the layer have it). Slots are sorted by expert id (stable) and
         each expert runs on its block; "fused" does dispatch, experts and combine in
         one autograd Function with a hand-written backward.
         """
-        dtype = dtype or x_TD.dtype
+        dtype = dtype or compute_dtype(x_TD)
         if use_few_token_path(self, x_TD, ids_TK, weights_TK):  # decoding: a few slots, no graph
             return few_token_experts(self, x_TD, ids_TK, weights_TK, dtype)
         x_TD = x_TD.to(dtype)

@@ -134,3 +134,20 @@ def test_run_experts_fused_layouts_match_loop(monkeypatch, pad, chunk, waste):
     for p, q in zip(fused, loop):
         assert_close(p, q)
     assert fused[2][1].abs().sum() == 0  # expert 1 got no slot
+
+
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm", "loop"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_autocast_without_dtype_computes_in_autocasts_dtype(impl, grad):
+    """Called under autocast without `dtype`, every path (and, without gradients, the
+    few-token one) computes in autocast's dtype, as the layer asks and as the reference
+    loop's plain ops do: the same as passing it. The fused and few-token paths used x's
+    float32 there, and grouped_mm mixed bf16 and float32."""
+    x, ids, w, experts = case(T=40, D=16, Fh=8, E=8, K=2)
+    experts.impl = impl
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, ids, w)
+    with torch.set_grad_enabled(grad):
+        expected = experts(x, ids, w, dtype=torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, expected, rtol=0, atol=0)
