@@ -157,10 +157,23 @@ def combine_sorted(y_SD: Tensor, order_S: Tensor, inverse_S: Tensor, weights_TK:
     return torch.einsum("tk,tkd->td", weights_TK.to(y_SD.dtype), y_TKD)
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+def _grouped_mm_rows_aligned(d_model: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm takes this layer's operands: it wants every row stride
+    a multiple of 16 bytes (x [S, D], gate/up [E, D, 2F], its activations [S, F], down
+    [E, F, D] and their gradients), so D and F multiples of 4 float32 or 8 bf16 values.
+    Checked on CPU and CUDA alike (torch's meta registration mirrors the CUDA checks)."""
+    per_row = 16 // dtype.itemsize
+    return d_model % per_row == 0 and hidden % per_row == 0
+
+
+def resolve_impl(
+    impl: str, device: torch.device, dtype: torch.dtype, dims: tuple[int, int] | None = None
+) -> str:
     """ "auto": grouped_mm on CUDA in bf16 and float32 (a real grouped kernel), else the
     fused path (built for CPUs: on an H200 it ran 1.2-2.0x slower than grouped_mm in
-    float32, docs/performance.md)."""
+    float32, docs/performance.md). With dims (d_model, expert hidden): "auto" keeps the
+    fused path where torch._grouped_mm would refuse their rows (_grouped_mm_rows_aligned),
+    and an explicit grouped_mm there is a ValueError."""
     if impl not in EXPERT_IMPLS:
         raise ValueError(f"expert_impl: expected one of {', '.join(EXPERT_IMPLS)}; got {impl!r}")
     if impl == "grouped_mm" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -168,9 +181,18 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
             f"expert_impl: grouped_mm (torch._grouped_mm) takes float32, bfloat16 or float16 products, "
             f"not {str(dtype).removeprefix('torch.')}; use fused or loop"
         )
+    aligned = dims is None or _grouped_mm_rows_aligned(*dims, dtype)
+    if impl == "grouped_mm" and not aligned:
+        assert dims is not None
+        raise ValueError(
+            f"expert_impl: grouped_mm (torch._grouped_mm) needs rows of a multiple of 16 bytes, so d_model "
+            f"and expert_hidden multiples of {16 // dtype.itemsize} in {str(dtype).removeprefix('torch.')}; "
+            f"got d_model={dims[0]}, expert_hidden={dims[1]}; use fused or loop"
+        )
     if impl != "auto":
         return impl
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float32) and hasattr(torch, "_grouped_mm"):
+    cuda_kernel = device.type == "cuda" and dtype in (torch.bfloat16, torch.float32)
+    if cuda_kernel and aligned and hasattr(torch, "_grouped_mm"):
         return "grouped_mm"
     return "fused"
 
@@ -185,7 +207,7 @@ def run_experts(
     `default_pad_rows` for x's device and dtype); experts_per_chunk how many
     consecutive experts share one pass of the elementwise work (None: E // 4).
     """
-    impl = resolve_impl(impl, x_SD.device, x_SD.dtype)
+    impl = resolve_impl(impl, x_SD.device, x_SD.dtype, (x_SD.shape[1], w2.shape[1]))
     if impl == "grouped_mm":
         return _grouped_mm_experts(x_SD, w1, w2, counts_E)
     counts = counts_E.tolist()
@@ -309,7 +331,7 @@ class GroupedExperts(nn.Module):
         if use_few_token_path(self, x_TD, ids_TK, weights_TK):  # decoding: a few slots, no graph
             return few_token_experts(self, x_TD, ids_TK, weights_TK, dtype)
         x_TD = x_TD.to(dtype)
-        impl = resolve_impl(self.impl, x_TD.device, dtype)
+        impl = resolve_impl(self.impl, x_TD.device, dtype, (x_TD.shape[1], self.hidden))
         if impl != "fused":
             order_S, counts_E = sort_slots(ids_TK, self.num_experts)
             return self._sorted_path(x_TD, order_S, counts_E, weights_TK, impl)

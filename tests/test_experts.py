@@ -151,3 +151,29 @@ def test_autocast_without_dtype_computes_in_autocasts_dtype(impl, grad):
         expected = experts(x, ids, w, dtype=torch.bfloat16)
     assert y.dtype == torch.bfloat16
     assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_grouped_mm_only_where_its_rows_are_16_byte_aligned():
+    """torch._grouped_mm wants rows of a multiple of 16 bytes (on CPU and CUDA): "auto"
+    keeps the fused path where d_model or expert_hidden is not a multiple of 4 float32
+    (8 bf16) values, and an explicit grouped_mm there is a ValueError naming both, not
+    torch's "strides should be multiple of 16 bytes" from inside the forward."""
+    cuda = torch.device("cuda")  # only the device type is read: no GPU needed
+    assert resolve_impl("auto", cuda, torch.float32, (12, 8)) == "grouped_mm"
+    assert resolve_impl("auto", cuda, torch.bfloat16, (12, 8)) == "fused"
+    assert resolve_impl("auto", cuda, torch.float32, (12, 6)) == "fused"
+    assert resolve_impl("auto", cuda, torch.bfloat16, (16, 24)) == "grouped_mm"
+    with pytest.raises(ValueError, match="expert_impl.*d_model=12, expert_hidden=6"):
+        resolve_impl("grouped_mm", cuda, torch.float32, (12, 6))
+    x, ids, w, experts = case(D=12, Fh=6)
+    experts.impl = "grouped_mm"
+    with pytest.raises(ValueError, match="expert_impl.*multiples of 4 in float32"):
+        experts(x, ids, w)
+    counts = torch.tensor([2, 0, 3])
+    with pytest.raises(ValueError, match="expert_impl.*multiples of 8 in bfloat16"):
+        run_experts(torch.randn(5, 16).bfloat16(), torch.randn(3, 16, 24).bfloat16(),
+                    torch.randn(3, 12, 16).bfloat16(), counts, "grouped_mm")  # fmt: skip
+    experts.impl = "fused"  # the other paths take any size
+    fused = experts(x, ids, w)
+    experts.impl = "loop"
+    assert_close(fused, experts(x, ids, w))
