@@ -118,6 +118,11 @@ class Plan:
                 Chunk(e0, e0 + len(part), block, slice(p, p + r), experts, cap if uniform else None, widths)
             )
             p += r
+        if s != self.num_slots:  # ids >= num_experts: counted, but in no chunk's experts
+            raise ValueError(
+                f"expert ids: {self.num_slots - s} of {self.num_slots} slots name an expert outside "
+                f"0..{num_experts - 1}"
+            )
         self.num_rows = p
         self.max_rows = max((c.n_rows for c in self.chunks), default=0)
         self.slot_P: Tensor | None = None

@@ -227,3 +227,15 @@ def test_native_bf16_groups_run_as_one_bmm_where_calls_cost_more_than_padding(mo
     plan = experts._fused_plan(ids, D, x.device, x.dtype)[1]
     assert all((c.cap is not None) == by_cost for c in plan.chunks)
     assert_within_bf16_error(x, ids, w, experts)
+
+
+@pytest.mark.parametrize("bad_id,chunk,chunk_bytes", [(6, 1, None), (7, 4, 768), (6, 4, None)])
+def test_an_expert_id_out_of_range_is_a_value_error(bad_id, chunk, chunk_bytes):
+    """An id >= E fell outside every chunk's experts: its slot was dropped, and with token
+    blocks the slots after it were read as other experts' (other tokens' outputs changed,
+    by up to 1.0 here, though its gate was 0). Now a ValueError naming the ids."""
+    x, ids, w, experts = case(E=6, K=3)
+    set_layout(experts, 1, chunk, 0.0, chunk_bytes)
+    ids[0, 0] = bad_id
+    with pytest.raises(ValueError, match=r"expert ids: 1 of 87 slots name an expert outside 0\.\.5"):
+        experts(x, ids, w)
