@@ -75,7 +75,9 @@ def agree(world: World, what: str, fn: Callable[[], _R]) -> _R:
     """
     try:
         result = fn()
-    except Exception as err:  # noqa: BLE001 -- shared with the other ranks, then re-raised
+    # BaseException too: a KeyboardInterrupt or SystemExit (a second SIGTERM) inside fn on
+    # one rank would otherwise leave the others waiting in the collective below.
+    except BaseException as err:  # noqa: BLE001 -- shared with the other ranks, then re-raised
         raise_together(world, what, err)
         raise  # unreachable: raise_together raises err
     raise_together(world, what, None)

@@ -94,6 +94,24 @@ def _agree_scenario(world, root: Path) -> None:
     (root / f"agree.rank{world.rank}.json").write_text(json.dumps(got))
 
 
+def _interrupt_scenario(world, root: Path) -> None:
+    """A KeyboardInterrupt (Ctrl-C, or a second SIGTERM) inside a phase on rank 1 is
+    shared like an error: rank 0 stops with a PeerError instead of waiting in a collective."""
+
+    def interrupt_rank_1():
+        if world.rank == 1:
+            raise KeyboardInterrupt
+        return "fine"
+
+    try:
+        agree(world, "testing", interrupt_rank_1)
+        got = {"type": "none"}
+    except (KeyboardInterrupt, PeerError) as err:
+        got = {"type": type(err).__name__, "report": err.moge_report, "usage": getattr(err, "usage", None)}
+    got["ok"] = agree(world, "testing", lambda: "fine")
+    (root / f"interrupt.rank{world.rank}.json").write_text(json.dumps(got))
+
+
 def _bad_rng_scenario(world, root: Path) -> None:
     """Rank 1's own RNG state is cut short: both ranks stop while reading the checkpoint
     (rank 1 reports, rank 0 a PeerError), so neither trains on waiting for the other."""
@@ -339,6 +357,7 @@ def _worker_two(rank: int, world: int, root: str) -> None:
         _measure(root, rank, "ep2", 2)
         _measure(root, rank, "dp2", 1)
         _agree_scenario(connect(make_cfg(root, 2).parallel, 4), root)
+        _interrupt_scenario(connect(make_cfg(root, 2).parallel, 4), root)
         _bad_rng_scenario(connect(make_cfg(root, 2).parallel, 4), root)
         _nan_scenario(rank, root, "nan_loss", _poison_router)
         _nan_scenario(rank, root, "nan_grad", _poison_grad)
@@ -611,6 +630,12 @@ def test_a_failure_on_one_rank_stops_all_and_prints_once(runs):
                      "usage": None, "ok": "fine"}  # fmt: skip
     assert rank0["type"] == "PeerError" and rank0["report"] is False and rank0["usage"] is True
     assert rank0["message"] == "testing: rank 1 failed (see its error)" and rank0["ok"] == "fine"
+
+
+def test_an_interrupt_on_one_rank_stops_all(runs):
+    rank0, rank1 = (json.loads((runs / f"interrupt.rank{r}.json").read_text()) for r in range(2))
+    assert rank1 == {"type": "KeyboardInterrupt", "report": True, "usage": None, "ok": "fine"}
+    assert rank0 == {"type": "PeerError", "report": False, "usage": False, "ok": "fine"}
 
 
 def test_a_bad_rng_state_of_one_rank_stops_both_at_reading(runs):
