@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from moge._validate import check_int
 from moge.experts import run_experts
+from moge.kernels.precision import compute_dtype
 from moge.layer import MoGEConfig, MoGELayer, MoGEOutput
 from moge.model.init import init_buffers
 from moge.routing import QUOTA_ROUTERS
@@ -234,7 +235,7 @@ class ExpertParallelExperts(nn.Module):
 
         x_TD [T, D], ids_TK [T, K] global expert ids, weights_TK [T, K] -> y_TD [T, D].
         """
-        dtype = dtype or x_TD.dtype
+        dtype = dtype or compute_dtype(x_TD)  # autocast's where it is on, as the one-process experts
         K, J = ids_TK.shape[1], self.num_local
         flat_S = ids_TK.reshape(-1)
         # Sort by destination rank, then local expert: one contiguous block per rank.
