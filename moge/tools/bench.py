@@ -371,6 +371,14 @@ def run_layer_benchmark(
     for d in dtypes:
         if d not in DTYPE_NAMES:
             raise ValueError(f"dtype: expected some of {', '.join(DTYPE_NAMES)}; got {d!r}")
+    if iters < 1:
+        raise ValueError(f"iters: must be >= 1 (timed rounds), got {iters}")
+    if warmup < 0:
+        raise ValueError(f"warmup: must be >= 0 (untimed rounds), got {warmup}")
+    if not max_call_seconds > 0:
+        raise ValueError(f"max_call_seconds: must be > 0, got {max_call_seconds}")
+    if any(T < 1 for T in sweep_tokens):
+        raise ValueError(f"sweep_tokens: every T must be >= 1, got {','.join(map(str, sweep_tokens))}")
     if max_call_x is not None and not max_call_x > 0:
         raise ValueError(f"max_call_x: must be > 0 (a multiple of the dense limit's call), got {max_call_x}")
     report: dict[str, Any] = {"machine": machine_info(), "shape": asdict(shape), "iters": iters,

@@ -185,3 +185,21 @@ def test_cheap_shapes_get_more_rounds():
 def test_cpu_features_names_the_matrix_flags():
     text = bench.cpu_features()
     assert text == "unknown" or "amx_bf16" in text  # either listed or "(no amx_bf16)"
+
+
+@pytest.mark.parametrize(
+    "args,option",
+    [
+        (["--iters", "0"], "iters"),
+        (["--iters", "-2"], "iters"),
+        (["--warmup", "-1"], "warmup"),
+        (["--max-call-seconds", "0"], "max_call_seconds"),
+        (["--sweep-tokens", "32,0"], "sweep_tokens"),
+    ],
+)
+def test_main_refuses_bad_rounds_and_limits_naming_the_option(capsys, args, option):
+    argv = ["--tokens", "32", "--d-model", "16", "--hidden", "8", "--experts", "4", "--groups", "2",
+            "--top-k", "2", "--dtype", "fp32", "--iters", "1", "--no-peers", "--quiet", *args]  # fmt: skip
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {option}:")
