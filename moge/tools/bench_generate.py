@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None, prog: str = "bench_generate.py") -> int:
     import sys
 
     args = build_parser(prog).parse_args(argv)
-    log = cli_start(args.threads, args.quiet)
     try:
+        log = cli_start(args.threads, args.quiet)
         cfg = load_config(args.config, args.set)
         batches = tuple(int(b) for b in args.batch.split(",") if b.strip())
         for dtype in (d.strip() for d in args.dtype.split(",") if d.strip()):

@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None, prog: str = "bench_sparsity.py") -> int:
     import sys
 
     args = build_parser(prog).parse_args(argv)
-    log = cli_start(args.threads, args.quiet)
     try:
+        log = cli_start(args.threads, args.quiet)
         if args.steps is not None and args.seconds is not None:
             raise ValueError("--steps and --seconds: give one budget, not both")
         cfgs = [load_config(path, args.set) for path in args.configs]

@@ -444,7 +444,11 @@ def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
     import sys
 
     args = build_parser(prog).parse_args(argv)
-    log = cli_start(args.threads, args.quiet)
+    try:
+        log = cli_start(args.threads, args.quiet)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     for path in args.configs:
         try:
             cfg = load_config(path, args.set)

@@ -203,3 +203,16 @@ def test_main_refuses_bad_rounds_and_limits_naming_the_option(capsys, args, opti
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {option}:")
+
+
+@pytest.mark.parametrize("module", ["bench_train", "bench_generate", "bench_sparsity"])
+def test_every_benchmark_cli_refuses_zero_threads_in_one_line(capsys, module):
+    import importlib
+
+    main = importlib.import_module(f"moge.tools.{module}").main
+    n = torch.get_num_threads()
+    try:
+        assert main(["configs/tiny-moge.yaml", "--threads", "0", "--quiet"]) == 2
+    finally:
+        torch.set_num_threads(n)
+    assert capsys.readouterr().err.strip().splitlines() == ["error: threads: must be >= 1, got 0"]
