@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None, prog: str = "bench_sparsity.py") -> int:
             raise ValueError("--steps and --seconds: give one budget, not both")
         cfgs = [load_config(path, args.set) for path in args.configs]
         budget = "seconds" if args.seconds is not None else "steps"
-        report = run_sparsity_benchmark(
-            cfgs, budget, args.steps or 600, args.seconds or 1.0, args.calibrate, log
-        )
+        # `is None`, not `or`: --steps 0 or --seconds 0 must reach the check, not a default.
+        steps = 600 if args.steps is None else args.steps
+        seconds = 1.0 if args.seconds is None else args.seconds
+        report = run_sparsity_benchmark(cfgs, budget, steps, seconds, args.calibrate, log)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -51,3 +51,15 @@ def test_bad_budgets_are_refused(capsys):
         run_sparsity_benchmark([])
     assert main(["configs/tiny-moge.yaml", "--steps", "2", "--seconds", "3", "--quiet"]) == 2
     assert "one budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", [["--steps", "0"], ["--seconds", "0"]])
+def test_a_zero_budget_is_refused_not_replaced_by_the_default(capsys, monkeypatch, budget):
+    import moge.tools.bench_sparsity as bench_sparsity
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained with a budget of 0")
+
+    monkeypatch.setattr(bench_sparsity, "train_stepper", never)
+    assert main(["configs/tiny-moge.yaml", *budget, "--quiet"]) == 2
+    assert "must be" in capsys.readouterr().err
