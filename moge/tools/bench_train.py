@@ -195,7 +195,9 @@ def train_case_specs(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[dict]
     specs.append(spec("moge", dense_equivalent(cfg), DENSE_NAME))
     notes: list[str] = []
     if cfg.moe.num_shared_experts:
-        bare = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_shared_experts=0))
+        # With the shared experts go the fields that size and gate them (else MoGEConfig refuses).
+        moe = dataclasses.replace(cfg.moe, num_shared_experts=0, shared_hidden=None, shared_expert_gate=False)
+        bare = dataclasses.replace(cfg, moe=moe)
         specs.append(spec("moge", bare, "moge MoGETransformer (no shared expert: Qwen3-MoE's shape)"))
     if not peers:
         return specs, notes

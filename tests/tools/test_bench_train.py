@@ -123,6 +123,18 @@ def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
         )
 
 
+@pytest.mark.parametrize("extra", [{"shared_hidden": 24}, {"shared_expert_gate": True}])
+def test_the_no_shared_expert_twin_of_a_sized_or_gated_shared_expert(extra):
+    cfg = config_from_dict({**TINY, "moe": {**TINY["moe"], **extra}})
+    cases, _ = build_train_cases(cfg, seed=0, peers=False)
+    twin = next(c for c in cases if "no shared expert" in c.name)
+    assert twin.model.moe_cfg.shared_width == 0
+    assert not any("shared" in name for name, _ in twin.model.named_parameters())
+    # Qwen3-MoE's shape: the routed experts alone, so the count drops by the shared parts only.
+    shared = sum(p.numel() for n, p in cases[0].model.named_parameters() if "shared" in n)
+    assert shared > 0 and twin.params == cases[0].params - shared
+
+
 def test_profile_covers_every_moge_side_model_and_prints():
     cfg = config_from_dict(TINY)
     report = run_train_benchmark(
