@@ -348,7 +348,8 @@ def _run_cases(
 def _row(summary: dict, tokens: int) -> dict:
     """A case's table row from its TrainCase.summary()."""
     ms, lm, aux = summary["step_ms"], summary["lm_losses"], summary["aux_losses"]
-    q = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+    # "inclusive", as the layer benchmark: the quartiles stay within the steps measured.
+    q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
     last = min(5, len(lm))
     return {
         "name": summary["name"], "params": summary["params"], "median_ms": q[1], "q1_ms": q[0], "q3_ms": q[2],

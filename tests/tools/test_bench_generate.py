@@ -97,3 +97,13 @@ def test_moge_only_and_bad_arguments():
     with pytest.raises(ValueError, match="dtype"):
         run_generate_benchmark(cfg, prompt_len=4, new_tokens=2, peers=False, dtype="fp16")
     assert main(["does/not/exist.yaml", "--no-peers", "--quiet"]) == 2
+
+
+def test_row_quartiles_lie_within_the_measured_rounds():
+    from moge.tools import bench_generate
+
+    case = bench_generate.DecodeCase("m", batch=2, decode=lambda p: p, seconds=[1.0, 2.0, 4.0])
+    row = bench_generate._row(case, new_tokens=5)
+    assert (row["q1_s"], row["median_s"], row["q3_s"]) == (1.5, 2.0, 3.0)
+    assert row["tokens_per_s"] == pytest.approx(10 / 2.0)
+    assert row["tokens_per_s_q1"] == pytest.approx(10 / 3.0)

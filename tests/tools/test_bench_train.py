@@ -3,6 +3,7 @@ import os
 import pytest
 import torch
 
+from moge.tools import bench_train
 from moge.tools.bench_train import (
     DENSE_NAME,
     build_train_cases,
@@ -196,3 +197,11 @@ def test_isolated_cases_train_like_one_process_and_report_failures():
             bad.wait_ready()
     finally:
         bad.close()
+
+
+def test_row_quartiles_lie_within_the_measured_steps():
+    summary = {"name": "m", "params": 1, "step_ms": [10.0, 20.0], "lm_losses": [5.0, 4.0],
+               "aux_losses": [0.1, 0.1], "pid": 1}  # fmt: skip
+    row = bench_train._row(summary, tokens=100)
+    assert (row["q1_ms"], row["median_ms"], row["q3_ms"]) == (12.5, 15.0, 17.5)
+    assert row["tokens_per_s"] == pytest.approx(100 / 0.015)
