@@ -126,6 +126,8 @@ def memory_plan(
     ep = cfg.parallel.expert_parallel if expert_parallel is None else expert_parallel
     if devices < 1:
         raise ValueError(f"--devices: must be >= 1, got {devices}")
+    if not 0 < device_gb < math.inf:
+        raise ValueError(f"--device-gb: must be a positive number of GiB, got {device_gb!r}")
     mesh = plan_mesh(ParallelConfig(expert_parallel=ep), cfg.moe.num_groups, devices)
     model = _meta_model(cfg)
     numels = [local_numel(n, tuple(p.shape), mesh) for n, p in model.named_parameters()]

@@ -87,6 +87,13 @@ def test_the_72b_preset_on_64_devices_fits_80_gb_with_checkpointing():
         (["--devices", "3", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 3"),
         (["--devices", "1", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 1"),
         (["--devices", "2", "--mesh", "ep=0"], "--mesh: sizes must be >= 1"),
+        (["--devices", "2", "--device-gb", "0"], "--device-gb: must be a positive number of GiB, got 0.0"),
+        (
+            ["--devices", "2", "--device-gb", "-80"],
+            "--device-gb: must be a positive number of GiB, got -80.0",
+        ),
+        (["--devices", "2", "--device-gb", "nan"], "--device-gb: must be a positive number of GiB, got nan"),
+        (["--devices", "2", "--device-gb", "inf"], "--device-gb: must be a positive number of GiB, got inf"),
         # dp alone: the ep left over (8 / 1) must divide the groups too, and the error names --mesh
         (
             ["--devices", "8", "--mesh", "dp=1"],
