@@ -10,7 +10,8 @@ transformers >= 5 is installed) the Hugging Face Qwen3-MoE, Mixtral and DeepSeek
 MoE blocks at the same sizes with their "eager" and "grouped_mm" expert code.
 
 Method (the noise comes from other processes sharing the cores):
-- every call gets a different input, so routing changes every call, as in training;
+- consecutive calls get different inputs (up to 8 in rotation), so routing changes every
+  call, as in training;
 - implementations run round-robin, in a rotated order each round, so slow phases of
   the machine hit all of them; medians and the inter-quartile range are reported;
 - forward time is the forward part of the same training call (graph recorded);

@@ -174,7 +174,11 @@ def rows_of(results: list[CudaResult]) -> list[dict]:
     for r in results:
         row = {"name": r.name, "kind": r.kind, "ms": r.median * 1e3, "error": r.error}
         if r.samples:
-            q = statistics.quantiles(r.samples, n=4) if len(r.samples) > 1 else [r.median] * 3
+            q = (
+                statistics.quantiles(r.samples, n=4, method="inclusive")
+                if len(r.samples) > 1
+                else [r.median] * 3
+            )
             row |= {"ms_q1": q[0] * 1e3, "ms_q3": q[2] * 1e3, "x_limit": r.median / limit.median}
             row["x_moge"] = r.median / layer.median
             if r.peak_bytes and limit.peak_bytes:
