@@ -136,7 +136,16 @@ def dense_equivalent(cfg: RunConfig) -> RunConfig:
     """cfg with every block's FFN a dense SwiGLU of the width a token activates in a
     MoE block: top_k * expert_hidden plus the shared experts' width."""
     width = cfg.moe.top_k * cfg.moe.expert_hidden + cfg.moe.shared_width
-    model = dataclasses.replace(cfg.model, first_dense_layers=cfg.model.n_layers, dense_hidden=width)
+    m = cfg.model
+    dense = [i for i in range(m.n_layers) if not m.is_moe_layer(i)]
+    if dense and m.resolved_dense_hidden != width:
+        # The twin has one dense width for every block: it would resize these blocks too.
+        raise ValueError(
+            f"model.first_dense_layers/moe_every: blocks {dense} are dense of width {m.resolved_dense_hidden}, "
+            f"and the dense twin (one width for every block) would make them {width}; benchmark an all-MoE "
+            "config, or one whose model.dense_hidden is the activated width"
+        )
+    model = dataclasses.replace(m, first_dense_layers=m.n_layers, dense_hidden=width)
     return dataclasses.replace(cfg, model=model)
 
 

@@ -107,6 +107,21 @@ def test_moge_load_counts_reset_after_every_step():
     assert len(case.step_ms) == 1 and len(case.lm_losses) == 1
 
 
+def test_dense_equivalent_keeps_dense_blocks_only_where_their_width_is_the_activated_one():
+    """One dense width for every block: a config whose own dense blocks are of another
+    width would have them resized in the twin (a wrong limit), so it is refused."""
+    import copy
+
+    raw = copy.deepcopy(TINY)
+    raw["model"] = {**raw["model"], "first_dense_layers": 1, "dense_hidden": 64}
+    with pytest.raises(
+        ValueError, match=r"^model\.first_dense_layers/moe_every: blocks \[0\] are dense of width 64"
+    ):
+        dense_equivalent(config_from_dict(raw))
+    raw["model"]["dense_hidden"] = 2 * 16 + 16  # already the activated width: the twin is exact
+    assert dense_equivalent(config_from_dict(raw)).model.dense_hidden == 48
+
+
 def test_dense_equivalent_has_the_activated_width_and_bf16_runs():
     cfg = config_from_dict(TINY)
     dense = dense_equivalent(cfg)
