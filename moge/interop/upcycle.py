@@ -37,7 +37,10 @@ the total weight of every slice must be 1 for every token:
 Routers that give no per-group quota (global, group_limited) may take all of a token's
 experts from one group, so they only upcycle exactly with P = 1; the random (RRE) router
 keeps the quota but picks by token id, so with renormalised gates and P > 1 only the
-uniform init is exact. A capacity factor must leave room for every slot a bucket can
+uniform init is exact. PanGu-Sigma's two-level router (moe.rre_domain_groups) ignores the
+router: every gate is route_scale / K, so a = P / route_scale with any init, raw gates or
+not; a token reaches only its domain's groups, so slices need every domain's groups to
+hold each slice equally often. A capacity factor must leave room for every slot a bucket can
 receive when the copies tie (an expert: T, cf >= E/K; a group under a quota router: its
 quota, cf >= 1). `plan_upcycle` raises ValueError naming the field and the reason
 for every split that cannot be exact.
@@ -141,19 +144,43 @@ def _check_split(dense_hidden: int, moe: MoGEConfig) -> int:
             f"group is a copy of one slice, so a token gets that slice whatever the router picks), "
             f"but {P} does not divide num_groups={moe.num_groups}"
         )
+    _check_domains(moe, P)
     return P
+
+
+def _two_level(moe: MoGEConfig) -> bool:
+    """PanGu-Sigma's domain router: fixed gates route_scale / K, whatever the router's scores."""
+    return moe.router == "random" and moe.rre_domain_groups is not None
+
+
+def _check_domains(moe: MoGEConfig, P: int) -> None:
+    """ValueError unless every domain's groups hold each of the P slices equally often (a
+    domain's tokens take K / n experts from each of its n groups and reach no other)."""
+    if not _two_level(moe):
+        return
+    assert moe.rre_domain_groups is not None
+    per_slice = moe.num_groups // P
+    for name, groups in moe.rre_domain_groups.items():
+        held = sorted(g // per_slice for g in groups)
+        if held != sorted(list(range(P)) * (len(groups) // P)):
+            raise ValueError(
+                f"rre_domain_groups: domain {name!r} takes its experts from groups {sorted(groups)}, which "
+                f"hold slices {held} of the {P}; its tokens would not get every slice equally often, so "
+                f"the upcycled model would not equal the dense one; give every domain the same number of "
+                f"groups of each slice, or set expert_hidden={P * moe.expert_hidden} to copy the FFN"
+            )
 
 
 def _resolve_router_init(router_init: str, moe: MoGEConfig, P: int) -> str:
     if router_init not in ROUTER_INITS:
         raise ValueError(f"router_init: expected one of {', '.join(ROUTER_INITS)}; got {router_init!r}")
     if router_init == "auto":
-        if not moe.normalize_weights:
+        if not moe.normalize_weights or _two_level(moe):
             return "uniform"
         if P == 1:
             return "random"
         return "replicated" if moe.router == "grouped" else "uniform"
-    if router_init == "uniform":
+    if router_init == "uniform" or _two_level(moe):  # the two-level router never reads the router
         return router_init
     if not moe.normalize_weights:
         raise ValueError(
@@ -213,7 +240,7 @@ def plan_upcycle(dense_hidden: int, moe: MoGEConfig, router_init: str = "auto") 
     P = _check_split(dense_hidden, moe)
     init = _resolve_router_init(router_init, moe, P)
     _check_capacity(moe)
-    if moe.normalize_weights:
+    if moe.normalize_weights or _two_level(moe):  # the K gates sum to route_scale
         scale = P / moe.route_scale
     else:
         scale = P / (moe.top_k * _uniform_score(moe) * moe.route_scale)

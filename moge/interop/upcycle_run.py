@@ -109,15 +109,19 @@ def _check_out_dir(out_dir: Path) -> None:
 
 @torch.no_grad()
 def _step0_check(dense: MoGETransformer, model: MoGETransformer, seed: int) -> tuple[float, float]:
-    """Max |difference| and max |value| of the two models' logits on random tokens."""
+    """Max |difference| and max |value| of the two models' logits on random tokens (with
+    PanGu-Sigma's domain groups: a sequence of every domain, at least 2 sequences)."""
     L = min(PROBE_TOKENS, model.cfg.max_seq_len, dense.cfg.max_seq_len)
+    domains = len(model.moe_cfg.rre_domain_groups or {})
+    B = max(2, domains)
     gen = torch.Generator().manual_seed(seed)
-    tokens_BL = torch.randint(0, dense.cfg.vocab_size, (2, L), generator=gen)
+    tokens_BL = torch.randint(0, dense.cfg.vocab_size, (B, L), generator=gen)
+    domain_ids_B = torch.arange(B) % domains if domains else None
     was = model.training
     model.eval()
     try:
         ref_BLV = dense(tokens_BL).logits.float()
-        out_BLV = model(tokens_BL).logits.float()
+        out_BLV = model(tokens_BL, domain_ids=domain_ids_B).logits.float()
     finally:
         model.train(was)
     return float((out_BLV - ref_BLV).abs().max()), float(ref_BLV.abs().max())

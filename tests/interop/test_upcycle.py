@@ -299,3 +299,40 @@ def test_every_plan_that_is_accepted_is_exact(case):
     x_TD = torch.randn(40, 16, generator=torch.Generator().manual_seed(1))
     token_ids = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(2))
     assert_close(layer(x_TD, token_ids=token_ids).hidden, dense(x_TD), rtol=1e-5, atol=1e-5)
+
+
+# --- PanGu-Sigma's two-level router: fixed gates route_scale / K, a domain's groups only ---
+
+
+@pytest.mark.parametrize(
+    "domains, overrides, router_init",
+    [
+        ({"a": [0, 1], "b": [2, 3]}, dict(top_k=2), "auto"),  # raw gates: still route_scale / K each
+        ({"a": [0, 1], "b": [2, 3]}, dict(top_k=2, route_scale=2.5), "random"),  # the router is never read
+        ({"a": [0, 2], "b": [1, 3]}, dict(top_k=2, expert_hidden=32), "auto"),  # slices 0, 1 in both
+        ({"a": [0, 1, 2, 3]}, dict(expert_hidden=16, normalize_weights=True), "auto"),
+    ],
+)
+def test_two_level_router_upcycles_exactly(domains, overrides, router_init):
+    cfg = moe(router="random", rre_vocab_size=V, rre_domain_groups=domains, **overrides)
+    plan = plan_upcycle(F, cfg, router_init)
+    assert plan.expert_scale == plan.num_slices / cfg.route_scale
+    torch.manual_seed(0)
+    dense = SwiGLU(D, F)
+    for p in dense.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    layer = MoGELayer(cfg)
+    upcycle_ffn(dense, layer, plan, router_std=0.5, generator=torch.Generator().manual_seed(0))
+    x_TD = torch.randn(40, D, generator=torch.Generator().manual_seed(1))
+    token_ids = torch.randint(0, V, (40,), generator=torch.Generator().manual_seed(2))
+    domain_ids = torch.arange(40) % len(domains)
+    out = layer(x_TD, token_ids=token_ids, domain_ids=domain_ids).hidden
+    assert_close(out, dense(x_TD), rtol=1e-5, atol=1e-5)
+
+
+def test_two_level_router_refuses_domains_that_miss_a_slice():
+    """Slices 0 and 1 fill groups {0, 1} and {2, 3}: domain a's tokens never reach slice 1."""
+    cfg = moe(router="random", top_k=2, expert_hidden=32, rre_vocab_size=V,
+              rre_domain_groups={"a": [0, 1], "b": [2, 3]})  # fmt: skip
+    with pytest.raises(ValueError, match=r"rre_domain_groups: domain 'a' .* hold slices \[0, 0\]"):
+        plan_upcycle(F, cfg)

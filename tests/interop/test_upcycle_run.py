@@ -165,3 +165,25 @@ def test_config_is_read_as_strictly_as_moge_train_reads_it(dense_run, upcycle_ya
         mp.chdir(tmp_path)
         r = upcycle_run(dense_run, tmp_path / "up", "my-upcycle")
     assert load_run(r.out_dir)[1].name == "my-upcycle"
+
+
+def test_step0_check_runs_every_domain_of_a_two_level_router():
+    """PanGu-Sigma's router needs each sequence's domain: the check gives one of every domain."""
+    from moge.interop.upcycle import upcycle_model
+    from moge.interop.upcycle_run import _step0_check
+    from moge.layer import MoGEConfig
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, **{**MODEL, "first_dense_layers": 2})
+    torch.manual_seed(0)
+    dense = MoGETransformer(
+        cfg, MoGEConfig(d_model=32, num_experts=2, num_groups=1, top_k=1, expert_hidden=8)
+    )
+    sigma = MoGEConfig(
+        d_model=32, num_experts=8, num_groups=4, top_k=2, expert_hidden=64, router="random",
+        rre_vocab_size=64, rre_domain_groups={"a": [0, 1], "b": [2, 3], "c": [1, 2]}, aux_loss_coef=0.0,
+    )  # fmt: skip
+    up, _ = upcycle_model(dense.eval(), sigma)
+    diff, scale = _step0_check(dense, up, seed=0)
+    assert scale > 0.1 and diff < 1e-5 * scale
