@@ -27,6 +27,9 @@ SIDE_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+# transformers' named chat templates other than the default: <dir>/<name>.jinja, each read
+# as the template <name> (tokenization_utils_base, CHAT_TEMPLATE_DIR).
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 RUN_DIR = "hf"  # where a moge run folder keeps them
 TOKEN_IDS = "token_ids.json"
@@ -62,13 +65,22 @@ def read_token_ids(side_dir: Path, layout_folder: bool) -> dict[str, Any]:
     return token_ids(found)
 
 
+def _side_file_names(src_dir: Path) -> list[str]:
+    """The side files src_dir has, relative to it (the named chat templates' folder included)."""
+    names = [name for name in SIDE_FILES if (src_dir / name).is_file()]
+    templates = src_dir / CHAT_TEMPLATE_DIR
+    if templates.is_dir():
+        names += sorted(f"{CHAT_TEMPLATE_DIR}/{f.name}" for f in templates.glob("*.jinja") if f.is_file())
+    return names
+
+
 def copy_side_files(src_dir: Path, dst_dir: Path) -> list[Path]:
     """Copy every side file src_dir has into dst_dir (created when there is one); returns the copies."""
-    present = [src_dir / name for name in SIDE_FILES if (src_dir / name).is_file()]
-    if not present:
-        return []
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copyfile(f, dst_dir / f.name)) for f in present]
+    copies = []
+    for name in _side_file_names(src_dir):
+        (dst_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        copies.append(Path(shutil.copyfile(src_dir / name, dst_dir / name)))
+    return copies
 
 
 def write_token_ids(dst_dir: Path, ids: dict[str, Any]) -> None:

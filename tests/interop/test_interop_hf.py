@@ -332,6 +332,26 @@ def test_token_ids_generation_config_and_tokenizer_travel_through_a_moge_run(tmp
         assert tok("w5 w7 w3")["input_ids"] == [5, 7, 3] and tok.eos_token_id == 2, out
 
 
+def test_named_chat_templates_travel_through_a_moge_run(tmp_path):
+    """transformers saves a tokenizer's chat templates other than the default in
+    additional_chat_templates/<name>.jinja; they go along with chat_template.jinja."""
+    from transformers import AutoTokenizer
+
+    from moge.interop import convert
+
+    _with_tokens_and_tokenizer(tmp_path / "src")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "src")
+    templates = {"default": "{{ messages[0]['content'] }}", "tool_use": "T {{ messages[0]['content'] }}"}
+    tok.chat_template = templates
+    tok.save_pretrained(tmp_path / "src")
+    assert (tmp_path / "src" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    (tmp_path / "src" / "additional_chat_templates" / "notes.txt").write_text("not a template")
+    convert(tmp_path / "src", tmp_path / "run", to="moge")
+    convert(tmp_path / "run", tmp_path / "back", to="qwen3_moe")
+    assert AutoTokenizer.from_pretrained(tmp_path / "back").chat_template == templates
+    assert [p.name for p in (tmp_path / "back" / "additional_chat_templates").iterdir()] == ["tool_use.jinja"]
+
+
 def test_a_layout_without_side_files_converts_without_them(saved, tmp_path):
     """Nothing is invented: no token ids in, none out; no side files, no hf/ folder."""
     import shutil
