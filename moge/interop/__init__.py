@@ -225,7 +225,8 @@ def convert(
 ) -> list[Path]:
     """Stream a checkpoint from one layout to another, one tensor (or one expert) at a time.
 
-    src: a layout folder (config.json), a moge run folder or checkpoint folder.
+    src: a layout folder (config.json), a moge run folder or checkpoint folder. dst: a new
+    folder (or an empty one); anything else is refused before a file is read or written.
     to: a name in LAYOUTS, or "moge" for a moge run folder. Returns the weight files written.
     Peak memory: about the largest moge tensor (the stacked experts of one layer, when
     reading a layout) plus one tensor being written. The source's special-token ids,
@@ -235,6 +236,8 @@ def convert(
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: the destination is the source")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):  # never overwrite a model or a run
+        raise ValueError(f"DST: {dst} already exists and is not an empty folder; convert writes a new one")
     if to == MOGE and dtype not in (None, torch.float32):
         raise ValueError(
             f"--dtype: a moge run holds float32 weights ({str(dtype).removeprefix('torch.')} asked; "

@@ -132,3 +132,22 @@ def test_top_level_api_reads_runs_and_writes_layouts(run, tmp_path):
     x = torch.randint(0, 256, (1, 8))
     with torch.no_grad():  # the Pangu layout adds zero attention biases: equal up to rounding
         torch.testing.assert_close(again(x).logits, model(x).logits, atol=1e-6, rtol=1e-6)
+
+
+def test_convert_never_writes_into_a_folder_that_holds_something(run, tmp_path, capsys):
+    """An existing run (its checkpoints, optimizer state, config) or model folder is left
+    as it was: one error line; an empty folder is fine."""
+    import shutil
+
+    busy = tmp_path / "busy"
+    shutil.copytree(run, busy)
+    before = {p: p.read_bytes() for p in sorted(busy.rglob("*")) if p.is_file()}
+    pangu = tmp_path / "pangu"
+    assert main(["convert", str(run), str(pangu), "--to", "pangu"]) == 0
+    for src, to in ((pangu, "moge"), (run, "pangu"), (run, "moge")):
+        assert main(["convert", str(src), str(busy), "--to", to]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "is not an empty folder" in err[0], err
+    assert {p: p.read_bytes() for p in sorted(busy.rglob("*")) if p.is_file()} == before
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(pangu), str(tmp_path / "empty"), "--to", "moge"]) == 0
