@@ -51,6 +51,24 @@ def run_root_of(checkpoint_folder: Path) -> Path:
     return parent.parent if parent.name == "checkpoints" else checkpoint_folder
 
 
+def side_dir_of(src: Path) -> tuple[Path, bool]:
+    """(the folder holding a source's token ids and side files, whether it is a layout folder)
+    of a layout folder (config.json), a moge run folder or a checkpoint folder."""
+    if (src / "config.json").is_file():
+        return src, True
+    from moge.training.checkpoint import find_checkpoint  # keep this module light
+
+    return run_side_dir(run_root_of(find_checkpoint(src))), False
+
+
+def carry(src: Path, dst_run: Path) -> None:
+    """Copy a source's side files and token ids into the moge run dst_run's hf/ folder."""
+    side, from_layout = side_dir_of(src)
+    ids = read_token_ids(side, from_layout)
+    copy_side_files(side, run_side_dir(dst_run))
+    write_token_ids(run_side_dir(dst_run), ids)
+
+
 def read_token_ids(side_dir: Path, layout_folder: bool) -> dict[str, Any]:
     """The token ids a source carries: its config.json's (a layout folder) or hf/token_ids.json."""
     file = side_dir / ("config.json" if layout_folder else TOKEN_IDS)

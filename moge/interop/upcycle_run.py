@@ -5,7 +5,8 @@ SRC: a dense moge run folder or checkpoint folder (every FFN dense: model.first_
 (the upcycled weights, a fresh optimiser), with train.out_dir = DST and train.resume = true,
 so `moge train DST/config.yaml` trains on from the upcycled weights, with the schedule of
 CONFIG's train section starting at step 0. DST/upcycle.json records the plan and the
-step-0 check.
+step-0 check. SRC's special-token ids, generation_config.json and tokenizer files go to
+DST/hf/, as `moge convert --to moge` keeps them, so a later `moge convert DST` exports them.
 
 CONFIG is a run config: its moe, data, train, eval and parallel sections describe the
 upcycled run. The decoder itself comes from SRC; CONFIG's model section may only choose
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moge.interop import sidefiles
 from moge.interop.upcycle import UpcyclePlan, plan_upcycle, upcycle_model
 from moge.model import MoGETransformer
 from moge.training.config import (
@@ -171,6 +173,7 @@ def upcycle_run(
             f"upcycling is not exact: max |logits - dense logits| = {diff:.3g} (logits up to {scale:.3g})"
         )
     ckpt = write_start_checkpoint(model, cfg, out_dir)
+    sidefiles.carry(Path(src), out_dir)  # token ids and tokenizer: `moge convert DST` exports them
     record = {
         "source": str(src), "config": str(config), "overrides": list(overrides), "seed": seed,
         "plan": dataclasses.asdict(plan), "step0_max_abs_logit_diff": diff, "step0_max_abs_logit": scale,

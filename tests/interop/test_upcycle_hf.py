@@ -112,3 +112,37 @@ def test_qwen2_upcycled_into_qwen2_moe_runs_in_transformers(tmp_path, normalize)
     x = _tokens(seed=5)
     with torch.no_grad():
         _close(moe_hf(x).logits, hf(x).logits)
+
+
+def test_token_ids_and_tokenizer_travel_through_upcycle_and_convert(tmp_path, capsys):
+    """Qwen2 with special tokens, a generation config and a tokenizer -> moge upcycle ->
+    moge convert --to qwen2_moe: transformers reads back the same ids, config and tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+
+    hf = hf_model("qwen2")
+    hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = 1, [2, 3], None
+    hf.generation_config = T.GenerationConfig(bos_token_id=1, eos_token_id=[2, 3], max_new_tokens=7)
+    hf.save_pretrained(tmp_path / "qwen2")
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(
+        tmp_path / "qwen2"
+    )
+    config = tmp_path / "up.yaml"
+    moe = dict(num_experts=4, num_groups=1, top_k=2, expert_hidden=32, num_shared_experts=1,
+               shared_hidden=8, shared_expert_gate=True, router="global")  # fmt: skip
+    config.write_text(yaml.safe_dump({"moe": moe, "data": {"seq_len": 32}, "train": {"steps": 2}}))
+    assert main(["upcycle", str(tmp_path / "qwen2"), str(tmp_path / "up"), "--config", str(config)]) == 0
+    assert main(["convert", str(tmp_path / "up"), str(tmp_path / "out"), "--to", "qwen2_moe"]) == 0
+    out = tmp_path / "out"
+    cfg = AutoConfig.from_pretrained(out)
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, [2, 3], None)
+    gen = GenerationConfig.from_pretrained(out)
+    assert (gen.bos_token_id, gen.eos_token_id, gen.max_new_tokens) == (1, [2, 3], 7)
+    assert AutoTokenizer.from_pretrained(out)("w5 w7 </s>")["input_ids"] == [5, 7, 2]
+    moe_hf = T.Qwen2MoeForCausalLM.from_pretrained(out).eval()
+    x = _tokens(seed=6)
+    with torch.no_grad():
+        _close(moe_hf(x).logits, hf(x).logits)
