@@ -68,6 +68,9 @@ from moge.model.config import ModelConfig
 from moge.routing import QUOTA_ROUTERS
 
 ROUTER_INITS = ("auto", "uniform", "replicated", "random")
+# ModelConfig fields the upcycled decoder may change: which blocks are MoE, and what no
+# weight and no logit depends on. Every other field is the dense model's.
+ADJUSTABLE = ("first_dense_layers", "moe_every", "max_seq_len", "init_std")
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,23 @@ def _ffn_prefixes(model: MoGETransformer) -> list[str]:
     return [f"blocks.{b.index}.ffn." for b in model.blocks if isinstance(b.ffn, MoGELayer)]
 
 
+def _check_model_config(dense_cfg: ModelConfig, model_cfg: ModelConfig) -> None:
+    """ValueError naming the first field outside ADJUSTABLE that model_cfg changes (the same
+    weight shapes may still give another function: rope_theta, norm_eps, n_heads, ...)."""
+    for field in dataclasses.fields(ModelConfig):
+        name = field.name
+        if name in ADJUSTABLE:
+            continue
+        ours, theirs = getattr(model_cfg, name), getattr(dense_cfg, name)
+        if name == "dense_hidden":  # None means 4 * d_model: compare the widths
+            ours, theirs = model_cfg.resolved_dense_hidden, dense_cfg.resolved_dense_hidden
+        if ours != theirs:
+            raise ValueError(
+                f"model.{name}: {ours!r} differs from the dense model's {theirs!r}; the upcycled "
+                f"decoder is the dense one, so only {', '.join(ADJUSTABLE)} may differ"
+            )
+
+
 def upcycled_model_config(dense: MoGETransformer) -> ModelConfig:
     """The dense model's ModelConfig with every block MoE (the default of upcycle_model)."""
     return dataclasses.replace(dense.cfg, first_dense_layers=0, moe_every=1)
@@ -365,6 +385,7 @@ def upcycle_model(
                 f"{name}: the dense model has {found}, the upcycled model needs {tuple(t.shape)}"
             )
         t.copy_(source[name])
+    _check_model_config(dense.cfg, model_cfg)  # after the shapes, which name the tensor
     gen = torch.Generator().manual_seed(seed)
     for src_block, block in zip(dense.blocks, target.blocks):
         if isinstance(block.ffn, MoGELayer):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from moge.interop import sidefiles
-from moge.interop.upcycle import UpcyclePlan, plan_upcycle, upcycle_model
+from moge.interop.upcycle import ADJUSTABLE, UpcyclePlan, plan_upcycle, upcycle_model
 from moge.model import MoGETransformer
 from moge.training.config import (
     RunConfig,
@@ -37,7 +37,6 @@ from moge.training.config import (
     save_config,
 )
 
-ADJUSTABLE = ("first_dense_layers", "moe_every", "max_seq_len", "init_std")  # model keys CONFIG may set
 PROBE_TOKENS = 32  # tokens per sequence of the step-0 check (2 sequences)
 STEP0_TOLERANCE = 1e-4  # of the largest |logit|: fp32 rounding of re-ordered sums is ~1e-6
 

@@ -255,6 +255,27 @@ def test_model_config_that_changes_weight_shapes_is_refused():
         upcycle_model(dense, moe(), dataclasses.replace(dense.cfg, vocab_size=80, first_dense_layers=0))
 
 
+@pytest.mark.parametrize(
+    "change",
+    [dict(rope_theta=500.0), dict(norm_eps=1e-2), dict(n_heads=8, n_kv_heads=4)],
+    ids=["rope_theta", "norm_eps", "heads"],
+)
+def test_model_config_that_changes_the_function_with_the_same_shapes_is_refused(change):
+    """8 heads of 4 and 4 kv heads of 4 give the projections of 4 heads of 8 and 2 kv heads of 8."""
+    dense = dense_model()
+    cfg = dataclasses.replace(dense.cfg, first_dense_layers=0, **change)
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=rf"model.{name}: {change[name]!r} differs from the dense model's"):
+        upcycle_model(dense, moe(), cfg)
+    same = dataclasses.replace(
+        dense.cfg, first_dense_layers=0, max_seq_len=64, init_std=0.01, dense_hidden=None
+    )
+    with pytest.raises(ValueError, match="model.dense_hidden: 128"):  # None: 4 * d_model
+        upcycle_model(dense, moe(), same)
+    up, _ = upcycle_model(dense, moe(), dataclasses.replace(same, dense_hidden=F))
+    assert_close(up(tokens()).logits, dense(tokens()).logits, **TOL)
+
+
 # --- the layer-level rule, over many shapes ----------------------------------------
 
 
