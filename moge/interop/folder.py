@@ -68,6 +68,11 @@ class LayoutFolder:
         self.where: dict[str, tuple] = {}  # key -> (reader, stored key, index or None, rows or None)
         for reader in self._readers():
             for key in reader.tensors:
+                if key in self.where:  # which copy counts would depend on the reading order
+                    raise ValueError(
+                        f"{self.path}: tensor {key!r} is stored twice, in {self.where[key][0].path.name} "
+                        f"and {reader.path.name}"
+                    )
                 self.where[key] = (reader, key, None, None)
 
     def _readers(self) -> list[SafetensorsReader]:

@@ -55,3 +55,22 @@ def test_piece_regions_and_shard_plans():
     assert torch.equal(up.region(w), w[1].T[4:])
     assert up.layout_shape(w.shape) == (4, 3)
     assert plan_shards([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]]
+
+
+def test_a_tensor_stored_in_two_shards_is_refused_naming_both(tmp_path):
+    """Which copy a reader keeps would depend on the order it reads the shards in."""
+    import json
+
+    from moge.interop.folder import LayoutFolder
+
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"b": torch.full((2,), 2.0)}, str(tmp_path / "s2.safetensors"))
+    index = {"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"tensor 'b' is stored twice, in s1\.safetensors and s2\.safetensors"
+    ):
+        LayoutFolder(tmp_path)
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "s1.safetensors"))  # each tensor once: it reads
+    assert sorted(LayoutFolder(tmp_path).keys()) == ["a", "b"]
