@@ -208,14 +208,6 @@ def _open_source(src: Path, dtype) -> tuple[MogeSource, RunConfig]:
     return source, cfg
 
 
-def _side_source(src: Path, source: MogeSource) -> tuple[Path, bool]:
-    """(the folder holding the source's token ids and side files, whether it is a layout folder)."""
-    if isinstance(source, _LayoutSource):
-        return src, True
-    assert isinstance(source, runfolder.CheckpointSource)
-    return sidefiles.run_side_dir(sidefiles.run_root_of(source.folder)), False
-
-
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -244,14 +236,12 @@ def convert(
             "train.dtype sets what its steps compute in); cast only a layout export"
         )
     source, cfg = _open_source(src, dtype)
-    side, from_layout = _side_source(src, source)
-    ids = sidefiles.read_token_ids(side, from_layout)
+    side, ids = sidefiles.read_source(src)
     if to == MOGE:  # keep a run's other sections; the new run lives in dst
         train = dataclasses.replace(cfg.train, out_dir=str(dst), resume=False)
         cfg = dataclasses.replace(cfg, name=dst.name or cfg.name, train=train)
         written = [runfolder.write(dst, cfg, source, dtype)]
-        sidefiles.copy_side_files(side, sidefiles.run_side_dir(dst))
-        sidefiles.write_token_ids(sidefiles.run_side_dir(dst), ids)
+        sidefiles.store_in_run(side, ids, dst)
         return written
     lay = _layout(to)
     config = {**_write_config(lay, cfg.model, cfg.moe), **ids}

@@ -61,10 +61,15 @@ def side_dir_of(src: Path) -> tuple[Path, bool]:
     return run_side_dir(run_root_of(find_checkpoint(src))), False
 
 
-def carry(src: Path, dst_run: Path) -> None:
-    """Copy a source's side files and token ids into the moge run dst_run's hf/ folder."""
+def read_source(src: Path) -> tuple[Path, dict[str, Any]]:
+    """(the folder of a source's side files, its token ids): read before anything is
+    written, so a damaged file stops a conversion with nothing half done."""
     side, from_layout = side_dir_of(src)
-    ids = read_token_ids(side, from_layout)
+    return side, read_token_ids(side, from_layout)
+
+
+def store_in_run(side: Path, ids: dict[str, Any], dst_run: Path) -> None:
+    """Copy the side files of `side` and the token ids into the moge run dst_run's hf/ folder."""
     copy_side_files(side, run_side_dir(dst_run))
     write_token_ids(run_side_dir(dst_run), ids)
 

@@ -161,6 +161,7 @@ def upcycle_run(
     out_dir = Path(dst)
     _check_out_dir(out_dir)
     dense = load_dense(src)
+    side, token_ids = sidefiles.read_source(Path(src))  # before writing: a damaged file stops here
     raw, config_path = _read_config(config, overrides)
     cfg = upcycle_config(dense, raw, out_dir, source=str(config_path))
     seed = cfg.train.seed if seed is None else seed
@@ -172,7 +173,7 @@ def upcycle_run(
             f"upcycling is not exact: max |logits - dense logits| = {diff:.3g} (logits up to {scale:.3g})"
         )
     ckpt = write_start_checkpoint(model, cfg, out_dir)
-    sidefiles.carry(Path(src), out_dir)  # token ids and tokenizer: `moge convert DST` exports them
+    sidefiles.store_in_run(side, token_ids, out_dir)  # token ids, tokenizer: `moge convert DST` exports them
     record = {
         "source": str(src), "config": str(config), "overrides": list(overrides), "seed": seed,
         "plan": dataclasses.asdict(plan), "step0_max_abs_logit_diff": diff, "step0_max_abs_logit": scale,
