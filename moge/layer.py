@@ -130,9 +130,7 @@ class MoGEConfig:
             raise ValueError(f"num_groups: {M} groups do not divide num_experts={E}")
         if K > E:
             raise ValueError(f"top_k: {K} is larger than num_experts={E}")
-        if (
-            self.router == "grouped" or (self.router == "random" and self.rre_domain_groups is None)
-        ) and K % M:
+        if self.per_group_quota and K % M:
             raise ValueError(
                 f"top_k: the {self.router} router takes top_k/num_groups experts from "
                 f"every group, so top_k={K} must be a multiple of num_groups={M}"
@@ -159,6 +157,18 @@ class MoGEConfig:
             raise ValueError(
                 "rre_vocab_size: the random router maps token ids, so it needs the vocabulary size"
             )
+
+    @property
+    def two_level(self) -> bool:
+        """PanGu-Sigma's two-level random router (rre_domain_groups): experts from the domain
+        and the token id, gates route_scale / K; a domain's tokens reach only its groups."""
+        return self.router == "random" and self.rre_domain_groups is not None
+
+    @property
+    def per_group_quota(self) -> bool:
+        """Every token takes top_k / num_groups experts from every group (grouped, one-level
+        random): each group gets exactly T * top_k / num_groups slots."""
+        return self.router == "grouped" or (self.router == "random" and not self.two_level)
 
     @property
     def experts_per_group(self) -> int:
@@ -301,7 +311,7 @@ class MoGELayer(nn.Module):
         self.register_buffer("load_accum_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
         # This rank's own slots of the step (compared between a counting and a training pass).
         self.register_buffer("_local_load_E", torch.zeros(c.num_experts, dtype=torch.int64), persistent=False)
-        if c.router == "random" and c.rre_domain_groups is not None:  # PanGu-Sigma two levels
+        if c.two_level:  # PanGu-Sigma
             table, columns = layer_tables(c)
             self.register_buffer("rre_table_VK", table, persistent=False)
             self.register_buffer("rre_columns_NK", columns, persistent=False)
@@ -457,10 +467,18 @@ class MoGELayer(nn.Module):
         self._local_calls += 1
         self._local_load_E += load_E
 
-    def _drop_over_capacity(
-        self, scores_TE: Tensor, weights_TK: Tensor, ids_TK: Tensor, mask_T: Tensor | None
+    def drop_over_capacity(
+        self,
+        scores_TE: Tensor,
+        weights_TK: Tensor,
+        ids_TK: Tensor,
+        mask_T: Tensor | None,
+        free_TK: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Zero the gates of the slots over capacity (moge.capacity); -> (weights, dropped [E])."""
+        """Zero the gates of the slots over capacity (moge.capacity); -> (weights, dropped [E]).
+
+        free_TK [T, K] bool or None: slots that take no room and never count as dropped (gate
+        0 already: moge.diagnostics.knockout's removed experts)."""
         c = self.config
         assert c.capacity_factor is not None  # only called with a capacity
         if c.capacity_scope == "group":
@@ -469,8 +487,13 @@ class MoGELayer(nn.Module):
             buckets, bucket_TK = c.num_experts, ids_TK
         real = ids_TK.shape[0] if mask_T is None else int(mask_T.sum())
         room = capacity.bucket_capacity(real * c.top_k, buckets, c.capacity_factor)
-        keep_TK = capacity.keep_within_capacity(scores_TE.gather(1, ids_TK), bucket_TK, buckets, room, mask_T)
+        n = buckets
+        if free_TK is not None:  # an extra bucket of their own
+            bucket_TK, n = bucket_TK.masked_fill(free_TK, buckets), buckets + 1
+        keep_TK = capacity.keep_within_capacity(scores_TE.gather(1, ids_TK), bucket_TK, n, room, mask_T)
         lost_TK = ~keep_TK if mask_T is None else ~keep_TK & mask_T[:, None]
+        if free_TK is not None:
+            lost_TK &= ~free_TK
         dropped_E = balance.expert_load(ids_TK[lost_TK], c.num_experts)
         return torch.where(keep_TK, weights_TK, torch.zeros_like(weights_TK)), dropped_E
 
@@ -522,7 +545,7 @@ class MoGELayer(nn.Module):
         step = self._count_load(load_E) if self.training else (self.load_accum_E, self.step_calls)
         dropped_E = None
         if c.capacity_factor is not None:
-            weights_TK, dropped_E = self._drop_over_capacity(scores_TE, weights_TK, ids_TK, mask_T)
+            weights_TK, dropped_E = self.drop_over_capacity(scores_TE, weights_TK, ids_TK, mask_T)
         if self.compute_losses:
             lb_loss = self._balance_loss(scores_TE, ids_TK, load_E, lead, mask_T, step)
             z_logits_TE = logits_TE if mask_T is None else logits_TE[mask_T]

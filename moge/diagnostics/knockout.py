@@ -45,7 +45,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moge import capacity
 from moge.layer import MoGELayer, MoGEOutput
 from moge.routing import finalize_weights, select_experts
 from moge.training.corpus import Batch
@@ -100,7 +99,7 @@ def intervene(
 ) -> tuple[Tensor, Tensor]:
     """(expert ids [T, K], gates [T, K]) of the layer's routing `out` under the intervention."""
     c = layer.config
-    if getattr(layer, "rre_columns_NK", None) is not None:
+    if c.two_level:
         return _intervene_two_level(layer, out, iv)
     scores_TE = out.scores
     if iv.kind == "remove":
@@ -134,27 +133,9 @@ def _intervene_two_level(layer: MoGELayer, out: MoGEOutput, iv: Intervention) ->
 
 
 def within_capacity(layer: MoGELayer, out: MoGEOutput, mask_T: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(gates [T, K], dropped [E]) of an intervened routing `out` under the layer's capacity.
-
-    The room is the layer's (real tokens x K slots over the buckets); slots of gate 0 (taken
-    away by the intervention) go to an extra bucket, so they take none of it.
-    """
-    c = layer.config
-    assert c.capacity_factor is not None, "only called with a capacity"
-    ids_TK, gates_TK = out.expert_ids, out.weights
-    group = c.capacity_scope == "group"
-    buckets = c.num_groups if group else c.num_experts
-    bucket_TK = (ids_TK // c.experts_per_group if group else ids_TK).masked_fill(gates_TK == 0, buckets)
-    real = ids_TK.shape[0] if mask_T is None else int(mask_T.sum())
-    room = capacity.bucket_capacity(real * c.top_k, buckets, c.capacity_factor)
-    keep_TK = capacity.keep_within_capacity(
-        out.scores.gather(1, ids_TK), bucket_TK, buckets + 1, room, mask_T
-    )
-    lost_TK = ~keep_TK & (gates_TK != 0)
-    if mask_T is not None:
-        lost_TK &= mask_T[:, None]
-    dropped_E = torch.bincount(ids_TK[lost_TK], minlength=c.num_experts)
-    return torch.where(keep_TK, gates_TK, torch.zeros_like(gates_TK)), dropped_E
+    """(gates [T, K], dropped [E]) of an intervened routing `out` under the layer's capacity:
+    the layer's own rule, with the slots the intervention gave gate 0 taking no room."""
+    return layer.drop_over_capacity(out.scores, out.weights, out.expert_ids, mask_T, free_TK=out.weights == 0)
 
 
 @contextmanager

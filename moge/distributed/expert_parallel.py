@@ -269,8 +269,7 @@ class ExpertParallelExperts(nn.Module):
 def _resolve_static(config: MoGEConfig, static_splits: bool | None) -> bool:
     # The two-level random router (PanGu-Sigma, rre_domain_groups) sends a domain's tokens
     # to that domain's groups only: no per-group quota, so its splits follow the routing.
-    two_level = config.router == "random" and config.rre_domain_groups is not None
-    quota = config.router in QUOTA_ROUTERS and not two_level
+    two_level, quota = config.two_level, config.per_group_quota
     if static_splits is None:
         return quota
     if static_splits and not quota:

@@ -151,15 +151,10 @@ def _check_split(dense_hidden: int, moe: MoGEConfig) -> int:
     return P
 
 
-def _two_level(moe: MoGEConfig) -> bool:
-    """PanGu-Sigma's domain router: fixed gates route_scale / K, whatever the router's scores."""
-    return moe.router == "random" and moe.rre_domain_groups is not None
-
-
 def _check_domains(moe: MoGEConfig, P: int) -> None:
     """ValueError unless every domain's groups hold each of the P slices equally often (a
     domain's tokens take K / n experts from each of its n groups and reach no other)."""
-    if not _two_level(moe):
+    if not moe.two_level:
         return
     assert moe.rre_domain_groups is not None
     per_slice = moe.num_groups // P
@@ -178,12 +173,12 @@ def _resolve_router_init(router_init: str, moe: MoGEConfig, P: int) -> str:
     if router_init not in ROUTER_INITS:
         raise ValueError(f"router_init: expected one of {', '.join(ROUTER_INITS)}; got {router_init!r}")
     if router_init == "auto":
-        if not moe.normalize_weights or _two_level(moe):
+        if not moe.normalize_weights or moe.two_level:
             return "uniform"
         if P == 1:
             return "random"
         return "replicated" if moe.router == "grouped" else "uniform"
-    if router_init == "uniform" or _two_level(moe):  # the two-level router never reads the router
+    if router_init == "uniform" or moe.two_level:  # the two-level router never reads the router
         return router_init
     if not moe.normalize_weights:
         raise ValueError(
@@ -243,7 +238,7 @@ def plan_upcycle(dense_hidden: int, moe: MoGEConfig, router_init: str = "auto") 
     P = _check_split(dense_hidden, moe)
     init = _resolve_router_init(router_init, moe, P)
     _check_capacity(moe)
-    if moe.normalize_weights or _two_level(moe):  # the K gates sum to route_scale
+    if moe.normalize_weights or moe.two_level:  # the K gates sum to route_scale
         scale = P / moe.route_scale
     else:
         scale = P / (moe.top_k * _uniform_score(moe) * moe.route_scale)
