@@ -112,8 +112,8 @@ def aux_loss(model: nn.Module) -> Tensor:
     Add it to your loss before backward. Layers with aux_loss_type="released" are pooled
     into one loss over all their rows, as in the released code (layer.total_aux_loss);
     released layers of different experts, top_k or coefficients pool apart. Returns a
-    0-dim float32 tensor (0 when nothing is pending: eval mode, no_grad, or no MoGEMLP). Raises ValueError if `model` holds
-    no MoGE layer at all (a likely mistake).
+    0-dim float32 tensor (0 when nothing is pending: eval mode, no_grad, or no MoGEMLP).
+    Raises ValueError if `model` holds no MoGE layer at all (a likely mistake).
     """
     layers = moge_layers(model)
     if not layers:

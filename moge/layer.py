@@ -356,8 +356,9 @@ class MoGELayer(nn.Module):
         out = super()._apply(fn, recurse)
         new_E = self._buffers.get("balance_bias_E")
         if bias_E is not None and new_E is not None and new_E.dtype in (torch.float16, torch.bfloat16):
-            keep = bias_E.dtype == torch.float32 and (new_E.is_meta or not bias_E.is_meta)
-            self._buffers["balance_bias_E"] = bias_E.to(new_E.device) if keep else new_E.float()
+            # The float32 values as they were where there are some (not on meta), on the new device.
+            exact = bias_E.dtype == torch.float32 and not bias_E.is_meta
+            self._buffers["balance_bias_E"] = bias_E.to(new_E.device) if exact else new_E.float()
         return out
 
     # -- forward pieces ------------------------------------------------------------
