@@ -116,6 +116,12 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    @property
+    def batch(self) -> int | None:
+        """The number of sequences cached (None before the first write)."""
+        k_cache = next((k for k in self.k if k is not None), None)
+        return None if k_cache is None else k_cache.shape[0]
+
 
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE; q/k/v and o biases and q/k norms optional."""
@@ -383,6 +389,11 @@ class MoGETransformer(nn.Module):
         if start + L > limit:
             where = f" after {start} cached positions" if start else ""
             raise ValueError(f"tokens: length {L}{where} exceeds the limit of {limit} positions")
+        if cache is not None and cache.batch not in (None, tokens_BL.shape[0]):
+            raise ValueError(
+                f"tokens: batch of {tokens_BL.shape[0]} sequences, but the cache holds {cache.batch}; "
+                "a cache continues the sequences it was filled with (model.new_cache() for others)"
+            )
         if targets_BL is not None:
             _check_ids("targets", targets_BL, self.cfg.vocab_size, allow_ignore=True)
             if targets_BL.shape != tokens_BL.shape:

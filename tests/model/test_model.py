@@ -468,6 +468,18 @@ def test_bad_targets_and_configs_raise():
         model(tokens(2, 3), cache=cache)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_cache_of_another_batch_size_is_a_value_error(batch):
+    # Was an AssertionError "checked by the model" (nothing checked it), and under
+    # python -O a batch of 1 would have been broadcast into every row of the cache.
+    model = build()
+    cache = model.new_cache()
+    model(tokens(2, 4), cache=cache)
+    with pytest.raises(ValueError, match=rf"^tokens: batch of {batch} sequences, but the cache holds 2"):
+        model(tokens(batch, 1), cache=cache)
+    assert cache.pos == 4
+
+
 # --- training ----------------------------------------------------------------------------
 
 
