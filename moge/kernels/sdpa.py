@@ -50,8 +50,9 @@ def scaled_dot_product_attention(
     """F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal, enable_gqa=True),
     scale C**-0.5.
 
-    q [B, H, L, C], k and v [B, N, S, C] with N dividing H. attn_mask: None or a boolean
-    [L, S] (True: may attend); is_causal: top-left causal mask (L == S).
+    q [B, H, L, C], k and v [B, N, S, C] with N dividing H. attn_mask: None, a boolean
+    [L, S] (True: may attend) or one per sequence, [B, 1, L, S] (torch's kernel, e.g. left
+    padding); is_causal: top-left causal mask (L == S).
     -> [B, H, L, C] in q's dtype.
     """
     B, H, L, C = q_BHLC.shape
@@ -59,7 +60,13 @@ def scaled_dot_product_attention(
     if H % N:
         raise ValueError(f"n_heads: {H} query heads are not a multiple of the {N} key/value heads")
     low = q_BHLC.dtype in (torch.bfloat16, torch.float16)
-    if q_BHLC.device.type != "cpu" or not low or not MIN_SCORES <= B * H * L * S <= MAX_SCORES:
+    per_sequence = attn_mask is not None and attn_mask.dim() > 2  # the plain path takes [L, S]
+    if (
+        q_BHLC.device.type != "cpu"
+        or not low
+        or per_sequence
+        or not MIN_SCORES <= B * H * L * S <= MAX_SCORES
+    ):
         return F.scaled_dot_product_attention(
             q_BHLC, k_BNSC, v_BNSC, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=H != N
         )

@@ -2,6 +2,10 @@
 
 Legend: B batch, L new tokens, S key positions (cached + new), P max positions,
 D d_model, H query heads, N KV heads, C head dim, V vocabulary.
+
+Left padding (generate's mask, KVCache.pad_B): row b's first pad_B[b] cache slots hold
+padding. Its real tokens then sit at positions slot - pad_B[b] (the first at 0) and no
+real token attends to a padded slot, so each row computes what its prompt alone does.
 """
 
 from __future__ import annotations
@@ -75,12 +79,17 @@ class RotaryEmbedding(nn.Module):
         for name, table in fresh.named_buffers():
             setattr(self, name, table.to(torch.get_default_device() if device is None else device))
 
-    def forward(self, x_BHLC: torch.Tensor, start: int) -> torch.Tensor:
-        """Rotate x [B, heads, L, C] as if it sat at positions start .. start+L-1."""
+    def forward(self, x_BHLC: torch.Tensor, start: int, pos_BL: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate x [B, heads, L, C] as if it sat at positions start .. start+L-1, or,
+        given pos_BL [B, L], at those positions (each row its own: left padding)."""
         L, C = x_BHLC.shape[-2:]
         # .float(): stays exact even if someone cast the whole module to bf16.
-        cos_LC = self.cos_PC[start : start + L].float()
-        signed_sin_LC = self.sin_PC[start : start + L].float()
+        if pos_BL is None:
+            cos_LC = self.cos_PC[start : start + L].float()
+            signed_sin_LC = self.sin_PC[start : start + L].float()
+        else:  # [B, 1, L, C]: the same table rows, gathered per sequence
+            cos_LC = self.cos_PC[pos_BL][:, None].float()
+            signed_sin_LC = self.sin_PC[pos_BL][:, None].float()
         x32 = x_BHLC.float()
         return (x32 * cos_LC + x32.roll(C // 2, dims=-1) * signed_sin_LC).to(x_BHLC.dtype)
 
@@ -90,11 +99,13 @@ class KVCache:
 
     Tensors are allocated at the first write, so they take the dtype/device the
     projections produce (bf16 under autocast).
+    pad_B [B] int or None: row b's first pad_B[b] slots are left padding (module docstring).
     """
 
-    def __init__(self, n_layers: int, max_len: int) -> None:
+    def __init__(self, n_layers: int, max_len: int, pad_B: torch.Tensor | None = None) -> None:
         self.max_len = max_len
         self.pos = 0
+        self.pad_B = pad_B
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
 
@@ -141,17 +152,28 @@ class Attention(nn.Module):
         self, x_BLD: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
         start = cache.pos if cache is not None else 0
+        pad_B = cache.pad_B if cache is not None else None
         q_BHLC = rearrange(self.q_proj(x_BLD), "b l (h c) -> b h l c", h=self.n_heads)
         k_BNLC = rearrange(self.k_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
         if self.q_norm is not None and self.k_norm is not None:
             q_BHLC, k_BNLC = self.q_norm(q_BHLC), self.k_norm(k_BNLC)
-        q_BHLC, k_BNLC = rope(q_BHLC, start), rope(k_BNLC, start)
+        L = q_BHLC.shape[2]
+        pos_BL = None
+        if pad_B is not None:  # padded slots get position 0: no real token reads them
+            slot_L = torch.arange(start, start + L, device=x_BLD.device)
+            pos_BL = (slot_L[None, :] - pad_B[:, None]).clamp_min(0)
+        q_BHLC, k_BNLC = rope(q_BHLC, start, pos_BL), rope(k_BNLC, start, pos_BL)
         v_BNLC = rearrange(self.v_proj(x_BLD), "b l (n c) -> b n l c", n=self.n_kv_heads)
         if cache is not None:
             k_BNSC, v_BNSC = cache.update(layer, k_BNLC, v_BNLC)
         else:
             k_BNSC, v_BNSC = k_BNLC, v_BNLC
-        L, S = q_BHLC.shape[2], k_BNSC.shape[2]
+        S = k_BNSC.shape[2]
+        if pad_B is not None:
+            out_BHLC = scaled_dot_product_attention(
+                q_BHLC, k_BNSC, v_BNSC, attn_mask=_left_padded_mask(pad_B, start, L, S)
+            )
+            return self.o_proj(rearrange(out_BHLC, "b h l c -> b l (h c)"))
         mask_LS = None
         if start > 0 and L > 1:
             # is_causal aligns the mask top-left, which is wrong once S > L: new token i
@@ -164,6 +186,21 @@ class Attention(nn.Module):
             q_BHLC, k_BNSC, v_BNSC, attn_mask=mask_LS, is_causal=(start == 0 and L > 1)
         )
         return self.o_proj(rearrange(out_BHLC, "b h l c -> b l (h c)"))
+
+
+def _left_padded_mask(pad_B: torch.Tensor, start: int, L: int, S: int) -> torch.Tensor:
+    """[B, 1, L, S] bool (True: may attend) for new slots start .. start+L-1 of a cache
+    whose row b begins with pad_B[b] padded slots: causal, padded keys masked.
+
+    A padded query also sees itself, so no row is all masked (softmax would give NaN);
+    its output is never read by a real token.
+    """
+    slot_L = torch.arange(start, start + L, device=pad_B.device)
+    key_S = torch.arange(S, device=pad_B.device)
+    causal_LS = key_S[None, :] <= slot_L[:, None]
+    real_BS = key_S[None, :] >= pad_B[:, None]
+    keep_BLS = causal_LS & (real_BS[:, None, :] | (key_S[None, :] == slot_L[:, None]))
+    return keep_BLS[:, None]
 
 
 def _check_finite(where: str, t: torch.Tensor) -> None:
@@ -377,8 +414,10 @@ class MoGETransformer(nn.Module):
 
         return save_pretrained(self, path, layout=layout, **kwargs)
 
-    def new_cache(self, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len)
+    def new_cache(self, max_len: int | None = None, pad_B: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache of max_len positions (None: model.max_seq_len); pad_B [B]:
+        each row's number of left-padded slots (KVCache; what generate's mask gives)."""
+        return KVCache(self.cfg.n_layers, max_len or self.cfg.max_seq_len, pad_B)
 
     def _check_inputs(
         self, tokens_BL: torch.Tensor, targets_BL: torch.Tensor | None, cache: KVCache | None
@@ -415,8 +454,9 @@ class MoGETransformer(nn.Module):
         domain_ids [B]: each sequence's domain, for PanGu-Sigma's two-level router
         (moe.rre_domain_groups); other routers ignore it.
         mask [B, L] bool (False: padding): the MoE layers leave padded tokens out of their
-        losses, counts and statistics (MoGELayer's mask). Attention is causal only, so
-        pad on the right: real tokens then never see padding.
+        losses, counts and statistics (MoGELayer's mask). Attention does not read it: pad
+        on the right (causal attention: real tokens then never see padding), or on the
+        left with a cache from new_cache(pad_B=...), whose attention skips the padding.
         model.activation_checkpointing: blocks run under moge.model.recompute.checkpoint_block
         in training with gradients on (each token still counted once).
         """
@@ -468,13 +508,20 @@ class MoGETransformer(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         domain_ids: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prompt [B, L] -> [B, L + max_new_tokens]: one prefill, then cached one-token steps.
 
         temperature 0 is greedy; top_k keeps only the k likeliest tokens before sampling.
         domain_ids [B]: as in forward (PanGu-Sigma's two-level router).
+        mask [B, L] bool (False: padding) for prompts of different lengths, padded on the
+        left (any ids in the padding): each row then gets, greedily, the tokens its prompt
+        alone gets (sampling draws from one generator for the whole batch). The output
+        keeps the padding: its mask is mask followed by True.
         """
         _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
+        pad_B = None if mask is None else _left_padding(mask, tokens_BL)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
         # bool is an int (and a Real): True would pass as temperature 1 or top_k 1.
@@ -498,9 +545,10 @@ class MoGETransformer(nn.Module):
         try:
             for layer in layers:
                 layer.compute_losses = False  # nothing here reads the aux losses
-            cache = self.new_cache(total)
+            cache = self.new_cache(total, pad_B)
             out = [tokens_BL]
-            logits_BV = self._next_logits(tokens_BL, cache, domains_B)
+            # With padding, the MoE layers route only the real tokens (capacity included).
+            logits_BV = self._next_logits(tokens_BL, cache, domains_B, None if pad_B is None else mask)
             for step in range(max_new_tokens):
                 next_B1 = sample_next(logits_BV, temperature, top_k, generator)
                 out.append(next_B1)
@@ -513,7 +561,11 @@ class MoGETransformer(nn.Module):
             self.train(was_training)
 
     def _next_logits(
-        self, tokens_BL: torch.Tensor, cache: KVCache, domains_B: torch.Tensor | None
+        self,
+        tokens_BL: torch.Tensor,
+        cache: KVCache,
+        domains_B: torch.Tensor | None,
+        mask_BL: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """generate's step: forward's logits at the last position [B, V] for tokens [B, L]
         that generate has checked, without the checks, the aux loss and the other
@@ -524,7 +576,9 @@ class MoGETransformer(nn.Module):
         if check:
             _check_finite("embed", x_BLD)
         for block in self.blocks:
-            x_BLD, _ = block(x_BLD, tokens_BL, self.rope, cache, check_finite=check, domains_BL=domains_BL)
+            x_BLD, _ = block(
+                x_BLD, tokens_BL, self.rope, cache, check_finite=check, domains_BL=domains_BL, mask_BL=mask_BL
+            )
         cache.advance(tokens_BL.shape[1])
         h_BD = self.norm(x_BLD[:, -1])
         head_VD = self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -532,6 +586,30 @@ class MoGETransformer(nn.Module):
         if check:
             _check_finite("lm_head (logits)", logits_BV)
         return logits_BV
+
+
+def _left_padding(mask_BL: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor | None:
+    """generate's prompt mask [B, L] -> each row's number of left-padded slots [B]
+    (None without any padding); ValueError naming mask unless it is left padding."""
+    if not isinstance(mask_BL, torch.Tensor) or mask_BL.dtype != torch.bool:
+        got = mask_BL.dtype if isinstance(mask_BL, torch.Tensor) else type(mask_BL).__name__
+        raise ValueError(f"mask: expected a bool tensor (False: padding), got {got}")
+    if mask_BL.shape != tokens_BL.shape:
+        raise ValueError(f"mask: shape {tuple(mask_BL.shape)} differs from tokens {tuple(tokens_BL.shape)}")
+    mask_BL = mask_BL.to(tokens_BL.device)
+    L = tokens_BL.shape[1]
+    pad_B = (~mask_BL).sum(dim=1)
+    if bool((pad_B == L).any()):
+        row = int((pad_B == L).nonzero()[0])
+        raise ValueError(f"mask: row {row} has no real token")
+    left_BL = torch.arange(L, device=mask_BL.device)[None, :] >= pad_B[:, None]
+    if not torch.equal(left_BL, mask_BL):
+        row = int((left_BL != mask_BL).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"mask: row {row} is not padding on the left then real tokens (generate appends on the "
+            "right, so pad prompts on the left)"
+        )
+    return pad_B if bool(pad_B.any()) else None
 
 
 def sample_next(

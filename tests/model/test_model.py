@@ -350,6 +350,60 @@ def test_generate_refuses_bad_sampling_settings(kwargs, match):
         build().generate(tokens(1, 4), 2, **kwargs)
 
 
+def _left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D prompts -> (tokens [B, L], mask [B, L]) padded on the left with pad_id."""
+    L = max(len(p) for p in prompts)
+    tokens_BL = torch.full((len(prompts), L), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens_BL[b, L - len(p) :], mask_BL[b, L - len(p) :] = p, True
+    return tokens_BL, mask_BL
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_generate_left_padded_prompts_give_each_prompt_alone(qk_norm):
+    # Without a mask the padding was attended to and shifted every position, so a short
+    # prompt in a batch gave other tokens than alone.
+    model = build(n_layers=3, first_dense_layers=1, qkv_bias=True, qk_norm=qk_norm)
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 7, 5, 7)]
+    tokens_BL, mask_BL = _left_pad(prompts, pad_id=V - 1)
+    got = model.generate(tokens_BL, 9, temperature=0.0, mask=mask_BL)
+    assert got.shape == (4, 7 + 9)
+    assert torch.equal(got[:, :7], tokens_BL)
+    for b, p in enumerate(prompts):
+        alone = model.generate(p[None], 9, temperature=0.0)
+        assert torch.equal(got[b, 7 - len(p) :], alone[0]), f"prompt {b} of length {len(p)}"
+
+
+def test_a_left_padded_cache_gives_the_logits_of_each_prompt_alone():
+    model = build(n_layers=2, qkv_bias=True)
+    prompts = [tokens(1, n, seed=n)[0] for n in (2, 6)]
+    tokens_BL, mask_BL = _left_pad(prompts, pad_id=0)
+    pad_B = (~mask_BL).sum(1)
+    cache = model.new_cache(pad_B=pad_B)
+    prefill_BLV = model(tokens_BL, cache=cache, mask=mask_BL).logits
+    step_BLV = model(tokens(2, 3, seed=9), cache=cache).logits  # three new tokens at once
+    for b, p in enumerate(prompts):
+        alone_BLV = model(torch.cat([p, tokens(2, 3, seed=9)[b]])[None]).logits
+        assert_close(prefill_BLV[b, 6 - len(p) :], alone_BLV[0, : len(p)], atol=1e-5, rtol=1e-5)
+        assert_close(step_BLV[b], alone_BLV[0, len(p) :], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        (torch.tensor([[True, True, False, True]]), "padding on the left"),  # a hole
+        (torch.tensor([[True, True, True, False]]), "padding on the left"),  # right padding
+        (torch.tensor([[False, False, False, False]]), "no real token"),
+        (torch.ones(1, 3, dtype=torch.bool), "shape"),
+        (torch.ones(1, 4, dtype=torch.long), "bool"),
+    ],
+)
+def test_generate_refuses_masks_that_are_not_left_padding(mask, match):
+    with pytest.raises(ValueError, match=f"^mask: .*{match}"):
+        build().generate(tokens(1, 4), 2, temperature=0.0, mask=mask)
+
+
 # --- parameter counts ------------------------------------------------------------------
 
 
