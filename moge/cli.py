@@ -143,8 +143,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{prompt_L.numel() + args.tokens} exceed model.max_seq_len={limit} of {args.run_dir} "
             f"(the longest sequence the model was built for); at most {room} new tokens fit after this prompt"
         )
+    if args.stop_token is not None and args.stop_token >= cfg.model.vocab_size:
+        raise ValueError(
+            f"--stop-token: {args.stop_token} is outside the vocabulary of {args.run_dir} "
+            f"(model.vocab_size={cfg.model.vocab_size})"
+        )
     gen = torch.Generator().manual_seed(args.seed)
-    out_BL = model.generate(prompt_L[None], args.tokens, args.temperature, args.top_k, generator=gen)
+    out_BL = model.generate(
+        prompt_L[None], args.tokens, args.temperature, args.top_k, generator=gen, stop_token=args.stop_token
+    )
     print(decode(out_BL[0]))
     return EXIT_OK
 
@@ -416,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample among the k most likely bytes only (default: None, all 256)",
     )  # fmt: skip
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampler")
+    p.add_argument(
+        "--stop-token", type=_non_negative_int, default=None, dest="stop_token", metavar="ID",
+        help="stop once this token id is sampled (kept); bytes: 10 is a newline (default: None)",
+    )  # fmt: skip
     p.set_defaults(handler=_cmd_generate)
 
     p = _subparser(sub, "simulate", "Monte-Carlo routing on N devices: balance, all-to-all, step time")

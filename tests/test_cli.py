@@ -89,6 +89,18 @@ def test_generate_with_a_prompt_too_long_names_the_prompt(trained_run, capsys):
     assert capsys.readouterr().out == "x" * 64 + "\n"
 
 
+def test_generate_stops_after_the_stop_token(trained_run, capsys):
+    base = ["generate", str(trained_run), "--prompt", "Hello", "--tokens", "20", "--temperature", "0"]
+    assert main(base) == 0
+    sample = capsys.readouterr().out[:-1]  # print's newline
+    new = sample[len("Hello") :]
+    stop = next(c for c in new if c.isascii())  # one byte: its id is its code
+    assert main([*base, "--stop-token", str(ord(stop))]) == 0
+    assert capsys.readouterr().out[:-1] == sample[: len("Hello") + new.index(stop) + 1]
+    code = main([*base, "--stop-token", "256"])
+    assert_one_error_line(capsys, code, "--stop-token: 256", "vocab_size=256")
+
+
 def test_eval_calls_evaluate(monkeypatch):
     calls = []
     fake = types.ModuleType("moge.tools.evaluate")

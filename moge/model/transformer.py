@@ -510,6 +510,7 @@ class MoGETransformer(nn.Module):
         domain_ids: torch.Tensor | None = None,
         *,
         mask: torch.Tensor | None = None,
+        stop_token: int | None = None,
     ) -> torch.Tensor:
         """Prompt [B, L] -> [B, L + max_new_tokens]: one prefill, then cached one-token steps.
 
@@ -519,6 +520,9 @@ class MoGETransformer(nn.Module):
         left (any ids in the padding): each row then gets, greedily, the tokens its prompt
         alone gets (sampling draws from one generator for the whole batch). The output
         keeps the padding: its mask is mask followed by True.
+        stop_token: a row stops growing once it emits this id: it is kept, the row's later
+        positions repeat it, and the output ends early once every row has stopped
+        ([B, L + n], n <= max_new_tokens).
         """
         _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
         pad_B = None if mask is None else _left_padding(mask, tokens_BL)
@@ -531,6 +535,11 @@ class MoGETransformer(nn.Module):
             raise ValueError(f"temperature: must be >= 0, got {temperature}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
+        V = self.cfg.vocab_size
+        if stop_token is not None and (
+            isinstance(stop_token, bool) or not isinstance(stop_token, int) or not 0 <= stop_token < V
+        ):
+            raise ValueError(f"stop_token: expected a token id in [0, {V}) or None, got {stop_token!r}")
         total = tokens_BL.shape[1] + max_new_tokens
         if total > self.cfg.max_seq_len:
             raise ValueError(
@@ -549,11 +558,16 @@ class MoGETransformer(nn.Module):
             out = [tokens_BL]
             # With padding, the MoE layers route only the real tokens (capacity included).
             logits_BV = self._next_logits(tokens_BL, cache, domains_B, None if pad_B is None else mask)
+            stopped_B1 = torch.zeros(tokens_BL.shape[0], 1, dtype=torch.bool, device=tokens_BL.device)
             for step in range(max_new_tokens):
                 next_B1 = sample_next(logits_BV, temperature, top_k, generator)
+                if stop_token is not None:
+                    next_B1 = next_B1.masked_fill(stopped_B1, stop_token)  # a stopped row repeats it
+                    stopped_B1 |= next_B1 == stop_token
                 out.append(next_B1)
-                if step + 1 < max_new_tokens:
-                    logits_BV = self._next_logits(next_B1, cache, domains_B)
+                if step + 1 == max_new_tokens or (stop_token is not None and bool(stopped_B1.all())):
+                    break
+                logits_BV = self._next_logits(next_B1, cache, domains_B)
             return torch.cat(out, dim=1)
         finally:
             for layer, on in zip(layers, losses):

@@ -404,6 +404,31 @@ def test_generate_refuses_masks_that_are_not_left_padding(mask, match):
         build().generate(tokens(1, 4), 2, temperature=0.0, mask=mask)
 
 
+def test_generate_stops_a_sequence_once_it_emits_the_stop_token():
+    model = build()
+    prompt_BL = tokens(2, 4)
+    free = model.generate(prompt_BL, 12, temperature=0.0)
+    stop = int(free[0, 4 + 2])  # row 0's third new token
+    got = model.generate(prompt_BL, 12, temperature=0.0, stop_token=stop)
+    for b in range(2):
+        new = free[b, 4:].tolist()
+        n = new.index(stop) + 1 if stop in new else len(new)
+        assert got[b, 4 : 4 + n].tolist() == new[:n]  # grows until it emits the stop token
+        assert (got[b, 4 + n :] == stop).all()  # then only repeats it
+    # the output ends as soon as every row has stopped
+    ends = [(free[b, 4:] == stop).nonzero()[:1] for b in range(2)]
+    assert got.shape[1] == 4 + (12 if any(len(e) == 0 for e in ends) else max(int(e) + 1 for e in ends))
+    alone = model.generate(prompt_BL[:1], 12, temperature=0.0, stop_token=stop)
+    first = free[0, 4:].tolist().index(stop) + 1  # at most 3: the third new token is one
+    assert torch.equal(alone, free[:1, : 4 + first])
+
+
+@pytest.mark.parametrize("stop", [-1, V, True, 1.0])
+def test_generate_refuses_a_stop_token_outside_the_vocabulary(stop):
+    with pytest.raises(ValueError, match="^stop_token: "):
+        build().generate(tokens(1, 4), 2, stop_token=stop)
+
+
 # --- parameter counts ------------------------------------------------------------------
 
 
