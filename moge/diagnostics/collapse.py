@@ -28,6 +28,7 @@ metrics.jsonl as {"type": "collapse", "step", "layers": [...], "warnings": [...]
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -167,6 +168,32 @@ class CollapseMonitor:
             m.every,
             limits,
         )
+
+    def resume(self, records: Sequence[dict]) -> None:
+        """Continue a resumed run's monitoring from its metrics.jsonl records (those up to
+        the checkpoint's step): each layer's first window RMS (logit_growth's baseline)
+        and the warnings in force after the last summary, judged by the current
+        thresholds. The window in progress at the checkpoint is not saved: the next
+        summary covers the steps since the resume (its `tokens` say how many)."""
+        summaries = [r for r in records if r.get("type") == "collapse"]
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        for record in summaries:  # the first summary holding a layer set its baseline
+            for stats in record.get("layers", []):
+                i = index.get(stats.get("layer"))
+                if i is not None and self._first_rms[i] is None and "logit_rms" in stats:
+                    self._first_rms[i] = stats["logit_rms"]
+        if summaries:
+            fields = [f.name for f in dataclasses.fields(LayerCollapse)]
+            last = [  # written by asdict; a record of other fields (another version) is skipped
+                LayerCollapse(**{k: stats[k] for k in fields})
+                for stats in summaries[-1]["layers"]
+                if stats.get("layer") in index and all(k in stats for k in fields)
+            ]
+            self._active = {
+                (s.layer, name)
+                for s in last
+                for name in layer_warnings(s, self.num_experts[index[s.layer]], self.thresholds)
+            }
 
     def observe(self, routing: Sequence) -> None:
         """Add one forward's routing (MoGEOutput per MoE layer: expert_ids, scores)."""

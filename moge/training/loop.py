@@ -480,6 +480,7 @@ def _train_locked(
     try:
         run = _Run(cfg, world, out_dir, dataset, model, optimizer, data_gen, metrics)
         run.monitor = CollapseMonitor.for_model(cfg, model)
+        run.monitor.resume(records)  # rank 0's records up to the checkpoint (none when fresh)
         return _loop(run, start, stop_at, progress, records)
     finally:
         if metrics is not None:

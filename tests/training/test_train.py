@@ -13,7 +13,7 @@ from torch.testing import assert_close
 from moge.model import MoGETransformer
 from moge.training import NonFiniteLossError, build_optimizer, lr_at, train
 from moge.training.checkpoint import find_checkpoint, load_run, read_tensors
-from moge.training.config import TrainConfig, config_from_dict, load_config
+from moge.training.config import MonitorConfig, TrainConfig, config_from_dict, load_config
 
 DEEPSEEK_MOE = {"router": "group_limited", "topk_groups": 2, "score_func": "sigmoid", "normalize_weights": True,
                 "bias_update_rate": 0.01, "aux_loss_coef": 0.0}  # fmt: skip
@@ -147,6 +147,24 @@ def test_resume_reaches_the_same_weights(tmp_path, variant):
     assert [r["loss"] for r in records(tmp_path / "split", "train")] == [
         r["loss"] for r in records(tmp_path / "full", "train")
     ]
+
+
+def test_resume_keeps_the_collapse_monitors_baseline_and_warnings(tmp_path):
+    # The monitor's first window (logit_growth's baseline) and the warnings in force were
+    # lost on resume: growth was measured from the first window after it (1.0 there) and a
+    # warning still in force was logged again.
+    monitor = MonitorConfig(every=2, min_effective_share=1.0, max_logit_growth=0.0, max_dead_experts=-1)
+    for name in ("full", "split"):
+        cfg = dataclasses.replace(make_cfg(tmp_path / name, steps=6), monitor=monitor)
+        if name == "split":
+            assert train(cfg, progress=False, stop_at=4).step == 4
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=True))
+        train(cfg, progress=False)
+    full, split = records(tmp_path / "full", "collapse"), records(tmp_path / "split", "collapse")
+    assert [r["step"] for r in split] == [2, 4, 6]
+    growth = [[layer["logit_growth"] for layer in r["layers"]] for r in full]
+    assert growth[2] != [1.0, 1.0], "the logits must have moved for the test to see a baseline"
+    assert split == full
 
 
 def test_grad_accum_matches_one_big_batch(tmp_path):
