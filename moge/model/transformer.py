@@ -458,7 +458,7 @@ class MoGETransformer(nn.Module):
         on the right (causal attention: real tokens then never see padding), or on the
         left with a cache from new_cache(pad_B=...), whose attention skips the padding.
         model.activation_checkpointing: blocks run under moge.model.recompute.checkpoint_block
-        in training with gradients on (each token still counted once).
+        in training with gradients on and no cache (each token still counted once).
         """
         self._check_inputs(tokens_BL, targets_BL, cache)
         domains_BL = None if domain_ids is None else _domains_per_token(domain_ids, tokens_BL)
@@ -467,7 +467,11 @@ class MoGETransformer(nn.Module):
         if check:
             _check_finite("embed", x_BLD)
         routing: list[MoGEOutput] = []
-        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        # Not with a cache: the recompute would run after cache.advance and write the keys
+        # and values again at the next positions.
+        recompute = (
+            self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        )
         for block in self.blocks:
             run = functools.partial(checkpoint_block, block) if recompute else block
             x_BLD, routed = run(

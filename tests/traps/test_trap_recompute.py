@@ -139,6 +139,24 @@ def test_eval_and_no_grad_do_not_checkpoint():
     assert all(not layer._replay_counts for layer in model.moe_layers())
 
 
+def test_a_forward_with_a_kv_cache_trains_like_the_run_without_checkpointing():
+    # The recompute ran after cache.advance, so it wrote and read the cache at the next
+    # positions: torch's CheckpointError ("different metadata than during the forward pass").
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(checkpointing)
+        prefix, tokens = micro_batches()[:2]
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(prefix, cache=cache)
+        out = model(tokens, tokens.roll(-1, 1), cache=cache)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        assert cache.pos == 16
+    assert grads[0].keys() == grads[1].keys()
+    assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def test_field_is_validated():
     with pytest.raises(ValueError, match="model.activation_checkpointing"):
         ModelConfig(activation_checkpointing="yes")
