@@ -643,11 +643,16 @@ def sample_next(
     # Shift the best logit to 0 first, so a tiny temperature (1e-45) gives 0 and -inf (greedy
     # in the limit) instead of inf - inf = NaN; below float32's smallest normal number T
     # would round to 0 (0/0 = NaN) and the result is greedy anyway.
-    t = max(temperature, torch.finfo(torch.float32).smallest_normal)
-    logits_BV = (logits_BV - logits_BV.max(dim=-1, keepdim=True).values) / t
+    # top_k is chosen on the logits themselves: divided by a huge (inf) temperature they
+    # would all round to 0 and tie with the k-th.
+    drop_BV = None
     if top_k is not None and top_k < logits_BV.shape[-1]:
         kth_B1 = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+        drop_BV = logits_BV < kth_B1
+    t = max(temperature, torch.finfo(torch.float32).smallest_normal)
+    logits_BV = (logits_BV - logits_BV.max(dim=-1, keepdim=True).values) / t
+    if drop_BV is not None:
+        logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
     return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator)
 
 

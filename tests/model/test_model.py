@@ -318,6 +318,19 @@ def test_sampling_top_k_one_is_greedy_and_sampling_differs():
     assert not torch.equal(sampled, greedy)
 
 
+@pytest.mark.parametrize("temperature", [1e6, float("inf")])
+def test_top_k_holds_at_any_temperature(temperature):
+    # top_k was applied after dividing by the temperature: at inf every logit became 0, so
+    # all tied with the k-th and the whole vocabulary was sampled.
+    logits_BV = torch.randn(64, V, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    ids_B1 = sample_next(logits_BV, temperature, 3, gen)
+    top3_B3 = logits_BV.topk(3, dim=-1).indices
+    assert (ids_B1 == top3_B3).any(dim=-1).all()
+    assert len(ids_B1.unique()) > 3, "still sampled: not greedy"
+    assert torch.equal(sample_next(logits_BV, temperature, 1, gen), logits_BV.argmax(-1, keepdim=True))
+
+
 def test_generate_keeps_training_mode_and_load_statistics():
     model = build(moe=moe_cfg(bias_update_rate=0.1)).train()
     model.generate(tokens(2, 8), 4, temperature=0.0)
