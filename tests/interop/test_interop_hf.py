@@ -65,6 +65,22 @@ def test_kv_cache_generate_equals_transformers(saved):
         _close(ours, theirs)
 
 
+def test_left_padded_generate_equals_transformers(saved):
+    # transformers' generate with an attention mask is the usual way to decode prompts of
+    # different lengths; moge's mask= must agree with it token for token.
+    _, hf, path = saved
+    model, _ = from_pretrained(path)
+    x = _tokens(seed=3, B=3, L=7)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, :4], mask[2, :1] = False, False  # prompts of 3, 7 and 6 tokens
+    x = x.masked_fill(~mask, 0)
+    n = 5
+    theirs = hf.generate(
+        x, attention_mask=mask.long(), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    assert torch.equal(model.generate(x, n, temperature=0.0, mask=mask), theirs)
+
+
 def test_export_loads_in_transformers(saved, tmp_path):
     layout, _, path = saved
     model, _ = from_pretrained(path)
