@@ -149,6 +149,26 @@ def test_resume_reaches_the_same_weights(tmp_path, variant):
     ]
 
 
+@pytest.mark.parametrize("section, key, value", [("model", "activation_checkpointing", True),
+                                                  ("moe", "expert_impl", "loop")])  # fmt: skip
+def test_resume_may_change_how_the_model_is_computed(tmp_path, section, key, value):
+    # Both change no weight and no result, yet a resume refused them as "differs from the
+    # checkpoint ...; use another train.out_dir" (which cannot continue the run): no way to
+    # turn recompute on after running out of memory.
+    train(make_cfg(tmp_path / "full", steps=4), progress=False)
+    assert train(make_cfg(tmp_path / "split", steps=4), progress=False, stop_at=2).step == 2
+    resumed = make_cfg(tmp_path / "split", steps=4, resume=True)
+    resumed = dataclasses.replace(
+        resumed, **{section: dataclasses.replace(getattr(resumed, section), **{key: value})}
+    )
+    assert train(resumed, progress=False).step == 4
+    exact = dict(rtol=0, atol=0) if key == "activation_checkpointing" else dict(rtol=1e-4, atol=1e-5)
+    assert_close(final_tensors(tmp_path / "split"), final_tensors(tmp_path / "full"), **exact)
+    with pytest.raises(ValueError, match=r"^model\.n_layers: differs from the checkpoint"):
+        other = make_cfg(tmp_path / "split", steps=6, resume=True)
+        train(dataclasses.replace(other, model=dataclasses.replace(other.model, n_layers=3)), progress=False)
+
+
 def test_resume_keeps_the_collapse_monitors_baseline_and_warnings(tmp_path):
     # The monitor's first window (logit_growth's baseline) and the warnings in force were
     # lost on resume: growth was measured from the first window after it (1.0 there) and a
