@@ -129,9 +129,11 @@ def _prepare_out_dir(out_dir: Path, resume: bool, main: bool = True) -> Path | N
 
 
 # How the same model is computed, not what it is: a resume may change them (recompute after
-# running out of memory; another expert kernel), as they change no weight and no result
-# (checkpointing none at all, tested; a kernel only float rounding).
-HOW_COMPUTED = ("model.activation_checkpointing", "moe.expert_impl")
+# running out of memory; another expert kernel; float32 router logits for a converted
+# checkpoint read with router_dtype input, docs/moe-traps.md). None changes a weight; the
+# results move by nothing (checkpointing, tested), by rounding (a kernel), or in bf16 by
+# the experts a few tokens pick (router precision).
+HOW_COMPUTED = ("model.activation_checkpointing", "moe.expert_impl", "moe.router_dtype")
 
 
 def _check_same_architecture(cfg: RunConfig, ckpt: Path) -> None:

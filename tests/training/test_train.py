@@ -150,11 +150,13 @@ def test_resume_reaches_the_same_weights(tmp_path, variant):
 
 
 @pytest.mark.parametrize("section, key, value", [("model", "activation_checkpointing", True),
-                                                  ("moe", "expert_impl", "loop")])  # fmt: skip
+                                                  ("moe", "expert_impl", "loop"),
+                                                  ("moe", "router_dtype", "input")])  # fmt: skip
 def test_resume_may_change_how_the_model_is_computed(tmp_path, section, key, value):
-    # Both change no weight and no result, yet a resume refused them as "differs from the
-    # checkpoint ...; use another train.out_dir" (which cannot continue the run): no way to
-    # turn recompute on after running out of memory.
+    # None changes a weight, yet a resume refused them as "differs from the checkpoint ...;
+    # use another train.out_dir" (which cannot continue the run): no way to turn recompute
+    # on after running out of memory, nor to train a converted checkpoint (router_dtype
+    # input) with float32 logits as docs/moe-traps.md says to.
     train(make_cfg(tmp_path / "full", steps=4), progress=False)
     assert train(make_cfg(tmp_path / "split", steps=4), progress=False, stop_at=2).step == 2
     resumed = make_cfg(tmp_path / "split", steps=4, resume=True)
