@@ -547,22 +547,26 @@ def load_checkpoint(
     world = world or single_process()
 
     def prepare() -> tuple[
-        Path, dict, dict[str, Tensor], dict | None
+        Path, dict, dict[str, Tensor], dict | None, torch.optim.Optimizer | None
     ]:  # no collectives: may fail on one rank
         folder = find_checkpoint(path_or_run_dir)
         state = verify_checkpoint(folder)  # every file, before anything is read or changed
         saved = _saved_layout(folder)
         rng = _read_rng(folder, world) if data_gen is not None else None
-        if optimizer is not None:
+        optim = optimizer
+        if "optimizer" not in state and state["step"] == 0:
+            # Weights only (moge convert --to moge, save_pretrained(layout="moge")): before
+            # any update, so the optimizer starts fresh, as in a new run.
+            optim = None
+        if optim is not None:
             _check_groups(folder / STATE, state.get("optimizer", {}).get("param_groups"), {})
-        if optimizer is not None:
-            init_optimizer_state(model, optimizer)
-        target = checkpoint_state(model, optimizer, world)
-        for prefix in ("model.", "optim.") if optimizer is not None else ("model.",):
+            init_optimizer_state(model, optim)
+        target = checkpoint_state(model, optim, world)
+        for prefix in ("model.", "optim.") if optim is not None else ("model.",):
             _check_layout(folder, saved, target, prefix)
-        return folder, state, target, rng
+        return folder, state, target, rng, optim
 
-    folder, state, target, rng = agree(world, "reading the checkpoint", prepare)
+    folder, state, target, rng, optimizer = agree(world, "reading the checkpoint", prepare)
     try:  # DCP agrees on a failure of any rank itself
         with warnings.catch_warnings():  # one process: no process group, as asked
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)

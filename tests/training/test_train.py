@@ -171,6 +171,24 @@ def test_resume_may_change_how_the_model_is_computed(tmp_path, section, key, val
         train(dataclasses.replace(other, model=dataclasses.replace(other.model, n_layers=3)), progress=False)
 
 
+def test_a_weights_only_run_folder_trains_with_a_fresh_optimizer(tmp_path):
+    # `moge convert --to moge` and save_pretrained(layout="moge") write a step-0 checkpoint
+    # without optimizer state; resuming it failed: "state.json: param_groups must be a JSON
+    # list ...", so a converted checkpoint could not be trained at all.
+    train(make_cfg(tmp_path / "fresh", steps=3), progress=False)
+    cfg = make_cfg(tmp_path / "weights", steps=3, resume=True)
+    torch.manual_seed(cfg.train.seed)  # the init of a fresh run (the seed's first draw)
+    MoGETransformer(cfg.model, cfg.moe).save_pretrained(tmp_path / "weights", layout="moge")
+    assert train(cfg, progress=False).step == 3
+    assert [r["loss"] for r in records(tmp_path / "weights", "train")] == [
+        r["loss"] for r in records(tmp_path / "fresh", "train")
+    ]
+    got, want = final_tensors(tmp_path / "weights"), final_tensors(tmp_path / "fresh")
+    for state in (got, want):  # torch's RNG as the writer left it (no step draws from it)
+        del state["rng.torch_cpu"]
+    assert_close(got, want, rtol=0, atol=0)
+
+
 def test_resume_keeps_the_collapse_monitors_baseline_and_warnings(tmp_path):
     # The monitor's first window (logit_growth's baseline) and the warnings in force were
     # lost on resume: growth was measured from the first window after it (1.0 there) and a
