@@ -115,7 +115,8 @@ def assert_group_quota(expert_ids: Tensor, *, num_experts: int, num_groups: int,
 def assert_balanced(load: Tensor, *, tolerance: float) -> None:
     """Fail if any entry of `load` deviates from the mean by more than tolerance * mean.
 
-    load [E] (per expert, per group or per device). tolerance 0.1 allows +-10%. Expert
+    load [E] (per expert, per group or per device); a NaN or infinite entry fails, a
+    negative one is a ValueError. tolerance 0.1 allows +-10%. Expert
     loads of a small batch are noisy even when routing is fair (a fresh layer's 16
     experts on 1024 tokens are 10-20% apart): test experts on many tokens or with a
     wide tolerance, and test devices with assert_device_balanced.
@@ -124,6 +125,17 @@ def assert_balanced(load: Tensor, *, tolerance: float) -> None:
     load_f = load.detach().double().reshape(-1)
     if load_f.numel() == 0:
         raise AssertionError("load: empty")
+    # A NaN (a diverged router's shares) compares False with any tolerance: fail on it here.
+    not_finite = (~torch.isfinite(load_f)).nonzero()
+    if not_finite.numel():
+        i = int(not_finite[0])
+        raise AssertionError(f"entry {i} has load {load_f[i].item():g}, not finite; load = {load_f.tolist()}")
+    negative = (load_f < 0).nonzero()
+    if negative.numel():
+        i = int(negative[0])
+        raise ValueError(
+            f"load: entry {i} is {load_f[i].item():g}; a load (slots or shares) is never negative"
+        )
     mean = load_f.mean().item()
     if mean == 0:
         raise AssertionError("load: every entry is 0, nothing was routed")

@@ -57,6 +57,21 @@ def test_assert_balanced():
         assert_balanced(torch.zeros(4), tolerance=0.1)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_assert_balanced_fails_on_a_load_that_is_not_finite(bad):
+    # A router that diverged gives NaN shares; NaN compares False with the tolerance.
+    load = torch.tensor([1.0, 1.0, bad, 1.0])
+    with pytest.raises(AssertionError, match="entry 2 has load (nan|inf)"):
+        assert_balanced(load, tolerance=0.1)
+    with pytest.raises(AssertionError, match="entry 0 has load"):
+        assert_balanced(torch.full((4,), bad), tolerance=0.1)
+
+
+def test_assert_balanced_refuses_negative_loads_naming_load():
+    with pytest.raises(ValueError, match="^load: .*entry 0"):
+        assert_balanced(torch.tensor([-1.0, 1.0]), tolerance=0.1)
+
+
 def test_every_setting_is_keyword_only_in_one_order():
     """The checked tensor first; settings keyword-only in the order E, M, N, K, rest."""
     order = ["num_experts", "num_groups", "num_devices", "top_k", "tokens"]
