@@ -130,6 +130,8 @@ def group_limited_topk(
             f"topk_groups: must be in 1..{num_groups} and hold at least top_k={top_k} "
             f"experts ({G} per group), got {topk_groups}"
         )
+    if group_score == "top2_sum" and G < 2:
+        raise ValueError(f"group_score: top2_sum needs at least 2 experts per group, got {G}; use max")
     sel_TE = _with_bias(scores, bias)
     sel_TMG = rearrange(sel_TE, "t (m g) -> t m g", m=num_groups)
     keep_TM = _stable_topk_indices(_group_scores(sel_TMG, group_score), topk_groups)

@@ -207,6 +207,13 @@ def test_group_limited_bad_topk_groups(topk_groups):
         group_limited_topk(_scores(3, 16), 8, 4, topk_groups)  # 1 group of 4 < 8
 
 
+def test_group_limited_top2_sum_of_one_expert_groups_names_group_score():
+    # MoGEConfig refuses it; called directly it was torch.topk's "selected index k out of range".
+    with pytest.raises(ValueError, match="^group_score: top2_sum"):
+        group_limited_topk(_scores(3, 8), 2, 8, 4, "top2_sum")
+    group_limited_topk(_scores(3, 8), 2, 8, 4, "max")  # a group's max needs one expert
+
+
 # --- random routed experts -----------------------------------------------------------------
 
 
