@@ -259,10 +259,13 @@ class GroupedExperts(nn.Module):
       default they add in bf16, as the reference loop and transformers do).
     """
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, impl: str = "auto") -> None:
+    def __init__(
+        self, num_experts: int, d_model: int, hidden: int, impl: str = "auto", init_std: float = 0.02
+    ) -> None:
         super().__init__()
         resolve_impl(impl, torch.device("cpu"), torch.float32)  # validates the name
         self.num_experts, self.d_model, self.hidden, self.impl = num_experts, d_model, hidden, impl
+        self.init_std = init_std  # reset_parameters()'s std when none is given
         self.pad_rows: int | None = None
         self.experts_per_chunk: int | None = None
         self.max_pad_waste = MAX_PAD_WASTE
@@ -274,7 +277,10 @@ class GroupedExperts(nn.Module):
         self.w_gate_up_EDH = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
 
-    def reset_parameters(self, std: float) -> None:
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Weights ~ N(0, std); std None: init_std (FSDP's meta-device materialisation and
+        module-by-module init loops call reset_parameters() without arguments)."""
+        std = self.init_std if std is None else std
         nn.init.normal_(self.w_gate_up_EDH, std=std)
         nn.init.normal_(self.w_down_EFD, std=std)
 

@@ -267,7 +267,7 @@ class MoGELayer(nn.Module):
             group_score=c.group_score, normalize_weights=c.normalize_weights, route_scale=c.route_scale,
         )  # fmt: skip
         self.router = Router(c.d_model, c.num_experts)
-        self.experts = GroupedExperts(c.num_experts, c.d_model, c.expert_hidden, c.expert_impl)
+        self.experts = GroupedExperts(c.num_experts, c.d_model, c.expert_hidden, c.expert_impl, c.init_std)
         # One group per chunk of the fused path: under the grouped router every chunk
         # then holds exactly T*K/M slots, so its buffers have the same size every call.
         self.experts.experts_per_chunk = c.experts_per_group

@@ -375,6 +375,24 @@ def test_meta_build_then_to_empty_and_reset_parameters_gives_the_fresh_buffers()
     assert int(out.load.sum()) == 12 * 4 and int(layer.load_accum_E.sum()) == 12 * 4
 
 
+def test_reset_parameters_on_every_submodule_as_fsdp_materialises_a_meta_model():
+    """FSDP's meta-device materialisation (and `model.apply`-style loops) call
+    reset_parameters() with no argument on every module that holds parameters, the
+    experts module included: they get the layer's init_std, as the layer's own reset gives."""
+    kw = dict(init_std=0.5, num_shared_experts=1, expert_hidden=64)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), moge.MoGEMLP(MoGEConfig(**{**BASE, **kw})))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)) and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    experts = model[1].experts
+    for w in (experts.w_gate_up_EDH, experts.w_down_EFD):
+        assert_close(w.std().item(), kw["init_std"], rtol=0.05, atol=0)
+    assert torch.isfinite(model(torch.randn(2, 3, 16))).all()
+
+
 # --- the fused path's chunks are the groups ------------------------------------------------------
 
 
