@@ -39,7 +39,14 @@ def _stable_topk_indices(values: Tensor, k: int) -> Tensor:
 
 
 def _with_bias(scores: Tensor, bias: Tensor | None) -> Tensor:
-    return scores if bias is None else scores + bias
+    if bias is None:
+        return scores
+    # One offset per expert: a [1] or [T, E] bias would broadcast and select silently.
+    if bias.shape != scores.shape[1:]:
+        raise ValueError(
+            f"bias: expected ({scores.shape[1]},), one offset per expert, got {tuple(bias.shape)}"
+        )
+    return scores + bias
 
 
 def _check_scores(scores: Tensor) -> None:

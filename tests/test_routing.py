@@ -83,6 +83,20 @@ def test_grouped_topk_bias_changes_selection_not_weights():
     assert_close(weights, scores.gather(1, ids))
 
 
+@pytest.mark.parametrize("shape", [(5,), (1,), (3, 8)])
+def test_a_bias_that_is_not_one_offset_per_expert_names_bias(shape):
+    # (5,) failed inside the add with a broadcasting error; (1,) and (3, 8) broadcast and
+    # were used silently, as one offset for all experts or one row per token.
+    scores, bias = _scores(3, 8), torch.zeros(shape)
+    for select in (
+        lambda: grouped_topk(scores, 4, 4, bias=bias),
+        lambda: global_topk(scores, 2, bias=bias),
+        lambda: group_limited_topk(scores, 2, 4, 2, bias=bias),
+    ):
+        with pytest.raises(ValueError, match=r"^bias: expected \(8,\)"):
+            select()
+
+
 @pytest.mark.parametrize(
     "E,M,K,match",
     [(10, 4, 4, "num_groups"), (8, 4, 6, "top_k"), (8, 4, 12, "top_k"), (8, 4, 0, "top_k")],
