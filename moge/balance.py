@@ -113,7 +113,30 @@ def sequence_load_balancing_loss(
 
     scores_BLE [B, L, E], ids_BLK [B, L, K], mask_BL [B, L] bool (False: padding, left
     out of f and p; a sequence of padding only is left out of the mean) -> 0-dim tensor.
+    Shapes and ids are checked (ValueError naming the argument).
     """
+    if scores_BLE.dim() != 3 or scores_BLE.shape[2] != num_experts:
+        raise ValueError(
+            f"scores: expected [sequences, length, {num_experts}], got {tuple(scores_BLE.shape)}"
+        )
+    B, L = scores_BLE.shape[:2]
+    if ids_BLK.dim() != 3 or ids_BLK.shape[:2] != (B, L):
+        raise ValueError(
+            f"expert_ids: expected [{B}, {L}, top_k] to match scores, got {tuple(ids_BLK.shape)}"
+        )
+    if mask_BL is not None and (mask_BL.dtype != torch.bool or mask_BL.shape != (B, L)):
+        raise ValueError(
+            f"mask_BL: expected a bool tensor of shape {(B, L)}, got {mask_BL.dtype} {tuple(mask_BL.shape)}"
+        )
+    check_expert_ids(ids_BLK, num_experts)
+    return sequence_balance_loss(scores_BLE, ids_BLK, num_experts, mask_BL)
+
+
+def sequence_balance_loss(
+    scores_BLE: Tensor, ids_BLK: Tensor, num_experts: int, mask_BL: Tensor | None = None
+) -> Tensor:
+    """sequence_load_balancing_loss without its checks, for a dispatch's own selection
+    (ids in 0..num_experts-1): an id outside would count in another sequence's f."""
     B, L, K = ids_BLK.shape
     if B == 0 or L == 0:
         return scores_BLE.new_zeros((), dtype=torch.float32)

@@ -424,7 +424,7 @@ class MoGELayer(nn.Module):
             scores_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
         if c.aux_loss_type == "sequence" and len(lead) >= 2:
             L = lead[-1]
-            return balance.sequence_load_balancing_loss(
+            return balance.sequence_balance_loss(
                 rearrange(scores_TE, "(b l) e -> b l e", l=L),
                 rearrange(ids_TK, "(b l) k -> b l k", l=L),
                 c.num_experts,

@@ -102,6 +102,41 @@ def test_sequence_loss_one_sequence_equals_batch_loss():
     )
 
 
+@pytest.mark.parametrize("bad", [6, -1])
+def test_sequence_loss_refuses_expert_ids_outside_num_experts(bad):
+    """Each sequence's ids are offset by b * E into one count: an id of 6 (of 6 experts) in
+    sequence 0 was counted as sequence 1's expert 0, a -1 in sequence 1 as sequence 0's
+    expert 5, and the loss came back with no error."""
+    scores = _scores(8, 6, seed=5).view(2, 4, 6)
+    ids = torch.stack([global_topk(scores[b], 2)[1] for b in range(2)])
+    ids[0 if bad > 0 else 1, 1, 1] = bad
+    with pytest.raises(ValueError, match=f"^expert_ids: id {bad} is outside 0..5"):
+        sequence_load_balancing_loss(scores, ids, 6)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(scores=torch.full((2, 4, 5), 0.2)), "^scores: expected \\[sequences, length, 6\\]"),
+        (dict(ids=torch.zeros(2, 3, 2, dtype=torch.long)), "^expert_ids: expected \\[2, 4, top_k\\]"),
+        (
+            dict(mask=torch.ones(2, 4, dtype=torch.long)),
+            "^mask_BL: expected a bool tensor of shape \\(2, 4\\)",
+        ),
+        (
+            dict(mask=torch.ones(4, 2, dtype=torch.bool)),
+            "^mask_BL: expected a bool tensor of shape \\(2, 4\\)",
+        ),
+    ],
+)
+def test_sequence_loss_bad_shapes_name_the_argument(change, message):
+    scores = _scores(8, 6, seed=5).view(2, 4, 6)
+    ids = torch.stack([global_topk(scores[b], 2)[1] for b in range(2)])
+    args = {"scores": scores, "ids": ids, "mask": None, **change}
+    with pytest.raises(ValueError, match=message):
+        sequence_load_balancing_loss(args["scores"], args["ids"], 6, mask_BL=args["mask"])
+
+
 def test_global_batch_counts_over_micro_batches():
     # Two micro-batches whose own loads are skewed but whose union is balanced.
     scores = torch.full((4, 2), 0.5)
