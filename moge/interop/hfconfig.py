@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from moge._validate import check_float
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
 
@@ -55,6 +56,19 @@ def need(hf: dict, key: str, where: str):
     if key not in hf or hf[key] is None:
         raise ValueError(f"{where}: config.json lacks the field {key!r}")
     return hf[key]
+
+
+def router_aux_loss_coef(hf: dict, where: str) -> float:
+    """The balance-loss coefficient c; left out or null: 0.001, the default of every MoE
+    layout's configuration class (transformers' and the released Pangu one)."""
+    c = hf.get("router_aux_loss_coef")
+    if c is None:
+        return 0.001
+    try:
+        check_float("router_aux_loss_coef", c, minimum=0.0)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return float(c)
 
 
 def rope_theta(hf: dict, where: str) -> float:

@@ -15,6 +15,7 @@ from moge.interop.hfconfig import (
     check_plain_routing,
     need,
     refuse,
+    router_aux_loss_coef,
 )
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces
 from moge.layer import MoGEConfig
@@ -34,12 +35,13 @@ class MixtralLayout(BaseLayout):
             )
         m = base_model_config(hf, where, CLASS_DEFAULTS["mixtral"])
         K = int(need(hf, "num_experts_per_tok", where))
+        coef = router_aux_loss_coef(hf, where)
         try:
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=int(need(hf, "num_local_experts", where)), num_groups=1, top_k=K,
                 expert_hidden=int(need(hf, "intermediate_size", where)), router="global", normalize_weights=True,
                 router_dtype="input",  # transformers' gate: logits in the model's dtype, softmax in float32
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
+                aux_loss_coef=coef, aux_loss_type="released",
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err

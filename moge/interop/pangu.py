@@ -11,7 +11,14 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 from __future__ import annotations
 
 from moge.balance import released_coefficient
-from moge.interop.hfconfig import CLASS_DEFAULTS, base_config_json, base_model_config, need, refuse
+from moge.interop.hfconfig import (
+    CLASS_DEFAULTS,
+    base_config_json,
+    base_model_config,
+    need,
+    refuse,
+    router_aux_loss_coef,
+)
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
@@ -34,6 +41,7 @@ class PanguLayout(BaseLayout):
         hf = {**hf, "head_dim": None}  # the released attention derives it: hidden / heads
         m = base_model_config(hf, where, CLASS_DEFAULTS["pangu"], qkv_bias=True, o_bias=True)
         E, K = int(need(hf, "num_experts", where)), int(need(hf, "num_experts_per_tok", where))
+        coef = router_aux_loss_coef(hf, where)
         try:
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=E, num_groups=K, top_k=K,
@@ -44,7 +52,7 @@ class PanguLayout(BaseLayout):
                 # bf16, float32 logits would pick another expert set for ~1.7% of tokens.
                 router_dtype="input",
                 # The released objective (Mixtral's function) with its coefficient: the same signal.
-                aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
+                aux_loss_coef=coef, aux_loss_type="released",
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err} (groups = num_experts_per_tok: one expert per group)") from err

@@ -18,6 +18,7 @@ from moge.interop.hfconfig import (
     dense_pattern,
     need,
     refuse,
+    router_aux_loss_coef,
 )
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
@@ -49,7 +50,7 @@ def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
         # logits would pick other experts than transformers does for some tokens.
         router_dtype="input",
         # Their objective (Mixtral's function) with their coefficient: the same training signal.
-        aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)), aux_loss_type="released",
+        aux_loss_coef=router_aux_loss_coef(hf, where), aux_loss_type="released",
     )  # fmt: skip
 
 
@@ -105,8 +106,9 @@ class Qwen2MoeLayout(BaseLayout):
             hf, where, CLASS_DEFAULTS["qwen2_moe"], qkv_bias=bias, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
             first_dense_layers=first, moe_every=every,
         )  # fmt: skip
+        fields = _moe_fields(hf, where, shared=shared)  # outside the try: its errors already name config.json
         try:
-            return m, MoGEConfig(d_model=m.d_model, **_moe_fields(hf, where, shared=shared))
+            return m, MoGEConfig(d_model=m.d_model, **fields)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
 
@@ -144,8 +146,9 @@ class Qwen3MoeLayout(BaseLayout):
             hf, where, CLASS_DEFAULTS["qwen3_moe"], qkv_bias=bias, o_bias=bias, qk_norm=True,
             dense_hidden=int(need(hf, "intermediate_size", where)), first_dense_layers=first, moe_every=every,
         )  # fmt: skip
+        fields = _moe_fields(hf, where, shared=0)  # outside the try: its errors already name config.json
         try:
-            return m, MoGEConfig(d_model=m.d_model, **_moe_fields(hf, where, shared=0))
+            return m, MoGEConfig(d_model=m.d_model, **fields)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
 

@@ -557,3 +557,17 @@ def test_a_qwen2_moe_shared_width_that_is_missing_or_zero_is_named(value, messag
         Qwen2MoeLayout().read_config(hf, "config.json")
     _, moe = Qwen2MoeLayout().read_config({**hf, "shared_expert_intermediate_size": 24}, "config.json")
     assert moe.shared_width == 24  # the rest of the config reads
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+@pytest.mark.parametrize("value", [None, "0.001", -0.1])
+def test_router_aux_loss_coef_null_reads_as_left_out_and_a_bad_one_is_named(layout, value):
+    from moge.interop import LAYOUTS
+
+    hf = {k: v for k, v in hf_model(layout).config.to_dict().items() if k != "router_aux_loss_coef"}
+    read = LAYOUTS[layout].read_config
+    if value is None:
+        assert read({**hf, "router_aux_loss_coef": None}, "config.json") == read(hf, "config.json")
+    else:
+        with pytest.raises(ValueError, match=r"^config\.json: router_aux_loss_coef: "):
+            read({**hf, "router_aux_loss_coef": value}, "config.json")

@@ -165,3 +165,23 @@ def test_imported_router_computes_logits_in_the_input_dtype_as_released():
         layer.config.router_dtype = "float32"
         changed = (layer(h).expert_ids != released).any(dim=1).sum().item()
     assert changed > 0, "float32 logits should change some token's choice: the check above has teeth"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [("0.001", "expected a number"), (-0.1, "must be >= 0"), (float("nan"), "finite")]
+)
+def test_a_bad_router_aux_loss_coef_is_named(value, message):
+    from moge.interop.pangu import PanguLayout
+
+    with pytest.raises(ValueError, match=rf"^config\.json: router_aux_loss_coef: .*{message}"):
+        PanguLayout().read_config({**RELEASED_FIELDS, "router_aux_loss_coef": value}, "config.json")
+
+
+def test_a_null_router_aux_loss_coef_reads_as_the_field_left_out():
+    """null, as for every other field: the configuration class's default (not a TypeError)."""
+    from moge.interop.pangu import PanguLayout
+
+    absent = {k: v for k, v in RELEASED_FIELDS.items() if k != "router_aux_loss_coef"}
+    _, null = PanguLayout().read_config({**absent, "router_aux_loss_coef": None}, "config.json")
+    _, left_out = PanguLayout().read_config(absent, "config.json")
+    assert null == left_out
