@@ -34,12 +34,12 @@ class MixtralLayout(BaseLayout):
                 f"{where}: sliding_window {hf['sliding_window']}: moge has full causal attention only"
             )
         m = base_model_config(hf, where, CLASS_DEFAULTS["mixtral"])
-        K = int(need(hf, "num_experts_per_tok", where))
-        coef = router_aux_loss_coef(hf, where)
+        K, E = int(need(hf, "num_experts_per_tok", where)), int(need(hf, "num_local_experts", where))
+        F, coef = int(need(hf, "intermediate_size", where)), router_aux_loss_coef(hf, where)
         try:
             e = MoGEConfig(
-                d_model=m.d_model, num_experts=int(need(hf, "num_local_experts", where)), num_groups=1, top_k=K,
-                expert_hidden=int(need(hf, "intermediate_size", where)), router="global", normalize_weights=True,
+                d_model=m.d_model, num_experts=E, num_groups=1, top_k=K,
+                expert_hidden=F, router="global", normalize_weights=True,
                 router_dtype="input",  # transformers' gate: logits in the model's dtype, softmax in float32
                 aux_loss_coef=coef, aux_loss_type="released",
             )  # fmt: skip

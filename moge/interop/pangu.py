@@ -41,12 +41,14 @@ class PanguLayout(BaseLayout):
         hf = {**hf, "head_dim": None}  # the released attention derives it: hidden / heads
         m = base_model_config(hf, where, CLASS_DEFAULTS["pangu"], qkv_bias=True, o_bias=True)
         E, K = int(need(hf, "num_experts", where)), int(need(hf, "num_experts_per_tok", where))
+        # Read before the try: these errors already name config.json and their field.
+        F = int(need(hf, "moe_intermediate_size", where))
+        S = int(need(hf, "shared_expert_intermediate_size", where))
         coef = router_aux_loss_coef(hf, where)
         try:
             e = MoGEConfig(
-                d_model=m.d_model, num_experts=E, num_groups=K, top_k=K,
-                expert_hidden=int(need(hf, "moe_intermediate_size", where)),
-                num_shared_experts=1, shared_hidden=int(need(hf, "shared_expert_intermediate_size", where)),
+                d_model=m.d_model, num_experts=E, num_groups=K, top_k=K, expert_hidden=F,
+                num_shared_experts=1, shared_hidden=S,
                 router="grouped", learned_expert_scale=True,
                 # The released gate is a Linear in the input's dtype (softmax in float32): in
                 # bf16, float32 logits would pick another expert set for ~1.7% of tokens.
@@ -55,7 +57,9 @@ class PanguLayout(BaseLayout):
                 aux_loss_coef=coef, aux_loss_type="released",
             )  # fmt: skip
         except ValueError as err:
-            raise ValueError(f"{where}: {err} (groups = num_experts_per_tok: one expert per group)") from err
+            grouping = str(err).startswith(("num_groups", "top_k"))  # K = M: where their errors come from
+            hint = " (groups = num_experts_per_tok: one expert per group)" if grouping else ""
+            raise ValueError(f"{where}: {err}{hint}") from err
         return m, e
 
     def write_config(self, m: ModelConfig, e: MoGEConfig) -> dict:

@@ -571,3 +571,13 @@ def test_router_aux_loss_coef_null_reads_as_left_out_and_a_bad_one_is_named(layo
     else:
         with pytest.raises(ValueError, match=r"^config\.json: router_aux_loss_coef: "):
             read({**hf, "router_aux_loss_coef": value}, "config.json")
+
+
+@pytest.mark.parametrize("field", ["num_local_experts", "intermediate_size"])
+def test_a_missing_mixtral_field_names_the_file_once(field):
+    from moge.interop.mixtral import MixtralLayout
+
+    hf = {k: v for k, v in hf_model("mixtral").config.to_dict().items() if k != field}
+    with pytest.raises(ValueError) as err:
+        MixtralLayout().read_config(hf, "/m/config.json")
+    assert str(err.value) == f"/m/config.json: config.json lacks the field {field!r}"

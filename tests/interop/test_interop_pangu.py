@@ -185,3 +185,23 @@ def test_a_null_router_aux_loss_coef_reads_as_the_field_left_out():
     _, null = PanguLayout().read_config({**absent, "router_aux_loss_coef": None}, "config.json")
     _, left_out = PanguLayout().read_config(absent, "config.json")
     assert null == left_out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(moe_intermediate_size=None), "config.json lacks the field 'moe_intermediate_size'"),
+        (dict(shared_expert_intermediate_size=None), "config.json lacks the field 'shared_expert_intermediate_size'"),
+        (dict(shared_expert_intermediate_size=0), "shared_hidden: must be >= 1, got 0"),
+        (dict(num_experts_per_tok=3), "num_groups: 3 groups do not divide num_experts=64 (groups = num_experts_per_tok"),
+    ],
+)  # fmt: skip
+def test_a_bad_moe_field_is_named_once(change, message):
+    """Each error names the file once; the groups hint only where groups are the matter."""
+    from moge.interop.pangu import PanguLayout
+
+    with pytest.raises(ValueError) as err:
+        PanguLayout().read_config({**RELEASED_FIELDS, **change}, "/m/config.json")
+    assert str(err.value).startswith(f"/m/config.json: {message}"), str(err.value)
+    assert str(err.value).count("/m/config.json") == 1
+    assert ("groups = num_experts_per_tok" in str(err.value)) == ("groups" in message)
