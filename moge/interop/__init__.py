@@ -222,8 +222,8 @@ def convert(
     to: a name in LAYOUTS, or "moge" for a moge run folder. Returns the weight files written.
     Peak memory: about the largest moge tensor (the stacked experts of one layer, when
     reading a layout) plus one tensor being written. The source's special-token ids,
-    generation_config.json and tokenizer files go along (moge.interop.sidefiles; a moge
-    run keeps them in hf/).
+    generation_config.json, tokenizer files and the released Pangu modelling code go along
+    (moge.interop.sidefiles; a moge run keeps them in hf/).
     """
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():

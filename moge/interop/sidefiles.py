@@ -1,4 +1,5 @@
-"""What travels with the weights besides them: token ids, generation config, tokenizer files.
+"""What travels with the weights besides them: token ids, generation config, tokenizer files,
+the released Pangu modelling code.
 
 A layout folder's config.json names the special tokens (bos/eos/pad ids) that its
 generation_config.json and tokenizer files also use; moge's own config has no field for
@@ -26,6 +27,10 @@ SIDE_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
     "chat_template.json",
+    # The released Pangu Pro MoE code, which config.json's auto_map names (trust_remote_code
+    # loads it from the checkpoint's folder): without it the converted checkpoint cannot load.
+    "configuration_pangu_moe.py",
+    "modeling_pangu_moe.py",
 )
 # transformers' named chat templates other than the default: <dir>/<name>.jinja, each read
 # as the template <name> (tokenization_utils_base, CHAT_TEMPLATE_DIR).

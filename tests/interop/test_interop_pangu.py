@@ -205,3 +205,25 @@ def test_a_bad_moe_field_is_named_once(change, message):
     assert str(err.value).startswith(f"/m/config.json: {message}"), str(err.value)
     assert str(err.value).count("/m/config.json") == 1
     assert ("groups = num_experts_per_tok" in str(err.value)) == ("groups" in message)
+
+
+def test_the_released_modelling_code_travels_with_the_checkpoint(tmp_path):
+    """config.json's auto_map names configuration_pangu_moe.py and modeling_pangu_moe.py
+    (what trust_remote_code loads): a released checkpoint converted through a moge run, or
+    straight to pangu, keeps them, so that its code still finds them."""
+    from moge.interop import convert
+    from moge.interop.pangu import AUTO_MAP
+
+    src = tmp_path / "src"
+    write_random_checkpoint(src, RELEASED_FIELDS)
+    code = {f"{target.split('.')[0]}.py": f"# {target}\n" for target in AUTO_MAP.values()}
+    for name, text in code.items():
+        (src / name).write_text(text)
+    convert(src, tmp_path / "run", to="moge")
+    convert(tmp_path / "run", tmp_path / "back", to="pangu")
+    convert(src, tmp_path / "direct", to="pangu")
+    for out in ("back", "direct"):
+        auto_map = json.loads((tmp_path / out / "config.json").read_text())["auto_map"]
+        for target in auto_map.values():
+            name = f"{target.split('.')[0]}.py"
+            assert (tmp_path / out / name).read_text() == code[name], (out, name)
