@@ -5,6 +5,8 @@ Every block MoE; q/k/v/o all with bias; head size hidden/heads; router `mlp.gate
 learned `mlp.router_scale` [1, E]; one shared SwiGLU `mlp.shared_expert` added unweighted.
 config.json has no field for the number of groups: the released code takes one expert
 per group (8 groups, top-8), so groups = num_experts_per_tok, and only K/M = 1 exports.
+The released code builds only 64 experts with top-8 (it hard-codes the 8 groups); other
+shapes are written all the same, for readers that take groups = top-k (vllm-ascend).
 A moge model without biases or expert scale exports zeros / ones for them (the same model).
 """
 

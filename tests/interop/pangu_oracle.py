@@ -11,6 +11,9 @@ What it encodes of the released code:
 - MoE block: logits = gate(x); p = softmax(logits) in float32; the experts are split into
   num_experts_per_tok contiguous groups and each group contributes its arg-max expert with
   weight p * router_scale[0, e] (no renormalisation); plus the shared expert, unweighted.
+  The released block itself hard-codes 8 groups and refuses anything but 64 experts with
+  top-8 (check_config); the oracle takes groups = num_experts_per_tok, moge's reading, so
+  at other shapes it checks that convention rather than the released code.
 - logits = lm_head(norm(h)) in float32.
 """
 
