@@ -191,14 +191,18 @@ def released_balance_loss(scores: Sequence[Tensor], top_k: int) -> Tensor:
     return E * (frac_E * scores_NE.mean(dim=0)).sum()
 
 
-def released_coefficient(aux_loss_coef: float, aux_loss_type: str, top_k: int) -> float:
-    """The released code's `router_aux_loss_coef` c that weighs a moge layer's balance loss.
+def released_coefficient(aux_loss_coef: float, aux_loss_type: str, top_k: int, moe_layers: int) -> float:
+    """The released code's `router_aux_loss_coef` c for a model of `moe_layers` MoE layers.
 
-    aux_loss_type "released" runs the released objective, so c is aux_loss_coef itself;
-    otherwise Eq. 8's alpha matches c = alpha / K on one layer's rows with the same counts
-    (the released loss is K times Eq. 8). What checkpoint configs (config.json) record.
+    aux_loss_type "released" runs the released objective, so c is aux_loss_coef itself.
+    Otherwise the model adds alpha * Eq. 8 for every layer, where the released code takes
+    one loss over all layers' rows: on L layers that route alike that loss is K times
+    one layer's Eq. 8, so c = alpha * L / K gives the same loss and the same pull on each
+    router (alpha / K would match a single layer only). What config.json records.
     """
-    return aux_loss_coef if aux_loss_type == "released" else aux_loss_coef / top_k
+    if aux_loss_type == "released":
+        return aux_loss_coef
+    return aux_loss_coef * moe_layers / top_k
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:

@@ -417,13 +417,14 @@ def test_released_is_a_config_option():
     "aux_loss_type, coef, released_c", [("batch", 0.004, 0.002), ("released", 0.003, 0.003)]
 )
 def test_exported_router_aux_loss_coef_follows_the_objective(tmp_path, aux_loss_type, coef, released_c):
-    """config.json's router_aux_loss_coef is the released c: alpha / K for Eq. 8, c itself for released."""
+    """config.json's router_aux_loss_coef is the released c: alpha * L / K for Eq. 8 (one MoE
+    layer here), c itself for released."""
     import json
 
     from moge.model import MoGETransformer
     from moge.model.config import ModelConfig
 
-    assert balance.released_coefficient(coef, aux_loss_type, 2) == pytest.approx(released_c)
+    assert balance.released_coefficient(coef, aux_loss_type, 2, 1) == pytest.approx(released_c)
     m = ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True)
     e = MoGEConfig(d_model=16, num_experts=4, num_groups=1, top_k=2, expert_hidden=8, router="global",
                    aux_loss_coef=coef, aux_loss_type=aux_loss_type)  # fmt: skip
@@ -447,3 +448,33 @@ def test_load_summary_of_counts():
         balance.load_summary(torch.ones(4), 3, tokens=1)
     with pytest.raises(ValueError, match="num_groups: 3 does not divide num_experts=8"):
         balance.routing_stats(torch.zeros(4, 2, dtype=torch.long), 8, 3)  # a ValueError, not einops'
+
+
+@pytest.mark.parametrize(
+    ("layout", "router", "first_dense"), [("pangu", "grouped", 0), ("qwen3_moe", "global", 1)]
+)
+def test_exported_coefficient_of_an_eq8_model_pulls_its_layers_as_moge_did(
+    tmp_path, layout, router, first_dense
+):
+    """An Eq. 8 model adds alpha * Eq. 8 for each of its L MoE layers; the released objective
+    is one loss over all layers' rows. On L layers that route alike (global top-k counts, so
+    the counts agree too), c * released must equal the model's alpha * sum of Eq. 8."""
+    import json
+
+    from moge.interop import save_pretrained
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    E, K, alpha, n_layers = 8, 4, 0.003, 3
+    m = ModelConfig(vocab_size=64, d_model=16, n_layers=n_layers, n_heads=2, n_kv_heads=1,
+                    qk_norm=layout == "qwen3_moe", first_dense_layers=first_dense)  # fmt: skip
+    e = MoGEConfig(d_model=16, num_experts=E, num_groups=K if router == "grouped" else 1, top_k=K,
+                   expert_hidden=8, router=router, num_shared_experts=int(layout == "pangu"),
+                   aux_loss_coef=alpha, aux_loss_type="batch")  # fmt: skip
+    L = n_layers - first_dense
+    save_pretrained(MoGETransformer(m, e), tmp_path, layout=layout)
+    c = json.loads((tmp_path / "config.json").read_text())["router_aux_loss_coef"]
+    scores = torch.randn(48, E, generator=torch.Generator().manual_seed(5)).softmax(-1)
+    _, ids = global_topk(scores, top_k=K)
+    moge_loss = alpha * L * balance.load_balancing_loss(scores, ids, num_experts=E)
+    assert_close(c * balance.released_balance_loss([scores] * L, top_k=K), moge_loss, rtol=1e-6, atol=0)

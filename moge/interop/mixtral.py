@@ -13,6 +13,7 @@ from moge.interop.hfconfig import (
     base_config_json,
     base_model_config,
     check_plain_routing,
+    moe_layers_of,
     need,
     refuse,
     router_aux_loss_coef,
@@ -56,9 +57,10 @@ class MixtralLayout(BaseLayout):
         if m.qkv_bias or m.o_bias or m.qk_norm:
             raise refuse(self.name, "attention biases or q/k norms", "Mixtral attention has neither")
         cfg = base_config_json(m, "MixtralForCausalLM", "mixtral")
+        c = released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m)))
         cfg.update(
             num_local_experts=e.num_experts, num_experts_per_tok=e.top_k, intermediate_size=e.expert_hidden,
-            router_aux_loss_coef=released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k), router_jitter_noise=0.0, sliding_window=None,
+            router_aux_loss_coef=c, router_jitter_noise=0.0, sliding_window=None,
             output_router_logits=False,
         )  # fmt: skip
         return cfg

@@ -17,6 +17,7 @@ from moge.interop.hfconfig import (
     CLASS_DEFAULTS,
     base_config_json,
     base_model_config,
+    moe_layers_of,
     need,
     refuse,
     router_aux_loss_coef,
@@ -91,12 +92,13 @@ class PanguLayout(BaseLayout):
                 self.name, f"head_dim {m.head_dim}", "the released attention uses hidden_size / heads"
             )
         cfg = base_config_json(m, ARCH, MODEL_TYPE)
+        c = released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m)))
         for key in ("head_dim", "rope_parameters"):  # not fields of the released configuration
             del cfg[key]
         cfg.update(
             auto_map=AUTO_MAP, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
             moe_intermediate_size=e.expert_hidden, shared_expert_intermediate_size=e.shared_width,
-            router_aux_loss_coef=released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k), output_router_logits=False,
+            router_aux_loss_coef=c, output_router_logits=False,
         )  # fmt: skip
         return cfg
 

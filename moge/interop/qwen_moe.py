@@ -16,6 +16,7 @@ from moge.interop.hfconfig import (
     base_model_config,
     check_plain_routing,
     dense_pattern,
+    moe_layers_of,
     need,
     refuse,
     router_aux_loss_coef,
@@ -63,7 +64,9 @@ def _moe_json(m: ModelConfig, e: MoGEConfig) -> dict:
         "intermediate_size": m.resolved_dense_hidden,
         "mlp_only_layers": [i for i in range(m.n_layers) if not m.is_moe_layer(i)],
         "decoder_sparse_step": 1,
-        "router_aux_loss_coef": released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k),
+        "router_aux_loss_coef": released_coefficient(
+            e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m))
+        ),
         "output_router_logits": False,
         "use_sliding_window": False,
     }
