@@ -6,6 +6,8 @@ own traceback and failure summary after the one `error: ...` line moge printed. 
 runs the same launcher (torch.distributed.run) in-process, so every torchrun option works
 (--standalone, --nnodes, --rdzv_*, ...), and on a failed rank it prints nothing more: the
 rank already said why in one line. The exit code is the failed rank's (2 for a user error).
+A signal to the launcher (a scheduler's SIGTERM, Ctrl-C) reaches the ranks, which save the
+step in flight and say so; the launcher then exits 128 + the signal (143, 130) as they do.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def main(argv: Sequence[str]) -> int:
     """Launch `python -m moge ARGS` on every rank; returns the exit code."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if list(argv[:1]) in (["-h"], ["--help"]):
@@ -63,6 +66,8 @@ def main(argv: Sequence[str]) -> int:
     except ChildFailedError as err:
         _, failure = err.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as sig:  # the ranks got the signal too, and said what they saved
+        return 128 + int(sig.sigval)
     except SystemExit as exit_:  # torchrun's own argparse: bad launcher options
         return exit_.code if isinstance(exit_.code, int) else 2
     sys.stdout.flush()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,29 @@ def test_a_bad_override_under_torchrun_is_one_line_and_exit_2(tmp_path):
         "error: train.steps: expected an integer, got 'foo' (str) (in override 'train.steps=foo')"
     ], proc.stderr
     assert proc.stdout == ""
+
+
+def test_sigterm_to_the_launcher_saves_the_step_and_exits_143(tmp_path):
+    """What a scheduler does to a job: SIGTERM to the launcher, which passes it to the
+    ranks; they save the step in flight and say so, and the launcher adds nothing."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moge", "torchrun", "--standalone", "--nproc_per_node", "2",
+         "train", "tiny-moge", "parallel.expert_parallel=2", "train.steps=100000", "train.batch_size=1",
+         "data.seq_len=16", "train.eval_every=0", "train.save_every=0", "train.threads=1",
+         f"train.out_dir={run}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "terminated (SIGTERM) after step" in stderr, stderr
+    assert (run / "checkpoints" / "LATEST").exists()
