@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moge._validate import check_int
+from moge.dropin import MoGEMLP
 from moge.experts import run_experts
 from moge.kernels.precision import compute_dtype
 from moge.layer import MoGEConfig, MoGELayer, MoGEOutput
@@ -380,3 +381,14 @@ class ExpertParallelMoGE(GlobalLoadMoGE):
         x_TD = torch.where(keep_T1, x_TD, torch.zeros_like(x_TD))
         weights_TK = torch.where(keep_T1, out.weights, torch.zeros_like(out.weights))
         return self.experts(x_TD, out.expert_ids, weights_TK, dtype)
+
+
+# --- the drop-in MLP ------------------------------------------------------------------------
+
+
+class GlobalLoadMoGEMLP(GlobalLoadMoGE, MoGEMLP):
+    """GlobalLoadMoGE that returns the output tensor and keeps its aux losses, as moge.MoGEMLP."""
+
+
+class ExpertParallelMoGEMLP(ExpertParallelMoGE, MoGEMLP):
+    """ExpertParallelMoGE that returns the output tensor and keeps its aux losses, as moge.MoGEMLP."""

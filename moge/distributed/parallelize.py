@@ -37,8 +37,15 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 # What DTensor itself (and DCP) computes for a shard's place in the whole tensor.
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from moge.distributed.expert_parallel import ExpertParallelExperts, ExpertParallelMoGE, GlobalLoadMoGE
+from moge.distributed.expert_parallel import (
+    ExpertParallelExperts,
+    ExpertParallelMoGE,
+    ExpertParallelMoGEMLP,
+    GlobalLoadMoGE,
+    GlobalLoadMoGEMLP,
+)
 from moge.distributed.mesh import World
+from moge.dropin import MoGEMLP
 from moge.layer import MoGELayer
 from moge.model.init import init_buffers
 
@@ -54,16 +61,31 @@ def _mesh(world: World) -> DeviceMesh:
     return world.mesh
 
 
+# Each single-process MoGE layer type -> (its expert-parallel, its global-load version).
+_PARALLEL_TYPES: dict[type, tuple[type[ExpertParallelMoGE], type[GlobalLoadMoGE]]] = {
+    MoGELayer: (ExpertParallelMoGE, GlobalLoadMoGE),
+    MoGEMLP: (ExpertParallelMoGEMLP, GlobalLoadMoGEMLP),
+}
+
+
 def _swap_layers(model: nn.Module, world: World, static_splits: bool | None) -> None:
     ep_group = _mesh(world)["ep"].get_group()
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is not MoGELayer:
-                continue
+            if not isinstance(child, MoGELayer) or isinstance(child, GlobalLoadMoGE):
+                continue  # not a MoGE layer, or one made parallel already
+            if type(child) not in _PARALLEL_TYPES:
+                # Left as it is, it would count only this rank's load (each rank's balance
+                # bias drifting apart) and hold every expert: refused, not left silently.
+                raise ValueError(
+                    f"{prefix + '.' if prefix else ''}{name}: parallelize has parallel versions of "
+                    f"MoGELayer and MoGEMLP, not of their subclass {type(child).__name__}"
+                )
+            expert_parallel, global_load = _PARALLEL_TYPES[type(child)]
             if world.shape.ep > 1:
-                new = ExpertParallelMoGE.from_layer(child, ep_group, static_splits=static_splits)
+                new = expert_parallel.from_layer(child, ep_group, static_splits=static_splits)
             else:
-                new = GlobalLoadMoGE.from_layer(child)
+                new = global_load.from_layer(child)
             setattr(parent, name, new)
 
 
@@ -100,7 +122,7 @@ def parallelize(
     alone). `model` is either on the meta device (training: then `materialize`
     allocates and initialises this rank's shards) or the same full model on every rank
     (each keeps its share). Expects MoGETransformer's structure (`blocks`), or any
-    module whose MoGE layers are its own children.
+    module holding MoGELayer or MoGEMLP (the drop-in MLP) layers anywhere.
     """
     if world.size == 1:
         return model

@@ -22,11 +22,14 @@ from ranks import run_ranks
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.testing import assert_close
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
+import moge
 from moge.distributed.config import ParallelConfig
 from moge.distributed.expert_parallel import ExpertParallelMoGE, expert_placement
 from moge.distributed.mesh import connect
 from moge.distributed.parallelize import checkpoint_views, clip_grads_, grad_norm, parallelize
+from moge.dropin import MoGEMLP
 from moge.layer import MoGEConfig, MoGELayer
 from moge.model import MoGETransformer
 from moge.model.config import ModelConfig
@@ -488,3 +491,74 @@ def test_the_two_level_random_router_exchanges_counts_and_matches_one_process(tm
         assert_close(got["x_grad"], x_TD.grad, rtol=1e-5, atol=1e-6)
     # Rank 1's tokens are all "low": every slot goes to rank 0 (uneven, as static splits cannot be).
     assert load_rank(tmp_path, "two_level", 1)[1]["send"] == [T * TWO_LEVEL["top_k"], 0]
+
+
+# --- the drop-in MLP (moge.MoGEMLP) inside any model -------------------------------------------
+
+
+def _mlp_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(MoGEMLP(MoGEConfig(**BASE)))  # the grouped router, with the balance bias
+
+
+def _mlp_data(world: int):
+    """[world, T, D] inputs and targets: each rank's tokens of the first step."""
+    x, target, _ = make_data("grouped", world)
+    return x[0].view(world, T, -1), target[0].view(world, T, -1)
+
+
+def _mlp_worker(rank: int, world: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        mesh = connect(ParallelConfig(expert_parallel=world), BASE["num_groups"])
+        model = parallelize(_mlp_model(), mesh)
+        x_RTD, target_RTD = _mlp_data(world)
+        x_TD = x_RTD[rank].clone().requires_grad_()
+        y_TD = model(x_TD)
+        ((y_TD * target_RTD[rank]).sum() + moge.aux_loss(model)).backward()
+        grads = whole(model, mesh, {n: p.grad for n, p in model.named_parameters()})
+        moge.end_step(model)
+        tensors = {"hidden": y_TD, "x_grad": x_TD.grad, "bias": model[0].balance_bias_E}
+        tensors.update({f"grad.{n}": g for n, g in grads.items()})
+        _save(out_dir, f"mlp.rank{rank}", tensors, {"type": type(model[0]).__name__})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_drop_in_mlp_is_expert_parallel_and_matches_one_process(tmp_path):
+    world = 2
+    run_ranks(_mlp_worker, world, str(tmp_path), timeout=60)
+    model, (x_RTD, target_RTD) = _mlp_model(), _mlp_data(world)
+    xs_TD = [x_RTD[r].clone().requires_grad_() for r in range(world)]
+    ys_TD = [model(x_TD) for x_TD in xs_TD]
+    total = sum((y_TD * target_RTD[r]).sum() for r, y_TD in enumerate(ys_TD)) + moge.aux_loss(model)
+    (total / world).backward()  # the mean of the ranks' losses
+    ref_grads = {n: p.grad for n, p in model.named_parameters()}
+    moge.end_step(model)  # the bias from every rank's load
+    for r in range(world):
+        got, info = load_rank(tmp_path, "mlp", r)
+        assert info["type"] == "ExpertParallelMoGEMLP"
+        assert_close(got["hidden"], ys_TD[r].detach())
+        assert_close(got["x_grad"], world * xs_TD[r].grad)
+        for n, g in ref_grads.items():
+            assert_close(got[f"grad.{n}"], g, msg=lambda m: f"rank {r} {n}: {m}")
+        assert torch.equal(got["bias"], model[0].balance_bias_E)
+
+
+def test_a_moge_layer_subclass_without_a_parallel_version_is_refused():
+    class Custom(MoGELayer):
+        pass
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        world = connect(ParallelConfig(expert_parallel=2), BASE["num_groups"])
+        model = nn.Sequential(nn.Sequential(Custom(MoGEConfig(**BASE))))
+        with pytest.raises(
+            ValueError,
+            match=r"^0\.0: parallelize has parallel versions of MoGELayer and MoGEMLP, not of their subclass Custom",
+        ):
+            parallelize(model, world)
+    finally:
+        dist.destroy_process_group()
