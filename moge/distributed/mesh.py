@@ -63,6 +63,23 @@ def plan_mesh(parallel: ParallelConfig, num_groups: int, world: int) -> MeshShap
     return MeshShape(dp=world // ep, ep=ep)
 
 
+def check_expert_shards(shape: MeshShape, d_model: int, expert_hidden: int, field: str) -> None:
+    """ValueError naming `field` when dp cannot cut the experts' second axis evenly.
+
+    With ep > 1, FSDP2 shards the experts over dp along their second axis (d_model of
+    w_gate_up_EDH [J, D, 2F], expert_hidden of w_down_EFD [J, F, D]), and it cuts an
+    axis other than the first only into equal parts (NotImplementedError deep inside
+    fully_shard otherwise). Pure arithmetic, like plan_mesh.
+    """
+    if shape.ep == 1 or shape.dp == 1 or not (d_model % shape.dp or expert_hidden % shape.dp):
+        return
+    raise ValueError(
+        f"{field}: dp={shape.dp} does not divide the experts' second axis (d_model={d_model}, "
+        f"expert_hidden={expert_hidden}), which FSDP2 cuts into dp equal parts; use a dp "
+        f"(processes / expert_parallel {shape.ep}) that divides both"
+    )
+
+
 def world_size_from_env() -> int:
     """torchrun's WORLD_SIZE (1 when unset)."""
     return env_int("WORLD_SIZE", 1)

@@ -44,7 +44,7 @@ from moge.distributed.expert_parallel import (
     GlobalLoadMoGE,
     GlobalLoadMoGEMLP,
 )
-from moge.distributed.mesh import World
+from moge.distributed.mesh import World, check_expert_shards
 from moge.dropin import MoGEMLP
 from moge.layer import MoGELayer
 from moge.model.init import init_buffers
@@ -100,6 +100,8 @@ FLOAT32 = MixedPrecisionPolicy()  # parameters used as they are stored
 def _shard_experts(layer: ExpertParallelMoGE, world: World, policy: MixedPrecisionPolicy) -> None:
     # Shard(1): the first axis is already cut by "ep"; the checkpoint view stays one
     # DTensor over the 2-D mesh ([Shard(1), Shard(0)] on ("dp", "ep")).
+    c = layer.config
+    check_expert_shards(world.shape, c.d_model, c.expert_hidden, "parallel.data_parallel")
     fully_shard(
         layer.experts, mesh=_mesh(world)["dp"], shard_placement_fn=lambda p: Shard(1), mp_policy=policy
     )

@@ -562,3 +562,21 @@ def test_a_moge_layer_subclass_without_a_parallel_version_is_refused():
             parallelize(model, world)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("d_model, expert_hidden", [(15, 8), (16, 9)])
+def test_a_dp_that_cannot_cut_the_experts_evenly_is_a_data_parallel_error(d_model, expert_hidden):
+    # dp 2 x ep 2: FSDP2 cuts the experts' second axis (d_model, expert_hidden) over dp.
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
+    try:
+        world = connect(ParallelConfig(expert_parallel=2), BASE["num_groups"])
+        cfg = MoGEConfig(**{**BASE, "d_model": d_model, "expert_hidden": expert_hidden})
+        with torch.device("meta"):
+            model = Holder(MoGELayer(cfg))
+        with pytest.raises(
+            ValueError,
+            match=rf"^parallel\.data_parallel: dp=2 .*d_model={d_model}.*expert_hidden={expert_hidden}",
+        ):
+            parallelize(model, world)
+    finally:
+        dist.destroy_process_group()
