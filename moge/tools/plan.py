@@ -25,7 +25,7 @@ import torch
 
 from moge.distributed.config import ParallelConfig
 from moge.distributed.expert_parallel import EXPERT_KEYS
-from moge.distributed.mesh import MeshShape, plan_mesh
+from moge.distributed.mesh import MeshShape, check_expert_shards, plan_mesh
 from moge.model import MoGETransformer
 from moge.tools.plan_activations import Paths, Weights, activations, paths_for, weights_used
 from moge.training.config import RunConfig
@@ -129,6 +129,7 @@ def memory_plan(
     if not 0 < device_gb < math.inf:
         raise ValueError(f"--device-gb: must be a positive number of GiB, got {device_gb!r}")
     mesh = plan_mesh(ParallelConfig(expert_parallel=ep), cfg.moe.num_groups, devices)
+    check_expert_shards(mesh, cfg.model.d_model, cfg.moe.expert_hidden, "--devices")  # as parallelize
     model = _meta_model(cfg)
     numels = [local_numel(n, tuple(p.shape), mesh) for n, p in model.named_parameters()]
     params = 4 * sum(numels)

@@ -87,6 +87,8 @@ def test_the_72b_preset_on_64_devices_fits_80_gb_with_checkpointing():
         (["--devices", "3", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 3"),
         (["--devices", "1", "--mesh", "ep=2"], "--mesh: ep=2 does not divide --devices 1"),
         (["--devices", "2", "--mesh", "ep=0"], "--mesh: sizes must be >= 1"),
+        # dp 3 x ep 2: FSDP2 cannot cut the experts' 128 columns into 3 equal parts (moge train refuses it)
+        (["--devices", "6", "--mesh", "ep=2"], "--devices: dp=3 does not divide the experts' second axis"),
         (["--devices", "2", "--device-gb", "0"], "--device-gb: must be a positive number of GiB, got 0.0"),
         (
             ["--devices", "2", "--device-gb", "-80"],
