@@ -131,5 +131,6 @@ def check_run_domains(cfg: Any) -> None:
     if cfg.parallel.expert_parallel > 1:
         raise ValueError(
             "parallel.expert_parallel: the two-level random router (moe.rre_domain_groups) sends each "
-            "domain's tokens to its own groups, so ranks get uneven loads; train it in one process"
+            "domain's tokens to its own groups, so ranks get uneven loads; keep parallel.expert_parallel=1 "
+            "(several processes train it data-parallel)"
         )

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranks import run_ranks
 
 from moge.layer import MoGEConfig, MoGELayer, total_aux_loss
 from moge.sigma.routing import (
@@ -198,7 +204,7 @@ def _with(section: str, **kw) -> dict:
          "differs from the data's"),
         (_with("data", domains={"statements": ["*"]}), "domain 'expressions' is not in the data"),
         (_with("data", domains=None), "4 domains need data whose sequences carry a domain"),
-        ({**RUN, "parallel": {"expert_parallel": 2}}, "train it in one process"),
+        ({**RUN, "parallel": {"expert_parallel": 2}}, "keep parallel.expert_parallel=1 (several processes train it data-parallel)"),
         (_with("data", only_domain="chat"), "data.only_domain: unknown domain 'chat'"),
         (_with("data", domains="topic"), "data.domains: expected one of topics, subfolders"),
     ],
@@ -238,3 +244,34 @@ def test_domains_may_share_groups_and_then_share_the_table():
     assert set((a // 2).flatten().tolist()) == {0, 1} and set((g // 2).flatten().tolist()) == {1, 2}
     # In the shared group 1 a token meets the same expert whichever domain it comes from.
     assert torch.equal(a[:, 1], g[:, 0])
+
+
+def _two_level_run(out_dir, **train) -> dict:
+    steps = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "eval_every": 0, "save_every": 0, "threads": 1}
+    return {**RUN, "train": {**steps, "out_dir": str(out_dir), **train}}
+
+
+def _data_parallel_worker(rank: int, world: int, root: str) -> None:
+    from moge.training import train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        train(config_from_dict(_two_level_run(Path(root) / "dp2")), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_level_runs_train_data_parallel_as_one_process(tmp_path):
+    # Refused with expert_parallel > 1 (above); with 1, every rank holds every expert and
+    # routes its own sequences by their domains: one process with grad_accum 2 on the same draws.
+    from moge.training import train
+
+    run_ranks(_data_parallel_worker, 2, str(tmp_path), timeout=120)
+    train(config_from_dict(_two_level_run(tmp_path / "one", grad_accum=2)), progress=False)
+    lines = {name: (tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("dp2", "one")}
+    losses = {
+        name: [r["loss"] for r in map(json.loads, v) if r["type"] == "train"] for name, v in lines.items()
+    }
+    assert len(losses["one"]) == 2
+    torch.testing.assert_close(losses["dp2"], losses["one"], rtol=1e-5, atol=1e-6)
