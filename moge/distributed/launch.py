@@ -5,7 +5,8 @@ exit code 2) torchrun's launcher raises ChildFailedError and prints ~40 lines of
 own traceback and failure summary after the one `error: ...` line moge printed. This
 runs the same launcher (torch.distributed.run) in-process, so every torchrun option works
 (--standalone, --nnodes, --rdzv_*, ...), and on a failed rank it prints nothing more: the
-rank already said why in one line. The exit code is the failed rank's (2 for a user error).
+rank already said why in one line. The exit code is the failed rank's (2 for a user error);
+a rank killed by a signal (which prints nothing) is named in one line, exit 128 + the signal.
 A signal to the launcher (a scheduler's SIGTERM, Ctrl-C) reaches the ranks, which save the
 step in flight and say so; the launcher then exits 128 + the signal (143, 130) as they do.
 """
@@ -44,6 +45,17 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     )
 
 
+def _failed_rank(err) -> int:
+    """The exit code of a launch that torch's ChildFailedError ended: its first failed
+    rank's. A rank killed by a signal (SIGKILL: often the out-of-memory killer) said
+    nothing itself, so it is named here, and the code is 128 + the signal, as a shell's."""
+    rank, failure = err.get_first_failure()
+    if failure.exitcode < 0:
+        print(f"error: rank {rank} was killed by {failure.signal_name()}", file=sys.stderr)
+        return 128 - failure.exitcode
+    return failure.exitcode or 1
+
+
 def main(argv: Sequence[str]) -> int:
     """Launch `python -m moge ARGS` on every rank; returns the exit code."""
     from torch.distributed import run as torchrun
@@ -64,8 +76,7 @@ def main(argv: Sequence[str]) -> int:
         # run(), not main(): main's @record wrapper logs about error files on failure.
         torchrun.run(torchrun.parse_args([*launcher, "-m", "moge", *moge_args]))
     except ChildFailedError as err:
-        _, failure = err.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 1
+        return _failed_rank(err)
     except SignalException as sig:  # the ranks got the signal too, and said what they saved
         return 128 + int(sig.sigval)
     except SystemExit as exit_:  # torchrun's own argparse: bad launcher options
