@@ -145,6 +145,7 @@ class ExpertParallelExperts(nn.Module):
         self.num_experts, self.num_groups = c.num_experts, c.num_groups
         self.num_local = expert_placement(c.num_experts, c.num_groups, self.world).shape[1]
         self.d_model, self.hidden, self.impl = c.d_model, c.expert_hidden, c.expert_impl
+        self.init_std = c.init_std  # reset_parameters()'s std when none is given
         self.init_buffers()
         J, D, F = self.num_local, c.d_model, c.expert_hidden
         self.w_gate_up_EDH = nn.Parameter(torch.empty(J, D, 2 * F))
@@ -169,7 +170,10 @@ class ExpertParallelExperts(nn.Module):
         for name, t in (("placement_WJ", placement_WJ), ("owner_E", owner_E), ("local_E", local_E)):
             self.register_buffer(name, t if device is None else t.to(device), persistent=False)
 
-    def reset_parameters(self, std: float) -> None:
+    def reset_parameters(self, std: float | None = None) -> None:
+        """Weights ~ N(0, std); std None: init_std (as GroupedExperts: FSDP's meta-device
+        materialisation calls reset_parameters() without arguments)."""
+        std = self.init_std if std is None else std
         nn.init.normal_(self.w_gate_up_EDH, std=std)
         nn.init.normal_(self.w_down_EFD, std=std)
 

@@ -26,7 +26,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import moge
 from moge.distributed.config import ParallelConfig
-from moge.distributed.expert_parallel import ExpertParallelMoGE, expert_placement
+from moge.distributed.expert_parallel import ExpertParallelExperts, ExpertParallelMoGE, expert_placement
 from moge.distributed.mesh import connect
 from moge.distributed.parallelize import checkpoint_views, clip_grads_, grad_norm, parallelize
 from moge.dropin import MoGEMLP
@@ -578,5 +578,23 @@ def test_a_dp_that_cannot_cut_the_experts_evenly_is_a_data_parallel_error(d_mode
             match=rf"^parallel\.data_parallel: dp=2 .*d_model={d_model}.*expert_hidden={expert_hidden}",
         ):
             parallelize(model, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_experts_reset_parameters_without_arguments_as_fsdp_materialises():
+    # FSDP's meta-device materialisation (and any module-by-module init loop) calls
+    # reset_parameters() with no argument; the experts then draw N(0, init_std).
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        cfg = MoGEConfig(**{**BASE, "init_std": 0.5})
+        experts = ExpertParallelExperts(cfg)
+        torch.manual_seed(3)
+        experts.reset_parameters()
+        torch.manual_seed(3)
+        want_gate_up = torch.empty_like(experts.w_gate_up_EDH).normal_(std=0.5)
+        want_down = torch.empty_like(experts.w_down_EFD).normal_(std=0.5)
+        assert_close(experts.w_gate_up_EDH.detach(), want_gate_up, rtol=0, atol=0)
+        assert_close(experts.w_down_EFD.detach(), want_down, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
