@@ -16,8 +16,8 @@ config section:
 - logit_rms: mean over tokens of the root-mean-square of the router logits centred per
   token (softmax ignores a per-token constant, so that is all the scores determine; they
   are recovered exactly from the scores as log s - mean log s, or log(s / (1 - s)) for
-  sigmoid). logit_growth = logit_rms / the first window's. Warned above
-  `max_logit_growth`.
+  sigmoid). logit_growth = logit_rms / the run's first window's (a resumed run reads
+  it from metrics.jsonl, `CollapseMonitor.resume`). Warned above `max_logit_growth`.
 - dead_experts: experts that received no token in the whole window. Warned above
   `max_dead_experts`.
 
@@ -28,10 +28,9 @@ metrics.jsonl as {"type": "collapse", "step", "layers": [...], "warnings": [...]
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor
@@ -71,8 +70,11 @@ class LayerCollapse:
     effective_experts: float  # exp(load_entropy)
     score_entropy: float  # nats, mean per token
     logit_rms: float  # mean RMS of the centred router logits
-    logit_growth: float  # logit_rms / the first window's
+    logit_growth: float  # logit_rms / the run's first window's
     dead_experts: int  # experts without a token in the window
+
+
+_FIELDS = frozenset(f.name for f in fields(LayerCollapse))  # what a collapse record holds per layer
 
 
 @dataclass(frozen=True)
@@ -170,30 +172,26 @@ class CollapseMonitor:
         )
 
     def resume(self, records: Sequence[dict]) -> None:
-        """Continue a resumed run's monitoring from its metrics.jsonl records (those up to
-        the checkpoint's step): each layer's first window RMS (logit_growth's baseline)
-        and the warnings in force after the last summary, judged by the current
-        thresholds. The window in progress at the checkpoint is not saved: the next
-        summary covers the steps since the resume (its `tokens` say how many)."""
-        summaries = [r for r in records if r.get("type") == "collapse"]
-        index = {layer: i for i, layer in enumerate(self.layers)}
-        for record in summaries:  # the first summary holding a layer set its baseline
-            for stats in record.get("layers", []):
-                i = index.get(stats.get("layer"))
-                if i is not None and self._first_rms[i] is None and "logit_rms" in stats:
-                    self._first_rms[i] = stats["logit_rms"]
-        if summaries:
-            fields = [f.name for f in dataclasses.fields(LayerCollapse)]
-            last = [  # written by asdict; a record of other fields (another version) is skipped
-                LayerCollapse(**{k: stats[k] for k in fields})
-                for stats in summaries[-1]["layers"]
-                if stats.get("layer") in index and all(k in stats for k in fields)
+        """Carry the state of a resumed run over from its metrics records (those up to the
+        checkpoint): each layer's first logit RMS, the reference of logit_growth, and the
+        thresholds it was past at the last check, so the resumed run reports and warns as
+        one that never stopped (else growth restarts at 1.0 and a collapse goes unwarned).
+        Records up to an "extract" record (moge extract copies its source's metrics) are
+        another model's router, so only those after the last one count."""
+        cut = max((i + 1 for i, r in enumerate(records) if r.get("type") == "extract"), default=0)
+        checks = [r for r in records[cut:] if r.get("type") == "collapse"]
+        for i, (layer, E) in enumerate(zip(self.layers, self.num_experts)):
+            # A record of other fields (another version's) is skipped, not a crash.
+            seen = [
+                s
+                for r in checks
+                for s in r.get("layers", [])
+                if s.get("layer") == layer and s.keys() >= _FIELDS
             ]
-            self._active = {
-                (s.layer, name)
-                for s in last
-                for name in layer_warnings(s, self.num_experts[index[s.layer]], self.thresholds)
-            }
+            if seen:
+                self._first_rms[i] = seen[0]["logit_rms"]
+                last = LayerCollapse(**{k: seen[-1][k] for k in _FIELDS})
+                self._active |= {(layer, name) for name in layer_warnings(last, E, self.thresholds)}
 
     def observe(self, routing: Sequence) -> None:
         """Add one forward's routing (MoGEOutput per MoE layer: expert_ids, scores)."""

@@ -127,3 +127,52 @@ def test_training_writes_collapse_records_and_warns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 2 | warning: layer 0: effective experts" in out
     assert len(recs[0]["warnings"]) == 2 and recs[1]["warnings"] == []  # warned at the crossing only
+
+
+def test_a_resumed_run_reports_what_an_uninterrupted_one_does(tmp_path):
+    """logit_growth is measured against the run's first window, not the first after a resume."""
+
+    def cfg(name, resume=False):
+        return config_from_dict({
+            "name": name,
+            "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 16},
+            "moe": {"num_experts": 8, "num_groups": 4, "top_k": 4, "expert_hidden": 16},
+            "data": {"seq_len": 16},
+            "train": {"steps": 6, "batch_size": 2, "warmup_steps": 1, "lr": 0.05, "log_every": 6, "eval_every": 0,
+                      "eval_batches": 1, "save_every": 2, "threads": 1, "out_dir": str(tmp_path / name),
+                      "resume": resume},
+            # The router logits grow several-fold in 6 steps at this learning rate.
+            "monitor": {"every": 2, "max_logit_growth": 3.0, "max_dead_experts": 0},
+        })  # fmt: skip
+
+    def collapse_records(name):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["type"] == "collapse"]
+
+    n = torch.get_num_threads()
+    train(cfg("whole"), progress=False)
+    train(cfg("resumed"), progress=False, stop_at=2)
+    train(cfg("resumed", resume=True), progress=False)
+    torch.set_num_threads(n)
+    whole, resumed = collapse_records("whole"), collapse_records("resumed")
+    assert [r["step"] for r in resumed] == [2, 4, 6]
+    assert max(s["logit_growth"] for s in whole[-1]["layers"]) > 3.0  # the warning this test is about
+    for got, want in zip(resumed, whole):
+        growth = [[s["logit_growth"] for s in r["layers"]] for r in (got, want)]
+        assert_close(torch.tensor(growth[0]), torch.tensor(growth[1]), rtol=1e-9, atol=0)
+        assert got["warnings"] == want["warnings"], got["step"]
+
+
+def test_resume_reads_only_the_records_of_this_model():
+    """A sub-model cut out by moge extract carries its source's metrics: their collapse
+    statistics are another router's (more experts), not this model's first window."""
+    first = {"layer": 0, "tokens": 8, "load_entropy": 0.0, "effective_experts": 1.0, "score_entropy": 0.0,
+             "logit_rms": 0.25, "logit_growth": 1.0, "dead_experts": 3}  # fmt: skip
+    old = [{"type": "collapse", "step": 2, "layers": [first], "warnings": []}]
+    limits = Thresholds(max_dead_experts=0)
+    routed = [_routed([[0], [1], [2], [3]], [[1.0, -1.0, 0.0, 0.0]] * 4)]  # logit RMS sqrt(0.5)
+    for records, growth in ((old, math.sqrt(0.5) / 0.25), (old + [{"type": "extract", "step": 2}], 1.0)):
+        monitor = CollapseMonitor([0], [4], ["softmax"], every=1, thresholds=limits)
+        monitor.resume(records)
+        rec = monitor.after_step(3, routed, lambda r: None, lambda m: None)
+        assert rec["layers"][0]["logit_growth"] == pytest.approx(growth, rel=1e-6)
