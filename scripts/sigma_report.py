@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from moge.model import count_parameters, format_params
+from moge.sigma.data import check_dataset_domains
 from moge.sigma.report import domain_val_loss
 from moge.training.checkpoint import load_run
 from moge.training.data import load_dataset
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     full, cfg, step = load_run(args.full)
     base, base_cfg, base_step = load_run(args.baseline)
     ds = load_dataset(cfg.data)
+    check_dataset_domains(ds, cfg.moe)  # the folder's domains (subfolders) are still the run's
     B = cfg.eval.batch_size
     n_full = count_parameters(cfg.model, cfg.moe).total
     n_base = count_parameters(base_cfg.model, base_cfg.moe)

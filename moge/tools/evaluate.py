@@ -42,6 +42,7 @@ from moge import balance
 from moge._validate import check_int
 from moge.layer import MoGEOutput
 from moge.model import count_parameters, format_params
+from moge.sigma.data import check_dataset_domains
 from moge.training.checkpoint import load_run
 from moge.training.data import load_dataset, unigram_entropy_bits
 
@@ -290,6 +291,9 @@ def evaluate_run(
         model, cfg, step = load_run(path, map_location="cpu")
     model = model.to(device).eval()
     ds = load_dataset(cfg.data)
+    # data.domains: subfolders reads the domains from the folder now: one gone or added
+    # shifts the ids, which would route sequences to another domain's experts.
+    check_dataset_domains(ds, cfg.moe)
     n_batches = batches if batches is not None else cfg.eval.batches
     val_loss, batch_tokens, layers = _measure(model, ds, cfg, n_batches, torch.device(device))
     params = count_parameters(cfg.model, cfg.moe)

@@ -307,3 +307,30 @@ def test_bad_run_lists_are_refused(runs):
         eval_command([])
     with pytest.raises(ValueError, match="^run_dirs:"):
         compare_runs([runs["grouped"]])
+
+
+def test_a_two_level_run_whose_subfolder_domains_changed_is_refused(tmp_path):
+    """data.domains: subfolders reads its domains from the folder at eval time: a folder gone
+    shifts the ids, and the model would route one domain's sequences to another's experts."""
+    data = tmp_path / "data"
+    for name, text in (("alpha", "def f(x):\n    return x + 1\n"), ("beta", "SELECT a FROM t;\n"),
+                       ("gamma", "The quick brown fox.\n")):  # fmt: skip
+        (data / name).mkdir(parents=True)
+        (data / name / "file.txt").write_text(text * 40)
+    cfg = config_from_dict({
+        "name": "sub-domains",
+        "model": dict(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=16),
+        "moe": dict(num_experts=6, num_groups=3, top_k=2, expert_hidden=8, router="random",
+                    rre_domain_groups={"alpha": [0], "beta": [1], "gamma": [2]}),
+        "data": dict(seq_len=16, path=str(data), domains="subfolders"),
+        "train": dict(steps=1, batch_size=2, warmup_steps=1, eval_every=0, eval_batches=1, save_every=0,
+                      threads=1, out_dir=str(tmp_path / "run")),
+        "eval": dict(batches=1, batch_size=2, plots=False),
+    })  # fmt: skip
+    n = torch.get_num_threads()
+    train(cfg, progress=False)
+    torch.set_num_threads(n)
+    assert evaluate_run(tmp_path / "run")["val_loss"] > 0
+    shutil.rmtree(data / "beta")  # gamma's sequences now carry id 1, beta's groups
+    with pytest.raises(ValueError, match="rre_domain_groups: domain 'beta' is not in the data"):
+        evaluate_run(tmp_path / "run")
