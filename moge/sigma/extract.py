@@ -138,13 +138,23 @@ class ExtractResult:
         return 1.0 - self.params_sub / self.params_full
 
     def summary(self) -> str:
-        first, last = self.experts[0], self.experts[-1]
         return (
-            f"domain {self.domain!r}: groups {self.groups} (routed experts {first}..{last}), "
+            f"domain {self.domain!r}: groups {self.groups} (routed experts {_spans(self.experts)}), "
             f"{format_params(self.params_sub)} parameters ({self.params_sub:,}) of {format_params(self.params_full)} "
             f"({self.params_full:,}): {self.saving:.1%} fewer; {format_params(self.activated_sub)} "
             f"activated per token -> {self.out_dir}"
         )
+
+
+def _spans(ids: list[int]) -> str:
+    """Ascending ids as runs, "6..8, 21..23": groups need not be neighbours."""
+    runs = [[ids[0], ids[0]]]
+    for i in ids[1:]:
+        if i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in runs)
 
 
 def _write_metrics(src: Path, out: Path, record: dict) -> None:

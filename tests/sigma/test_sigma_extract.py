@@ -124,6 +124,7 @@ def test_extract_cli_writes_a_run_that_eval_and_generate_read(trained, capsys):
     assert main(["extract", str(run), "--domain", "library", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "domain 'library': groups [2, 7]" in printed and "fewer" in printed
+    assert "(routed experts 6..8, 21..23)" in printed  # two groups of 3, not the 18 of 6..23
     info = json.loads((out / "extract.json").read_text())
     assert info["params_sub"] < info["params_full"] and info["experts"] == [6, 7, 8, 21, 22, 23]
     # moge eval: the sub-model on its domain's val windows = the full model on the same windows.
