@@ -371,6 +371,19 @@ def _index_keys(files: Sequence[Path]) -> tuple[str, dict[tuple[str, int], list[
     return best[0], where[best]
 
 
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_unquantized(t: torch.Tensor, file: Path, key: str) -> None:
+    """ValueError unless `t` holds the weights themselves: FP8 or integer codes (scaled by a
+    weight_scale_inv or similar beside them) have a std that is not the weights'."""
+    if t.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(
+            f"{file}: {key} holds quantized codes ({str(t.dtype).removeprefix('torch.')}), whose std is "
+            "not the weights'; dequantize the model first (e.g. to bfloat16)"
+        )
+
+
 def read_profile(path: str | Path, name: str | None = None) -> Profile:
     """The fingerprint profile of the model at `path`, reading one tensor at a time."""
     path = Path(path)
@@ -393,7 +406,9 @@ def read_profile(path: str | Path, name: str | None = None) -> Profile:
                 for file, key in pieces or ():
                     if file not in handles:
                         handles[file] = safe_open(str(file), framework="pt")
-                    summary = _merge(summary, _summary(handles[file].get_tensor(key)))  # type: ignore[attr-defined]
+                    tensor = handles[file].get_tensor(key)  # type: ignore[attr-defined]
+                    _check_unquantized(tensor, file, key)
+                    summary = _merge(summary, _summary(tensor))
                 row.append(_std(summary))
             bad = [i for i, v in enumerate(row) if not math.isfinite(v)]
             if bad:  # a NaN/inf weight: no std, and a NaN would slip through every later test

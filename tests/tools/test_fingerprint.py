@@ -303,3 +303,16 @@ def test_non_finite_weights_are_an_error_not_a_nan_result(tmp_path):
     save_file(sd, str(tmp_path / "nan.safetensors"))
     with pytest.raises(ValueError, match=r"q weights of layers \[1\] hold non-finite values"):
         read_profile(tmp_path / "nan.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+def test_quantized_weights_are_an_error_not_a_profile_of_their_codes(tmp_path, dtype):
+    # An FP8 release stores q_proj.weight as codes beside a weight_scale_inv: their std is
+    # not the weights' (here it would not even follow the scales' rise with depth).
+    sd = _hf_from_moge(_moge_state(SCALES, bias=False))
+    key = "model.layers.3.self_attn.k_proj.weight"
+    sd[key] = (sd[key] / sd[key].abs().max() * 100).to(dtype)
+    sd[key.replace("weight", "weight_scale_inv")] = torch.ones(1, 1)
+    save_file(sd, str(tmp_path / "quantized.safetensors"))
+    with pytest.raises(ValueError, match=rf"{key} .*quantized.*{str(dtype).removeprefix('torch.')}"):
+        read_profile(tmp_path / "quantized.safetensors")
