@@ -215,3 +215,26 @@ def test_interventions_go_through_the_capacity_like_the_router(scope, factor, bu
             assert torch.equal(got.dropped, torch.bincount(want_ids[live_TK & ~keep_TK], minlength=4))
             if iv.kind == "remove" and scope == "expert":  # expert 1 takes all 64 tokens of group 0
                 assert int(got.dropped[1]) == 64 - room
+
+
+def test_a_slot_the_intervention_zeroed_takes_no_room():
+    """One fewer per group (K' = 2) zeroes every token's second expert: those slots must not
+    fill the room of the experts whose live slots the baseline would have kept."""
+    cfg = dict(d_model=8, num_experts=4, num_groups=1, top_k=2, expert_hidden=4, capacity_factor=0.75)
+    layer = MoGELayer(MoGEConfig(**cfg)).eval()  # K' = 2, room 0.75 T*K/E = 24
+    x_TD = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    model = type("Model", (), {"moe_layers": lambda self: [layer]})()
+    iv = Intervention("drop_one_per_group")
+    with torch.no_grad():
+        base = layer(x_TD)
+        ids, gates = intervene(layer, base, None, iv, torch.Generator())
+        with knocked_out(model, {0: iv}):
+            got = layer(x_TD)
+    priority_TK, zeroed_TK = base.scores.gather(1, ids), gates == 0
+    assert int(zeroed_TK.sum()) == 64  # one slot of every token
+    keep_TK = capacity.keep_within_capacity(priority_TK, ids.masked_fill(zeroed_TK, 4), 5, 24)
+    assert_close(got.weights, torch.where(keep_TK, gates, 0.0), rtol=0, atol=0)
+    assert torch.equal(got.dropped, torch.bincount(ids[~zeroed_TK & ~keep_TK], minlength=4))
+    # Had the zeroed slots taken room, live slots would have been dropped for them.
+    crowded_TK = capacity.keep_within_capacity(priority_TK, ids, 4, 24)
+    assert int((~crowded_TK & ~zeroed_TK).sum()) > int((~keep_TK & ~zeroed_TK).sum())
