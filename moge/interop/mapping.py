@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from moge.model.config import ModelConfig
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 # Keys a loader skips: RoPE tables some checkpoints carry (moge derives them from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")  # the shards write_layout names
 
 
 @dataclass(frozen=True)
@@ -309,5 +311,19 @@ def write_layout(
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     elif (out / INDEX).exists():
         (out / INDEX).unlink()  # a stale index from an earlier export would name missing shards
+    _remove_stale_weights(out, names)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return [out / name for name in names]
+
+
+def _remove_stale_weights(out: Path, names: list[str]) -> None:
+    """Delete an earlier export's weight files in `out` that are not among `names`.
+
+    transformers reads model.safetensors before an index, so a single file left beside
+    new shards would be what it loads; old shards (model-XXXXX-of-YYYYY) would only waste
+    the disk. Other files are not ours to touch.
+    """
+    for f in out.iterdir():
+        ours = f.name == SINGLE or _SHARD_NAME.fullmatch(f.name) is not None
+        if ours and f.name not in names and f.is_file():
+            f.unlink()

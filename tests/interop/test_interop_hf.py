@@ -581,3 +581,26 @@ def test_a_missing_mixtral_field_names_the_file_once(field):
     with pytest.raises(ValueError) as err:
         MixtralLayout().read_config(hf, "/m/config.json")
     assert str(err.value) == f"/m/config.json: config.json lacks the field {field!r}"
+
+
+def test_an_export_over_an_earlier_one_is_what_transformers_loads(tmp_path):
+    """transformers reads model.safetensors before an index: a sharded export written where
+    a single-file one was must not leave that file behind (transformers would load the old
+    weights); shards of an earlier sharding that the new index does not name go too."""
+    from moge.interop.hfconfig import dense_moe_placeholder
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, first_dense_layers=2,
+                    init_std=0.2)  # fmt: skip
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(MoGETransformer(m, dense_moe_placeholder(32)).eval())
+    x = _tokens(seed=9)
+    for model, shard in zip(models, [1 << 30, 20_000, 40_000], strict=True):
+        written = save_pretrained(model, tmp_path, layout="llama", max_shard_bytes=shard)
+        theirs = hf_class("llama").from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            _close(theirs(x).logits, model(x).logits)
+        assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(p.name for p in written)
