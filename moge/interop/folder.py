@@ -38,7 +38,7 @@ class _DictReader:
 
 
 class LayoutFolder:
-    """config.json + model.safetensors, or shards listed by model.safetensors.index.json.
+    """config.json + model.safetensors, or else shards listed by model.safetensors.index.json.
 
     Only headers are read here. Transformers 5 in-memory names for stacked experts
     (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj` [E, D, F]) are
@@ -76,6 +76,12 @@ class LayoutFolder:
                 self.where[key] = (reader, key, None, None)
 
     def _readers(self) -> list[SafetensorsReader]:
+        # model.safetensors first, as transformers' from_pretrained looks for it: a folder
+        # holding both (its own sharded save over a single-file one leaves the file) loads
+        # the single file there, and the same weights here.
+        single = self.path / SINGLE
+        if single.exists():
+            return [SafetensorsReader(single)]
         index = self.path / INDEX
         if index.exists():
             try:
@@ -87,10 +93,7 @@ class LayoutFolder:
                 if not (self.path / name).exists():
                     raise FileNotFoundError(f"{index}: names {name}, which is missing")
             return [SafetensorsReader(self.path / name) for name in files]
-        single = self.path / SINGLE
-        if not single.exists():
-            raise FileNotFoundError(f"{self.path}: neither {SINGLE} nor {INDEX}")
-        return [SafetensorsReader(single)]
+        raise FileNotFoundError(f"{self.path}: neither {SINGLE} nor {INDEX}")
 
     def alias_fused(self, names: Callable[[str, int], tuple[str, str, str]]) -> None:
         """Offer stacked `<prefix>.experts.gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F] per expert.

@@ -604,3 +604,19 @@ def test_an_export_over_an_earlier_one_is_what_transformers_loads(tmp_path):
         with torch.no_grad():
             _close(theirs(x).logits, model(x).logits)
         assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(p.name for p in written)
+
+
+def test_a_folder_with_a_single_file_and_an_index_reads_as_transformers_reads_it(tmp_path):
+    """transformers' own save_pretrained, sharded over a single-file save, leaves both
+    model.safetensors and an index; its from_pretrained then reads model.safetensors, and
+    so must moge (the index's shards are another model)."""
+    first, second = hf_model("llama", seed=0), hf_model("llama", seed=1)
+    first.save_pretrained(tmp_path)
+    second.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    theirs = hf_class("llama").from_pretrained(tmp_path).eval()
+    model, _ = from_pretrained(tmp_path)
+    x = _tokens(seed=10)
+    with torch.no_grad():
+        _close(model(x).logits, theirs(x).logits)
