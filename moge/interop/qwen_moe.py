@@ -161,12 +161,9 @@ class Qwen3MoeLayout(BaseLayout):
             raise refuse(self.name, "shared experts", "Qwen3-MoE has none; try --to qwen2_moe or pangu")
         if not m.qk_norm:
             raise refuse(self.name, "attention without q/k norms", "Qwen3-MoE always normalises q and k")
-        if m.qkv_bias != m.o_bias:
-            raise refuse(
-                self.name, "q/k/v biases without an o bias (or the reverse)", "one attention_bias flag"
-            )
         cfg = base_config_json(m, "Qwen3MoeForCausalLM", "qwen3_moe")
-        cfg.update(_moe_json(m, e), attention_bias=m.qkv_bias)
+        # One flag for all four (as Llama's): a model with only some biases writes zeros for the others.
+        cfg.update(_moe_json(m, e), attention_bias=m.qkv_bias or m.o_bias)
         return cfg
 
     def pieces(self, m: ModelConfig, e: MoGEConfig) -> list[Piece]:

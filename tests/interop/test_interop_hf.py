@@ -176,6 +176,28 @@ def test_biases_the_layout_has_and_the_model_lacks_export_as_zeros(tmp_path, lay
         _close(theirs(x).logits, model(x).logits)
 
 
+@pytest.mark.parametrize(("qkv_bias", "o_bias"), [(True, False), (False, True)])
+def test_qwen3_moe_exports_the_biases_a_model_lacks_as_zeros(tmp_path, qkv_bias, o_bias):
+    """Qwen3-MoE's one attention_bias flag covers q/k/v/o, as Llama's does: a model with
+    only some of them exports with zeros for the others and runs in transformers."""
+    from moge.layer import MoGEConfig
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=True,
+                    qkv_bias=qkv_bias, o_bias=o_bias, init_std=0.2)  # fmt: skip
+    e = MoGEConfig(d_model=32, num_experts=4, num_groups=1, top_k=2, expert_hidden=8, router="global",
+                   learned_expert_scale=False)  # fmt: skip
+    model = MoGETransformer(m, e).eval()
+    save_pretrained(model, tmp_path, layout="qwen3_moe")
+    theirs = hf_class("qwen3_moe").from_pretrained(tmp_path).eval()
+    assert theirs.config.attention_bias
+    x = _tokens(seed=5)
+    with torch.no_grad():
+        _close(theirs(x).logits, model(x).logits)
+
+
 def test_convert_layout_to_layout_and_to_moge_streams_equal_tensors(saved, tmp_path):
     """Resharding a layout through convert (expert by expert) keeps every tensor; so does a moge run."""
     from safetensors.torch import load_file
