@@ -90,15 +90,31 @@ def read_layout_config(folder: LayoutFolder, max_seq_len: int | None = None):
     where = str(folder.path / "config.json")
     layout = detect_layout(folder.config, where)
     model_cfg, moe_cfg = layout.read_config(folder.config, where)
+    if model_cfg.tie_embeddings and _stores_another_head(folder):
+        model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
     if max_seq_len is not None:
         model_cfg = dataclasses.replace(model_cfg, max_seq_len=max_seq_len)
     return layout, _run_config(folder.path.resolve().name or "model", model_cfg, moe_cfg)
 
 
+def _stores_another_head(folder: LayoutFolder) -> bool:
+    """Whether a tied config's folder also stores an lm_head.weight unequal to the embedding.
+
+    transformers 5 then keeps that head untied (and warns), so moge reads it untied too; an
+    equal copy (as .bin-era checkpoints store one) is the tied model. Reads both tensors.
+    """
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if head not in folder.where or embed not in folder.where:
+        return False
+    if folder.shape(head) != folder.shape(embed):
+        return True  # untied, so that check_pieces names the head's shape
+    return not torch.equal(folder.read(head).float(), folder.read(embed).float())
+
+
 def _prepare(folder: LayoutFolder, layout: Layout, cfg: RunConfig, shapes: dict) -> list:
     """The layout's pieces, after offering other spellings and checking every key and shape."""
     layout.prepare(folder)
-    if cfg.model.tie_embeddings:  # some tied checkpoints also store the (same) head
+    if cfg.model.tie_embeddings:  # an equal copy of the embedding (read_layout_config unties others)
         folder.where.pop("lm_head.weight", None)
     pieces = layout.pieces(cfg.model, cfg.moe)
     check_pieces(folder, pieces, shapes)

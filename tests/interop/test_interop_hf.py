@@ -642,3 +642,35 @@ def test_a_folder_with_a_single_file_and_an_index_reads_as_transformers_reads_it
     x = _tokens(seed=10)
     with torch.no_grad():
         _close(model(x).logits, theirs(x).logits)
+
+
+def test_a_tied_config_whose_checkpoint_stores_another_head_reads_untied(tmp_path):
+    """transformers 5 ties the head to the embedding only when the checkpoint stores no
+    lm_head.weight or the same values: one of other values is kept as an untied head (it
+    warns). moge reads the same model, and convert keeps that head."""
+    from safetensors.torch import load_file
+
+    from moge.interop import convert
+
+    hf_model("qwen2").save_pretrained(tmp_path / "src")  # tie_word_embeddings true: no head stored
+    state = load_file(str(tmp_path / "src" / "model.safetensors"))
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = torch.randn(
+        state["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(0)
+    )
+    save_file(state, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    theirs = hf_class("qwen2").from_pretrained(tmp_path / "src").eval()
+    assert torch.equal(theirs.lm_head.weight, state["lm_head.weight"])
+    model, cfg = from_pretrained(tmp_path / "src")
+    assert not cfg.model.tie_embeddings
+    x = _tokens(seed=11)
+    with torch.no_grad():
+        _close(model(x).logits, theirs(x).logits)
+    convert(tmp_path / "src", tmp_path / "out", to="qwen2")
+    again = hf_class("qwen2").from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        _close(again(x).logits, theirs(x).logits)
+    # The same head stored beside a tied config is the tied model, as before.
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    assert from_pretrained(tmp_path / "src")[1].model.tie_embeddings
