@@ -58,20 +58,33 @@ class SafetensorsReader:
                 header = json.loads(f.read(n))
         except (OSError, ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{self.path}: not a readable safetensors file ({err})") from err
+        if not isinstance(header, dict):
+            raise ValueError(
+                f"{self.path}: not a readable safetensors file (its header is not a JSON object)"
+            )
         self.metadata: dict = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise ValueError(
+                f"{self.path}: not a readable safetensors file (__metadata__ is not a JSON object)"
+            )
         size = self.path.stat().st_size
         self.tensors: dict[str, TensorInfo] = {}
         for key, entry in header.items():
             try:
-                dtype = DTYPES[entry["dtype"]]
-                a, b = entry["data_offsets"]
+                kind = str(entry["dtype"])
+                a, b = (int(o) for o in entry["data_offsets"])
                 shape = tuple(int(s) for s in entry["shape"])
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(
                     f"{self.path}: {key}: unsupported or damaged header entry {entry!r}"
                 ) from err
+            if kind not in DTYPES:  # e.g. an FP8 release's F8_E4M3: dequantise it first
+                raise ValueError(
+                    f"{self.path}: {key}: dtype {kind!r} is not supported (one of {', '.join(DTYPES)})"
+                )
+            dtype = DTYPES[kind]
             start, end = 8 + n + a, 8 + n + b
-            if end > size or end - start != math.prod(shape) * dtype.itemsize:
+            if a < 0 or end > size or end - start != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"{self.path}: {key}: its data offsets do not fit the file (truncated?)")
             self.tensors[key] = TensorInfo(dtype, shape, start, end)
 

@@ -74,3 +74,27 @@ def test_a_tensor_stored_in_two_shards_is_refused_naming_both(tmp_path):
         LayoutFolder(tmp_path)
     save_file({"a": torch.zeros(2)}, str(tmp_path / "s1.safetensors"))  # each tensor once: it reads
     assert sorted(LayoutFolder(tmp_path).keys()) == ["a", "b"]
+
+
+def _raw_file(path, header) -> None:
+    """A safetensors file with this JSON header and 8 zero bytes of data."""
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+
+
+@pytest.mark.parametrize(
+    ("header", "message"),
+    [
+        ([1, 2], "its header is not a JSON object"),
+        ({"__metadata__": [1]}, "__metadata__ is not a JSON object"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}, "a: its data offsets do not fit"),
+        ({"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}, "a: dtype 'F8_E4M3' is not supported"),
+    ],
+)  # fmt: skip
+def test_a_damaged_or_unsupported_header_is_a_value_error_naming_it(tmp_path, header, message):
+    _raw_file(tmp_path / "h.safetensors", header)
+    with pytest.raises(ValueError, match=message):
+        SafetensorsReader(tmp_path / "h.safetensors")
