@@ -315,6 +315,10 @@ def _safetensors_files(path: Path) -> list[Path]:
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: expected a .safetensors file or a model folder")
         return [path]
+    # model.safetensors first, as transformers' from_pretrained (and LayoutFolder) read a
+    # folder holding both: a sharded save over a single-file one leaves such folders.
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -322,8 +326,6 @@ def _safetensors_files(path: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index}: not a safetensors index with a weight_map ({err})") from err
         return [path / name for name in sorted(set(weight_map.values()))]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
     if (path / "checkpoints").is_dir() or (path / "LATEST").is_file() or (path / "state.json").is_file():
         from moge.training.checkpoint import RNG_FILE, find_checkpoint
 

@@ -204,6 +204,19 @@ def test_read_profile_moge_run_and_hf_shards_agree(tmp_path):
     assert run.values["attn_norm"] == [0.0] * 6  # norms at init: a flat profile
 
 
+def test_a_folder_with_a_single_file_and_an_index_reads_the_single_file(tmp_path):
+    # transformers' from_pretrained (and moge's LayoutFolder) read model.safetensors before
+    # an index; a sharded save over a single-file one leaves a folder holding both.
+    old, new = _moge_state(SCALES), _moge_state(list(reversed(SCALES)))
+    folder = _write_sharded(tmp_path / "hf", _hf_from_moge(old))
+    save_file(_hf_from_moge(new), str(folder / "model.safetensors"))
+    profile = read_profile(folder)
+    for i in range(6):
+        assert profile.values["q"][i] == pytest.approx(
+            float(new[f"blocks.{i}.attn.q_proj.weight"].double().std())
+        )
+
+
 def test_model_against_itself_and_against_a_permuted_copy(tmp_path):
     sd = _moge_state(SCALES, norm=[0.1, 0.3, 0.2, 0.5, 0.4, 0.6])
     a = read_profile(_write_run(tmp_path / "a", sd))
