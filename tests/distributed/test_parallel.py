@@ -10,6 +10,7 @@ torch, which takes seconds per process on a 2-core machine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -547,12 +548,21 @@ def test_the_drop_in_mlp_is_expert_parallel_and_matches_one_process(tmp_path):
         assert torch.equal(got["bias"], model[0].balance_bias_E)
 
 
+@contextlib.contextmanager
+def fake_world(size: int):
+    """This process as rank 0 of a fake process group of `size` ranks (nothing is sent)."""
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_moge_layer_subclass_without_a_parallel_version_is_refused():
     class Custom(MoGELayer):
         pass
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with fake_world(2):
         world = connect(ParallelConfig(expert_parallel=2), BASE["num_groups"])
         model = nn.Sequential(nn.Sequential(Custom(MoGEConfig(**BASE))))
         with pytest.raises(
@@ -560,15 +570,12 @@ def test_a_moge_layer_subclass_without_a_parallel_version_is_refused():
             match=r"^0\.0: parallelize has parallel versions of MoGELayer and MoGEMLP, not of their subclass Custom",
         ):
             parallelize(model, world)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("d_model, expert_hidden", [(15, 8), (16, 9)])
 def test_a_dp_that_cannot_cut_the_experts_evenly_is_a_data_parallel_error(d_model, expert_hidden):
     # dp 2 x ep 2: FSDP2 cuts the experts' second axis (d_model, expert_hidden) over dp.
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=4)
-    try:
+    with fake_world(4):
         world = connect(ParallelConfig(expert_parallel=2), BASE["num_groups"])
         cfg = MoGEConfig(**{**BASE, "d_model": d_model, "expert_hidden": expert_hidden})
         with torch.device("meta"):
@@ -578,15 +585,12 @@ def test_a_dp_that_cannot_cut_the_experts_evenly_is_a_data_parallel_error(d_mode
             match=rf"^parallel\.data_parallel: dp=2 .*d_model={d_model}.*expert_hidden={expert_hidden}",
         ):
             parallelize(model, world)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_expert_parallel_experts_reset_parameters_without_arguments_as_fsdp_materialises():
     # FSDP's meta-device materialisation (and any module-by-module init loop) calls
     # reset_parameters() with no argument; the experts then draw N(0, init_std).
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
-    try:
+    with fake_world(2):
         cfg = MoGEConfig(**{**BASE, "init_std": 0.5})
         experts = ExpertParallelExperts(cfg)
         torch.manual_seed(3)
@@ -596,5 +600,3 @@ def test_expert_parallel_experts_reset_parameters_without_arguments_as_fsdp_mate
         want_down = torch.empty_like(experts.w_down_EFD).normal_(std=0.5)
         assert_close(experts.w_gate_up_EDH.detach(), want_gate_up, rtol=0, atol=0)
         assert_close(experts.w_down_EFD.detach(), want_down, rtol=0, atol=0)
-    finally:
-        dist.destroy_process_group()
