@@ -40,6 +40,40 @@ def test_bf16_within_the_bf16_reference_error():
     assert err_ours <= 2 * err_ref + 1e-3 * scale, (err_ours, err_ref)
 
 
+@pytest.mark.parametrize("skip_expert", [None, 2])
+def test_every_expert_on_every_token_is_within_the_bf16_reference_error(skip_expert):
+    # Called directly, so it runs on a CPU without native bf16 products too (slowly).
+    x, ids, w, experts = case(T=16, E=6, K=3, skip_expert=skip_expert)
+    with torch.no_grad():
+        exact = reference_experts(x, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD)
+        experts.bfloat16()
+        xb = x.bfloat16()
+        ref = reference_experts(xb, ids, w, experts.w_gate_up_EDH, experts.w_down_EFD)
+        ours = few_tokens._every_expert(experts, xb, ids, w)
+    assert ours.dtype == torch.bfloat16
+    err_ours, err_ref = ((t.float() - exact).abs().max().item() for t in (ours, ref))
+    scale = exact.abs().max().item()
+    assert err_ours <= 2 * err_ref + 1e-3 * scale, (err_ours, err_ref)
+
+
+def test_every_expert_runs_where_bf16_is_native_and_most_experts_have_slots(monkeypatch):
+    monkeypatch.setattr(few_tokens, "matmul_dtype", lambda device, dtype: dtype)  # as on AVX512-BF16
+    x, ids, w, experts = case(T=16, E=16, K=4)
+    experts.bfloat16()
+    xb = x.bfloat16()
+    assert few_tokens._every_expert_wins(experts, xb, ids, torch.bfloat16)
+    assert few_tokens._every_expert_wins(experts, xb[:2], ids[:2], torch.bfloat16)  # 8 slots of 16
+    assert not few_tokens._every_expert_wins(experts, xb[:1], ids[:1], torch.bfloat16)  # 4 of 16
+    assert not few_tokens._every_expert_wins(experts, x, ids, torch.bfloat16)  # float32 input: casts
+    x64, ids64, _, experts64 = case(T=16, E=64, K=8)
+    experts64.bfloat16()
+    assert not few_tokens._every_expert_wins(experts64, x64.bfloat16(), ids64, torch.bfloat16)  # E/K = 8
+    monkeypatch.setattr(few_tokens, "matmul_dtype", lambda device, dtype: torch.float32)  # no bf16 units
+    assert not few_tokens._every_expert_wins(experts, xb, ids, torch.bfloat16)
+    experts.float()
+    assert not few_tokens._every_expert_wins(experts, x, ids, torch.float32)
+
+
 def test_float32_weights_under_bf16_autocast_compute_in_bf16():
     # The layer passes autocast's dtype: weights and input are rounded to it first.
     x, ids, w, experts = case(T=4, E=6, K=3)
