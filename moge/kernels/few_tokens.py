@@ -51,6 +51,12 @@ class StackedExperts(Protocol):
 MAX_FEW_SLOTS = 128
 
 
+def records_graph(*inputs: Tensor) -> bool:
+    """Whether autograd records a call on these inputs (a fused Function cannot tell from
+    inside: there grad mode is always off, and needs_input_grad ignores torch.no_grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
 def use_few_token_path(experts: object, x_TD: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> bool:
     """Whether this call should take `few_token_experts`: plain (not sharded) stacked
     experts (moge.experts.GroupedExperts, which asks) on the CPU, no autograd graph to
@@ -60,8 +66,7 @@ def use_few_token_path(experts: object, x_TD: Tensor, ids_TK: Tensor, weights_TK
         return False  # CUDA: torch._grouped_mm is one kernel
     if type(w1.data) is not torch.Tensor or type(w2.data) is not torch.Tensor:
         return False  # DTensor shards (FSDP2)
-    graph = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, weights_TK, w1, w2))
-    return not graph and ids_TK.numel() <= MAX_FEW_SLOTS
+    return not records_graph(x_TD, weights_TK, w1, w2) and ids_TK.numel() <= MAX_FEW_SLOTS
 
 
 # `_every_expert` runs when E <= EVERY_EXPERT_MAX_E_PER_K * K and 2 * T * K >= E (about

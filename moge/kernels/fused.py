@@ -314,15 +314,15 @@ class FusedSwiGLUExperts(torch.autograd.Function):
         D, F = x_SD.shape[1], w2.shape[1]
         dtype, mm = x_SD.dtype, matmul_dtype(x_SD.device, x_SD.dtype)
         y_SD = x_SD.new_empty(x_SD.shape[0], w2.shape[2])
-        h_PH, s_PF = _saved_activations(x_SD, plan, F)
+        h_PH, s_PF = _saved_activations(x_SD, plan, F, plan.needs_backward)
         buf = _Scratch(plan.max_rows, mm, x_SD.device)
         w1v, w2v = _Weights(w1, dtype, mm), _Weights(w2, dtype, mm)
         for c in plan.chunks:
             x_RD = _gather(buf.get("x", D, c.n_rows), x_SD, plan.slot_P, c, buf, zero_pads=True)
+            h_RH, s_RF = _chunk_saves(h_PH, s_PF, c, buf, F, mm)
             y_RD = _chunk_forward(
-                x_RD, h_PH[c.rows], _rows(s_PF, c), c, w1v, w2v, None, buf, buf.get("y", D, c.n_rows),
-                plan.compiled,
-            )  # fmt: skip
+                x_RD, h_RH, s_RF, c, w1v, w2v, None, buf, buf.get("y", D, c.n_rows), plan.compiled
+            )
             _to_slots(y_SD, y_RD, c, plan)
         ctx.save_for_backward(x_SD, w1, w2, h_PH, s_PF)
         ctx.plan = plan
@@ -353,16 +353,36 @@ class FusedSwiGLUExperts(torch.autograd.Function):
         return dx_SD, _as_param(dw1, w1), _as_param(dw2, w2), None
 
 
-def _saved_activations(x: Tensor, plan: Plan, F: int) -> tuple[Tensor, Tensor | None]:
+def _saved_activations(x: Tensor, plan: Plan, F: int, save: bool) -> tuple[Tensor | None, Tensor | None]:
     """(h [P, 2F], silu(gate) [P, F] or None) in x's dtype, filled chunk by chunk and
-    saved for backward. Saving silu(gate) (half of h's size) spares the backward its
-    recomputation, the costliest elementwise pass (an exp per element). Not saved
-    where the compiled elementwise kernels recompute it inside their one pass, nor
-    where the products run in float32 for bf16 storage: there the saved bf16 copy
-    costs a cast each way and measured no faster (1.064 against 1.069 the limit)."""
+    saved for backward; (None, None) when there is no backward (`save` False): each
+    chunk then works in scratch rows. Saving silu(gate) (half of h's size) spares the
+    backward its recomputation, the costliest elementwise pass (an exp per element).
+    Not saved where the compiled elementwise kernels recompute it inside their one
+    pass, nor where the products run in float32 for bf16 storage: there the saved bf16
+    copy costs a cast each way and measured no faster (1.064 against 1.069 the limit).
+    With plan.pool (GroupedExperts' BufferPool) both reuse memory an earlier call's
+    backward gave back."""
+    if not save:
+        return None, None
     own_dtype = matmul_dtype(x.device, x.dtype) == x.dtype
-    s_PF = x.new_empty(plan.num_rows, F) if own_dtype and not plan.compiled else None
-    return x.new_empty(plan.num_rows, 2 * F), s_PF
+    return _new(x, plan, 2 * F), _new(x, plan, F) if own_dtype and not plan.compiled else None
+
+
+def _new(x: Tensor, plan: Plan, cols: int) -> Tensor:
+    """An uninitialised [P, cols] tensor of x's dtype, from plan.pool where it has one."""
+    got = None if plan.pool is None else plan.pool.take(plan.num_rows, cols, x.dtype, x.device)
+    return x.new_empty(plan.num_rows, cols) if got is None else got
+
+
+def _chunk_saves(
+    h_PH: Tensor | None, s_PF: Tensor | None, chunk: Chunk, buf: _Scratch, F: int, dtype
+) -> tuple:
+    """The chunk's rows of the saved (h, s), or (scratch rows of the products' dtype, None) when
+    nothing is saved."""
+    if h_PH is None:
+        return buf.get("h saved", 2 * F, chunk.n_rows, dtype), None
+    return h_PH[chunk.rows], _rows(s_PF, chunk)
 
 
 def _rows(t: Tensor | None, chunk: Chunk) -> Tensor | None:
@@ -458,14 +478,13 @@ class FusedMoE(torch.autograd.Function):
         flat_P, tok_P = plan.bind(order_S, K)  # the flat slot t*K+k each row holds, its token
         gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
         y = _Combine(T, D, plan, mm, cols, x_TD.device)
-        h_PH, s_PF = _saved_activations(x_TD, plan, F)
+        h_PH, s_PF = _saved_activations(x_TD, plan, F, plan.needs_backward)
         buf = _Scratch(plan.max_rows, mm, x_TD.device)
         w1v, w2v = _Weights(w1, dtype, mm), _Weights(w2, dtype, mm)
         for i, c in enumerate(plan.chunks):
             x_RD = _gather(buf.get("x", D, c.n_rows), x_TD, tok_P, c, buf)  # always a copy: tok_P indexes
-            y_RD = _chunk_forward(
-                x_RD, h_PH[c.rows], _rows(s_PF, c), c, w1v, w2v, gate_P1[c.rows], buf, x_RD, plan.compiled
-            )
+            h_RH, s_RF = _chunk_saves(h_PH, s_PF, c, buf, F, mm)
+            y_RD = _chunk_forward(x_RD, h_RH, s_RF, c, w1v, w2v, gate_P1[c.rows], buf, x_RD, plan.compiled)
             y.add(y_RD, i, c)
         ctx.save_for_backward(x_TD, weights_TK, w1, w2, order_S, h_PH, s_PF)
         ctx.plan, ctx.cols = plan, cols
@@ -496,6 +515,8 @@ class FusedMoE(torch.autograd.Function):
             )  # fmt: skip
             if need_x:
                 dx.add(dx_RD, i, c)
+        if plan.pool is not None:  # this call's activations are read: the next forward may write there
+            plan.pool.give(h_PH, s_PF)
         dweights_TK = None
         if need_gate:
             if plan.real_P is not None:
