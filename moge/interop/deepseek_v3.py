@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moge.interop.folder import LayoutFolder
-from moge.interop.hfconfig import check_dropless, check_silu, need
+from moge.interop.hfconfig import as_int, check_dropless, check_silu, need_int
 from moge.interop.mapping import Piece, check_pieces, expert_pieces, read_params, swiglu_pieces
 from moge.layer import MoGEConfig, MoGELayer
 
@@ -45,16 +45,17 @@ def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfi
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
         raise ValueError(f"{where}: only DeepSeek-V3's sigmoid scores with noaux_tc selection are supported")
     check_silu(hf, where)  # transformers' experts and shared experts apply ACT2FN[hidden_act]
-    E = hf.get("n_routed_experts", hf.get("num_local_experts"))
-    if E is None:
+    key = "n_routed_experts" if "n_routed_experts" in hf else "num_local_experts"
+    if hf.get(key) is None:
         raise ValueError(f"{where}: config.json lacks the field 'n_routed_experts'")
-    F = int(need(hf, "moe_intermediate_size", where))
-    shared = int(_field(hf, "n_shared_experts") or 0)
+    F = need_int(hf, "moe_intermediate_size", where)
+    shared = as_int(_field(hf, "n_shared_experts") or 0, "n_shared_experts", where)
     fields: dict[str, Any] = dict(
-        d_model=int(need(hf, "hidden_size", where)), num_experts=int(E), num_groups=int(_field(hf, "n_group")),
-        top_k=int(need(hf, "num_experts_per_tok", where)), expert_hidden=F, num_shared_experts=shared,
+        d_model=need_int(hf, "hidden_size", where), num_experts=as_int(hf[key], key, where),
+        num_groups=as_int(_field(hf, "n_group"), "n_group", where),
+        top_k=need_int(hf, "num_experts_per_tok", where), expert_hidden=F, num_shared_experts=shared,
         shared_hidden=F * shared or None, router="group_limited", score_func="sigmoid",
-        topk_groups=int(_field(hf, "topk_group")), group_score="top2_sum",
+        topk_groups=as_int(_field(hf, "topk_group"), "topk_group", where), group_score="top2_sum",
         normalize_weights=bool(_field(hf, "norm_topk_prob")),
         route_scale=float(_field(hf, "routed_scaling_factor")),
     )  # fmt: skip
@@ -89,9 +90,10 @@ def _check_moe_layer(hf: dict, layer: int, where: str) -> None:
     """ValueError unless model.layers.{layer} exists and is an MoE block, as transformers
     builds it: every layer from first_k_dense_replace on."""
     n = hf.get("num_hidden_layers")
-    if layer < 0 or (n is not None and layer >= int(n)):
+    n = None if n is None else as_int(n, "num_hidden_layers", where)
+    if layer < 0 or (n is not None and layer >= n):
         raise ValueError(f"layer: {layer} is not a layer of the model ({where}: num_hidden_layers {n})")
-    first = int(_field(hf, "first_k_dense_replace") or 0)
+    first = as_int(_field(hf, "first_k_dense_replace") or 0, "first_k_dense_replace", where)
     if layer < first:
         raise ValueError(
             f"layer: model.layers.{layer} is a dense MLP, not an MoE block ({where}: first_k_dense_replace {first})"

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from moge._validate import check_float
+from moge._validate import check_float, shown
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
 
@@ -56,6 +56,27 @@ def need(hf: dict, key: str, where: str):
     if key not in hf or hf[key] is None:
         raise ValueError(f"{where}: config.json lacks the field {key!r}")
     return hf[key]
+
+
+def as_int(value: Any, field: str, where: str) -> int:
+    """A size or count from config.json as an int; else ValueError naming where, field, value.
+
+    An integral float (128.0, as some converters write sizes) is that integer; int() would
+    also turn 128.7 into 128, a string into a TypeError and true into 1, each building
+    another model than the file describes (or failing without naming the field).
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"{where}: {field}: expected an integer, got {shown(value)} ({type(value).__name__})"
+        )
+    return value
+
+
+def need_int(hf: dict, key: str, where: str) -> int:
+    """as_int of a field config.json must have."""
+    return as_int(need(hf, key, where), key, where)
 
 
 def router_aux_loss_coef(hf: dict, where: str) -> float:
@@ -109,19 +130,20 @@ def base_model_config(hf: dict, where: str, defaults: Mapping[str, Any], **field
     hf = {**defaults, **{k: v for k, v in hf.items() if v is not None}}
     check_silu(hf, where)
     check_no_sliding(hf, where)
-    heads = int(need(hf, "num_attention_heads", where))
-    d = int(need(hf, "hidden_size", where))
+    heads, d = need_int(hf, "num_attention_heads", where), need_int(hf, "hidden_size", where)
+    kv = None if kv is None else as_int(kv, "num_key_value_heads", where)
     head_dim = hf.get("head_dim")
+    head_dim = None if head_dim is None else as_int(head_dim, "head_dim", where)
     kwargs: dict[str, Any] = dict(
-        vocab_size=int(need(hf, "vocab_size", where)),
+        vocab_size=need_int(hf, "vocab_size", where),
         d_model=d,
-        n_layers=int(need(hf, "num_hidden_layers", where)),
+        n_layers=need_int(hf, "num_hidden_layers", where),
         n_heads=heads,
-        n_kv_heads=int(kv or heads),
-        head_dim=int(head_dim) if head_dim and int(head_dim) != d // heads else None,
+        n_kv_heads=kv or heads,
+        head_dim=head_dim if head_dim and heads and head_dim != d // heads else None,
         rope_theta=rope_theta(hf, where),
         norm_eps=float(hf["rms_norm_eps"]),
-        max_seq_len=int(hf["max_position_embeddings"]),
+        max_seq_len=need_int(hf, "max_position_embeddings", where),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
     )

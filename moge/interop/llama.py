@@ -12,7 +12,7 @@ from moge.interop.hfconfig import (
     base_config_json,
     base_model_config,
     dense_moe_placeholder,
-    need,
+    need_int,
     refuse,
 )
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, swiglu_pieces
@@ -42,9 +42,9 @@ class LlamaLayout(BaseLayout):
         if hf.get("mlp_bias"):
             raise ValueError(f"{where}: mlp_bias is true; moge's SwiGLUs have no biases")
         bias = bool(hf.get("attention_bias", False))
-        n = int(need(hf, "num_hidden_layers", where))
+        n = need_int(hf, "num_hidden_layers", where)
         m = base_model_config(
-            hf, where, CLASS_DEFAULTS["llama"], qkv_bias=bias, o_bias=bias, dense_hidden=int(need(hf, "intermediate_size", where)),
+            hf, where, CLASS_DEFAULTS["llama"], qkv_bias=bias, o_bias=bias, dense_hidden=need_int(hf, "intermediate_size", where),
             first_dense_layers=n,
         )  # fmt: skip
         return m, dense_moe_placeholder(m.d_model)
@@ -72,9 +72,9 @@ class Qwen2Layout(BaseLayout):
     model_types: tuple[str, ...] = ("qwen2",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
-        n = int(need(hf, "num_hidden_layers", where))
+        n = need_int(hf, "num_hidden_layers", where)
         m = base_model_config(
-            hf, where, CLASS_DEFAULTS["qwen2"], qkv_bias=True, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
+            hf, where, CLASS_DEFAULTS["qwen2"], qkv_bias=True, o_bias=False, dense_hidden=need_int(hf, "intermediate_size", where),
             first_dense_layers=n,
         )  # fmt: skip
         return m, dense_moe_placeholder(m.d_model)

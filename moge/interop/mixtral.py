@@ -14,7 +14,7 @@ from moge.interop.hfconfig import (
     base_model_config,
     check_plain_routing,
     moe_layers_of,
-    need,
+    need_int,
     refuse,
     router_aux_loss_coef,
 )
@@ -35,8 +35,8 @@ class MixtralLayout(BaseLayout):
                 f"{where}: sliding_window {hf['sliding_window']}: moge has full causal attention only"
             )
         m = base_model_config(hf, where, CLASS_DEFAULTS["mixtral"])
-        K, E = int(need(hf, "num_experts_per_tok", where)), int(need(hf, "num_local_experts", where))
-        F, coef = int(need(hf, "intermediate_size", where)), router_aux_loss_coef(hf, where)
+        K, E = need_int(hf, "num_experts_per_tok", where), need_int(hf, "num_local_experts", where)
+        F, coef = need_int(hf, "intermediate_size", where), router_aux_loss_coef(hf, where)
         try:
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=E, num_groups=1, top_k=K,

@@ -18,7 +18,7 @@ from moge.interop.hfconfig import (
     base_config_json,
     base_model_config,
     moe_layers_of,
-    need,
+    need_int,
     refuse,
     router_aux_loss_coef,
 )
@@ -38,15 +38,15 @@ class PanguLayout(BaseLayout):
     model_types: tuple[str, ...] = (MODEL_TYPE,)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
-        d, heads = int(need(hf, "hidden_size", where)), int(need(hf, "num_attention_heads", where))
+        d, heads = need_int(hf, "hidden_size", where), need_int(hf, "num_attention_heads", where)
         if d % heads:
             raise ValueError(f"{where}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
         hf = {**hf, "head_dim": None}  # the released attention derives it: hidden / heads
         m = base_model_config(hf, where, CLASS_DEFAULTS["pangu"], qkv_bias=True, o_bias=True)
-        E, K = int(need(hf, "num_experts", where)), int(need(hf, "num_experts_per_tok", where))
+        E, K = need_int(hf, "num_experts", where), need_int(hf, "num_experts_per_tok", where)
         # Read before the try: these errors already name config.json and their field.
-        F = int(need(hf, "moe_intermediate_size", where))
-        S = int(need(hf, "shared_expert_intermediate_size", where))
+        F = need_int(hf, "moe_intermediate_size", where)
+        S = need_int(hf, "shared_expert_intermediate_size", where)
         coef = router_aux_loss_coef(hf, where)
         try:
             e = MoGEConfig(

@@ -12,12 +12,13 @@ from moge.balance import released_coefficient
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import (
     CLASS_DEFAULTS,
+    as_int,
     base_config_json,
     base_model_config,
     check_plain_routing,
     dense_pattern,
     moe_layers_of,
-    need,
+    need_int,
     refuse,
     router_aux_loss_coef,
 )
@@ -26,25 +27,25 @@ from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
 
 
-def hf_moe_layers(hf: dict, n_layers: int, num_experts: int) -> set[int]:
+def hf_moe_layers(hf: dict, n_layers: int, num_experts: int, where: str = "config.json") -> set[int]:
     """transformers' rule: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
-    only = set(hf.get("mlp_only_layers") or [])
-    step = int(hf.get("decoder_sparse_step") or 1)
+    only = {as_int(i, "mlp_only_layers", where) for i in hf.get("mlp_only_layers") or []}
+    step = as_int(hf.get("decoder_sparse_step") or 1, "decoder_sparse_step", where)
     return {i for i in range(n_layers) if i not in only and num_experts > 0 and (i + 1) % step == 0}
 
 
 def _experts(hf: dict, where: str) -> int:
-    n = hf.get("num_experts", hf.get("num_local_experts"))
-    if n is None:
+    key = "num_experts" if "num_experts" in hf else "num_local_experts"
+    if hf.get(key) is None:
         raise ValueError(f"{where}: config.json lacks the field 'num_experts'")
-    return int(n)
+    return as_int(hf[key], key, where)
 
 
 def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
-    K = int(need(hf, "num_experts_per_tok", where))
+    K = need_int(hf, "num_experts_per_tok", where)
     return dict(
         num_experts=_experts(hf, where), num_groups=1, top_k=K,
-        expert_hidden=int(need(hf, "moe_intermediate_size", where)),
+        expert_hidden=need_int(hf, "moe_intermediate_size", where),
         num_shared_experts=1 if shared else 0, shared_hidden=shared or None, shared_expert_gate=bool(shared),
         router="global", normalize_weights=bool(hf.get("norm_topk_prob", False)),
         # Their gate is a Linear in the model's dtype (softmax in float32): in bf16, float32
@@ -97,16 +98,16 @@ class Qwen2MoeLayout(BaseLayout):
     model_types: tuple[str, ...] = ("qwen2_moe",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
-        n = int(need(hf, "num_hidden_layers", where))
-        shared = int(need(hf, "shared_expert_intermediate_size", where))
+        n = need_int(hf, "num_hidden_layers", where)
+        shared = need_int(hf, "shared_expert_intermediate_size", where)
         if shared <= 0:
             raise ValueError(
                 f"{where}: shared_expert_intermediate_size must be > 0 (moge has no zero-width expert)"
             )
-        first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where)), where)
+        first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where), where), where)
         bias = bool(hf.get("qkv_bias", True))
         m = base_model_config(
-            hf, where, CLASS_DEFAULTS["qwen2_moe"], qkv_bias=bias, o_bias=False, dense_hidden=int(need(hf, "intermediate_size", where)),
+            hf, where, CLASS_DEFAULTS["qwen2_moe"], qkv_bias=bias, o_bias=False, dense_hidden=need_int(hf, "intermediate_size", where),
             first_dense_layers=first, moe_every=every,
         )  # fmt: skip
         fields = _moe_fields(hf, where, shared=shared)  # outside the try: its errors already name config.json
@@ -142,12 +143,12 @@ class Qwen3MoeLayout(BaseLayout):
     model_types: tuple[str, ...] = ("qwen3_moe",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
-        n = int(need(hf, "num_hidden_layers", where))
-        first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where)), where)
+        n = need_int(hf, "num_hidden_layers", where)
+        first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where), where), where)
         bias = bool(hf.get("attention_bias", False))
         m = base_model_config(
             hf, where, CLASS_DEFAULTS["qwen3_moe"], qkv_bias=bias, o_bias=bias, qk_norm=True,
-            dense_hidden=int(need(hf, "intermediate_size", where)), first_dense_layers=first, moe_every=every,
+            dense_hidden=need_int(hf, "intermediate_size", where), first_dense_layers=first, moe_every=every,
         )  # fmt: skip
         fields = _moe_fields(hf, where, shared=0)  # outside the try: its errors already name config.json
         try:

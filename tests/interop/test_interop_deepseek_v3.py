@@ -140,3 +140,29 @@ def test_an_activation_other_than_silu_is_refused():
         assert not torch.allclose(gelu(x), block(x), atol=1e-2)
     with pytest.raises(ValueError, match="config.json: hidden_act 'gelu': moge's FFNs are SwiGLU"):
         load_block(gelu.state_dict(), config={**FIELDS, "hidden_act": "gelu"})
+
+
+@pytest.mark.parametrize(
+    "field", ["hidden_size", "n_routed_experts", "n_group", "topk_group", "num_experts_per_tok",
+              "moe_intermediate_size", "n_shared_experts"],
+)  # fmt: skip
+@pytest.mark.parametrize("bad", [6.5, "6", True])
+def test_a_size_that_is_not_an_integer_is_named(field, bad):
+    """int() read 6.5 as 6 and "6" as a TypeError; an integral float is its integer."""
+    from moge.interop.deepseek_v3 import block_config
+
+    with pytest.raises(ValueError) as err:
+        block_config({**FIELDS, field: bad}, "/m/config.json")
+    assert (
+        str(err.value) == f"/m/config.json: {field}: expected an integer, got {bad!r} ({type(bad).__name__})"
+    )
+    assert block_config({**FIELDS, field: float(FIELDS[field])}) == block_config(FIELDS)
+
+
+@pytest.mark.parametrize("field", ["num_hidden_layers", "first_k_dense_replace"])
+def test_a_layer_count_that_is_not_an_integer_is_named(tmp_path, field):
+    fields = {**FIELDS, "model_type": "deepseek_v3", "num_hidden_layers": 2, "first_k_dense_replace": 1}
+    (tmp_path / "config.json").write_text(json.dumps({**fields, field: 1.5}))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=rf"config\.json: {field}: expected an integer, got 1\.5 \(float\)"):
+        load_block(tmp_path, layer=1)

@@ -674,3 +674,55 @@ def test_a_tied_config_whose_checkpoint_stores_another_head_reads_untied(tmp_pat
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
     save_file(state, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
     assert from_pretrained(tmp_path / "src")[1].model.tie_embeddings
+
+
+# Every integer field a transformers layout's reader takes (those its config.json holds).
+INT_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts", "num_local_experts",
+    "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
+)  # fmt: skip
+
+
+def _int_fields(hf: dict) -> list[str]:
+    return [k for k in INT_FIELDS if hf.get(k) is not None]
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+@pytest.mark.parametrize("bad", [128.7, "16", True])
+def test_a_size_that_is_not_an_integer_is_named(layout, bad):
+    """int() read 128.7 as 128 (another model than the file's) and "16" as a TypeError:
+    each integer field refuses a fraction, a string and a bool, naming file, field, value."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    fields = _int_fields(hf)
+    assert len(fields) >= 7, fields
+    for field in fields:
+        with pytest.raises(ValueError) as err:
+            LAYOUTS[layout].read_config({**hf, field: bad}, "/m/config.json")
+        assert str(err.value) == (
+            f"/m/config.json: {field}: expected an integer, got {bad!r} ({type(bad).__name__})"
+        ), field
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_integral_float_sizes_read_as_their_integers(layout):
+    """128.0 is the integer 128 (some converters write sizes as floats), in every field
+    and in mlp_only_layers' entries."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    floats = {k: float(hf[k]) for k in _int_fields(hf)}
+    if hf.get("mlp_only_layers"):
+        floats["mlp_only_layers"] = [float(i) for i in hf["mlp_only_layers"]]
+    read = LAYOUTS[layout].read_config
+    assert read({**hf, **floats}, "config.json") == read(hf, "config.json")
+
+
+def test_a_dense_layer_index_that_is_not_an_integer_is_named():
+    from moge.interop import LAYOUTS
+
+    hf = hf_model("qwen3_moe").config.to_dict()
+    with pytest.raises(ValueError, match=r"^/m/config\.json: mlp_only_layers: expected an integer, got 0\.5"):
+        LAYOUTS["qwen3_moe"].read_config({**hf, "mlp_only_layers": [0.5]}, "/m/config.json")

@@ -227,3 +227,25 @@ def test_the_released_modelling_code_travels_with_the_checkpoint(tmp_path):
         for target in auto_map.values():
             name = f"{target.split('.')[0]}.py"
             assert (tmp_path / out / name).read_text() == code[name], (out, name)
+
+
+INT_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "max_position_embeddings", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "num_experts_per_tok", "num_experts",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+@pytest.mark.parametrize("bad", [32.5, "32", True])
+def test_a_size_that_is_not_an_integer_is_named(field, bad):
+    """int() read 32.5 as 32 and "32" as a TypeError; an integral float is its integer."""
+    from moge.interop.pangu import PanguLayout
+
+    with pytest.raises(ValueError) as err:
+        PanguLayout().read_config({**RELEASED_FIELDS, field: bad}, "/m/config.json")
+    assert (
+        str(err.value) == f"/m/config.json: {field}: expected an integer, got {bad!r} ({type(bad).__name__})"
+    )
+    floats = {**RELEASED_FIELDS, field: float(RELEASED_FIELDS[field])}
+    assert PanguLayout().read_config(floats, "c") == PanguLayout().read_config(RELEASED_FIELDS, "c")
