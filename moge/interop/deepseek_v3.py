@@ -152,7 +152,10 @@ def block_state_dict(layer: MoGELayer, prefix: str = "") -> dict[str, torch.Tens
     check_dropless("deepseek_v3", c)
     state = dict(layer.state_dict())
     if "balance_bias_E" not in state:
-        state["balance_bias_E"] = torch.zeros(c.num_experts)
+        # float32 whatever the layer's dtype: transformers' DeepseekV3 keeps
+        # e_score_correction_bias (and the gate) in float32 (_keep_in_fp32_modules_strict),
+        # as moge keeps its balance_bias_E buffer.
+        state["balance_bias_E"] = torch.zeros(c.num_experts, dtype=torch.float32)
     out = {}
     for p in _pieces(c, prefix):
         out[p.key] = p.region(state[p.param]).contiguous().clone()

@@ -262,6 +262,16 @@ def _fill_shape(p: Piece) -> tuple[int, ...]:
     return p.shape
 
 
+def _fill_dtype(src: MogeSource, pieces: list[Piece], shapes: dict) -> torch.dtype:
+    """The dtype of the constants a layout has and moge lacks (zero biases, ones scales)
+    when the export keeps moge's dtypes: the model's, read off its first tensor (the
+    embedding). transformers casts a mixed file to one dtype on load, but float32
+    constants in a bf16 export double their bytes, and readers that keep each tensor's
+    own dtype (a convert without --dtype, safetensors tools) would get a mixed model."""
+    first = next((p.param for p in pieces if p.param in shapes), None)
+    return src.dtype(first) if first is not None else torch.float32
+
+
 def plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
     """Greedy: consecutive pieces fill a shard up to max_bytes (a larger piece gets its own)."""
     shards: list[list[int]] = [[]]
@@ -285,7 +295,8 @@ def write_layout(
 ) -> list[Path]:
     """Write config.json and the shards (index when more than one); returns the files written.
 
-    dtype None: each tensor keeps the moge tensor's dtype.
+    dtype None: each tensor keeps the moge tensor's dtype; a constant the layout needs and
+    the model lacks takes the model's (see _fill_dtype).
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,7 +304,8 @@ def write_layout(
     missing = [p.param for p in pieces if p.param not in shapes and p.fill is None]
     extra = sorted(set(shapes) - {p.param for p in pieces})
     assert not missing and not extra, f"the layout covers the model exactly: {missing} {extra}"
-    dtypes = [dtype or (src.dtype(p.param) if p.param in shapes else torch.float32) for p in pieces]
+    fill = dtype or _fill_dtype(src, pieces, shapes)
+    dtypes = [dtype or (src.dtype(p.param) if p.param in shapes else fill) for p in pieces]
     layout_shapes = [p.layout_shape(shapes[p.param]) if p.param in shapes else _fill_shape(p) for p in pieces]
     sizes = [math.prod(s) * d.itemsize for s, d in zip(layout_shapes, dtypes, strict=True)]
     shards = plan_shards(sizes, max_shard_bytes)

@@ -726,3 +726,44 @@ def test_a_dense_layer_index_that_is_not_an_integer_is_named():
     hf = hf_model("qwen3_moe").config.to_dict()
     with pytest.raises(ValueError, match=r"^/m/config\.json: mlp_only_layers: expected an integer, got 0\.5"):
         LAYOUTS["qwen3_moe"].read_config({**hf, "mlp_only_layers": [0.5]}, "/m/config.json")
+
+
+def _model_lacking_biases(layout: str):
+    """A moge model of `layout` without some of the biases the layout always has."""
+    from moge.interop.hfconfig import dense_moe_placeholder
+    from moge.layer import MoGEConfig
+    from moge.model import MoGETransformer
+    from moge.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    dense = layout in ("llama", "qwen2")
+    m = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm=not dense,
+                    o_bias=layout != "qwen2", first_dense_layers=2 if dense else 0, init_std=0.2)  # fmt: skip
+    e = MoGEConfig(d_model=32, num_experts=4, num_groups=1, top_k=2, expert_hidden=8, router="global")
+    return MoGETransformer(m, dense_moe_placeholder(32) if dense else e).eval()
+
+
+@pytest.mark.parametrize("layout", ["qwen2", "llama", "qwen3_moe"])
+def test_a_bf16_export_writes_every_tensor_in_bf16(layout, tmp_path):
+    """The zero biases a layout has and the model lacks were written in float32 beside the
+    model's bf16 tensors. Now every tensor is bf16, and transformers, which casts a mixed
+    file to one dtype on load, gives moge's bf16 logits."""
+    from safetensors import safe_open
+
+    model = _model_lacking_biases(layout)
+    x = _tokens(seed=12)
+    with torch.no_grad():
+        ref = model(x).logits
+    model = model.to(torch.bfloat16)
+    save_pretrained(model, tmp_path, layout=layout)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 -- safe_open has no iteration
+    assert any(k.endswith("_proj.bias") for k in dtypes)
+    assert set(dtypes.values()) == {"BF16"}, {k: d for k, d in dtypes.items() if d != "BF16"}
+    with torch.no_grad():
+        ours = model(x).logits.float()
+        bf16_error = (ours - ref).abs().max().item()  # moge's own bf16 rounding of the float32 model
+        for dtype in ("auto", torch.bfloat16):
+            theirs = hf_class(layout).from_pretrained(tmp_path, dtype=dtype).eval()
+            assert {p.dtype for p in theirs.parameters()} == {torch.bfloat16}
+            torch.testing.assert_close(theirs(x).logits.float(), ours, atol=2 * bf16_error, rtol=0)

@@ -249,3 +249,26 @@ def test_a_size_that_is_not_an_integer_is_named(field, bad):
     )
     floats = {**RELEASED_FIELDS, field: float(RELEASED_FIELDS[field])}
     assert PanguLayout().read_config(floats, "c") == PanguLayout().read_config(RELEASED_FIELDS, "c")
+
+
+def test_a_bf16_export_writes_its_zero_biases_and_ones_scale_in_bf16(tmp_path):
+    """A model without biases or expert scale exports zeros / ones for them: in the
+    model's dtype (they were float32 beside bf16 weights), and it reads back the same."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=80, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, init_std=0.2)
+    e = MoGEConfig(d_model=32, num_experts=16, num_groups=4, top_k=4, expert_hidden=4, num_shared_experts=1)
+    model = MoGETransformer(m, e).to(torch.bfloat16).eval()
+    save_pretrained(model, tmp_path, layout="pangu")
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 -- safe_open has no iteration
+    assert "model.layers.0.mlp.router_scale" in dtypes and "model.layers.0.self_attn.o_proj.bias" in dtypes
+    assert set(dtypes.values()) == {"BF16"}, {k: d for k, d in dtypes.items() if d != "BF16"}
+    again = from_pretrained(tmp_path, dtype=None)[0].state_dict()
+    for k, v in again.items():
+        assert v.dtype == torch.bfloat16, k
+        if k in model.state_dict():
+            assert torch.equal(v, model.state_dict()[k]), k
+        else:  # what moge lacks reads back as the constant it stood for
+            assert torch.equal(v, torch.full_like(v, 1.0 if k.endswith("expert_scale_E") else 0.0)), k
