@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from moge._validate import check_float, shown
+from moge.balance import released_coefficient
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
 
@@ -90,6 +91,38 @@ def router_aux_loss_coef(hf: dict, where: str) -> float:
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from err
     return float(c)
+
+
+# transformers' Qwen2-MoE, Qwen3-MoE and Mixtral configs and the released Pangu one have
+# no router z-loss field (router_z_loss_coef is Switch Transformers' and NLLB-MoE's):
+# moge keeps MoGEConfig.z_loss_coef under its own key, an attribute their classes keep
+# and their models never read (none of them adds a z-loss).
+Z_LOSS_KEY = "moge_z_loss_coef"
+
+
+def z_loss_coef(hf: dict, where: str) -> float:
+    """moge's router z-loss weight from config.json; left out or null: 0 (off)."""
+    c = hf.get(Z_LOSS_KEY)
+    if c is None:
+        return 0.0
+    try:
+        check_float(Z_LOSS_KEY, c, minimum=0.0)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return float(c)
+
+
+def loss_config_json(m: ModelConfig, e: MoGEConfig) -> dict:
+    """The training-objective fields of an MoE layout's config.json.
+
+    router_aux_loss_coef: the released objective's c (balance.released_coefficient).
+    The z-loss weight goes under Z_LOSS_KEY when on (no transformers layout computes it).
+    """
+    c = released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m)))
+    out: dict[str, Any] = {"router_aux_loss_coef": c, "output_router_logits": False}
+    if e.z_loss_coef:
+        out[Z_LOSS_KEY] = e.z_loss_coef
+    return out
 
 
 def rope_theta(hf: dict, where: str) -> float:

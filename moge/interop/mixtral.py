@@ -6,17 +6,17 @@ the top-k logits. Experts are `block_sparse_moe.experts.{e}.w1` (gate), `w3` (up
 
 from __future__ import annotations
 
-from moge.balance import released_coefficient
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import (
     CLASS_DEFAULTS,
     base_config_json,
     base_model_config,
     check_plain_routing,
-    moe_layers_of,
+    loss_config_json,
     need_int,
     refuse,
     router_aux_loss_coef,
+    z_loss_coef,
 )
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces
 from moge.layer import MoGEConfig
@@ -42,7 +42,7 @@ class MixtralLayout(BaseLayout):
                 d_model=m.d_model, num_experts=E, num_groups=1, top_k=K,
                 expert_hidden=F, router="global", normalize_weights=True,
                 router_dtype="input",  # transformers' gate: logits in the model's dtype, softmax in float32
-                aux_loss_coef=coef, aux_loss_type="released",
+                aux_loss_coef=coef, aux_loss_type="released", z_loss_coef=z_loss_coef(hf, where),
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
@@ -57,11 +57,9 @@ class MixtralLayout(BaseLayout):
         if m.qkv_bias or m.o_bias or m.qk_norm:
             raise refuse(self.name, "attention biases or q/k norms", "Mixtral attention has neither")
         cfg = base_config_json(m, "MixtralForCausalLM", "mixtral")
-        c = released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m)))
         cfg.update(
             num_local_experts=e.num_experts, num_experts_per_tok=e.top_k, intermediate_size=e.expert_hidden,
-            router_aux_loss_coef=c, router_jitter_noise=0.0, sliding_window=None,
-            output_router_logits=False,
+            router_jitter_noise=0.0, sliding_window=None, **loss_config_json(m, e),
         )  # fmt: skip
         return cfg
 

@@ -12,15 +12,15 @@ A moge model without biases or expert scale exports zeros / ones for them (the s
 
 from __future__ import annotations
 
-from moge.balance import released_coefficient
 from moge.interop.hfconfig import (
     CLASS_DEFAULTS,
     base_config_json,
     base_model_config,
-    moe_layers_of,
+    loss_config_json,
     need_int,
     refuse,
     router_aux_loss_coef,
+    z_loss_coef,
 )
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
@@ -47,7 +47,7 @@ class PanguLayout(BaseLayout):
         # Read before the try: these errors already name config.json and their field.
         F = need_int(hf, "moe_intermediate_size", where)
         S = need_int(hf, "shared_expert_intermediate_size", where)
-        coef = router_aux_loss_coef(hf, where)
+        coef, z = router_aux_loss_coef(hf, where), z_loss_coef(hf, where)
         try:
             e = MoGEConfig(
                 d_model=m.d_model, num_experts=E, num_groups=K, top_k=K, expert_hidden=F,
@@ -57,7 +57,7 @@ class PanguLayout(BaseLayout):
                 # bf16, float32 logits would pick another expert set for ~1.7% of tokens.
                 router_dtype="input",
                 # The released objective (Mixtral's function) with its coefficient: the same signal.
-                aux_loss_coef=coef, aux_loss_type="released",
+                aux_loss_coef=coef, aux_loss_type="released", z_loss_coef=z,
             )  # fmt: skip
         except ValueError as err:
             grouping = str(err).startswith(("num_groups", "top_k"))  # K = M: where their errors come from
@@ -92,13 +92,12 @@ class PanguLayout(BaseLayout):
                 self.name, f"head_dim {m.head_dim}", "the released attention uses hidden_size / heads"
             )
         cfg = base_config_json(m, ARCH, MODEL_TYPE)
-        c = released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m)))
         for key in ("head_dim", "rope_parameters"):  # not fields of the released configuration
             del cfg[key]
         cfg.update(
             auto_map=AUTO_MAP, num_experts=e.num_experts, num_experts_per_tok=e.top_k,
             moe_intermediate_size=e.expert_hidden, shared_expert_intermediate_size=e.shared_width,
-            router_aux_loss_coef=c, output_router_logits=False,
+            **loss_config_json(m, e),
         )  # fmt: skip
         return cfg
 

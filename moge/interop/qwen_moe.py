@@ -8,7 +8,6 @@ Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
 
 from __future__ import annotations
 
-from moge.balance import released_coefficient
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import (
     CLASS_DEFAULTS,
@@ -17,10 +16,11 @@ from moge.interop.hfconfig import (
     base_model_config,
     check_plain_routing,
     dense_pattern,
-    moe_layers_of,
+    loss_config_json,
     need_int,
     refuse,
     router_aux_loss_coef,
+    z_loss_coef,
 )
 from moge.interop.mapping import BaseLayout, Piece, decoder_pieces, expert_pieces, swiglu_pieces
 from moge.layer import MoGEConfig
@@ -53,6 +53,7 @@ def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
         router_dtype="input",
         # Their objective (Mixtral's function) with their coefficient: the same training signal.
         aux_loss_coef=router_aux_loss_coef(hf, where), aux_loss_type="released",
+        z_loss_coef=z_loss_coef(hf, where),
     )  # fmt: skip
 
 
@@ -65,11 +66,8 @@ def _moe_json(m: ModelConfig, e: MoGEConfig) -> dict:
         "intermediate_size": m.resolved_dense_hidden,
         "mlp_only_layers": [i for i in range(m.n_layers) if not m.is_moe_layer(i)],
         "decoder_sparse_step": 1,
-        "router_aux_loss_coef": released_coefficient(
-            e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m))
-        ),
-        "output_router_logits": False,
         "use_sliding_window": False,
+        **loss_config_json(m, e),
     }
 
 

@@ -767,3 +767,48 @@ def test_a_bf16_export_writes_every_tensor_in_bf16(layout, tmp_path):
             theirs = hf_class(layout).from_pretrained(tmp_path, dtype=dtype).eval()
             assert {p.dtype for p in theirs.parameters()} == {torch.bfloat16}
             torch.testing.assert_close(theirs(x).logits.float(), ours, atol=2 * bf16_error, rtol=0)
+
+
+def _moge_of(layout: str, tmp_path, **moe):
+    """(moge model read from a transformers `layout` model, with MoGEConfig fields `moe` changed)."""
+    import dataclasses
+
+    from moge.model import MoGETransformer
+
+    hf_model(layout).save_pretrained(tmp_path / "hf")
+    read, run = from_pretrained(tmp_path / "hf")
+    model = MoGETransformer(run.model, dataclasses.replace(run.moe, **moe)).eval()
+    model.load_state_dict(read.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_z_loss_coef_survives_a_round_trip_through_a_layout(layout, tmp_path):
+    """No transformers MoE config has a router z-loss field: moge_z_loss_coef keeps it,
+    transformers loads the folder as before, and moge, a moge run and convert read it back."""
+    from moge.interop import convert
+
+    key = "moge_z_loss_coef"
+    model = _moge_of(layout, tmp_path, z_loss_coef=0.003)
+    save_pretrained(model, tmp_path / "out", layout=layout)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[key] == 0.003
+    _, run = from_pretrained(tmp_path / "out")
+    assert run.moe == model.moe_cfg
+    theirs = hf_class(layout).from_pretrained(tmp_path / "out").eval()
+    x = _tokens(seed=13)
+    with torch.no_grad():
+        _close(theirs(x).logits, model(x).logits)
+    convert(tmp_path / "out", tmp_path / "run", to="moge")
+    convert(tmp_path / "run", tmp_path / "back", to=layout)
+    assert from_pretrained(tmp_path / "back")[1].moe.z_loss_coef == 0.003
+    save_pretrained(_moge_of(layout, tmp_path / "off"), tmp_path / "off" / "out", layout=layout)
+    assert key not in json.loads((tmp_path / "off" / "out" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("value", ["0.1", -0.1, True])
+def test_a_bad_z_loss_coef_is_named(value):
+    from moge.interop import LAYOUTS
+
+    hf = hf_model("qwen3_moe").config.to_dict()
+    with pytest.raises(ValueError, match=r"^/m/config\.json: moge_z_loss_coef: "):
+        LAYOUTS["qwen3_moe"].read_config({**hf, "moge_z_loss_coef": value}, "/m/config.json")

@@ -272,3 +272,17 @@ def test_a_bf16_export_writes_its_zero_biases_and_ones_scale_in_bf16(tmp_path):
             assert torch.equal(v, model.state_dict()[k]), k
         else:  # what moge lacks reads back as the constant it stood for
             assert torch.equal(v, torch.full_like(v, 1.0 if k.endswith("expert_scale_E") else 0.0)), k
+
+
+def test_z_loss_coef_survives_a_round_trip_through_the_layout(tmp_path):
+    """The released configuration has no z-loss field: moge_z_loss_coef keeps it."""
+    import dataclasses
+
+    from moge.interop.pangu import PanguLayout
+
+    m, e = _moge_pangu().cfg, _moge_pangu().moe_cfg
+    model = MoGETransformer(m, dataclasses.replace(e, z_loss_coef=0.002))
+    save_pretrained(model, tmp_path, layout="pangu")
+    assert json.loads((tmp_path / "config.json").read_text())["moge_z_loss_coef"] == 0.002
+    assert from_pretrained(tmp_path)[1].moe.z_loss_coef == 0.002
+    assert PanguLayout().read_config(RELEASED_FIELDS, "config.json")[1].z_loss_coef == 0.0  # left out: off
