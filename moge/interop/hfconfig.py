@@ -116,10 +116,13 @@ def loss_config_json(m: ModelConfig, e: MoGEConfig) -> dict:
     """The training-objective fields of an MoE layout's config.json.
 
     router_aux_loss_coef: the released objective's c (balance.released_coefficient).
+    output_router_logits: true when c > 0, since transformers' (and the released Pangu)
+    ForCausalLM adds c * aux_loss to a forward's loss with labels only when it is set: a
+    model trained with a balance loss fine-tunes with it there too, not silently without.
     The z-loss weight goes under Z_LOSS_KEY when on (no transformers layout computes it).
     """
     c = released_coefficient(e.aux_loss_coef, e.aux_loss_type, e.top_k, len(moe_layers_of(m)))
-    out: dict[str, Any] = {"router_aux_loss_coef": c, "output_router_logits": False}
+    out: dict[str, Any] = {"router_aux_loss_coef": c, "output_router_logits": c > 0}
     if e.z_loss_coef:
         out[Z_LOSS_KEY] = e.z_loss_coef
     return out

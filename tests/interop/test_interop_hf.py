@@ -812,3 +812,35 @@ def test_a_bad_z_loss_coef_is_named(value):
     hf = hf_model("qwen3_moe").config.to_dict()
     with pytest.raises(ValueError, match=r"^/m/config\.json: moge_z_loss_coef: "):
         LAYOUTS["qwen3_moe"].read_config({**hf, "moge_z_loss_coef": value}, "/m/config.json")
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_an_export_trained_with_a_balance_loss_fine_tunes_with_it_in_transformers(layout, tmp_path):
+    """transformers adds router_aux_loss_coef * aux_loss to a forward's loss with labels
+    only when output_router_logits is set: exported false, fine-tuning there silently
+    dropped the balance loss. Set, the loss is moge's: cross-entropy + moge's aux loss."""
+    import torch.nn.functional as F
+
+    model = _moge_of(layout, tmp_path, aux_loss_coef=0.05)
+    save_pretrained(model, tmp_path / "out", layout=layout)
+    theirs = hf_class(layout).from_pretrained(tmp_path / "out").eval()
+    assert theirs.config.output_router_logits
+    x = _tokens(seed=14)
+    with torch.no_grad():
+        out, ours = theirs(x, labels=x), model(x)
+        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        assert out.aux_loss is not None
+        torch.testing.assert_close(out.loss - ce, ours.aux_loss, rtol=1e-4, atol=0)
+        assert ours.aux_loss > 1e-3 * ce  # large enough that leaving it out shows
+    n = 4  # and inference is unchanged by the flag
+    theirs_gen = theirs.generate(x, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(x, n, temperature=0.0), theirs_gen)
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS)
+def test_an_export_without_a_balance_loss_leaves_output_router_logits_off(layout, tmp_path):
+    model = _moge_of(layout, tmp_path, aux_loss_coef=0.0)
+    save_pretrained(model, tmp_path / "out", layout=layout)
+    theirs = hf_class(layout).from_pretrained(tmp_path / "out").eval()
+    assert not theirs.config.output_router_logits and theirs.config.router_aux_loss_coef == 0.0
+    assert from_pretrained(tmp_path / "out")[1].moe.aux_loss_coef == 0.0

@@ -62,8 +62,10 @@ def test_export_runs_in_the_oracle_with_kv_cache(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     for field, value in RELEASED_FIELDS.items():  # every field the released code reads
         assert field in cfg, field
-        if field not in ("router_aux_loss_coef", "max_position_embeddings", "initializer_range"):
+        if field not in ("router_aux_loss_coef", "output_router_logits", "max_position_embeddings",
+                         "initializer_range"):  # fmt: skip
             assert cfg[field] == value, field
+    assert cfg["output_router_logits"]  # trained with a balance loss: fine-tuned with it (docs/interop.md)
     oracle = PanguOracle(tmp_path)
     x = _tokens(1, B=2, L=5)
     with torch.no_grad():
@@ -134,9 +136,12 @@ def test_the_72b_config_exports_the_released_configuration():
         num_key_value_heads=8, hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-5,
         tie_word_embeddings=False, rope_theta=16000000.0, moe_intermediate_size=1344,
         shared_expert_intermediate_size=5376, num_experts_per_tok=8, num_experts=64,
-        output_router_logits=False, router_aux_loss_coef=0.001, model_type="PanguProMoE",
+        router_aux_loss_coef=0.001, model_type="PanguProMoE",
     )  # fmt: skip
     assert {k: written[k] for k in released} == released
+    # The release ships output_router_logits false; a model trained with a balance loss
+    # exports it true, so that the released code adds that loss when fine-tuning.
+    assert written["output_router_logits"] is True
     assert written["max_position_embeddings"] == cfg.model.max_seq_len
     back_model, back_moe = PanguLayout().read_config(written, "config.json")
     # Read back as the released code runs it: router logits in the input's dtype.
