@@ -515,10 +515,15 @@ class MoGETransformer(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         stop_token: int | None = None,
+        top_p: float = 1.0,
     ) -> torch.Tensor:
         """Prompt [B, L] -> [B, L + max_new_tokens]: one prefill, then cached one-token steps.
 
-        temperature 0 is greedy; top_k keeps only the k likeliest tokens before sampling.
+        temperature 0 is greedy (top_k and top_p are then ignored); otherwise the logits are
+        divided by it, top_k keeps only the k likeliest tokens (all when k >= vocab_size,
+        ties with the k-th kept) and top_p (0 < top_p <= 1; 1: off) then keeps the nucleus,
+        the fewest likeliest tokens whose probabilities sum to >= top_p (sampling_logits).
+        max_new_tokens 0 returns a copy of the prompt without running the model.
         domain_ids [B]: as in forward (PanGu-Sigma's two-level router).
         mask [B, L] bool (False: padding) for prompts of different lengths, padded on the
         left (any ids in the padding): each row then gets, greedily, the tokens its prompt
@@ -530,26 +535,15 @@ class MoGETransformer(nn.Module):
         """
         _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
         pad_B = None if mask is None else _left_padding(mask, tokens_BL)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
-        # bool is an int (and a Real): True would pass as temperature 1 or top_k 1.
-        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-            raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature: must be >= 0, got {temperature}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
+        _check_sampling(temperature, top_k, top_p)
+        self._check_generate_lengths(tokens_BL.shape[1], max_new_tokens)
         V = self.cfg.vocab_size
         if stop_token is not None and (
             isinstance(stop_token, bool) or not isinstance(stop_token, int) or not 0 <= stop_token < V
         ):
             raise ValueError(f"stop_token: expected a token id in [0, {V}) or None, got {stop_token!r}")
-        total = tokens_BL.shape[1] + max_new_tokens
-        if total > self.cfg.max_seq_len:
-            raise ValueError(
-                f"max_new_tokens: prompt {tokens_BL.shape[1]} + {max_new_tokens} new tokens exceeds "
-                f"model.max_seq_len={self.cfg.max_seq_len}"
-            )
+        if max_new_tokens == 0:  # nothing to sample: the prefill's logits would go unread
+            return tokens_BL.clone()
         domains_B = None if domain_ids is None else _domains_per_token(domain_ids, tokens_BL)[:, 0]
         was_training = self.training
         layers = list(self.moe_layers())
@@ -558,25 +552,55 @@ class MoGETransformer(nn.Module):
         try:
             for layer in layers:
                 layer.compute_losses = False  # nothing here reads the aux losses
-            cache = self.new_cache(total, pad_B)
-            out = [tokens_BL]
+            cache = self.new_cache(tokens_BL.shape[1] + max_new_tokens, pad_B)
             # With padding, the MoE layers route only the real tokens (capacity included).
             logits_BV = self._next_logits(tokens_BL, cache, domains_B, None if pad_B is None else mask)
-            stopped_B1 = torch.zeros(tokens_BL.shape[0], 1, dtype=torch.bool, device=tokens_BL.device)
-            for step in range(max_new_tokens):
-                next_B1 = sample_next(logits_BV, temperature, top_k, generator)
-                if stop_token is not None:
-                    next_B1 = next_B1.masked_fill(stopped_B1, stop_token)  # a stopped row repeats it
-                    stopped_B1 |= next_B1 == stop_token
-                out.append(next_B1)
-                if step + 1 == max_new_tokens or (stop_token is not None and bool(stopped_B1.all())):
-                    break
-                logits_BV = self._next_logits(next_B1, cache, domains_B)
-            return torch.cat(out, dim=1)
+            sample = functools.partial(
+                sample_next, temperature=temperature, top_k=top_k, generator=generator, top_p=top_p
+            )
+            return self._decode(tokens_BL, logits_BV, cache, domains_B, sample, max_new_tokens, stop_token)
         finally:
             for layer, on in zip(layers, losses):
                 layer.compute_losses = on
             self.train(was_training)
+
+    def _check_generate_lengths(self, n: int, max_new_tokens: int) -> None:
+        """generate's checks of max_new_tokens and of the prompt length n against max_seq_len."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+        limit = self.cfg.max_seq_len
+        if n > limit:  # no max_new_tokens fits: the prompt is what to shorten
+            raise ValueError(f"tokens: prompt length {n} exceeds model.max_seq_len={limit}")
+        if n + max_new_tokens > limit:
+            raise ValueError(
+                f"max_new_tokens: prompt {n} + {max_new_tokens} new tokens exceeds "
+                f"model.max_seq_len={limit}; at most {limit - n} new tokens fit after this prompt"
+            )
+
+    def _decode(
+        self,
+        tokens_BL: torch.Tensor,
+        logits_BV: torch.Tensor,
+        cache: KVCache,
+        domains_B: torch.Tensor | None,
+        sample: Callable[[torch.Tensor], torch.Tensor],
+        max_new_tokens: int,
+        stop_token: int | None,
+    ) -> torch.Tensor:
+        """generate's loop after the prefill: prompt [B, L] and its last logits [B, V] ->
+        [B, L + n], n <= max_new_tokens; sample(logits [B, V]) -> next ids [B, 1]."""
+        out = [tokens_BL]
+        stopped_B1 = torch.zeros(tokens_BL.shape[0], 1, dtype=torch.bool, device=tokens_BL.device)
+        for step in range(max_new_tokens):
+            next_B1 = sample(logits_BV)
+            if stop_token is not None:
+                next_B1 = next_B1.masked_fill(stopped_B1, stop_token)  # a stopped row repeats it
+                stopped_B1 |= next_B1 == stop_token
+            out.append(next_B1)
+            if step + 1 == max_new_tokens or (stop_token is not None and bool(stopped_B1.all())):
+                break
+            logits_BV = self._next_logits(next_B1, cache, domains_B)
+        return torch.cat(out, dim=1)
 
     def _next_logits(
         self,
@@ -630,16 +654,48 @@ def _left_padding(mask_BL: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tenso
     return pad_B if bool(pad_B.any()) else None
 
 
+def _check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
+    """generate's checks of its sampling settings: ValueError naming the bad one."""
+    # bool is an int (and a Real): True would pass as temperature 1, top_k 1 or top_p 1.
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature: must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if not 0 < top_p <= 1:  # NaN fails too
+        raise ValueError(
+            f"top_p: must be in (0, 1] (1: off; an empty nucleus would keep no token), got {top_p}"
+        )
+
+
 def sample_next(
     logits_BV: torch.Tensor,
     temperature: float,
     top_k: int | None,
     generator: torch.Generator | None = None,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
-    """Next token ids [B, 1] from last-position logits [B, V]."""
-    logits_BV = logits_BV.float()
+    """Next token ids [B, 1] from last-position logits [B, V] (sampling_logits; temperature
+    0: the argmax)."""
     if temperature == 0:
-        return logits_BV.argmax(dim=-1, keepdim=True)
+        return logits_BV.float().argmax(dim=-1, keepdim=True)
+    logits_BV = sampling_logits(logits_BV, temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator)
+
+
+def sampling_logits(
+    logits_BV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0
+) -> torch.Tensor:
+    """The float32 logits [B, V] sample_next draws from (softmax of them), temperature > 0:
+    logits [B, V] shifted so the best is 0, divided by temperature, then -inf for the
+    tokens top_k drops and after it those top_p drops: transformers' order
+    (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper) and the same kept
+    tokens, except that a tie at either cut keeps every tied token (_outside_nucleus).
+    """
+    logits_BV = logits_BV.float()
     # Shift the best logit to 0 first, so a tiny temperature (1e-45) gives 0 and -inf (greedy
     # in the limit) instead of inf - inf = NaN; below float32's smallest normal number T
     # would round to 0 (0/0 = NaN) and the result is greedy anyway.
@@ -653,7 +709,25 @@ def sample_next(
     logits_BV = (logits_BV - logits_BV.max(dim=-1, keepdim=True).values) / t
     if drop_BV is not None:
         logits_BV = logits_BV.masked_fill(drop_BV, float("-inf"))
-    return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator)
+    if top_p < 1:  # 1: every token is in the nucleus (and sampling draws as without it)
+        logits_BV = logits_BV.masked_fill(_outside_nucleus(logits_BV, top_p), float("-inf"))
+    return logits_BV
+
+
+def _outside_nucleus(logits_BV: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[B, V] bool, True for the tokens outside the top_p nucleus of softmax(logits [B, V]).
+
+    Computed as transformers' TopPLogitsWarper does, so the same probabilities give the same
+    cut: sorted ascending, a token goes when its probability plus all smaller ones sum to
+    <= 1 - top_p, and the likeliest one always stays. Unlike it, a token tying with the
+    least likely kept one stays too: which of equal tokens an (unstable) sort puts first
+    would otherwise decide, as top_k keeps ties with the k-th.
+    """
+    sorted_BV = logits_BV.sort(dim=-1).values
+    cum_BV = sorted_BV.softmax(dim=-1).cumsum(dim=-1)
+    # The cumulative sum only grows, so the dropped tokens are a prefix of the sorted order.
+    n_drop_B1 = (cum_BV[:, :-1] <= 1 - top_p).sum(dim=-1, keepdim=True)
+    return logits_BV < sorted_BV.gather(-1, n_drop_B1)
 
 
 @dataclass(frozen=True)

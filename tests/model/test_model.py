@@ -356,6 +356,15 @@ def test_generate_stops_at_max_seq_len():
         ({"temperature": True}, "^temperature: expected a number"),  # was sampling at temperature 1
         ({"temperature": "0.8"}, "^temperature: expected a number"),  # was a TypeError from >=
         ({"temperature": float("nan")}, "^temperature: must be >= 0"),
+        ({"temperature": -0.5}, "^temperature: must be >= 0"),
+        ({"top_p": 0.0}, "^top_p: must be in \\(0, 1\\]"),  # an empty nucleus
+        ({"top_p": -0.1}, "^top_p: must be in \\(0, 1\\]"),
+        ({"top_p": 1.5}, "^top_p: must be in \\(0, 1\\]"),
+        ({"top_p": float("nan")}, "^top_p: must be in \\(0, 1\\]"),
+        ({"top_p": True}, "^top_p: expected a number"),
+        ({"top_p": None}, "^top_p: expected a number"),
+        ({"top_p": "0.9"}, "^top_p: expected a number"),
+        ({"top_p": 0.0, "temperature": 0.0}, "^top_p: must be in"),  # checked even when greedy
     ],
 )
 def test_generate_refuses_bad_sampling_settings(kwargs, match):
@@ -440,6 +449,154 @@ def test_generate_stops_a_sequence_once_it_emits_the_stop_token():
 def test_generate_refuses_a_stop_token_outside_the_vocabulary(stop):
     with pytest.raises(ValueError, match="^stop_token: "):
         build().generate(tokens(1, 4), 2, stop_token=stop)
+
+
+# --- nucleus (top_p) sampling and edge cases -------------------------------------------
+
+
+def _nucleus_by_hand(logits_V: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> set[int]:
+    """The top_p nucleus of softmax(logits / T) after top_k, in float64, one token at a time."""
+    probs = F.softmax(logits_V.double() / temperature, dim=-1).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])[:top_k]
+    total = sum(probs[i] for i in order)  # top_k renormalises what it keeps
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += probs[i] / total
+        if mass >= top_p:
+            assert mass - probs[i] / total < top_p - 1e-4 and mass > top_p + 1e-4, "cut too close"
+            break
+    return set(kept)
+
+
+# Low temperatures: the untrained model's logits spread by ~0.1, so at T=1 most of the
+# vocabulary is in any nucleus.
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.05, None, 0.8), (0.1, None, 0.5), (0.2, 12, 0.8)])
+def test_top_p_samples_exactly_the_nucleus(temperature, top_k, top_p):
+    model = build()
+    prompt_1L = tokens(1, 5, seed=3)
+    want = _nucleus_by_hand(model(prompt_1L).logits[0, -1], temperature, top_k, top_p)
+    assert 2 <= len(want) <= 20, "a nucleus worth testing: more than one token, each drawn often"
+    gen = torch.Generator().manual_seed(11)
+    out = model.generate(prompt_1L.expand(4000, 5), 1, temperature, top_k, gen, top_p=top_p)
+    assert set(out[:, -1].tolist()) == want
+
+
+def _transformers_logits(logits_BV, temperature, top_k, top_p):
+    """transformers' sampling warpers in the order its generate applies them."""
+    warpers = pytest.importorskip("transformers.generation.logits_process")
+    chain = warpers.LogitsProcessorList()
+    if temperature != 1.0:
+        chain.append(warpers.TemperatureLogitsWarper(temperature))
+    if top_k is not None:
+        chain.append(warpers.TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        chain.append(warpers.TopPLogitsWarper(top_p))
+    return chain(None, logits_BV.clone())
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, None, 0.9), (0.6, None, 0.5), (1.5, 10, 0.8), (0.8, 3, 0.95), (1.0, 100, 0.7), (2.0, None, 0.01)],
+)
+def test_filtered_distribution_equals_transformers_warpers(temperature, top_k, top_p):
+    from moge.model.transformer import sampling_logits
+
+    model = build()
+    logits_BV = model(tokens(8, 6, seed=4)).logits[:, -1]  # the tiny model's, and wider ones
+    logits_BV = torch.cat([logits_BV, 3 * torch.randn(64, V, generator=torch.Generator().manual_seed(2))])
+    want_BV = _transformers_logits(logits_BV, temperature, top_k, top_p)
+    got_BV = sampling_logits(logits_BV, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(got_BV), torch.isinf(want_BV)), "the same tokens filtered"
+    assert 0 < torch.isinf(got_BV).sum() < got_BV.numel()
+    assert_close(F.softmax(got_BV, -1), F.softmax(want_BV, -1), atol=1e-6, rtol=1e-5)
+
+
+def test_top_p_keeps_every_token_tied_at_the_cut():
+    from moge.model.transformer import sampling_logits
+
+    # Probabilities 0.229 x 4 and 0.084: the nucleus of 0.5 needs three of the four equal
+    # tokens; transformers keeps the three its sort puts last, moge all four.
+    got = sampling_logits(torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]]), 1.0, None, 0.5)
+    assert torch.isinf(got).tolist() == [[False, False, False, False, True]]
+    one = sampling_logits(torch.tensor([[2.0, 1.0, 1.0]]), 1.0, None, 0.1)  # the likeliest stays
+    assert torch.isinf(one).tolist() == [[False, True, True]]
+
+
+def _sample_as_before(logits_BV, temperature, top_k, generator):
+    """sample_next before top_p: top_k on the logits, shift, divide, draw."""
+    logits_BV = logits_BV.float()
+    if top_k is not None:
+        logits_BV = logits_BV.masked_fill(logits_BV < logits_BV.topk(top_k, -1).values[:, -1:], float("-inf"))
+    probs_BV = F.softmax((logits_BV - logits_BV.max(-1, keepdim=True).values) / temperature, dim=-1)
+    return torch.multinomial(probs_BV, 1, generator=generator)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.8, 5)])
+def test_top_p_one_leaves_sampling_unchanged(temperature, top_k):
+    model = build()
+    prompt_BL = tokens(3, 4)
+    off = model.generate(prompt_BL, 10, temperature, top_k, torch.Generator().manual_seed(5))
+    one = model.generate(prompt_BL, 10, temperature, top_k, torch.Generator().manual_seed(5), top_p=1.0)
+    assert torch.equal(one, off)
+    gen, seq_BL = torch.Generator().manual_seed(5), prompt_BL
+    for _ in range(10):
+        logits_BV = model(seq_BL).logits[:, -1]
+        seq_BL = torch.cat([seq_BL, _sample_as_before(logits_BV, temperature, top_k, gen)], dim=1)
+    assert torch.equal(one, seq_BL)
+    # A nucleus smaller than the likeliest token's probability is greedy.
+    tiny = model.generate(prompt_BL, 10, temperature, top_k, torch.Generator().manual_seed(5), top_p=1e-6)
+    assert torch.equal(tiny, model.generate(prompt_BL, 10, temperature=0.0))
+
+
+def test_generate_zero_new_tokens_returns_the_prompt_without_running_the_model():
+    model = build(max_seq_len=16)
+    calls = []
+    model.embed.register_forward_hook(lambda *_: calls.append(1))
+    prompt_BL = tokens(2, 16)  # at max_seq_len: fits with no new token
+    out = model.generate(prompt_BL, 0, stop_token=3)
+    assert torch.equal(out, prompt_BL) and out.data_ptr() != prompt_BL.data_ptr()
+    assert calls == []
+
+
+def test_generate_names_a_prompt_over_max_seq_len_and_an_empty_one():
+    model = build(max_seq_len=16)
+    # was "max_new_tokens: prompt 17 + 0 new tokens exceeds", naming an argument that could not help
+    with pytest.raises(ValueError, match="^tokens: prompt length 17 exceeds model.max_seq_len=16"):
+        model.generate(tokens(1, 17), 0)
+    with pytest.raises(ValueError, match="^max_new_tokens: .*at most 6 new tokens fit"):
+        model.generate(tokens(1, 10), 7)
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="^tokens: empty tensor"):
+            model.generate(empty, 2)
+
+
+def test_generate_top_k_over_the_vocabulary_keeps_every_token():
+    model = build()
+    prompt_BL = tokens(2, 4)
+    free = model.generate(prompt_BL, 8, 1.0, None, torch.Generator().manual_seed(9))
+    for k in (V, V + 1, 10**6):
+        assert torch.equal(model.generate(prompt_BL, 8, 1.0, k, torch.Generator().manual_seed(9)), free)
+
+
+def test_generate_rows_that_stopped_at_different_steps_stay_stopped():
+    model = build()
+    prompt_BL = tokens(4, 4, seed=5)
+    free = model.generate(prompt_BL, 20, temperature=0.0)
+    stop = 8  # this model's rows first emit it at new tokens 11, 3, 15, 2
+    firsts = [free[b, 4:].tolist().index(stop) for b in range(4)]
+    assert len(set(firsts)) == 4, firsts
+    got = model.generate(prompt_BL, 20, temperature=0.0, stop_token=stop)
+    assert got.shape == (4, 4 + max(firsts) + 1)  # ends when the last row stops
+    for b, first in enumerate(firsts):
+        assert torch.equal(got[b, : 4 + first + 1], free[b, : 4 + first + 1])
+        assert (got[b, 4 + first :] == stop).all(), f"row {b} changed after it stopped"
+    # Sampled: a row that stopped repeats the stop token whatever the others draw.
+    sampled = model.generate(prompt_BL, 28, 2.0, 3, torch.Generator().manual_seed(1), stop_token=stop)
+    for b in range(4):
+        new = sampled[b, 4:].tolist()
+        if stop in new:
+            assert set(new[new.index(stop) :]) == {stop}
 
 
 # --- parameter counts ------------------------------------------------------------------
