@@ -3,7 +3,7 @@
     moge train CONFIG [KEY=VALUE ...]        train (e.g. train.steps=50 moe.router=global)
     moge params CONFIG [KEY=VALUE ...]       total and activated parameters (meta device)
     moge eval RUN_DIR [RUN_DIR ...]          report / comparison (moge.tools.evaluate)
-    moge generate RUN_DIR --prompt TEXT      sample bytes from a trained run
+    moge generate RUN_DIR --prompt TEXT [--prompt TEXT ...]   sample bytes from a trained run
     moge simulate CONFIG --devices N --tokens T   routing on a cluster: balance, all-to-all, step time
     moge plan CONFIG --devices N [N ...] [--mesh ep=E]   per-device memory of training on N devices
     moge bench [OPTIONS]                     time the layer against the dense limit (moge.tools.bench)
@@ -26,6 +26,10 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # at run time torch is imported by the handlers that need it (fast --help)
+    import torch
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process SIGTERM ended
@@ -123,37 +127,90 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from moge.interop import load_model  # a run folder, a checkpoint, or a layout folder
-    from moge.training.data import decode, encode
+    from moge.training.data import decode
 
-    if not args.prompt:
-        raise ValueError("--prompt: must not be empty")
-    _check_utf8("--prompt", args.prompt)
+    prompts = _encode_prompts(args.prompt)
     model, cfg, _ = load_model(args.run_dir)
-    prompt_L = encode(args.prompt)
-    limit = cfg.model.max_seq_len
-    if prompt_L.numel() > limit:
-        raise ValueError(
-            f"--prompt: {prompt_L.numel()} bytes, longer than model.max_seq_len={limit} of {args.run_dir} "
-            f"(the longest sequence the model was built for); shorten it by {prompt_L.numel() - limit} bytes"
-        )
-    if prompt_L.numel() + args.tokens > limit:
-        room = limit - prompt_L.numel()
-        raise ValueError(
-            f"--tokens: the prompt ({prompt_L.numel()} bytes) + {args.tokens} new tokens = "
-            f"{prompt_L.numel() + args.tokens} exceed model.max_seq_len={limit} of {args.run_dir} "
-            f"(the longest sequence the model was built for); at most {room} new tokens fit after this prompt"
-        )
+    _check_generate_fits(prompts, args.tokens, cfg.model.max_seq_len, args.run_dir)
     if args.stop_token is not None and args.stop_token >= cfg.model.vocab_size:
         raise ValueError(
             f"--stop-token: {args.stop_token} is outside the vocabulary of {args.run_dir} "
             f"(model.vocab_size={cfg.model.vocab_size})"
         )
+    tokens_BL, mask_BL = _left_pad(prompts)
     gen = torch.Generator().manual_seed(args.seed)
     out_BL = model.generate(
-        prompt_L[None], args.tokens, args.temperature, args.top_k, generator=gen, stop_token=args.stop_token
-    )
-    print(decode(out_BL[0]))
+        tokens_BL, args.tokens, args.temperature, args.top_k, generator=gen,
+        mask=mask_BL, stop_token=args.stop_token, top_p=args.top_p,
+    )  # fmt: skip
+    for b, prompt_L in enumerate(prompts):
+        new_N = out_BL[b, tokens_BL.shape[1] :]
+        print(decode(torch.cat([prompt_L, _until_stop(new_N, args.stop_token)])))
     return EXIT_OK
+
+
+def _prompt_flag(i: int, n: int) -> str:
+    """How errors name prompt i of n: "--prompt", or "--prompt #2" among several."""
+    return "--prompt" if n == 1 else f"--prompt #{i + 1}"
+
+
+def _encode_prompts(texts: list[str]) -> list[torch.Tensor]:
+    """--prompt texts -> their byte ids, one 1-D int64 tensor each; ValueError naming an
+    empty or non-UTF-8 one."""
+    from moge.training.data import encode
+
+    prompts = []
+    for i, text in enumerate(texts):
+        flag = _prompt_flag(i, len(texts))
+        if not text:
+            raise ValueError(f"{flag}: must not be empty")
+        _check_utf8(flag, text)
+        prompts.append(encode(text))
+    return prompts
+
+
+def _check_generate_fits(prompts: list[torch.Tensor], tokens: int, limit: int, run_dir: str) -> None:
+    """Each prompt must fit max_seq_len, and the longest (every row of the left-padded
+    batch is as long) with --tokens more."""
+    for i, prompt_L in enumerate(prompts):
+        n = prompt_L.numel()
+        if n > limit:
+            raise ValueError(
+                f"{_prompt_flag(i, len(prompts))}: {n} bytes, longer than model.max_seq_len={limit} of "
+                f"{run_dir} (the longest sequence the model was built for); shorten it by {n - limit} bytes"
+            )
+    longest = max(range(len(prompts)), key=lambda i: prompts[i].numel())
+    n = prompts[longest].numel()
+    if n + tokens > limit:
+        which = "the prompt" if len(prompts) == 1 else f"the longest prompt (#{longest + 1})"
+        raise ValueError(
+            f"--tokens: {which} ({n} bytes) + {tokens} new tokens = {n + tokens} exceed "
+            f"model.max_seq_len={limit} of {run_dir} (the longest sequence the model was built for); "
+            f"at most {limit - n} new tokens fit after {which.removeprefix('the ')}"
+        )
+
+
+def _left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D prompts -> (tokens [B, L], mask [B, L] bool, False on the left padding), L the
+    longest: generate's ragged batch (the padding's ids, 0, are never read)."""
+    import torch
+
+    L = max(p.numel() for p in prompts)
+    tokens_BL = torch.zeros(len(prompts), L, dtype=torch.int64)
+    mask_BL = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for b, prompt_L in enumerate(prompts):
+        tokens_BL[b, L - prompt_L.numel() :] = prompt_L
+        mask_BL[b, L - prompt_L.numel() :] = True
+    return tokens_BL, mask_BL
+
+
+def _until_stop(new_N: torch.Tensor, stop_token: int | None) -> torch.Tensor:
+    """A row's new ids [N] up to and including its first stop token: generate repeats it
+    after a row stops, until the last row of the batch stops."""
+    if stop_token is None:
+        return new_N
+    hits = (new_N == stop_token).nonzero()
+    return new_N if len(hits) == 0 else new_N[: int(hits[0]) + 1]
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -334,6 +391,20 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: greedy), got {text[:40]}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1: off), got {text[:40]}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -412,15 +483,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(sub, "generate", "sample text from a trained run (prompt + tokens <= model.max_seq_len)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `moge train`")
-    p.add_argument("--prompt", required=True, help="text to continue (bytes)")
+    p.add_argument(
+        "--prompt", required=True, action="append", metavar="TEXT",
+        help="text to continue (bytes); repeat it for several prompts, run as one left-padded batch "
+        "and printed in order, each with its continuation (greedy: what it gets alone)",
+    )  # fmt: skip
     p.add_argument(
         "--tokens", type=_non_negative_int, default=64,
-        help="new bytes to sample; prompt bytes + tokens must fit model.max_seq_len",
+        help="new bytes to sample; the longest prompt's bytes + tokens must fit model.max_seq_len",
     )  # fmt: skip
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
+    p.add_argument(
+        "--temperature", type=_non_negative_float, default=0.8,
+        help="sampling temperature; 0: greedy (then --top-k and --top-p do nothing)",
+    )  # fmt: skip
     p.add_argument(
         "--top-k", type=_positive_int, default=None, dest="top_k",
         help="sample among the k most likely bytes only (default: None, all 256)",
+    )  # fmt: skip
+    p.add_argument(
+        "--top-p", type=_top_p, default=1.0, dest="top_p", metavar="P",
+        help="nucleus sampling, after --temperature and --top-k as in transformers: only the fewest "
+        "most likely bytes whose probabilities sum to >= P (0 < P <= 1; 1: off)",
     )  # fmt: skip
     p.add_argument("--seed", type=_seed, default=0, help="seed of the sampler")
     p.add_argument(

@@ -101,6 +101,57 @@ def test_generate_stops_after_the_stop_token(trained_run, capsys):
     assert_one_error_line(capsys, code, "--stop-token: 256", "vocab_size=256")
 
 
+def _generate_out(capsys, *argv: str) -> str:
+    assert main(["generate", *argv]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stop", [None, "105"])
+def test_generate_several_prompts_print_what_each_gets_alone(trained_run, capsys, stop):
+    # Of different lengths (left-padded); with --stop-token 105 ("i") this run's greedy
+    # rows stop at different steps ("Hello" -> "Hello i", "Hi " -> "Hi i"), and the rows
+    # that stopped first must not print the repeats generate pads them with.
+    prompts = ["Hello", "Hi ", "The with statement", "e"]
+    base = [str(trained_run), "--tokens", "16", "--temperature", "0"]
+    base += [] if stop is None else ["--stop-token", stop]
+    batch = _generate_out(capsys, *base, *(a for p in prompts for a in ("--prompt", p)))
+    alone = [_generate_out(capsys, *base, "--prompt", p) for p in prompts]
+    assert batch == "".join(alone)  # in order, one print each
+    for p, out in zip(prompts, alone):
+        assert out.startswith(p) and len(out) > len(p) + 1
+    if stop is not None:  # the rows did stop at different steps (else the test proves little)
+        assert len({len(out) - len(p) for p, out in zip(prompts, alone)}) > 1, alone
+
+
+def test_generate_top_p(trained_run, capsys):
+    base = [str(trained_run), "--prompt", "Hello", "--tokens", "12", "--seed", "3"]
+    nucleus = _generate_out(capsys, *base, "--top-p", "0.5")
+    assert _generate_out(capsys, *base, "--top-p", "0.5") == nucleus, "a fixed --seed repeats the sample"
+    assert _generate_out(capsys, *base, "--top-p", "1") == _generate_out(capsys, *base)  # 1: off
+    # a nucleus below the likeliest byte's probability: greedy
+    greedy = _generate_out(capsys, *base, "--temperature", "0")
+    assert _generate_out(capsys, *base, "--top-p", "1e-9") == greedy
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--prompt", "Hi", "--top-p", "0"], ["argument --top-p: must be in (0, 1]"]),
+        (["--prompt", "Hi", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+        (["--prompt", "Hi", "--top-p", "nan"], ["--top-p", "(0, 1]"]),
+        (["--prompt", "Hi", "--temperature", "-1"], ["argument --temperature: must be >= 0"]),
+        (["--prompt", "Hi", "--prompt", ""], ["--prompt #2: must not be empty"]),
+        (["--prompt", "Hi", "--prompt", "x" * 70], ["--prompt #2: 70 bytes", "shorten it by 6 bytes"]),
+        (
+            ["--prompt", "Hi", "--prompt", "x" * 50, "--tokens", "20"],
+            ["--tokens: the longest prompt (#2) (50 bytes)", "at most 14 new tokens fit"],
+        ),
+    ],
+)
+def test_generate_bad_prompts_and_sampling_settings_are_user_errors(trained_run, capsys, args, fragments):
+    assert_one_error_line(capsys, main(["generate", str(trained_run), *args]), *fragments)
+
+
 def test_eval_calls_evaluate(monkeypatch):
     calls = []
     fake = types.ModuleType("moge.tools.evaluate")
