@@ -44,6 +44,7 @@ from moge.kernels.precision import (
 __all__ = [
     "EXPERT_IMPLS",
     "GroupedExperts",
+    "NormalLinear",
     "SwiGLU",
     "default_pad_rows",
     "matmul_dtype",
@@ -73,20 +74,51 @@ def swiglu_act(h: Tensor) -> Tensor:
     return F_.silu(gate) * up
 
 
+class NormalLinear(nn.Linear):
+    """nn.Linear whose reset_parameters() draws weight [out, in] ~ N(0, init_std) and zeros
+    the bias [out] (init_std None: nn.Linear's own init).
+
+    Module-by-module init loops (FSDP's meta-device materialisation, `for m in
+    model.modules(): m.reset_parameters()`) call every module's reset_parameters(); a plain
+    nn.Linear there would redraw torch's Kaiming-uniform weights over the configured init.
+    Its owner sets init_std to the std its own init uses (the layer's config, or
+    MoGETransformer.init_weights' rule), so both give the same distribution.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_std: float | None = None):
+        # Before nn.Linear.__init__, which calls reset_parameters().
+        self.init_std = init_std
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        if self.init_std is None:
+            super().reset_parameters()
+            return
+        nn.init.normal_(self.weight, std=self.init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU FFN, no bias: down(silu(gate(x)) * up(x)), gate and up fused.
 
     Used for the shared experts (added unweighted) and for dense blocks. `compiled_act`
     (None: eager) is swiglu_act through torch.compile, set by moge.model.compiled for
     training steps (train.compile): used only in training mode with gradients on.
+    init_std: both weights ~ N(0, init_std) (NormalLinear; None: nn.Linear's init).
     """
 
-    def __init__(self, d_model: int, hidden: int) -> None:
+    def __init__(self, d_model: int, hidden: int, init_std: float | None = None) -> None:
         super().__init__()
         self.hidden = hidden
-        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.w_gate_up = NormalLinear(d_model, 2 * hidden, bias=False, init_std=init_std)
+        self.w_down = NormalLinear(hidden, d_model, bias=False, init_std=init_std)
         self.compiled_act: Callable[[Tensor], Tensor] | None = None
+
+    def reset_parameters(self) -> None:
+        """Both projections again, each with its own init_std."""
+        self.w_gate_up.reset_parameters()
+        self.w_down.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., D] -> [..., D]."""
@@ -267,7 +299,9 @@ class GroupedExperts(nn.Module):
         super().__init__()
         resolve_impl(impl, torch.device("cpu"), torch.float32)  # validates the name
         self.num_experts, self.d_model, self.hidden, self.impl = num_experts, d_model, hidden, impl
-        self.init_std = init_std  # reset_parameters()'s std when none is given
+        # reset_parameters()'s stds when none is given: gate/up, and down (a model gives its
+        # residual output projection a smaller one, MoGETransformer.init_weights).
+        self.init_std = self.down_std = init_std
         self.pad_rows: int | None = None
         self.experts_per_chunk: int | None = None
         self.max_pad_waste = MAX_PAD_WASTE
@@ -289,11 +323,11 @@ class GroupedExperts(nn.Module):
         return super().train(mode)
 
     def reset_parameters(self, std: float | None = None) -> None:
-        """Weights ~ N(0, std); std None: init_std (FSDP's meta-device materialisation and
-        module-by-module init loops call reset_parameters() without arguments)."""
-        std = self.init_std if std is None else std
-        nn.init.normal_(self.w_gate_up_EDH, std=std)
-        nn.init.normal_(self.w_down_EFD, std=std)
+        """Weights ~ N(0, std); std None: w_gate_up_EDH ~ N(0, init_std), w_down_EFD ~
+        N(0, down_std) (FSDP's meta-device materialisation and module-by-module init
+        loops call reset_parameters() without arguments)."""
+        nn.init.normal_(self.w_gate_up_EDH, std=self.init_std if std is None else std)
+        nn.init.normal_(self.w_down_EFD, std=self.down_std if std is None else std)
 
     @property
     def params_per_expert(self) -> int:

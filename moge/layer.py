@@ -22,7 +22,7 @@ from moge._validate import (
     check_int,
     check_optional_int,
 )
-from moge.experts import GroupedExperts, SwiGLU
+from moge.experts import GroupedExperts, NormalLinear, SwiGLU
 from moge.kernels.precision import compute_dtype, float32_linear
 from moge.routing import ROUTER_NAMES, RouterSettings, compute_scores, make_random_routing_table, route
 from moge.sigma.routing import check_sigma_config, layer_tables, two_level_route
@@ -213,16 +213,16 @@ class CountingPassWarning(UserWarning):
     """The training pass routed other tokens than the step's counting pass counted."""
 
 
-class Router(nn.Linear):
-    """The router's projection, weight [E, D]: x_TD [T, D] -> logits [T, E] in float32
-    (dtype None, whatever the input or autocast dtype) or in `dtype` (autocast off).
+class Router(NormalLinear):
+    """The router's projection, weight [E, D] ~ N(0, init_std): x_TD [T, D] -> logits [T, E]
+    in float32 (dtype None, whatever the input or autocast dtype) or in `dtype` (autocast off).
 
     Called as a module, not read as `.weight` by its layer, so that a wrapper which
     gathers parameters around a module's forward (FSDP2, parallel.mixed_precision's
     float32 router unit) sees the call."""
 
-    def __init__(self, d_model: int, num_experts: int) -> None:
-        super().__init__(d_model, num_experts, bias=False)
+    def __init__(self, d_model: int, num_experts: int, init_std: float = 0.02) -> None:
+        super().__init__(d_model, num_experts, bias=False, init_std=init_std)
 
     def forward(self, x_TD: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         if dtype is None:
@@ -266,13 +266,16 @@ class MoGELayer(nn.Module):
             router=c.router, top_k=c.top_k, num_groups=c.num_groups, topk_groups=c.topk_groups,
             group_score=c.group_score, normalize_weights=c.normalize_weights, route_scale=c.route_scale,
         )  # fmt: skip
-        self.router = Router(c.d_model, c.num_experts)
+        # Every sub-module draws its weights with init_std in its own reset_parameters(), so
+        # a module-by-module init loop (FSDP) gives what this layer's init gives.
+        self.router = Router(c.d_model, c.num_experts, c.init_std)
         self.experts = GroupedExperts(c.num_experts, c.d_model, c.expert_hidden, c.expert_impl, c.init_std)
         # One group per chunk of the fused path: under the grouped router every chunk
         # then holds exactly T*K/M slots, so its buffers have the same size every call.
         self.experts.experts_per_chunk = c.experts_per_group
-        self.shared = SwiGLU(c.d_model, c.shared_width) if c.shared_width else None
-        self.shared_gate = nn.Linear(c.d_model, 1, bias=False) if c.shared_expert_gate else None
+        self.shared = SwiGLU(c.d_model, c.shared_width, c.init_std) if c.shared_width else None
+        gate = NormalLinear(c.d_model, 1, bias=False, init_std=c.init_std) if c.shared_expert_gate else None
+        self.shared_gate = gate
         self.expert_scale_E = nn.Parameter(torch.ones(c.num_experts)) if c.learned_expert_scale else None
         self.init_buffers()
         # `step_calls` is how many calls (micro-batches times ranks) the step's counts span.
@@ -336,14 +339,14 @@ class MoGELayer(nn.Module):
         self.init_buffers(self.router.weight.device)
 
     def _init_parameters(self) -> None:
-        std = self.config.init_std
-        nn.init.normal_(self.router.weight, std=std)
-        self.experts.reset_parameters(std)
-        if self.shared is not None:
-            nn.init.normal_(self.shared.w_gate_up.weight, std=std)
-            nn.init.normal_(self.shared.w_down.weight, std=std)
-        if self.shared_gate is not None:
-            nn.init.normal_(self.shared_gate.weight, std=std)
+        """Each sub-module's own reset_parameters() (the stds it holds: config.init_std, or
+        a model's, MoGETransformer.init_weights), so that this and a module-by-module loop
+        draw alike; the learned expert scale 1."""
+        self.router.reset_parameters()
+        self.experts.reset_parameters()
+        for m in (self.shared, self.shared_gate):
+            if m is not None:
+                m.reset_parameters()
         if self.expert_scale_E is not None:
             nn.init.ones_(self.expert_scale_E)
 

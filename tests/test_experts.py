@@ -6,7 +6,7 @@ from reference import reference_experts
 from torch.testing import assert_close
 
 from moge import experts as experts_module
-from moge.experts import SwiGLU, _loop_experts, resolve_impl, run_experts
+from moge.experts import GroupedExperts, NormalLinear, SwiGLU, _loop_experts, resolve_impl, run_experts
 from moge.kernels import precision
 
 
@@ -80,6 +80,45 @@ def test_swiglu_is_down_silu_gate_times_up():
     gate_w, up_w = m.w_gate_up.weight[:5], m.w_gate_up.weight[5:]
     expected = (F.silu(x @ gate_w.T) * (x @ up_w.T)) @ m.w_down.weight.T
     assert_close(m(x), expected)
+
+
+def test_normal_linear_reset_draws_its_init_std_and_zero_bias():
+    """What a module-by-module init loop calls: N(0, init_std) weights (not Kaiming-uniform,
+    whose std at fan-in 256 is 1/sqrt(3*256) = 0.036), a zero bias."""
+    lin = NormalLinear(256, 128, bias=True, init_std=0.3)
+    with torch.no_grad():
+        lin.weight.fill_(7)
+        lin.bias.fill_(7)
+    torch.manual_seed(0)
+    lin.reset_parameters()
+    assert abs(lin.weight.std().item() / 0.3 - 1) < 0.02  # 4 sample-std spreads: 4 / sqrt(2 * 32768)
+    assert_close(lin.bias, torch.zeros(128), rtol=0, atol=0)
+
+
+def test_init_std_none_keeps_nn_linears_init():
+    """SwiGLU built alone (init_std None) draws what nn.Linear draws, as before."""
+    torch.manual_seed(0)
+    m = SwiGLU(16, 24)
+    torch.manual_seed(0)
+    gate_up, down = torch.nn.Linear(16, 48, bias=False), torch.nn.Linear(24, 16, bias=False)
+    assert_close(m.w_gate_up.weight, gate_up.weight, rtol=0, atol=0)
+    assert_close(m.w_down.weight, down.weight, rtol=0, atol=0)
+
+
+def test_swiglu_and_grouped_experts_reset_with_their_stds():
+    swiglu = SwiGLU(128, 256, init_std=0.3)
+    swiglu.w_down.init_std = 0.1  # as a model sets its residual output projections
+    experts = GroupedExperts(4, 128, 64, init_std=0.3)
+    experts.down_std = 0.1
+    torch.manual_seed(0)
+    swiglu.reset_parameters()
+    experts.reset_parameters()
+    for w, std in ((swiglu.w_gate_up.weight, 0.3), (swiglu.w_down.weight, 0.1),
+                   (experts.w_gate_up_EDH, 0.3), (experts.w_down_EFD, 0.1)):  # fmt: skip
+        assert abs(w.std().item() / std - 1) < 4 / (2 * w.numel()) ** 0.5, (tuple(w.shape), std)
+    experts.reset_parameters(0.5)  # an explicit std: both weights
+    for w in (experts.w_gate_up_EDH, experts.w_down_EFD):
+        assert abs(w.std().item() / 0.5 - 1) < 4 / (2 * w.numel()) ** 0.5
 
 
 def test_resolve_impl():

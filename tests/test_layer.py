@@ -393,6 +393,54 @@ def test_reset_parameters_on_every_submodule_as_fsdp_materialises_a_meta_model()
     assert torch.isfinite(model(torch.randn(2, 3, 16))).all()
 
 
+# Every kind of parameter and buffer the layer holds; d_model 128 so that the smallest random
+# weight (shared_expert_gate, [1, 128]) gives a sample std within ~10% of the true one.
+INIT_KW = dict(
+    d_model=128, num_experts=8, num_groups=4, top_k=4, expert_hidden=16, num_shared_experts=1,
+    shared_expert_gate=True, learned_expert_scale=True, bias_update_rate=0.1, router="random",
+    rre_vocab_size=50, init_std=0.3,
+)  # fmt: skip
+
+
+def reset_module_by_module(module, parents_first: bool) -> None:
+    """reset_parameters() on every module that has one: parents first (`for m in
+    model.modules()`, FSDP's materialisation) or children first (as `model.apply`)."""
+    modules = list(module.modules())
+    for m in modules if parents_first else reversed(modules):
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+@pytest.mark.parametrize("cls", [MoGELayer, moge.MoGEMLP])
+@pytest.mark.parametrize("parents_first", [True, False])
+def test_module_by_module_reset_of_a_meta_build_gives_the_layers_own_init(cls, parents_first):
+    """Every weight N(0, init_std) (a plain nn.Linear's reset drew Kaiming-uniform, std
+    1/sqrt(3*128) = 0.05, for the router and the shared experts), the expert scale 1 and
+    the buffers (balance bias 0, counts, the random router's table) an eager build's."""
+    cfg = MoGEConfig(**INIT_KW)
+    torch.manual_seed(0)
+    eager = cls(cfg)
+    with torch.device("meta"):
+        layer = cls(cfg)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*layer.parameters(), *layer.buffers()]:
+            t.fill_(7)  # to_empty's memory holds any bits
+    torch.manual_seed(1)
+    reset_module_by_module(layer, parents_first)
+    want = dict(eager.named_parameters())
+    for name, p in layer.named_parameters():
+        if name == "expert_scale_E":
+            assert_close(p, want[name], rtol=0, atol=0)
+            continue
+        # The sample std's own spread is std / sqrt(2 N): 4 of those at most.
+        tol = 4 / (2 * p.numel()) ** 0.5
+        assert abs(p.std().item() / cfg.init_std - 1) < tol, (name, p.std().item())
+        assert abs(want[name].std().item() / cfg.init_std - 1) < tol, name  # what eager gives
+    for name, buf in eager.named_buffers():
+        assert_close(layer.get_buffer(name), buf, rtol=0, atol=0, msg=name)
+
+
 # --- the fused path's chunks are the groups ------------------------------------------------------
 
 

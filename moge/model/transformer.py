@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from moge.experts import SwiGLU
+from moge.experts import NormalLinear, SwiGLU
 from moge.kernels.sdpa import scaled_dot_product_attention
 from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
 from moge.model.config import ModelConfig
@@ -29,6 +29,9 @@ from moge.model.init import Locate, draw_seed, fill_normal_
 from moge.model.recompute import checkpoint_block
 
 IGNORE_INDEX = -100  # targets with this id do not count in the LM loss
+# The attribute that holds a parameter's init std on its module (see NormalLinear), by the
+# parameter's own name: NormalLinear, NormalEmbedding, Router; GroupedExperts.
+_STD_ATTRS = {"weight": "init_std", "w_gate_up_EDH": "init_std", "w_down_EFD": "down_std"}
 
 
 class RMSNorm(nn.Module):
@@ -39,6 +42,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        """weight [D] = 1 (module-by-module init loops call this after a meta-device build)."""
+        nn.init.ones_(self.weight)
+
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         x32_BLD = x_BLD.float()
         if not (torch.is_grad_enabled() and (x_BLD.requires_grad or self.weight.requires_grad)):
@@ -48,6 +55,19 @@ class RMSNorm(nn.Module):
             return F.rms_norm(x32_BLD, (x32_BLD.shape[-1],), self.weight.float(), self.eps).to(x_BLD.dtype)
         y_BLD = x32_BLD * torch.rsqrt(x32_BLD.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y_BLD * self.weight.float()).to(x_BLD.dtype)
+
+
+class NormalEmbedding(nn.Embedding):
+    """nn.Embedding whose reset_parameters() draws weight [V, D] ~ N(0, init_std), not
+    nn.Embedding's N(0, 1): a module-by-module init loop then gives the model's init
+    (see moge.experts.NormalLinear)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float = 0.02) -> None:
+        self.init_std = init_std  # before nn.Embedding.__init__, which calls reset_parameters()
+        super().__init__(num_embeddings, embedding_dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
 
 
 class RotaryEmbedding(nn.Module):
@@ -78,6 +98,11 @@ class RotaryEmbedding(nn.Module):
             fresh = RotaryEmbedding(*self.args)
         for name, table in fresh.named_buffers():
             setattr(self, name, table.to(torch.get_default_device() if device is None else device))
+
+    def reset_parameters(self) -> None:
+        """The tables again, where they are: a module-by-module init loop after a meta-device
+        build and to_empty (FSDP calls it on modules with buffers) leaves them computed."""
+        self.init_buffers(self.cos_PC.device)
 
     def forward(self, x_BHLC: torch.Tensor, start: int, pos_BL: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate x [B, heads, L, C] as if it sat at positions start .. start+L-1, or,
@@ -140,10 +165,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, C = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
-        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * C, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * C, cfg.d_model, bias=cfg.o_bias)
+        # NormalLinear: a model sets their init stds (MoGETransformer.init_weights' rule).
+        self.q_proj = NormalLinear(cfg.d_model, self.n_heads * C, bias=cfg.qkv_bias)
+        self.k_proj = NormalLinear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
+        self.v_proj = NormalLinear(cfg.d_model, self.n_kv_heads * C, bias=cfg.qkv_bias)
+        self.o_proj = NormalLinear(self.n_heads * C, cfg.d_model, bias=cfg.o_bias)
         # Qwen3: every head's query and key are RMS-normalised (one [C] weight each) before RoPE.
         self.q_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(C, cfg.norm_eps) if cfg.qk_norm else None
@@ -347,31 +373,68 @@ class MoGETransformer(nn.Module):
         # sub-modules' constructors draw. A meta-device build draws nothing (counting
         # parameters leaves the RNG alone): its init_weights draws the seed.
         self.init_seed = None if torch.get_default_device().type == "meta" else draw_seed()
-        self.embed = nn.Embedding(model_cfg.vocab_size, model_cfg.d_model)
+        self.embed = NormalEmbedding(model_cfg.vocab_size, model_cfg.d_model, model_cfg.init_std)
         self.rope = RotaryEmbedding(model_cfg.resolved_head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(model_cfg, moe_cfg, i) for i in range(model_cfg.n_layers))
         self.norm = RMSNorm(model_cfg.d_model, model_cfg.norm_eps)
         # Tied: no second module holding the same tensor (safetensors refuses shared storage).
         self.lm_head = None
         if not model_cfg.tie_embeddings:
-            self.lm_head = nn.Linear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
+            self.lm_head = NormalLinear(model_cfg.d_model, model_cfg.vocab_size, bias=False)
         # Debug switch: forward raises ValueError naming the first sub-module (embed,
         # blocks.i.attn, blocks.i.ffn.router, ...) whose output holds NaN/Inf. Off by
         # default: every check is a reduction plus a host sync.
         self.check_finite = False
+        self._set_init_stds()
         if not self.embed.weight.is_meta:  # on meta: whoever allocates calls init_weights
             self.init_weights()
+
+    def _init_rules(self) -> dict[str, tuple[str, float]]:
+        """init_weights' rule per parameter name: ("normal", std) or ("fill", value).
+
+        Matrices ~ N(0, init_std); residual output projections (o_proj, w_down,
+        w_down_EFD) get init_std / sqrt(2 n_layers) as in GPT-2, so the residual
+        stream's variance does not grow with depth. Biases 0, norms and expert scales 1."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        norm_params = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        rules: dict[str, tuple[str, float]] = {}
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if id(p) in norm_params or leaf == "expert_scale_E":
+                rules[name] = ("fill", 1.0)
+            elif leaf == "bias":
+                rules[name] = ("fill", 0.0)
+            elif p.dim() < 2:
+                raise RuntimeError(f"init_weights: no rule for the 1-D parameter {name}")
+            elif name.endswith(("o_proj.weight", "w_down.weight")) or leaf == "w_down_EFD":
+                rules[name] = ("normal", out_std)
+            else:
+                rules[name] = ("normal", std)
+        return rules
+
+    def _set_init_stds(self) -> None:
+        """Give every module that draws a weight the std init_weights draws it with
+        (_STD_ATTRS): its own reset_parameters() then draws that distribution, so a
+        module-by-module init loop (FSDP's meta-device materialisation) gives this model's
+        init (its constants: each module's reset_parameters sets them too)."""
+        for name, (kind, std) in self._init_rules().items():
+            if kind == "normal":
+                owner, _, leaf = name.rpartition(".")
+                setattr(self.get_submodule(owner), _STD_ATTRS[leaf], std)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, locate: Locate | None = None) -> None:
         """The one place weights are initialised; buffers are left alone
         (moge.model.init.init_buffers re-creates them after a meta-device build).
 
-        Matrices ~ N(0, init_std); residual output projections (o_proj, w_down,
-        w_down_EFD) get init_std / sqrt(2 n_layers) as in GPT-2, so the residual
-        stream's variance does not grow with depth. Biases 0, norms and expert scales 1.
-        The normal values are counter-based (moge.model.init.fill_normal_): each one
-        depends only on (seed, the parameter's name, its position in the whole tensor).
+        The rule is _init_rules': matrices ~ N(0, init_std); residual output projections
+        (o_proj, w_down, w_down_EFD) get init_std / sqrt(2 n_layers) as in GPT-2, so the
+        residual stream's variance does not grow with depth. Biases 0, norms and expert
+        scales 1. Each module's own reset_parameters() draws the same distribution (from
+        torch's generator, _set_init_stds). The normal values here are counter-based
+        (moge.model.init.fill_normal_): each one depends only on (seed, the parameter's
+        name, its position in the whole tensor).
 
         seed None: self.init_seed, drawn from torch's default generator at construction
         (or, after a meta-device build, now).
@@ -382,22 +445,14 @@ class MoGETransformer(nn.Module):
         if seed is None:
             self.init_seed = draw_seed() if self.init_seed is None else self.init_seed
             seed = self.init_seed
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        norm_params = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm)}
+        rules = self._init_rules()
         for name, p in self.named_parameters():
             piece, whole, offset = (p, None, None) if locate is None else locate(name, p)
-            leaf = name.rsplit(".", 1)[-1]
-            if id(p) in norm_params or leaf == "expert_scale_E":
-                piece.fill_(1.0)
-            elif leaf == "bias":
-                piece.zero_()
-            elif p.dim() < 2:
-                raise RuntimeError(f"init_weights: no rule for the 1-D parameter {name}")
-            elif name.endswith(("o_proj.weight", "w_down.weight")) or leaf == "w_down_EFD":
-                fill_normal_(piece, seed, name, out_std, whole, offset)
+            kind, value = rules[name]
+            if kind == "fill":
+                piece.fill_(value)
             else:
-                fill_normal_(piece, seed, name, std, whole, offset)
+                fill_normal_(piece, seed, name, value, whole, offset)
 
     def moe_layers(self) -> Iterator[MoGELayer]:
         """The MoGE layers in depth order (the trainer calls end_step() on each)."""

@@ -14,6 +14,7 @@ from allocations import LargestAllocation
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.testing import assert_close
 
 import moge.model.init as init_mod
 from moge.distributed.mesh import single_process
@@ -127,3 +128,49 @@ def test_a_buffer_no_module_can_recreate_is_an_error():
         model.extra.register_buffer("table", torch.zeros(3))
     with pytest.raises(RuntimeError, match=r"materialize: buffers extra\.table have no init_buffers"):
         materialize(model, single_process())
+
+
+# Model and layer stds differ (0.05 and 0.3), so a weight drawn with the layer's std shows;
+# out_std = 0.05 / sqrt(2 * 2) = 0.025. d_model 128: the smallest random weight
+# (shared_expert_gate, [1, 128]) has a sample std within ~10% of the true one.
+INIT_MODEL = dict(
+    vocab_size=128, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, qkv_bias=True,
+    o_bias=True, qk_norm=True, first_dense_layers=1, init_std=0.05,
+)  # fmt: skip
+INIT_MOE = dict(
+    d_model=128, num_experts=8, num_groups=4, top_k=4, expert_hidden=16, num_shared_experts=1,
+    shared_expert_gate=True, learned_expert_scale=True, bias_update_rate=0.1, init_std=0.3,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("parents_first", [True, False])
+def test_module_by_module_reset_of_a_meta_build_gives_init_weights_distribution(parents_first):
+    """reset_parameters() on every module that has one (parents first, as `for m in
+    model.modules()` and FSDP's materialisation, or children first, as model.apply): each
+    weight has init_weights' std (not Kaiming-uniform, N(0, 1) embeddings, or the layer's
+    own init_std), biases 0, norms and expert scales 1, buffers (RoPE tables) computed."""
+    model_cfg, moe_cfg = ModelConfig(**INIT_MODEL), MoGEConfig(**INIT_MOE)
+    torch.manual_seed(0)
+    eager = MoGETransformer(model_cfg, moe_cfg)
+    with torch.device("meta"):
+        model = MoGETransformer(model_cfg, moe_cfg)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.fill_(7)  # to_empty's memory holds any bits
+    torch.manual_seed(1)
+    modules = list(model.modules())
+    for m in modules if parents_first else reversed(modules):
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    for name, want in eager.named_parameters():
+        got = model.get_parameter(name)
+        if torch.all(want == want.reshape(-1)[0]):  # the constants: biases, norms, expert scales
+            assert_close(got, want, rtol=0, atol=0, msg=name)
+            continue
+        # Two sample stds, each within std / sqrt(2 N): 4 of their combined spread at most.
+        tol = 4 / want.numel() ** 0.5
+        ratio = got.std().item() / want.std().item()
+        assert abs(ratio - 1) < tol, (name, ratio)
+    for name, buf in eager.named_buffers():
+        assert_close(model.get_buffer(name), buf, rtol=0, atol=0, msg=name)
