@@ -297,12 +297,14 @@ class MoGELayer(nn.Module):
         self.recompute_phase: str | None = None
         self._replay_counts: list[tuple[Tensor, int]] = []
         self._init_parameters()
+        self.register_load_state_dict_post_hook(_init_meta_buffers_after_load)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Create the buffers, which follow from the config alone, on the default device,
         then move them to `device` (None: they stay there). A layer built on the meta
         device gets real ones from this once its parameters are allocated
-        (moge.distributed.parallelize.materialize)."""
+        (moge.distributed.parallelize.materialize); `load_state_dict(sd, assign=True)` into
+        one calls it itself for those still on meta (init_meta_buffers)."""
         c = self.config
         if c.bias_update_rate > 0:
             self.register_buffer("balance_bias_E", torch.zeros(c.num_experts, dtype=torch.float32))
@@ -701,6 +703,34 @@ class MoGELayer(nn.Module):
         self.step_calls = self._local_calls = 0
         self._local_load_E.zero_()
         self.counted_ahead, self._counted = False, None
+
+
+def init_meta_buffers(module: nn.Module, device: torch.device | str) -> None:
+    """Re-create, on `device`, the buffers still on the meta device of every sub-module
+    that has init_buffers (module included), keeping those that hold values.
+
+    For `load_state_dict(sd, assign=True)` into a meta-device build: it assigns what the
+    state dict holds (parameters, persistent buffers) and leaves the rest on meta (load
+    counts, the random router's tables, a model's RoPE tables: derived from the config,
+    never saved).
+    """
+    for m in module.modules():
+        make = getattr(m, "init_buffers", None)
+        own = dict(m.named_buffers(recurse=False))
+        if not callable(make) or not any(b.is_meta for b in own.values()):
+            continue
+        make(device)
+        for name, buf in own.items():
+            if not buf.is_meta:  # assigned by the load: kept
+                setattr(m, name, buf)
+
+
+def _init_meta_buffers_after_load(layer: MoGELayer, incompatible_keys) -> None:
+    """load_state_dict post hook: after `load_state_dict(sd, assign=True)` into a layer built
+    on the meta device, the buffers no state dict carries (the load counts, the random
+    router's tables) would stay on meta; they are made here, on the router's device."""
+    if not layer.router.weight.is_meta:
+        init_meta_buffers(layer, layer.router.weight.device)
 
 
 def total_aux_loss(outputs: list[MoGEOutput], config: MoGEConfig) -> Tensor:

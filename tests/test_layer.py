@@ -375,6 +375,41 @@ def test_meta_build_then_to_empty_and_reset_parameters_gives_the_fresh_buffers()
     assert int(out.load.sum()) == 12 * 4 and int(layer.load_accum_E.sum()) == 12 * 4
 
 
+def hidden_and_aux_loss(layer, x, tokens):
+    """(hidden [..., D], aux loss) of a training call of a MoGELayer or a MoGEMLP."""
+    out = layer(x, token_ids=tokens)
+    if isinstance(out, torch.Tensor):
+        return out, moge.aux_loss(layer)
+    return out.hidden, out.aux_loss
+
+
+@pytest.mark.parametrize("cls", [MoGELayer, moge.MoGEMLP])
+def test_load_state_dict_with_assign_into_a_meta_build_trains_as_the_eager_layer(cls):
+    """load_state_dict(sd, assign=True) takes the parameters and the balance bias from sd;
+    the buffers no state dict carries (the load counts, the random router's table) were
+    left on meta. They are made on the loaded device: steps then match bit for bit."""
+    kw = dict(router="random", rre_vocab_size=50, bias_update_rate=0.1, aux_loss_type="global_batch")
+    cfg = MoGEConfig(**{**BASE, **kw, "num_shared_experts": 1})
+    torch.manual_seed(0)
+    eager = cls(cfg)
+    gen = torch.Generator().manual_seed(2)
+    x, tokens = torch.randn(2, 6, 16, generator=gen), torch.randint(0, 50, (2, 6), generator=gen)
+    hidden_and_aux_loss(eager, x, tokens)
+    eager.end_step()
+    assert eager.balance_bias_E.abs().sum() > 0  # the state dict carries a bias that is not 0
+    with torch.device("meta"):
+        layer = cls(cfg)
+    layer.load_state_dict(eager.state_dict(), assign=True)
+    for name, buf in eager.named_buffers():
+        assert_close(layer.get_buffer(name), buf, rtol=0, atol=0, msg=name)
+    for _ in range(2):  # the counts feed the global-batch loss, then the bias
+        got, want = hidden_and_aux_loss(layer, x, tokens), hidden_and_aux_loss(eager, x, tokens)
+        assert_close(got, want, rtol=0, atol=0)
+        layer.end_step()
+        eager.end_step()
+        assert_close(layer.balance_bias_E, eager.balance_bias_E, rtol=0, atol=0)
+
+
 def test_reset_parameters_on_every_submodule_as_fsdp_materialises_a_meta_model():
     """FSDP's meta-device materialisation (and `model.apply`-style loops) call
     reset_parameters() with no argument on every module that holds parameters, the

@@ -23,7 +23,7 @@ from torch import nn
 
 from moge.experts import NormalLinear, SwiGLU
 from moge.kernels.sdpa import scaled_dot_product_attention
-from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, total_aux_loss
+from moge.layer import MoGEConfig, MoGELayer, MoGEOutput, init_meta_buffers, total_aux_loss
 from moge.model.config import ModelConfig
 from moge.model.init import Locate, draw_seed, fill_normal_
 from moge.model.recompute import checkpoint_block
@@ -386,6 +386,8 @@ class MoGETransformer(nn.Module):
         # default: every check is a reduction plus a host sync.
         self.check_finite = False
         self._set_init_stds()
+        # load_state_dict(sd, assign=True) into a meta-device build: the RoPE tables too.
+        self.register_load_state_dict_post_hook(_init_meta_buffers_after_load)
         if not self.embed.weight.is_meta:  # on meta: whoever allocates calls init_weights
             self.init_weights()
 
@@ -683,6 +685,13 @@ class MoGETransformer(nn.Module):
         if check:
             _check_finite("lm_head (logits)", logits_BV)
         return logits_BV
+
+
+def _init_meta_buffers_after_load(model: MoGETransformer, incompatible_keys) -> None:
+    """load_state_dict post hook: buffers still on meta after a load into a meta-device
+    build (the RoPE tables; no state dict carries them) are made on the embedding's device."""
+    if not model.embed.weight.is_meta:
+        init_meta_buffers(model, model.embed.weight.device)
 
 
 def _left_padding(mask_BL: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tensor | None:

@@ -174,3 +174,21 @@ def test_module_by_module_reset_of_a_meta_build_gives_init_weights_distribution(
         assert abs(ratio - 1) < tol, (name, ratio)
     for name, buf in eager.named_buffers():
         assert_close(model.get_buffer(name), buf, rtol=0, atol=0, msg=name)
+
+
+def test_load_state_dict_with_assign_into_a_meta_build_computes_as_the_eager_model():
+    """load_state_dict(sd, assign=True) leaves no buffer on meta (the RoPE tables and the
+    random router's table, which no state dict carries): forward equals the eager model's."""
+    model_cfg = ModelConfig(**MODEL)
+    moe_cfg = MoGEConfig(**{**MOE, "router": "random", "rre_vocab_size": 64, "bias_update_rate": 0.1})
+    torch.manual_seed(0)
+    eager = MoGETransformer(model_cfg, moe_cfg)
+    with torch.device("meta"):
+        model = MoGETransformer(model_cfg, moe_cfg)
+    model.load_state_dict(eager.state_dict(), assign=True)
+    for name, buf in eager.named_buffers():
+        assert_close(model.get_buffer(name), buf, rtol=0, atol=0, msg=name)
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    got, want = model(tokens[:, :-1], tokens[:, 1:]), eager(tokens[:, :-1], tokens[:, 1:])
+    assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert_close(got.loss, want.loss, rtol=0, atol=0)
