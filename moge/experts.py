@@ -20,7 +20,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from moge.balance import count_ids
-from moge.kernels.buffer_pool import BufferPool, pooling_applies
 from moge.kernels.few_tokens import few_token_experts, records_graph, use_few_token_path
 from moge.kernels.fused import FusedMoE, FusedSwiGLUExperts
 from moge.kernels.fused_plan import (
@@ -312,15 +311,6 @@ class GroupedExperts(nn.Module):
         self.combine_index_add: bool | None = None
         self.w_gate_up_EDH = nn.Parameter(torch.empty(num_experts, d_model, 2 * hidden))
         self.w_down_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-        # The fused path's saved activations reuse this memory call after call (on CPU:
-        # fresh maps of it page-fault every step; moge.kernels.buffer_pool). Not state.
-        self.activation_pool = BufferPool()
-
-    def train(self, mode: bool = True) -> GroupedExperts:
-        """nn.Module.train; eval mode lets go of the activation pool (nothing is saved there)."""
-        if not mode:
-            self.activation_pool.clear()
-        return super().train(mode)
 
     def reset_parameters(self, std: float | None = None) -> None:
         """Weights ~ N(0, std); std None: w_gate_up_EDH ~ N(0, init_std), w_down_EFD ~
@@ -388,6 +378,5 @@ class GroupedExperts(nn.Module):
             return self._sorted_path(x_TD, order_S, counts_E, weights_TK, impl)
         order_S, plan, cols = self._fused_plan(ids_TK, x_TD.shape[1], x_TD.device, dtype)
         plan.needs_backward = records_graph(x_TD, weights_TK, self.w_gate_up_EDH, self.w_down_EFD)
-        plan.pool = self.activation_pool if self.training and pooling_applies(x_TD.device) else None
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return FusedMoE.apply(x_TD, weights_TK, self.w_gate_up_EDH, self.w_down_EFD, order_S, plan, cols)

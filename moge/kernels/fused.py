@@ -360,19 +360,12 @@ def _saved_activations(x: Tensor, plan: Plan, F: int, save: bool) -> tuple[Tenso
     backward its recomputation, the costliest elementwise pass (an exp per element).
     Not saved where the compiled elementwise kernels recompute it inside their one
     pass, nor where the products run in float32 for bf16 storage: there the saved bf16
-    copy costs a cast each way and measured no faster (1.064 against 1.069 the limit).
-    With plan.pool (GroupedExperts' BufferPool) both reuse memory an earlier call's
-    backward gave back."""
+    copy costs a cast each way and measured no faster (1.064 against 1.069 the limit)."""
     if not save:
         return None, None
     own_dtype = matmul_dtype(x.device, x.dtype) == x.dtype
-    return _new(x, plan, 2 * F), _new(x, plan, F) if own_dtype and not plan.compiled else None
-
-
-def _new(x: Tensor, plan: Plan, cols: int) -> Tensor:
-    """An uninitialised [P, cols] tensor of x's dtype, from plan.pool where it has one."""
-    got = None if plan.pool is None else plan.pool.take(plan.num_rows, cols, x.dtype, x.device)
-    return x.new_empty(plan.num_rows, cols) if got is None else got
+    s_PF = x.new_empty(plan.num_rows, F) if own_dtype and not plan.compiled else None
+    return x.new_empty(plan.num_rows, 2 * F), s_PF
 
 
 def _chunk_saves(
@@ -515,8 +508,6 @@ class FusedMoE(torch.autograd.Function):
             )  # fmt: skip
             if need_x:
                 dx.add(dx_RD, i, c)
-        if plan.pool is not None:  # this call's activations are read: the next forward may write there
-            plan.pool.give(h_PH, s_PF)
         dweights_TK = None
         if need_gate:
             if plan.real_P is not None:

