@@ -7,7 +7,8 @@
 Layouts (LAYOUTS): pangu, qwen3_moe, qwen2_moe, mixtral, llama, qwen2, and moge (a run
 folder with one checkpoint). The DeepSeek-V3 MoE block loads into one MoGELayer
 (moge.interop.deepseek_v3). See README "Moving weights in and out", and docs/interop.md
-for the training fields an export writes (balance loss, z-loss), its dtypes and integer fields.
+for the training fields an export writes (balance loss, z-loss), its dtypes and how config.json
+values are checked.
 """
 
 from __future__ import annotations

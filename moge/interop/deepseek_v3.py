@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moge.interop.folder import LayoutFolder
-from moge.interop.hfconfig import as_int, check_dropless, check_silu, need_int
+from moge.interop.hfconfig import as_bool, as_float, as_int, check_dropless, check_silu, need_int
 from moge.interop.mapping import Piece, check_pieces, expert_pieces, read_params, swiglu_pieces
 from moge.layer import MoGEConfig, MoGELayer
 
@@ -40,6 +40,18 @@ def _field(hf: dict, key: str) -> Any:
     return hf[key] if key in hf else HF_DEFAULTS[key]
 
 
+def _normalize(hf: dict, where: str) -> bool:
+    """norm_topk_prob; null is false: DeepseekV3Config takes None (bool | None) and its
+    block renormalises only `if self.norm_topk_prob`."""
+    value = _field(hf, "norm_topk_prob")
+    return False if value is None else as_bool(value, "norm_topk_prob", where)
+
+
+def _scale(hf: dict, where: str) -> float:
+    value = _field(hf, "routed_scaling_factor")  # null: no number (transformers refuses it too)
+    return as_float(value, "routed_scaling_factor", where, minimum=0.0, strict_min=True)
+
+
 def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfig:
     """The MoGEConfig of one DeepSeek-V3 MoE block from config.json fields."""
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
@@ -56,8 +68,8 @@ def block_config(hf: dict, where: str = "config.json", **overrides) -> MoGEConfi
         top_k=need_int(hf, "num_experts_per_tok", where), expert_hidden=F, num_shared_experts=shared,
         shared_hidden=F * shared or None, router="group_limited", score_func="sigmoid",
         topk_groups=as_int(_field(hf, "topk_group"), "topk_group", where), group_score="top2_sum",
-        normalize_weights=bool(_field(hf, "norm_topk_prob")),
-        route_scale=float(_field(hf, "routed_scaling_factor")),
+        normalize_weights=_normalize(hf, where),
+        route_scale=_scale(hf, where),
     )  # fmt: skip
     fields.update(overrides)
     try:

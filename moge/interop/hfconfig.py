@@ -80,17 +80,51 @@ def need_int(hf: dict, key: str, where: str) -> int:
     return as_int(need(hf, key, where), key, where)
 
 
+def as_bool(value: Any, field: str, where: str) -> bool:
+    """A true/false field from config.json; else ValueError naming where, field, value.
+
+    JSON true or false only: bool() read the string "false" as True, and 0 / 1 as flags
+    (transformers 5's configuration classes refuse all three), building another model.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"{where}: {field}: expected true or false, got {shown(value)} ({type(value).__name__})"
+        )
+    return value
+
+
+def get_bool(hf: dict, key: str, where: str, default: bool) -> bool:
+    """as_bool of an optional field; left out or null: `default` (its class's default)."""
+    value = hf.get(key)
+    return default if value is None else as_bool(value, key, where)
+
+
+def as_float(
+    value: Any, field: str, where: str, *, minimum: float | None = None, strict_min: bool = False
+) -> float:
+    """A real number from config.json as a float; else ValueError naming where, field, value.
+
+    A JSON int or float, finite (no field here means anything by NaN or inf, which Python's
+    json reads), at least `minimum` (above it with strict_min). float() took "1e-6" and
+    true (1.0), and let NaN through to a model that computes NaN.
+    """
+    try:
+        check_float(field, value, minimum=minimum, strict_min=strict_min)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    return float(value)
+
+
+def get_float(hf: dict, key: str, where: str, default: float, **limits) -> float:
+    """as_float of an optional field; left out or null: `default`."""
+    value = hf.get(key)
+    return default if value is None else as_float(value, key, where, **limits)
+
+
 def router_aux_loss_coef(hf: dict, where: str) -> float:
     """The balance-loss coefficient c; left out or null: 0.001, the default of every MoE
     layout's configuration class (transformers' and the released Pangu one)."""
-    c = hf.get("router_aux_loss_coef")
-    if c is None:
-        return 0.001
-    try:
-        check_float("router_aux_loss_coef", c, minimum=0.0)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    return float(c)
+    return get_float(hf, "router_aux_loss_coef", where, 0.001, minimum=0.0)
 
 
 # transformers' Qwen2-MoE, Qwen3-MoE and Mixtral configs and the released Pangu one have
@@ -102,14 +136,7 @@ Z_LOSS_KEY = "moge_z_loss_coef"
 
 def z_loss_coef(hf: dict, where: str) -> float:
     """moge's router z-loss weight from config.json; left out or null: 0 (off)."""
-    c = hf.get(Z_LOSS_KEY)
-    if c is None:
-        return 0.0
-    try:
-        check_float(Z_LOSS_KEY, c, minimum=0.0)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    return float(c)
+    return get_float(hf, Z_LOSS_KEY, where, 0.0, minimum=0.0)
 
 
 def loss_config_json(m: ModelConfig, e: MoGEConfig) -> dict:
@@ -139,12 +166,13 @@ def rope_theta(hf: dict, where: str) -> float:
         raise ValueError(
             f"{where}: {field}: rope_type {kind!r}: moge implements plain RoPE only (rope_type default)"
         )
+    name = f"{field}.rope_theta" if "rope_theta" in params else "rope_theta"
     theta = params.get("rope_theta", hf.get("rope_theta"))
     if theta is None:
         raise ValueError(
             f"{where}: config.json gives no rope_theta (neither {field}.rope_theta nor rope_theta)"
         )
-    return float(theta)
+    return as_float(theta, name, where, minimum=0.0, strict_min=True)
 
 
 def check_silu(hf: dict, where: str) -> None:
@@ -154,7 +182,7 @@ def check_silu(hf: dict, where: str) -> None:
 
 
 def check_no_sliding(hf: dict, where: str) -> None:
-    if hf.get("use_sliding_window"):
+    if get_bool(hf, "use_sliding_window", where, False):
         raise ValueError(f"{where}: use_sliding_window is true; moge has full causal attention only")
 
 
@@ -178,10 +206,10 @@ def base_model_config(hf: dict, where: str, defaults: Mapping[str, Any], **field
         n_kv_heads=kv or heads,
         head_dim=head_dim if head_dim and heads and head_dim != d // heads else None,
         rope_theta=rope_theta(hf, where),
-        norm_eps=float(hf["rms_norm_eps"]),
+        norm_eps=as_float(hf["rms_norm_eps"], "rms_norm_eps", where, minimum=0.0, strict_min=True),
         max_seq_len=need_int(hf, "max_position_embeddings", where),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
+        tie_embeddings=get_bool(hf, "tie_word_embeddings", where, False),
+        init_std=get_float(hf, "initializer_range", where, 0.02, minimum=0.0, strict_min=True),
     )
     kwargs.update(fields)
     try:

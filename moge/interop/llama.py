@@ -12,6 +12,7 @@ from moge.interop.hfconfig import (
     base_config_json,
     base_model_config,
     dense_moe_placeholder,
+    get_bool,
     need_int,
     refuse,
 )
@@ -39,9 +40,9 @@ class LlamaLayout(BaseLayout):
     model_types: tuple[str, ...] = ("llama",)
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
-        if hf.get("mlp_bias"):
+        if get_bool(hf, "mlp_bias", where, False):
             raise ValueError(f"{where}: mlp_bias is true; moge's SwiGLUs have no biases")
-        bias = bool(hf.get("attention_bias", False))
+        bias = get_bool(hf, "attention_bias", where, False)
         n = need_int(hf, "num_hidden_layers", where)
         m = base_model_config(
             hf, where, CLASS_DEFAULTS["llama"], qkv_bias=bias, o_bias=bias, dense_hidden=need_int(hf, "intermediate_size", where),

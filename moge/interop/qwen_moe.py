@@ -16,6 +16,7 @@ from moge.interop.hfconfig import (
     base_model_config,
     check_plain_routing,
     dense_pattern,
+    get_bool,
     loss_config_json,
     need_int,
     refuse,
@@ -47,7 +48,7 @@ def _moe_fields(hf: dict, where: str, *, shared: int) -> dict:
         num_experts=_experts(hf, where), num_groups=1, top_k=K,
         expert_hidden=need_int(hf, "moe_intermediate_size", where),
         num_shared_experts=1 if shared else 0, shared_hidden=shared or None, shared_expert_gate=bool(shared),
-        router="global", normalize_weights=bool(hf.get("norm_topk_prob", False)),
+        router="global", normalize_weights=get_bool(hf, "norm_topk_prob", where, False),
         # Their gate is a Linear in the model's dtype (softmax in float32): in bf16, float32
         # logits would pick other experts than transformers does for some tokens.
         router_dtype="input",
@@ -103,7 +104,7 @@ class Qwen2MoeLayout(BaseLayout):
                 f"{where}: shared_expert_intermediate_size must be > 0 (moge has no zero-width expert)"
             )
         first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where), where), where)
-        bias = bool(hf.get("qkv_bias", True))
+        bias = get_bool(hf, "qkv_bias", where, True)  # null: the class default, as left out
         m = base_model_config(
             hf, where, CLASS_DEFAULTS["qwen2_moe"], qkv_bias=bias, o_bias=False, dense_hidden=need_int(hf, "intermediate_size", where),
             first_dense_layers=first, moe_every=every,
@@ -143,7 +144,7 @@ class Qwen3MoeLayout(BaseLayout):
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         n = need_int(hf, "num_hidden_layers", where)
         first, every = dense_pattern(n, hf_moe_layers(hf, n, _experts(hf, where), where), where)
-        bias = bool(hf.get("attention_bias", False))
+        bias = get_bool(hf, "attention_bias", where, False)
         m = base_model_config(
             hf, where, CLASS_DEFAULTS["qwen3_moe"], qkv_bias=bias, o_bias=bias, qk_norm=True,
             dense_hidden=need_int(hf, "intermediate_size", where), first_dense_layers=first, moe_every=every,

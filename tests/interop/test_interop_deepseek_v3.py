@@ -166,3 +166,43 @@ def test_a_layer_count_that_is_not_an_integer_is_named(tmp_path, field):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=rf"config\.json: {field}: expected an integer, got 1\.5 \(float\)"):
         load_block(tmp_path, layer=1)
+
+
+@pytest.mark.parametrize("bad", ["false", 0, 1])
+def test_a_norm_topk_prob_that_is_not_true_or_false_is_named(bad):
+    """bool() read "false" as true: the block would renormalise where transformers' does not."""
+    from moge.interop.deepseek_v3 import block_config
+
+    with pytest.raises(ValueError) as err:
+        block_config({**FIELDS, "norm_topk_prob": bad}, "/m/config.json")
+    assert str(err.value) == (
+        f"/m/config.json: norm_topk_prob: expected true or false, got {bad!r} ({type(bad).__name__})"
+    )
+
+
+def test_a_null_norm_topk_prob_does_not_renormalise_as_in_transformers():
+    """DeepseekV3Config takes norm_topk_prob None (bool | None) and its block then skips the
+    renormalisation (`if self.norm_topk_prob`), so null is false here, not the default true."""
+    from moge.interop.deepseek_v3 import block_config
+
+    assert block_config({**FIELDS, "norm_topk_prob": None}).normalize_weights is False
+    assert block_config({k: v for k, v in FIELDS.items() if k != "norm_topk_prob"}).normalize_weights is True
+
+
+@pytest.mark.parametrize("bad", ["2.5", True, None, float("nan"), float("inf"), 0, -1.0])
+def test_a_routed_scaling_factor_that_is_not_a_positive_number_is_named(bad):
+    """float() took "2.5" and true (1.0), and null was a bare TypeError."""
+    from moge.interop.deepseek_v3 import block_config
+
+    with pytest.raises(ValueError) as err:
+        block_config({**FIELDS, "routed_scaling_factor": bad}, "/m/config.json")
+    if isinstance(bad, bool) or not isinstance(bad, (int, float)):
+        want = f"expected a number, got {bad!r} ({type(bad).__name__})"
+    else:
+        want = (
+            f"must be finite, got {bad}"
+            if bad != bad or abs(bad) == float("inf")
+            else f"must be > 0.0, got {bad}"
+        )
+    assert str(err.value) == f"/m/config.json: routed_scaling_factor: {want}"
+    assert block_config({**FIELDS, "routed_scaling_factor": 2}).route_scale == 2.0  # an integer is a number

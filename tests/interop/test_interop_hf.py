@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -844,3 +845,96 @@ def test_an_export_without_a_balance_loss_leaves_output_router_logits_off(layout
     theirs = hf_class(layout).from_pretrained(tmp_path / "out").eval()
     assert not theirs.config.output_router_logits and theirs.config.router_aux_loss_coef == 0.0
     assert from_pretrained(tmp_path / "out")[1].moe.aux_loss_coef == 0.0
+
+
+# Every true/false field a transformers layout's reader takes, with its class's default.
+BOOL_FIELDS = {
+    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "qkv_bias": True,
+    "norm_topk_prob": False, "use_sliding_window": False,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+@pytest.mark.parametrize("bad", ["false", "true", 0, 1])
+def test_a_flag_that_is_not_true_or_false_is_named(layout, bad):
+    """bool() read "false" as true (and 0 / 1 as flags): each true/false field refuses
+    anything but JSON true or false, naming file, field, value and type."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    fields = [k for k in BOOL_FIELDS if k in hf] + ["use_sliding_window"]  # every reader checks that one
+    for field in fields:
+        with pytest.raises(ValueError) as err:
+            LAYOUTS[layout].read_config({**hf, field: bad}, "/m/config.json")
+        assert str(err.value) == (
+            f"/m/config.json: {field}: expected true or false, got {bad!r} ({type(bad).__name__})"
+        ), field
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_a_null_flag_reads_as_left_out(layout):
+    """null is the class's default, as a field left out (qkv_bias null was false, not true)."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    read = LAYOUTS[layout].read_config
+    for field in [k for k in BOOL_FIELDS if k in hf]:
+        left_out = {k: v for k, v in hf.items() if k != field}
+        assert (
+            read({**hf, field: None}, "c")
+            == read(left_out, "c")
+            == read({**hf, field: BOOL_FIELDS[field]}, "c")
+        )
+
+
+def _with_theta(hf: dict, value) -> dict:
+    """hf with its rope theta (transformers 5 writes it in rope_parameters) set to value."""
+    return {**hf, "rope_parameters": {**hf["rope_parameters"], "rope_theta": value}}
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+@pytest.mark.parametrize("bad", ["1e-6", True, float("nan"), float("inf")])
+def test_a_real_number_that_is_not_a_finite_number_is_named(layout, bad):
+    """float() took "1e-6" and true (1.0), and NaN / inf went on to a model that computes NaN:
+    each real-number field refuses them, naming file, field and value (and type)."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    cases = {
+        k: {**hf, k: bad} for k in ("rms_norm_eps", "initializer_range", "router_aux_loss_coef") if k in hf
+    }
+    cases["rope_parameters.rope_theta"] = _with_theta(hf, bad)
+    for field, config in cases.items():
+        with pytest.raises(ValueError) as err:
+            LAYOUTS[layout].read_config(config, "/m/config.json")
+        if isinstance(bad, float):
+            want = f"/m/config.json: {field}: must be finite, got {bad}"
+        else:
+            want = f"/m/config.json: {field}: expected a number, got {bad!r} ({type(bad).__name__})"
+        assert str(err.value) == want, field
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_a_non_positive_eps_theta_or_init_range_is_named(layout):
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    read = LAYOUTS[layout].read_config
+    for field, config in {
+        "rms_norm_eps": {**hf, "rms_norm_eps": 0}, "initializer_range": {**hf, "initializer_range": -0.02},
+        "rope_parameters.rope_theta": _with_theta(hf, 0.0), "rope_theta": {**hf, "rope_parameters": None, "rope_theta": -1},
+    }.items():  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^/m/config\.json: {re.escape(field)}: must be > 0\.0, got "):
+            read(config, "/m/config.json")
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_integer_real_numbers_read_as_their_floats(layout):
+    """A JSON integer is a number too: rope_theta 10000 is 10000.0."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    theta = hf["rope_parameters"]["rope_theta"]
+    assert theta == int(theta)
+    read = LAYOUTS[layout].read_config
+    assert read(_with_theta(hf, int(theta)), "c") == read(hf, "c")

@@ -291,3 +291,33 @@ def test_z_loss_coef_survives_a_round_trip_through_the_layout(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["moge_z_loss_coef"] == 0.002
     assert from_pretrained(tmp_path)[1].moe.z_loss_coef == 0.002
     assert PanguLayout().read_config(RELEASED_FIELDS, "config.json")[1].z_loss_coef == 0.0  # left out: off
+
+
+@pytest.mark.parametrize("bad", ["false", 0, 1])
+def test_a_flag_that_is_not_true_or_false_is_named(bad):
+    """bool() read tie_word_embeddings "false" as true: a tied model the file does not describe."""
+    from moge.interop.pangu import PanguLayout
+
+    with pytest.raises(ValueError) as err:
+        PanguLayout().read_config({**RELEASED_FIELDS, "tie_word_embeddings": bad}, "/m/config.json")
+    assert str(err.value) == (
+        f"/m/config.json: tie_word_embeddings: expected true or false, got {bad!r} ({type(bad).__name__})"
+    )
+
+
+@pytest.mark.parametrize("field", ["rms_norm_eps", "rope_theta", "initializer_range", "router_aux_loss_coef"])
+@pytest.mark.parametrize("bad", ["1e-5", True, float("nan"), float("inf")])
+def test_a_real_number_that_is_not_a_finite_number_is_named(field, bad):
+    """float() took "1e-5" and true (1.0); NaN and inf are no eps, theta, std or coefficient."""
+    from moge.interop.pangu import PanguLayout
+
+    with pytest.raises(ValueError) as err:
+        PanguLayout().read_config({**RELEASED_FIELDS, field: bad}, "/m/config.json")
+    want = (
+        f"must be finite, got {bad}"
+        if isinstance(bad, float)
+        else f"expected a number, got {bad!r} ({type(bad).__name__})"
+    )
+    assert str(err.value) == f"/m/config.json: {field}: {want}"
+    ints = {**RELEASED_FIELDS, "rope_theta": 16000000}  # a JSON integer is a number too
+    assert PanguLayout().read_config(ints, "c") == PanguLayout().read_config(RELEASED_FIELDS, "c")
