@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from moge._validate import check_float, shown
 from moge.balance import released_coefficient
 from moge.layer import MoGEConfig
@@ -238,6 +240,16 @@ def base_config_json(m: ModelConfig, arch: str, model_type: str) -> dict:
         "attention_dropout": 0.0,
         "use_cache": True,
     }
+
+
+def dtype_json(dtype: torch.dtype) -> dict[str, str]:
+    """The config.json fields naming the weights' dtype, so that transformers'
+    from_pretrained(dtype="auto") loads the model in it: "dtype" as transformers 5's
+    save_pretrained writes it ("bfloat16"), and the same under "torch_dtype", the only key
+    transformers 4 reads (5 takes "dtype" when both are there). moge's readers ignore both:
+    each tensor's dtype is in its safetensors header."""
+    name = str(dtype).removeprefix("torch.")
+    return {"dtype": name, "torch_dtype": name}
 
 
 def dense_moe_placeholder(d_model: int) -> MoGEConfig:

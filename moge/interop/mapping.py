@@ -21,6 +21,7 @@ from typing import Protocol
 import torch
 
 from moge.interop.folder import INDEX, SINGLE, LayoutFolder
+from moge.interop.hfconfig import dtype_json
 from moge.interop.tensorfile import SafetensorsReader, SafetensorsWriter
 from moge.layer import MoGEConfig
 from moge.model.config import ModelConfig
@@ -296,7 +297,8 @@ def write_layout(
     """Write config.json and the shards (index when more than one); returns the files written.
 
     dtype None: each tensor keeps the moge tensor's dtype; a constant the layout needs and
-    the model lacks takes the model's (see _fill_dtype).
+    the model lacks takes the model's (see _fill_dtype). config.json gets that dtype's
+    fields (hfconfig.dtype_json), replacing any `config` holds.
     """
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +326,7 @@ def write_layout(
     elif (out / INDEX).exists():
         (out / INDEX).unlink()  # a stale index from an earlier export would name missing shards
     _remove_stale_weights(out, names)
+    config = {**config, **dtype_json(fill)}  # `dtype` or else the model's, as the tensors are
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return [out / name for name in names]
 

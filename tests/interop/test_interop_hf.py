@@ -938,3 +938,39 @@ def test_integer_real_numbers_read_as_their_floats(layout):
     assert theta == int(theta)
     read = LAYOUTS[layout].read_config
     assert read(_with_theta(hf, int(theta)), "c") == read(hf, "c")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_export_names_its_dtype_and_loads_in_it_with_dtype_auto(saved, tmp_path, dtype):
+    """transformers 5's save_pretrained writes "dtype" ("bfloat16"), transformers 4's
+    "torch_dtype"; from_pretrained(dtype="auto") loads the model in it. moge's export wrote
+    neither: it names the weights' dtype now, the cast's with --dtype / dtype=."""
+    from moge.interop import convert
+
+    layout, _, path = saved
+    model, _ = from_pretrained(path)  # float32, from transformers' float32 save
+    save_pretrained(model.to(dtype), tmp_path / "as_is", layout=layout)
+    save_pretrained(model.float(), tmp_path / "cast", layout=layout, dtype=dtype)
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    convert(tmp_path / "cast", tmp_path / "converted", to=layout, dtype=other)  # not the source's field
+    for out, want in (("as_is", dtype), ("cast", dtype), ("converted", other)):
+        cfg = json.loads((tmp_path / out / "config.json").read_text())
+        expected = str(want).removeprefix("torch.")
+        assert (cfg["dtype"], cfg["torch_dtype"]) == (expected, expected), out
+        theirs = hf_class(layout).from_pretrained(tmp_path / out, dtype="auto")
+        assert {p.dtype for p in theirs.parameters()} == {want}, out
+
+
+def test_the_dtype_fields_are_read_and_left_to_the_tensors():
+    """Both keys (transformers 5's dtype, 4's torch_dtype) read as the same model: moge
+    takes each tensor's dtype from the safetensors header (from_pretrained's dtype=None)."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model("qwen3_moe").config.to_dict()
+    read = LAYOUTS["qwen3_moe"].read_config
+    for fields in (
+        {"dtype": "bfloat16"},
+        {"torch_dtype": "float16"},
+        {"dtype": None, "torch_dtype": "bfloat16"},
+    ):
+        assert read({**hf, **fields}, "c") == read(hf, "c")

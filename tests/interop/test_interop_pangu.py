@@ -270,6 +270,8 @@ def test_a_bf16_export_writes_its_zero_biases_and_ones_scale_in_bf16(tmp_path):
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 -- safe_open has no iteration
     assert "model.layers.0.mlp.router_scale" in dtypes and "model.layers.0.self_attn.o_proj.bias" in dtypes
     assert set(dtypes.values()) == {"BF16"}, {k: d for k, d in dtypes.items() if d != "BF16"}
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["dtype"], cfg["torch_dtype"]) == ("bfloat16", "bfloat16")  # as transformers 5 / 4 write it
     again = from_pretrained(tmp_path, dtype=None)[0].state_dict()
     for k, v in again.items():
         assert v.dtype == torch.bfloat16, k
