@@ -205,7 +205,7 @@ def base_model_config(hf: dict, where: str, defaults: Mapping[str, Any], **field
         d_model=d,
         n_layers=need_int(hf, "num_hidden_layers", where),
         n_heads=heads,
-        n_kv_heads=kv or heads,
+        n_kv_heads=heads if kv is None else kv,  # 0: refused (transformers divides by it), not MHA
         head_dim=head_dim if head_dim and heads and head_dim != d // heads else None,
         rope_theta=rope_theta(hf, where),
         norm_eps=as_float(hf["rms_norm_eps"], "rms_norm_eps", where, minimum=0.0, strict_min=True),

@@ -39,7 +39,7 @@ class PanguLayout(BaseLayout):
 
     def read_config(self, hf: dict, where: str) -> tuple[ModelConfig, MoGEConfig]:
         d, heads = need_int(hf, "hidden_size", where), need_int(hf, "num_attention_heads", where)
-        if d % heads:
+        if heads > 0 and d % heads:  # a non-positive count: ModelConfig names it, as for the others
             raise ValueError(f"{where}: hidden_size {d} is not a multiple of num_attention_heads {heads}")
         hf = {**hf, "head_dim": None}  # the released attention derives it: hidden / heads
         m = base_model_config(hf, where, CLASS_DEFAULTS["pangu"], qkv_bias=True, o_bias=True)

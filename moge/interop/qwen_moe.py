@@ -8,6 +8,7 @@ Qwen3-MoE: per-head q/k RMSNorm, `attention_bias` on q/k/v/o, no shared expert.
 
 from __future__ import annotations
 
+from moge._validate import shown
 from moge.interop.folder import LayoutFolder
 from moge.interop.hfconfig import (
     CLASS_DEFAULTS,
@@ -30,9 +31,32 @@ from moge.model.config import ModelConfig
 
 def hf_moe_layers(hf: dict, n_layers: int, num_experts: int, where: str = "config.json") -> set[int]:
     """transformers' rule: not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
-    only = {as_int(i, "mlp_only_layers", where) for i in hf.get("mlp_only_layers") or []}
-    step = as_int(hf.get("decoder_sparse_step") or 1, "decoder_sparse_step", where)
+    only = _dense_only(hf, where)
+    step = _sparse_step(hf, where)
     return {i for i in range(n_layers) if i not in only and num_experts > 0 and (i + 1) % step == 0}
+
+
+def _dense_only(hf: dict, where: str) -> set[int]:
+    """mlp_only_layers' indices; left out or null: none. Only a list: iterating a string or
+    an object would read its characters or keys as layers, an int was a bare TypeError."""
+    only = hf.get("mlp_only_layers")
+    if only is None:
+        return set()
+    if not isinstance(only, list):
+        raise ValueError(
+            f"{where}: mlp_only_layers: expected a list of layer indices, got {shown(only)} ({type(only).__name__})"
+        )
+    return {as_int(i, "mlp_only_layers", where) for i in only}
+
+
+def _sparse_step(hf: dict, where: str) -> int:
+    """decoder_sparse_step; left out or null: 1. 0 read as 1 here (`or 1`) where transformers
+    divides by it; a negative step means nothing either."""
+    value = hf.get("decoder_sparse_step")
+    step = 1 if value is None else as_int(value, "decoder_sparse_step", where)
+    if step < 1:
+        raise ValueError(f"{where}: decoder_sparse_step: must be >= 1, got {step}")
+    return step
 
 
 def _experts(hf: dict, where: str) -> int:

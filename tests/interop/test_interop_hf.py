@@ -974,3 +974,45 @@ def test_the_dtype_fields_are_read_and_left_to_the_tensors():
         {"dtype": None, "torch_dtype": "bfloat16"},
     ):
         assert read({**hf, **fields}, "c") == read(hf, "c")
+
+
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+def test_zero_key_value_heads_is_named(layout):
+    """num_key_value_heads 0 read as one per query head (`kv or heads`): transformers
+    divides by it (a ZeroDivisionError there), so it is refused as a non-positive count."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    with pytest.raises(ValueError, match=r"^/m/config\.json: model\.n_kv_heads: must be >= 1, got 0$"):
+        LAYOUTS[layout].read_config({**hf, "num_key_value_heads": 0}, "/m/config.json")
+
+
+@pytest.mark.parametrize("layout", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("bad", [0, "0", {"0": 1}, True])
+def test_mlp_only_layers_that_is_not_a_list_is_named(layout, bad):
+    """An int or bool was a bare TypeError (not iterable); a string or object was taken
+    apart into characters / keys. Only a JSON list of layer indices is read."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    with pytest.raises(ValueError) as err:
+        LAYOUTS[layout].read_config({**hf, "mlp_only_layers": bad}, "/m/config.json")
+    assert str(err.value) == (
+        f"/m/config.json: mlp_only_layers: expected a list of layer indices, got {bad!r} ({type(bad).__name__})"
+    )
+    read = LAYOUTS[layout].read_config  # null: left out, no dense-only layers
+    assert read({**hf, "mlp_only_layers": None}, "c") == read({**hf, "mlp_only_layers": []}, "c")
+
+
+@pytest.mark.parametrize("layout", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("bad", [0, -2])
+def test_a_non_positive_decoder_sparse_step_is_named(layout, bad):
+    """0 read as 1 (`or 1`: every layer MoE) where transformers divides by it
+    (ZeroDivisionError); a negative step is no step either."""
+    from moge.interop import LAYOUTS
+
+    hf = hf_model(layout).config.to_dict()
+    with pytest.raises(ValueError, match=rf"^/m/config\.json: decoder_sparse_step: must be >= 1, got {bad}$"):
+        LAYOUTS[layout].read_config({**hf, "decoder_sparse_step": bad}, "/m/config.json")
+    read = LAYOUTS[layout].read_config  # null: left out, the class's 1
+    assert read({**hf, "decoder_sparse_step": None}, "c") == read({**hf, "decoder_sparse_step": 1}, "c")

@@ -323,3 +323,22 @@ def test_a_real_number_that_is_not_a_finite_number_is_named(field, bad):
     assert str(err.value) == f"/m/config.json: {field}: {want}"
     ints = {**RELEASED_FIELDS, "rope_theta": 16000000}  # a JSON integer is a number too
     assert PanguLayout().read_config(ints, "c") == PanguLayout().read_config(RELEASED_FIELDS, "c")
+
+
+@pytest.mark.parametrize("heads", [0, -4])
+def test_a_non_positive_head_count_is_named(heads):
+    """num_attention_heads 0 was a ZeroDivisionError (hidden_size % heads): now the
+    ValueError every other reader gives for it."""
+    from moge.interop.pangu import PanguLayout
+
+    with pytest.raises(ValueError, match=rf"^/m/config\.json: model\.n_heads: must be >= 1, got {heads}$"):
+        PanguLayout().read_config({**RELEASED_FIELDS, "num_attention_heads": heads}, "/m/config.json")
+
+
+def test_zero_key_value_heads_is_named():
+    """num_key_value_heads 0 read as one per query head (`kv or heads`); transformers
+    divides by it (ZeroDivisionError), so it is refused as the count it is."""
+    from moge.interop.pangu import PanguLayout
+
+    with pytest.raises(ValueError, match=r"^/m/config\.json: model\.n_kv_heads: must be >= 1, got 0$"):
+        PanguLayout().read_config({**RELEASED_FIELDS, "num_key_value_heads": 0}, "/m/config.json")
