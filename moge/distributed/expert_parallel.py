@@ -145,7 +145,9 @@ class ExpertParallelExperts(nn.Module):
         self.num_experts, self.num_groups = c.num_experts, c.num_groups
         self.num_local = expert_placement(c.num_experts, c.num_groups, self.world).shape[1]
         self.d_model, self.hidden, self.impl = c.d_model, c.expert_hidden, c.expert_impl
-        self.init_std = c.init_std  # reset_parameters()'s std when none is given
+        # reset_parameters()'s stds when none is given: gate/up, and down (as GroupedExperts';
+        # from_layer copies a model's, which gives w_down_EFD a smaller one).
+        self.init_std = self.down_std = c.init_std
         self.init_buffers()
         J, D, F = self.num_local, c.d_model, c.expert_hidden
         self.w_gate_up_EDH = nn.Parameter(torch.empty(J, D, 2 * F))
@@ -171,11 +173,14 @@ class ExpertParallelExperts(nn.Module):
             self.register_buffer(name, t if device is None else t.to(device), persistent=False)
 
     def reset_parameters(self, std: float | None = None) -> None:
-        """Weights ~ N(0, std); std None: init_std (as GroupedExperts: FSDP's meta-device
-        materialisation calls reset_parameters() without arguments)."""
-        std = self.init_std if std is None else std
-        nn.init.normal_(self.w_gate_up_EDH, std=std)
-        nn.init.normal_(self.w_down_EFD, std=std)
+        """Weights ~ N(0, std); std None: w_gate_up_EDH ~ N(0, init_std), w_down_EFD ~
+        N(0, down_std), as GroupedExperts (FSDP's meta-device materialisation calls
+        reset_parameters() without arguments). The placement tables are re-created too, on
+        the weights' device: after a meta-device build and to_empty they hold no values,
+        and a module-by-module init loop calls nothing else here."""
+        nn.init.normal_(self.w_gate_up_EDH, std=self.init_std if std is None else std)
+        nn.init.normal_(self.w_down_EFD, std=self.down_std if std is None else std)
+        self.init_buffers(self.w_gate_up_EDH.device)
 
     @property
     def params_per_expert(self) -> int:
@@ -286,6 +291,25 @@ def _resolve_static(config: MoGEConfig, static_splits: bool | None) -> bool:
     return bool(static_splits)
 
 
+_STD_ATTRS = ("init_std", "down_std")  # what a module's reset_parameters() draws with
+
+
+def _copy_init_stds(src: nn.Module, dst: nn.Module) -> None:
+    """Give every sub-module of dst the init stds of src's sub-module of the same name.
+
+    dst is built from src's config, so it holds the config's init_std; src may hold its
+    owner's (MoGETransformer._set_init_stds: the model's init_std, a smaller one for
+    w_down_EFD), which a module-by-module init loop on dst must draw with."""
+    for name, m in dst.named_modules():
+        try:
+            twin = src.get_submodule(name)
+        except AttributeError:
+            continue  # a module only the parallel layer has
+        for attr in _STD_ATTRS:
+            if hasattr(m, attr) and hasattr(twin, attr):
+                setattr(m, attr, getattr(twin, attr))
+
+
 class GlobalLoadMoGE(MoGELayer):
     """MoGELayer on one rank of several that route their own tokens (data parallel).
 
@@ -313,7 +337,8 @@ class GlobalLoadMoGE(MoGELayer):
 
     @classmethod
     def from_layer(cls, layer: MoGELayer, *args, **kwargs) -> GlobalLoadMoGE:
-        """This rank's version of a single-process layer (same config and weights).
+        """This rank's version of a single-process layer (same config, weights and init
+        stds: those a model gave the layer's modules, so reset_parameters() draws alike).
 
         Built on the meta device, so no full expert tensor is allocated here; a layer on
         the meta device gives one on meta (its owner allocates and initialises it later,
@@ -321,6 +346,7 @@ class GlobalLoadMoGE(MoGELayer):
         ref = layer.router.weight
         with torch.device("meta"):
             new = cls(layer.config, *args, **kwargs).to(dtype=ref.dtype)
+        _copy_init_stds(layer, new)
         if not ref.is_meta:
             new.to_empty(device=ref.device)
             init_buffers(new, ref.device)

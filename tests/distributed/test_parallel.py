@@ -29,7 +29,7 @@ import moge
 from moge.distributed.config import ParallelConfig
 from moge.distributed.expert_parallel import ExpertParallelExperts, ExpertParallelMoGE, expert_placement
 from moge.distributed.mesh import connect
-from moge.distributed.parallelize import checkpoint_views, clip_grads_, grad_norm, parallelize
+from moge.distributed.parallelize import checkpoint_views, clip_grads_, grad_norm, local, parallelize
 from moge.dropin import MoGEMLP
 from moge.layer import MoGEConfig, MoGELayer
 from moge.model import MoGETransformer
@@ -182,6 +182,18 @@ def _model_scenario(out_dir: str, ep: int) -> None:
     )
     tensors = {**{f"grad.{k}": v for k, v in grads.items()}, **{f"sd.{k}": v for k, v in weights.items()}}
     _save(out_dir, f"model.rank{world.rank}", {**tensors, "norm": norm}, info)
+
+
+def reset_module_by_module(model: nn.Module) -> None:
+    """to_empty, every tensor 7 (to_empty's memory holds any bits), then reset_parameters()
+    on every module that has one, parents first: FSDP's meta-device materialisation."""
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            local(t).fill_(7)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
 
 
 def _worker(rank: int, world: int, out_dir: str) -> None:
@@ -589,14 +601,129 @@ def test_a_dp_that_cannot_cut_the_experts_evenly_is_a_data_parallel_error(d_mode
 
 def test_expert_parallel_experts_reset_parameters_without_arguments_as_fsdp_materialises():
     # FSDP's meta-device materialisation (and any module-by-module init loop) calls
-    # reset_parameters() with no argument; the experts then draw N(0, init_std).
+    # reset_parameters() with no argument; the experts then draw N(0, init_std) and
+    # N(0, down_std), as GroupedExperts, and re-create their placement tables.
     with fake_world(2):
         cfg = MoGEConfig(**{**BASE, "init_std": 0.5})
         experts = ExpertParallelExperts(cfg)
+        assert experts.down_std == 0.5
+        experts.down_std = 0.25
+        tables = {n: b.clone() for n, b in experts.named_buffers()}
+        for b in experts.buffers():
+            b.fill_(7)
         torch.manual_seed(3)
         experts.reset_parameters()
         torch.manual_seed(3)
         want_gate_up = torch.empty_like(experts.w_gate_up_EDH).normal_(std=0.5)
-        want_down = torch.empty_like(experts.w_down_EFD).normal_(std=0.5)
+        want_down = torch.empty_like(experts.w_down_EFD).normal_(std=0.25)
         assert_close(experts.w_gate_up_EDH.detach(), want_gate_up, rtol=0, atol=0)
         assert_close(experts.w_down_EFD.detach(), want_down, rtol=0, atol=0)
+        for n, b in experts.named_buffers():
+            assert torch.equal(b, tables[n]), n
+
+
+# --- a module-by-module init loop on a parallelized meta build ------------------------------------
+
+# Model and layer stds differ (0.05 and 0.3), so a weight drawn with the layer's std shows;
+# w_down_EFD's is 0.05 / sqrt(2 * 2) = 0.025. d_model 128: the smallest random weight
+# (shared_expert_gate, [1, 128], one rank's row of it) has a sample std within ~10%.
+INIT_MODEL = dict(
+    vocab_size=128, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, qkv_bias=True,
+    o_bias=True, qk_norm=True, first_dense_layers=1, init_std=0.05,
+)  # fmt: skip
+INIT_MOE = dict(
+    d_model=128, num_experts=8, num_groups=4, top_k=4, expert_hidden=16, num_shared_experts=1,
+    shared_expert_gate=True, learned_expert_scale=True, bias_update_rate=0.1, init_std=0.3,
+)  # fmt: skip
+INIT_EPS = (2, 1)  # ExpertParallelMoGE; GlobalLoadMoGE (dp 2)
+
+
+def build_init_model() -> MoGETransformer:
+    torch.manual_seed(0)
+    return MoGETransformer(ModelConfig(**INIT_MODEL), MoGEConfig(**INIT_MOE))
+
+
+def _loop_init_scenario(out_dir: str, rank: int, ep: int, forward: bool) -> None:
+    """The eagerly parallelized model and a meta build parallelized, to_empty'd and reset
+    module by module. forward False: this rank's pieces and buffers of both. True: both
+    models' logits once the loop-built one holds the eager one's weights (forward then
+    reads its buffers, the placement tables above all)."""
+    world = connect(ParallelConfig(expert_parallel=ep), INIT_MOE["num_groups"])
+    eager = parallelize(build_init_model(), world)
+    with torch.device("meta"):
+        model = parallelize(build_init_model(), world)
+    reset_module_by_module(model)
+    pairs = (("eager", eager), ("loop", model))
+    if not forward:
+        out = {
+            f"{tag}.{n}": local(t) for tag, m in pairs for n, t in [*m.named_parameters(), *m.named_buffers()]
+        }
+        _save(out_dir, f"ep{ep}.rank{rank}", out, {"buffers": [n for n, _ in model.named_buffers()]})
+        return
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            local(p).copy_(local(eager.get_parameter(n)))
+    tokens, targets = model_batch(world.size)[:, rank]
+    _save(out_dir, f"ep{ep}.rank{rank}", {f"{tag}.logits": m(tokens, targets).logits for tag, m in pairs}, {})
+
+
+def _loop_init_worker(rank: int, world: int, out_dir: str, forward: bool) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    try:
+        for ep in INIT_EPS:
+            _loop_init_scenario(out_dir, rank, ep, forward)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def loop_init(tmp_path_factory):
+    """loop_init(forward) -> the folder of that launch's results (each launched once; two
+    launches, so that a forward that fails leaves the init checks to say what is wrong).
+
+    Forked gloo ranks, not an in-process fake group: DTensor work under a fake group
+    leaves state that later forked ranks inherit (a 2-rank checkpoint test then saw rank
+    0's offsets for 1-D shards on both ranks)."""
+    done: dict[bool, Path] = {}
+
+    def get(forward: bool) -> Path:
+        if forward not in done:
+            done[forward] = tmp_path_factory.mktemp("loop_forward" if forward else "loop_init")
+            run_ranks(_loop_init_worker, 2, str(done[forward]), forward, timeout=90)
+        return done[forward]
+
+    return get
+
+
+@pytest.mark.parametrize("ep", INIT_EPS)
+def test_a_module_by_module_reset_of_a_parallel_meta_build_gives_the_models_init(loop_init, ep):
+    """Each rank's piece of every weight has the one-process model's std (the parallel
+    layers, built from the MoE config, held its init_std 0.3 for the router, the experts and
+    the shared experts), the constants and buffers those of the eagerly parallelized model."""
+    full = build_init_model()
+    for r in range(2):
+        got, info = load_rank(loop_init(False), f"ep{ep}", r)
+        for name, want in full.named_parameters():
+            piece = got[f"loop.{name}"]
+            if piece.numel() == 0:  # rank 1's part of shared_gate's one row
+                continue
+            if torch.all(want == want.reshape(-1)[0]):  # the constants: biases, norms, expert scales
+                assert_close(piece, got[f"eager.{name}"], rtol=0, atol=0, msg=name)
+                continue
+            # Two sample stds, each within std / sqrt(2 N): 4 of their combined spread at most.
+            tol = 4 / piece.numel() ** 0.5
+            ratio = piece.std().item() / want.std().item()
+            assert abs(ratio - 1) < tol, (r, name, ratio)
+        tables = {f"blocks.1.ffn.experts.{t}" for t in ("placement_WJ", "owner_E", "local_E")}
+        assert tables <= set(info["buffers"]) if ep > 1 else not tables & set(info["buffers"])
+        for name in info["buffers"]:  # the RoPE tables, load counts, balance bias, placement
+            assert_close(got[f"loop.{name}"], got[f"eager.{name}"], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("ep", INIT_EPS)
+def test_a_module_by_module_reset_of_a_parallel_meta_build_runs_as_the_eager_one(loop_init, ep):
+    for r in range(2):
+        got, _ = load_rank(loop_init(True), f"ep{ep}", r)
+        assert_close(got["loop.logits"], got["eager.logits"], rtol=0, atol=0)
