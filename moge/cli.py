@@ -25,14 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:  # at run time torch is imported by the handlers that need it (fast --help)
     import torch
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process SIGTERM ended
+_T = TypeVar("_T")  # what an argparse type= function returns
 
 
 class _UsageError(Exception):
@@ -384,32 +385,33 @@ def _check_utf8(flag: str, text: str) -> None:
 # ---------------------------------------------------------------- parser
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+def _arg_type(parse: Callable[[str], _T], accept: Callable[[_T], bool], expected: str) -> Callable[[str], _T]:
+    """An argparse type=: parse(text), kept where accept(value). Text that does not parse
+    and a value out of range both read "argument --flag: expected EXPECTED, got 'text'"
+    (for a plain ValueError argparse would print "invalid <function name> value")."""
+
+    def convert(text: str) -> _T:
+        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+        refused = argparse.ArgumentTypeError(f"expected {expected}, got {shown}")
+        try:
+            value = parse(text)
+        except ValueError:  # "abc", "1.5" for an int, an int of more digits than Python allows
+            raise refused from None
+        if not accept(value):
+            raise refused
+        return value
+
+    return convert
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0: greedy), got {text[:40]}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1: off), got {text[:40]}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+_non_negative_int = _arg_type(int, lambda v: v >= 0, "an integer >= 0")
+_positive_int = _arg_type(int, lambda v: v >= 1, "an integer >= 1")
+# torch seeds are int64 (negative ones alias large ones).
+_seed = _arg_type(int, lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1")
+_number = _arg_type(float, lambda v: True, "a number")
+# `not v < 0`-style tests would let NaN through: these comparisons are False for it.
+_temperature = _arg_type(float, lambda v: v >= 0, "a number >= 0 (0: greedy)")
+_top_p = _arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1] (1: off)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -439,13 +441,6 @@ OVERRIDES_HELP = (
     "dotted overrides, e.g. train.steps=50 moe.router=global; with overrides the default "
     "train.out_dir is runs/<name>,KEY=VALUE,... (see the README)"
 )
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:  # torch seeds are int64 (negative ones alias large ones)
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..2**63-1, got {text[:40]}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -493,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="new bytes to sample; the longest prompt's bytes + tokens must fit model.max_seq_len",
     )  # fmt: skip
     p.add_argument(
-        "--temperature", type=_non_negative_float, default=0.8,
+        "--temperature", type=_temperature, default=0.8,
         help="sampling temperature; 0: greedy (then --top-k and --top-p do nothing)",
     )  # fmt: skip
     p.add_argument(
@@ -527,9 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--trials", type=_positive_int, default=None,
         help="random batches per case (default: None, fewer for larger batches)",
     )  # fmt: skip
-    p.add_argument("--tflops", type=float, default=300.0, help="per-device throughput, TFLOP/s")
+    p.add_argument("--tflops", type=_number, default=300.0, help="per-device throughput, TFLOP/s")
     p.add_argument(
-        "--bandwidth-gbs", type=float, default=50.0, dest="bandwidth_gbs",
+        "--bandwidth-gbs", type=_number, default=50.0, dest="bandwidth_gbs",
         help="per-device all-to-all bandwidth, GB/s",
     )  # fmt: skip
     p.add_argument(
@@ -542,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for simulation.json/png (default: train.out_dir, else runs/<name>)",
     )  # fmt: skip
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random router scores")
-    p.add_argument("--sigma", type=float, default=1.0, help="std of the random router logits")
+    p.add_argument("--sigma", type=_number, default=1.0, help="std of the random router logits")
     p.add_argument("--training", action="store_true", help="forward+backward: FLOPs x3, all-to-all x2")
     p.set_defaults(handler=_cmd_simulate)
 
@@ -570,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="whose kernels the activations follow (attention, expert path)")  # fmt: skip
-    p.add_argument("--device-gb", type=float, default=80.0, dest="device_gb", help="memory per device, GiB")
+    p.add_argument("--device-gb", type=_number, default=80.0, dest="device_gb", help="memory per device, GiB")
     p.set_defaults(handler=_cmd_plan)
 
     # Listed for --help only: main() hands `moge bench ...` to moge.tools.bench's own parser.

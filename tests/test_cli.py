@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import moge.training
-from moge.cli import main
+from moge.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -136,10 +136,10 @@ def test_generate_top_p(trained_run, capsys):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--prompt", "Hi", "--top-p", "0"], ["argument --top-p: must be in (0, 1]"]),
+        (["--prompt", "Hi", "--top-p", "0"], ["argument --top-p: expected a number in (0, 1]"]),
         (["--prompt", "Hi", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
         (["--prompt", "Hi", "--top-p", "nan"], ["--top-p", "(0, 1]"]),
-        (["--prompt", "Hi", "--temperature", "-1"], ["argument --temperature: must be >= 0"]),
+        (["--prompt", "Hi", "--temperature", "-1"], ["argument --temperature: expected a number >= 0"]),
         (["--prompt", "Hi", "--prompt", ""], ["--prompt #2: must not be empty"]),
         (["--prompt", "Hi", "--prompt", "x" * 70], ["--prompt #2: 70 bytes", "shorten it by 6 bytes"]),
         (
@@ -150,6 +150,67 @@ def test_generate_top_p(trained_run, capsys):
 )
 def test_generate_bad_prompts_and_sampling_settings_are_user_errors(trained_run, capsys, args, fragments):
     assert_one_error_line(capsys, main(["generate", str(trained_run), *args]), *fragments)
+
+
+# Every flag with a type= of its own: (argv up to the flag, flag, what its error expects).
+# Parsing fails at the flag, so the paths need not exist.
+NUMBER_FLAGS = [
+    (["eval", "r"], "--batches", "an integer >= 1"),
+    (["eval", "r"], "--knockout", "an integer >= 1"),
+    (["generate", "r", "--prompt", "a"], "--tokens", "an integer >= 0"),
+    (["generate", "r", "--prompt", "a"], "--temperature", "a number >= 0 (0: greedy)"),
+    (["generate", "r", "--prompt", "a"], "--top-k", "an integer >= 1"),
+    (["generate", "r", "--prompt", "a"], "--top-p", "a number in (0, 1] (1: off)"),
+    (["generate", "r", "--prompt", "a"], "--seed", "an integer in 0..2**63-1"),
+    (["generate", "r", "--prompt", "a"], "--stop-token", "an integer >= 0"),
+    (["simulate", "c"], "--devices", "an integer >= 1"),
+    (["simulate", "c"], "--tokens", "an integer >= 1"),
+    (["simulate", "c"], "--trials", "an integer >= 1"),
+    (["simulate", "c"], "--tflops", "a number"),
+    (["simulate", "c"], "--bandwidth-gbs", "a number"),
+    (["simulate", "c"], "--seed", "an integer in 0..2**63-1"),
+    (["simulate", "c"], "--sigma", "a number"),
+    (["plan", "c"], "--devices", "an integer >= 1"),
+    (["plan", "c"], "--micro-batch", "an integer >= 1"),
+    (["plan", "c"], "--device-gb", "a number"),
+    (["fingerprint", "m"], "--permutations", "an integer >= 0"),
+    (["fingerprint", "m"], "--bootstrap", "an integer >= 0"),
+    (["fingerprint", "m"], "--seed", "an integer in 0..2**63-1"),
+    (["convert", "s", "d", "--to", "moge"], "--max-shard-bytes", "an integer >= 1"),
+    (["upcycle", "s", "d", "--config", "c"], "--seed", "an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv, flag, expected", NUMBER_FLAGS, ids=lambda v: v if isinstance(v, str) else None
+)
+def test_a_bad_number_names_the_flag_and_what_it_takes(cli_error, argv, flag, expected):
+    """Not argparse's "invalid _top_p value: 'abc'" (the type function's name)."""
+    line = cli_error([*argv, flag, "abc"])
+    assert line.startswith(f"error: argument {flag}: expected {expected}, got 'abc' (see `moge "), line
+    # Out of range (or, for a plain number, no number) reads the same.
+    bad = "1.5" if "integer" in expected else "x" if expected == "a number" else "-1"
+    assert f"argument {flag}: expected {expected}, got {bad!r}" in cli_error([*argv, flag, bad])
+
+
+def _typed_actions():
+    """(subcommand, action) of every option whose type= is a function of this module."""
+    subs = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, parser in subs.items():
+        for action in parser._actions:
+            if callable(action.type) and getattr(action.type, "__module__", None) == "moge.cli":
+                yield name, action
+
+
+def test_the_table_above_covers_every_number_flag():
+    """A flag added later with its own type= gets a row (and so a tested message)."""
+    covered = {(argv[0], flag) for argv, flag, _ in NUMBER_FLAGS}
+    assert {(name, action.option_strings[-1]) for name, action in _typed_actions()} == covered
+
+
+def test_a_long_bad_number_is_cut_in_the_message(cli_error):
+    line = cli_error(["generate", "r", "--prompt", "a", "--seed", "9" * 100])
+    assert f"got {'9' * 40!r}... (see" in line
 
 
 def test_eval_calls_evaluate(monkeypatch):

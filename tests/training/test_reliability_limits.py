@@ -486,8 +486,8 @@ def test_huge_temperature_samples_without_nan(tiny_run, capsys):
     [
         (["--prompt", "caf\udce9"], "--prompt: not valid UTF-8 text"),
         (["--prompt", "\udcff\udcfe"], "--prompt: not valid UTF-8 text"),
-        (["--prompt", "a", "--temperature", "nan"], "temperature: must be >= 0"),
-        (["--prompt", "a", "--temperature=-1e-45"], "temperature: must be >= 0"),
+        (["--prompt", "a", "--temperature", "nan"], "--temperature: expected a number >= 0"),
+        (["--prompt", "a", "--temperature=-1e-45"], "--temperature: expected a number >= 0"),
     ],
 )
 def test_bad_generate_inputs_are_one_error_line(tiny_run, cli_error, argv, fragment):
