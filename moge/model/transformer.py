@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -592,13 +593,9 @@ class MoGETransformer(nn.Module):
         """
         _check_ids("tokens", tokens_BL, self.cfg.vocab_size)
         pad_B = None if mask is None else _left_padding(mask, tokens_BL)
-        _check_sampling(temperature, top_k, top_p)
-        self._check_generate_lengths(tokens_BL.shape[1], max_new_tokens)
-        V = self.cfg.vocab_size
-        if stop_token is not None and (
-            isinstance(stop_token, bool) or not isinstance(stop_token, int) or not 0 <= stop_token < V
-        ):
-            raise ValueError(f"stop_token: expected a token id in [0, {V}) or None, got {stop_token!r}")
+        top_k = _check_sampling(temperature, top_k, top_p)
+        max_new_tokens = self._check_generate_lengths(tokens_BL.shape[1], max_new_tokens)
+        stop_token = self._check_stop_token(stop_token)
         if max_new_tokens == 0:  # nothing to sample: the prefill's logits would go unread
             return tokens_BL.clone()
         domains_B = None if domain_ids is None else _domains_per_token(domain_ids, tokens_BL)[:, 0]
@@ -621,10 +618,13 @@ class MoGETransformer(nn.Module):
                 layer.compute_losses = on
             self.train(was_training)
 
-    def _check_generate_lengths(self, n: int, max_new_tokens: int) -> None:
-        """generate's checks of max_new_tokens and of the prompt length n against max_seq_len."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    def _check_generate_lengths(self, n: int, max_new_tokens: int) -> int:
+        """generate's checks of max_new_tokens and of the prompt length n against
+        max_seq_len; returns max_new_tokens as an int."""
+        count = _integer_or_none(max_new_tokens)
+        if count is None or count < 0:
             raise ValueError(f"max_new_tokens: expected an integer >= 0, got {max_new_tokens!r}")
+        max_new_tokens = count
         limit = self.cfg.max_seq_len
         if n > limit:  # no max_new_tokens fits: the prompt is what to shorten
             raise ValueError(f"tokens: prompt length {n} exceeds model.max_seq_len={limit}")
@@ -633,6 +633,14 @@ class MoGETransformer(nn.Module):
                 f"max_new_tokens: prompt {n} + {max_new_tokens} new tokens exceeds "
                 f"model.max_seq_len={limit}; at most {limit - n} new tokens fit after this prompt"
             )
+        return max_new_tokens
+
+    def _check_stop_token(self, stop_token: int | None) -> int | None:
+        """generate's check of stop_token: a token id or None; returns it as an int."""
+        V, token = self.cfg.vocab_size, _integer_or_none(stop_token)
+        if stop_token is not None and (token is None or not 0 <= token < V):
+            raise ValueError(f"stop_token: expected a token id in [0, {V}) or None, got {stop_token!r}")
+        return token
 
     def _decode(
         self,
@@ -718,14 +726,24 @@ def _left_padding(mask_BL: torch.Tensor, tokens_BL: torch.Tensor) -> torch.Tenso
     return pad_B if bool(pad_B.any()) else None
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
-    """generate's checks of its sampling settings: ValueError naming the bad one."""
+def _integer_or_none(value: object) -> int | None:
+    """value as an int when it is an integral number (int, NumPy's integers: anything
+    numbers.Integral), else None. bool is an Integral too, and refused: True would pass as 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return operator.index(value)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float) -> int | None:
+    """generate's checks of its sampling settings: ValueError naming the bad one; returns
+    top_k as an int (or None)."""
     # bool is an int (and a Real): True would pass as temperature 1, top_k 1 or top_p 1.
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature: must be >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    k = _integer_or_none(top_k)
+    if top_k is not None and (k is None or k < 1):
         raise ValueError(f"top_k: expected an integer >= 1 or None, got {top_k!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
         raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
@@ -733,6 +751,7 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float) -> None
         raise ValueError(
             f"top_p: must be in (0, 1] (1: off; an empty nucleus would keep no token), got {top_p}"
         )
+    return k
 
 
 def sample_next(

@@ -451,6 +451,49 @@ def test_generate_refuses_a_stop_token_outside_the_vocabulary(stop):
         build().generate(tokens(1, 4), 2, stop_token=stop)
 
 
+@pytest.mark.parametrize("dtype", ["int64", "int32", "uint8"])
+def test_generate_takes_numpy_integers_as_ints(dtype):
+    """max_new_tokens, top_k and stop_token as NumPy integers (say from np.argmax or an
+    array of settings) give what the same Python ints give."""
+    np = pytest.importorskip("numpy")
+    as_np = getattr(np, dtype)
+    model, prompt_BL = build(), tokens(2, 4)
+    stop = int(model.generate(prompt_BL, 8, temperature=0.0)[0, 6])
+    want = model.generate(prompt_BL, 8, 1.0, 3, torch.Generator().manual_seed(5), stop_token=stop)
+    got = model.generate(
+        prompt_BL, as_np(8), 1.0, as_np(3), torch.Generator().manual_seed(5), stop_token=as_np(stop)
+    )
+    assert torch.equal(got, want)
+    assert torch.equal(model.generate(prompt_BL, as_np(0)), prompt_BL)
+
+
+INT_ARGS = {  # generate's integer arguments -> the start of their error
+    "max_new_tokens": "^max_new_tokens: expected an integer >= 0",
+    "top_k": r"^top_k: expected an integer >= 1 or None",
+    "stop_token": r"^stop_token: expected a token id in \[0, ",
+}
+
+
+# name -> value made from numpy: bools are Integral (True would pass as 1), floats are not
+BAD_INTS = {
+    "True": lambda np: True,
+    "np.True_": lambda np: np.True_,
+    "2.0": lambda np: 2.0,
+    "np.float64(2.0)": lambda np: np.float64(2.0),
+    "np.int64(-1)": lambda np: np.int64(-1),
+    "'2'": lambda np: "2",
+}
+
+
+@pytest.mark.parametrize("arg", list(INT_ARGS))
+@pytest.mark.parametrize("bad", list(BAD_INTS))
+def test_generate_refuses_bools_floats_and_out_of_range_numpy_ints(arg, bad):
+    np = pytest.importorskip("numpy")
+    kwargs = {"max_new_tokens": 2, arg: BAD_INTS[bad](np)}
+    with pytest.raises(ValueError, match=INT_ARGS[arg]):
+        build().generate(tokens(1, 4), **kwargs)
+
+
 # --- nucleus (top_p) sampling and edge cases -------------------------------------------
 
 
