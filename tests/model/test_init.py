@@ -13,6 +13,7 @@ import torch
 from allocations import LargestAllocation
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from init_cases import INIT_MODEL, INIT_MOE
 from torch import nn
 from torch.testing import assert_close
 
@@ -128,19 +129,6 @@ def test_a_buffer_no_module_can_recreate_is_an_error():
         model.extra.register_buffer("table", torch.zeros(3))
     with pytest.raises(RuntimeError, match=r"materialize: buffers extra\.table have no init_buffers"):
         materialize(model, single_process())
-
-
-# Model and layer stds differ (0.05 and 0.3), so a weight drawn with the layer's std shows;
-# out_std = 0.05 / sqrt(2 * 2) = 0.025. d_model 128: the smallest random weight
-# (shared_expert_gate, [1, 128]) has a sample std within ~10% of the true one.
-INIT_MODEL = dict(
-    vocab_size=128, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16, qkv_bias=True,
-    o_bias=True, qk_norm=True, first_dense_layers=1, init_std=0.05,
-)  # fmt: skip
-INIT_MOE = dict(
-    d_model=128, num_experts=8, num_groups=4, top_k=4, expert_hidden=16, num_shared_experts=1,
-    shared_expert_gate=True, learned_expert_scale=True, bias_update_rate=0.1, init_std=0.3,
-)  # fmt: skip
 
 
 @pytest.mark.parametrize("parents_first", [True, False])
