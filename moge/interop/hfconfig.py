@@ -163,6 +163,10 @@ def rope_theta(hf: dict, where: str) -> float:
     its legacy `type`; the theta its rope_theta, else the top-level field."""
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     params = hf.get(field) or {}
+    if not isinstance(params, dict):  # a string or list would fail below on .get, unnamed
+        raise ValueError(
+            f"{where}: {field}: expected an object, got {shown(params)} ({type(params).__name__})"
+        )
     kind = params["rope_type"] if "rope_type" in params else params.get("type", "default")
     if kind != "default":
         raise ValueError(

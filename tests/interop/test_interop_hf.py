@@ -497,6 +497,15 @@ def test_rope_scaling_transformers_applies_is_refused(tmp_path, fields):
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("value", ["default", [10000.0]])
+def test_rope_fields_that_are_not_objects_are_named(field, value):
+    from moge.interop.hfconfig import rope_theta
+
+    with pytest.raises(ValueError, match=rf"^c\.json: {field}: expected an object, got .* \((str|list)\)$"):
+        rope_theta({field: value, "rope_theta": 1e4}, "c.json")
+
+
 def test_rope_theta_is_taken_where_transformers_takes_it(tmp_path):
     """A plain rope_scaling replaces rope_parameters, its theta included: theta 50, not 1e4."""
     _llama_with_rope(tmp_path, rope_scaling={"rope_type": "default", "rope_theta": 50.0})
