@@ -25,15 +25,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from moge._argtypes import arg_type
 
 if TYPE_CHECKING:  # at run time torch is imported by the handlers that need it (fast --help)
     import torch
 
 EXIT_OK, EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells report for a process SIGTERM ended
-_T = TypeVar("_T")  # what an argparse type= function returns
 
 
 class _UsageError(Exception):
@@ -385,33 +386,14 @@ def _check_utf8(flag: str, text: str) -> None:
 # ---------------------------------------------------------------- parser
 
 
-def _arg_type(parse: Callable[[str], _T], accept: Callable[[_T], bool], expected: str) -> Callable[[str], _T]:
-    """An argparse type=: parse(text), kept where accept(value). Text that does not parse
-    and a value out of range both read "argument --flag: expected EXPECTED, got 'text'"
-    (for a plain ValueError argparse would print "invalid <function name> value")."""
-
-    def convert(text: str) -> _T:
-        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
-        refused = argparse.ArgumentTypeError(f"expected {expected}, got {shown}")
-        try:
-            value = parse(text)
-        except ValueError:  # "abc", "1.5" for an int, an int of more digits than Python allows
-            raise refused from None
-        if not accept(value):
-            raise refused
-        return value
-
-    return convert
-
-
-_non_negative_int = _arg_type(int, lambda v: v >= 0, "an integer >= 0")
-_positive_int = _arg_type(int, lambda v: v >= 1, "an integer >= 1")
+_non_negative_int = arg_type(int, lambda v: v >= 0, "an integer >= 0")
+_positive_int = arg_type(int, lambda v: v >= 1, "an integer >= 1")
 # torch seeds are int64 (negative ones alias large ones).
-_seed = _arg_type(int, lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1")
-_number = _arg_type(float, lambda v: True, "a number")
+_seed = arg_type(int, lambda v: 0 <= v < 2**63, "an integer in 0..2**63-1")
+_number = arg_type(float, lambda v: True, "a number")
 # `not v < 0`-style tests would let NaN through: these comparisons are False for it.
-_temperature = _arg_type(float, lambda v: v >= 0, "a number >= 0 (0: greedy)")
-_top_p = _arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1] (1: off)")
+_temperature = arg_type(float, lambda v: v >= 0, "a number >= 0 (0: greedy)")
+_top_p = arg_type(float, lambda v: 0 < v <= 1, "a number in (0, 1] (1: off)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

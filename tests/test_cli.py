@@ -194,11 +194,11 @@ def test_a_bad_number_names_the_flag_and_what_it_takes(cli_error, argv, flag, ex
 
 
 def _typed_actions():
-    """(subcommand, action) of every option whose type= is a function of this module."""
+    """(subcommand, action) of every option whose type= moge._argtypes.arg_type built."""
     subs = next(a for a in build_parser()._actions if a.dest == "command").choices
     for name, parser in subs.items():
         for action in parser._actions:
-            if callable(action.type) and getattr(action.type, "__module__", None) == "moge.cli":
+            if callable(action.type) and getattr(action.type, "__module__", None) == "moge._argtypes":
                 yield name, action
 
 

@@ -78,7 +78,7 @@ def test_help_shows_concrete_defaults():
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["bench", "--iters", "x"], "--iters: invalid int value"),
+        (["bench", "--iters", "x"], "--iters: expected an integer, got 'x'"),
         (["bench", "--nope"], "unrecognized arguments"),
     ],
 )

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moge._argtypes import integer, integers, number
 from moge.kernels.precision import float32_products, matmul_dtype
 from moge.tools.bench_cases import (
     DTYPES,
@@ -504,10 +505,6 @@ def _sweep(
 # --- command line (scripts/bench_layer.py and `moge bench` forward here) ---------------------------
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" to a help text unless it already says its default."""
 
@@ -536,7 +533,7 @@ def build_parser(
     for flag, key in (("--tokens", "tokens"), ("--d-model", "d_model"), ("--hidden", "hidden"),
                       ("--experts", "experts"), ("--groups", "groups"), ("--top-k", "top_k")):  # fmt: skip
         p.add_argument(
-            flag, type=int, default=None, help=f"override the preset's {key} (default: the preset's)"
+            flag, type=integer, default=None, help=f"override the preset's {key} (default: the preset's)"
         )
     p.add_argument(
         "--dtype",
@@ -544,8 +541,10 @@ def build_parser(
         help=f"comma-separated: fp32, bf16, {FORCED_FP32} (bf16 with the products forced to float32, "
         "as on CPUs without bf16 matrix instructions; left out on those CPUs, where bf16 already is that)",
     )
-    p.add_argument("--iters", type=int, default=10, help="timed rounds (each runs every implementation once)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the timed ones")
+    p.add_argument(
+        "--iters", type=integer, default=10, help="timed rounds (each runs every implementation once)"
+    )
+    p.add_argument("--warmup", type=integer, default=2, help="untimed rounds before the timed ones")
     p.add_argument(
         "--no-peers", action="store_true", help="only the dense limit, the MoGE layer and its router"
     )
@@ -553,7 +552,7 @@ def build_parser(
         "--compiled", action="store_true", help="also the layer with torch.compile'd elementwise work"
     )
     p.add_argument(
-        "--sweep-tokens", type=_ints, default=(), help="e.g. 1024,4096,16384,65536: linearity curve"
+        "--sweep-tokens", type=integers, default=(), help="e.g. 1024,4096,16384,65536: linearity curve"
     )
     p.add_argument(
         "--small-shapes",
@@ -562,21 +561,21 @@ def build_parser(
     )
     p.add_argument(
         "--threads",
-        type=int,
+        type=integer,
         default=None,
         help="torch threads (default: torch's own); 1 is steadier on cores shared with other work",
     )
     p.add_argument(
-        "--max-call-seconds", type=float, default=120.0, help="skip rows whose one call is projected slower"
+        "--max-call-seconds", type=number, default=120.0, help="skip rows whose one call is projected slower"
     )
     p.add_argument(
         "--max-call-x",
-        type=float,
+        type=number,
         default=None,
         help="also skip rows whose one call is projected slower than this many times the dense limit's "
         "(e.g. 2.5 keeps the grouped_mm peers and leaves out the per-expert loops; default: no such bound)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
+    p.add_argument("--seed", type=integer, default=0, help="seed of the inputs and weights")
     p.add_argument("--json", default=None, help="also write the full report to this file (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from moge._argtypes import integer, number
 from moge.experts import resolve_impl
 from moge.tools.bench_cases import (
     DTYPES,
@@ -243,13 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="default,large", help=f"comma-separated: {', '.join(CUDA_SHAPES)}")
     p.add_argument("--dtype", default="bf16,fp32", help="comma-separated: fp32, bf16")
     p.add_argument("--fp32-shapes", default=None, help="shapes also run in fp32 (default: all in --shapes)")
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds (median of these)")
-    p.add_argument("--calls", type=int, default=5, help="training calls per timed sample")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--rounds", type=integer, default=10, help="timed rounds (median of these)")
+    p.add_argument("--calls", type=integer, default=5, help="training calls per timed sample")
+    p.add_argument("--warmup", type=integer, default=2, help="untimed rounds first")
     p.add_argument("--no-peers", action="store_true", help="the limit, the layer and its router only")
-    p.add_argument("--tokens", type=int, default=None, help="override T of every shape")
+    p.add_argument("--tokens", type=integer, default=None, help="override T of every shape")
     p.add_argument("--out", default=None, help="also write every row as JSON here")
-    p.add_argument("--budget-s", type=float, default=None, help="start no new table after this many seconds")
+    p.add_argument("--budget-s", type=number, default=None, help="start no new table after this many seconds")
     p.add_argument("--peer-shapes", default=None, help="shapes timed with the peers (default: all)")
     p.add_argument("--profile", default="", help="shapes whose limit and layer to profile after (bf16)")
     return p

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moge._argtypes import integer
 from moge.model import MoGETransformer
 from moge.tools.bench import cli_start, machine_info
 from moge.tools.bench_report import machine_line
@@ -228,14 +229,14 @@ def build_parser(prog: str = "bench_generate.py") -> argparse.ArgumentParser:
     )
     p.add_argument("config", nargs="?", default="configs/tiny-moge.yaml")
     p.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
-    p.add_argument("--prompt-len", type=int, default=32, dest="prompt_len")
-    p.add_argument("--tokens", type=int, default=64, help="new tokens per sequence")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--prompt-len", type=integer, default=32, dest="prompt_len")
+    p.add_argument("--tokens", type=integer, default=64, help="new tokens per sequence")
+    p.add_argument("--rounds", type=integer, default=5, help="timed rounds")
+    p.add_argument("--warmup", type=integer, default=1)
+    p.add_argument("--threads", type=integer, default=None, help="torch threads (default: torch's)")
     p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16 (the weights' dtype)")
     p.add_argument("--no-peers", action="store_true", help="moge rows only")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--quiet", action="store_true")
     return p

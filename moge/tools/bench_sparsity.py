@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from moge._argtypes import integer, number
 from moge.model import count_parameters
 from moge.tools.bench import cli_start, machine_info
 from moge.tools.bench_report import machine_line
@@ -167,13 +168,13 @@ def build_parser(prog: str = "bench_sparsity.py") -> argparse.ArgumentParser:
     )
     p.add_argument("configs", nargs="*", default=["configs/tiny-moge.yaml", "configs/tiny-moe.yaml"])
     p.add_argument(
-        "--steps", type=int, default=None, help="equal steps: N optimiser steps each (default 600)"
+        "--steps", type=integer, default=None, help="equal steps: N optimiser steps each (default 600)"
     )
-    p.add_argument("--seconds", type=float, default=None, help="equal wall time: about S s of training each")
+    p.add_argument("--seconds", type=number, default=None, help="equal wall time: about S s of training each")
     p.add_argument(
-        "--calibrate", type=int, default=10, help="timed steps per model that set --seconds' steps"
+        "--calibrate", type=integer, default=10, help="timed steps per model that set --seconds' steps"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=integer, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config"
     )

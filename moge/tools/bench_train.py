@@ -31,6 +31,7 @@ import torch.nn.functional as F_
 from einops import rearrange
 from torch import Tensor, nn
 
+from moge._argtypes import integer
 from moge.model import MoGETransformer
 from moge.model.compiled import compile_model
 from moge.tools.bench import cli_start, machine_info
@@ -422,9 +423,9 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
         prog=prog, description="Training tokens/s: moge vs transformers Qwen3-MoE (CPU)."
     )
     p.add_argument("configs", nargs="*", default=["configs/tiny-moge.yaml", "configs/small-moge.yaml"])
-    p.add_argument("--steps", type=int, default=20, help="timed optimiser steps per model")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--steps", type=integer, default=20, help="timed optimiser steps per model")
+    p.add_argument("--warmup", type=integer, default=2)
+    p.add_argument("--threads", type=integer, default=None, help="torch threads (default: torch's)")
     p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocast)")
     p.add_argument("--no-peers", action="store_true", help="moge models only")
     p.add_argument(
@@ -433,14 +434,14 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
         "torch.compile (train.compile)",
     )  # fmt: skip
     p.add_argument(
-        "--profile", type=int, default=0, metavar="N",
+        "--profile", type=integer, default=0, metavar="N",
         help="then profile N more steps of every moge model: time by op group, forward and backward",
     )  # fmt: skip
     p.add_argument(
         "--one-process", action="store_true",
         help="every model in this process (by default each runs in its own, with its own oneDNN kernel cache)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer, default=0)
     p.add_argument(
         "--set",
         action="append",

@@ -29,6 +29,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from moge._argtypes import integer
 from moge.experts import _GatherRows, combine_sorted, inverse_permutation, sort_slots
 from moge.routing import grouped_topk
 from moge.tools.bench_cases import DTYPES, BenchShape
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "--shapes", default="d2048-e64,pangu-72b", help=f"comma-separated: {', '.join(CUDA_SHAPES)}"
     )
     p.add_argument("--dtype", default="bf16", help="comma-separated: fp32, bf16")
-    p.add_argument("--rounds", type=int, default=8, help="timed rounds (median of these)")
-    p.add_argument("--tokens", type=int, default=None, help="override T of every shape")
+    p.add_argument("--rounds", type=integer, default=8, help="timed rounds (median of these)")
+    p.add_argument("--tokens", type=integer, default=None, help="override T of every shape")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -216,3 +216,27 @@ def test_every_benchmark_cli_refuses_zero_threads_in_one_line(capsys, module):
     finally:
         torch.set_num_threads(n)
     assert capsys.readouterr().err.strip().splitlines() == ["error: threads: must be >= 1, got 0"]
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--iters", "an integer"),
+        ("--max-call-seconds", "a number"),
+        ("--sweep-tokens", "comma-separated integers"),
+    ],
+)
+def test_moge_bench_bad_number_names_the_flag_and_what_it_takes(cli_error, flag, expected):
+    """As the rest of `moge` reads, not argparse's "invalid int value: 'abc'"."""
+    line = cli_error(["bench", flag, "abc"])
+    assert line.startswith(f"error: argument {flag}: expected {expected}, got 'abc'"), line
+
+
+@pytest.mark.parametrize("tool, flag", [("bench_cuda", "--rounds"), ("bench_generate", "--tokens"),
+                                        ("bench_sparsity", "--seconds"), ("bench_train", "--steps")])  # fmt: skip
+def test_the_bench_scripts_name_a_bad_numbers_flag(capsys, tool, flag):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"moge.tools.{tool}").build_parser().parse_args([flag, "abc"])
+    assert f"argument {flag}: expected a" in capsys.readouterr().err
