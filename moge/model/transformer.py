@@ -762,10 +762,12 @@ def sample_next(
     top_p: float = 1.0,
 ) -> torch.Tensor:
     """Next token ids [B, 1] from last-position logits [B, V] (sampling_logits; temperature
-    0: the argmax)."""
+    0: the argmax). Bad settings: generate's ValueErrors (_check_sampling), not a torch
+    error or NaN from a library caller's top_k 0 or temperature -1."""
+    top_k = _check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits_BV.float().argmax(dim=-1, keepdim=True)
-    logits_BV = sampling_logits(logits_BV, temperature, top_k, top_p)
+    logits_BV = _warped_logits(logits_BV, temperature, top_k, top_p)
     return torch.multinomial(F.softmax(logits_BV, dim=-1), 1, generator=generator)
 
 
@@ -777,7 +779,16 @@ def sampling_logits(
     tokens top_k drops and after it those top_p drops: transformers' order
     (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper) and the same kept
     tokens, except that a tie at either cut keeps every tied token (_outside_nucleus).
+    Bad settings: the ValueErrors of generate (_check_sampling).
     """
+    top_k = _check_sampling(temperature, top_k, top_p)
+    return _warped_logits(logits_BV, temperature, top_k, top_p)
+
+
+def _warped_logits(
+    logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float
+) -> torch.Tensor:
+    """sampling_logits of settings _check_sampling passed."""
     logits_BV = logits_BV.float()
     # Shift the best logit to 0 first, so a tiny temperature (1e-45) gives 0 and -inf (greedy
     # in the limit) instead of inf - inf = NaN; below float32's smallest normal number T

@@ -372,6 +372,20 @@ def test_generate_refuses_bad_sampling_settings(kwargs, match):
         build().generate(tokens(1, 4), 2, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "settings, match",
+    [((1.0, 0, 1.0), "^top_k: expected an integer"), ((-0.5, None, 1.0), "^temperature: must be >= 0"),
+     ((1.0, None, 0.0), "^top_p: must be in")],
+)  # fmt: skip
+@pytest.mark.parametrize("name", ["sample_next", "sampling_logits"])
+def test_the_public_samplers_refuse_bad_settings_as_generate_does(name, settings, match):
+    from moge.model import transformer
+
+    temperature, top_k, top_p = settings
+    with pytest.raises(ValueError, match=match):
+        getattr(transformer, name)(torch.zeros(1, 5), temperature, top_k, top_p=top_p)
+
+
 def _left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D prompts -> (tokens [B, L], mask [B, L]) padded on the left with pad_id."""
     L = max(len(p) for p in prompts)
