@@ -105,11 +105,25 @@ class RotaryEmbedding(nn.Module):
         build and to_empty (FSDP calls it on modules with buffers) leaves them computed."""
         self.init_buffers(self.cos_PC.device)
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module's conversions, except that the tables stay float32 (exactly their values)
+        when the module goes to a narrower float: a bf16 table would rotate every position
+        with rounded angles (as MoGELayer._apply keeps its balance bias)."""
+        before = {name: self._buffers.get(name) for name in ("cos_PC", "sin_PC")}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers.get(name)
+            if old is None or new is None or new.dtype not in (torch.float16, torch.bfloat16):
+                continue
+            exact = old.dtype == torch.float32 and not old.is_meta
+            self._buffers[name] = old.to(new.device) if exact else new.float()
+        return out
+
     def forward(self, x_BHLC: torch.Tensor, start: int, pos_BL: torch.Tensor | None = None) -> torch.Tensor:
         """Rotate x [B, heads, L, C] as if it sat at positions start .. start+L-1, or,
         given pos_BL [B, L], at those positions (each row its own: left padding)."""
         L, C = x_BHLC.shape[-2:]
-        # .float(): stays exact even if someone cast the whole module to bf16.
+        # The tables are float32 even after .to(bf16) (_apply); .float() is for tables set by hand.
         if pos_BL is None:
             cos_LC = self.cos_PC[start : start + L].float()
             signed_sin_LC = self.sin_PC[start : start + L].float()

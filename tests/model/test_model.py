@@ -164,6 +164,17 @@ def test_rope_equals_the_rotate_half_formula_bit_for_bit(dtype):
     assert torch.equal(rope(x, start), want)
 
 
+def test_rope_tables_stay_float32_and_exact_through_a_bf16_cast():
+    from moge.model.transformer import RotaryEmbedding
+
+    fresh = [m for m in build().modules() if isinstance(m, RotaryEmbedding)]
+    cast = [m for m in build().to(torch.bfloat16).modules() if isinstance(m, RotaryEmbedding)]
+    assert cast and len(cast) == len(fresh)
+    for a, b in zip(cast, fresh):
+        assert a.cos_PC.dtype == a.sin_PC.dtype == torch.float32
+        assert torch.equal(a.cos_PC, b.cos_PC) and torch.equal(a.sin_PC, b.sin_PC)
+
+
 def test_rope_start_offset_equals_position():
     torch.manual_seed(0)
     rope = RotaryEmbedding(head_dim=8, max_seq_len=32, theta=500.0)
