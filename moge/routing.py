@@ -85,11 +85,19 @@ def grouped_topk(
     E = scores.shape[1]
     _check_topk(top_k, E)
     _check_groups(E, num_groups, top_k, quota=True)
-    per_group = top_k // num_groups
-    sel_TMG = rearrange(_with_bias(scores, bias), "t (m g) -> t m g", m=num_groups)
-    local_TMk = _stable_topk_indices(sel_TMG, per_group)
-    offsets_M1 = torch.arange(num_groups, device=scores.device).unsqueeze(-1) * (E // num_groups)
-    ids_TK = rearrange(local_TMk + offsets_M1, "t m k -> t (m k)")
+    per_group, G = top_k // num_groups, E // num_groups
+    # Selection carries no gradient (the gates are gathered below): off the graph, the
+    # max or sort records no backward.
+    sel_TMG = _with_bias(scores.detach(), bias).reshape(scores.shape[0], num_groups, G)
+    if per_group == 1:
+        # K == M (Pangu Pro MoE): each group's first maximum, offset to a global id, is
+        # already [T, K]; one arange gives the group offsets.
+        local_TM = sel_TMG.max(dim=-1).indices
+        ids_TK = local_TM + torch.arange(0, E, G, device=scores.device)
+    else:
+        local_TMk = _stable_topk_indices(sel_TMG, per_group)
+        offsets_M1 = torch.arange(0, E, G, device=scores.device).unsqueeze(-1)
+        ids_TK = rearrange(local_TMk + offsets_M1, "t m k -> t (m k)")
     return scores.gather(1, ids_TK), ids_TK
 
 

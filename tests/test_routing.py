@@ -159,6 +159,29 @@ def test_one_per_group_ties_anywhere_go_to_the_first(G):
     torch.testing.assert_close(ids, order[..., 0] + torch.arange(3) * G, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("K", [4, 8])
+def test_grouped_topk_gradient_reaches_only_the_selected_scores(K):
+    # Selection runs off the graph (on the biased scores); the gates are the raw scores
+    # of the selected experts, so their gradient lands there and nowhere else.
+    scores = _scores(30, 16, seed=7).requires_grad_()
+    bias = torch.linspace(-0.05, 0.05, 16)
+    weights, ids = grouped_topk(scores, K, 4, bias=bias)
+    upstream = torch.rand(weights.shape, generator=torch.Generator().manual_seed(1)) + 0.5
+    weights.backward(upstream)
+    expected = torch.zeros(30, 16).scatter_add_(1, ids, upstream)
+    torch.testing.assert_close(scores.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K", [4, 8])
+def test_grouped_topk_takes_non_contiguous_and_empty_scores(K):
+    scores = _scores(16, 25, seed=8)[:, :16]  # a column slice: rows 25 apart
+    assert not scores.is_contiguous()
+    for got, want in zip(grouped_topk(scores, K, 4), grouped_topk(scores.contiguous(), K, 4)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    weights, ids = grouped_topk(torch.zeros(0, 16), K, 4)
+    assert weights.shape == ids.shape == (0, K)
+
+
 def test_single_token():
     weights, ids = grouped_topk(_scores(1, 8), 4, 4)
     assert ids.shape == weights.shape == (1, 4)
