@@ -2,7 +2,7 @@ import pytest
 import torch
 from expert_cases import grouped_ids
 
-from moge.kernels.fused_plan import Plan, columns_per_chunk, sort_pieces, token_blocks
+from moge.kernels.fused_plan import Plan, columns_per_chunk, sort_pieces, stable_order, token_blocks
 
 
 def test_plan_uses_one_bmm_per_balanced_chunk_and_pads_rows():
@@ -144,3 +144,62 @@ def test_combine_rows_point_at_the_rows_holding_each_tokens_columns(pad, blocks,
         for j, local in enumerate(per_col):
             # The row of chunk c at `local` holds slot t*K + g*cols + j of token t.
             assert torch.equal(flat_P[c.rows][local], tokens * K + g * cols + j)
+
+
+def _keys(name, bound, gen):
+    """Sort keys in 0..bound-1 of one shape of routing."""
+    S = 4099
+    if name == "random":
+        return torch.randint(0, bound, (S,), generator=gen)
+    if name == "one key":  # every slot on one expert
+        return torch.full((S,), bound - 1)
+    if name == "one key, a few others":
+        key = torch.full((S,), bound // 2)
+        key[torch.randint(0, S, (7,), generator=gen)] = torch.randint(0, bound, (7,), generator=gen)
+        return key
+    if name == "sorted":
+        return torch.randint(0, bound, (S,), generator=gen).sort().values
+    if name == "reversed":
+        return torch.randint(0, bound, (S,), generator=gen).sort(descending=True).values
+    if name == "one slot":
+        return torch.tensor([bound - 1])
+    assert name == "no slot"
+    return torch.zeros(0, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    "name", ["random", "one key", "one key, a few others", "sorted", "reversed", "one slot", "no slot"]
+)
+@pytest.mark.parametrize("bound", [1, 2, 16, 256, 257, 2**15, 2**15 + 1])
+def test_stable_order_is_torchs_stable_argsort(name, bound):
+    # uint8 keys up to 256, int16 up to 2**15, torch's own sort above (2**15 + 1).
+    key = _keys(name, bound, torch.Generator().manual_seed(bound))
+    order = stable_order(key, bound)
+    assert order.dtype == torch.long and torch.equal(order, key.argsort(stable=True))
+
+
+def _sort_pieces_by_formula(ids, E, per_chunk, block_tokens, blocks):
+    """sort_pieces as first written: torch's stable argsort of the piece key."""
+    T, K = ids.shape
+    flat = ids.reshape(-1)
+    block = torch.arange(T * K) // (K * block_tokens)
+    key = ((flat // per_chunk) * blocks + block) * per_chunk + flat % per_chunk if blocks > 1 else flat
+    counts = torch.bincount(key, minlength=-(-E // per_chunk) * blocks * per_chunk)
+    return key.argsort(stable=True), counts.tolist()
+
+
+@pytest.mark.parametrize("T,blocks", [(1, 1), (2, 2), (300, 1), (300, 3), (301, 7), (2048, 1), (2048, 4)])
+@pytest.mark.parametrize("routing", ["grouped", "one expert", "no expert 5"])
+def test_sort_pieces_keeps_the_order_of_a_stable_argsort(T, blocks, routing):
+    gen = torch.Generator().manual_seed(T + blocks)
+    E, M, K = 16, 4, 4
+    ids = grouped_ids(T, E, M, K, gen)
+    if routing == "one expert":  # (not MoGE's routing: every slot on expert 6)
+        ids = torch.full_like(ids, 6)
+    elif routing == "no expert 5":
+        ids = torch.where(ids == 5, 4, ids)
+    block_tokens = -(-T // blocks)
+    for per_chunk in (4, 3, 16):  # group chunks; chunks across groups, one short; one chunk
+        order, counts = sort_pieces(ids, E, per_chunk, block_tokens, blocks)
+        want_order, want_counts = _sort_pieces_by_formula(ids, E, per_chunk, block_tokens, blocks)
+        assert torch.equal(order, want_order) and counts == want_counts
