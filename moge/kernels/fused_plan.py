@@ -142,17 +142,31 @@ class Plan:
 
     def _index_padding(self, pieces: list, device: torch.device) -> None:
         """slot_P, pad_P and real_P in a fixed number of ops (pieces cover the rows in
-        order: (row, slot, count, width)); chunk-local ones wait for index_chunks()."""
-        row0, slot0, n, width = torch.tensor(pieces, dtype=torch.long).unbind(1)
-        piece_P = torch.repeat_interleave(torch.arange(len(pieces)), width)
-        local_P = torch.arange(self.num_rows) - row0[piece_P]
-        real_P = local_P < n[piece_P]
-        # A padding row repeats its expert's first slot.
-        slot_P = slot0[piece_P] + local_P * real_P
-        self.real_P, self.pad_P = real_P.nonzero().squeeze(1), (~real_P).nonzero().squeeze(1)
-        self.slot_P = slot_P
+        order: (row, slot, count, width)); chunk-local ones wait for index_chunks().
+
+        Each is a running sum of steps of 1 from one entry to the next, but at the few
+        entries where a piece or its padding starts (and 0 along slot_P's padding
+        rows, which all repeat their expert's first slot): set from short lists, a
+        third of the time of gathers over every row (38 against 117 us at P = 8736).
+        """
+        slot, real, pad = _Steps(), _Steps(), _Steps()
+        num_pad = 0
+        for row0, slot0, n, width in pieces:
+            slot.reach(row0, slot0, slot0 + n - 1)
+            real.reach(slot0, row0, row0 + n - 1)  # the rows of the piece's slots
+            if width > n:
+                slot.reach(row0 + n, slot0, slot0)  # its padding rows repeat slot0
+                pad.reach(num_pad, row0 + n, row0 + width - 1)
+                num_pad += width - n
+        lists = (slot.at, slot.step, real.at, real.step, pad.at, pad.step)
+        small = torch.tensor([x for v in lists for x in v], dtype=torch.long).split([len(v) for v in lists])
+        slot_at, slot_step, real_at, real_step, pad_at, pad_step = small
+        real_P = _running_sum(self.num_slots, real_at, real_step)
+        pad_P = _running_sum(num_pad, pad_at, pad_step)
+        slot_P = _running_sum(self.num_rows, slot_at, slot_step, zero_Z=pad_P)
+        self.slot_P, self.real_P, self.pad_P = slot_P, real_P, pad_P
         if device.type != "cpu":
-            self.slot_P, self.real_P, self.pad_P = (t.to(device) for t in (slot_P, self.real_P, self.pad_P))
+            self.slot_P, self.real_P, self.pad_P = (t.to(device) for t in (slot_P, real_P, pad_P))
 
     def index_chunks(self) -> None:
         """Every chunk's pad_local / real_local (run_experts' path needs them)."""
@@ -199,6 +213,33 @@ class Plan:
     def rows_of(self, by_slot: Tensor) -> Tensor:
         """A per-slot vector [S, ...] laid out by row [P, ...] (padding rows: slot 0's)."""
         return by_slot if self.slot_P is None else by_slot.index_select(0, self.slot_P)
+
+
+class _Steps:
+    """A running sum (from 0) as the entries at[i] where it does not step by 1 from
+    the entry before, and its steps there; last: the value reached so far."""
+
+    def __init__(self) -> None:
+        self.at: list[int] = []
+        self.step: list[int] = []
+        self.last = 0
+
+    def reach(self, i: int, value: int, last: int) -> None:
+        """Entry i holds value; the entries after it step on (by 1, or 0 along zero_Z
+        of _running_sum) to `last`."""
+        if value != self.last + 1:
+            self.at.append(i)
+            self.step.append(value - self.last)
+        self.last = last
+
+
+def _running_sum(n: int, at_I: Tensor, step_I: Tensor, zero_Z: Tensor | None = None) -> Tensor:
+    """[n] int64: the running sum of steps of 1, but 0 at zero_Z and step_I at at_I
+    (which wins where both name an entry)."""
+    steps = torch.ones(n, dtype=torch.long)
+    if zero_Z is not None:
+        steps.index_fill_(0, zero_Z, 0)
+    return steps.index_put_((at_I,), step_I).cumsum_(0)
 
 
 def expert_slices(counts: list[int]):

@@ -203,3 +203,42 @@ def test_sort_pieces_keeps_the_order_of_a_stable_argsort(T, blocks, routing):
         order, counts = sort_pieces(ids, E, per_chunk, block_tokens, blocks)
         want_order, want_counts = _sort_pieces_by_formula(ids, E, per_chunk, block_tokens, blocks)
         assert torch.equal(order, want_order) and counts == want_counts
+
+
+# (counts, pad, per_chunk, max_waste, call_rows): bmm chunks, one mm each, experts with one
+# slot, without slots, a chunk with one expert's slots only, one expert per chunk.
+PADDED = [
+    ([502, 469, 509, 568, 491, 525, 542, 490, 559, 509, 498, 482, 468, 535, 556, 489], 16, 4, 0.0, 69.2),
+    ([502, 469, 509, 568, 491, 525, 542, 490, 559, 509, 498, 482, 468, 535, 556, 489], 16, 4, 0.0, 0.0),
+    ([1, 1, 2, 1, 0, 1, 1, 1], 4, 2, 100.0, 0.0),
+    ([1, 0, 0, 1, 9, 0, 0, 0, 0, 3, 3, 3], 8, 3, 100.0, 0.0),
+    ([0, 0, 41, 0, 0, 0, 0, 0], 8, 4, 0.0, 0.0),
+    ([7, 1, 9], 4, 1, 0.0, 0.0),
+    ([17], 16, 1, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("counts,pad,per_chunk,waste,call_rows", PADDED)
+def test_padding_indices_of_adversarial_counts_match_a_row_by_row_construction(
+    counts, pad, per_chunk, waste, call_rows
+):
+    plan = Plan(counts, len(counts), pad, per_chunk, waste, torch.device("cpu"), call_rows=call_rows)
+    assert plan.num_rows > sum(counts)  # (every case pads)
+    slot_P, real_P = _padding_by_loop(plan, _pieces(plan))
+    assert torch.equal(plan.slot_P, slot_P)
+    assert torch.equal(plan.real_P, real_P.nonzero().squeeze(1))
+    assert torch.equal(plan.pad_P, (~real_P).nonzero().squeeze(1))
+
+
+def test_padding_indices_of_token_blocks_match_a_row_by_row_construction():
+    # 3 token blocks: pieces of one expert in every block, blocks of a chunk in a row.
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.randint(0, 30, (3 * 12,), generator=gen).tolist()
+    counts[5] = counts[20] = 1
+    counts[7] = 0
+    plan = Plan(counts, 12, 8, 4, 0.0, torch.device("cpu"), blocks=3, block_tokens=10, call_rows=20.0)
+    assert len(plan.chunks) == 9 and any(c.cap for c in plan.chunks)
+    slot_P, real_P = _padding_by_loop(plan, _pieces(plan))
+    assert torch.equal(plan.slot_P, slot_P)
+    assert torch.equal(plan.real_P, real_P.nonzero().squeeze(1))
+    assert torch.equal(plan.pad_P, (~real_P).nonzero().squeeze(1))
