@@ -300,5 +300,10 @@ def columns_per_chunk(ids_TK: Tensor, per_chunk: int, num_experts: int) -> int |
     if num_experts % per_chunk or K % chunks:
         return None
     cols = K // chunks
-    expected_K = torch.arange(K, device=ids_TK.device) // cols
-    return cols if bool((ids_TK // per_chunk == expected_K).all()) else None
+    if ids_TK.shape[0] == 0:  # (no ids: every column holds only its chunk's)
+        return cols
+    # Column k holds chunk k // cols only iff its least and largest ids do (floor
+    # division keeps order): one pass over ids_TK, then 2K numbers on the host.
+    lo_K, hi_K = (v.tolist() for v in torch.aminmax(ids_TK, dim=0))
+    fits = all(lo // per_chunk == hi // per_chunk == k // cols for k, (lo, hi) in enumerate(zip(lo_K, hi_K)))
+    return cols if fits else None

@@ -242,3 +242,28 @@ def test_padding_indices_of_token_blocks_match_a_row_by_row_construction():
     assert torch.equal(plan.slot_P, slot_P)
     assert torch.equal(plan.real_P, real_P.nonzero().squeeze(1))
     assert torch.equal(plan.pad_P, (~real_P).nonzero().squeeze(1))
+
+
+def _columns_by_formula(ids, per_chunk, E):
+    """columns_per_chunk as first written: every id compared with its column's chunk."""
+    K, chunks = ids.shape[1], E // per_chunk
+    if E % per_chunk or K % chunks:
+        return None
+    cols = K // chunks
+    return cols if bool((ids // per_chunk == torch.arange(K) // cols).all()) else None
+
+
+@pytest.mark.parametrize("T", [0, 1, 2, 37])
+def test_columns_per_chunk_agrees_with_an_id_by_id_check(T):
+    gen = torch.Generator().manual_seed(T)
+    E, M, K = 8, 4, 8
+    ids = grouped_ids(T, E, M, K, gen) if T else torch.zeros(0, K, dtype=torch.long)
+    cases = [ids, ids[:, [1, 0] + list(range(2, K))]]
+    for t, k, e in [(0, 0, 2), (T - 1, K - 1, 5), (T // 2, 3, 0), (0, 5, 7), (T - 1, 2, -1), (0, 6, 8)]:
+        if T:  # one id of another chunk (or out of range) in one column, at its first/last row
+            moved = ids.clone()
+            moved[t, k] = e
+            cases.append(moved)
+    for case in cases:
+        for per_chunk in (1, 2, 4, 3, 8):
+            assert columns_per_chunk(case, per_chunk, E) == _columns_by_formula(case, per_chunk, E)
