@@ -135,6 +135,7 @@ class Plan:
         self.real_P: Tensor | None = None
         self.flat_P: Tensor | None = None  # set by bind()
         self.tok_P: Tensor | None = None
+        self.order_S: Tensor | None = None  # bind()'s
         self.K = 0
         self._combine_rows: list[tuple[Tensor, ...]] | None = None
         if p != self.num_slots:
@@ -182,8 +183,10 @@ class Plan:
         """(flat_P, tok_P): the flat slot t*K+k and the token each row holds, from the
         sort's order_S [S]; computed once per call, for forward and backward."""
         if self.flat_P is None:
-            self.flat_P = self.rows_of(order_S)
-            self.tok_P, self.K = self.flat_P // K, K
+            self.flat_P, self.order_S = self.rows_of(order_S), order_S
+            # (a shift where K is a power of 2: int64 // is ~5x slower, and flat_P >= 0)
+            self.tok_P = self.flat_P >> (K.bit_length() - 1) if K & (K - 1) == 0 else self.flat_P // K
+            self.K = K
         assert self.tok_P is not None
         return self.flat_P, self.tok_P
 
@@ -194,11 +197,13 @@ class Plan:
         _Combine adds by token instead."""
         if self._combine_rows is None:
             assert self.flat_P is not None, "bind() first"
-            flat_P, rows_P = self.flat_P, torch.arange(self.num_rows, device=self.flat_P.device)
-            if self.real_P is not None:  # (set with padding)
-                flat_P, rows_P = flat_P.index_select(0, self.real_P), self.real_P
-            rows_TK = torch.empty(T * self.K, dtype=torch.long, device=flat_P.device)
-            rows_TK = rows_TK.index_copy_(0, flat_P, rows_P).view(T, self.K)
+            assert self.order_S is not None
+            # Real row real_P[s] holds sorted slot s, flat slot order_S[s] (with no padding,
+            # row s). The flat slots are distinct: scatter_, 2x faster than index_copy_ here.
+            order_S, device = self.order_S, self.order_S.device
+            rows_S = self.real_P if self.real_P is not None else torch.arange(self.num_rows, device=device)
+            rows_TK = torch.empty(T * self.K, dtype=torch.long, device=device)
+            rows_TK = rows_TK.scatter_(0, order_S, rows_S).view(T, self.K)
             tokens = self.block_tokens if self.blocks > 1 else max(T, 1)
             self._combine_rows = []
             for c in self.chunks:

@@ -267,3 +267,31 @@ def test_columns_per_chunk_agrees_with_an_id_by_id_check(T):
     for case in cases:
         for per_chunk in (1, 2, 4, 3, 8):
             assert columns_per_chunk(case, per_chunk, E) == _columns_by_formula(case, per_chunk, E)
+
+
+def _combine_rows_by_formula(plan, T, cols):
+    """Plan.combine_rows' row-of-slot map [T, K] as first written (index_copy_ of rows)."""
+    flat_P, rows_P = plan.flat_P, torch.arange(plan.num_rows)
+    if plan.real_P is not None:
+        flat_P, rows_P = flat_P.index_select(0, plan.real_P), plan.real_P
+    return torch.empty(T * plan.K, dtype=torch.long).index_copy_(0, flat_P, rows_P).view(T, plan.K)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("pad", [1, 4])
+def test_bind_and_combine_rows_match_their_formulas_for_any_k(K, pad):
+    gen = torch.Generator().manual_seed(K * pad)
+    T, E = 19, 12
+    M = 1 if K in (1, 3) else 2
+    ids = grouped_ids(T, E, M, K, gen)
+    per_chunk, cols = E // M, K // M
+    order, counts = sort_pieces(ids, E, per_chunk, T, 1)
+    plan = Plan(counts, E, pad, per_chunk, 0.0, torch.device("cpu"))
+    assert (plan.slot_P is None) == (pad == 1)
+    flat_P, tok_P = plan.bind(order, K)
+    assert torch.equal(flat_P, plan.rows_of(order)) and torch.equal(tok_P, flat_P // K)
+    rows_TK = _combine_rows_by_formula(plan, T, cols)
+    for c, per_col in zip(plan.chunks, plan.combine_rows(T, cols)):
+        g = c.e0 // per_chunk
+        want = (rows_TK[:, g * cols : (g + 1) * cols] - c.rows.start).T
+        assert torch.equal(torch.stack(per_col), want)
