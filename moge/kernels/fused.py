@@ -193,9 +193,7 @@ def _act_grads_eager(
     torch.mul(s, up, out=a)
     dgate = None
     if gate_R1 is not None:
-        dgate = torch.linalg.vecdot(a, ga_RF)  # d loss / d g per row
-        if dgate_R is not None:
-            dgate = dgate_R.copy_(dgate)
+        dgate = torch.linalg.vecdot(a, ga_RF, out=dgate_R)  # d loss / d g per row (out None: a new one)
         a.mul_(gate_R1)
         ga_RF.mul_(gate_R1)
     torch.mul(s, ga_RF, out=dh[:, F:])  # d loss / d up
@@ -461,7 +459,7 @@ class FusedMoE(torch.autograd.Function):
     experts, add the gated outputs into y by token. No [S, D] tensor is built.
     Backward does the same with dy and writes every gradient (x, gates, both weights)
     directly. Saved: x, the pre-activations h [P, 2F] (P >= S rows, in x's dtype),
-    the permutation.
+    the permutation, the row gates [P, 1] (so the backward does not gather them again).
     """
 
     @staticmethod
@@ -479,20 +477,20 @@ class FusedMoE(torch.autograd.Function):
             h_RH, s_RF = _chunk_saves(h_PH, s_PF, c, buf, F, mm)
             y_RD = _chunk_forward(x_RD, h_RH, s_RF, c, w1v, w2v, gate_P1[c.rows], buf, x_RD, plan.compiled)
             y.add(y_RD, i, c)
-        ctx.save_for_backward(x_TD, weights_TK, w1, w2, order_S, h_PH, s_PF)
+        gate_saved = gate_P1 if plan.needs_backward else None  # the backward's gates: no second gather
+        ctx.save_for_backward(x_TD, weights_TK, w1, w2, order_S, h_PH, s_PF, gate_saved)
         ctx.plan, ctx.cols = plan, cols
         return y.result(dtype)
 
     @staticmethod
     def backward(ctx, dy_TD):
-        x_TD, weights_TK, w1, w2, order_S, h_PH, s_PF = ctx.saved_tensors
+        x_TD, weights_TK, w1, w2, order_S, h_PH, s_PF, gate_P1 = ctx.saved_tensors
         plan = ctx.plan
         (T, D), K = x_TD.shape, weights_TK.shape[1]
         dtype, mm = x_TD.dtype, matmul_dtype(x_TD.device, x_TD.dtype)
         need_x, need_gate, need_w1, need_w2 = ctx.needs_input_grad[:4]
         dy_TD = dy_TD.contiguous()
         flat_P, tok_P = plan.bind(order_S, K)
-        gate_P1 = _row_gates(weights_TK, flat_P, plan, mm)
         dx = _Combine(T, D, plan, mm, ctx.cols, x_TD.device) if need_x else None
         dgate_P = torch.empty(plan.num_rows, dtype=mm, device=x_TD.device)
         dw1, dw2 = _grad_buffer(w1, mm, need_w1, plan), _grad_buffer(w2, mm, need_w2, plan)
