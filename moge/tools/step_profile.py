@@ -12,7 +12,10 @@ its own: the loss, clipping, AdamW, zero_grad and end_step. Self times sum to th
 profiled step: each group's share is exact for that run, though the profiler's own
 overhead (a few us an op) weighs more on groups of many small ops. `aten::item` calls are
 counted (on CPU a host sync costs nothing more than the op). Minor page faults per step,
-from getrusage around unprofiled steps, show the allocator's churn.
+from getrusage around unprofiled steps, show the allocator's churn. Around the same
+steps every fused expert call's plan is counted: how many chunks ran as one bmm and
+how many as one mm per expert, and the padding rows' share of the slots (the training
+routing decides this, not the layer benchmark's random router: see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -132,15 +135,56 @@ def attribute(events) -> dict[tuple[str, str], float]:
     return dict(out)
 
 
+CHUNK_KINDS = ("one bmm", "one mm per expert")
+
+
+@contextlib.contextmanager
+def counting_chunks(model: nn.Module) -> Iterator[dict[str, int]]:
+    """Inside: every fused-path plan of `model`'s GroupedExperts is counted into the
+    yielded dict: chunks by kind (CHUNK_KINDS: equal row counts run as one bmm, else one
+    mm per expert), and the plans' rows and slots (rows - slots: padding). Each module's
+    plan method is shadowed by a counting one for the duration, then restored."""
+    counts = dict.fromkeys((*CHUNK_KINDS, "rows", "slots"), 0)
+
+    def counting(plan_fn):
+        def plan(*args, **kwargs):
+            order_S, fused, cols = plan_fn(*args, **kwargs)
+            for chunk in fused.chunks:
+                counts[CHUNK_KINDS[chunk.cap is None]] += 1
+            counts["rows"] += fused.num_rows
+            counts["slots"] += fused.num_slots
+            return order_S, fused, cols
+
+        return plan
+
+    shadowed = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    for m in shadowed:
+        vars(m)["_fused_plan"] = counting(m._fused_plan)  # an instance attribute over the method
+    try:
+        yield counts
+    finally:
+        for m in shadowed:
+            del vars(m)["_fused_plan"]
+
+
+def _chunk_stats(counts: dict[str, int], steps: int) -> dict[str, float]:
+    """counting_chunks' counts per step, and the padding rows in % of the slots."""
+    out = {k: counts[k] / steps for k in CHUNK_KINDS}
+    out["padding %"] = 100 * (counts["rows"] - counts["slots"]) / max(counts["slots"], 1)
+    return out
+
+
 def profile_steps(model: nn.Module, step: Callable[[], None], steps: int) -> dict:
     """Profile `steps` calls of step() (one optimiser step of `model` each, already warm).
 
     Returns {"ms": {(group, phase): ms per step}, "items": aten::item calls per step,
-    "faults": minor page faults per step (unprofiled steps)}.
+    "faults": minor page faults per step, "chunks": the fused plans' chunks per step by
+    kind and their padding % (counting_chunks; both from unprofiled steps)}.
     """
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(steps):
-        step()
+    with counting_chunks(model) as counts:
+        for _ in range(steps):
+            step()
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
     with scoped(module_groups(model)), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -151,24 +195,30 @@ def profile_steps(model: nn.Module, step: Callable[[], None], steps: int) -> dic
     for e in events:
         if e.name == "aten::item":
             items[_scope_of(e) or "other"] += 1 / steps
-    return {"ms": ms, "items": dict(items), "faults": faults}
+    return {"ms": ms, "items": dict(items), "faults": faults, "chunks": _chunk_stats(counts, steps)}
 
 
 def merge_profiles(profiles: list[dict]) -> dict:
     """The mean of several profile_steps results of one model (e.g. one per round)."""
     n = len(profiles)
-    out: dict = {"ms": defaultdict(float), "items": defaultdict(float), "faults": 0.0}
+    out: dict = {
+        "ms": defaultdict(float),
+        "items": defaultdict(float),
+        "chunks": defaultdict(float),
+        "faults": 0.0,
+    }
     for p in profiles:
-        for key in ("ms", "items"):
-            for k, v in p[key].items():
+        for key in ("ms", "items", "chunks"):
+            for k, v in p.get(key, {}).items():
                 out[key][k] += v / n
         out["faults"] += p["faults"] / n
-    return {"ms": dict(out["ms"]), "items": dict(out["items"]), "faults": out["faults"]}
+    return {key: dict(v) if isinstance(v, defaultdict) else v for key, v in out.items()}
 
 
 def format_profiles(profiles: dict[str, dict]) -> str:
     """One column triple (forward or step ms, backward ms, share) per model, one row per
-    group, then the host syncs (aten::item calls by group) and the page faults."""
+    group, then the host syncs (aten::item calls by group), the page faults and the fused
+    plans' chunks (where a profile has them)."""
     names = list(profiles)
     lines = [f"{'':34}" + "".join(f" {f'[{i + 1}]':>27}" for i in range(len(names)))]
     lines.append(
@@ -194,5 +244,10 @@ def format_profiles(profiles: dict[str, dict]) -> str:
             lines.append(f"{'aten::item calls: ' + g:34}" + counts)
     faults = "".join(f" {profiles[n]['faults']:26.0f}" for n in names)
     lines.append(f"{'minor page faults (unprofiled)':34}" + faults)
+    if any(profiles[n].get("chunks") for n in names):
+        for kind in (*CHUNK_KINDS, "padding %"):
+            row = "".join(f" {profiles[n].get('chunks', {}).get(kind, 0):26.1f}" for n in names)
+            label = "fused padding rows, % of slots" if kind == "padding %" else f"fused chunks: {kind}"
+            lines.append(f"{label:34}" + row)
     lines += [f"[{i + 1}] {n}" for i, n in enumerate(names)]
     return "\n".join(lines)

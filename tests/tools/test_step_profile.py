@@ -1,7 +1,15 @@
 import torch
 
+from moge.experts import GroupedExperts
 from moge.tools.bench_train import build_train_cases, dense_equivalent, moge_case
-from moge.tools.step_profile import GROUPS, format_profiles, module_groups, profile_steps
+from moge.tools.step_profile import (
+    GROUPS,
+    counting_chunks,
+    format_profiles,
+    merge_profiles,
+    module_groups,
+    profile_steps,
+)
 from moge.training.config import config_from_dict
 
 CFG = {
@@ -47,3 +55,53 @@ def test_every_moe_module_has_a_group():
     layer = next(cases[0].model.moe_layers())
     assert groups[layer] == "router and losses" and groups[layer.experts] == "routed experts"
     assert groups[layer.shared] == "shared expert"
+
+
+def test_profile_counts_every_fused_chunk_of_the_step_and_restores_the_plan():
+    cfg = config_from_dict(CFG)
+    moe = _profile(cfg)
+    # 2 MoE layers, each call 2 groups of one token block: 4 chunks a step, of either kind.
+    chunks = moe["chunks"]
+    assert chunks["one bmm"] + chunks["one mm per expert"] == 4
+    assert chunks["padding %"] >= 0
+    dense = _profile(dense_equivalent(cfg))
+    assert dense["chunks"]["one bmm"] == dense["chunks"]["one mm per expert"] == 0
+    text = format_profiles({"moge": moe, "dense": dense})
+    assert "fused chunks: one mm per expert" in text and "fused padding rows, % of slots" in text
+
+
+def test_counting_chunks_tells_bmm_from_per_expert_chunks_and_changes_no_output():
+    torch.manual_seed(0)
+    experts = GroupedExperts(6, 8, 6, impl="fused")
+    experts.reset_parameters()  # built uninitialised
+    experts.experts_per_chunk = 2
+    # Experts 0-1 and 2-3: 3 slots each (equal: one bmm a chunk); 4-5: 1 and 5 (one mm each).
+    ids_TK = torch.tensor([[0, 2, 4], [0, 2, 5], [0, 2, 5], [1, 3, 5], [1, 3, 5], [1, 3, 5]])
+    x_TD, w_TK = torch.randn(6, 8), torch.rand(6, 3)
+    plain = experts(x_TD, ids_TK, w_TK)
+    with counting_chunks(experts) as counts:
+        counted = experts(x_TD, ids_TK, w_TK)
+    assert counts == {"one bmm": 2, "one mm per expert": 1, "rows": 18, "slots": 18}
+    torch.testing.assert_close(counted, plain, rtol=0, atol=0)
+    assert "_fused_plan" not in vars(experts)  # the method is back
+    with counting_chunks(experts) as again:
+        pass
+    assert again["one bmm"] == 0  # counts only inside
+
+
+def test_merge_profiles_averages_the_chunk_counts():
+    a = {
+        "ms": {},
+        "items": {},
+        "faults": 1.0,
+        "chunks": {"one bmm": 2.0, "one mm per expert": 6.0, "padding %": 1.0},
+    }
+    b = {
+        "ms": {},
+        "items": {},
+        "faults": 3.0,
+        "chunks": {"one bmm": 0.0, "one mm per expert": 8.0, "padding %": 3.0},
+    }
+    merged = merge_profiles([a, b])
+    assert merged["chunks"] == {"one bmm": 1.0, "one mm per expert": 7.0, "padding %": 2.0}
+    assert merged["faults"] == 2.0
