@@ -28,6 +28,32 @@ def test_fused_layouts_match_reference_float32(pad, chunk, waste, chunk_bytes, s
         assert fast[3][skip].abs().sum() == 0 and fast[4][skip].abs().sum() == 0
 
 
+@pytest.mark.parametrize("pad,chunk,waste", LAYOUTS)
+@pytest.mark.parametrize("skip", [None, 2])
+def test_autocast_float32_weights_give_the_bf16_weights_results_exactly(monkeypatch, pad, chunk, waste, skip):
+    """bf16 products of float32 weights (autocast training, the path `moge train` takes on
+    a native-bf16 CPU): every output and gradient is bit for bit the bf16-weight run's,
+    cast to float32 (the weights are cast once, each weight-gradient product rounded once
+    to bf16), and an expert without slots gets an exact 0."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
+    x, ids, w, experts = case(T=40, D=16, Fh=8, skip_expert=skip)
+    set_layout(experts, pad, chunk, waste)
+    x = x.bfloat16()
+
+    def autocast_run(x, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return experts(x, ids, w, torch.bfloat16)
+
+    run32 = grads(autocast_run, x, w, experts)
+    assert experts.w_gate_up_EDH.grad.dtype == torch.float32
+    experts.bfloat16()
+    run16 = grads(lambda x, w: experts(x, ids, w), x, w, experts)
+    for name, a, b in zip(("y", "dx", "dw", "dw1", "dw2"), run32, run16):
+        assert_close(a, b.to(a.dtype), rtol=0, atol=0, msg=name)
+    if skip is not None:
+        assert run32[3][skip].abs().sum() == 0 and run32[4][skip].abs().sum() == 0
+
+
 @pytest.mark.parametrize(
     "pad,chunk,waste,chunk_bytes",
     [(1, 2, 0.0, None), (1, 8, 100.0, None), (16, 4, 100.0, None), (16, 2, 0.0, 2048)],
