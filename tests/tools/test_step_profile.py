@@ -21,8 +21,9 @@ CFG = {
 }
 
 
-def _profile(cfg, steps=2):
-    case = moge_case(cfg, "case", seed=0)
+def _profile(cfg, steps=2, case=None):
+    """profile_steps of `steps` steps of the case (a new moge_case of cfg when None)."""
+    case = case or moge_case(cfg, "case", seed=0)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 256, (2, 17), generator=gen) for _ in range(2 * steps + 1)]
 
@@ -59,7 +60,9 @@ def test_every_moe_module_has_a_group():
 
 def test_profile_counts_every_fused_chunk_of_the_step_and_restores_the_plan():
     cfg = config_from_dict(CFG)
-    moe = _profile(cfg)
+    case = moge_case(cfg, "case", seed=0)
+    moe = _profile(cfg, case=case)
+    assert not any("_fused_plan" in vars(m) for m in case.model.modules())  # the plan method is back
     # 2 MoE layers, each call 2 groups of one token block: 4 chunks a step, of either kind.
     chunks = moe["chunks"]
     assert chunks["one bmm"] + chunks["one mm per expert"] == 4
@@ -84,9 +87,8 @@ def test_counting_chunks_tells_bmm_from_per_expert_chunks_and_changes_no_output(
     assert counts == {"one bmm": 2, "one mm per expert": 1, "rows": 18, "slots": 18}
     torch.testing.assert_close(counted, plain, rtol=0, atol=0)
     assert "_fused_plan" not in vars(experts)  # the method is back
-    with counting_chunks(experts) as again:
-        pass
-    assert again["one bmm"] == 0  # counts only inside
+    experts(x_TD, ids_TK, w_TK)
+    assert counts["one bmm"] == 2  # a call after the block counts nowhere
 
 
 def test_merge_profiles_averages_the_chunk_counts():
