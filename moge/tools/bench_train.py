@@ -242,6 +242,21 @@ def _is_peer(name: str) -> bool:
     return name.startswith("transformers")
 
 
+# After its step a process with 2+ torch threads (a child, or this driver after drawing a
+# batch) keeps OpenMP's helper threads spinning for the next parallel region: ~7 ms of a
+# core on this machine (the process's CPU time during a sleep after one parallel op, AMD
+# EPYC, 2 threads), on cores the next child's step needs. A pause before each turn lets them
+# go idle first, so every step runs as it would in a process training alone: both models'
+# steps ~5% faster in an A/B at 2 threads (docs/performance.md, ninth session).
+SETTLE_S = 0.02
+
+
+def settle_seconds(isolate: bool, threads: int) -> float:
+    """The pause before each turn: SETTLE_S between processes of 2+ threads, else 0
+    (one process shares one OpenMP team; one-thread processes have no helpers)."""
+    return SETTLE_S if isolate and threads > 1 else 0.0
+
+
 def run_train_benchmark(
     cfg: RunConfig,
     steps: int,
@@ -323,10 +338,12 @@ def _run_cases(
                 )
             )
     gen = torch.Generator().manual_seed(seed)
+    settle = settle_seconds(isolate, torch.get_num_threads())
     for i in range(warmup + steps):
         x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
         k = i % len(cases)
         for case in cases[k:] + cases[:k]:
+            time.sleep(settle)
             case.step(x_BL, y_BL, lr_at(i, tc), tc.grad_clip, record=i >= warmup)
         if (i + 1) % 5 == 0:
             log(f"  step {i + 1}/{warmup + steps} done")
@@ -339,6 +356,7 @@ def _run_cases(
         x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
         k = i % len(mine)
         for case, name in mine[k:] + mine[:k]:
+            time.sleep(settle)
             runs[name].append(case.profile_step(x_BL, y_BL, tc.min_lr, tc.grad_clip))
     profiles = {name: merge_profiles(p) for name, p in runs.items() if p}
     return {
@@ -352,6 +370,7 @@ def _run_cases(
         "notes": notes,
         "profiles": profiles,
         "isolated": isolate,
+        "settle_s": settle,
     }
 
 
@@ -384,6 +403,7 @@ def format_train_report(report: dict, title: str) -> str:
         f"load average (1, 5, 15 min) at start: {m.get('load_average')}, at end: {report.get('load_average_end')}",
         "every model in a process of its own, one step of each in turn (own oneDNN kernel cache, as when it "
         "trains alone)"
+        + (f", {1e3 * settle:.0f} ms pause before each turn" if (settle := report.get("settle_s")) else "")
         if report.get("isolated")
         else "every model in this one process, one step of each in turn (they share oneDNN's kernel cache)",
         "ratios: of medians, and (in brackets) of each model's fastest step, the least disturbed by other load",

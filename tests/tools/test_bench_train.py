@@ -220,3 +220,59 @@ def test_row_quartiles_lie_within_the_measured_steps():
     row = bench_train._row(summary, tokens=100)
     assert (row["q1_ms"], row["median_ms"], row["q3_ms"]) == (12.5, 15.0, 17.5)
     assert row["tokens_per_s"] == pytest.approx(100 / 0.015)
+
+
+class _FakeCase:
+    """Records its calls into a shared event list (TrainCase's interface, no model)."""
+
+    def __init__(self, name: str, events: list) -> None:
+        self.name, self.events, self.ms = name, events, []
+
+    def set_autocast(self, dtype) -> None:
+        pass
+
+    def step(self, x_BL, y_BL, lr, grad_clip, record) -> None:
+        self.events.append(("step", self.name))
+        if record:
+            self.ms.append(1.0)
+
+    def profile_step(self, x_BL, y_BL, lr, grad_clip) -> dict:
+        self.events.append(("profile", self.name))
+        return {"ms": {}, "steps": 1}
+
+    def summary(self) -> dict:
+        n = len(self.ms)
+        return {"name": self.name, "params": 1, "step_ms": self.ms, "lm_losses": [1.0] * n,
+                "aux_losses": [0.0] * n, "pid": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize("isolate, threads", [(True, 2), (True, 1), (False, 2)])
+def test_turns_between_processes_of_several_threads_wait_for_openmp_to_settle(monkeypatch, isolate, threads):
+    """Isolated cases with 2+ torch threads: a pause of SETTLE_S before every turn (the last
+    process's OpenMP helpers spin on for a while); one thread, or one process: none."""
+    events: list = []
+    monkeypatch.setattr(bench_train.time, "sleep", lambda s: events.append(("sleep", s)))
+    monkeypatch.setattr(bench_train, "merge_profiles", lambda runs: {})
+    cfg = config_from_dict(TINY)
+    cases = [_FakeCase("a", events), _FakeCase("b", events)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        report = bench_train._run_cases(
+            cases, ["moge a", "moge b"], cfg, bench_train.load_dataset(cfg.data), 2, 1, 0, lambda s: None,
+            "fp32", 1, False, bench_train.machine_info(), [], isolate,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(saved)
+    said = "20 ms pause before each turn" in format_train_report({**report, "profiles": {}}, "t")
+    assert said == (isolate and threads > 1)
+    turns = [e for e in events if e[0] in ("step", "profile")]
+    assert len(turns) == 2 * 3 + 2  # (warmup + steps) rounds and one profiled round, two cases each
+    pauses = [s for kind, s in events if kind == "sleep" and s > 0]
+    if isolate and threads > 1:
+        assert pauses == [bench_train.SETTLE_S] * len(turns)
+        assert all(
+            events[i - 1] == ("sleep", bench_train.SETTLE_S) for i, e in enumerate(events) if e in turns
+        )
+    else:
+        assert pauses == []
