@@ -343,7 +343,8 @@ def _run_cases(
         x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
         k = i % len(cases)
         for case in cases[k:] + cases[:k]:
-            time.sleep(settle)
+            if settle:
+                time.sleep(settle)
             case.step(x_BL, y_BL, lr_at(i, tc), tc.grad_clip, record=i >= warmup)
         if (i + 1) % 5 == 0:
             log(f"  step {i + 1}/{warmup + steps} done")
@@ -356,7 +357,8 @@ def _run_cases(
         x_BL, y_BL = dataset.get_batch("train", tc.batch_size, gen)
         k = i % len(mine)
         for case, name in mine[k:] + mine[:k]:
-            time.sleep(settle)
+            if settle:
+                time.sleep(settle)
             runs[name].append(case.profile_step(x_BL, y_BL, tc.min_lr, tc.grad_clip))
     profiles = {name: merge_profiles(p) for name, p in runs.items() if p}
     return {
