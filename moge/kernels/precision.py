@@ -141,8 +141,25 @@ def _router_block_rows(x_TD: torch.Tensor) -> int:
     return ROUTER_BLOCK_ROWS if x_TD.device.type == "cpu" else max(x_TD.shape[0], 1)
 
 
+def _bf16_gradient_products(x_TD: torch.Tensor, w_ED: torch.Tensor) -> bool:
+    """Whether the float32 router's backward runs its two products in bf16: x and w both
+    bf16 (exact in bf16, so only the logits' gradient is rounded, to bf16's 8 bits with
+    float32's range), on a device with native bf16 products."""
+    bf16 = torch.bfloat16
+    return x_TD.dtype == bf16 and w_ED.dtype == bf16 and matmul_dtype(x_TD.device, bf16) == bf16
+
+
 class _Float32Linear(torch.autograd.Function):
-    """x @ w.T in float32 for x, w of any float dtype; saves x and w as they are."""
+    """x @ w.T in float32 for x, w of any float dtype; saves x and w as they are.
+
+    The logits are float32 (they choose the experts). Their backward gives gradients in x's
+    and w's dtypes; where both are bf16 and bf16 products are native it computes them as
+    bf16 products (accumulating in float32) of the logits' gradient rounded to bf16, as any
+    bf16 linear's backward does: measured 0.41 against 1.83 ms at T=4096 D=512 E=16 (one
+    thread, AMD EPYC with AVX512-BF16), with errors 1.2-1.5x the bf16 rounding of the
+    gradients themselves (max relative to their scale: dx 3.5e-3 against 2.4e-3, dw 2.9e-3
+    against 2.2e-3). Elsewhere they come from float32 products in row blocks.
+    """
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
@@ -159,6 +176,9 @@ class _Float32Linear(torch.autograd.Function):
     def backward(ctx, g_TE: torch.Tensor):
         x_TD, w_ED = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
+        if _bf16_gradient_products(x_TD, w_ED):
+            g16_TE = g_TE.to(torch.bfloat16)
+            return (g16_TE @ w_ED if need_x else None), (g16_TE.T @ x_TD if need_w else None)
         g_TE, w_f = g_TE.float(), w_ED.float()
         dx = torch.empty_like(x_TD) if need_x else None
         dw = torch.zeros_like(w_f) if need_w else None

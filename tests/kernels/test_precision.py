@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -15,28 +16,71 @@ def test_matmul_dtype_upcasts_only_low_precision_without_native_support(monkeypa
     assert default_pad_rows(cpu, torch.bfloat16) == 1 and default_pad_rows(cpu, torch.float32) == 1
 
 
-def test_float32_linear_matches_linear_of_float32_copies():
+def _linear_and_grads(x, w, gy):
+    """float32_linear(x, w) under bf16 autocast (which must not change it), and (dx, dw)."""
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = float32_linear(x, w)
+    y.backward(gy)
+    return y, x.grad, w.grad
+
+
+def _float32_copies(x, w, gy):
+    x, w = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    y = torch.nn.functional.linear(x, w)
+    y.backward(gy)
+    return y, x.grad, w.grad
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_float32_linear_matches_linear_of_float32_copies(monkeypatch, native):
+    """Logits equal float32 products of float32 copies on either kind of CPU. Gradients too
+    where float32 products make them (a bf16 x beside a float32 w, or no native bf16); for
+    bf16 x and w on a CPU with native bf16 they come from bf16 products of the rounded
+    logits' gradient: each error (relative to the gradient's scale) at most 2x that of
+    rounding the exact gradient to bf16."""
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: native)
     gen = torch.Generator().manual_seed(0)
-    for x_dtype, w_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)):
-        x = torch.randn(7, 5, generator=gen).to(x_dtype).requires_grad_()
-        w = torch.randn(3, 5, generator=gen).to(w_dtype).requires_grad_()
-        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # must not change the result
-            y = float32_linear(x, w)
-        y2 = torch.nn.functional.linear(x2.float(), w2.float())
-        assert y.dtype == torch.float32
+    bf16, f32 = torch.bfloat16, torch.float32
+    for x_dtype, w_dtype in ((bf16, f32), (bf16, bf16)):
+        x = torch.randn(64, 48, generator=gen).to(x_dtype)
+        w = torch.randn(8, 48, generator=gen).to(w_dtype)
+        gy = torch.randn(64, 8, generator=gen)
+        y, dx, dw = _linear_and_grads(x, w, gy)
+        y2, dx2, dw2 = _float32_copies(x, w, gy)
+        assert y.dtype == f32 and dx.dtype == x_dtype and dw.dtype == w_dtype
         assert_close(y, y2)
-        gy = torch.randn(7, 3, generator=gen)
-        y.backward(gy)
-        y2.backward(gy)
-        assert x.grad.dtype == x_dtype and w.grad.dtype == w_dtype
-        assert_close(x.grad, x2.grad)
-        assert_close(w.grad, w2.grad)
+        if native and w_dtype == bf16:
+            for got, exact in ((dx, dx2), (dw, dw2)):
+                scale = exact.abs().max()
+                rounding = (exact.to(bf16).float() - exact).abs().max() / scale
+                err = (got.float() - exact).abs().max() / scale
+                assert 0 < err <= 2 * rounding, (err, rounding)
+        else:
+            assert_close(dx, dx2.to(x_dtype))
+            assert_close(dw, dw2.to(w_dtype))
+
+
+def test_float32_linear_rounds_the_gradient_only_for_bf16_products(monkeypatch):
+    """With native bf16 the bf16 gradients are exactly bf16 products of bf16(g); without it
+    they are the float32 products' gradients rounded once."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 8, generator=gen).bfloat16()
+    w = torch.randn(4, 8, generator=gen).bfloat16()
+    gy = torch.randn(16, 4, generator=gen)
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
+    _, dx, dw = _linear_and_grads(x, w, gy)
+    assert torch.equal(dx, gy.bfloat16() @ w) and torch.equal(dw, gy.bfloat16().T @ x)
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: False)
+    _, dx, dw = _linear_and_grads(x, w, gy)
+    assert torch.equal(dx, (gy @ w.float()).bfloat16()) and torch.equal(dw, (gy.T @ x.float()).bfloat16())
 
 
 def test_float32_linear_in_row_blocks_matches_one_product(monkeypatch):
-    """Blocks of 3 rows over 8 (a short last block): the same logits and gradients."""
+    """Blocks of 3 rows over 8 (a short last block): the same logits and gradients (the
+    float32 products' backward: bf16 products off)."""
     monkeypatch.setattr(precision, "ROUTER_BLOCK_ROWS", 3)
+    monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: False)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 5, generator=gen).bfloat16().requires_grad_()
     w = torch.randn(4, 5, generator=gen).bfloat16().requires_grad_()
