@@ -177,8 +177,10 @@ class _Float32Linear(torch.autograd.Function):
         x_TD, w_ED = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         if _bf16_gradient_products(x_TD, w_ED):
-            g16_TE = g_TE.to(torch.bfloat16)
-            return (g16_TE @ w_ED if need_x else None), (g16_TE.T @ x_TD if need_w else None)
+            # A backward may run inside an autocast region (of fp16, say): these stay bf16.
+            with torch.autocast(device_type=x_TD.device.type, enabled=False):
+                g16_TE = g_TE.to(torch.bfloat16)
+                return (g16_TE @ w_ED if need_x else None), (g16_TE.T @ x_TD if need_w else None)
         g_TE, w_f = g_TE.float(), w_ED.float()
         dx = torch.empty_like(x_TD) if need_x else None
         dw = torch.zeros_like(w_f) if need_w else None

@@ -71,6 +71,12 @@ def test_float32_linear_rounds_the_gradient_only_for_bf16_products(monkeypatch):
     monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: True)
     _, dx, dw = _linear_and_grads(x, w, gy)
     assert torch.equal(dx, gy.bfloat16() @ w) and torch.equal(dw, gy.bfloat16().T @ x)
+    # A backward inside an fp16 autocast region (the forward outside it) changes nothing.
+    x2 = x.clone().requires_grad_()
+    y = float32_linear(x2, w)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y.backward(gy)
+    assert torch.equal(x2.grad, dx)
     monkeypatch.setattr(precision, "_cpu_has_native", lambda dtype: False)
     _, dx, dw = _linear_and_grads(x, w, gy)
     assert torch.equal(dx, (gy @ w.float()).bfloat16()) and torch.equal(dw, (gy.T @ x.float()).bfloat16())
