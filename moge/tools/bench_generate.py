@@ -227,7 +227,12 @@ def build_parser(prog: str = "bench_generate.py") -> argparse.ArgumentParser:
         prog=prog,
         description="Decoding tokens/s: moge generate vs transformers generate, same weights (CPU).",
     )
-    p.add_argument("config", nargs="?", default="configs/tiny-moge.yaml")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default="tiny-moge",
+        help="YAML run config: a path or a preset name (default: tiny-moge)",
+    )
     p.add_argument("--batch", default="1,16", help="comma-separated batch sizes")
     p.add_argument("--prompt-len", type=integer, default=32, dest="prompt_len")
     p.add_argument("--tokens", type=integer, default=64, help="new tokens per sequence")

@@ -166,7 +166,12 @@ def build_parser(prog: str = "bench_sparsity.py") -> argparse.ArgumentParser:
         description="Validation loss of MoE configs and the dense model of equal activated width, "
         "at equal steps or equal wall time (CPU, one process).",
     )
-    p.add_argument("configs", nargs="*", default=["configs/tiny-moge.yaml", "configs/tiny-moe.yaml"])
+    p.add_argument(
+        "configs",
+        nargs="*",
+        default=["tiny-moge", "tiny-moe"],
+        help="YAML run configs: paths or preset names (default: tiny-moge tiny-moe)",
+    )
     p.add_argument(
         "--steps", type=integer, default=None, help="equal steps: N optimiser steps each (default 600)"
     )

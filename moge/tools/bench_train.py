@@ -444,7 +444,12 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Training tokens/s: moge vs transformers Qwen3-MoE (CPU)."
     )
-    p.add_argument("configs", nargs="*", default=["configs/tiny-moge.yaml", "configs/small-moge.yaml"])
+    p.add_argument(
+        "configs",
+        nargs="*",
+        default=["tiny-moge", "small-moge"],
+        help="YAML run configs: paths or preset names (default: tiny-moge small-moge)",
+    )
     p.add_argument("--steps", type=integer, default=20, help="timed optimiser steps per model")
     p.add_argument("--warmup", type=integer, default=2)
     p.add_argument("--threads", type=integer, default=None, help="torch threads (default: torch's)")

@@ -277,3 +277,17 @@ def test_turns_between_processes_of_several_threads_wait_for_openmp_to_settle(mo
         )
     else:
         assert pauses == []
+
+
+@pytest.mark.parametrize("tool", ["bench_train", "bench_sparsity", "bench_generate"])
+def test_default_configs_are_presets_found_from_any_folder(tool, tmp_path, monkeypatch):
+    """A benchmark run without configs, from outside the checkout, finds its default ones."""
+    import importlib
+
+    from moge.training.config import load_config
+
+    args = importlib.import_module(f"moge.tools.{tool}").build_parser().parse_args([])
+    defaults = args.configs if tool != "bench_generate" else [args.config]
+    monkeypatch.chdir(tmp_path)
+    for name in defaults:
+        assert load_config(name).name == name
