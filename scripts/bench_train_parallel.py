@@ -1,6 +1,6 @@
 """Training tokens/s of `moge train` on 1, 2 and 4 CPU processes (torchrun, gloo).
 
-    python scripts/bench_train_parallel.py [--config configs/tiny-moge.yaml] [--steps 10]
+    python scripts/bench_train_parallel.py [--config tiny-moge] [--steps 10]
         [--worlds 1 2 4] [--threads-total N] [KEY=VALUE ...]
 
 Each world size W is one `torchrun --standalone --nproc_per_node W -m moge train CONFIG
@@ -58,7 +58,9 @@ def _tokens_per_s(out_dir: Path, world: int) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/tiny-moge.yaml")
+    parser.add_argument(
+        "--config", default="tiny-moge", help="a YAML path or a preset name (default: tiny-moge)"
+    )
     parser.add_argument("--steps", type=int, default=10, help="training steps per world size (>= 2)")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--threads-total", type=int, default=os.cpu_count() or 1, dest="threads_total")
