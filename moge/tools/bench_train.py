@@ -37,6 +37,7 @@ from moge.model.compiled import compile_model
 from moge.tools.bench import cli_start, machine_info
 from moge.tools.bench_isolated import RemoteCase
 from moge.tools.bench_report import machine_line
+from moge.tools.dense_cost import with_dense_cost_experts
 from moge.tools.step_profile import format_profiles, merge_profiles, profile_steps, step_scope
 from moge.training import build_optimizer, lr_at
 from moge.training.config import RunConfig, config_from_dict, config_to_dict, load_config
@@ -131,6 +132,17 @@ def moge_case(cfg: RunConfig, name: str, seed: int) -> TrainCase:
 
 
 DENSE_NAME = "dense FFN of equal activated width (the model-level limit)"
+BOUND_NAME = "moge, routed experts at a dense FFN's cost (the bound)"
+
+
+def bound_case(cfg: RunConfig, name: str, seed: int) -> TrainCase:
+    """moge as configured with every routed-experts module doing a dense SwiGLU's work of
+    their activated width (moge.tools.dense_cost): what a perfect grouped kernel would
+    give, with the router, shared experts and optimiser as in moge. A timing bound only."""
+    case = moge_case(cfg, name, seed)
+    with_dense_cost_experts(case.model, cfg.model.init_std)
+    case.optimizer = build_optimizer(case.model, cfg.train)
+    return case
 
 
 def dense_equivalent(cfg: RunConfig) -> RunConfig:
@@ -193,16 +205,20 @@ def qwen3_case(cfg: RunConfig, impl: str, seed: int) -> TrainCase:
     return TrainCase(f"transformers Qwen3-MoE ({impl})", model, build_optimizer(model, cfg.train), loss_fn)
 
 
-def train_case_specs(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[dict], list[str]]:
-    """Every case as JSON data for build_case: moge as configured, the dense twin, moge
-    in Qwen3-MoE's shape, and (if installed) the Qwen3-MoE peers; and notes on what
-    was left out."""
+def train_case_specs(
+    cfg: RunConfig, seed: int, peers: bool, bound: bool = False
+) -> tuple[list[dict], list[str]]:
+    """Every case as JSON data for build_case: moge as configured, the dense twin, (bound)
+    moge with its routed experts at a dense FFN's cost, moge in Qwen3-MoE's shape, and (if
+    installed) the Qwen3-MoE peers; and notes on what was left out."""
 
     def spec(kind: str, c: RunConfig, arg: str) -> dict:
         return {"kind": kind, "config": config_to_dict(c), "arg": arg, "seed": seed}
 
     specs = [spec("moge", cfg, "moge MoGETransformer (config as written)")]
     specs.append(spec("moge", dense_equivalent(cfg), DENSE_NAME))
+    if bound:
+        specs.append(spec("bound", cfg, BOUND_NAME))
     notes: list[str] = []
     if cfg.moe.num_shared_experts:
         # With the shared experts go the fields that size and gate them (else MoGEConfig refuses).
@@ -228,13 +244,17 @@ def build_case(spec: dict) -> TrainCase:
     cfg = config_from_dict(spec["config"])
     if spec["kind"] == "moge":
         return moge_case(cfg, spec["arg"], spec["seed"])
+    if spec["kind"] == "bound":
+        return bound_case(cfg, spec["arg"], spec["seed"])
     assert spec["kind"] == "qwen3", f"unknown case kind {spec['kind']!r}"
     return qwen3_case(cfg, spec["arg"], spec["seed"])
 
 
-def build_train_cases(cfg: RunConfig, seed: int, peers: bool) -> tuple[list[TrainCase], list[str]]:
+def build_train_cases(
+    cfg: RunConfig, seed: int, peers: bool, bound: bool = False
+) -> tuple[list[TrainCase], list[str]]:
     """The cases of train_case_specs, built in this process."""
-    specs, notes = train_case_specs(cfg, seed, peers)
+    specs, notes = train_case_specs(cfg, seed, peers, bound)
     return [build_case(s) for s in specs], notes
 
 
@@ -268,6 +288,7 @@ def run_train_benchmark(
     profile: int = 0,
     compile: bool = False,
     isolate: bool = True,
+    bound: bool = False,
 ) -> dict:
     """Train every case for warmup + steps optimiser steps on the same batches; dtype
     "bf16" runs every forward under bf16 autocast (float32 weights and AdamW). profile > 0:
@@ -275,7 +296,8 @@ def run_train_benchmark(
     compile: every moge model's attention halves through torch.compile first (train.compile;
     the dense twin's too, the transformers peers stay eager). isolate: every case in a
     process of its own, still one step of each in turn (moge.tools.bench_isolated: one
-    process's oneDNN kernel cache cannot hold every model's shapes); False: all in this one."""
+    process's oneDNN kernel cache cannot hold every model's shapes); False: all in this one.
+    bound: also moge with its routed experts at a dense FFN's cost (bound_case)."""
     if steps < 1 or warmup < 0 or profile < 0:
         raise ValueError(
             f"steps: must be >= 1 (got {steps}), warmup and profile >= 0 (got {warmup}, {profile})"
@@ -285,7 +307,7 @@ def run_train_benchmark(
     machine = machine_info()
     dataset = load_dataset(cfg.data)
     dataset.check_vocab_size(cfg.model.vocab_size)
-    specs, notes = train_case_specs(cfg, seed, peers)
+    specs, notes = train_case_specs(cfg, seed, peers, bound)
     cases: list = []
     try:
         if isolate:
@@ -456,6 +478,12 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="comma-separated: fp32, bf16 (bf16 autocast)")
     p.add_argument("--no-peers", action="store_true", help="moge models only")
     p.add_argument(
+        "--bound", action="store_true",
+        help="also moge with its routed experts replaced by a dense SwiGLU of their activated width (what a "
+        "perfect grouped kernel would cost; a timing bound, not the MoE's maths; under --profile its experts "
+        "show as dense FFN)",
+    )  # fmt: skip
+    p.add_argument(
         "--compile", action="store_true",
         help="moge models (and the dense twin) with their attention halves and FFN elementwise work through "
         "torch.compile (train.compile)",
@@ -505,6 +533,7 @@ def main(argv: list[str] | None = None, prog: str = "bench_train.py") -> int:
                     args.profile,
                     args.compile,
                     isolate=not args.one_process,
+                    bound=args.bound,
                 )
                 print(format_train_report(report, path), flush=True)
                 print()

@@ -5,7 +5,9 @@ import torch
 
 from moge.tools import bench_train
 from moge.tools.bench_train import (
+    BOUND_NAME,
     DENSE_NAME,
+    bound_case,
     build_train_cases,
     dense_equivalent,
     format_train_report,
@@ -13,6 +15,7 @@ from moge.tools.bench_train import (
     qwen3_config,
     run_train_benchmark,
 )
+from moge.tools.dense_cost import DenseCostExperts
 from moge.training.config import config_from_dict
 
 TINY = {
@@ -291,3 +294,32 @@ def test_default_configs_are_presets_found_from_any_folder(tool, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     for name in defaults:
         assert load_config(name).name == name
+
+
+def test_the_bound_case_trains_every_parameter_of_the_moge_model():
+    cfg = config_from_dict(TINY)
+    case = bound_case(cfg, BOUND_NAME, seed=0)
+    layers = list(case.model.moe_layers())
+    assert len(layers) == 2 and all(isinstance(layer.experts, DenseCostExperts) for layer in layers)
+    in_optimizer = {id(p) for g in case.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in case.model.parameters()}
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    lm, aux = case.loss_fn(x, x.roll(-1, 1))
+    (lm + aux).backward()
+    # Every parameter gets a gradient, as in moge (the replaced experts' are zeros).
+    assert [n for n, p in case.model.named_parameters() if p.grad is None] == []
+    case.optimizer.zero_grad(set_to_none=True)
+    case.step(x, x.roll(-1, 1), lr=1e-3, grad_clip=1.0, record=True)
+    assert len(case.step_ms) == 1 and 4.0 < case.lm_losses[0] < 7.0
+
+
+def test_bench_train_reports_the_bound_against_the_dense_model():
+    cfg = config_from_dict(TINY)
+    names = [c.name for c in build_train_cases(cfg, seed=0, peers=False, bound=True)[0]]
+    assert names[:3] == ["moge MoGETransformer (config as written)", DENSE_NAME, BOUND_NAME]
+    assert BOUND_NAME not in [c.name for c in build_train_cases(cfg, seed=0, peers=False)[0]]
+    report = run_train_benchmark(
+        cfg, steps=2, warmup=0, peers=False, log=lambda s: None, isolate=False, bound=True
+    )
+    text = format_train_report(report, "tiny")
+    assert f"{BOUND_NAME}: " in text and "the tokens/s of the dense FFN of equal activated width" in text
