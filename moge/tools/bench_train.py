@@ -480,8 +480,8 @@ def build_parser(prog: str = "bench_train.py") -> argparse.ArgumentParser:
     p.add_argument(
         "--bound", action="store_true",
         help="also moge with its routed experts replaced by a dense SwiGLU of their activated width (what a "
-        "perfect grouped kernel would cost; a timing bound, not the MoE's maths; under --profile its experts "
-        "show as dense FFN)",
+        "perfect grouped kernel would cost; a timing bound, not the MoE's maths; under --profile its dense SwiGLU "
+        "shows as dense FFN, its zero gradients as routed experts)",
     )  # fmt: skip
     p.add_argument(
         "--compile", action="store_true",
